@@ -1,0 +1,220 @@
+"""The preprocessing cache: every subject on the study grid in one float16 memmap.
+
+Layout under ``cache_dir/<params hash>/``::
+
+    volumes-<cohort hash>.f16   [subjects, D, H, W] float16, C order
+    index-<cohort hash>.json    subject ids, source keys, grid affine (written last)
+    staging/<source key>.npy    subjects finished by a build that has not completed
+
+A build reuses rows of the previous cache whose source key (path, size, mtime)
+is unchanged, and staged subjects of an interrupted or refused build, so only
+what changed is recomputed. Files are written under temporary names and renamed,
+so a crash never leaves a cache that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from study.cohort import Cohort, Problem
+from study.config import PreprocessConfig
+from study.parallel import map_tasks
+from study.volumes import Grid, preprocess_volume
+
+PREPROCESS_VERSION = 1  # bump when preprocess_volume changes its output
+
+
+@dataclass(frozen=True)
+class VolumeCache:
+    """A finished cache: memmapped volumes, their subject ids and the grid affine."""
+
+    path: Path
+    subject_ids: list[str]
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+
+    @property
+    def volumes(self) -> np.ndarray:
+        """The memmap [subjects, D, H, W], opened read-only."""
+        return _open_memmap(self.path, len(self.subject_ids), self.shape, mode="r")
+
+    def rows(self, subject_ids: list[str]) -> np.ndarray:
+        """Row numbers of the given subjects in the memmap."""
+        where = {sid: i for i, sid in enumerate(self.subject_ids)}
+        return np.array([where[s] for s in subject_ids], dtype=np.int64)
+
+
+def params_key(config: PreprocessConfig) -> str:
+    """Hash of everything that changes preprocessed voxels (not where they are stored)."""
+    params = {"v": PREPROCESS_VERSION, "voxel": config.voxel_size, "shape": config.grid_shape, "norm": config.normalize}
+    return hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _open_memmap(path: Path, n: int, shape: tuple[int, ...], mode: str) -> np.ndarray:
+    return np.memmap(path, dtype=np.float16, mode=mode, shape=(n, *shape))
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def _previous_rows(directory: Path) -> dict[str, tuple[Path, int, dict]]:
+    """Source key -> (volumes file, row, index) for every finished cache in ``directory``."""
+    rows: dict[str, tuple[Path, int, dict]] = {}
+    for index_path in directory.glob("index-*.json"):
+        index = json.loads(index_path.read_text())
+        volumes = directory / index["volumes"]
+        if volumes.exists():
+            for row, key in enumerate(index["source_keys"]):
+                rows[key] = (volumes, row, index)
+    return rows
+
+
+@dataclass(frozen=True)
+class CacheBuild:
+    """The outcome of :func:`build_cache`."""
+
+    cache: VolumeCache | None  # the subjects that succeeded (None when none did)
+    problems: list[Problem]  # one per subject that failed
+    computed: list[str]  # subjects preprocessed by this build (the rest were reused)
+
+
+def build_cache(cohort: Cohort, config: PreprocessConfig) -> CacheBuild:
+    """Preprocess every subject of ``cohort`` into the cache (Ray tasks, progress bar).
+
+    Subjects whose image is unchanged since an earlier build are reused. When
+    some subjects fail, the cache holds the others and every failure is
+    returned as a problem; nothing computed is lost.
+    """
+    grid = Grid.from_config(config)
+    directory = config.cache_dir / params_key(config)
+    staging = directory / "staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    keys = [s.source_key() for s in cohort.subjects]
+    cohort_key = hashlib.sha1("".join(keys).encode()).hexdigest()[:12]
+    index_path = directory / f"index-{cohort_key}.json"
+    if index_path.exists():
+        return CacheBuild(_open_cache(index_path), [], [])
+
+    previous = _previous_rows(directory)
+    todo = [i for i, k in enumerate(keys) if k not in previous and not (staging / f"{k}.npy").exists()]
+    problems, computed = [], []
+    args = [(cohort.subjects[i].image, config) for i in todo]
+    for j, volume, error in map_tasks(preprocess_volume, args, desc="preprocessing"):
+        subject = cohort.subjects[todo[j]]
+        if error is not None:
+            problems.append(Problem(subject.subject_id, str(subject.image), str(error)))
+        else:
+            _atomic_save_npy(staging / f"{keys[todo[j]]}.npy", volume)
+            computed.append(subject.subject_id)
+    if problems:
+        # The subjects that succeeded become a complete cache of their own.
+        usable = cohort.exclude(problems)
+        cache = build_cache(usable, config).cache if usable.subjects else None
+        return CacheBuild(cache, sorted(problems, key=lambda p: p.subject), sorted(computed))
+    return CacheBuild(_assemble(cohort, keys, cohort_key, directory, grid, previous), [], sorted(computed))
+
+
+def _assemble(
+    cohort: Cohort, keys: list[str], cohort_key: str, directory: Path, grid: Grid, previous: dict
+) -> VolumeCache:
+    name = f"volumes-{cohort_key}.f16"
+    tmp = directory / f"{name}.tmp{os.getpid()}"
+    out = _open_memmap(tmp, len(keys), grid.shape, mode="w+")
+    staged = []
+    for row, key in enumerate(keys):
+        if key in previous:
+            src_path, src_row, src_index = previous[key]
+            out[row] = _open_memmap(src_path, len(src_index["source_keys"]), tuple(src_index["shape"]), "r")[src_row]
+        else:
+            staged.append(directory / "staging" / f"{key}.npy")
+            out[row] = np.load(staged[-1])
+    out.flush()
+    del out
+    os.replace(tmp, directory / name)
+    index = {
+        "volumes": name,
+        "subject_ids": cohort.ids,
+        "source_keys": keys,
+        "shape": list(grid.shape),
+        "affine": grid.affine.tolist(),
+    }
+    index_path = directory / f"index-{cohort_key}.json"
+    tmp_index = index_path.with_suffix(f".tmp{os.getpid()}")
+    tmp_index.write_text(json.dumps(index))
+    os.replace(tmp_index, index_path)
+    for path in staged:
+        path.unlink(missing_ok=True)
+    _remove_superseded(directory, keep=index_path)
+    return _open_cache(index_path)
+
+
+def _remove_superseded(directory: Path, keep: Path) -> None:
+    """Delete older finished caches in the same parameter directory."""
+    for index_path in directory.glob("index-*.json"):
+        if index_path != keep:
+            volumes = directory / json.loads(index_path.read_text())["volumes"]
+            index_path.unlink(missing_ok=True)
+            volumes.unlink(missing_ok=True)
+
+
+def _open_cache(index_path: Path) -> VolumeCache:
+    index = json.loads(index_path.read_text())
+    return VolumeCache(
+        index_path.parent / index["volumes"], index["subject_ids"], tuple(index["shape"]), np.asarray(index["affine"])
+    )
+
+
+class CachedVolumes(torch.utils.data.Dataset):
+    """Subjects of a cache as a torch Dataset: (1, D, H, W) float32 volume and label.
+
+    Batches are read with ``__getitems__`` straight from the memmap (no
+    decompression, one allocation per batch); use it with ``collate_fn=collate``.
+    """
+
+    def __init__(self, cache: VolumeCache, subject_ids: list[str], labels: np.ndarray):
+        self.cache_path = cache.path
+        self.n_cached = len(cache.subject_ids)
+        self.shape = cache.shape
+        self.rows = cache.rows(subject_ids)
+        self.subject_ids = list(subject_ids)
+        self.labels = torch.from_numpy(np.array(labels, dtype=np.int64))
+        self._volumes: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def volumes(self) -> np.ndarray:
+        # Opened lazily so that the dataset pickles cheaply into Ray workers.
+        if self._volumes is None:
+            self._volumes = _open_memmap(self.cache_path, self.n_cached, self.shape, "r")
+        return self._volumes
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.__getitems__([i])
+        return x[0], y[0]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.rows[indices]
+        order = np.argsort(rows)  # sequential reads from the memmap
+        batch = np.empty((len(rows), 1, *self.shape), dtype=np.float32)
+        batch[order, 0] = self.volumes[rows[order]]
+        return torch.from_numpy(batch), self.labels[indices]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_volumes": None}
+
+
+def collate(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DataLoader collate function for :class:`CachedVolumes` (batches come whole)."""
+    return batch

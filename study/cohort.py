@@ -1,0 +1,233 @@
+"""Cohorts: a participants table plus one T1-weighted image per subject.
+
+:func:`load_cohort` reads the table, finds the images (BIDS, HCP, or an
+explicit path column) and checks everything that can be checked without
+opening an image; :func:`check_images` opens every image in parallel. Each
+problem is a :class:`Problem` naming the subject, the file and the fix, and all
+of them are reported at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from study.config import CohortConfig
+from study.parallel import map_tasks
+from study.volumes import load_volume
+
+MALE, FEMALE = 1, 0
+SEX_NAMES = {MALE: "male", FEMALE: "female"}
+KNOWN_SEX_VALUES = {"m": "male", "male": "male", "f": "female", "female": "female"}
+HCP_IMAGES = {
+    "acpc": "T1w/T1w_acpc_dc_restore_brain.nii.gz",
+    "mni": "MNINonLinear/T1w_restore_brain.nii.gz",
+}
+
+
+class CohortError(ValueError):
+    """A cohort that cannot be used at all (no table, no subject column, ...)."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One defect in a cohort, named by subject and file, with what to do about it."""
+
+    subject: str
+    file: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.subject}\t{self.file}\t{self.message}"
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One participant: id, sex (1 male, 0 female), family, and the T1w image."""
+
+    subject_id: str
+    sex: int
+    family_id: str
+    image: Path
+    session: str | None = None
+    age: float | None = None
+    site: str | None = None
+
+    def source_key(self) -> str:
+        """Identity of the image file as it is now (path, size, mtime)."""
+        stat = self.image.stat()
+        return hashlib.sha1(f"{self.image.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+@dataclass
+class Cohort:
+    """The usable subjects and the problems found in the rest."""
+
+    subjects: list[Subject]
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([s.sex for s in self.subjects], dtype=np.int64)
+
+    @property
+    def ids(self) -> list[str]:
+        return [s.subject_id for s in self.subjects]
+
+    def exclude(self, problems: list[Problem]) -> "Cohort":
+        """The cohort without the subjects that ``problems`` name, problems appended."""
+        bad = {p.subject for p in problems}
+        return Cohort([s for s in self.subjects if s.subject_id not in bad], self.problems + problems)
+
+    def fingerprint(self) -> str:
+        """A hash of who is in the cohort, their labels and their image files."""
+        rows = sorted((s.subject_id, s.sex, s.family_id, s.source_key()) for s in self.subjects)
+        return hashlib.sha1(json.dumps(rows).encode()).hexdigest()[:12]
+
+
+def _bare_id(value: str) -> str:
+    return value[4:] if value.startswith("sub-") else value
+
+
+def read_participants(path: Path) -> pd.DataFrame:
+    """Read a BIDS ``participants.tsv`` or a CSV, every column as text."""
+    if not path.exists():
+        raise CohortError(f"participants table not found: {path}; set cohort.participants")
+    sep = "\t" if path.suffix.lower() in {".tsv", ".txt"} else ","
+    try:
+        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise CohortError(f"participants table {path} cannot be parsed: {err}") from None
+
+
+def _bids_images(root: Path) -> dict[str, list[tuple[str | None, Path]]]:
+    """Subject -> [(session, T1w path)] for ``sub-*/[ses-*/]anat/*_T1w.nii[.gz]``."""
+    found: dict[str, list[tuple[str | None, Path]]] = {}
+    for path in sorted(root.glob("sub-*/**/anat/*_T1w.nii*")):
+        if not re.search(r"\.nii(\.gz)?$", path.name):
+            continue
+        subject = _bare_id(path.relative_to(root).parts[0])
+        session = next((p[4:] for p in path.relative_to(root).parts if p.startswith("ses-")), None)
+        found.setdefault(subject, []).append((session, path))
+    return found
+
+
+def _hcp_images(root: Path, which: str) -> dict[str, list[tuple[str | None, Path]]]:
+    relative = HCP_IMAGES[which]
+    return {d.name: [(None, d / relative)] for d in sorted(root.iterdir()) if (d / relative).exists()}
+
+
+def _detect_layout(config: CohortConfig) -> str:
+    if config.layout != "auto":
+        return config.layout
+    if config.path_column:
+        return "column"
+    if any(config.root.glob("sub-*")):
+        return "bids"
+    return "hcp"
+
+
+def _parse_sex(value: str, mapping: dict[str, str]) -> str | None:
+    if value in mapping:
+        return mapping[value]
+    return KNOWN_SEX_VALUES.get(value.strip().lower())
+
+
+def load_cohort(config: CohortConfig) -> Cohort:
+    """Read the participants table, match each row to its image, and list every problem.
+
+    Image files are found but not opened here; :func:`check_images` opens them.
+    """
+    if not config.root.is_dir():
+        raise CohortError(f"cohort root is not a directory: {config.root}; set cohort.root")
+    table = read_participants(config.participants_path)
+    table_name = config.participants_path.name
+    for column in [config.subject_column, config.sex_column] + ([config.path_column] if config.path_column else []):
+        if column not in table.columns:
+            raise CohortError(
+                f"{config.participants_path}: no column {column!r}; columns are {list(table.columns)}. "
+                "Set cohort.subject_column / sex_column / path_column."
+            )
+    layout = _detect_layout(config)
+    images = {} if layout == "column" else (
+        _bids_images(config.root) if layout == "bids" else _hcp_images(config.root, config.hcp_image)
+    )
+    problems: list[Problem] = []
+    subjects: list[Subject] = []
+    seen: set[str] = set()
+    for _, row in table.iterrows():
+        sid = _bare_id(row[config.subject_column].strip())
+        if not sid:
+            problems.append(Problem("(blank)", table_name, "row without a subject id; fill or delete it"))
+            continue
+        if sid in seen:
+            problems.append(Problem(sid, table_name, "duplicate subject id; keep one row per subject"))
+            continue
+        seen.add(sid)
+        raw_sex = row[config.sex_column].strip()
+        sex = _parse_sex(raw_sex, config.sex_mapping)
+        if not raw_sex:
+            problems.append(Problem(sid, table_name, f"missing label in column {config.sex_column!r}"))
+            continue
+        if sex is None:
+            problems.append(Problem(
+                sid, table_name,
+                f"unknown label {raw_sex!r} in column {config.sex_column!r}; "
+                f"use M/F or male/female, or declare cohort.sex_mapping (e.g. {{'{raw_sex}': male}})",
+            ))
+            continue
+        if layout == "column":
+            path = Path(row[config.path_column].strip())
+            candidates = [(None, path if path.is_absolute() else config.root / path)]
+        else:
+            candidates = images.get(sid, [])
+        if not candidates:
+            expected = f"sub-{sid}/[ses-*/]anat/*_T1w.nii[.gz]" if layout == "bids" else f"{sid}/{HCP_IMAGES[config.hcp_image]}"
+            problems.append(Problem(sid, str(config.root / expected), "no T1w image found for this subject; add it or drop the row"))
+            continue
+        session, image = _choose_session(candidates, row.get("session", ""))
+        family = (row.get(config.family_column, "") if config.family_column else "").strip() or f"self:{sid}"
+        subjects.append(Subject(
+            subject_id=sid, sex=MALE if sex == "male" else FEMALE, family_id=family, image=image,
+            session=session, age=_float_or_none(row.get("age", "")), site=row.get("site") or None,
+        ))
+    for sid, found in images.items():
+        if sid not in seen:
+            problems.append(Problem(sid, str(found[0][1]), f"image without a row in {table_name}; add the subject or remove the image"))
+    return Cohort(subjects, problems)
+
+
+def _choose_session(candidates: list[tuple[str | None, Path]], wanted: str) -> tuple[str | None, Path]:
+    """The image of the session named in the table, else the first session."""
+    for session, path in candidates:
+        if wanted and session == wanted.removeprefix("ses-"):
+            return session, path
+    return candidates[0]
+
+
+def _float_or_none(value: str) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_one(path: Path) -> None:
+    load_volume(path)
+
+
+def check_images(cohort: Cohort) -> list[Problem]:
+    """Open every image in parallel (Ray tasks) and return one problem per bad file."""
+    problems = []
+    args = [(s.image,) for s in cohort.subjects]
+    for index, _, error in map_tasks(_check_one, args, desc="checking images"):
+        if error is not None:
+            subject = cohort.subjects[index]
+            problems.append(Problem(subject.subject_id, str(subject.image), str(error)))
+    return sorted(problems, key=lambda p: p.subject)

@@ -1,0 +1,57 @@
+"""What each ``study`` command does, given its parsed arguments."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from study.cohort import CohortError, check_images, load_cohort
+from study.config import CohortConfig, ConfigError, load_config
+from study.parallel import init_ray
+from study.volumes import VolumeError
+
+UserError = (ConfigError, CohortError, VolumeError)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Run the command named in ``args``; returns the exit code."""
+    return {"run": run, "validate": validate, "synth": synth}[args.command](args)
+
+
+def run(args: argparse.Namespace) -> int:
+    from study.runner import run_study
+
+    config = load_config(args.config, args.overrides)
+    run_study(config)
+    return 0
+
+
+def validate(args: argparse.Namespace) -> int:
+    if args.cohort.suffix in {".yaml", ".yml"}:
+        cohort_config = load_config(args.cohort).cohort
+    else:
+        cohort_config = CohortConfig(
+            root=args.cohort, participants=args.participants, layout=args.layout,
+            subject_column=args.subject_column, sex_column=args.sex_column,
+            family_column=args.family_column, path_column=args.path_column,
+        )
+    cohort = load_cohort(cohort_config)
+    init_ray()
+    problems = cohort.problems + check_images(cohort)
+    for problem in problems:
+        print(problem)
+    n_bad = len({p.subject for p in problems})
+    print(f"{len(cohort.subjects) - len({p.subject for p in problems if p.subject in cohort.ids})} subjects OK, "
+          f"{len(problems)} problems in {n_bad} subjects", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def synth(args: argparse.Namespace) -> int:
+    from study.synth import synthesize_cohort
+
+    table = synthesize_cohort(
+        args.out, args.subjects, voxel_size=args.voxel_size, shape=tuple(args.shape) if args.shape else None,
+        effect_size=args.effect_size, seed=args.seed,
+    )
+    print(f"wrote {args.subjects} subjects: {table}; ground truth in {args.out / 'ground_truth'}")
+    return 0

@@ -1,0 +1,51 @@
+"""Ray start-up and a parallel map with a progress bar, shared by every stage."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import ray
+from tqdm.auto import tqdm
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster a job runs in (``RAY_ADDRESS``) or start a local Ray once.
+
+    ``num_cpus`` limits a local Ray (tests use 2); it is ignored on a cluster,
+    whose resources are its own.
+    """
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, log_to_driver=True)
+
+
+def map_tasks(
+    fn: Callable[..., Any], args: Sequence[tuple], desc: str, num_cpus: float = 1
+) -> Iterator[tuple[int, Any, Exception | None]]:
+    """Run ``fn(*a)`` for each ``a`` in ``args`` as Ray tasks; yield as each finishes.
+
+    Yields ``(index, result, error)``: an exception raised by ``fn`` comes back
+    as ``error`` instead of stopping the other tasks, so every failure is seen
+    at once and every success can be kept.
+    """
+    remote = ray.remote(num_cpus=num_cpus, max_retries=0)(_capture).options(name=desc)
+    pending = {remote.remote(fn, *a): i for i, a in enumerate(args)}
+    with tqdm(total=len(pending), desc=desc, unit="subject", disable=not pending) as bar:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            index = pending.pop(done[0])
+            result, error = ray.get(done[0])
+            bar.update(1)
+            yield index, result, error
+
+
+def _capture(fn: Callable[..., Any], *args: Any) -> tuple[Any, Exception | None]:
+    try:
+        return fn(*args), None
+    except Exception as err:  # noqa: BLE001 - returned to the caller, who reports it
+        return None, err

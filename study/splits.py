@@ -1,0 +1,140 @@
+"""Leak-free cross-validation splits: stratified by sex, grouped by family.
+
+No family ever spans the two sides of a split (HCP has twins and siblings),
+each fold's class counts are as close to ideal as families allow, and inner
+folds inside each outer training set serve the search and early stopping.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Split:
+    """One partition of subject ids into a training and a held-out side."""
+
+    train: list[str]
+    test: list[str]
+
+
+@dataclass(frozen=True)
+class OuterFold:
+    """An outer fold: its split and the inner splits of its training side."""
+
+    fold: int
+    train: list[str]
+    test: list[str]
+    inner: list[Split]
+
+    @property
+    def validation(self) -> Split:
+        """The split used for early stopping of the final model (first inner split)."""
+        return self.inner[0]
+
+
+def group_kfold(
+    ids: list[str], labels: np.ndarray, groups: list[str], k: int, seed: int
+) -> list[list[str]]:
+    """Assign whole groups to ``k`` folds so that each fold's class counts are near ideal.
+
+    Greedy placement of groups (largest first, random tie-break) followed by
+    moves and swaps of groups between folds that reduce the squared deviation
+    from the ideal class counts. Returns the held-out ids of each fold.
+    """
+    classes = np.unique(labels)
+    members: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    if len(members) < k:
+        raise ValueError(f"cannot make {k} folds from {len(members)} families; lower cv folds")
+    names = list(members)
+    counts = np.array([[np.sum(labels[members[g]] == c) for c in classes] for g in names], dtype=float)
+    target = counts.sum(0) / k
+    rng = np.random.default_rng(seed)
+    order = sorted(range(len(names)), key=lambda g: (-counts[g].sum(), rng.random()))
+
+    fold_of = np.empty(len(names), dtype=int)
+    totals = np.zeros((k, len(classes)))
+    for g in order:
+        cost = ((totals + counts[g] - target) ** 2).sum(1) - ((totals - target) ** 2).sum(1)
+        best = int(np.argmin(cost + 1e-9 * rng.random(k)))
+        fold_of[g] = best
+        totals[best] += counts[g]
+    _improve(fold_of, totals, counts, target)
+    folds = [[] for _ in range(k)]
+    for g, f in enumerate(fold_of):
+        folds[f].extend(ids[i] for i in members[names[g]])
+    return [sorted(f) for f in folds]
+
+
+def _improve(fold_of: np.ndarray, totals: np.ndarray, counts: np.ndarray, target: np.ndarray) -> None:
+    """Move or swap groups between folds while that lowers the squared imbalance."""
+
+    def cost() -> float:
+        return float(((totals - target) ** 2).sum())
+
+    def exchange(a: int, b: int, delta: np.ndarray) -> bool:
+        """Shift class counts ``delta`` from fold a to fold b if that lowers the cost."""
+        before = cost()
+        totals[a] -= delta
+        totals[b] += delta
+        if cost() < before - 1e-9:
+            return True
+        totals[a] += delta
+        totals[b] -= delta
+        return False
+
+    improved = True
+    while improved:
+        improved = False
+        for g in range(len(fold_of)):
+            for b in range(len(totals)):
+                a = fold_of[g]
+                if b == a:
+                    continue
+                if exchange(a, b, counts[g]):
+                    fold_of[g] = b
+                    improved = True
+                    continue
+                for h in np.flatnonzero(fold_of == b):
+                    if exchange(a, b, counts[g] - counts[h]):
+                        fold_of[g], fold_of[h] = b, a
+                        improved = True
+                        break
+
+
+def make_splits(
+    ids: list[str], labels: np.ndarray, families: list[str], outer_folds: int, inner_folds: int, seed: int
+) -> list[OuterFold]:
+    """Outer folds over the cohort and inner folds inside each outer training set."""
+    labels = np.asarray(labels)
+    position = {sid: i for i, sid in enumerate(ids)}
+    folds = []
+    for k, test in enumerate(group_kfold(ids, labels, families, outer_folds, seed)):
+        held_out = set(test)
+        train = [sid for sid in ids if sid not in held_out]
+        rows = [position[s] for s in train]
+        inner_tests = group_kfold(train, labels[rows], [families[r] for r in rows], inner_folds, seed + 1 + k)
+        inner = [Split(sorted(set(train) - set(t)), t) for t in inner_tests]
+        folds.append(OuterFold(k, sorted(train), test, inner))
+    return folds
+
+
+def save_splits(folds: list[OuterFold], path: Path, cohort_fingerprint: str) -> None:
+    """Write ``splits.json``: the folds and the cohort they were made for."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"cohort": cohort_fingerprint, "folds": [asdict(f) for f in folds]}, indent=1))
+
+
+def load_splits(path: Path) -> tuple[str, list[OuterFold]]:
+    """Read ``splits.json`` back: (cohort fingerprint, folds)."""
+    data = json.loads(path.read_text())
+    folds = [
+        OuterFold(f["fold"], f["train"], f["test"], [Split(**s) for s in f["inner"]]) for f in data["folds"]
+    ]
+    return data["cohort"], folds

@@ -1,0 +1,122 @@
+"""Reading T1-weighted NIfTI images and bringing them onto the study grid.
+
+One image is read once: :func:`load_volume` checks it (readable, complete, 3D,
+finite, sane affine) and :func:`preprocess_volume` brings it to canonical RAS,
+resamples it onto the MNI-like study grid and z-scores it inside the brain.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from study.config import MNI_BOX_CENTRE_MM, PreprocessConfig
+
+
+class VolumeError(ValueError):
+    """An image that cannot be used; the message says what is wrong and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A voxel grid in RAS+ millimetres: shape and the voxel-to-world affine."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+
+    @classmethod
+    def mni(cls, voxel_size: float, shape: tuple[int, int, int]) -> "Grid":
+        """An isotropic RAS grid centred on the MNI152 brain box."""
+        half_extent = (np.asarray(shape) - 1) / 2 * voxel_size
+        affine = np.diag([voxel_size, voxel_size, voxel_size, 1.0])
+        affine[:3, 3] = np.asarray(MNI_BOX_CENTRE_MM) - half_extent
+        return cls(tuple(int(s) for s in shape), affine)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_config(cls, config: PreprocessConfig) -> "Grid":
+        return cls.mni(config.voxel_size, config.grid_shape)
+
+
+def load_volume(path: Path) -> nib.Nifti1Image:
+    """Read a 3D NIfTI fully into memory, raising :class:`VolumeError` on any defect.
+
+    Checks: the file exists and is a NIfTI, the gzip stream is complete, the
+    image is 3D (or 4D with a single volume), all voxels are finite and the
+    affine is invertible. The returned image holds float32 data in canonical
+    RAS orientation.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise VolumeError(f"file not found: {path}; fix the path or the participants table")
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise VolumeError(f"truncated or corrupt gzip ({err}); re-copy or re-export {path.name}") from None
+    except (nib.filebasedimages.ImageFileError, ValueError, OSError) as err:
+        raise VolumeError(f"not a readable NIfTI ({err}); re-export {path.name} as .nii or .nii.gz") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise VolumeError(
+            f"expected a 3D T1w volume, got shape {data.shape}; extract the single T1w volume first"
+        )
+    if min(data.shape) < 2:
+        raise VolumeError(f"degenerate shape {data.shape}; this is not a brain volume")
+    bad = int(np.count_nonzero(~np.isfinite(data)))
+    if bad:
+        raise VolumeError(f"{bad} non-finite voxels (NaN/Inf); fix or re-export the image")
+    affine = img.affine
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
+        raise VolumeError("degenerate affine (zero or non-finite voxel-to-world matrix); fix the header")
+    image = nib.Nifti1Image(data, affine)
+    return nib.as_closest_canonical(image)
+
+
+def resample_to_grid(image: nib.Nifti1Image, grid: Grid, order: int = 1) -> np.ndarray:
+    """Trilinear (``order=1``) resampling of ``image`` onto ``grid``; outside is 0."""
+    vox_to_vox = np.linalg.inv(image.affine) @ grid.affine
+    return ndimage.affine_transform(
+        np.asarray(image.dataobj, dtype=np.float32),
+        vox_to_vox[:3, :3],
+        offset=vox_to_vox[:3, 3],
+        output_shape=grid.shape,
+        order=order,
+        mode="constant",
+        cval=0.0,
+        prefilter=False,
+    )
+
+
+def brain_mask(volume: np.ndarray) -> np.ndarray:
+    """Voxels inside the brain: above 5% of the robust maximum of a brain-extracted image."""
+    positive = volume[volume > 0]
+    if positive.size == 0:
+        return np.zeros(volume.shape, dtype=bool)
+    return volume > 0.05 * np.percentile(positive, 99)
+
+
+def zscore_in_brain(volume: np.ndarray) -> np.ndarray:
+    """Z-score the intensities inside the brain mask and zero everything outside."""
+    mask = brain_mask(volume)
+    if mask.sum() < 10:
+        raise VolumeError("empty brain after resampling; is the image in a different space than the study grid?")
+    inside = volume[mask]
+    out = np.zeros_like(volume)
+    out[mask] = (inside - inside.mean()) / max(float(inside.std()), 1e-6)
+    return out
+
+
+def preprocess_volume(path: Path, config: PreprocessConfig) -> np.ndarray:
+    """Read, check, resample and normalize one image; float16 on the study grid."""
+    image = load_volume(path)
+    volume = resample_to_grid(image, Grid.from_config(config))
+    if config.normalize == "zscore":
+        volume = zscore_in_brain(volume)
+    return volume.astype(np.float16)

@@ -1,0 +1,141 @@
+"""Cohort loading and `study validate`: every bad-input kind is reported with subject and file."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from study.cli import main
+from study.cohort import MALE, CohortError, check_images, load_cohort
+from study.config import CohortConfig
+
+
+def image_of(root: Path, sid: str) -> Path:
+    return root / f"sub-{sid}" / "anat" / f"sub-{sid}_T1w.nii.gz"
+
+
+def edit_table(root: Path, fn) -> None:
+    path = root / "participants.tsv"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(fn(lines)) + "\n")
+
+
+def validate(root: Path, capsys, *extra: str) -> tuple[int, list[str]]:
+    code = main(["validate", str(root), *extra])
+    return code, capsys.readouterr().out.splitlines()
+
+
+def test_clean_cohort_validates(cohort_dir, capsys):
+    code, lines = validate(cohort_dir, capsys)
+    assert (code, lines) == (0, [])
+    cohort = load_cohort(CohortConfig(root=cohort_dir))
+    assert len(cohort.subjects) == 12 and not cohort.problems
+    assert set(cohort.labels) == {0, 1}
+    assert len({s.family_id for s in cohort.subjects}) < 12  # siblings share a family id
+
+
+def test_every_problem_is_reported_at_once(cohort_dir, capsys):
+    # Corrupt six subjects in six different ways, and the table in four more.
+    raw = image_of(cohort_dir, "0001").read_bytes()
+    image_of(cohort_dir, "0001").write_bytes(raw[: len(raw) // 2])  # truncated gzip
+    image_of(cohort_dir, "0002").unlink()  # missing file
+    img = nib.load(image_of(cohort_dir, "0003"))
+    data = img.get_fdata().astype(np.float32)
+    nib.save(nib.Nifti1Image(np.stack([data, data], -1), img.affine), image_of(cohort_dir, "0003"))  # 4D
+    degenerate = nib.Nifti1Image(data.copy(), img.affine)
+    degenerate.set_qform(None, code=0)
+    degenerate.set_sform([[8, 0, 8, 0], [0, 8, 0, 0], [8, 0, 8, 0], [0, 0, 0, 1]], code=1)  # singular
+    nib.save(degenerate, image_of(cohort_dir, "0005"))
+    data[3, 3, 3] = np.nan
+    nib.save(nib.Nifti1Image(data, img.affine), image_of(cohort_dir, "0004"))  # NaN
+    image_of(cohort_dir, "0006").write_bytes(gzip.compress(b"this is not a nifti file" * 20))  # garbage
+    orphan = image_of(cohort_dir, "0099")
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(image_of(cohort_dir, "0007").read_bytes())  # image without a subject
+
+    def table(lines):
+        lines[8] = lines[8].replace("\tM\t", "\t\t").replace("\tF\t", "\t\t")  # sub-0008: missing label
+        lines[9] = lines[9].replace("\tM\t", "\tX\t").replace("\tF\t", "\tX\t")  # sub-0009: unknown label
+        return lines + [lines[10]]  # sub-0010 twice
+
+    edit_table(cohort_dir, table)
+    code, lines = validate(cohort_dir, capsys)
+    assert code == 1
+    by_subject = {}
+    for line in lines:
+        subject, file, message = line.split("\t")
+        by_subject.setdefault(subject, []).append((file, message))
+    expect = {
+        "0001": ("sub-0001_T1w.nii.gz", "truncated or corrupt gzip"),
+        "0002": ("sub-0002/[ses-*/]anat/*_T1w.nii[.gz]", "no T1w image found"),
+        "0003": ("sub-0003_T1w.nii.gz", "expected a 3D T1w volume"),
+        "0004": ("sub-0004_T1w.nii.gz", "non-finite voxels"),
+        "0005": ("sub-0005_T1w.nii.gz", "degenerate affine"),
+        "0006": ("sub-0006_T1w.nii.gz", "not a readable NIfTI"),
+        "0008": ("participants.tsv", "missing label"),
+        "0009": ("participants.tsv", "unknown label 'X'"),
+        "0010": ("participants.tsv", "duplicate subject id"),
+        "0099": ("sub-0099_T1w.nii.gz", "image without a row"),
+    }
+    assert set(by_subject) == set(expect)
+    for subject, (file, message) in expect.items():
+        (got_file, got_message), = by_subject[subject]
+        assert got_file.endswith(file) and message in got_message, (subject, got_file, got_message)
+
+
+def test_missing_image_for_a_subject(cohort_dir):
+    import shutil
+
+    shutil.rmtree(cohort_dir / "sub-0004")
+    problems = load_cohort(CohortConfig(root=cohort_dir)).problems
+    assert [(p.subject, p.message) for p in problems] == [
+        ("0004", "no T1w image found for this subject; add it or drop the row")
+    ]
+
+
+def test_single_volume_4d_is_accepted(cohort_dir):
+    img = nib.load(image_of(cohort_dir, "0003"))
+    nib.save(nib.Nifti1Image(img.get_fdata()[..., None], img.affine), image_of(cohort_dir, "0003"))
+    assert check_images(load_cohort(CohortConfig(root=cohort_dir))) == []
+
+
+def test_numeric_sex_needs_a_declared_mapping(cohort_dir):
+    edit_table(cohort_dir, lambda lines: [l.replace("\tM\t", "\t1\t").replace("\tF\t", "\t0\t") for l in lines])
+    unmapped = load_cohort(CohortConfig(root=cohort_dir))
+    assert len(unmapped.problems) == 12 and "sex_mapping" in unmapped.problems[0].message
+    mapped = load_cohort(CohortConfig(root=cohort_dir, sex_mapping={"1": "male", "0": "female"}))
+    assert not mapped.problems and mapped.subjects[1].sex == MALE
+
+
+def test_hcp_layout_and_path_column(cohort_dir, tmp_path):
+    hcp = tmp_path / "hcp"
+    rows = ["Subject,Gender,Family_ID"]
+    for sid in ["100307", "100408"]:
+        target = hcp / sid / "MNINonLinear" / "T1w_restore_brain.nii.gz"
+        target.parent.mkdir(parents=True)
+        target.write_bytes(image_of(cohort_dir, "0001").read_bytes())
+        rows.append(f"{sid},{'M' if sid.endswith('7') else 'F'},fam1")
+    (hcp / "subjects.csv").write_text("\n".join(rows))
+    config = CohortConfig(root=hcp, participants=hcp / "subjects.csv", subject_column="Subject",
+                          sex_column="Gender", family_column="Family_ID")
+    cohort = load_cohort(config)
+    assert cohort.ids == ["100307", "100408"] and cohort.labels.tolist() == [1, 0]
+    assert cohort.subjects[0].family_id == cohort.subjects[1].family_id == "fam1"
+
+    (hcp / "paths.csv").write_text("id,sex,path\nA,F,100307/MNINonLinear/T1w_restore_brain.nii.gz\nB,M,gone.nii\n")
+    column = load_cohort(CohortConfig(root=hcp, participants=hcp / "paths.csv", subject_column="id",
+                                      path_column="path"))
+    assert column.subjects[0].image.exists() and not column.problems
+    (missing,) = check_images(column)
+    assert (missing.subject, missing.file) == ("B", str(hcp / "gone.nii")) and "file not found" in missing.message
+
+
+def test_unusable_table_is_a_clear_error(cohort_dir):
+    with pytest.raises(CohortError, match="no column 'subject'.*participant_id"):
+        load_cohort(CohortConfig(root=cohort_dir, subject_column="subject"))
+    with pytest.raises(CohortError, match="participants table not found"):
+        load_cohort(CohortConfig(root=cohort_dir, participants=cohort_dir / "nope.tsv"))

@@ -1,0 +1,37 @@
+"""Study configs: typos and wrong types are errors that name the key and the valid ones."""
+
+from __future__ import annotations
+
+import pytest
+
+from study.config import ConfigError, load_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_lists_valid_keys(tmp_path):
+    path = write(tmp_path, "name: s\ncohort: {root: x}\ncv: {outer_fold: 3}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "cv.outer_fold: unknown key; valid keys here: inner_folds, outer_folds, seed" in str(err.value)
+
+
+def test_wrong_type_and_missing_key(tmp_path):
+    path = write(tmp_path, "name: s\npreprocess: {voxel_size: big}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "preprocess.voxel_size" in str(err.value) and "cohort: required key is missing" in str(err.value)
+
+
+def test_overrides_and_defaults(tmp_path):
+    path = write(tmp_path, "name: s\ncohort: {root: data}\n")
+    config = load_config(path, ["cv.outer_folds=3", "preprocess.shape=[58, 70, 58]"])
+    assert config.cv.outer_folds == 3 and config.preprocess.grid_shape == (58, 70, 58)
+    assert config.cohort.root.is_absolute()
+    assert load_config(path).preprocess.grid_shape == (91, 109, 91)
+    with pytest.raises(ConfigError, match="cv.folds: unknown key"):
+        load_config(path, ["cv.folds=3"])
