@@ -1,0 +1,191 @@
+"""A study from end to end: what ``study run CONFIG`` does.
+
+cohort -> checks -> preprocessing cache -> splits -> per outer fold: train on
+Ray Train and test -> cross-fold summary, all tracked in MLflow.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import ray
+
+from study.cache import VolumeCache, build_cache
+from study.cohort import Cohort, Problem, load_cohort
+from study.config import StudyConfig
+from study.crossval import FoldResult, run_outer_fold
+from study.figures import confusion_figure, roc_figure
+from study.parallel import init_ray
+from study.splits import OuterFold, load_splits, make_splits, save_splits
+from study.tracking import Tracker
+from study.train import load_model
+
+SUMMARY_METRICS = ("roc_auc", "balanced_accuracy", "accuracy", "sensitivity", "specificity")
+
+
+class StudyError(RuntimeError):
+    """A study that cannot start or go on; the message says why and what to do."""
+
+
+@dataclass
+class PreparedCohort:
+    """The usable subjects, their cache, and the subjects left out (with reasons)."""
+
+    cohort: Cohort
+    cache: VolumeCache
+    excluded: list[Problem]
+
+
+def study_dir(config: StudyConfig) -> Path:
+    """Where this study keeps its splits, Ray storage and audit files."""
+    return config.output_dir.resolve() / config.name
+
+
+def prepare_cohort(config: StudyConfig) -> PreparedCohort:
+    """Load, check and preprocess the cohort; refuse or exclude bad subjects as configured.
+
+    Every problem is reported at once. Subjects preprocessed before a refusal
+    stay in the cache, so the rerun after a fix only redoes what changed.
+    """
+    synthetic = config.cohort.synthetic
+    if synthetic is not None and not config.cohort.participants_path.exists():
+        from study.synth import synthesize_cohort
+
+        print(f"generating a synthetic cohort of {synthetic.subjects} subjects in {config.cohort.root}")
+        synthesize_cohort(config.cohort.root, synthetic.subjects, voxel_size=synthetic.voxel_size,
+                          effect_size=synthetic.effect_size, seed=synthetic.seed)
+    cohort = load_cohort(config.cohort)
+    build = build_cache(cohort, config.preprocess)
+    problems = cohort.problems + build.problems
+    reused = len(cohort.subjects) - len(build.computed) - len(build.problems)
+    print(f"cohort: {len(cohort.subjects)} subjects with images; preprocessed {len(build.computed)}, "
+          f"reused {reused} from the cache")
+    if problems and config.cohort.on_invalid == "refuse":
+        listing = "\n".join(f"  {p}" for p in problems)
+        raise StudyError(
+            f"{len(problems)} problems in the cohort (subject, file, problem):\n{listing}\n"
+            "Fix them and run again (finished subjects stay cached), or set cohort.on_invalid: exclude "
+            "to leave these subjects out."
+        )
+    if build.cache is None:
+        raise StudyError("no subject could be preprocessed; see the problems above")
+    usable = Cohort([s for s in cohort.subjects if s.subject_id in set(build.cache.subject_ids)])
+    for problem in problems:
+        print(f"excluded: {problem}")
+    return PreparedCohort(usable, build.cache, problems)
+
+
+def make_or_load_splits(config: StudyConfig, cohort: Cohort) -> list[OuterFold]:
+    """The study's splits: reused from ``splits.json`` when made for this very cohort."""
+    path = study_dir(config) / "splits.json"
+    fingerprint = cohort.fingerprint()
+    if path.exists():
+        saved_for, folds = load_splits(path)
+        if saved_for == fingerprint and len(folds) == config.cv.outer_folds:
+            return folds
+    families = [s.family_id for s in cohort.subjects]
+    folds = make_splits(cohort.ids, cohort.labels, families, config.cv.outer_folds, config.cv.inner_folds,
+                        config.cv.seed)
+    save_splits(folds, path, fingerprint)
+    return folds
+
+
+def _log_fold(tracker: Tracker, run_id: str, result: FoldResult, cache: VolumeCache) -> None:
+    tracker.log_history(run_id, result.history)
+    tracker.log_metrics(run_id, result.test_metrics, prefix="test_")
+    tracker.log_table(run_id, result.predictions, "predictions.tsv")
+    labels = (result.predictions["sex"] == "male").to_numpy(int)
+    tracker.log_figure(run_id, roc_figure({f"fold {result.fold}": (labels, result.predictions["p_male"])},
+                                          f"ROC, fold {result.fold}"), "roc.png")
+    tracker.log_figure(run_id, confusion_figure(result.test_metrics, f"fold {result.fold}"), "confusion.png")
+    tracker.log_model(run_id, load_model(result.checkpoint), cache.shape)
+
+
+def _summary(results: list[FoldResult]) -> dict[str, float]:
+    summary = {}
+    for name in SUMMARY_METRICS:
+        values = np.array([r.test_metrics[name] for r in results])
+        summary[f"test_{name}_mean"] = float(np.nanmean(values))
+        summary[f"test_{name}_std"] = float(np.nanstd(values))
+    return summary
+
+
+def _print_table(results: list[FoldResult], summary: dict[str, float]) -> None:
+    header = f"{'fold':>6} " + " ".join(f"{m:>18}" for m in SUMMARY_METRICS)
+    print(header)
+    for r in sorted(results, key=lambda r: r.fold):
+        print(f"{r.fold:>6} " + " ".join(f"{r.test_metrics[m]:>18.3f}" for m in SUMMARY_METRICS))
+    print(f"{'all':>6} " + " ".join(
+        f"{summary[f'test_{m}_mean']:>10.3f} ± {summary[f'test_{m}_std']:.3f}" for m in SUMMARY_METRICS))
+
+
+def run_study(config: StudyConfig, audit: bool = False) -> str:
+    """Carry out the study; returns the MLflow run id of the study (the parent run).
+
+    ``audit`` records, per training worker, which subjects it read (under the
+    study directory's ``audit/``), so that tests can prove there is no leak.
+    """
+    tracker = Tracker(config)  # fails fast when MLflow is unreachable
+    init_ray(config.resources.num_cpus)
+    prepared = prepare_cohort(config)
+    cohort, cache = prepared.cohort, prepared.cache
+    folds = make_or_load_splits(config, cohort)
+    directory = study_dir(config)
+    parent = tracker.start_study(config, cohort.fingerprint())
+    tracker.log_file(parent, directory / "splits.json")
+    if prepared.excluded:
+        tracker.log_table(parent, pd.DataFrame([vars(p) for p in prepared.excluded]), "excluded_subjects.tsv")
+    tracker.log_metrics(parent, {"n_subjects": len(cohort.subjects), "n_male": int(cohort.labels.sum()),
+                                 "n_excluded": len(prepared.excluded)})
+    print(f"study {config.name}: {len(cohort.subjects)} subjects, {len(folds)} outer folds; "
+          f"MLflow run {parent} at {tracker.uri}")
+
+    fold_task = ray.remote(num_cpus=0)(run_outer_fold)
+    pending: dict[ray.ObjectRef, tuple[OuterFold, str, float]] = {}
+    queue, results = list(folds), []
+    try:
+        while queue or pending:
+            while queue and len(pending) < config.resources.concurrent_folds:
+                fold = queue.pop(0)
+                run_id = tracker.start_child(parent, f"fold {fold.fold}", {"study.level": "fold",
+                                                                           "study.fold": str(fold.fold)})
+                tracker.log_params(run_id, {"fold": fold.fold, "n_train": len(fold.validation.train),
+                                            "n_validation": len(fold.validation.test), "n_test": len(fold.test)})
+                audit_dir = directory / "audit" / f"fold{fold.fold}" if audit else None
+                if audit_dir:
+                    audit_dir.mkdir(parents=True, exist_ok=True)
+                ref = fold_task.remote(config, fold, cohort, cache, directory / "ray", audit_dir)
+                pending[ref] = (fold, run_id, time.time())
+            (done,), _ = ray.wait(list(pending), num_returns=1)
+            fold, run_id, started = pending.pop(done)
+            try:
+                result: FoldResult = ray.get(done)
+            except Exception:
+                tracker.end(run_id, "FAILED")
+                raise
+            _log_fold(tracker, run_id, result, cache)
+            tracker.end(run_id)
+            results.append(result)
+            m = result.test_metrics
+            print(f"fold {fold.fold + 1}/{len(folds)}: {len(result.history)} epochs, test ROC AUC "
+                  f"{m['roc_auc']:.3f}, balanced accuracy {m['balanced_accuracy']:.3f} "
+                  f"[{time.time() - started:.0f} s]")
+    except BaseException:
+        tracker.end(parent, "FAILED")
+        raise
+
+    summary = _summary(results)
+    tracker.log_metrics(parent, summary)
+    predictions = pd.concat([r.predictions.assign(fold=r.fold) for r in results])
+    tracker.log_table(parent, predictions, "predictions.tsv")
+    curves = {f"fold {r.fold}": ((r.predictions["sex"] == "male").to_numpy(int), r.predictions["p_male"])
+              for r in sorted(results, key=lambda r: r.fold)}
+    tracker.log_figure(parent, roc_figure(curves, "ROC per outer fold"), "roc.png")
+    tracker.end(parent)
+    _print_table(results, summary)
+    print(f"MLflow: run {parent}; {tracker.run_url(parent)}")
+    return parent

@@ -1,0 +1,53 @@
+"""Augmentations of volume batches, on the device, that respect anatomy.
+
+Small random rotations, translations and scalings (one affine per subject,
+applied with ``grid_sample``) and intensity jitter. No left-right flip unless
+asked: a flip would erase lateralized effects, which are what a sex study is
+looking for.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from study.config import AugmentConfig
+
+
+def random_affine(batch: int, config: AugmentConfig, voxel_mm: float, extent_vox: torch.Tensor,
+                  generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """[batch, 3, 4] affines in ``affine_grid``'s normalized coordinates."""
+    def uniform(*shape: int, scale: float) -> torch.Tensor:
+        return (torch.rand(*shape, generator=generator) * 2 - 1) * scale
+
+    angles = uniform(batch, 3, scale=math.radians(config.rotation_deg))
+    cos, sin = angles.cos(), angles.sin()
+    one, zero = torch.ones(batch), torch.zeros(batch)
+    rx = torch.stack([one, zero, zero, zero, cos[:, 0], -sin[:, 0], zero, sin[:, 0], cos[:, 0]], 1)
+    ry = torch.stack([cos[:, 1], zero, sin[:, 1], zero, one, zero, -sin[:, 1], zero, cos[:, 1]], 1)
+    rz = torch.stack([cos[:, 2], -sin[:, 2], zero, sin[:, 2], cos[:, 2], zero, zero, zero, one], 1)
+    rotation = rx.view(-1, 3, 3) @ ry.view(-1, 3, 3) @ rz.view(-1, 3, 3)
+    scale = 1 + uniform(batch, 1, 1, scale=config.scaling)
+    # Normalized coordinates span 2 units over the grid's extent along each axis.
+    shift = uniform(batch, 3, scale=config.translation_mm) / voxel_mm * 2 / extent_vox
+    matrix = torch.cat([rotation * scale, shift.unsqueeze(-1)], dim=2)
+    return matrix.to(device)
+
+
+def augment(x: torch.Tensor, config: AugmentConfig, voxel_mm: float, generator: torch.Generator) -> torch.Tensor:
+    """A randomly transformed copy of volumes ``x`` [batch, 1, D, H, W]."""
+    batch = x.shape[0]
+    # affine_grid orders coordinates (W, H, D); reverse the extents to match.
+    extent = torch.tensor(x.shape[2:][::-1], dtype=torch.float32)
+    theta = random_affine(batch, config, voxel_mm, extent, generator, x.device).to(x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    gain = 1 + (torch.rand(batch, 1, 1, 1, 1, generator=generator) * 2 - 1) * config.intensity
+    bias = (torch.rand(batch, 1, 1, 1, 1, generator=generator) * 2 - 1) * config.intensity
+    out = out * gain.to(x.device, x.dtype) + bias.to(x.device, x.dtype) * (out != 0)
+    if config.flip_lr:
+        flip = torch.rand(batch, generator=generator) < 0.5
+        out[flip] = out[flip].flip(2)  # axis 0 of the RAS grid is left-right
+    return out
