@@ -8,9 +8,11 @@ import sys
 from study.cohort import CohortError, check_images, load_cohort
 from study.config import CohortConfig, ConfigError, load_config
 from study.parallel import init_ray
+from study.runner import StudyError
+from study.tracking import TrackingError
 from study.volumes import VolumeError
 
-UserError = (ConfigError, CohortError, VolumeError)
+UserError = (ConfigError, CohortError, VolumeError, StudyError, TrackingError)
 
 
 def dispatch(args: argparse.Namespace) -> int:

@@ -1,0 +1,133 @@
+"""`study run` end to end on a local Ray, checked in a real MLflow SQLite store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from study.cache import CachedVolumes, build_cache
+from study.cli import main
+from study.cohort import load_cohort
+from study.config import parse_config
+from study.runner import StudyError, run_study, study_dir
+from study.tracking import TrackingError
+
+
+def study_config(tmp_path: Path, cohort_root: Path, **sections):
+    data = {
+        "name": "tiny",
+        "cohort": {"root": str(cohort_root)},
+        "preprocess": {"voxel_size": 8.0, "cache_dir": str(tmp_path / "cache")},
+        "cv": {"outer_folds": 2, "inner_folds": 2},
+        "model": {"preset": "mrinet", "width": 4},
+        "train": {"epochs": 3, "batch_size": 2, "patience": 3},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"},
+        "output_dir": str(tmp_path / "runs"),
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    return parse_config(data)
+
+
+def runs_of(config, parent_id):
+    mlflow.set_tracking_uri(config.tracking.uri)
+    runs = mlflow.search_runs(experiment_names=[config.name], output_format="list")
+    parent = next(r for r in runs if r.info.run_id == parent_id)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
+    return parent, children
+
+
+@pytest.mark.slow
+def test_ddp_study_logs_the_run_tree_and_trains_on_disjoint_shards(tmp_path, cohort_dir):
+    config = study_config(tmp_path, cohort_dir, resources={"num_workers": 2})
+    parent_id = run_study(config, audit=True)
+
+    parent, children = runs_of(config, parent_id)
+    assert parent.info.status == "FINISHED"
+    assert {"test_roc_auc_mean", "test_roc_auc_std", "test_balanced_accuracy_mean"} <= set(parent.data.metrics)
+    assert parent.data.params["cv.outer_folds"] == "2"
+    assert sorted(c.data.tags["study.fold"] for c in children) == ["0", "1"]
+    client = mlflow.MlflowClient()
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert {"test_roc_auc", "test_accuracy", "val_loss", "train_loss"} <= set(child.data.metrics)
+        assert len(client.get_metric_history(child.info.run_id, "train_loss")) >= 2  # a curve, not a point
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"predictions.tsv", "roc.png", "confusion.png"} <= artifacts
+
+    # The logged model loads and gives the predictions that were logged.
+    cohort = load_cohort(config.cohort)
+    cache = build_cache(cohort, config.preprocess).cache
+    models = mlflow.search_logged_models(experiment_ids=[parent.info.experiment_id], output_format="list")
+    assert len(models) == 2
+    for logged in models:
+        fold_run = next(c for c in children if c.info.run_id == logged.source_run_id)
+        table = pd.read_csv(mlflow.artifacts.download_artifacts(
+            run_id=fold_run.info.run_id, artifact_path="predictions.tsv", dst_path=str(tmp_path / fold_run.info.run_id)), sep="\t", dtype={"subject_id": str})
+        model = mlflow.pytorch.load_model(f"models:/{logged.model_id}").eval()
+        data = CachedVolumes(cache, list(table.subject_id), np.zeros(len(table)))
+        with torch.no_grad():
+            p_male = torch.softmax(model(data.__getitems__(list(range(len(table))))[0]), 1)[:, 1].numpy()
+        np.testing.assert_allclose(p_male, table.p_male, atol=1e-5)
+
+    # DDP: the two workers read disjoint shards that cover the training side, and end identical.
+    splits = json.loads((study_dir(config) / "splits.json").read_text())["folds"]
+    for fold in splits:
+        audit = study_dir(config) / "audit" / f"fold{fold['fold']}"
+        ranks = [[json.loads(l) for l in (audit / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+        train_ids, val_ids = fold["inner"][0]["train"], fold["inner"][0]["test"]
+        for epoch0, epoch1 in zip(ranks[0][:-1], ranks[1][:-1]):
+            shard0, shard1 = [s for s in epoch0["subjects"] if s not in val_ids], [s for s in epoch1["subjects"] if s not in val_ids]
+            assert len(shard0) == len(shard1) == (len(train_ids) + 1) // 2
+            assert set(shard0) | set(shard1) == set(train_ids)
+            assert len(set(shard0) & set(shard1)) == len(train_ids) % 2  # only DistributedSampler's padding
+            assert not set(epoch0["subjects"]) & set(fold["test"])  # held-out subjects never read
+        assert ranks[0][-1]["final_weights"] == ranks[1][-1]["final_weights"]
+
+
+@pytest.mark.slow
+def test_concurrent_folds_share_one_sqlite_store(tmp_path, cohort_dir):
+    config = study_config(tmp_path, cohort_dir, resources={"concurrent_folds": 2}, cv={"outer_folds": 3})
+    parent_id = run_study(config)
+    parent, children = runs_of(config, parent_id)
+    assert parent.info.status == "FINISHED" and len(children) == 3
+    assert all(c.info.status == "FINISHED" and "test_roc_auc" in c.data.metrics for c in children)
+
+
+def test_bad_subjects_refuse_the_run_and_exclude_is_opt_in(tmp_path, cohort_dir, capsys):
+    bad = cohort_dir / "sub-0003/anat/sub-0003_T1w.nii.gz"
+    bad.write_bytes(bad.read_bytes()[:200])
+    config = study_config(tmp_path, cohort_dir)
+    with pytest.raises(StudyError) as err:
+        run_study(config)
+    message = str(err.value)
+    assert "0003" in message and "sub-0003_T1w.nii.gz" in message and "on_invalid: exclude" in message
+    assert not (tmp_path / "runs").exists()  # nothing started
+    cache = build_cache(load_cohort(config.cohort).exclude([]), config.preprocess)
+    assert cache.computed == []  # the 11 good subjects were kept by the refused run
+
+    excluded = config.model_copy(deep=True)
+    excluded.cohort.on_invalid = "exclude"
+    from study.runner import prepare_cohort
+
+    prepared = prepare_cohort(excluded)
+    assert len(prepared.cohort.subjects) == 11 and [p.subject for p in prepared.excluded] == ["0003"]
+
+
+def test_unreachable_tracking_server_fails_fast(tmp_path, cohort_dir):
+    config = study_config(tmp_path, cohort_dir, tracking={"uri": "http://127.0.0.1:9"})
+    with pytest.raises(TrackingError, match="unreachable.*mlflow server"):
+        run_study(config)
+
+
+def test_run_reports_config_typos(tmp_path, capsys):
+    path = tmp_path / "typo.yaml"
+    path.write_text("name: x\ncohort: {root: .}\ntrain: {epoch: 3}\n")
+    assert main(["run", str(path)]) == 2
+    assert "train.epoch: unknown key; valid keys here: augment, batch_size, channels_last" in capsys.readouterr().err
