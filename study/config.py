@@ -143,6 +143,45 @@ class TrackingConfig(_Section):
     experiment: str | None = None  # default: the study name
 
 
+class PerturbationConfig(_Section):
+    """Meaningful Perturbations (Fong & Vedaldi 2017) in 3D; defaults follow the paper."""
+
+    variant: Literal["deletion", "preservation"] = "deletion"
+    iterations: int = Field(300, ge=1)
+    lr: float = Field(0.1, gt=0)
+    l1: float = Field(0.01, ge=0)  # weight of the mask's area term
+    tv: float = Field(0.2, ge=0)  # weight of the total-variation term (3 axes)
+    tv_beta: float = Field(3.0, gt=0)
+    mask_scale: int = Field(4, ge=1)  # the mask lives at 1/mask_scale of the grid (the paper: a quarter)
+    blur_sigma_mm: float = Field(10.0, gt=0)
+    jitter_voxels: int = Field(1, ge=0)
+
+
+class SanityConfig(_Section):
+    """Sanity checks of the maps (Adebayo et al. 2018)."""
+
+    subjects: int = Field(4, ge=1)  # held-out subjects of the first fold that are re-explained
+    label_randomization: bool = True  # train a model on shuffled labels and compare its maps
+
+
+class AttributionConfig(_Section):
+    """Voxel-wise explanations of every held-out subject, on a pool of Ray actors."""
+
+    methods: list[Literal["gradcam", "guided_backprop", "perturbation", "guided_gradcam"]] = Field(
+        default_factory=lambda: ["gradcam", "guided_backprop", "perturbation"]
+    )
+    target: Literal["true_class", "predicted_class", "contrast"] = "true_class"  # contrast: male minus female
+    batch_size: int = Field(8, ge=1)
+    actors: int | None = Field(None, ge=1)  # default: one per GPU, else 2
+    gpus_per_actor: float = Field(1.0, gt=0)
+    perturbation: PerturbationConfig = Field(default_factory=PerturbationConfig)
+    permutations: int = Field(1000, ge=0)  # male-vs-female permutation test (FWER, max statistic)
+    sanity: SanityConfig = Field(default_factory=SanityConfig)
+    atlas: Path | None = None  # labelled NIfTI for the region table
+    atlas_names: Path | None = None  # TSV/CSV with columns label, name
+    subject_nifti: bool = False  # also write each subject's maps as NIfTI
+
+
 class StudyConfig(_Section):
     """A whole study: the root of the YAML file."""
 
@@ -154,6 +193,7 @@ class StudyConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    attribution: AttributionConfig | None = Field(default_factory=AttributionConfig)  # null: no maps
     output_dir: Path = Path("study_data/runs")
 
     @model_validator(mode="after")

@@ -19,7 +19,9 @@ from study.cohort import Cohort, Problem, load_cohort
 from study.config import StudyConfig
 from study.crossval import FoldResult, run_outer_fold
 from study.figures import confusion_figure, roc_figure
+from study.interpret import Interpretation, interpret_study
 from study.parallel import init_ray
+from study.report import Report, png_bytes
 from study.splits import OuterFold, load_splits, make_splits, save_splits
 from study.tracking import Tracker
 from study.train import load_model
@@ -144,6 +146,7 @@ def run_study(config: StudyConfig, audit: bool = False) -> str:
     print(f"study {config.name}: {len(cohort.subjects)} subjects, {len(folds)} outer folds; "
           f"MLflow run {parent} at {tracker.uri}")
 
+    fold_runs: dict[int, str] = {}
     fold_task = ray.remote(num_cpus=0)(run_outer_fold)
     pending: dict[ray.ObjectRef, tuple[OuterFold, str, float]] = {}
     queue, results = list(folds), []
@@ -160,6 +163,7 @@ def run_study(config: StudyConfig, audit: bool = False) -> str:
                     audit_dir.mkdir(parents=True, exist_ok=True)
                 ref = fold_task.remote(config, fold, cohort, cache, directory / "ray", audit_dir)
                 pending[ref] = (fold, run_id, time.time())
+                fold_runs[fold.fold] = run_id
             (done,), _ = ray.wait(list(pending), num_returns=1)
             fold, run_id, started = pending.pop(done)
             try:
@@ -174,18 +178,57 @@ def run_study(config: StudyConfig, audit: bool = False) -> str:
             print(f"fold {fold.fold + 1}/{len(folds)}: {len(result.history)} epochs, test ROC AUC "
                   f"{m['roc_auc']:.3f}, balanced accuracy {m['balanced_accuracy']:.3f} "
                   f"[{time.time() - started:.0f} s]")
+        results.sort(key=lambda r: r.fold)
+        summary = _summary(results)
+        tracker.log_metrics(parent, summary)
+        predictions = pd.concat([r.predictions.assign(fold=r.fold) for r in results])
+        tracker.log_table(parent, predictions, "predictions.tsv")
+        curves = {f"fold {r.fold}": ((r.predictions["sex"] == "male").to_numpy(int), r.predictions["p_male"])
+                  for r in results}
+        roc = roc_figure(curves, "ROC per outer fold")
+        tracker.log_figure(parent, roc, "roc.png")
+        _print_table(results, summary)
+        report = _classification_report(config, cohort, results, summary, parent, roc)
+        if config.attribution is not None:
+            interpretation = interpret_study(config, results, folds, cohort, cache, tracker, parent, fold_runs,
+                                             directory, report)
+            _print_interpretation(interpretation)
+        report_path = directory / "report.html"
+        report_path.write_text(report.html())
+        tracker.log_file(parent, report_path)
     except BaseException:
         tracker.end(parent, "FAILED")
         raise
-
-    summary = _summary(results)
-    tracker.log_metrics(parent, summary)
-    predictions = pd.concat([r.predictions.assign(fold=r.fold) for r in results])
-    tracker.log_table(parent, predictions, "predictions.tsv")
-    curves = {f"fold {r.fold}": ((r.predictions["sex"] == "male").to_numpy(int), r.predictions["p_male"])
-              for r in sorted(results, key=lambda r: r.fold)}
-    tracker.log_figure(parent, roc_figure(curves, "ROC per outer fold"), "roc.png")
     tracker.end(parent)
-    _print_table(results, summary)
+    print(f"report: {report_path}")
     print(f"MLflow: run {parent}; {tracker.run_url(parent)}")
     return parent
+
+
+def _classification_report(config: StudyConfig, cohort: Cohort, results: list[FoldResult],
+                           summary: dict[str, float], parent: str, roc) -> Report:
+    report = Report(f"study {config.name}: sex classification from T1w MRI")
+    report.summary = [
+        ("subjects", f"{len(cohort.subjects)} ({int(cohort.labels.sum())} male)"),
+        ("outer folds", str(len(results))),
+        ("test ROC AUC", f"{summary['test_roc_auc_mean']:.3f} ± {summary['test_roc_auc_std']:.3f}"),
+        ("balanced accuracy", f"{summary['test_balanced_accuracy_mean']:.3f} ± {summary['test_balanced_accuracy_std']:.3f}"),
+        ("MLflow run", parent[:12]),
+    ]
+    table = pd.DataFrame([{"fold": r.fold, "test subjects": len(r.predictions), "epochs": len(r.history),
+                           **{m: r.test_metrics[m] for m in SUMMARY_METRICS}} for r in results])
+    report.add_table("Held-out test metrics per outer fold", table,
+                     "Each fold's model was selected on an inner validation split and tested once on its held-out subjects.")
+    report.add_images("ROC curves", [("ROC per outer fold (male = positive)", png_bytes(roc))])
+    return report
+
+
+def _print_interpretation(interpretation: Interpretation) -> None:
+    print("method agreement (Spearman, mean over subjects):")
+    for row in interpretation.agreement.itertuples():
+        print(f"  {row.method_a:>16} ~ {row.method_b:<16} {row.spearman_subject_mean:.3f}")
+    if len(interpretation.localization):
+        print("localization of the planted effect (voxel ROC AUC of the group map):")
+        for row in interpretation.localization.itertuples():
+            print(f"  {row.method:>16} {row.roc_auc_group:.3f}")
+    print(f"sanity checks: flagged methods: {', '.join(interpretation.flagged) or 'none'}")

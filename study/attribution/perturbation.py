@@ -1,0 +1,87 @@
+"""Meaningful Perturbations (Fong & Vedaldi 2017) in 3D, many subjects at once.
+
+A mask at 1/``mask_scale`` of the grid is upsampled trilinearly and blends each
+volume with a Gaussian-blurred copy of itself. Adam optimizes all masks of the
+batch together, on the device, with no host transfer inside the loop:
+
+    deletion:      min  score(x * m + blur(x) * (1 - m)) + l1 * mean|1 - m| + tv * TV(m)
+    preservation:  min -score(x * m + blur(x) * (1 - m)) + l1 * mean|m|     + tv * TV(m)
+
+The score is the softmax probability of the target class (male minus female
+probability for the contrast). The map is what the mask says matters: 1 - m
+for deletion, m for preservation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from study.config import PerturbationConfig
+
+
+def gaussian_blur3d(x: torch.Tensor, sigma_voxels: float) -> torch.Tensor:
+    """Separable Gaussian blur of [batch, 1, D, H, W] volumes (three 1D convolutions)."""
+    radius = max(1, int(math.ceil(3 * sigma_voxels)))
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (t / sigma_voxels) ** 2)
+    kernel = (kernel / kernel.sum()).to(x.dtype)
+    out = x
+    for axis in range(3):
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = kernel.numel()
+        padding = [0, 0, 0]
+        padding[axis] = radius
+        out = F.conv3d(out, kernel.view(shape), padding=tuple(padding))
+    return out
+
+
+def _total_variation(mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-subject mean of |finite difference|^beta along the three axes; [batch]."""
+    tv = 0
+    for axis in (2, 3, 4):
+        tv = tv + mask.diff(dim=axis).abs().pow(beta).flatten(1).mean(1)
+    return tv
+
+
+def _probability(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+    p = torch.softmax(logits.float(), dim=1)
+    return p[:, 1] - p[:, 0] if targets is None else p.gather(1, targets[:, None])[:, 0]
+
+
+def meaningful_perturbation(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor | None,
+                            config: PerturbationConfig, voxel_mm: float, seed: int = 0) -> torch.Tensor:
+    """Optimized perturbation masks, as saliency on the input grid; [batch, D, H, W] in [0, 1]."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = x.detach()
+    blurred = gaussian_blur3d(x, config.blur_sigma_mm / voxel_mm)
+    size = x.shape[2:]
+    coarse = [max(1, s // config.mask_scale) for s in size]
+    deletion = config.variant == "deletion"
+    mask = torch.full((x.shape[0], 1, *coarse), 1.0 if deletion else 0.0, device=x.device,
+                      requires_grad=True)
+    optimizer = torch.optim.Adam([mask], lr=config.lr)
+    generator = torch.Generator().manual_seed(seed)
+    j = config.jitter_voxels
+    with torch.enable_grad():
+        for _ in range(config.iterations):
+            m = F.interpolate(mask, size=size, mode="trilinear", align_corners=False)
+            perturbed = x * m + blurred * (1 - m)
+            if j:
+                shifts = torch.randint(-j, j + 1, (3,), generator=generator).tolist()  # CPU, no device sync
+                perturbed = torch.roll(perturbed, shifts=shifts, dims=(2, 3, 4))
+            score = _probability(model(perturbed), targets)
+            area = (1 - mask if deletion else mask).abs().flatten(1).mean(1)
+            loss = (score if deletion else -score) + config.l1 * area + config.tv * _total_variation(mask, config.tv_beta)
+            optimizer.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            optimizer.step()
+            with torch.no_grad():
+                mask.clamp_(0, 1)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    final = F.interpolate(mask.detach(), size=size, mode="trilinear", align_corners=False)[:, 0]
+    return 1 - final if deletion else final

@@ -1,0 +1,128 @@
+"""Group analysis of attribution maps: group means, male-vs-female permutation test,
+method agreement, localization against a ground truth, and region tables.
+
+All functions work on maps restricted to brain voxels: arrays [subjects, voxels].
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+from scipy.stats import rankdata
+from sklearn.metrics import roc_auc_score
+
+
+def normalize(maps: np.ndarray) -> np.ndarray:
+    """Each subject's map divided by its 99.5th percentile and clipped to [0, 1].
+
+    Methods differ in scale by orders of magnitude; a robust per-subject
+    maximum makes them comparable without letting one hot voxel decide.
+    """
+    scale = np.percentile(maps, 99.5, axis=1, keepdims=True)
+    return np.clip(maps / np.maximum(scale, 1e-12), 0, 1).astype(np.float32)
+
+
+def group_means(maps: np.ndarray, sexes: np.ndarray) -> dict[str, np.ndarray]:
+    """Mean and median normalized map per sex and over everyone; ``{name: [voxels]}``."""
+    out = {"mean_all": maps.mean(0)}
+    for code, sex in ((1, "male"), (0, "female")):
+        if (sexes == code).any():
+            out[f"mean_{sex}"] = maps[sexes == code].mean(0)
+            out[f"median_{sex}"] = np.median(maps[sexes == code], axis=0)
+    return out
+
+
+def _welch_t(sums: np.ndarray, squares: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Welch t from per-group sums and sums of squares; arrays [..., 2, voxels]."""
+    mean = sums / n[..., None]
+    var = np.maximum(squares / n[..., None] - mean**2, 0) * n[..., None] / np.maximum(n[..., None] - 1, 1)
+    se = np.sqrt(var[..., 1, :] / n[..., 1, None] + var[..., 0, :] / n[..., 0, None])
+    return (mean[..., 1, :] - mean[..., 0, :]) / np.maximum(se, 1e-12)
+
+
+def permutation_test(maps: np.ndarray, sexes: np.ndarray, permutations: int, seed: int = 0,
+                     chunk: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel-wise male-minus-female Welch t and its FWER-corrected p value (max statistic).
+
+    Each permutation shuffles the sex labels over subjects; the p value of a
+    voxel is the share of permutations whose largest |t| anywhere reaches its |t|.
+    """
+    sexes = np.asarray(sexes)
+    squares = maps**2
+
+    def t_for(groups: np.ndarray) -> np.ndarray:  # groups: [p, subjects] of 0/1
+        onehot = np.stack([1 - groups, groups], axis=1).astype(np.float32)  # [p, 2, subjects]
+        n = onehot.sum(2)
+        return _welch_t(onehot @ maps, onehot @ squares, n)
+
+    observed = t_for(sexes[None])[0]
+    if permutations == 0:
+        return observed, np.full_like(observed, np.nan)
+    rng = np.random.default_rng(seed)
+    max_null = []
+    for start in range(0, permutations, chunk):
+        shuffled = np.stack([rng.permutation(sexes) for _ in range(min(chunk, permutations - start))])
+        max_null.append(np.abs(t_for(shuffled)).max(1))
+    max_null = np.sort(np.concatenate(max_null))
+    exceed = len(max_null) - np.searchsorted(max_null, np.abs(observed), side="left")
+    return observed, (exceed + 1) / (len(max_null) + 1)
+
+
+def _dice_top(a: np.ndarray, b: np.ndarray, fraction: float) -> np.ndarray:
+    """Dice overlap of the top ``fraction`` voxels of a and b, row by row."""
+    k = max(1, int(round(a.shape[-1] * fraction)))
+    top_a = np.argpartition(-a, k - 1, axis=-1)[..., :k]
+    top_b = np.argpartition(-b, k - 1, axis=-1)[..., :k]
+    return np.array([len(np.intersect1d(x, y)) * 2 / (2 * k) for x, y in zip(np.atleast_2d(top_a), np.atleast_2d(top_b))])
+
+
+def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman rank correlation of a and b, row by row."""
+    ra, rb = rankdata(np.atleast_2d(a), axis=1), rankdata(np.atleast_2d(b), axis=1)
+    ra -= ra.mean(1, keepdims=True)
+    rb -= rb.mean(1, keepdims=True)
+    return (ra * rb).sum(1) / np.maximum(np.sqrt((ra**2).sum(1) * (rb**2).sum(1)), 1e-12)
+
+
+def method_agreement(maps: dict[str, np.ndarray], top_fraction: float = 0.05) -> pd.DataFrame:
+    """Agreement of every pair of methods: per subject (mean ± std) and of the pooled group means."""
+    rows = []
+    for a, b in itertools.combinations(sorted(maps), 2):
+        rho = spearman_rows(maps[a], maps[b])
+        dice = _dice_top(maps[a], maps[b], top_fraction)
+        pooled_a, pooled_b = maps[a].mean(0), maps[b].mean(0)
+        rows.append({
+            "method_a": a, "method_b": b,
+            "spearman_subject_mean": float(rho.mean()), "spearman_subject_std": float(rho.std()),
+            f"dice_top{top_fraction:.0%}_subject_mean": float(dice.mean()),
+            "spearman_pooled": float(spearman_rows(pooled_a, pooled_b)[0]),
+            f"dice_top{top_fraction:.0%}_pooled": float(_dice_top(pooled_a, pooled_b, top_fraction)[0]),
+        })
+    return pd.DataFrame(rows)
+
+
+def localization(maps: np.ndarray, truth: np.ndarray, top_fraction: float = 0.01) -> dict[str, float]:
+    """How well maps find a known effect: voxel ROC AUC against ``truth`` (bool [voxels]) and
+    the share of the top 1% voxels that fall inside it, per subject (mean) and for the group mean."""
+    k = max(1, int(round(maps.shape[1] * top_fraction)))
+    def top_inside(m: np.ndarray) -> float:
+        return float(truth[np.argpartition(-m, k - 1)[:k]].mean())
+    aucs = [roc_auc_score(truth, m) for m in maps]
+    return {
+        "roc_auc_subject_mean": float(np.mean(aucs)),
+        "roc_auc_group": float(roc_auc_score(truth, maps.mean(0))),
+        "top1pct_in_effect_subject_mean": float(np.mean([top_inside(m) for m in maps])),
+        "top1pct_in_effect_group": top_inside(maps.mean(0)),
+        "chance_top1pct": float(truth.mean()),
+    }
+
+
+def region_table(mean_map: np.ndarray, labels: np.ndarray, names: dict[int, str]) -> pd.DataFrame:
+    """Regions ranked by mean attribution inside them (labels and map on the same voxels)."""
+    rows = [{"label": int(l), "region": names.get(int(l), f"label {int(l)}"),
+             "mean_attribution": float(mean_map[labels == l].mean()), "voxels": int((labels == l).sum())}
+            for l in np.unique(labels) if l != 0]
+    table = pd.DataFrame(rows, columns=["label", "region", "mean_attribution", "voxels"])
+    return table.sort_values("mean_attribution", ascending=False).reset_index(drop=True)

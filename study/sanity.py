@@ -1,0 +1,100 @@
+"""Sanity checks of attribution maps (Adebayo et al. 2018).
+
+A map that explains the model must change when the model does. Model-parameter
+randomization re-initializes the layers one after another from the top (the
+head first, then each convolution from the last), and label randomization
+trains a model on shuffled labels; each method's maps are compared with the
+originals by Spearman rank correlation and a global SSIM. A method whose maps
+stay similar is flagged.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pandas as pd
+import ray.train
+import torch
+from torch import nn
+
+from study.attribution.actors import explain_batch
+from study.cache import CachedVolumes, VolumeCache
+from study.config import AttributionConfig
+from study.maps import normalize, spearman_rows
+from study.train import load_model
+
+FLAG_SPEARMAN = 0.5  # fully randomized maps more similar than this are flagged
+
+
+def ssim_global(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """SSIM computed once over all voxels of each row (maps normalized to [0, 1])."""
+    c1, c2 = 0.01**2, 0.03**2
+    ma, mb = a.mean(1), b.mean(1)
+    va, vb = a.var(1), b.var(1)
+    cov = ((a - ma[:, None]) * (b - mb[:, None])).mean(1)
+    return ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2))
+
+
+def compare(original: dict[str, np.ndarray], other: dict[str, np.ndarray], brain: np.ndarray) -> dict[str, tuple[float, float]]:
+    """Per method: (mean Spearman, mean SSIM) between two sets of maps of the same subjects."""
+    out = {}
+    for method, maps in original.items():
+        a, b = normalize(maps[:, brain]), normalize(other[method][:, brain].astype(np.float32))
+        out[method] = (float(spearman_rows(a, b).mean()), float(ssim_global(a, b).mean()))
+    return out
+
+
+def cascade_steps(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
+    """Layers in randomization order: the classifier, then each conv (with its norm) from the last."""
+    linear = [m for m in model.head.modules() if isinstance(m, nn.Linear)]
+    steps = [("classifier", linear)]
+    modules = list(model.features)
+    convs = [i for i, m in enumerate(modules) if isinstance(m, nn.Conv3d)]
+    for n, i in enumerate(reversed(convs)):
+        norm = modules[i + 1]
+        steps.append((f"conv{len(convs) - n}", [modules[i]] + ([norm] if hasattr(norm, "reset_parameters") else [])))
+    return steps
+
+
+def _device(use_gpu: bool) -> torch.device:
+    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+
+def _explain(model: nn.Module, cache: VolumeCache, subject_ids: list[str], labels: np.ndarray,
+             config: AttributionConfig, device: torch.device) -> dict[str, np.ndarray]:
+    x, y = CachedVolumes(cache, subject_ids, labels).__getitems__(list(range(len(subject_ids))))
+    return explain_batch(model, x.to(device), y.to(device), config, float(abs(cache.affine[0, 0])))
+
+
+def parameter_randomization(checkpoint: ray.train.Checkpoint, cache: VolumeCache, subject_ids: list[str],
+                            labels: np.ndarray, original: dict[str, np.ndarray], brain: np.ndarray,
+                            config: AttributionConfig, use_gpu: bool, seed: int = 0) -> pd.DataFrame:
+    """Cascading randomization: one row per (step, method) with Spearman and SSIM to the original."""
+    device = _device(use_gpu)
+    model = load_model(checkpoint, device)
+    torch.manual_seed(seed)
+    rows = []
+    for step, (name, modules) in enumerate(cascade_steps(model), start=1):
+        for module in modules:
+            module.reset_parameters()
+        maps = _explain(copy.deepcopy(model).eval(), cache, subject_ids, labels, config, device)
+        for method, (rho, ssim) in compare(original, maps, brain).items():
+            rows.append({"step": step, "randomized_down_to": name, "method": method, "spearman": rho, "ssim": ssim})
+    return pd.DataFrame(rows)
+
+
+def label_randomization(checkpoint: ray.train.Checkpoint, cache: VolumeCache, subject_ids: list[str],
+                        labels: np.ndarray, original: dict[str, np.ndarray], brain: np.ndarray,
+                        config: AttributionConfig, use_gpu: bool) -> pd.DataFrame:
+    """Maps of a model trained on shuffled labels, compared with the original maps."""
+    device = _device(use_gpu)
+    maps = _explain(load_model(checkpoint, device), cache, subject_ids, labels, config, device)
+    return pd.DataFrame([{"method": m, "spearman": rho, "ssim": ssim}
+                         for m, (rho, ssim) in compare(original, maps, brain).items()])
+
+
+def flagged_methods(cascade: pd.DataFrame) -> list[str]:
+    """Methods whose maps of the fully randomized model still resemble the original ones."""
+    last = cascade[cascade.step == cascade.step.max()]
+    return sorted(last.loc[last.spearman > FLAG_SPEARMAN, "method"])
