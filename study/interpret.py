@@ -129,7 +129,7 @@ def interpret_study(config: StudyConfig, results: list[FoldResult], folds: list[
     fold_of = np.array([job.fold for job in jobs for _ in job.subject_ids])
     truth, planted, planted_names = _ground_truth(config, grid)
     atlas, atlas_names = _atlas(config, grid)
-    normalized, scores, figures = {}, [], []
+    normalized, scores, figures, region_tables = {}, [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         for method in methods:
@@ -155,7 +155,8 @@ def interpret_study(config: StudyConfig, results: list[FoldResult], folds: list[
             mean_img = nib.Nifti1Image(_unmask(maps.mean(0), brain), cache.affine)
             t_img = nib.Nifti1Image(_unmask(np.where(p < 0.05, t, 0) if attribution.permutations else t, brain), cache.affine)
             figures += [
-                (f"{title}: mean map, all held-out subjects", brain_figure(mean_img, f"{title} (n={len(tested)})", "glass")),
+                (f"{title}: mean map, all held-out subjects (top 10% of voxels)",
+                 brain_figure(mean_img, f"{title} (n={len(tested)})", "glass")),
                 (f"{title}: mean map, males", brain_figure(nib.Nifti1Image(_unmask(maps[sexes == 1].mean(0), brain), cache.affine), f"{title}, males")),
                 (f"{title}: mean map, females", brain_figure(nib.Nifti1Image(_unmask(maps[sexes == 0].mean(0), brain), cache.affine), f"{title}, females")),
                 (f"{title}: male - female t, FWER p < 0.05", brain_figure(t_img, f"{title}: male - female (t, p_FWER<0.05)", "glass", symmetric=True)),
@@ -166,8 +167,7 @@ def interpret_study(config: StudyConfig, results: list[FoldResult], folds: list[
                 if labels is not None:
                     table = region_table(_unmask(maps.mean(0), brain), labels, names)
                     tracker.log_table(parent_run, table, f"regions/{method}_{kind}.tsv")
-                    report.add_table(f"{title}: regions ({kind})", table.head(15),
-                                     "Regions ranked by mean normalized attribution over all held-out subjects.")
+                    region_tables.append((f"{title}: regions ({kind})", table.head(15)))
         agreement = method_agreement(normalized)
         tracker.log_table(parent_run, agreement, "agreement.tsv")
         local = pd.DataFrame(scores)
@@ -186,6 +186,8 @@ def interpret_study(config: StudyConfig, results: list[FoldResult], folds: list[
                       "Normalized maps (each subject scaled to its 99.5th percentile) averaged over held-out subjects, "
                       "over the MNI152 template; the t maps show voxels where males and females differ after "
                       f"{attribution.permutations} label permutations (max-statistic FWER).")
+    for heading, table in region_tables:
+        report.add_table(heading, table, "Regions ranked by mean normalized attribution over all held-out subjects.")
     if len(local):
         report.add_table("Ground truth: localization of the planted effect", local,
                          "Voxel ROC AUC against the planted effect, and the share of the top 1% voxels inside it "

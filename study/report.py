@@ -37,20 +37,28 @@ def png_bytes(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def brain_figure(image: nib.Nifti1Image, title: str, kind: str = "ortho", symmetric: bool = False) -> bytes:
-    """A map over the MNI152 template: orthogonal slices at the peak, or a glass brain; PNG bytes."""
+def brain_figure(image: nib.Nifti1Image, title: str, kind: str = "ortho", symmetric: bool = False,
+                 top_percent: float = 10.0) -> bytes:
+    """A map over the MNI152 template, orthogonal slices or a glass brain; PNG bytes.
+
+    Only the top ``top_percent`` of non-zero voxels are coloured (all of them
+    for a symmetric, already thresholded statistic map), so the anatomy and
+    the strongest regions stay readable.
+    """
     from nilearn import plotting
 
-    figure = Figure(figsize=(7.5, 2.8))
-    data = np.asarray(image.dataobj)
-    vmax = float(np.percentile(np.abs(data[data != 0]), 99.5)) if np.any(data) else 1.0
-    common = {"figure": figure, "title": title, "colorbar": True, "vmax": vmax, "annotate": True}
+    figure = Figure(figsize=(6.2, 2.3))
+    data = np.abs(np.asarray(image.dataobj))
+    values = data[data != 0]
+    vmax = float(np.percentile(values, 99.5)) if values.size else 1.0
+    threshold = 1e-6 if symmetric or not values.size else float(np.percentile(values, 100 - top_percent))
+    common = {"figure": figure, "title": title, "colorbar": True, "vmax": vmax, "threshold": threshold}
     if kind == "glass":
         plotting.plot_glass_brain(image, plot_abs=not symmetric, cmap="RdBu_r" if symmetric else "hot",
                                   vmin=-vmax if symmetric else 0, **common)
     else:
         plotting.plot_stat_map(image, display_mode="ortho", cmap="RdBu_r" if symmetric else "hot",
-                               threshold=0.05 * vmax, symmetric_cbar=symmetric, **common)
+                               symmetric_cbar=symmetric, **common)
     return png_bytes(figure)
 
 
@@ -131,7 +139,7 @@ section{{background:#fff;margin:14px 28px;padding:14px 20px;border-radius:6px;bo
 h2{{font-size:17px;margin:4px 0 10px}} p{{font-size:13px;color:#3a4356;max-width:70em}}
 .table{{border-collapse:collapse;font-size:13px}} .table th,.table td{{padding:4px 10px;border-bottom:1px solid #e3e6ec;text-align:right}}
 .table th{{background:#f0f2f6}} .table td:first-child,.table th:first-child{{text-align:left}}
-.figs{{display:flex;flex-wrap:wrap;gap:12px}} figure{{margin:0}} figure img{{max-width:100%;border:1px solid #e3e6ec}}
+.figs{{display:flex;flex-wrap:wrap;gap:12px}} figure{{margin:0}} figure img{{width:620px;max-width:100%;border:1px solid #e3e6ec}}
 figcaption{{font-size:12px;color:#5a6478}}
 </style></head><body>
 <header><h1>{html.escape(self.title)}</h1><p>made {made} by study</p></header>

@@ -29,9 +29,10 @@ def study_config(tmp_path: Path, cohort_root: Path, **sections):
         "train": {"epochs": 3, "batch_size": 2, "patience": 3},
         "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"},
         "output_dir": str(tmp_path / "runs"),
+        "attribution": None,  # the attribution stage has its own tests (test_explain.py)
     }
     for key, value in sections.items():
-        data[key] = {**data.get(key, {}), **value}
+        data[key] = {**(data.get(key) or {}), **value}
     return parse_config(data)
 
 
