@@ -172,7 +172,7 @@ class AttributionConfig(_Section):
     )
     target: Literal["true_class", "predicted_class", "contrast"] = "true_class"  # contrast: male minus female
     batch_size: int = Field(8, ge=1)
-    actors: int | None = Field(None, ge=1)  # default: one per GPU, else 2
+    actors: int | None = Field(None, ge=1)  # default: as many as fit on the GPUs, else 2
     gpus_per_actor: float = Field(1.0, gt=0)
     perturbation: PerturbationConfig = Field(default_factory=PerturbationConfig)
     permutations: int = Field(1000, ge=0)  # male-vs-female permutation test (FWER, max statistic)

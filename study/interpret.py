@@ -27,7 +27,7 @@ from study.config import StudyConfig
 from study.crossval import FoldResult, fit, training_data
 from study.maps import group_means, localization, method_agreement, normalize, permutation_test, region_table
 from study.report import METHOD_TITLES, Report, agreement_figure, brain_figure, sanity_figure
-from study.sanity import flagged_methods, label_randomization, parameter_randomization
+from study.sanity import FLAG_SPEARMAN, flagged_methods, label_randomization, parameter_randomization
 from study.splits import OuterFold
 from study.tracking import Tracker
 from study.volumes import Grid, resample_to_grid
@@ -177,7 +177,7 @@ def interpret_study(config: StudyConfig, results: list[FoldResult], folds: list[
                 tracker.log_metrics(parent_run, {f"localization_roc_auc_{row['method']}": row["roc_auc_group"],
                                                  f"localization_top1pct_{row['method']}": row["top1pct_in_effect_group"]})
         cascade, shuffled = _sanity(config, results[0], folds[results[0].fold], cohort, cache, store, brain, directory / "ray")
-        flagged = flagged_methods(cascade)
+        flagged = flagged_methods(cascade, shuffled)
         tracker.log_table(parent_run, cascade, "sanity/parameter_randomization.tsv")
         if len(shuffled):
             tracker.log_table(parent_run, shuffled, "sanity/label_randomization.tsv")
@@ -194,8 +194,9 @@ def interpret_study(config: StudyConfig, results: list[FoldResult], folds: list[
                          "(chance = the effect's share of the brain).")
     report.add_images("Method agreement", [("Spearman correlation", agreement_figure(agreement, methods))])
     report.add_table("Method agreement (table)", agreement)
-    flag_note = ("Flagged (maps barely change when the model is randomized): " + ", ".join(flagged)) if flagged \
-        else "No method flagged: every method's maps change when the model's parameters are randomized."
+    flag_note = (f"Flagged (Spearman > {FLAG_SPEARMAN} to the original maps after full randomization or "
+                 f"shuffled-label training): " + ", ".join(METHOD_TITLES[m] for m in flagged)) if flagged \
+        else "No method flagged: every method's maps change when the model or its labels are randomized."
     report.add_images("Sanity checks", [("Cascading randomization", sanity_figure(cascade))], flag_note)
     if len(shuffled):
         report.add_table("Sanity check: model trained on shuffled labels", shuffled,

@@ -196,6 +196,7 @@ def run_study(config: StudyConfig, audit: bool = False) -> str:
         report_path = directory / "report.html"
         report_path.write_text(report.html())
         tracker.log_file(parent, report_path)
+        tracker.set_tags(parent, {"mlflow.note.content": _run_description(config, cohort, summary)})
     except BaseException:
         tracker.end(parent, "FAILED")
         raise
@@ -221,6 +222,14 @@ def _classification_report(config: StudyConfig, cohort: Cohort, results: list[Fo
                      "Each fold's model was selected on an inner validation split and tested once on its held-out subjects.")
     report.add_images("ROC curves", [("ROC per outer fold (male = positive)", png_bytes(roc))])
     return report
+
+
+def _run_description(config: StudyConfig, cohort: Cohort, summary: dict[str, float]) -> str:
+    """The study run's description in the MLflow UI (markdown)."""
+    return (f"**{config.name}**: {len(cohort.subjects)} subjects, {config.cv.outer_folds}-fold CV, "
+            f"test ROC AUC {summary['test_roc_auc_mean']:.3f} ± {summary['test_roc_auc_std']:.3f}.\n\n"
+            "Open `report.html` under Artifacts for the maps, method agreement and sanity checks; "
+            "expand this run to see one child run per outer fold.")
 
 
 def _print_interpretation(interpretation: Interpretation) -> None:

@@ -94,7 +94,11 @@ def label_randomization(checkpoint: ray.train.Checkpoint, cache: VolumeCache, su
                          for m, (rho, ssim) in compare(original, maps, brain).items()])
 
 
-def flagged_methods(cascade: pd.DataFrame) -> list[str]:
-    """Methods whose maps of the fully randomized model still resemble the original ones."""
+def flagged_methods(cascade: pd.DataFrame, shuffled: pd.DataFrame) -> list[str]:
+    """Methods whose maps still resemble the original ones after full parameter
+    randomization or after training on shuffled labels."""
     last = cascade[cascade.step == cascade.step.max()]
-    return sorted(last.loc[last.spearman > FLAG_SPEARMAN, "method"])
+    flagged = set(last.loc[last.spearman > FLAG_SPEARMAN, "method"])
+    if len(shuffled):
+        flagged |= set(shuffled.loc[shuffled.spearman > FLAG_SPEARMAN, "method"])
+    return sorted(flagged)

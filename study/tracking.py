@@ -144,9 +144,11 @@ class Tracker:
     def log_model(self, run_id: str, model: Any, input_shape: tuple[int, ...]) -> str:
         """Log a torch model (pickle format, so its modules stay hookable); returns its model id."""
         example = np.zeros((2, 1, *input_shape), dtype=np.float32)  # batch 2: a free batch dimension
+        # Declared requirements: MLflow's own inference starts a subprocess and costs ~15 s a model.
+        requirements = [f"torch=={version('torch').split('+')[0]}", f"numpy=={version('numpy')}"]
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pytorch.log_model(model.cpu(), name="model", input_example=example,
-                                            serialization_format="pickle")
+                                            serialization_format="pickle", pip_requirements=requirements)
         return info.model_id
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:

@@ -93,7 +93,8 @@ def explain_cohort(jobs: list[FoldModel], cache: VolumeCache, store: MapStore, c
 
     ``on_batch(n_done)`` is called after each stored batch (progress reporting).
     """
-    n_actors = config.actors or (max(1, int(ray.cluster_resources().get("GPU", 0))) if use_gpu else 2)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    n_actors = config.actors or (max(1, int(gpus / config.gpus_per_actor)) if use_gpu else 2)
     queue = []
     for job in jobs:
         todo = store.missing(job.subject_ids)

@@ -1,0 +1,84 @@
+"""Attribution speed: subjects per second for each method, batched vs one subject at a time.
+
+Runs the paper's MriNet (random weights: speed does not depend on training) at
+the paper's 58x70x58 grid and at the 2 mm default (91x109x91), on the GPU when
+there is one. Prints one line per (grid, method, batch) and the projected time
+for the HCP cohort (1,113 subjects).
+
+    python benchmarks/attribution.py                 # all methods, both grids
+    python benchmarks/attribution.py --iterations 300 --batch 32 --grids 58x70x58
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from study.attribution import gradcam, guided_backprop, meaningful_perturbation
+from study.config import PerturbationConfig
+from study.models import build_model
+
+HCP_SUBJECTS = 1113
+
+
+def timed(fn, repeats: int) -> float:
+    """Seconds per call (after one warm-up call), synchronizing the GPU."""
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grids", nargs="+", default=["58x70x58", "91x109x91"])
+    parser.add_argument("--batch", type=int, default=32, help="subjects per batch (default 32)")
+    parser.add_argument("--iterations", type=int, default=300, help="Meaningful Perturbations iterations")
+    parser.add_argument("--methods", nargs="+", default=["gradcam", "guided_backprop", "perturbation"])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; torch {torch.__version__}; "
+          f"bf16 autocast and channels_last_3d: {cuda}")
+    config = PerturbationConfig(iterations=args.iterations)
+    for grid in args.grids:
+        shape = tuple(int(s) for s in grid.split("x"))
+        voxel_mm = 182 / shape[0]
+        model = build_model({"preset": "mrinet"}, shape).to(device).eval()
+        if cuda:
+            model = model.to(memory_format=torch.channels_last_3d)
+        methods = {
+            "gradcam": lambda x, t: gradcam(model, x, t),
+            "guided_backprop": lambda x, t: guided_backprop(model, x, t),
+            "perturbation": lambda x, t: meaningful_perturbation(model, x, t, config, voxel_mm),
+        }
+        for name in args.methods:
+            for batch in (1, args.batch):
+                x = torch.randn(batch, 1, *shape, device=device)
+                if cuda:
+                    x = x.contiguous(memory_format=torch.channels_last_3d)
+                targets = torch.randint(0, 2, (batch,), device=device)
+
+                def run():
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                        methods[name](x, targets)
+
+                repeats = 1 if name == "perturbation" else args.repeats
+                seconds = timed(run, repeats)
+                rate = batch / seconds
+                print(f"{grid:>10} {name:>16} batch {batch:>3}: {rate:9.2f} subjects/s  "
+                      f"({seconds / batch:.4f} s/subject; {HCP_SUBJECTS} subjects in {HCP_SUBJECTS / rate:8.1f} s)",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()
