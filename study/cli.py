@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", type=Path, help="study YAML, e.g. tune_configs/demo.yaml")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key (dotted path, YAML value); repeatable")
+    run.add_argument("--restart", action="store_true",
+                     help="start afresh; by default an interrupted run of the same config resumes "
+                          "(finished folds and trials are kept, MLflow runs continued)")
 
     validate = commands.add_parser(
         "validate", help="check a cohort: every problem at once, one line each (subject, file, problem)",

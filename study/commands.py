@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from study.runner import run_study
 
     config = load_config(args.config, args.overrides)
-    run_study(config)
+    run_study(config, restart=args.restart)
     return 0
 
 

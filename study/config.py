@@ -182,6 +182,61 @@ class AttributionConfig(_Section):
     subject_nifti: bool = False  # also write each subject's maps as NIfTI
 
 
+class SearchDimension(_Section):
+    """One searched key: exactly one of choice / uniform / loguniform / int_range,
+    optionally only ``when`` a condition on already sampled keys holds."""
+
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    int_range: tuple[int, int] | None = None
+    when: str | None = None  # e.g. "blocks > 2"; keys sampled earlier are names here
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "SearchDimension":
+        kinds = [k for k in ("choice", "uniform", "loguniform", "int_range") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of choice, uniform, loguniform, int_range")
+        return self
+
+
+SEARCHABLE_TRAIN_KEYS = {"lr", "weight_decay", "batch_size"}
+
+
+def split_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Searched params as (architecture keys, train keys)."""
+    arch = {k: v for k, v in params.items() if k not in SEARCHABLE_TRAIN_KEYS}
+    return arch, {k: v for k, v in params.items() if k in SEARCHABLE_TRAIN_KEYS}
+
+
+class SearchConfig(_Section):
+    """Architecture search with Ray Tune + Optuna (TPE) inside each outer fold.
+
+    Trials train on the fold's first inner split only, so no held-out subject
+    is ever seen by the search; ASHA stops bad trials early.
+    """
+
+    space: dict[str, SearchDimension]
+    num_samples: int = Field(8, ge=1)  # trials per outer fold
+    max_concurrent: int = Field(2, ge=1)
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(2, ge=1)  # epochs before ASHA may stop a trial
+    metric: Literal["val_loss", "val_roc_auc", "val_accuracy"] = "val_loss"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _known_keys(self) -> "SearchConfig":
+        valid = set(ModelConfig.model_fields) - {"preset"} | SEARCHABLE_TRAIN_KEYS
+        unknown = sorted(set(self.space) - valid)
+        if unknown:
+            raise ValueError(f"cannot search {unknown}; searchable keys: {sorted(valid)}")
+        return self
+
+    @property
+    def mode(self) -> str:
+        return "min" if self.metric == "val_loss" else "max"
+
+
 class StudyConfig(_Section):
     """A whole study: the root of the YAML file."""
 
@@ -193,6 +248,7 @@ class StudyConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    search: SearchConfig | None = None  # null: train the model section's architecture as it is
     attribution: AttributionConfig | None = Field(default_factory=AttributionConfig)  # null: no maps
     output_dir: Path = Path("study_data/runs")
 

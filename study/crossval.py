@@ -16,7 +16,7 @@ from ray.train.torch import TorchTrainer
 
 from study.cache import CachedVolumes, VolumeCache
 from study.cohort import Cohort
-from study.config import StudyConfig
+from study.config import StudyConfig, split_params
 from study.metrics import classification_metrics
 from study.splits import OuterFold
 from study.train import TrainingData, load_history, load_model, predict, train_loop_per_worker
@@ -69,14 +69,18 @@ def _predict_checkpoint(config: StudyConfig, checkpoint: ray.train.Checkpoint, d
 
 
 def run_outer_fold(config: StudyConfig, fold: OuterFold, cohort: Cohort, cache: VolumeCache,
-                   storage_path: Path, audit_dir: Path | None = None) -> FoldResult:
-    """Train the study's model on ``fold``'s training side and test it on its held-out side.
+                   storage_path: Path, audit_dir: Path | None = None,
+                   params: dict[str, Any] | None = None) -> FoldResult:
+    """Train on ``fold``'s training side and test on its held-out side.
 
     The validation split for early stopping is the fold's first inner split,
-    so no held-out subject influences training or model selection.
+    so no held-out subject influences training or model selection. ``params``
+    (a search's best architecture and train keys) override the config's.
     """
+    arch, train = split_params(params or {})
     data = training_data(cohort, cache, fold.validation.train, fold.validation.test)
-    result = fit(config, config.model.arch(), data, f"fold{fold.fold}", storage_path, audit_dir=audit_dir)
+    result = fit(config, {**config.model.arch(), **arch}, data, f"fold{fold.fold}", storage_path,
+                 train_overrides=train, audit_dir=audit_dir)
     if result.checkpoint is None:
         raise RuntimeError(f"fold {fold.fold}: training reported no checkpoint; see {storage_path}")
     label = dict(zip(cohort.ids, cohort.labels))

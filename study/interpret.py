@@ -60,6 +60,17 @@ def _unmask(values: np.ndarray, brain: np.ndarray) -> np.ndarray:
     return volume
 
 
+def _write_subject_nifti(store: MapStore, out: Path, affine: np.ndarray) -> None:
+    """Each subject's map of each method as ``<out>/<method>/sub-<id>_<method>.nii.gz``."""
+    for method in store.methods:
+        (out / method).mkdir(parents=True, exist_ok=True)
+        done = store.done(method)
+        for sid, finished in zip(store.subject_ids, done):
+            if finished:
+                nib.save(nib.Nifti1Image(store.read(method, [sid])[0], affine),
+                         out / method / f"sub-{sid}_{method}.nii.gz")
+
+
 def _store_key(config: StudyConfig, results: list[FoldResult]) -> str:
     """Maps are only reused for the same models and the same attribution settings."""
     parts = [config.attribution.model_dump_json()] + [r.checkpoint.path for r in sorted(results, key=lambda r: r.fold)]
@@ -122,6 +133,8 @@ def interpret_study(config: StudyConfig, results: list[FoldResult], folds: list[
     store = MapStore(directory / "maps" / _store_key(config, results), cohort.ids, cache.shape, methods)
     explain_cohort(jobs, cache, store, attribution, config.resources.use_gpu)
 
+    if attribution.subject_nifti:
+        _write_subject_nifti(store, directory / "maps" / "subjects", cache.affine)
     grid = Grid(cache.shape, cache.affine)
     brain = brain_mask(cache)
     tested = [s for job in jobs for s in job.subject_ids]

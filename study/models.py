@@ -71,10 +71,13 @@ class BrainCNN(nn.Module):
             layers.append(nn.MaxPool3d(2))
         self.features = nn.Sequential(*layers)
         self.gradcam_layer: nn.Module = layers[-2]  # the last block's activation, before pooling
-        with torch.no_grad():
-            feature_shape = self.features(torch.zeros(1, 1, *self.input_shape)).shape
+        try:
+            with torch.no_grad():
+                feature_shape = self.features(torch.zeros(1, 1, *self.input_shape)).shape
+        except RuntimeError as err:
+            raise ValueError(f"input grid {self.input_shape} is too small for this architecture {arch}: {err}") from None
         if min(feature_shape[2:]) < 1:
-            raise ValueError(f"input {self.input_shape} is too small for {arch['blocks']} blocks")
+            raise ValueError(f"input grid {self.input_shape} is too small for {arch['blocks']} blocks")
         flat = channels_in if arch["head"] == "gap" else int(torch.tensor(feature_shape[1:]).prod())
         self.head = nn.Sequential(
             nn.AdaptiveAvgPool3d(1) if arch["head"] == "gap" else nn.Identity(),

@@ -6,6 +6,11 @@ Ray Train and test -> cross-fold summary, all tracked in MLflow.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import pickle
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +22,12 @@ import ray
 from study.cache import VolumeCache, build_cache
 from study.cohort import Cohort, Problem, load_cohort
 from study.config import StudyConfig
-from study.crossval import FoldResult, run_outer_fold
+from study.crossval import FoldResult, run_outer_fold, training_data
 from study.figures import confusion_figure, roc_figure
 from study.interpret import Interpretation, interpret_study
 from study.parallel import init_ray
 from study.report import Report, png_bytes
+from study.search import search_fold
 from study.splits import OuterFold, load_splits, make_splits, save_splits
 from study.tracking import Tracker
 from study.train import load_model
@@ -125,11 +131,86 @@ def _print_table(results: list[FoldResult], summary: dict[str, float]) -> None:
         f"{summary[f'test_{m}_mean']:>10.3f} ± {summary[f'test_{m}_std']:.3f}" for m in SUMMARY_METRICS))
 
 
-def run_study(config: StudyConfig, audit: bool = False) -> str:
-    """Carry out the study; returns the MLflow run id of the study (the parent run).
+@dataclass
+class StudyState:
+    """What a study execution has done so far, kept in ``<study dir>/state.json``.
 
-    ``audit`` records, per training worker, which subjects it read (under the
-    study directory's ``audit/``), so that tests can prove there is no leak.
+    A rerun of the same config continues an unfinished execution: its MLflow
+    runs are reused, finished folds (pickled in ``folds/``) are not redone and
+    searches resume from their Tune state.
+    """
+
+    config_hash: str
+    parent_run: str
+    fold_runs: dict[str, str]
+    finished: bool = False
+
+    @staticmethod
+    def path(directory: Path) -> Path:
+        return directory / "state.json"
+
+    def save(self, directory: Path) -> None:
+        tmp = self.path(directory).with_suffix(".tmp")
+        tmp.write_text(json.dumps(vars(self), indent=1))
+        os.replace(tmp, self.path(directory))
+
+
+def config_hash(config: StudyConfig) -> str:
+    """Hash of everything that changes results (not resources nor where they are tracked)."""
+    dumped = config.model_dump_json(exclude={"resources", "tracking"})
+    return hashlib.sha1(dumped.encode()).hexdigest()[:12]
+
+
+def _resume_or_start(config: StudyConfig, tracker: Tracker, cohort: Cohort, directory: Path,
+                     restart: bool) -> StudyState:
+    path = StudyState.path(directory)
+    if path.exists() and not restart:
+        state = StudyState(**json.loads(path.read_text()))
+        if state.config_hash == config_hash(config) and not state.finished:
+            tracker.reopen(state.parent_run)
+            print(f"resuming study {config.name} (MLflow run {state.parent_run})")
+            return state
+    for part in ("folds", "ray", "search", "audit", "maps"):  # a fresh execution keeps nothing of the last
+        shutil.rmtree(directory / part, ignore_errors=True)
+    state = StudyState(config_hash(config), tracker.start_study(config, cohort.fingerprint()), {})
+    state.save(directory)
+    return state
+
+
+def _fold_run(tracker: Tracker, state: StudyState, fold: OuterFold, directory: Path) -> str:
+    key = str(fold.fold)
+    if key not in state.fold_runs:
+        run_id = tracker.start_child(state.parent_run, f"fold {fold.fold}",
+                                     {"study.level": "fold", "study.fold": key})
+        tracker.log_params(run_id, {"fold": fold.fold, "n_train": len(fold.validation.train),
+                                    "n_validation": len(fold.validation.test), "n_test": len(fold.test)})
+        state.fold_runs[key] = run_id
+        state.save(directory)
+    else:
+        tracker.reopen(state.fold_runs[key])
+    return state.fold_runs[key]
+
+
+def _search(config: StudyConfig, fold: OuterFold, cohort: Cohort, cache: VolumeCache, tracker: Tracker,
+            run_id: str, directory: Path, audit: bool) -> dict:
+    """Search fold ``fold`` (resuming if interrupted), log its trials, return the best params."""
+    data = training_data(cohort, cache, fold.validation.train, fold.validation.test)
+    audit_root = directory / "audit" / f"fold{fold.fold}_search" if audit else None
+    best, trials = search_fold(config, data, directory / "search" / f"fold{fold.fold}", fold.fold, audit_root)
+    tracker.log_trials(run_id, trials, config.search.metric)
+    tracker.log_params(run_id, {"best": best})
+    tracker.log_metrics(run_id, {f"search_best_{config.search.metric}":
+                                 next(t.score for t in trials if t.params == best)})
+    print(f"fold {fold.fold}: searched {len(trials)} trials; best {best}")
+    return best
+
+
+def run_study(config: StudyConfig, audit: bool = False, restart: bool = False) -> str:
+    """Carry out the study (or continue an unfinished one); returns the study's MLflow run id.
+
+    ``audit`` records which subjects each training worker read (under the
+    study directory's ``audit/``), so that tests can prove there is no leak;
+    ``restart`` starts afresh even if an unfinished execution exists.
     """
     tracker = Tracker(config)  # fails fast when MLflow is unreachable
     init_ray(config.resources.num_cpus)
@@ -137,45 +218,49 @@ def run_study(config: StudyConfig, audit: bool = False) -> str:
     cohort, cache = prepared.cohort, prepared.cache
     folds = make_or_load_splits(config, cohort)
     directory = study_dir(config)
-    parent = tracker.start_study(config, cohort.fingerprint())
+    state = _resume_or_start(config, tracker, cohort, directory, restart)
+    parent = state.parent_run
     tracker.log_file(parent, directory / "splits.json")
     if prepared.excluded:
         tracker.log_table(parent, pd.DataFrame([vars(p) for p in prepared.excluded]), "excluded_subjects.tsv")
     tracker.log_metrics(parent, {"n_subjects": len(cohort.subjects), "n_male": int(cohort.labels.sum()),
                                  "n_excluded": len(prepared.excluded)})
-    print(f"study {config.name}: {len(cohort.subjects)} subjects, {len(folds)} outer folds; "
-          f"MLflow run {parent} at {tracker.uri}")
+    finished = directory / "folds"
+    finished.mkdir(exist_ok=True)
+    results = [pickle.loads(p.read_bytes()) for p in sorted(finished.glob("fold*.pkl"))]
+    done = {r.fold for r in results}
+    print(f"study {config.name}: {len(cohort.subjects)} subjects, {len(folds)} outer folds "
+          f"({len(done)} already done); MLflow run {parent} at {tracker.uri}")
 
-    fold_runs: dict[int, str] = {}
     fold_task = ray.remote(num_cpus=0)(run_outer_fold)
     pending: dict[ray.ObjectRef, tuple[OuterFold, str, float]] = {}
-    queue, results = list(folds), []
+    queue = [f for f in folds if f.fold not in done]
     try:
         while queue or pending:
             while queue and len(pending) < config.resources.concurrent_folds:
                 fold = queue.pop(0)
-                run_id = tracker.start_child(parent, f"fold {fold.fold}", {"study.level": "fold",
-                                                                           "study.fold": str(fold.fold)})
-                tracker.log_params(run_id, {"fold": fold.fold, "n_train": len(fold.validation.train),
-                                            "n_validation": len(fold.validation.test), "n_test": len(fold.test)})
+                run_id = _fold_run(tracker, state, fold, directory)
+                started = time.time()
+                params = _search(config, fold, cohort, cache, tracker, run_id, directory, audit) \
+                    if config.search else None
                 audit_dir = directory / "audit" / f"fold{fold.fold}" if audit else None
                 if audit_dir:
                     audit_dir.mkdir(parents=True, exist_ok=True)
-                ref = fold_task.remote(config, fold, cohort, cache, directory / "ray", audit_dir)
-                pending[ref] = (fold, run_id, time.time())
-                fold_runs[fold.fold] = run_id
-            (done,), _ = ray.wait(list(pending), num_returns=1)
-            fold, run_id, started = pending.pop(done)
+                ref = fold_task.remote(config, fold, cohort, cache, directory / "ray", audit_dir, params)
+                pending[ref] = (fold, run_id, started)
+            (ready,), _ = ray.wait(list(pending), num_returns=1)
+            fold, run_id, started = pending.pop(ready)
             try:
-                result: FoldResult = ray.get(done)
+                result: FoldResult = ray.get(ready)
             except Exception:
                 tracker.end(run_id, "FAILED")
                 raise
             _log_fold(tracker, run_id, result, cache)
             tracker.end(run_id)
+            (finished / f"fold{fold.fold}.pkl").write_bytes(pickle.dumps(result))
             results.append(result)
             m = result.test_metrics
-            print(f"fold {fold.fold + 1}/{len(folds)}: {len(result.history)} epochs, test ROC AUC "
+            print(f"fold {fold.fold} ({len(results)}/{len(folds)} done): {len(result.history)} epochs, test ROC AUC "
                   f"{m['roc_auc']:.3f}, balanced accuracy {m['balanced_accuracy']:.3f} "
                   f"[{time.time() - started:.0f} s]")
         results.sort(key=lambda r: r.fold)
@@ -189,6 +274,13 @@ def run_study(config: StudyConfig, audit: bool = False) -> str:
         tracker.log_figure(parent, roc, "roc.png")
         _print_table(results, summary)
         report = _classification_report(config, cohort, results, summary, parent, roc)
+        if config.search:
+            chosen = _chosen_architectures(tracker, state)
+            tracker.log_table(parent, chosen, "search_best_configs.tsv")
+            report.add_table("Architecture search: the best configuration of each outer fold", chosen,
+                             "Each fold searched on its own training subjects only; stable choices across folds "
+                             "mean the architecture does not depend on which subjects were held out.")
+        fold_runs = {int(k): v for k, v in state.fold_runs.items()}
         if config.attribution is not None:
             interpretation = interpret_study(config, results, folds, cohort, cache, tracker, parent, fold_runs,
                                              directory, report)
@@ -197,13 +289,29 @@ def run_study(config: StudyConfig, audit: bool = False) -> str:
         report_path.write_text(report.html())
         tracker.log_file(parent, report_path)
         tracker.set_tags(parent, {"mlflow.note.content": _run_description(config, cohort, summary)})
-    except BaseException:
-        tracker.end(parent, "FAILED")
+    except BaseException as err:
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        done = {r.fold for r in results}
+        for fold, run_id in state.fold_runs.items():
+            if int(fold) not in done:
+                tracker.end(run_id, status)
+        tracker.end(parent, status)
         raise
     tracker.end(parent)
+    state.finished = True
+    state.save(directory)
     print(f"report: {report_path}")
     print(f"MLflow: run {parent}; {tracker.run_url(parent)}")
     return parent
+
+
+def _chosen_architectures(tracker: Tracker, state: StudyState) -> pd.DataFrame:
+    """One row per fold: the best searched params (from the fold runs' ``best.*`` params)."""
+    rows = []
+    for fold, run_id in sorted(state.fold_runs.items(), key=lambda kv: int(kv[0])):
+        params = tracker.client.get_run(run_id).data.params
+        rows.append({"fold": int(fold), **{k[5:]: v for k, v in sorted(params.items()) if k.startswith("best.")}})
+    return pd.DataFrame(rows)
 
 
 def _classification_report(config: StudyConfig, cohort: Cohort, results: list[FoldResult],

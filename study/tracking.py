@@ -151,6 +151,27 @@ class Tracker:
                                             serialization_format="pickle", pip_requirements=requirements)
         return info.model_id
 
+    def reopen(self, run_id: str) -> None:
+        """Mark an interrupted run as running again (a resumed study)."""
+        self.client.update_run(run_id, status="RUNNING")
+
+    def log_trials(self, fold_run: str, trials: list, metric: str) -> None:
+        """One run per search trial under its fold's run; trials logged before are skipped."""
+        logged = {r.data.tags.get("study.trial") for r in self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{fold_run}'")}
+        for trial in trials:
+            if trial.trial_id in logged:
+                continue
+            run_id = self.start_child(fold_run, f"trial {trial.trial_id}", {
+                "study.level": "trial", "study.trial": trial.trial_id, "study.trial_status": trial.status})
+            self.log_params(run_id, trial.params)
+            if not trial.history.empty:
+                self.log_history(run_id, trial.history[[c for c in trial.history.columns
+                                                        if c.startswith(("train_", "val_", "best_")) or c == "epoch"]])
+            if trial.score == trial.score:  # not NaN
+                self.log_metrics(run_id, {f"search_{metric}": trial.score})
+            self.end(run_id, "FAILED" if trial.status == "errored" else "FINISHED")
+
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
 

@@ -16,8 +16,12 @@ VOXEL_MM = 8.0  # 23 x 27 x 23 voxels: enough anatomy for the checks, fast on 2 
 
 @pytest.fixture(scope="session", autouse=True)
 def local_ray():
-    """One real local Ray for the whole test session."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    """One real local Ray for the whole test session.
+
+    With its dashboard: Ray Train V2 finds dead training runs through the state
+    API, and without it leaks their placement groups (and so their CPUs).
+    """
+    ray.init(num_cpus=2, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import ray
 import ray.train
@@ -15,7 +16,7 @@ from study.cache import build_cache
 from study.cohort import load_cohort
 from study.config import AttributionConfig, CohortConfig
 from study.models import build_model
-from study.runner import run_study
+from study.runner import run_study, study_dir
 from study.synth import synthesize_cohort
 from study.train import save_checkpoint
 from tests.test_study import runs_of, study_config
@@ -75,9 +76,11 @@ def test_study_explains_all_held_out_subjects_and_finds_the_planted_effect(tmp_p
         tmp_path, root, preprocess={"voxel_size": 6.0}, model={"width": 8},
         train={"epochs": 10, "batch_size": 4, "patience": 10},
     )
+    (tmp_path / "atlas.tsv").write_text("label\tname\n1\tamygdala L\n2\tputamen R\n3\tcerebellum R\n4\tprecuneus L\n")
     config.attribution = AttributionConfig(
         batch_size=8, actors=2, permutations=50, perturbation={"iterations": 40, "mask_scale": 2},
-        sanity={"subjects": 2, "label_randomization": True},
+        sanity={"subjects": 2, "label_randomization": True}, subject_nifti=True,
+        atlas=root / "ground_truth/regions.nii.gz", atlas_names=tmp_path / "atlas.tsv",
     )
     parent_id = run_study(config)
     parent, children = runs_of(config, parent_id)
@@ -92,5 +95,10 @@ def test_study_explains_all_held_out_subjects_and_finds_the_planted_effect(tmp_p
     localization = {k: v for k, v in parent.data.metrics.items() if k.startswith("localization_roc_auc_")}
     assert len(localization) == 3
     assert max(localization.values()) > 0.6, localization
+    atlas_table = client.download_artifacts(parent_id, "regions/perturbation_atlas.tsv", str(tmp_path))
+    assert set(pd.read_csv(atlas_table, sep="\t").region) == {"amygdala L", "putamen R", "cerebellum R", "precuneus L"}
+    subject_maps = study_dir(config) / "maps" / "subjects"
+    for method in ("gradcam", "guided_backprop", "perturbation"):
+        assert len(list((subject_maps / method).glob("sub-*_" + method + ".nii.gz"))) == 30
     sanity = {a.path for a in client.list_artifacts(parent_id, "sanity")}
     assert sanity == {"sanity/parameter_randomization.tsv", "sanity/label_randomization.tsv"}

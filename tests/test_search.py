@@ -1,0 +1,117 @@
+"""Architecture search nested in the CV: Optuna space, no leaks, MLflow trial runs, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import optuna
+import pytest
+
+from study.config import ConfigError, SearchConfig, parse_config
+from study.runner import run_study, study_dir
+from study.search import DefineByRun
+from tests.test_study import runs_of, study_config
+
+SPACE = {
+    "width": {"choice": [2, 4]},
+    "blocks": {"choice": [2, 3]},
+    "kernel_size": {"choice": [1, 3], "when": "blocks > 2"},  # any choice fits the 8 mm test grid
+    "lr": {"loguniform": [0.0005, 0.005]},
+}
+
+
+def test_space_is_define_by_run_with_conditionals():
+    define = DefineByRun(SearchConfig(space=SPACE))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(30):
+        trial = study.ask()
+        define(trial)
+        assert ("kernel_size" in trial.params) == (trial.params["blocks"] > 2)
+        assert 0.0005 <= trial.params["lr"] <= 0.005 and trial.params["width"] in (2, 4)
+
+
+def test_unsearchable_keys_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"cannot search \['epochs'\]"):
+        parse_config({"name": "s", "cohort": {"root": "x"}, "search": {"space": {"epochs": {"choice": [1, 2]}}}})
+    with pytest.raises(ConfigError, match="exactly one of choice"):
+        parse_config({"name": "s", "cohort": {"root": "x"},
+                      "search": {"space": {"lr": {"choice": [1], "uniform": [0, 1]}}}})
+
+
+def search_config(tmp_path, cohort_dir):
+    return study_config(tmp_path, cohort_dir, train={"epochs": 3, "patience": 3},
+                        search={"space": SPACE, "num_samples": 2, "max_concurrent": 1, "grace_period": 1})
+
+
+def trial_runs(config, parent_id):
+    _, folds = runs_of(config, parent_id)
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(config.name).experiment_id
+    return {f.data.tags["study.fold"]: client.search_runs([experiment], f"tags.mlflow.parentRunId = '{f.info.run_id}'")
+            for f in folds}
+
+
+@pytest.mark.slow
+def test_search_never_reads_held_out_subjects_and_logs_trials(tmp_path, cohort_dir):
+    config = search_config(tmp_path, cohort_dir)
+    parent_id = run_study(config, audit=True)
+    splits = json.loads((study_dir(config) / "splits.json").read_text())["folds"]
+    for fold in splits:
+        audit = study_dir(config) / "audit" / f"fold{fold['fold']}_search"
+        trials = list(audit.iterdir())
+        assert len(trials) == 2
+        for trial in trials:
+            read = {s for line in (trial / "rank0.jsonl").read_text().splitlines()
+                    for s in json.loads(line).get("subjects", [])}
+            assert read and not read & set(fold["test"])  # the search never saw the test fold
+            assert read <= set(fold["train"])
+    by_fold = trial_runs(config, parent_id)
+    assert sorted(by_fold) == ["0", "1"]
+    for runs in by_fold.values():
+        assert len(runs) == 2
+        assert all(r.data.tags["study.trial_status"] in {"completed", "stopped_early"} for r in runs)
+        assert all({"width", "blocks", "lr"} <= set(r.data.params) for r in runs)
+    parent, folds = runs_of(config, parent_id)
+    assert all(any(k.startswith("best.") for k in f.data.params) for f in folds)
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent_id)}
+    assert "search_best_configs.tsv" in artifacts
+
+
+@pytest.mark.slow
+def test_interrupted_search_study_resumes_without_duplicates(tmp_path, cohort_dir):
+    config = search_config(tmp_path, cohort_dir)
+    (tmp_path / "config.json").write_text(config.model_dump_json())
+    script = (
+        "import sys; from study.config import StudyConfig; from study.runner import run_study; "
+        f"run_study(StudyConfig.model_validate_json(open({str(tmp_path / 'config.json')!r}).read()))"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first_fold = study_dir(config) / "folds" / "fold0.pkl"
+    deadline = time.time() + 600
+    while not first_fold.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(1)
+    assert first_fold.exists(), "the first fold never finished"
+    before = first_fold.stat().st_mtime_ns
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C during the second fold's search
+    assert process.wait(timeout=180) != 0
+
+    state = json.loads((study_dir(config) / "state.json").read_text())
+    assert not state["finished"]
+    parent_id = run_study(config)
+    assert parent_id == state["parent_run"]  # the same MLflow run, continued
+    assert first_fold.stat().st_mtime_ns == before  # the finished fold was not redone
+    parent, folds = runs_of(config, parent_id)
+    assert parent.info.status == "FINISHED" and len(folds) == 2
+    studies = mlflow.search_runs(experiment_names=[config.name], filter_string="tags.`study.level` = 'study'",
+                                 output_format="list")
+    assert len(studies) == 1
+    for fold, runs in trial_runs(config, parent_id).items():
+        ids = [r.data.tags["study.trial"] for r in runs]
+        assert len(ids) == len(set(ids)) == 2, (fold, ids)  # as configured, none duplicated
