@@ -42,9 +42,9 @@ def validate(args: argparse.Namespace) -> int:
     problems = cohort.problems + check_images(cohort)
     for problem in problems:
         print(problem)
-    n_bad = len({p.subject for p in problems})
-    print(f"{len(cohort.subjects) - len({p.subject for p in problems if p.subject in cohort.ids})} subjects OK, "
-          f"{len(problems)} problems in {n_bad} subjects", file=sys.stderr)
+    bad = {p.subject for p in problems}
+    n_ok = sum(1 for s in cohort.subjects if s.subject_id not in bad)
+    print(f"{n_ok} subjects OK, {len(problems)} problems in {len(bad)} subjects", file=sys.stderr)
     return 1 if problems else 0
 
 

@@ -143,42 +143,45 @@ def interpret_study(config: StudyConfig, results: list[FoldResult], folds: list[
     truth, planted, planted_names = _ground_truth(config, grid)
     atlas, atlas_names = _atlas(config, grid)
     normalized, scores, figures, region_tables = {}, [], [], []
+
+    def image(values: np.ndarray) -> nib.Nifti1Image:
+        return nib.Nifti1Image(_unmask(values, brain), cache.affine)
+
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
+        def log_map(run_id: str, values: np.ndarray, name: str, method: str) -> None:
+            path = Path(tmp) / run_id / f"{name}.nii.gz"
+            path.parent.mkdir(exist_ok=True)
+            nib.save(image(values), path)
+            tracker.log_file(run_id, path, f"maps/{method}")
+
         for method in methods:
             maps = normalize(store.read(method, tested)[:, brain])
             normalized[method] = maps
             title = METHOD_TITLES[method]
-            for name, values in group_means(maps, sexes).items():
-                path = out / method / f"{method}_{name}.nii.gz"
-                path.parent.mkdir(exist_ok=True)
-                nib.save(nib.Nifti1Image(_unmask(values, brain), cache.affine), path)
-                tracker.log_file(parent_run, path, f"maps/{method}")
+            group = group_means(maps, sexes)
+            for name, values in group.items():
+                log_map(parent_run, values, f"{method}_{name}", method)
             for job in jobs:
                 rows = fold_of == job.fold
                 for name, values in group_means(maps[rows], sexes[rows]).items():
-                    path = out / f"fold{job.fold}_{method}_{name}.nii.gz"
-                    nib.save(nib.Nifti1Image(_unmask(values, brain), cache.affine), path)
-                    tracker.log_file(fold_runs[job.fold], path, f"maps/{method}")
+                    log_map(fold_runs[job.fold], values, f"fold{job.fold}_{method}_{name}", method)
             t, p = permutation_test(maps, sexes, attribution.permutations, seed=config.cv.seed)
-            for name, values in (("t_male_minus_female", t), ("p_fwer", p)):
-                path = out / method / f"{method}_{name}.nii.gz"
-                nib.save(nib.Nifti1Image(_unmask(values, brain), cache.affine), path)
-                tracker.log_file(parent_run, path, f"maps/{method}")
-            mean_img = nib.Nifti1Image(_unmask(maps.mean(0), brain), cache.affine)
-            t_img = nib.Nifti1Image(_unmask(np.where(p < 0.05, t, 0) if attribution.permutations else t, brain), cache.affine)
+            log_map(parent_run, t, f"{method}_t_male_minus_female", method)
+            log_map(parent_run, p, f"{method}_p_fwer", method)
+            significant = np.where(p < 0.05, t, 0) if attribution.permutations else t
             figures += [
                 (f"{title}: mean map, all held-out subjects (top 10% of voxels)",
-                 brain_figure(mean_img, f"{title} (n={len(tested)})", "glass")),
-                (f"{title}: mean map, males", brain_figure(nib.Nifti1Image(_unmask(maps[sexes == 1].mean(0), brain), cache.affine), f"{title}, males")),
-                (f"{title}: mean map, females", brain_figure(nib.Nifti1Image(_unmask(maps[sexes == 0].mean(0), brain), cache.affine), f"{title}, females")),
-                (f"{title}: male - female t, FWER p < 0.05", brain_figure(t_img, f"{title}: male - female (t, p_FWER<0.05)", "glass", symmetric=True)),
+                 brain_figure(image(group["mean_all"]), f"{title} (n={len(tested)})", "glass")),
+                *[(f"{title}: mean map, {sex}s", brain_figure(image(group[f"mean_{sex}"]), f"{title}, {sex}s"))
+                  for sex in ("male", "female") if f"mean_{sex}" in group],
+                (f"{title}: male - female t, FWER p < 0.05",
+                 brain_figure(image(significant), f"{title}: male - female (t, p_FWER<0.05)", "glass", symmetric=True)),
             ]
             if truth is not None:
                 scores.append({"method": method, **localization(maps, truth[brain])})
             for labels, names, kind in ((planted, planted_names, "planted"), (atlas, atlas_names, "atlas")):
                 if labels is not None:
-                    table = region_table(_unmask(maps.mean(0), brain), labels, names)
+                    table = region_table(_unmask(group["mean_all"], brain), labels, names)
                     tracker.log_table(parent_run, table, f"regions/{method}_{kind}.tsv")
                     region_tables.append((f"{title}: regions ({kind})", table.head(15)))
         agreement = method_agreement(normalized)
