@@ -35,3 +35,13 @@ def test_overrides_and_defaults(tmp_path):
     assert load_config(path).preprocess.grid_shape == (91, 109, 91)
     with pytest.raises(ConfigError, match="cv.folds: unknown key"):
         load_config(path, ["cv.folds=3"])
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "tune_configs").glob("*.yaml"))
+    assert {p.stem for p in configs} >= {"demo", "demo_search", "demo_gpu", "paper"}
+    for path in configs:
+        config = load_config(path)
+        assert config.name == path.stem
