@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -114,7 +114,7 @@ def _sanity(config: StudyConfig, first: FoldResult, fold: OuterFold, cohort: Coh
     if attribution.sanity.label_randomization:
         data = training_data(cohort, cache, fold.validation.train, fold.validation.test)
         rng = np.random.default_rng(config.train.seed)
-        data = type(data)(data.cache, data.train_ids, rng.permutation(data.train_labels), data.val_ids, data.val_labels)
+        data = replace(data, train_labels=rng.permutation(data.train_labels))
         result = fit(config, config.model.arch(), data, "label_randomized", storage)
         shuffled = ray.get(task(label_randomization).remote(
             result.checkpoint, cache, subjects, labels, original, brain, attribution, use_gpu))
