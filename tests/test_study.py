@@ -100,6 +100,12 @@ def test_concurrent_folds_share_one_sqlite_store(tmp_path, cohort_dir):
     assert parent.info.status == "FINISHED" and len(children) == 3
     assert all(c.info.status == "FINISHED" and "test_roc_auc" in c.data.metrics for c in children)
 
+    # --restart: a new execution with runs of its own; the finished one is left as it was.
+    again = run_study(config, restart=True)
+    assert again != parent_id
+    assert runs_of(config, parent_id)[0].info.status == runs_of(config, again)[0].info.status == "FINISHED"
+    assert len(runs_of(config, again)[1]) == 3
+
 
 def test_bad_subjects_refuse_the_run_and_exclude_is_opt_in(tmp_path, cohort_dir, capsys):
     bad = cohort_dir / "sub-0003/anat/sub-0003_T1w.nii.gz"
