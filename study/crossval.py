@@ -32,6 +32,11 @@ class FoldResult:
     test_metrics: dict[str, float]
     predictions: pd.DataFrame  # subject_id, sex, p_male, predicted
 
+    @property
+    def labels(self) -> np.ndarray:
+        """True sex of the held-out subjects, 1 male, 0 female, in predictions order."""
+        return (self.predictions["sex"] == "male").to_numpy(int)
+
 
 def training_data(cohort: Cohort, cache: VolumeCache, train_ids: list[str], val_ids: list[str]) -> TrainingData:
     """The labelled training and validation subjects of one run."""

@@ -105,7 +105,7 @@ def _sanity(config: StudyConfig, first: FoldResult, fold: OuterFold, cohort: Coh
             store: MapStore, brain: np.ndarray, storage: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     attribution, use_gpu = config.attribution, config.resources.use_gpu
     subjects = first.predictions.subject_id.tolist()[: attribution.sanity.subjects]
-    labels = (first.predictions.sex == "male").to_numpy(int)[: attribution.sanity.subjects]
+    labels = first.labels[: attribution.sanity.subjects]
     original = {m: store.read(m, subjects) for m in attribution.methods}
     task = ray.remote(num_cpus=1, num_gpus=attribution.gpus_per_actor if use_gpu else 0)
     cascade = ray.get(task(parameter_randomization).remote(

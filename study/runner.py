@@ -81,7 +81,8 @@ def prepare_cohort(config: StudyConfig) -> PreparedCohort:
         )
     if build.cache is None:
         raise StudyError("no subject could be preprocessed; see the problems above")
-    usable = Cohort([s for s in cohort.subjects if s.subject_id in set(build.cache.subject_ids)])
+    cached = set(build.cache.subject_ids)
+    usable = Cohort([s for s in cohort.subjects if s.subject_id in cached])
     for problem in problems:
         print(f"excluded: {problem}")
     return PreparedCohort(usable, build.cache, problems)
@@ -106,8 +107,7 @@ def _log_fold(tracker: Tracker, run_id: str, result: FoldResult, cache: VolumeCa
     tracker.log_history(run_id, result.history)
     tracker.log_metrics(run_id, result.test_metrics, prefix="test_")
     tracker.log_table(run_id, result.predictions, "predictions.tsv")
-    labels = (result.predictions["sex"] == "male").to_numpy(int)
-    tracker.log_figure(run_id, roc_figure({f"fold {result.fold}": (labels, result.predictions["p_male"])},
+    tracker.log_figure(run_id, roc_figure({f"fold {result.fold}": (result.labels, result.predictions["p_male"])},
                                           f"ROC, fold {result.fold}"), "roc.png")
     tracker.log_figure(run_id, confusion_figure(result.test_metrics, f"fold {result.fold}"), "confusion.png")
     tracker.log_model(run_id, load_model(result.checkpoint), cache.shape)
@@ -125,7 +125,7 @@ def _summary(results: list[FoldResult]) -> dict[str, float]:
 def _print_table(results: list[FoldResult], summary: dict[str, float]) -> None:
     header = f"{'fold':>6} " + " ".join(f"{m:>18}" for m in SUMMARY_METRICS)
     print(header)
-    for r in sorted(results, key=lambda r: r.fold):
+    for r in results:  # sorted by fold
         print(f"{r.fold:>6} " + " ".join(f"{r.test_metrics[m]:>18.3f}" for m in SUMMARY_METRICS))
     print(f"{'all':>6} " + " ".join(
         f"{summary[f'test_{m}_mean']:>10.3f} ± {summary[f'test_{m}_std']:.3f}" for m in SUMMARY_METRICS))
@@ -268,8 +268,7 @@ def run_study(config: StudyConfig, audit: bool = False, restart: bool = False) -
         tracker.log_metrics(parent, summary)
         predictions = pd.concat([r.predictions.assign(fold=r.fold) for r in results])
         tracker.log_table(parent, predictions, "predictions.tsv")
-        curves = {f"fold {r.fold}": ((r.predictions["sex"] == "male").to_numpy(int), r.predictions["p_male"])
-                  for r in results}
+        curves = {f"fold {r.fold}": (r.labels, r.predictions["p_male"]) for r in results}
         roc = roc_figure(curves, "ROC per outer fold")
         tracker.log_figure(parent, roc, "roc.png")
         _print_table(results, summary)
