@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,12 @@ class VolumeCache:
     @property
     def volumes(self) -> np.ndarray:
         """The memmap [subjects, D, H, W], opened read-only."""
+        if not self.path.exists():  # a node of a cluster that does not share the study's file system
+            raise FileNotFoundError(
+                f"preprocessing cache {self.path} is not on node {socket.gethostname()}: every node of a "
+                "cluster must see the cache, cohort and output_dir at the same path (a shared file system, "
+                "as cluster.yaml mounts at $STUDY_HOME)"
+            )
         return _open_memmap(self.path, len(self.subject_ids), self.shape, mode="r")
 
     def rows(self, subject_ids: list[str]) -> np.ndarray:

@@ -14,7 +14,12 @@ examples:
   study run tune_configs/demo.yaml                              # the demo study, minutes on a laptop
   study run tune_configs/paper.yaml --set cv.outer_folds=5      # override any config key
 
-results: MLflow (default sqlite:///mlflow.db; open with `mlflow ui --backend-store-uri sqlite:///mlflow.db`)
+on a Ray cluster (joins it; see README "Run on a cluster"):
+  RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- study run CONFIG
+
+results: MLflow (default: mlflow.db in the project directory; `mlflow ui --backend-store-uri sqlite:///mlflow.db`)
+and output_dir/<name>/report.html. Relative config paths are relative to the current directory, or to
+$STUDY_HOME when set (in a submitted Ray job, where the current directory is temporary: ~/study by default).
 """
 
 

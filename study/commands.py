@@ -9,6 +9,7 @@ from study.cohort import CohortError, check_images, load_cohort
 from study.config import CohortConfig, ConfigError, load_config
 from study.parallel import init_ray
 from study.runner import StudyError
+from study.storage import HOME_VARIABLE, project_dir, submitted_job_id
 from study.tracking import TrackingError
 from study.volumes import VolumeError
 
@@ -23,6 +24,9 @@ def dispatch(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     from study.runner import run_study
 
+    if (job := submitted_job_id()) is not None:
+        print(f"Ray job {job}: relative paths in {args.config} resolve under {project_dir()} "
+              f"(${HOME_VARIABLE}), not in the job's temporary working directory")
     config = load_config(args.config, args.overrides)
     run_study(config, restart=args.restart)
     return 0

@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from study.storage import project_dir
+
 # MNI152 bounding box (1 mm, 182 x 218 x 182) that every study grid covers.
 MNI_BOX_MM = (182.0, 218.0, 182.0)
 MNI_BOX_CENTRE_MM = (0.0, -18.0, 18.0)
@@ -134,6 +136,9 @@ class ResourcesConfig(_Section):
     gpus_per_worker: float = Field(1, gt=0)
     concurrent_folds: int = Field(1, ge=1)
     num_cpus: int | None = Field(None, ge=1)  # a local Ray's CPUs (ignored on a cluster)
+    # Restarts of a training run from its last checkpoint after a worker or node is lost
+    # (a preempted spot instance); 0 fails at once, which suits a laptop.
+    max_failures: int = Field(0, ge=0)
 
 
 class TrackingConfig(_Section):
@@ -250,7 +255,9 @@ class StudyConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     search: SearchConfig | None = None  # null: train the model section's architecture as it is
     attribution: AttributionConfig | None = Field(default_factory=AttributionConfig)  # null: no maps
-    output_dir: Path = Path("study_data/runs")
+    output_dir: Path = Path("study_data/runs")  # splits, state, maps, report; shared by every node
+    # Ray Train/Tune checkpoints: default <output_dir>/<name>/ray; s3://bucket/prefix on a cloud cluster
+    storage_path: str | None = None
 
     @model_validator(mode="after")
     def _name_is_usable(self) -> "StudyConfig":
@@ -329,9 +336,9 @@ def _resolve_paths(config: StudyConfig, base_dir: Path) -> StudyConfig:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
     """Read a study YAML, apply ``--set`` overrides, and validate it.
 
-    Relative paths in the file are relative to the current directory, the
+    Relative paths in the file are relative to the project directory: the
     directory a researcher runs ``study run`` from (the repo root for the
-    shipped configs).
+    shipped configs), or ``$STUDY_HOME`` (see :func:`study.storage.project_dir`).
     """
     path = Path(path)
     try:
@@ -344,4 +351,4 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> StudyCo
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     for assignment in overrides or []:
         _apply_override(data, assignment)
-    return parse_config(data, source=str(path), base_dir=Path.cwd())
+    return parse_config(data, source=str(path), base_dir=project_dir())

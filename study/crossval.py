@@ -11,7 +11,7 @@ import pandas as pd
 import ray
 import ray.train
 import torch
-from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from study.cache import CachedVolumes, VolumeCache
@@ -51,18 +51,24 @@ def scaling_config(config: StudyConfig) -> ScalingConfig:
     return ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu, resources_per_worker=per_worker)
 
 
-def fit(config: StudyConfig, arch: dict[str, Any], data: TrainingData, name: str, storage_path: Path,
+def fit(config: StudyConfig, arch: dict[str, Any], data: TrainingData, name: str, storage_path: str,
         train_overrides: dict[str, Any] | None = None, audit_dir: Path | None = None,
         callbacks: list | None = None) -> ray.train.Result:
-    """Train one model with a TorchTrainer (``name`` is its stable run name in ``storage_path``)."""
+    """Train one model with a TorchTrainer.
+
+    ``name`` is its stable run name in ``storage_path`` (a path or a cloud URI):
+    a rerun of the same name continues from its last checkpoint, as does a run
+    that lost a worker (up to ``resources.max_failures`` times).
+    """
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"study": config, "arch": arch, "data": data, "train": train_overrides or {},
                            "audit_dir": str(audit_dir) if audit_dir else None},
         scaling_config=scaling_config(config),
         run_config=RunConfig(
-            name=name, storage_path=str(storage_path), callbacks=callbacks,
+            name=name, storage_path=storage_path, callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=config.resources.max_failures),
         ),
     )
     return trainer.fit()
@@ -74,7 +80,7 @@ def _predict_checkpoint(config: StudyConfig, checkpoint: ray.train.Checkpoint, d
 
 
 def run_outer_fold(config: StudyConfig, fold: OuterFold, cohort: Cohort, cache: VolumeCache,
-                   storage_path: Path, audit_dir: Path | None = None,
+                   storage_path: str, audit_dir: Path | None = None,
                    params: dict[str, Any] | None = None) -> FoldResult:
     """Train on ``fold``'s training side and test on its held-out side.
 

@@ -102,7 +102,7 @@ def _atlas(config: StudyConfig, grid: Grid) -> tuple[np.ndarray | None, dict[int
 
 
 def _sanity(config: StudyConfig, first: FoldResult, fold: OuterFold, cohort: Cohort, cache: VolumeCache,
-            store: MapStore, brain: np.ndarray, storage: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+            store: MapStore, brain: np.ndarray, storage: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     attribution, use_gpu = config.attribution, config.resources.use_gpu
     subjects = first.predictions.subject_id.tolist()[: attribution.sanity.subjects]
     labels = first.labels[: attribution.sanity.subjects]
@@ -123,8 +123,12 @@ def _sanity(config: StudyConfig, first: FoldResult, fold: OuterFold, cohort: Coh
 
 def interpret_study(config: StudyConfig, results: list[FoldResult], folds: list[OuterFold], cohort: Cohort,
                     cache: VolumeCache, tracker: Tracker, parent_run: str, fold_runs: dict[int, str],
-                    directory: Path, report: Report) -> Interpretation:
-    """Explain all held-out subjects with every method, analyse the maps, log everything."""
+                    directory: Path, storage: str, report: Report) -> Interpretation:
+    """Explain all held-out subjects with every method, analyse the maps, log everything.
+
+    Maps are kept under ``directory`` (a rerun computes only missing subjects);
+    the label-randomization sanity check trains its model in Ray ``storage``.
+    """
     attribution = config.attribution
     methods = list(attribution.methods)
     label = dict(zip(cohort.ids, cohort.labels))
@@ -192,7 +196,7 @@ def interpret_study(config: StudyConfig, results: list[FoldResult], folds: list[
             for row in scores:
                 tracker.log_metrics(parent_run, {f"localization_roc_auc_{row['method']}": row["roc_auc_group"],
                                                  f"localization_top1pct_{row['method']}": row["top1pct_in_effect_group"]})
-        cascade, shuffled = _sanity(config, results[0], folds[results[0].fold], cohort, cache, store, brain, directory / "ray")
+        cascade, shuffled = _sanity(config, results[0], folds[results[0].fold], cohort, cache, store, brain, storage)
         flagged = flagged_methods(cascade, shuffled)
         tracker.log_table(parent_run, cascade, "sanity/parameter_randomization.tsv")
         if len(shuffled):

@@ -14,14 +14,22 @@ def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster a job runs in (``RAY_ADDRESS``) or start a local Ray once.
 
     ``num_cpus`` limits a local Ray (tests use 2); it is ignored on a cluster,
-    whose resources are its own.
+    whose resources are its own. A local Ray requires its token (token
+    authentication, ``~/.ray/auth_token``) unless ``RAY_AUTH_MODE`` says otherwise,
+    so that no one else on the network can submit code to it.
     """
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        print(f"joined the Ray cluster at {os.environ['RAY_ADDRESS']}: {_describe(ray.cluster_resources())}")
     else:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(num_cpus=num_cpus, log_to_driver=True)
+
+
+def _describe(resources: dict[str, float]) -> str:
+    return ", ".join(f"{resources.get(k, 0):g} {k}" for k in ("CPU", "GPU")) + " now (more if it autoscales)"
 
 
 def map_tasks(

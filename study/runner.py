@@ -12,7 +12,7 @@ import os
 import pickle
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,8 @@ from study.parallel import init_ray
 from study.report import Report, png_bytes
 from study.search import search_fold
 from study.splits import OuterFold, load_splits, make_splits, save_splits
-from study.tracking import Tracker
+from study.storage import join
+from study.tracking import Tracker, TrackingError, is_tracking_failure
 from study.train import load_model
 
 SUMMARY_METRICS = ("roc_auc", "balanced_accuracy", "accuracy", "sensitivity", "specificity")
@@ -143,6 +144,7 @@ class StudyState:
     config_hash: str
     parent_run: str
     fold_runs: dict[str, str]
+    logged_folds: list[int] = field(default_factory=list)  # folds whose results MLflow has
     finished: bool = False
 
     @staticmethod
@@ -156,8 +158,8 @@ class StudyState:
 
 
 def config_hash(config: StudyConfig) -> str:
-    """Hash of everything that changes results (not resources nor where they are tracked)."""
-    dumped = config.model_dump_json(exclude={"resources", "tracking"})
+    """Hash of everything that changes results (not resources nor where they are stored or tracked)."""
+    dumped = config.model_dump_json(exclude={"resources", "tracking", "storage_path"})
     return hashlib.sha1(dumped.encode()).hexdigest()[:12]
 
 
@@ -170,7 +172,7 @@ def _resume_or_start(config: StudyConfig, tracker: Tracker, cohort: Cohort, dire
             tracker.reopen(state.parent_run)
             print(f"resuming study {config.name} (MLflow run {state.parent_run})")
             return state
-    for part in ("folds", "ray", "search", "audit", "maps"):  # a fresh execution keeps nothing of the last
+    for part in ("folds", "ray", "audit", "maps"):  # a fresh execution keeps nothing of the last
         shutil.rmtree(directory / part, ignore_errors=True)
     state = StudyState(config_hash(config), tracker.start_study(config, cohort.fingerprint()), {})
     state.save(directory)
@@ -191,12 +193,23 @@ def _fold_run(tracker: Tracker, state: StudyState, fold: OuterFold, directory: P
     return state.fold_runs[key]
 
 
+def ray_storage(config: StudyConfig, state: StudyState) -> str:
+    """Ray storage of this execution (a path or a cloud URI), named after its MLflow run.
+
+    A resumed execution finds its checkpoints and searches there again; a fresh
+    one never meets those of an earlier execution.
+    """
+    if config.storage_path:
+        return join(config.storage_path, config.name, state.parent_run)
+    return join(study_dir(config) / "ray", state.parent_run)
+
+
 def _search(config: StudyConfig, fold: OuterFold, cohort: Cohort, cache: VolumeCache, tracker: Tracker,
-            run_id: str, directory: Path, audit: bool) -> dict:
+            run_id: str, directory: Path, storage: str, audit: bool) -> dict:
     """Search fold ``fold`` (resuming if interrupted), log its trials, return the best params."""
     data = training_data(cohort, cache, fold.validation.train, fold.validation.test)
     audit_root = directory / "audit" / f"fold{fold.fold}_search" if audit else None
-    best, trials = search_fold(config, data, directory / "search" / f"fold{fold.fold}", fold.fold, audit_root)
+    best, trials = search_fold(config, data, join(storage, "search"), fold.fold, audit_root)
     tracker.log_trials(run_id, trials, config.search.metric)
     tracker.log_params(run_id, {"best": best})
     tracker.log_metrics(run_id, {f"search_best_{config.search.metric}":
@@ -205,9 +218,20 @@ def _search(config: StudyConfig, fold: OuterFold, cohort: Cohort, cache: VolumeC
     return best
 
 
+def _record_fold(tracker: Tracker, state: StudyState, run_id: str, result: FoldResult, cache: VolumeCache,
+                 directory: Path) -> None:
+    """Log a finished fold to MLflow, end its run, and note it as logged in the state."""
+    _log_fold(tracker, run_id, result, cache)
+    tracker.end(run_id)
+    state.logged_folds.append(result.fold)
+    state.save(directory)
+
+
 def run_study(config: StudyConfig, audit: bool = False, restart: bool = False) -> str:
     """Carry out the study (or continue an unfinished one); returns the study's MLflow run id.
 
+    Each finished fold is saved under the study directory before it is logged,
+    so a tracking server that goes away loses nothing: the rerun logs it.
     ``audit`` records which subjects each training worker read (under the
     study directory's ``audit/``), so that tests can prove there is no leak;
     ``restart`` starts afresh even if an unfinished execution exists.
@@ -219,50 +243,22 @@ def run_study(config: StudyConfig, audit: bool = False, restart: bool = False) -
     folds = make_or_load_splits(config, cohort)
     directory = study_dir(config)
     state = _resume_or_start(config, tracker, cohort, directory, restart)
-    parent = state.parent_run
-    tracker.log_file(parent, directory / "splits.json")
-    if prepared.excluded:
-        tracker.log_table(parent, pd.DataFrame([vars(p) for p in prepared.excluded]), "excluded_subjects.tsv")
-    tracker.log_metrics(parent, {"n_subjects": len(cohort.subjects), "n_male": int(cohort.labels.sum()),
-                                 "n_excluded": len(prepared.excluded)})
+    parent, storage = state.parent_run, ray_storage(config, state)
     finished = directory / "folds"
     finished.mkdir(exist_ok=True)
     results = [pickle.loads(p.read_bytes()) for p in sorted(finished.glob("fold*.pkl"))]
-    done = {r.fold for r in results}
-    print(f"study {config.name}: {len(cohort.subjects)} subjects, {len(folds)} outer folds "
-          f"({len(done)} already done); MLflow run {parent} at {tracker.uri}")
-
-    fold_task = ray.remote(num_cpus=0)(run_outer_fold)
-    pending: dict[ray.ObjectRef, tuple[OuterFold, str, float]] = {}
-    queue = [f for f in folds if f.fold not in done]
     try:
-        while queue or pending:
-            while queue and len(pending) < config.resources.concurrent_folds:
-                fold = queue.pop(0)
-                run_id = _fold_run(tracker, state, fold, directory)
-                started = time.time()
-                params = _search(config, fold, cohort, cache, tracker, run_id, directory, audit) \
-                    if config.search else None
-                audit_dir = directory / "audit" / f"fold{fold.fold}" if audit else None
-                if audit_dir:
-                    audit_dir.mkdir(parents=True, exist_ok=True)
-                ref = fold_task.remote(config, fold, cohort, cache, directory / "ray", audit_dir, params)
-                pending[ref] = (fold, run_id, started)
-            (ready,), _ = ray.wait(list(pending), num_returns=1)
-            fold, run_id, started = pending.pop(ready)
-            try:
-                result: FoldResult = ray.get(ready)
-            except Exception:
-                tracker.end(run_id, "FAILED")
-                raise
-            _log_fold(tracker, run_id, result, cache)
-            tracker.end(run_id)
-            (finished / f"fold{fold.fold}.pkl").write_bytes(pickle.dumps(result))
-            results.append(result)
-            m = result.test_metrics
-            print(f"fold {fold.fold} ({len(results)}/{len(folds)} done): {len(result.history)} epochs, test ROC AUC "
-                  f"{m['roc_auc']:.3f}, balanced accuracy {m['balanced_accuracy']:.3f} "
-                  f"[{time.time() - started:.0f} s]")
+        tracker.log_file(parent, directory / "splits.json")
+        if prepared.excluded:
+            tracker.log_table(parent, pd.DataFrame([vars(p) for p in prepared.excluded]), "excluded_subjects.tsv")
+        tracker.log_metrics(parent, {"n_subjects": len(cohort.subjects), "n_male": int(cohort.labels.sum()),
+                                     "n_excluded": len(prepared.excluded)})
+        for result in results:
+            if result.fold not in state.logged_folds:  # computed while MLflow was away
+                _record_fold(tracker, state, state.fold_runs[str(result.fold)], result, cache, directory)
+        print(f"study {config.name}: {len(cohort.subjects)} subjects, {len(folds)} outer folds "
+              f"({len(results)} already done); MLflow run {parent} at {tracker.uri}; Ray storage {storage}")
+        _train_folds(config, folds, cohort, cache, tracker, state, directory, storage, audit, results)
         results.sort(key=lambda r: r.fold)
         summary = _summary(results)
         tracker.log_metrics(parent, summary)
@@ -282,17 +278,22 @@ def run_study(config: StudyConfig, audit: bool = False, restart: bool = False) -
         fold_runs = {int(k): v for k, v in state.fold_runs.items()}
         if config.attribution is not None:
             interpretation = interpret_study(config, results, folds, cohort, cache, tracker, parent, fold_runs,
-                                             directory, report)
+                                             directory, storage, report)
             _print_interpretation(interpretation)
         report_path = directory / "report.html"
         report_path.write_text(report.html())
         tracker.log_file(parent, report_path)
         tracker.set_tags(parent, {"mlflow.note.content": _run_description(config, cohort, summary)})
     except BaseException as err:
+        if is_tracking_failure(err):
+            raise TrackingError(
+                f"MLflow at {tracker.uri} stopped answering: {err}\nNothing computed is lost: finished folds are "
+                f"in {finished}, checkpoints in {storage}, maps in {directory / 'maps'}. Start the tracking "
+                "server again and rerun the same command: the study logs what it has and goes on."
+            ) from err
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-        done = {r.fold for r in results}
         for fold, run_id in state.fold_runs.items():
-            if int(fold) not in done:
+            if int(fold) not in state.logged_folds:
                 tracker.end(run_id, status)
         tracker.end(parent, status)
         raise
@@ -302,6 +303,42 @@ def run_study(config: StudyConfig, audit: bool = False, restart: bool = False) -
     print(f"report: {report_path}")
     print(f"MLflow: run {parent}; {tracker.run_url(parent)}")
     return parent
+
+
+def _train_folds(config: StudyConfig, folds: list[OuterFold], cohort: Cohort, cache: VolumeCache,
+                 tracker: Tracker, state: StudyState, directory: Path, storage: str, audit: bool,
+                 results: list[FoldResult]) -> None:
+    """Search (if configured), train and test every outer fold not in ``results``; append them.
+
+    Up to ``resources.concurrent_folds`` folds train at once, each a Ray task
+    driving its own TorchTrainer; each result is saved, then logged.
+    """
+    fold_task = ray.remote(num_cpus=0)(run_outer_fold)
+    pending: dict[ray.ObjectRef, tuple[OuterFold, str, float]] = {}
+    done = {r.fold for r in results}
+    queue = [f for f in folds if f.fold not in done]
+    while queue or pending:
+        while queue and len(pending) < config.resources.concurrent_folds:
+            fold = queue.pop(0)
+            run_id = _fold_run(tracker, state, fold, directory)
+            started = time.time()
+            params = _search(config, fold, cohort, cache, tracker, run_id, directory, storage, audit) \
+                if config.search else None
+            audit_dir = directory / "audit" / f"fold{fold.fold}" if audit else None
+            if audit_dir:
+                audit_dir.mkdir(parents=True, exist_ok=True)
+            ref = fold_task.remote(config, fold, cohort, cache, join(storage, "train"), audit_dir, params)
+            pending[ref] = (fold, run_id, started)
+        (ready,), _ = ray.wait(list(pending), num_returns=1)
+        fold, run_id, started = pending.pop(ready)
+        result: FoldResult = ray.get(ready)
+        (directory / "folds" / f"fold{fold.fold}.pkl").write_bytes(pickle.dumps(result))
+        results.append(result)
+        _record_fold(tracker, state, run_id, result, cache, directory)
+        m = result.test_metrics
+        print(f"fold {fold.fold} ({len(results)}/{len(folds)} done): {len(result.history)} epochs, test ROC AUC "
+              f"{m['roc_auc']:.3f}, balanced accuracy {m['balanced_accuracy']:.3f} "
+              f"[{time.time() - started:.0f} s]")
 
 
 def _chosen_architectures(tracker: Tracker, state: StudyState) -> pd.DataFrame:

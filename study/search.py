@@ -11,6 +11,7 @@ trials are kept and the Optuna sampler keeps its history.
 from __future__ import annotations
 
 import operator
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from study.config import SearchConfig, SearchDimension, StudyConfig, split_params
 from study.crossval import fit
+from study.storage import join
 from study.train import TrainingData
 
 _CONDITION = re.compile(r"^\s*(\w+)\s*(==|!=|>=|<=|>|<)\s*(.+?)\s*$")
@@ -79,7 +81,7 @@ class DefineByRun:
                 sampled[key] = _suggest(trial, key, dim)
 
 
-def _run_trial(params: dict[str, Any], study: StudyConfig, data: TrainingData, storage: Path,
+def _run_trial(params: dict[str, Any], study: StudyConfig, data: TrainingData, storage: str,
                audit_root: Path | None) -> None:
     trial_id = tune.get_context().get_trial_id()
     arch, train = split_params(params)
@@ -91,14 +93,17 @@ def _run_trial(params: dict[str, Any], study: StudyConfig, data: TrainingData, s
         audit_dir=audit, callbacks=[TuneReportCallback()])
 
 
-def _tuner(config: StudyConfig, data: TrainingData, path: Path, audit_root: Path | None, seed: int) -> tune.Tuner:
+def _tuner(config: StudyConfig, data: TrainingData, storage: str, name: str, audit_root: Path | None,
+           seed: int) -> tune.Tuner:
     search = config.search
+    path = join(storage, name)
     trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, study=config, data=data, storage=path / "trainings", audit_root=audit_root),
+        tune.with_parameters(_run_trial, study=config, data=data, storage=join(path, "trainings"),
+                             audit_root=audit_root),
         {"CPU": 0.01},  # the trial only drives its TorchTrainer, whose workers hold the resources
     )
-    if tune.Tuner.can_restore(str(path)):
-        return tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+    if tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     sampler = optuna.samplers.TPESampler(seed=seed)
     searcher = ConcurrencyLimiter(
         OptunaSearch(space=DefineByRun(search), metric=search.metric, mode=search.mode, sampler=sampler),
@@ -110,7 +115,7 @@ def _tuner(config: StudyConfig, data: TrainingData, path: Path, audit_root: Path
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=search.num_samples,
                                     metric=search.metric, mode=search.mode),
-        run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=1),
+        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
     )
 
 
@@ -119,11 +124,17 @@ def _trial_id(result: tune.Result) -> str:
     return str((result.metrics or {}).get("trial_id") or Path(result.path).name)
 
 
-def search_fold(config: StudyConfig, data: TrainingData, path: Path, fold: int,
+def search_fold(config: StudyConfig, data: TrainingData, storage: str, fold: int,
                 audit_root: Path | None = None) -> tuple[dict[str, Any], list[Trial]]:
-    """Search one outer fold; returns the best sampled params and every trial."""
+    """Search one outer fold in Ray ``storage`` (resuming it if interrupted).
+
+    Returns the best sampled params and every trial.
+    """
     search = config.search
-    results = _tuner(config, data, path, audit_root, seed=search.seed + fold).fit()
+    # Ctrl-C must stop the study. Tune's own handler would end the search early and return, and the
+    # study would go on with a partial search; the interrupted search resumes from its saved state.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    results = _tuner(config, data, storage, f"fold{fold}", audit_root, seed=search.seed + fold).fit()
     trials = []
     for result in results:
         history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
@@ -136,6 +147,7 @@ def search_fold(config: StudyConfig, data: TrainingData, path: Path, fold: int,
         trials.append(Trial(_trial_id(result), dict(result.config), history, status, score))
     scored = [t for t in trials if t.status != "errored"]
     if not scored:
-        raise RuntimeError(f"every trial of the search in {path} failed; see the Tune logs there")
+        raise RuntimeError(f"every trial of the search in {join(storage, f'fold{fold}')} failed; "
+                           "see the Tune logs there")
     best = (min if search.mode == "min" else max)(scored, key=lambda t: t.score)
     return best.params, trials

@@ -19,21 +19,32 @@ import numpy as np
 import pandas as pd
 import requests
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from study.config import StudyConfig
+from study.storage import project_dir
 
 PACKAGES = ("study", "torch", "ray", "mlflow", "optuna", "nibabel", "nilearn", "numpy")
-DEFAULT_URI = "sqlite:///mlflow.db"
 
 
 class TrackingError(RuntimeError):
-    """MLflow cannot be used (server unreachable, bad URI); raised before any work starts."""
+    """MLflow cannot be used (server unreachable, bad URI); the message says what to do."""
+
+
+def default_uri() -> str:
+    """``mlflow.db`` (SQLite) in the project directory: the current one, or ``$STUDY_HOME``."""
+    return f"sqlite:///{project_dir() / 'mlflow.db'}"
 
 
 def tracking_uri(config: StudyConfig) -> str:
-    """The config's URI, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` here."""
-    return config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """The config's URI, else ``$MLFLOW_TRACKING_URI``, else :func:`default_uri`."""
+    return config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
+
+
+def is_tracking_failure(err: BaseException) -> bool:
+    """True when ``err`` comes from MLflow or the connection to its server (not from the study)."""
+    return isinstance(err, (MlflowException, requests.RequestException))
 
 
 def _check_reachable(uri: str) -> None:
@@ -45,8 +56,15 @@ def _check_reachable(uri: str) -> None:
         raise TrackingError(
             f"MLflow tracking server {uri} is unreachable ({type(err).__name__}). Start it "
             f"(mlflow server --host 127.0.0.1 --port 5000), fix tracking.uri / MLFLOW_TRACKING_URI, "
-            f"or unset both to log to {DEFAULT_URI}."
+            f"or unset both to log to {default_uri()}."
         ) from None
+
+
+def _local_artifacts(uri: str) -> str:
+    """``mlartifacts/`` beside a ``sqlite:///`` database file (else in the project directory)."""
+    database = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
+    folder = Path(database).resolve().parent if database else project_dir()
+    return (folder / "mlartifacts").as_uri()
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -88,8 +106,8 @@ class Tracker:
         name = config.tracking.experiment or config.name
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
-            # Local stores keep artifacts beside the database, in ./mlartifacts.
-            location = None if self.uri.startswith(("http", "databricks")) else Path("mlartifacts").resolve().as_uri()
+            # Local stores keep artifacts beside the database, in mlartifacts/; servers choose their own.
+            location = None if self.uri.startswith(("http", "databricks")) else _local_artifacts(self.uri)
             self.experiment_id = self.client.create_experiment(name, artifact_location=location)
         else:
             self.experiment_id = experiment.experiment_id

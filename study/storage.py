@@ -1,0 +1,46 @@
+"""Where a study's files live: the project directory, and Ray storage (a path or a cloud URI).
+
+Relative paths in a config are relative to the project directory. Ray Train and
+Tune write checkpoints to Ray storage, which may be ``s3://`` or ``gs://`` on a
+cloud cluster so that checkpoints outlive the node (a spot instance) that wrote them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+HOME_VARIABLE = "STUDY_HOME"
+
+
+def submitted_job_id() -> str | None:
+    """The submission id when this process is the entrypoint of a ``ray job submit``, else None."""
+    job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    return job_config.get("metadata", {}).get("job_submission_id")
+
+
+def project_dir() -> Path:
+    """The directory that relative config paths and the default MLflow store are under.
+
+    ``$STUDY_HOME`` when set, else the current directory; except in a submitted
+    Ray job, whose current directory is a temporary copy of its ``--working-dir``
+    that Ray deletes later: there it is ``~/study``, so results outlive the job.
+    """
+    if os.environ.get(HOME_VARIABLE):
+        return Path(os.environ[HOME_VARIABLE]).expanduser().resolve()
+    if submitted_job_id() is not None:
+        return Path.home() / "study"
+    return Path.cwd()
+
+
+def is_uri(location: str) -> bool:
+    """True for ``scheme://...`` locations (``s3://``, ``gs://``), False for file paths."""
+    return "://" in location
+
+
+def join(location: str | Path, *parts: str) -> str:
+    """``location/part/...`` for a file path or a URI (``Path`` would collapse ``s3://``)."""
+    if is_uri(str(location)):
+        return "/".join([str(location).rstrip("/"), *parts])
+    return str(Path(location).joinpath(*parts))
