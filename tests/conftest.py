@@ -1,12 +1,21 @@
-"""Shared fixtures: a real local Ray (2 CPUs) and small synthetic cohorts on disk."""
+"""Shared fixtures: a real Ray head on 127.0.0.1 (2 CPUs) and small synthetic cohorts on disk."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import ray
+
+# Ray reads its authentication mode once, at import: the tests' driver must send the token.
+os.environ["RAY_AUTH_MODE"] = "token"
+import ray  # noqa: E402
 
 from study.config import CohortConfig, PreprocessConfig
 from study.synth import synthesize_cohort
@@ -14,16 +23,51 @@ from study.synth import synthesize_cohort
 VOXEL_MM = 8.0  # 23 x 27 x 23 voxels: enough anatomy for the checks, fast on 2 cores
 
 
-@pytest.fixture(scope="session", autouse=True)
-def local_ray():
-    """One real local Ray for the whole test session.
+@dataclass(frozen=True)
+class RayHead:
+    """The test session's Ray head: its GCS address and its dashboard (the job API)."""
 
-    With its dashboard: Ray Train V2 finds dead training runs through the state
-    API, and without it leaks their placement groups (and so their CPUs).
+    address: str
+    dashboard: str
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ray_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run this environment's ``ray`` command line; the result keeps its output."""
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    return subprocess.run([ray_bin, *args], env=env or os.environ.copy(), capture_output=True, text=True,
+                           timeout=timeout)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_head() -> Iterator[RayHead]:
+    """One real Ray for the whole session, started as users start a cluster head.
+
+    ``ray start --head`` on 127.0.0.1 with 2 CPUs, token authentication and the
+    dashboard (the job API; Ray Train V2 also needs it, or it leaks the
+    placement groups of dead runs). The tests' driver joins it, as do the
+    ``study run`` subprocesses (through ``RAY_ADDRESS``). Stopped with ``ray stop``,
+    which stops every Ray on this machine.
     """
-    ray.init(num_cpus=2, log_to_driver=False)
-    yield
-    ray.shutdown()
+    ray_cli("get-auth-token", "--generate").check_returncode()
+    port, dashboard_port = free_port(), free_port()
+    started = ray_cli("start", "--head", "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
+                      "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+                      "--disable-usage-stats")
+    assert started.returncode == 0, started.stdout + started.stderr
+    head = RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}")
+    os.environ["RAY_ADDRESS"] = head.address
+    try:
+        ray.init(address=head.address, log_to_driver=False)
+        yield head
+    finally:
+        ray.shutdown()
+        ray_cli("stop")
 
 
 @pytest.fixture(scope="session")

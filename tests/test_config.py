@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from study.config import ConfigError, load_config
+from study.tracking import default_uri
 
 
 def write(tmp_path, text):
@@ -45,3 +49,18 @@ def test_shipped_configs_are_valid():
     for path in configs:
         config = load_config(path)
         assert config.name == path.stem
+
+
+def test_relative_paths_resolve_in_the_project_directory(tmp_path, monkeypatch):
+    path = tmp_path / "study.yaml"
+    path.write_text("name: s\ncohort: {root: cohort}\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_config(path).cohort.root == tmp_path / "cohort"
+    assert default_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # A submitted Ray job runs in a temporary copy of its working dir: results go to ~/study instead ...
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"metadata": {"job_submission_id": "raysubmit_1"}}))
+    assert load_config(path).output_dir == Path.home() / "study" / "study_data" / "runs"
+    # ... or to $STUDY_HOME, where a cluster's shared file system is.
+    monkeypatch.setenv("STUDY_HOME", str(tmp_path / "shared"))
+    assert load_config(path).cohort.root == tmp_path / "shared" / "cohort"
+    assert default_uri() == f"sqlite:///{tmp_path / 'shared' / 'mlflow.db'}"

@@ -1,0 +1,101 @@
+"""Running where users run: `ray job submit` to a token-protected head, and `cluster.yaml`.
+
+`cluster.yaml` is checked with the Ray autoscaler's own config preparation and
+schema (what `ray up` runs first), so a typo fails here rather than on AWS.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import jsonschema
+import mlflow
+import pytest
+import ray
+import requests
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+from tests.conftest import ray_cli
+from tests.test_study import study_config
+
+
+def submit(ray_head, job_dir: Path, *entrypoint: str, env: dict[str, str] | None = None):
+    """``ray job submit --working-dir job_dir -- entrypoint`` from outside the cluster; waits for the end."""
+    env = {k: v for k, v in (env or os.environ).items() if k != "RAY_ADDRESS"}
+    return ray_cli("job", "submit", "--address", ray_head.dashboard, "--working-dir", str(job_dir), "--",
+                   *entrypoint, env=env, timeout=900)
+
+
+def test_job_api_refuses_requests_without_the_token(ray_head, tmp_path):
+    assert requests.get(f"{ray_head.dashboard}/api/jobs/", timeout=10).status_code == 401
+    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+    answer = requests.get(f"{ray_head.dashboard}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert answer.status_code == 200
+    # A client that does not send the token is refused, whatever it submits.
+    (tmp_path / "hello.py").write_text("print('hello')\n")
+    anonymous = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    refused = submit(ray_head, tmp_path, sys.executable, "hello.py", env=anonymous)
+    assert refused.returncode != 0
+    assert "Unauthorized" in refused.stdout + refused.stderr
+
+
+def test_a_failing_study_fails_its_job_with_the_reason(ray_head, tmp_path):
+    (tmp_path / "typo.yaml").write_text("name: typo\ncohort: {root: nowhere}\ntrain: {epoch: 3}\n")
+    job = submit(ray_head, tmp_path, str(Path(sys.executable).parent / "study"), "run", "typo.yaml")
+    assert job.returncode != 0
+    assert "train.epoch: unknown key" in job.stdout + job.stderr
+
+
+@pytest.mark.slow
+def test_study_submitted_as_a_job_runs_on_the_cluster(ray_head, tmp_path, cohort_dir):
+    config = study_config(tmp_path, cohort_dir)
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / "study.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    job = submit(ray_head, job_dir, sys.executable, "-m", "study", "run", "study.yaml")
+    output = job.stdout + job.stderr
+    assert job.returncode == 0, output[-3000:]
+    assert "succeeded" in output
+    port = ray_head.address.rsplit(":", 1)[1]
+    assert re.search(rf"joined the Ray cluster at [\d.]+:{port}", output)  # not a Ray of its own
+    mlflow.set_tracking_uri(config.tracking.uri)
+    runs = mlflow.search_runs(experiment_names=[config.name], output_format="list")
+    levels = sorted(r.data.tags["study.level"] for r in runs)
+    assert levels == ["fold", "fold", "study"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def cluster_config() -> dict:
+    return yaml.safe_load((Path(__file__).parents[1] / "cluster.yaml").read_text())
+
+
+def validated(config: dict) -> dict:
+    """The cluster config as `ray up` would use it: defaults filled in, checked against Ray's schema."""
+    prepared = prepare_config(config)
+    validate_config(prepared)
+    return prepared
+
+
+def test_cluster_yaml_passes_ray_autoscaler_validation():
+    config = validated(cluster_config())
+    assert config["docker"]["image"].startswith(f"rayproject/ray:{ray.__version__}-")  # the pinned Ray
+    workers = {k: v for k, v in config["available_node_types"].items() if k != config["head_node_type"]}
+    assert len(workers) >= 2 and all(w["min_workers"] == 0 for w in workers.values())  # GPUs only on demand
+    assert all(w["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot" for w in workers.values())
+    # Secure by default: the token on every node, token mode for every Ray process, MLflow on loopback.
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        assert "RAY_AUTH_MODE=token" in " ".join(commands)
+    assert "mlflow server --host 127.0.0.1" in " ".join(config["head_start_ray_commands"])
+    assert not re.search(r"AKIA|aws_secret|SecretAccessKey", (Path(__file__).parents[1] / "cluster.yaml").read_text())
+
+
+def test_cluster_yaml_typos_fail_validation():
+    config = cluster_config()
+    config["available_node_types"]["worker.gpu1"]["min_worker"] = 1  # for min_workers
+    with pytest.raises(jsonschema.ValidationError, match="min_worker"):
+        validated(config)

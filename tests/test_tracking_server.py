@@ -1,0 +1,99 @@
+"""A study against a real `mlflow server` (SQLite backend, proxied artifacts), which goes away mid-study."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+import requests
+import yaml
+
+from tests.conftest import free_port
+from tests.test_study import study_config
+
+
+class TrackingServer:
+    """``mlflow server`` on 127.0.0.1 that a test can stop and start again (same port, same stores)."""
+
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        command = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+                   "--port", str(self.port), "--backend-store-uri", f"sqlite:///{self.root}/server.db",
+                   "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"]
+        log = (self.root / "server.log").open("a")
+        self.process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if requests.get(f"{self.uri}/health", timeout=2).ok:
+                    return
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        raise RuntimeError(f"mlflow server did not start; see {self.root / 'server.log'}")
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        self.process.wait(timeout=60)
+
+
+@pytest.fixture
+def tracking_server(tmp_path) -> Iterator[TrackingServer]:
+    server = TrackingServer(tmp_path)
+    server.start()
+    yield server
+    if server.process.poll() is None:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_study_logs_through_a_server_and_survives_its_outage(tmp_path, cohort_dir, tracking_server):
+    config = study_config(tmp_path, cohort_dir, tracking={"uri": tracking_server.uri})
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    command = [str(Path(sys.executable).parent / "study"), "run", str(tmp_path / "study.yaml")]
+    # Fail at the first refused request instead of retrying for minutes, as MLflow does by default.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    study = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    for line in study.stdout:
+        output.append(line)
+        if line.startswith("fold 0 (1/2 done)"):
+            tracking_server.stop()  # while fold 1 trains
+    assert study.wait(timeout=60) == 2, "".join(output[-40:])
+    message = "".join(output)
+    assert "stopped answering" in message and "Nothing computed is lost" in message
+    fold1 = config.output_dir / config.name / "folds" / "fold1.pkl"
+    assert fold1.exists()  # computed while the server was down, kept
+    computed_at = fold1.stat().st_mtime_ns
+
+    tracking_server.start()
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "(2 already done)" in resumed.stdout
+    assert fold1.stat().st_mtime_ns == computed_at  # logged, not recomputed
+
+    # Everything is found through the server's API: the run tree, metrics, artifacts and models.
+    client = mlflow.MlflowClient(tracking_server.uri)
+    experiment = client.get_experiment_by_name(config.name)
+    runs = client.search_runs([experiment.experiment_id])
+    studies = [r for r in runs if r.data.tags["study.level"] == "study"]
+    folds = [r for r in runs if r.data.tags["study.level"] == "fold"]
+    assert len(studies) == 1 and len(folds) == 2
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert "test_roc_auc_mean" in studies[0].data.metrics
+    assert {"report.html", "predictions.tsv", "roc.png"} <= {a.path for a in client.list_artifacts(studies[0].info.run_id)}
+    for fold in folds:
+        assert "test_roc_auc" in fold.data.metrics
+        assert {"predictions.tsv", "roc.png"} <= {a.path for a in client.list_artifacts(fold.info.run_id)}
+    assert len(client.search_logged_models([experiment.experiment_id])) == 2
+    assert any((tmp_path / "artifacts").rglob("report.html"))  # stored by the server, not by the study
