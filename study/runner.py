@@ -287,7 +287,7 @@ def run_study(config: StudyConfig, audit: bool = False, restart: bool = False) -
     except BaseException as err:
         if is_tracking_failure(err):
             raise TrackingError(
-                f"MLflow at {tracker.uri} stopped answering: {err}\nNothing computed is lost: finished folds are "
+                f"MLflow at {tracker.uri} stopped answering or refused a request: {err}\nNothing computed is lost: finished folds are "
                 f"in {finished}, checkpoints in {storage}, maps in {directory / 'maps'}. Start the tracking "
                 "server again and rerun the same command: the study logs what it has and goes on."
             ) from err
