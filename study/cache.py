@@ -27,6 +27,7 @@ import torch
 from study.cohort import Cohort, Problem
 from study.config import PreprocessConfig
 from study.parallel import map_tasks
+from study.storage import replace_atomically
 from study.volumes import Grid, preprocess_volume
 
 PREPROCESS_VERSION = 1  # bump when preprocess_volume changes its output
@@ -66,12 +67,6 @@ def params_key(config: PreprocessConfig) -> str:
 
 def _open_memmap(path: Path, n: int, shape: tuple[int, ...], mode: str) -> np.ndarray:
     return np.memmap(path, dtype=np.float16, mode=mode, shape=(n, *shape))
-
-
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
 
 
 def _previous_rows(directory: Path) -> dict[str, tuple[Path, int, dict]]:
@@ -121,7 +116,7 @@ def build_cache(cohort: Cohort, config: PreprocessConfig) -> CacheBuild:
         if error is not None:
             problems.append(Problem(subject.subject_id, str(subject.image), str(error)))
         else:
-            _atomic_save_npy(staging / f"{keys[todo[j]]}.npy", volume)
+            replace_atomically(staging / f"{keys[todo[j]]}.npy", lambda tmp: np.save(tmp, volume))
             computed.append(subject.subject_id)
     if problems:
         # The subjects that succeeded become a complete cache of their own.
@@ -156,9 +151,7 @@ def _assemble(
         "affine": grid.affine.tolist(),
     }
     index_path = directory / f"index-{cohort_key}.json"
-    tmp_index = index_path.with_suffix(f".tmp{os.getpid()}")
-    tmp_index.write_text(json.dumps(index))
-    os.replace(tmp_index, index_path)
+    replace_atomically(index_path, lambda tmp: tmp.write_text(json.dumps(index)))
     for path in staged:
         path.unlink(missing_ok=True)
     _remove_superseded(directory, keep=index_path)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import shutil
 import time
@@ -29,7 +28,7 @@ from study.parallel import init_ray
 from study.report import Report, png_bytes
 from study.search import search_fold
 from study.splits import OuterFold, load_splits, make_splits, save_splits
-from study.storage import join
+from study.storage import join, replace_atomically
 from study.tracking import Tracker, TrackingError, is_tracking_failure
 from study.train import load_model
 
@@ -152,9 +151,7 @@ class StudyState:
         return directory / "state.json"
 
     def save(self, directory: Path) -> None:
-        tmp = self.path(directory).with_suffix(".tmp")
-        tmp.write_text(json.dumps(vars(self), indent=1))
-        os.replace(tmp, self.path(directory))
+        replace_atomically(self.path(directory), lambda tmp: tmp.write_text(json.dumps(vars(self), indent=1)))
 
 
 def config_hash(config: StudyConfig) -> str:
@@ -287,9 +284,10 @@ def run_study(config: StudyConfig, audit: bool = False, restart: bool = False) -
     except BaseException as err:
         if is_tracking_failure(err):
             raise TrackingError(
-                f"MLflow at {tracker.uri} stopped answering or refused a request: {err}\nNothing computed is lost: finished folds are "
-                f"in {finished}, checkpoints in {storage}, maps in {directory / 'maps'}. Start the tracking "
-                "server again and rerun the same command: the study logs what it has and goes on."
+                f"MLflow at {tracker.uri} stopped answering or refused a request: {err}\n"
+                f"Nothing computed is lost: finished folds are in {finished}, checkpoints in {storage}, "
+                f"maps in {directory / 'maps'}. Start the tracking server again and rerun the same command: "
+                "the study logs what it has and goes on."
             ) from err
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         for fold, run_id in state.fold_runs.items():
@@ -332,7 +330,8 @@ def _train_folds(config: StudyConfig, folds: list[OuterFold], cohort: Cohort, ca
         (ready,), _ = ray.wait(list(pending), num_returns=1)
         fold, run_id, started = pending.pop(ready)
         result: FoldResult = ray.get(ready)
-        (directory / "folds" / f"fold{fold.fold}.pkl").write_bytes(pickle.dumps(result))
+        replace_atomically(directory / "folds" / f"fold{fold.fold}.pkl",
+                           lambda tmp: tmp.write_bytes(pickle.dumps(result)))
         results.append(result)
         _record_fold(tracker, state, run_id, result, cache, directory)
         m = result.test_metrics

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 HOME_VARIABLE = "STUDY_HOME"
@@ -44,3 +45,15 @@ def join(location: str | Path, *parts: str) -> str:
     if is_uri(str(location)):
         return "/".join([str(location).rstrip("/"), *parts])
     return str(Path(location).joinpath(*parts))
+
+
+def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a hidden sibling of ``path``, then rename it to ``path``.
+
+    A crash never leaves a half-written file under the real name, so a rerun
+    trusts every file it finds. The temporary name keeps the suffix (``np.save``
+    needs it) and starts with a dot (globs such as ``fold*.pkl`` skip it).
+    """
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    write(tmp)
+    os.replace(tmp, path)

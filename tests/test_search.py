@@ -12,7 +12,6 @@ import time
 import mlflow
 import optuna
 import pytest
-import ray
 
 from study.config import ConfigError, SearchConfig, parse_config
 from study.runner import run_study, study_dir
@@ -92,10 +91,9 @@ def test_interrupted_search_study_resumes_without_duplicates(tmp_path, cohort_di
         "import sys; from study.config import StudyConfig; from study.runner import run_study; "
         f"run_study(StudyConfig.model_validate_json(open({str(tmp_path / 'config.json')!r}).read()))"
     )
-    # The study's driver joins the test's Ray, as `ray job submit` would, so that killing it
-    # leaves the cluster (and its dashboard, which Ray Train needs) running.
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
-    process = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, env=env,
+    # The study's driver joins the test's Ray head (RAY_ADDRESS, set by conftest), as `ray job submit`
+    # would, so that killing it leaves the cluster (and its dashboard, which Ray Train needs) running.
+    process = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first_fold = study_dir(config) / "folds" / "fold0.pkl"
     deadline = time.time() + 600

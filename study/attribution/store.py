@@ -7,10 +7,11 @@ crash every row marked done is complete, and a rerun computes only the rest.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from study.storage import replace_atomically
 
 
 class MapStore:
@@ -57,9 +58,7 @@ class MapStore:
             del store
             done = self.done(method)
             done[rows] = True
-            tmp = self._done_path(method).with_suffix(f".tmp{os.getpid()}.npy")
-            np.save(tmp, done)
-            os.replace(tmp, self._done_path(method))
+            replace_atomically(self._done_path(method), lambda tmp: np.save(tmp, done))
 
     def read(self, method: str, subject_ids: list[str] | None = None) -> np.ndarray:
         """Maps of ``method`` as float32 [subjects, D, H, W], in the order asked for."""
