@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import nibabel as nib
 import numpy as np
+import pytest
 
-from study.cache import CachedVolumes, build_cache, collate
+from study.cache import CachedVolumes, VolumeCache, build_cache, collate
 from study.cohort import load_cohort
 from study.config import CohortConfig
 from study.volumes import preprocess_volume
@@ -77,3 +79,9 @@ def test_dataset_reads_whole_batches(cohort_dir, preprocess_config):
     assert x.shape == (3, 1, 23, 27, 23) and x.dtype == torch.float32
     assert y.tolist() == cohort.labels[::-1][:3].tolist()
     np.testing.assert_array_equal(x[1, 0].numpy(), cache.volumes[cache.rows([ids[1]])[0]].astype(np.float32))
+
+
+def test_a_node_without_the_cache_says_which_node_and_why(tmp_path):
+    cache = VolumeCache(tmp_path / "elsewhere" / "volumes.f16", ["sub-01"], (4, 4, 4), np.eye(4))
+    with pytest.raises(FileNotFoundError, match=rf"not on node {socket.gethostname()}: .*shared file system"):
+        cache.volumes

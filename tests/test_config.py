@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from study.config import ConfigError, load_config
+from study.storage import join
 from study.tracking import default_uri
 
 
@@ -64,3 +65,8 @@ def test_relative_paths_resolve_in_the_project_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("STUDY_HOME", str(tmp_path / "shared"))
     assert load_config(path).cohort.root == tmp_path / "shared" / "cohort"
     assert default_uri() == f"sqlite:///{tmp_path / 'shared' / 'mlflow.db'}"
+
+
+def test_storage_locations_join_paths_and_cloud_uris():
+    assert join("s3://bucket/ray", "demo", "run1") == "s3://bucket/ray/demo/run1"  # Path would give s3:/bucket
+    assert join(Path("/data/runs"), "ray") == "/data/runs/ray"
