@@ -14,9 +14,11 @@ def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster a job runs in (``RAY_ADDRESS``) or start a local Ray once.
 
     ``num_cpus`` limits a local Ray (tests use 2); it is ignored on a cluster,
-    whose resources are its own. A local Ray requires its token (token
-    authentication, ``~/.ray/auth_token``) unless ``RAY_AUTH_MODE`` says otherwise,
-    so that no one else on the network can submit code to it.
+    whose resources are its own. A local Ray requires its token: Ray 2.60's
+    ``ray.init()`` turns token authentication on by itself when ``RAY_AUTH_MODE``
+    is unset, creating ``~/.ray/auth_token`` if missing. The mode is read once, at
+    ``import ray``, so it must never be set here: a driver that imported Ray in
+    ``disabled`` mode would start a GCS that inherits ``token`` and cannot talk to it.
     """
     if ray.is_initialized():
         return
@@ -24,7 +26,6 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         print(f"joined the Ray cluster at {os.environ['RAY_ADDRESS']}: {_describe(ray.cluster_resources())}")
     else:
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(num_cpus=num_cpus, log_to_driver=True)
 
 
