@@ -16,9 +16,8 @@ import time
 
 import torch
 
-from study.attribution import gradcam, guided_backprop, meaningful_perturbation
-from study.config import PerturbationConfig
-from study.models import build_model
+from study.attribution import Perturbation, gradcam, guided_backprop, meaningful_perturbation
+from study.training.models import Architecture, BrainCNN
 
 HCP_SUBJECTS = 1113
 
@@ -49,11 +48,11 @@ def main() -> None:
     cuda = device.type == "cuda"
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; torch {torch.__version__}; "
           f"bf16 autocast and channels_last_3d: {cuda}")
-    config = PerturbationConfig(iterations=args.iterations)
+    config = Perturbation(iterations=args.iterations)
     for grid in args.grids:
         shape = tuple(int(s) for s in grid.split("x"))
         voxel_mm = 182 / shape[0]
-        model = build_model({"preset": "mrinet"}, shape).to(device).eval()
+        model = BrainCNN(Architecture(), shape).to(device).eval()
         if cuda:
             model = model.to(memory_format=torch.channels_last_3d)
         methods = {

@@ -18,19 +18,19 @@ from pathlib import Path
 
 import ray
 
-from study.cache import build_cache
-from study.cohort import load_cohort
-from study.config import CohortConfig, PreprocessConfig
-from study.parallel import init_ray
-from study.synth import synthesize_cohort
+from study.data.cache import build_cache
+from study.data.cohort import CohortConfig, load_cohort
+from study.data.synth import SyntheticCohort, synthesize_cohort
+from study.data.volumes import Grid
+from study.runtime import start_ray
 
 
 def preprocess_rate(root: Path, cache_dir: Path, cpus: int) -> float:
     ray.shutdown()
-    init_ray(cpus)
+    start_ray(cpus)
     cohort = load_cohort(CohortConfig(root=root))
     start = time.perf_counter()
-    build = build_cache(cohort, PreprocessConfig(voxel_size=2.0, cache_dir=cache_dir))
+    build = build_cache(cohort, Grid.mni(2.0), cache_dir)
     assert len(build.computed) == len(cohort.subjects)
     return len(cohort.subjects) / (time.perf_counter() - start)
 
@@ -42,11 +42,11 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        init_ray(args.cpus)
+        start_ray(args.cpus)
         start = time.perf_counter()
-        synthesize_cohort(tmp / "synth2mm", 200, voxel_size=2.0)
+        synthesize_cohort(tmp / "synth2mm", SyntheticCohort(subjects=200, voxel_size=2.0))
         print(f"synth: 200 subjects at 2 mm in {time.perf_counter() - start:.1f} s on {args.cpus} CPUs")
-        synthesize_cohort(tmp / "cohort", args.subjects, voxel_size=1.0)
+        synthesize_cohort(tmp / "cohort", SyntheticCohort(subjects=args.subjects, voxel_size=1.0))
         one = preprocess_rate(tmp / "cohort", tmp / "cache1", 1)
         many = preprocess_rate(tmp / "cohort", tmp / "cacheN", args.cpus)
     print(f"preprocess 1 mm -> 2 mm: 1 CPU {one:.2f} subjects/s, {args.cpus} CPUs {many:.2f} subjects/s, "

@@ -15,12 +15,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from study.models import build_model
+from study.training.models import Architecture, BrainCNN
 
 
 def throughput(shape: tuple[int, ...], batch: int, bf16: bool, channels_last: bool, steps: int) -> float:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model({"preset": "mrinet"}, shape).to(device)
+    model = BrainCNN(Architecture(), shape).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)

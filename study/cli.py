@@ -6,6 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from study.data.cohort import CohortConfig
+from study.data.synth import SyntheticCohort
+
+
+def _default(schema: type, key: str):
+    """A key's default as the config schema declares it (the one source of defaults)."""
+    return schema.model_fields[key].default
+
 EPILOG = """\
 examples:
   study synth study_data/synth --subjects 60 --voxel-size 4     # a synthetic cohort
@@ -47,10 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("cohort", type=Path, help="cohort folder (BIDS or HCP layout) or a study YAML")
     validate.add_argument("--participants", type=Path, help="participants table (default: COHORT/participants.tsv)")
-    validate.add_argument("--layout", choices=["auto", "bids", "hcp", "column"], default="auto")
-    validate.add_argument("--subject-column", default="participant_id")
-    validate.add_argument("--sex-column", default="sex")
-    validate.add_argument("--family-column", default="family_id")
+    validate.add_argument("--layout", choices=["auto", "bids", "hcp", "column"], default=_default(CohortConfig, "layout"))
+    validate.add_argument("--subject-column", default=_default(CohortConfig, "subject_column"))
+    validate.add_argument("--sex-column", default=_default(CohortConfig, "sex_column"))
+    validate.add_argument("--family-column", default=_default(CohortConfig, "family_column"))
     validate.add_argument("--path-column", help="column with each subject's image path (layout 'column')")
 
     synth = commands.add_parser(
@@ -59,13 +67,15 @@ def _parser() -> argparse.ArgumentParser:
         "ground_truth/ (planted effect map, region labels, planted.json). Deterministic for a seed.",
     )
     synth.add_argument("out", type=Path, help="output folder")
-    synth.add_argument("--subjects", type=int, default=60, help="number of subjects (default 60)")
-    synth.add_argument("--voxel-size", type=float, default=2.0, help="isotropic voxel size in mm (default 2)")
+    synth.add_argument("--subjects", type=int, default=_default(SyntheticCohort, "subjects"),
+                       help="number of subjects (default %(default)s)")
+    synth.add_argument("--voxel-size", type=float, default=_default(SyntheticCohort, "voxel_size"),
+                       help="isotropic voxel size in mm (default %(default)s)")
     synth.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"),
                        help="grid shape (default: the MNI box at the voxel size, 91 109 91 at 2 mm)")
-    synth.add_argument("--effect-size", type=float, default=0.25,
-                       help="relative volume and intensity change in the planted regions (default 0.25)")
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--effect-size", type=float, default=_default(SyntheticCohort, "effect_size"),
+                       help="relative volume and intensity change in the planted regions (default %(default)s)")
+    synth.add_argument("--seed", type=int, default=_default(SyntheticCohort, "seed"))
     return parser
 
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from study.cohort import CohortError, check_images, load_cohort
-from study.config import CohortConfig, ConfigError, load_config
-from study.parallel import init_ray
-from study.runner import StudyError
+from study.config import ConfigError, load_config
+from study.data.cohort import CohortConfig, CohortError, check_images, load_cohort
+from study.data.prepare import StudyError
+from study.data.synth import SyntheticCohort, synthesize_cohort
+from study.data.volumes import VolumeError
+from study.output.tracking import TrackingError
+from study.runtime import RayStartError, start_ray
 from study.storage import HOME_VARIABLE, project_dir, submitted_job_id
-from study.tracking import TrackingError
-from study.volumes import VolumeError
 
-UserError = (ConfigError, CohortError, VolumeError, StudyError, TrackingError)
+UserError = (ConfigError, CohortError, VolumeError, StudyError, TrackingError, RayStartError)
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -22,7 +23,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from study.runner import run_study
+    from study.pipeline import run_study
 
     if (job := submitted_job_id()) is not None:
         print(f"Ray job {job}: relative paths in {args.config} resolve under {project_dir()} "
@@ -36,13 +37,16 @@ def validate(args: argparse.Namespace) -> int:
     if args.cohort.suffix in {".yaml", ".yml"}:
         cohort_config = load_config(args.cohort).cohort
     else:
+        # Paths on the command line are relative to the current directory; Ray workers run elsewhere.
         cohort_config = CohortConfig(
-            root=args.cohort, participants=args.participants, layout=args.layout,
-            subject_column=args.subject_column, sex_column=args.sex_column,
+            root=args.cohort.resolve(), participants=args.participants.resolve() if args.participants else None,
+            layout=args.layout, subject_column=args.subject_column, sex_column=args.sex_column,
             family_column=args.family_column, path_column=args.path_column,
         )
     cohort = load_cohort(cohort_config)
-    init_ray()
+    for warning in cohort.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    start_ray()
     problems = cohort.problems + check_images(cohort)
     for problem in problems:
         print(problem)
@@ -53,11 +57,10 @@ def validate(args: argparse.Namespace) -> int:
 
 
 def synth(args: argparse.Namespace) -> int:
-    from study.synth import synthesize_cohort
-
-    table = synthesize_cohort(
-        args.out, args.subjects, voxel_size=args.voxel_size, shape=tuple(args.shape) if args.shape else None,
-        effect_size=args.effect_size, seed=args.seed,
-    )
-    print(f"wrote {args.subjects} subjects: {table}; ground truth in {args.out / 'ground_truth'}")
+    spec = SyntheticCohort(subjects=args.subjects, voxel_size=args.voxel_size,
+                           shape=tuple(args.shape) if args.shape else None, effect_size=args.effect_size,
+                           seed=args.seed)
+    start_ray()
+    table = synthesize_cohort(args.out, spec)
+    print(f"wrote {spec.subjects} subjects: {table}; ground truth in {args.out / 'ground_truth'}")
     return 0

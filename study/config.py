@@ -1,24 +1,32 @@
-"""The study YAML: a typed schema with defaults, validated strictly.
+"""The study YAML: a typed schema with defaults, validated strictly, all errors at once.
 
 A study is data: one YAML file under ``tune_configs/`` is parsed into a
 :class:`StudyConfig`. Unknown keys and wrong types are errors that name the key
-and list the valid ones, so a typo never silently falls back to a default.
+and list the valid ones, so a typo never silently falls back to a default; an
+error in a ``--set`` override names the override. Sections that are an
+algorithm's parameters (the architecture, augmentation, Meaningful
+Perturbations, a synthetic cohort) are that algorithm's own class, so the
+config resolves into plain typed values with no translation.
 """
 
 from __future__ import annotations
 
-import math
+import operator
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from study.attribution import METHODS
+from study.attribution.perturbation import Perturbation
+from study.data.cohort import CohortConfig
+from study.data.volumes import Grid
 from study.storage import project_dir
-
-# MNI152 bounding box (1 mm, 182 x 218 x 182) that every study grid covers.
-MNI_BOX_MM = (182.0, 218.0, 182.0)
-MNI_BOX_CENTRE_MM = (0.0, -18.0, 18.0)
+from study.training.augment import Augmentation
+from study.training.models import PRESETS, Architecture
 
 
 class ConfigError(ValueError):
@@ -27,36 +35,6 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class SyntheticCohort(_Section):
-    """Generate a synthetic cohort into ``cohort.root`` when it does not exist yet."""
-
-    subjects: int = Field(60, ge=4)
-    voxel_size: float = Field(4.0, gt=0)
-    effect_size: float = Field(0.25, ge=0)
-    seed: int = 0
-
-
-class CohortConfig(_Section):
-    """Where the images and the participants table are, and how to read them."""
-
-    root: Path
-    participants: Path | None = None  # default: ROOT/participants.tsv
-    layout: Literal["auto", "bids", "hcp", "column"] = "auto"
-    hcp_image: Literal["acpc", "mni"] = "mni"
-    subject_column: str = "participant_id"
-    sex_column: str = "sex"
-    # Values of the sex column -> "male"/"female"; M/F and male/female are known.
-    sex_mapping: dict[str, Literal["male", "female"]] = Field(default_factory=dict)
-    family_column: str | None = "family_id"
-    path_column: str | None = None
-    on_invalid: Literal["refuse", "exclude"] = "refuse"
-    synthetic: SyntheticCohort | None = None
-
-    @property
-    def participants_path(self) -> Path:
-        return self.participants or self.root / "participants.tsv"
 
 
 class PreprocessConfig(_Section):
@@ -68,10 +46,9 @@ class PreprocessConfig(_Section):
     cache_dir: Path = Path("study_data/cache")
 
     @property
-    def grid_shape(self) -> tuple[int, int, int]:
-        if self.shape is not None:
-            return self.shape
-        return tuple(int(math.floor(b / self.voxel_size + 0.5)) for b in MNI_BOX_MM)  # type: ignore[return-value]
+    def grid(self) -> Grid:
+        """The study grid: isotropic ``voxel_size``, centred on the MNI152 brain box."""
+        return Grid.mni(self.voxel_size, self.shape)
 
 
 class CVConfig(_Section):
@@ -80,36 +57,6 @@ class CVConfig(_Section):
     outer_folds: int = Field(5, ge=2)
     inner_folds: int = Field(3, ge=2)
     seed: int = 0
-
-
-class ModelConfig(_Section):
-    """The 3D CNN: a named preset, and any architecture key to override it."""
-
-    preset: Literal["mrinet"] | None = "mrinet"
-    blocks: int | None = Field(None, ge=1)
-    width: int | None = Field(None, ge=1)
-    growth: float | None = Field(None, gt=0)
-    kernel_size: int | None = Field(None, ge=1)
-    convs_per_block: int | None = Field(None, ge=1)
-    norm: Literal["batch", "instance", "group", "none"] | None = None
-    dropout: float | None = Field(None, ge=0, lt=1)
-    head: Literal["flatten", "gap"] | None = None
-    padding: int | None = Field(None, ge=0)
-
-    def arch(self) -> dict[str, Any]:
-        """The architecture dict that :func:`study.models.build_model` takes."""
-        return {k: v for k, v in self.model_dump().items() if v is not None}
-
-
-class AugmentConfig(_Section):
-    """Augmentations that respect anatomy. Left-right flips are off by default:
-    they would erase lateralized effects."""
-
-    rotation_deg: float = Field(3.0, ge=0)
-    translation_mm: float = Field(3.0, ge=0)
-    scaling: float = Field(0.03, ge=0)
-    intensity: float = Field(0.1, ge=0)
-    flip_lr: bool = False
 
 
 class TrainConfig(_Section):
@@ -123,7 +70,7 @@ class TrainConfig(_Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     channels_last: bool | None = None  # None: on GPU only (4x faster for 3D convs there)
     compile: bool = False
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    augment: Augmentation = Field(default_factory=Augmentation)
     seed: int = 0
 
 
@@ -140,26 +87,17 @@ class ResourcesConfig(_Section):
     # (a preempted spot instance); 0 fails at once, which suits a laptop.
     max_failures: int = Field(0, ge=0)
 
+    @property
+    def worker_bundle(self) -> dict[str, float]:
+        """What one training worker asks of a node."""
+        return {"CPU": self.cpus_per_worker} | ({"GPU": self.gpus_per_worker} if self.use_gpu else {})
+
 
 class TrackingConfig(_Section):
     """Where MLflow writes: a tracking server URI, or the local SQLite default."""
 
     uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     experiment: str | None = None  # default: the study name
-
-
-class PerturbationConfig(_Section):
-    """Meaningful Perturbations (Fong & Vedaldi 2017) in 3D; defaults follow the paper."""
-
-    variant: Literal["deletion", "preservation"] = "deletion"
-    iterations: int = Field(300, ge=1)
-    lr: float = Field(0.1, gt=0)
-    l1: float = Field(0.01, ge=0)  # weight of the mask's area term
-    tv: float = Field(0.2, ge=0)  # weight of the total-variation term (3 axes)
-    tv_beta: float = Field(3.0, gt=0)
-    mask_scale: int = Field(4, ge=1)  # the mask lives at 1/mask_scale of the grid (the paper: a quarter)
-    blur_sigma_mm: float = Field(10.0, gt=0)
-    jitter_voxels: int = Field(1, ge=0)
 
 
 class SanityConfig(_Section):
@@ -172,14 +110,14 @@ class SanityConfig(_Section):
 class AttributionConfig(_Section):
     """Voxel-wise explanations of every held-out subject, on a pool of Ray actors."""
 
-    methods: list[Literal["gradcam", "guided_backprop", "perturbation", "guided_gradcam"]] = Field(
+    methods: list[Literal[tuple(METHODS)]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["gradcam", "guided_backprop", "perturbation"]
     )
     target: Literal["true_class", "predicted_class", "contrast"] = "true_class"  # contrast: male minus female
     batch_size: int = Field(8, ge=1)
     actors: int | None = Field(None, ge=1)  # default: as many as fit on the GPUs, else 2
     gpus_per_actor: float = Field(1.0, gt=0)
-    perturbation: PerturbationConfig = Field(default_factory=PerturbationConfig)
+    perturbation: Perturbation = Field(default_factory=Perturbation)
     permutations: int = Field(1000, ge=0)  # male-vs-female permutation test (FWER, max statistic)
     sanity: SanityConfig = Field(default_factory=SanityConfig)
     atlas: Path | None = None  # labelled NIfTI for the region table
@@ -187,31 +125,90 @@ class AttributionConfig(_Section):
     subject_nifti: bool = False  # also write each subject's maps as NIfTI
 
 
+_CONDITION = re.compile(r"^\s*(\w+)\s*(==|!=|>=|<=|>|<)\s*(.+?)\s*$")
+_OPERATORS = {"==": operator.eq, "!=": operator.ne, ">=": operator.ge, "<=": operator.le,
+              ">": operator.gt, "<": operator.lt}
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A parsed ``when:`` of a search dimension: ``KEY OP VALUE``, e.g. ``blocks > 2``."""
+
+    key: str
+    op: str
+    value: Any
+
+    @classmethod
+    def parse(cls, text: str) -> "Condition":
+        match = _CONDITION.match(text)
+        if match is None:
+            raise ValueError(f"condition {text!r}: expected 'KEY OP VALUE' with OP one of "
+                             f"{' '.join(_OPERATORS)}, e.g. 'blocks > 2'")
+        key, op, raw = match.groups()
+        return cls(key, op, yaml.safe_load(raw))
+
+    def holds(self, sampled: dict[str, Any]) -> bool:
+        """True when the key was sampled and its value satisfies the condition."""
+        return self.key in sampled and _OPERATORS[self.op](sampled[self.key], self.value)
+
+
 class SearchDimension(_Section):
     """One searched key: exactly one of choice / uniform / loguniform / int_range,
-    optionally only ``when`` a condition on already sampled keys holds."""
+    optionally only ``when`` a condition on a key listed before it holds."""
 
     choice: list[Any] | None = None
     uniform: tuple[float, float] | None = None
     loguniform: tuple[float, float] | None = None
     int_range: tuple[int, int] | None = None
-    when: str | None = None  # e.g. "blocks > 2"; keys sampled earlier are names here
+    when: str | None = None  # e.g. "blocks > 2"
 
-    @model_validator(mode="after")
-    def _one_kind(self) -> "SearchDimension":
-        kinds = [k for k in ("choice", "uniform", "loguniform", "int_range") if getattr(self, k) is not None]
-        if len(kinds) != 1:
-            raise ValueError("give exactly one of choice, uniform, loguniform, int_range")
-        return self
+    @property
+    def values(self) -> list[Any]:
+        """The values to check against the key's type: every choice, or both ends of a range."""
+        for kind in ("choice", "uniform", "loguniform", "int_range"):
+            if getattr(self, kind) is not None:
+                return list(getattr(self, kind))
+        return []
+
+    @property
+    def condition(self) -> Condition | None:
+        return Condition.parse(self.when) if self.when else None
 
 
-SEARCHABLE_TRAIN_KEYS = {"lr", "weight_decay", "batch_size"}
+SEARCHABLE_TRAIN_KEYS = ("lr", "weight_decay", "batch_size")
+SEARCHABLE_KEYS = (*Architecture.model_fields, *SEARCHABLE_TRAIN_KEYS)
 
 
-def split_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Searched params as (architecture keys, train keys)."""
-    arch = {k: v for k, v in params.items() if k not in SEARCHABLE_TRAIN_KEYS}
-    return arch, {k: v for k, v in params.items() if k in SEARCHABLE_TRAIN_KEYS}
+def _check_space(space: dict[str, SearchDimension]) -> dict[str, SearchDimension]:
+    """Every key searchable, exactly one kind each, values of the key's type, conditions well formed."""
+    problems = []
+    earlier: list[str] = []
+    for key, dim in space.items():
+        kinds = [k for k in ("choice", "uniform", "loguniform", "int_range") if getattr(dim, k) is not None]
+        if key not in SEARCHABLE_KEYS:
+            problems.append(f"cannot search {key!r}; searchable keys: {', '.join(SEARCHABLE_KEYS)}")
+        elif len(kinds) != 1:
+            problems.append(f"{key}: give exactly one of choice, uniform, loguniform, int_range")
+        else:
+            owner = TrainConfig if key in SEARCHABLE_TRAIN_KEYS else Architecture
+            for value in dim.values:
+                try:
+                    owner.model_validate({key: value})
+                except ValidationError as err:
+                    problems.append(f"{key}: value {value!r} is not valid: {err.errors()[0]['msg']}")
+        if dim.when is not None:
+            try:
+                condition = Condition.parse(dim.when)
+            except ValueError as err:
+                problems.append(f"{key}.when: {err}")
+            else:
+                if condition.key not in earlier:
+                    problems.append(f"{key}.when: {condition.key!r} is not a key listed before {key!r} in the "
+                                    f"space ({', '.join(earlier) or 'none'}); a condition can only use those")
+        earlier.append(key)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return space
 
 
 class SearchConfig(_Section):
@@ -229,13 +226,10 @@ class SearchConfig(_Section):
     metric: Literal["val_loss", "val_roc_auc", "val_accuracy"] = "val_loss"
     seed: int = 0
 
-    @model_validator(mode="after")
-    def _known_keys(self) -> "SearchConfig":
-        valid = set(ModelConfig.model_fields) - {"preset"} | SEARCHABLE_TRAIN_KEYS
-        unknown = sorted(set(self.space) - valid)
-        if unknown:
-            raise ValueError(f"cannot search {unknown}; searchable keys: {sorted(valid)}")
-        return self
+    @field_validator("space")
+    @classmethod
+    def _space_is_searchable(cls, space: dict[str, SearchDimension]) -> dict[str, SearchDimension]:
+        return _check_space(space)
 
     @property
     def mode(self) -> str:
@@ -249,7 +243,7 @@ class StudyConfig(_Section):
     cohort: CohortConfig
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     cv: CVConfig = Field(default_factory=CVConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: Architecture = Field(default_factory=Architecture)  # `preset: mrinet` plus any key to override
     train: TrainConfig = Field(default_factory=TrainConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -259,11 +253,23 @@ class StudyConfig(_Section):
     # Ray Train/Tune checkpoints: default <output_dir>/<name>/ray; s3://bucket/prefix on a cloud cluster
     storage_path: str | None = None
 
-    @model_validator(mode="after")
-    def _name_is_usable(self) -> "StudyConfig":
-        if not self.name or any(c in self.name for c in "/\\ "):
+    @field_validator("name")
+    @classmethod
+    def _name_is_usable(cls, name: str) -> str:
+        if not name or any(c in name for c in "/\\ "):
             raise ValueError("name must be non-empty, without spaces or slashes")
-        return self
+        return name
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _preset(cls, value: Any) -> Any:
+        """``{preset: mrinet, width: 8}``: the preset's architecture with the keys given overridden."""
+        if not isinstance(value, dict):
+            return value
+        preset = value.get("preset") or "mrinet"
+        if preset not in PRESETS:
+            raise ValueError(f"unknown model preset {preset!r}; presets: {', '.join(PRESETS)}")
+        return {**PRESETS[preset].model_dump(), **{k: v for k, v in value.items() if k != "preset"}}
 
 
 def _valid_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -279,25 +285,31 @@ def _valid_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
         model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
         if model is None:
             return []
-    return sorted(model.model_fields)
+    return sorted(model.model_fields) + (["preset"] if model is Architecture else [])
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid study config"]
+def _format_errors(err: ValidationError, source: str, overrides: dict[tuple[str, ...], str]) -> list[str]:
+    """One line per error, each naming the key and where it came from (the file or a ``--set``)."""
+    lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = tuple(str(p) for p in e["loc"])
+        key = ".".join(loc) or "(top level)"
+        origin = next((f"--set {assignment}" for path, assignment in overrides.items()
+                       if loc[:len(path)] == path or path[:len(loc)] == loc), source)
         if e["type"] == "extra_forbidden":
             valid = ", ".join(_valid_keys(StudyConfig, e["loc"][:-1]))
-            lines.append(f"  {key}: unknown key; valid keys here: {valid}")
+            lines.append(f"  {key}: unknown key; valid keys here: {valid}  [{origin}]")
         elif e["type"] == "missing":
-            lines.append(f"  {key}: required key is missing")
+            lines.append(f"  {key}: required key is missing  [{origin}]")
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
+            message = e["msg"].removeprefix("Value error, ")
+            got = repr(e.get("input"))
+            lines.append(f"  {key}: {message}{f' (got {got})' if len(got) <= 60 else ''}  [{origin}]")
+    return lines
 
 
-def _apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply one ``dotted.key=value`` override; the value is parsed as YAML."""
+def _apply_override(data: dict[str, Any], assignment: str) -> tuple[str, ...]:
+    """Apply one ``dotted.key=value`` override (the value parsed as YAML); returns the key path."""
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. cv.outer_folds=3")
     key, raw = assignment.split("=", 1)
@@ -307,15 +319,25 @@ def _apply_override(data: dict[str, Any], assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {assignment!r}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML: {err}") from None
+    return tuple(parts)
 
 
-def parse_config(data: dict[str, Any], source: str = "config", base_dir: Path | None = None) -> StudyConfig:
-    """Validate a config mapping; relative paths are taken from ``base_dir`` if given."""
+def parse_config(data: dict[str, Any], source: str = "config", base_dir: Path | None = None,
+                 overrides: dict[tuple[str, ...], str] | None = None) -> StudyConfig:
+    """Validate a config mapping; relative paths are taken from ``base_dir`` if given.
+
+    Every error is reported at once; ``overrides`` (key path -> ``--set`` text)
+    lets an error name the override it came from instead of ``source``.
+    """
     try:
         config = StudyConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        lines = _format_errors(err, source, overrides or {})
+        raise ConfigError("\n".join([f"{source}: invalid study config ({len(lines)} problems)", *lines])) from None
     if base_dir is not None:
         config = _resolve_paths(config, base_dir)
     return config
@@ -327,7 +349,10 @@ def _resolve_paths(config: StudyConfig, base_dir: Path) -> StudyConfig:
 
     cohort = config.cohort
     cohort.root = resolve(cohort.root) or cohort.root
-    cohort.participants = resolve(cohort.participants) or cohort.participants
+    if isinstance(cohort.participants, list):
+        cohort.participants = [resolve(p) or p for p in cohort.participants]
+    else:
+        cohort.participants = resolve(cohort.participants) or cohort.participants
     config.preprocess.cache_dir = resolve(config.preprocess.cache_dir) or config.preprocess.cache_dir
     config.output_dir = resolve(config.output_dir) or config.output_dir
     return config
@@ -336,9 +361,25 @@ def _resolve_paths(config: StudyConfig, base_dir: Path) -> StudyConfig:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
     """Read a study YAML, apply ``--set`` overrides, and validate it.
 
-    Relative paths in the file are relative to the project directory: the
-    directory a researcher runs ``study run`` from (the repo root for the
-    shipped configs), or ``$STUDY_HOME`` (see :func:`study.storage.project_dir`).
+    Parameters
+    ----------
+    path : str or Path
+        The study YAML, e.g. ``tune_configs/demo.yaml``.
+    overrides : list of str, optional
+        ``KEY=VALUE`` assignments (dotted keys, YAML values), as ``--set`` gives them.
+
+    Returns
+    -------
+    StudyConfig
+        The validated config. Relative paths in it are relative to the project
+        directory: the directory a researcher runs ``study run`` from (the repo
+        root for the shipped configs), or ``$STUDY_HOME`` (see
+        :func:`study.storage.project_dir`).
+
+    Raises
+    ------
+    ConfigError
+        With every problem of the file and the overrides, one line each.
     """
     path = Path(path)
     try:
@@ -349,6 +390,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> StudyCo
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    applied = {}
     for assignment in overrides or []:
-        _apply_override(data, assignment)
-    return parse_config(data, source=str(path), base_dir=project_dir())
+        applied[_apply_override(data, assignment)] = assignment
+    return parse_config(data, source=str(path), base_dir=project_dir(), overrides=applied)

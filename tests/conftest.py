@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,10 @@ import pytest
 os.environ["RAY_AUTH_MODE"] = "token"
 import ray  # noqa: E402
 
-from study.config import CohortConfig, PreprocessConfig
-from study.synth import synthesize_cohort
+from study.config import PreprocessConfig
+from study.data.cache import CacheBuild, build_cache
+from study.data.cohort import Cohort, CohortConfig
+from study.data.synth import SyntheticCohort, synthesize_cohort
 
 VOXEL_MM = 8.0  # 23 x 27 x 23 voxels: enough anatomy for the checks, fast on 2 cores
 
@@ -51,14 +54,17 @@ def ray_head() -> Iterator[RayHead]:
     ``ray start --head`` on 127.0.0.1 with 2 CPUs, token authentication and the
     dashboard (the job API; Ray Train V2 also needs it, or it leaks the
     placement groups of dead runs). The tests' driver joins it, as do the
-    ``study run`` subprocesses (through ``RAY_ADDRESS``). Stopped with ``ray stop``,
-    which stops every Ray on this machine.
+    ``study run`` subprocesses that get ``RAY_ADDRESS``. Its files live in a
+    private temp dir, so a command run as a new user would run it (no
+    ``RAY_ADDRESS``) does not find it and starts a Ray of its own. Stopped with
+    ``ray stop``, which stops every Ray on this machine.
     """
     ray_cli("get-auth-token", "--generate").check_returncode()
     port, dashboard_port = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="ray-tests-", dir="/tmp")  # short: Ray's socket paths have a length limit
     started = ray_cli("start", "--head", "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
                       "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
-                      "--disable-usage-stats")
+                      "--temp-dir", temp_dir, "--disable-usage-stats")
     assert started.returncode == 0, started.stdout + started.stderr
     head = RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}")
     os.environ["RAY_ADDRESS"] = head.address
@@ -68,13 +74,14 @@ def ray_head() -> Iterator[RayHead]:
     finally:
         ray.shutdown()
         ray_cli("stop")
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """A pristine 12-subject synthetic cohort; copy it before changing it."""
     root = tmp_path_factory.mktemp("synthetic") / "cohort"
-    synthesize_cohort(root, subjects=12, voxel_size=VOXEL_MM, seed=3)
+    synthesize_cohort(root, SyntheticCohort(subjects=12, voxel_size=VOXEL_MM, seed=3))
     return root
 
 
@@ -91,3 +98,8 @@ def preprocess_config(tmp_path) -> PreprocessConfig:
 
 def cohort_config(root: Path, **overrides) -> CohortConfig:
     return CohortConfig(root=root, **overrides)
+
+
+def cache_for(cohort: Cohort, preprocess: PreprocessConfig) -> CacheBuild:
+    """``build_cache`` with a config's preprocessing section."""
+    return build_cache(cohort, preprocess.grid, preprocess.cache_dir, preprocess.normalize)

@@ -8,9 +8,8 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from study.attribution import AttributionError, gradcam, guided_backprop, meaningful_perturbation
+from study.attribution import AttributionError, Perturbation, gradcam, guided_backprop, meaningful_perturbation
 from study.attribution.perturbation import gaussian_blur3d
-from study.config import PerturbationConfig
 
 SHAPE = (20, 24, 20)
 REGION = (slice(4, 10), slice(12, 19), slice(8, 14))
@@ -68,7 +67,7 @@ def test_gradient_methods_find_the_region(targets):
 @pytest.mark.parametrize("variant", ["deletion", "preservation"])
 def test_meaningful_perturbation_finds_the_region(variant):
     model, x = RegionNet().eval(), volumes()
-    config = PerturbationConfig(variant=variant, iterations=150, mask_scale=2, blur_sigma_mm=6.0)
+    config = Perturbation(variant=variant, iterations=150, mask_scale=2, blur_sigma_mm=6.0)
     maps = meaningful_perturbation(model, x, torch.tensor([1, 1, 1]), config, voxel_mm=2.0)
     assert maps.shape == (3, *SHAPE) and maps.min() >= 0 and maps.max() <= 1
     # The mask is coarse and smoothed by its TV term, so the map spills around the region;
@@ -82,7 +81,7 @@ def test_meaningful_perturbation_finds_the_region(variant):
 
 def test_perturbation_masks_are_independent_across_the_batch():
     model, x = RegionNet().eval(), volumes(4)
-    config = PerturbationConfig(iterations=20, mask_scale=2, jitter_voxels=0)
+    config = Perturbation(iterations=20, mask_scale=2, jitter_voxels=0)
     together = meaningful_perturbation(model, x, torch.tensor([1, 0, 1, 0]), config, voxel_mm=2.0)
     alone = meaningful_perturbation(model, x[2:3], torch.tensor([1]), config, voxel_mm=2.0)
     torch.testing.assert_close(together[2:3], alone, atol=1e-5, rtol=1e-4)

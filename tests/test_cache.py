@@ -9,20 +9,20 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from study.cache import CachedVolumes, VolumeCache, build_cache, collate
-from study.cohort import load_cohort
-from study.config import CohortConfig
-from study.volumes import preprocess_volume
+from study.data.cache import CachedVolumes, VolumeCache, collate
+from study.data.cohort import CohortConfig, load_cohort
+from study.data.volumes import preprocess_volume
+from tests.conftest import cache_for
 
 
 def test_cache_holds_preprocessed_volumes(cohort_dir, preprocess_config):
     cohort = load_cohort(CohortConfig(root=cohort_dir))
-    build = build_cache(cohort, preprocess_config)
+    build = cache_for(cohort, preprocess_config)
     assert build.problems == [] and build.computed == sorted(cohort.ids)
     cache = build.cache
     assert cache.subject_ids == cohort.ids and cache.volumes.dtype == np.float16
     assert cache.volumes.shape == (12, 23, 27, 23)
-    expected = preprocess_volume(cohort.subjects[5].image, preprocess_config)
+    expected = preprocess_volume(cohort.subjects[5].image, preprocess_config.grid)
     np.testing.assert_array_equal(cache.volumes[5], expected)
     brain = expected != 0
     assert abs(float(expected[brain].astype(np.float32).mean())) < 0.01  # z-scored inside the brain
@@ -31,23 +31,23 @@ def test_cache_holds_preprocessed_volumes(cohort_dir, preprocess_config):
 
 def test_cache_is_reused_and_invalidated_per_subject(cohort_dir, preprocess_config):
     cohort = load_cohort(CohortConfig(root=cohort_dir))
-    first = build_cache(cohort, preprocess_config).cache
+    first = cache_for(cohort, preprocess_config).cache
     before = np.array(first.volumes)
-    again = build_cache(cohort, preprocess_config)
+    again = cache_for(cohort, preprocess_config)
     assert again.computed == [] and again.cache.path == first.path
 
     image = cohort.subjects[2].image
     img = nib.load(image)
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[::-1].copy(), img.affine), image)
     os.utime(image, ns=(1, 1))  # make sure the mtime differs
-    changed = build_cache(load_cohort(CohortConfig(root=cohort_dir)), preprocess_config)
+    changed = cache_for(load_cohort(CohortConfig(root=cohort_dir)), preprocess_config)
     assert changed.computed == [cohort.subjects[2].subject_id]
     assert not first.path.exists()  # the superseded cache is gone
     np.testing.assert_array_equal(changed.cache.volumes[3], before[3])
     assert not np.array_equal(changed.cache.volumes[2], before[2])
 
     finer = preprocess_config.model_copy(update={"voxel_size": 6.0})
-    other = build_cache(load_cohort(CohortConfig(root=cohort_dir)), finer)
+    other = cache_for(load_cohort(CohortConfig(root=cohort_dir)), finer)
     assert other.cache.volumes.shape[1:] == (30, 36, 30) and len(other.computed) == 12
 
 
@@ -55,13 +55,13 @@ def test_failed_subjects_lose_nothing_already_computed(cohort_dir, preprocess_co
     cohort = load_cohort(CohortConfig(root=cohort_dir))
     good = cohort.subjects[4].image.read_bytes()
     cohort.subjects[4].image.write_bytes(good[:100])
-    build = build_cache(cohort, preprocess_config)
+    build = cache_for(cohort, preprocess_config)
     assert [p.subject for p in build.problems] == ["0005"]
     assert "sub-0005_T1w.nii.gz" in build.problems[0].file
     assert len(build.cache.subject_ids) == 11 and "0005" not in build.cache.subject_ids
 
     cohort.subjects[4].image.write_bytes(good)  # the researcher fixes the file
-    fixed = build_cache(load_cohort(CohortConfig(root=cohort_dir)), preprocess_config)
+    fixed = cache_for(load_cohort(CohortConfig(root=cohort_dir)), preprocess_config)
     assert fixed.problems == [] and fixed.computed == ["0005"]
     assert not list((preprocess_config.cache_dir).glob("*/staging/*.npy"))
     assert not list((preprocess_config.cache_dir).glob("*/*.tmp*"))
@@ -71,7 +71,7 @@ def test_dataset_reads_whole_batches(cohort_dir, preprocess_config):
     import torch
 
     cohort = load_cohort(CohortConfig(root=cohort_dir))
-    cache = build_cache(cohort, preprocess_config).cache
+    cache = cache_for(cohort, preprocess_config).cache
     ids = cohort.ids[::-1][:5]
     dataset = CachedVolumes(cache, ids, cohort.labels[::-1][:5])
     loader = torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=collate)

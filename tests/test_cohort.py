@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from study.cli import main
-from study.cohort import MALE, CohortError, check_images, load_cohort
-from study.config import CohortConfig
+from study.data.cohort import MALE, CohortConfig, CohortError, check_images, load_cohort
 
 
 def image_of(root: Path, sid: str) -> Path:

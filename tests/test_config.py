@@ -9,7 +9,7 @@ import pytest
 
 from study.config import ConfigError, load_config
 from study.storage import join
-from study.tracking import default_uri
+from study.output.tracking import default_uri
 
 
 def write(tmp_path, text):
@@ -35,9 +35,9 @@ def test_wrong_type_and_missing_key(tmp_path):
 def test_overrides_and_defaults(tmp_path):
     path = write(tmp_path, "name: s\ncohort: {root: data}\n")
     config = load_config(path, ["cv.outer_folds=3", "preprocess.shape=[58, 70, 58]"])
-    assert config.cv.outer_folds == 3 and config.preprocess.grid_shape == (58, 70, 58)
+    assert config.cv.outer_folds == 3 and config.preprocess.grid.shape == (58, 70, 58)
     assert config.cohort.root.is_absolute()
-    assert load_config(path).preprocess.grid_shape == (91, 109, 91)
+    assert load_config(path).preprocess.grid.shape == (91, 109, 91)
     with pytest.raises(ConfigError, match="cv.folds: unknown key"):
         load_config(path, ["cv.folds=3"])
 

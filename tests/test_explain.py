@@ -10,21 +10,23 @@ import ray
 import ray.train
 import torch
 
-from study.attribution.actors import FoldModel, explain_cohort
+from study.attribution import Perturbation
+from study.attribution.actors import Explanation, FoldModel, explain_cohort
 from study.attribution.store import MapStore
-from study.cache import build_cache
-from study.cohort import load_cohort
-from study.config import AttributionConfig, CohortConfig
-from study.models import build_model
-from study.runner import run_study, study_dir
-from study.synth import synthesize_cohort
-from study.train import save_checkpoint
+from study.data.cohort import load_cohort
+from study.config import AttributionConfig
+from study.data.cohort import CohortConfig
+from study.data.synth import SyntheticCohort, synthesize_cohort
+from study.pipeline import run_study, study_dir
+from study.training.loop import save_checkpoint
+from study.training.models import Architecture, BrainCNN
+from tests.conftest import cache_for
 from tests.test_study import runs_of, study_config
 
 
 def random_checkpoint(tmp_path, shape, seed):
     torch.manual_seed(seed)
-    model = build_model({"preset": "mrinet", "width": 4}, shape)
+    model = BrainCNN(Architecture(width=4), shape)
     directory = tmp_path / f"ckpt{seed}"
     directory.mkdir()
     optimizer = torch.optim.Adam(model.parameters())
@@ -34,12 +36,12 @@ def random_checkpoint(tmp_path, shape, seed):
 
 def test_pool_explains_every_subject_once_and_survives_a_killed_actor(tmp_path, cohort_dir, preprocess_config):
     cohort = load_cohort(CohortConfig(root=cohort_dir))
-    cache = build_cache(cohort, preprocess_config).cache
+    cache = cache_for(cohort, preprocess_config).cache
     ids, labels = cohort.ids, cohort.labels
     jobs = [FoldModel(k, random_checkpoint(tmp_path, cache.shape, k), ids[k::2], labels[k::2]) for k in (0, 1)]
-    config = AttributionConfig(methods=["gradcam", "guided_backprop", "perturbation", "guided_gradcam"],
-                               batch_size=2, actors=2, perturbation={"iterations": 5})
-    store = MapStore(tmp_path / "maps", ids, cache.shape, config.methods)
+    methods = ("gradcam", "guided_backprop", "perturbation", "guided_gradcam")
+    explanation = Explanation(methods, "true_class", Perturbation(iterations=5))
+    store = MapStore(tmp_path / "maps", ids, cache.shape, list(methods))
     killed = []
 
     def kill_one_actor(n_done):
@@ -47,9 +49,9 @@ def test_pool_explains_every_subject_once_and_survives_a_killed_actor(tmp_path, 
             killed.append(n_done)
             ray.kill(ray.get_actor("explainer-0.0"))
 
-    assert explain_cohort(jobs, cache, store, config, use_gpu=False, on_batch=kill_one_actor) == 12
+    assert explain_cohort(jobs, cache, store, explanation, batch_size=2, actors=2, on_batch=kill_one_actor) == 12
     assert killed
-    for method in config.methods:
+    for method in methods:
         assert store.done(method).all()
         maps = store.read(method)
         assert np.isfinite(maps).all() and (maps >= 0).all()
@@ -57,7 +59,7 @@ def test_pool_explains_every_subject_once_and_survives_a_killed_actor(tmp_path, 
             assert (maps.reshape(12, -1).max(1) > 0).all()  # every subject really has a map
     np.testing.assert_allclose(store.read("guided_gradcam"), store.read("gradcam") * store.read("guided_backprop"),
                                rtol=0.01, atol=1e-3)
-    assert explain_cohort(jobs, cache, store, config, use_gpu=False) == 0  # a rerun skips what exists
+    assert explain_cohort(jobs, cache, store, explanation, batch_size=2, actors=2) == 0  # a rerun skips what exists
 
 
 def test_store_keeps_finished_batches_only(tmp_path):
@@ -71,7 +73,7 @@ def test_store_keeps_finished_batches_only(tmp_path):
 @pytest.mark.slow
 def test_study_explains_all_held_out_subjects_and_finds_the_planted_effect(tmp_path):
     root = tmp_path / "cohort"
-    synthesize_cohort(root, subjects=30, voxel_size=6.0, effect_size=0.4, seed=5)
+    synthesize_cohort(root, SyntheticCohort(subjects=30, voxel_size=6.0, effect_size=0.4, seed=5))
     config = study_config(
         tmp_path, root, preprocess={"voxel_size": 6.0}, model={"width": 8},
         train={"epochs": 10, "batch_size": 4, "patience": 10},

@@ -14,8 +14,8 @@ import optuna
 import pytest
 
 from study.config import ConfigError, SearchConfig, parse_config
-from study.runner import run_study, study_dir
-from study.search import DefineByRun
+from study.pipeline import run_study, study_dir
+from study.training.search import DefineByRun
 from tests.test_study import runs_of, study_config
 
 SPACE = {
@@ -27,7 +27,7 @@ SPACE = {
 
 
 def test_space_is_define_by_run_with_conditionals():
-    define = DefineByRun(SearchConfig(space=SPACE))
+    define = DefineByRun(SearchConfig(space=SPACE).space)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(30):
         trial = study.ask()
@@ -37,7 +37,7 @@ def test_space_is_define_by_run_with_conditionals():
 
 
 def test_unsearchable_keys_are_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match=r"cannot search \['epochs'\]"):
+    with pytest.raises(ConfigError, match=r"search.space: cannot search 'epochs'; searchable keys: blocks, width"):
         parse_config({"name": "s", "cohort": {"root": "x"}, "search": {"space": {"epochs": {"choice": [1, 2]}}}})
     with pytest.raises(ConfigError, match="exactly one of choice"):
         parse_config({"name": "s", "cohort": {"root": "x"},
@@ -88,7 +88,7 @@ def test_interrupted_search_study_resumes_without_duplicates(tmp_path, cohort_di
     config = search_config(tmp_path, cohort_dir)
     (tmp_path / "config.json").write_text(config.model_dump_json())
     script = (
-        "import sys; from study.config import StudyConfig; from study.runner import run_study; "
+        "import sys; from study.config import StudyConfig; from study.pipeline import run_study; "
         f"run_study(StudyConfig.model_validate_json(open({str(tmp_path / 'config.json')!r}).read()))"
     )
     # The study's driver joins the test's Ray head (RAY_ADDRESS, set by conftest), as `ray job submit`

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from study.splits import load_splits, make_splits, save_splits
+from study.data.splits import load_splits, make_splits, save_splits
 
 
 def random_cohort(seed: int):

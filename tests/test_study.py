@@ -11,12 +11,14 @@ import pandas as pd
 import pytest
 import torch
 
-from study.cache import CachedVolumes, build_cache
+from study.data.cache import CachedVolumes
 from study.cli import main
-from study.cohort import load_cohort
+from study.data.cohort import load_cohort
 from study.config import parse_config
-from study.runner import StudyError, run_study, study_dir
-from study.tracking import TrackingError
+from study.data.prepare import StudyError, prepare_cohort
+from study.output.tracking import TrackingError
+from study.pipeline import run_study, study_dir
+from tests.conftest import cache_for
 
 
 def study_config(tmp_path: Path, cohort_root: Path, **sections):
@@ -64,7 +66,7 @@ def test_ddp_study_logs_the_run_tree_and_trains_on_disjoint_shards(tmp_path, coh
 
     # The logged model loads and gives the predictions that were logged.
     cohort = load_cohort(config.cohort)
-    cache = build_cache(cohort, config.preprocess).cache
+    cache = cache_for(cohort, config.preprocess).cache
     models = mlflow.search_logged_models(experiment_ids=[parent.info.experiment_id], output_format="list")
     assert len(models) == 2
     for logged in models:
@@ -116,14 +118,12 @@ def test_bad_subjects_refuse_the_run_and_exclude_is_opt_in(tmp_path, cohort_dir,
     message = str(err.value)
     assert "0003" in message and "sub-0003_T1w.nii.gz" in message and "on_invalid: exclude" in message
     assert not (tmp_path / "runs").exists()  # nothing started
-    cache = build_cache(load_cohort(config.cohort).exclude([]), config.preprocess)
+    cache = cache_for(load_cohort(config.cohort).exclude([]), config.preprocess)
     assert cache.computed == []  # the 11 good subjects were kept by the refused run
 
     excluded = config.model_copy(deep=True)
     excluded.cohort.on_invalid = "exclude"
-    from study.runner import prepare_cohort
-
-    prepared = prepare_cohort(excluded)
+    prepared = prepare_cohort(excluded.cohort, excluded.preprocess)
     assert len(prepared.cohort.subjects) == 11 and [p.subject for p in prepared.excluded] == ["0003"]
 
 

@@ -8,8 +8,7 @@ import nibabel as nib
 import numpy as np
 
 from study.cli import main
-from study.cohort import load_cohort
-from study.config import CohortConfig
+from study.data.cohort import CohortConfig, load_cohort
 
 
 def test_same_seed_same_cohort(tmp_path, synthetic_root):

@@ -1,5 +1,11 @@
-"""Voxel-wise attribution maps of a 3D CNN: Grad-CAM, Guided Backpropagation,
-Meaningful Perturbations and Guided Grad-CAM, all batched and on the model's device.
+"""Attribution: explain every held-out subject, then analyse the maps as a group.
+
+Owns the voxel-wise methods (Grad-CAM, Guided Backpropagation, Meaningful
+Perturbations, Guided Grad-CAM: batched, on the model's device), the pool of
+Ray actors that runs them over a cohort and the store that keeps their maps,
+and the analysis of those maps (group maps, statistics, agreement, localization,
+sanity checks), returned as values. It never writes to MLflow, the report or
+the console: ``study.output`` publishes what it returns.
 
 Every method takes a model in eval mode, volumes ``x`` [batch, 1, D, H, W] and
 the target classes [batch] (or ``None`` for the male-minus-female contrast), and
@@ -8,9 +14,16 @@ returns non-negative maps [batch, D, H, W] on the input grid.
 
 from study.attribution.gradcam import gradcam
 from study.attribution.guided_backprop import AttributionError, guided_backprop
-from study.attribution.perturbation import meaningful_perturbation
+from study.attribution.perturbation import Perturbation, meaningful_perturbation
 from study.attribution.targets import select_targets
 
-METHODS = ("gradcam", "guided_backprop", "perturbation", "guided_gradcam")
+# Every method a study can run: config name -> the name researchers know.
+METHODS = {
+    "gradcam": "Grad-CAM",
+    "guided_backprop": "Guided Backprop",
+    "perturbation": "Meaningful Perturbations",
+    "guided_gradcam": "Guided Grad-CAM",
+}
 
-__all__ = ["METHODS", "AttributionError", "gradcam", "guided_backprop", "meaningful_perturbation", "select_targets"]
+__all__ = ["METHODS", "AttributionError", "Perturbation", "gradcam", "guided_backprop", "meaningful_perturbation",
+           "select_targets"]

@@ -21,12 +21,21 @@ from tqdm.auto import tqdm
 
 from study.attribution.gradcam import gradcam
 from study.attribution.guided_backprop import guided_backprop
-from study.attribution.perturbation import meaningful_perturbation
+from study.attribution.perturbation import Perturbation, meaningful_perturbation
 from study.attribution.store import MapStore
 from study.attribution.targets import select_targets
-from study.cache import CachedVolumes, VolumeCache
-from study.config import AttributionConfig
-from study.train import load_model
+from study.data.cache import CachedVolumes, VolumeCache
+from study.runtime import Precision, worker_device
+from study.training.loop import load_model
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What to compute for every subject: the methods, the class score they explain, and MP's settings."""
+
+    methods: tuple[str, ...]
+    target: str  # true_class | predicted_class | contrast
+    perturbation: Perturbation
 
 
 @dataclass(frozen=True)
@@ -39,91 +48,108 @@ class FoldModel:
     labels: np.ndarray
 
 
-def explain_batch(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, config: AttributionConfig,
-                  voxel_mm: float, methods: list[str] | None = None) -> dict[str, np.ndarray]:
-    """Every configured method's maps for one batch, as float16 [batch, D, H, W]."""
-    methods = methods or config.methods
-    bf16 = x.device.type == "cuda"
-    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        targets = select_targets(config.target, labels, model(x))
+def explain_batch(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, explanation: Explanation,
+                  voxel_mm: float, precision: Precision) -> dict[str, np.ndarray]:
+    """Every method's maps for one batch (``x`` already on the device), as float16 [batch, D, H, W]."""
+    methods = explanation.methods
+    with torch.no_grad(), precision.autocast():
+        targets = select_targets(explanation.target, labels, model(x))
     maps: dict[str, torch.Tensor] = {}
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+    with precision.autocast():
         if "gradcam" in methods or "guided_gradcam" in methods:
             maps["gradcam"] = gradcam(model, x, targets)
         if "guided_backprop" in methods or "guided_gradcam" in methods:
             maps["guided_backprop"] = guided_backprop(model, x, targets)
         if "perturbation" in methods:
-            maps["perturbation"] = meaningful_perturbation(model, x, targets, config.perturbation, voxel_mm)
+            maps["perturbation"] = meaningful_perturbation(model, x, targets, explanation.perturbation, voxel_mm)
     if "guided_gradcam" in methods:
         maps["guided_gradcam"] = maps["gradcam"] * maps["guided_backprop"]
     return {m: maps[m].float().cpu().numpy().astype(np.float16) for m in methods}
 
 
+def explain_subjects(model: torch.nn.Module, cache: VolumeCache, subject_ids: list[str], labels: np.ndarray,
+                     explanation: Explanation, precision: Precision) -> dict[str, np.ndarray]:
+    """Every method's maps of the given cached subjects, in one batch."""
+    x, y = CachedVolumes(cache, subject_ids, labels).__getitems__(list(range(len(subject_ids))))
+    return explain_batch(model, precision.volumes(x), y.to(precision.device), explanation, cache.grid.voxel_mm,
+                         precision)
+
+
 class Explainer:
     """One actor of the pool: keeps the model of the fold it last explained."""
 
-    def __init__(self, config: AttributionConfig, cache: VolumeCache, use_gpu: bool):
-        self.config, self.cache = config, cache
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    def __init__(self, explanation: Explanation, cache: VolumeCache):
+        self.explanation, self.cache = explanation, cache
+        self.precision = Precision.choose(worker_device())
         self.fold: int | None = None
         self.model: torch.nn.Module | None = None
 
     def explain(self, job: FoldModel, subject_ids: list[str], labels: np.ndarray) -> tuple[list[str], dict]:
         if self.fold != job.fold:
-            self.model = load_model(job.checkpoint, self.device)
-            if self.device.type == "cuda":
-                self.model = self.model.to(memory_format=torch.channels_last_3d)
+            self.model = self.precision.model(load_model(job.checkpoint))
             self.fold = job.fold
-        x, y = CachedVolumes(self.cache, subject_ids, labels).__getitems__(list(range(len(subject_ids))))
-        x = x.to(self.device)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-        voxel_mm = float(abs(self.cache.affine[0, 0]))
-        return subject_ids, explain_batch(self.model, x, y.to(self.device), self.config, voxel_mm)
+        return subject_ids, explain_subjects(self.model, self.cache, subject_ids, labels, self.explanation,
+                                             self.precision)
 
 
-def _start_actor(config: AttributionConfig, cache: VolumeCache, use_gpu: bool, name: str):
-    options = {"num_cpus": 1, "num_gpus": config.gpus_per_actor if use_gpu else 0, "name": name}
-    return ray.remote(Explainer).options(**options).remote(config, cache, use_gpu)
+def _start_actor(explanation: Explanation, cache: VolumeCache, gpus_per_actor: float, name: str):
+    options = {"num_cpus": 1, "num_gpus": gpus_per_actor, "name": name}
+    return ray.remote(Explainer).options(**options).remote(explanation, cache)
 
 
-def explain_cohort(jobs: list[FoldModel], cache: VolumeCache, store: MapStore, config: AttributionConfig,
-                   use_gpu: bool, on_batch: Callable[[int], None] | None = None) -> int:
+def explain_cohort(jobs: list[FoldModel], cache: VolumeCache, store: MapStore, explanation: Explanation,
+                   batch_size: int, actors: int, gpus_per_actor: float = 0,
+                   on_batch: Callable[[int], None] | None = None) -> int:
     """Explain every subject of ``jobs`` not yet in ``store``; returns how many were explained.
 
-    ``on_batch(n_done)`` is called after each stored batch (progress reporting).
+    Parameters
+    ----------
+    jobs : list of FoldModel
+        Each fold's model and the held-out subjects it explains.
+    cache : VolumeCache
+        The preprocessed volumes.
+    store : MapStore
+        Where maps go, batch by batch; subjects already there are skipped.
+    explanation : Explanation
+        The methods, their target and Meaningful Perturbations' settings.
+    batch_size : int
+        Subjects per actor call.
+    actors : int
+        Actors in the pool (at most one per batch).
+    gpus_per_actor : float
+        GPU share of each actor (0: CPU only; 0.5: two actors per GPU).
+    on_batch : callable, optional
+        ``on_batch(n_done)`` after each stored batch (progress reporting).
     """
-    gpus = ray.cluster_resources().get("GPU", 0)
-    n_actors = config.actors or (max(1, int(gpus / config.gpus_per_actor)) if use_gpu else 2)
     queue = []
     for job in jobs:
         todo = store.missing(job.subject_ids)
         label = dict(zip(job.subject_ids, job.labels))
-        for start in range(0, len(todo), config.batch_size):
-            ids = todo[start:start + config.batch_size]
+        for start in range(0, len(todo), batch_size):
+            ids = todo[start:start + batch_size]
             queue.append((job, ids, np.array([label[s] for s in ids])))
     total = sum(len(ids) for _, ids, _ in queue)
     if not queue:
         return 0
     # Named explainer-<slot>.<generation>: a replaced actor gets the next generation.
-    generation = [0] * min(n_actors, len(queue))
-    actors = [_start_actor(config, cache, use_gpu, f"explainer-{i}.0") for i in range(len(generation))]
+    generation = [0] * min(actors, len(queue))
+    pool = [_start_actor(explanation, cache, gpus_per_actor, f"explainer-{i}.0") for i in range(len(generation))]
     in_flight: dict[ray.ObjectRef, tuple[int, tuple]] = {}
     explained = 0
     with tqdm(total=total, desc="explaining", unit="subject") as bar:
-        idle = list(range(len(actors)))
+        idle = list(range(len(pool)))
         while queue or in_flight:
             while queue and idle:
                 slot = idle.pop()
                 item = queue.pop(0)
-                in_flight[actors[slot].explain.remote(*item)] = (slot, item)
+                in_flight[pool[slot].explain.remote(*item)] = (slot, item)
             (ref,), _ = ray.wait(list(in_flight), num_returns=1)
             slot, item = in_flight.pop(ref)
             try:
                 subject_ids, maps = ray.get(ref)
             except RayActorError:
                 generation[slot] += 1  # replace the dead actor and retry its batch
-                actors[slot] = _start_actor(config, cache, use_gpu, f"explainer-{slot}.{generation[slot]}")
+                pool[slot] = _start_actor(explanation, cache, gpus_per_actor, f"explainer-{slot}.{generation[slot]}")
                 queue.insert(0, item)
                 idle.append(slot)
                 continue
@@ -133,6 +159,6 @@ def explain_cohort(jobs: list[FoldModel], cache: VolumeCache, store: MapStore, c
             idle.append(slot)
             if on_batch:
                 on_batch(explained)
-    for actor in actors:
+    for actor in pool:
         ray.kill(actor)
     return explained

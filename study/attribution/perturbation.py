@@ -16,10 +16,29 @@ from __future__ import annotations
 
 import math
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from study.config import PerturbationConfig
+from study.params import Params
+
+
+class Perturbation(Params):
+    """Settings of Meaningful Perturbations; the defaults follow the paper."""
+
+    variant: Literal["deletion", "preservation"] = "deletion"
+    iterations: int = Field(300, ge=1)  # Adam steps per batch
+    lr: float = Field(0.1, gt=0)
+    l1: float = Field(0.01, ge=0)  # weight of the mask's area term
+    tv: float = Field(0.2, ge=0)  # weight of the total-variation term (3 axes)
+    tv_beta: float = Field(3.0, gt=0)
+    mask_scale: int = Field(4, ge=1)  # the mask lives at 1/mask_scale of the grid (the paper: a quarter)
+    blur_sigma_mm: float = Field(10.0, gt=0)
+    jitter_voxels: int = Field(1, ge=0)  # random shift of the perturbed volume at each step
 
 
 def gaussian_blur3d(x: torch.Tensor, sigma_voxels: float) -> torch.Tensor:
@@ -51,12 +70,50 @@ def _probability(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Te
     return p[:, 1] - p[:, 0] if targets is None else p.gather(1, targets[:, None])[:, 0]
 
 
+@contextmanager
+def frozen(model: torch.nn.Module) -> Iterator[None]:
+    """No gradients for ``model``'s parameters inside the block; their flags restored after."""
+    flags = [p.requires_grad for p in model.parameters()]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+
+
 def meaningful_perturbation(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor | None,
-                            config: PerturbationConfig, voxel_mm: float, seed: int = 0) -> torch.Tensor:
-    """Optimized perturbation masks, as saliency on the input grid; [batch, D, H, W] in [0, 1]."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    x = x.detach()
+                            config: Perturbation, voxel_mm: float, seed: int = 0) -> torch.Tensor:
+    """Optimized perturbation masks, as saliency on the input grid.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A classifier in eval mode, [batch, 1, D, H, W] -> logits [batch, 2]; its
+        parameters' ``requires_grad`` flags are restored afterwards.
+    x : torch.Tensor
+        Volumes [batch, 1, D, H, W] on the model's device.
+    targets : torch.Tensor or None
+        Class index per subject [batch]; None explains male minus female probability.
+    config : Perturbation
+        The optimization's settings.
+    voxel_mm : float
+        Voxel size, which turns ``blur_sigma_mm`` into voxels.
+    seed : int
+        Seed of the jitter.
+
+    Returns
+    -------
+    torch.Tensor
+        Maps [batch, D, H, W] in [0, 1]: 1 - mask for deletion, the mask for preservation.
+    """
+    with frozen(model):
+        return _optimize(model, x.detach(), targets, config, voxel_mm, seed)
+
+
+def _optimize(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor | None, config: Perturbation,
+              voxel_mm: float, seed: int) -> torch.Tensor:
     blurred = gaussian_blur3d(x, config.blur_sigma_mm / voxel_mm)
     size = x.shape[2:]
     coarse = [max(1, s // config.mask_scale) for s in size]
@@ -81,7 +138,5 @@ def meaningful_perturbation(model: torch.nn.Module, x: torch.Tensor, targets: to
             optimizer.step()
             with torch.no_grad():
                 mask.clamp_(0, 1)
-    for p in model.parameters():
-        p.requires_grad_(True)
     final = F.interpolate(mask.detach(), size=size, mode="trilinear", align_corners=False)[:, 0]
     return 1 - final if deletion else final

@@ -125,14 +125,14 @@ def make_splits(
     return folds
 
 
-def save_splits(folds: list[OuterFold], path: Path, cohort_fingerprint: str) -> None:
-    """Write ``splits.json``: the folds and the cohort they were made for."""
+def save_splits(folds: list[OuterFold], path: Path, made_for: str) -> None:
+    """Write ``splits.json``: the folds and what they were made for (cohort fingerprint and CV settings)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"cohort": cohort_fingerprint, "folds": [asdict(f) for f in folds]}, indent=1))
+    path.write_text(json.dumps({"cohort": made_for, "folds": [asdict(f) for f in folds]}, indent=1))
 
 
 def load_splits(path: Path) -> tuple[str, list[OuterFold]]:
-    """Read ``splits.json`` back: (cohort fingerprint, folds)."""
+    """Read ``splits.json`` back: (what they were made for, folds)."""
     data = json.loads(path.read_text())
     folds = [
         OuterFold(f["fold"], f["train"], f["test"], [Split(**s) for s in f["inner"]]) for f in data["folds"]

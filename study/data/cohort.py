@@ -15,20 +15,51 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import Literal
+
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
 
-from study.config import CohortConfig
-from study.parallel import map_tasks
-from study.volumes import load_volume
+from study.data.synth import SyntheticCohort
+from study.data.volumes import load_volume
 
-MALE, FEMALE = 1, 0
-SEX_NAMES = {MALE: "male", FEMALE: "female"}
+# The label encoding every stage uses: class index -> name (models output [female, male] logits).
+FEMALE, MALE = 0, 1
+CLASS_NAMES = ("female", "male")
 KNOWN_SEX_VALUES = {"m": "male", "male": "male", "f": "female", "female": "female"}
 HCP_IMAGES = {
     "acpc": "T1w/T1w_acpc_dc_restore_brain.nii.gz",
     "mni": "MNINonLinear/T1w_restore_brain.nii.gz",
 }
+
+
+class CohortConfig(BaseModel):
+    """Where the images and the participants table are, and how to read them."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    root: Path
+    # The participants table (default: ROOT/participants.tsv), or several merged on the subject column:
+    # HCP keeps Gender in its unrestricted table and Family_ID in its restricted one.
+    participants: Path | list[Path] | None = None
+    layout: Literal["auto", "bids", "hcp", "column"] = "auto"
+    hcp_image: Literal["acpc", "mni"] = "mni"
+    subject_column: str = "participant_id"
+    sex_column: str = "sex"
+    # Values of the sex column -> "male"/"female"; M/F and male/female are known.
+    sex_mapping: dict[str, Literal["male", "female"]] = Field(default_factory=dict)
+    family_column: str | None = None  # twins and siblings share a value; default: family_id when present
+    path_column: str | None = None
+    on_invalid: Literal["refuse", "exclude"] = "refuse"
+    synthetic: SyntheticCohort | None = None  # generate a synthetic cohort into root when it is missing
+
+    @property
+    def participants_paths(self) -> list[Path]:
+        """The participants table(s), in merge order."""
+        if self.participants is None:
+            return [self.root / "participants.tsv"]
+        return list(self.participants) if isinstance(self.participants, list) else [self.participants]
 
 
 class CohortError(ValueError):
@@ -67,10 +98,11 @@ class Subject:
 
 @dataclass
 class Cohort:
-    """The usable subjects and the problems found in the rest."""
+    """The usable subjects, the problems found in the rest, and what a researcher should know."""
 
     subjects: list[Subject]
     problems: list[Problem] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def labels(self) -> np.ndarray:
@@ -83,7 +115,7 @@ class Cohort:
     def exclude(self, problems: list[Problem]) -> "Cohort":
         """The cohort without the subjects that ``problems`` name, problems appended."""
         bad = {p.subject for p in problems}
-        return Cohort([s for s in self.subjects if s.subject_id not in bad], self.problems + problems)
+        return Cohort([s for s in self.subjects if s.subject_id not in bad], self.problems + problems, self.warnings)
 
     def fingerprint(self) -> str:
         """A hash of who is in the cohort, their labels and their image files."""
@@ -95,7 +127,7 @@ def _bare_id(value: str) -> str:
     return value[4:] if value.startswith("sub-") else value
 
 
-def read_participants(path: Path) -> pd.DataFrame:
+def read_table(path: Path) -> pd.DataFrame:
     """Read a BIDS ``participants.tsv`` or a CSV, every column as text."""
     if not path.exists():
         raise CohortError(f"participants table not found: {path}; set cohort.participants")
@@ -104,6 +136,27 @@ def read_participants(path: Path) -> pd.DataFrame:
         return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
         raise CohortError(f"participants table {path} cannot be parsed: {err}") from None
+
+
+def read_participants(paths: list[Path], subject_column: str) -> pd.DataFrame:
+    """One table of the subjects of the first table, with the columns of every table (merged on the subject).
+
+    A column that two tables share keeps the first table's values.
+    """
+    merged = None
+    for path in paths:
+        table = read_table(path)
+        if subject_column not in table.columns:
+            raise CohortError(f"{path}: no column {subject_column!r}; columns are {list(table.columns)}. "
+                              "Set cohort.subject_column; every participants table needs it.")
+        table[subject_column] = table[subject_column].str.strip()
+        if merged is None:
+            merged = table
+            continue
+        extra = [c for c in table.columns if c not in merged.columns]
+        merged = merged.merge(table[[subject_column, *extra]].drop_duplicates(subject_column), on=subject_column,
+                              how="left").fillna("")
+    return merged
 
 
 def _bids_images(root: Path) -> dict[str, list[tuple[str | None, Path]]]:
@@ -146,14 +199,19 @@ def load_cohort(config: CohortConfig) -> Cohort:
     """
     if not config.root.is_dir():
         raise CohortError(f"cohort root is not a directory: {config.root}; set cohort.root")
-    table = read_participants(config.participants_path)
-    table_name = config.participants_path.name
-    for column in [config.subject_column, config.sex_column] + ([config.path_column] if config.path_column else []):
-        if column not in table.columns:
+    paths = config.participants_paths
+    table = read_participants(paths, config.subject_column)
+    table_name = " + ".join(p.name for p in paths)
+    where = " + ".join(str(p) for p in paths)
+    for column in [config.sex_column, config.family_column, config.path_column]:
+        if column is not None and column not in table.columns:
             raise CohortError(
-                f"{config.participants_path}: no column {column!r}; columns are {list(table.columns)}. "
-                "Set cohort.subject_column / sex_column / path_column."
+                f"{where}: no column {column!r}; columns are {list(table.columns)}. "
+                "Set cohort.sex_column / family_column / path_column"
+                + (" (HCP: Family_ID is in the restricted table; list both tables under cohort.participants)."
+                   if column == config.family_column else ".")
             )
+    family_column = config.family_column or ("family_id" if "family_id" in table.columns else None)
     layout = _detect_layout(config)
     images = {} if layout == "column" else (
         _bids_images(config.root) if layout == "bids" else _hcp_images(config.root, config.hcp_image)
@@ -192,7 +250,7 @@ def load_cohort(config: CohortConfig) -> Cohort:
             problems.append(Problem(sid, str(config.root / expected), "no T1w image found for this subject; add it or drop the row"))
             continue
         session, image = _choose_session(candidates, row.get("session", ""))
-        family = (row.get(config.family_column, "") if config.family_column else "").strip() or f"self:{sid}"
+        family = (row.get(family_column, "") if family_column else "").strip() or f"self:{sid}"
         subjects.append(Subject(
             subject_id=sid, sex=MALE if sex == "male" else FEMALE, family_id=family, image=image,
             session=session, age=_float_or_none(row.get("age", "")), site=row.get("site") or None,
@@ -200,7 +258,21 @@ def load_cohort(config: CohortConfig) -> Cohort:
     for sid, found in images.items():
         if sid not in seen:
             problems.append(Problem(sid, str(found[0][1]), f"image without a row in {table_name}; add the subject or remove the image"))
-    return Cohort(subjects, problems)
+    return Cohort(subjects, problems, _family_warnings(subjects, family_column, where))
+
+
+def _family_warnings(subjects: list[Subject], family_column: str | None, where: str) -> list[str]:
+    """What to know about families: none declared, or a declared column in which nobody has a relative."""
+    if len(subjects) < 2:
+        return []
+    if family_column is None:
+        return [f"no family column in {where}: subjects are split as if unrelated; set cohort.family_column "
+                "if the cohort has twins or siblings (HCP: Family_ID)"]
+    sizes = pd.Series([s.family_id for s in subjects]).value_counts()
+    if (sizes == 1).all():
+        return [f"every one of the {len(subjects)} subjects is alone in its family in column {family_column!r} of "
+                f"{where}: no twins or siblings are kept together; check the column"]
+    return []
 
 
 def _choose_session(candidates: list[tuple[str | None, Path]], wanted: str) -> tuple[str | None, Path]:
@@ -224,6 +296,8 @@ def _check_one(path: Path) -> None:
 
 def check_images(cohort: Cohort) -> list[Problem]:
     """Open every image in parallel (Ray tasks) and return one problem per bad file."""
+    from study.runtime import map_tasks  # here, not at the top: the command line reads CohortConfig without Ray
+
     problems = []
     args = [(s.image,) for s in cohort.subjects]
     for index, _, error in map_tasks(_check_one, args, desc="checking images"):

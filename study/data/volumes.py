@@ -16,7 +16,9 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from study.config import MNI_BOX_CENTRE_MM, PreprocessConfig
+# The MNI152 bounding box (1 mm, 182 x 218 x 182) that every study grid covers, and its centre.
+MNI_BOX_MM = (182.0, 218.0, 182.0)
+MNI_BOX_CENTRE_MM = (0.0, -18.0, 18.0)
 
 
 class VolumeError(ValueError):
@@ -31,16 +33,22 @@ class Grid:
     affine: np.ndarray
 
     @classmethod
-    def mni(cls, voxel_size: float, shape: tuple[int, int, int]) -> "Grid":
-        """An isotropic RAS grid centred on the MNI152 brain box."""
+    def mni(cls, voxel_size: float, shape: tuple[int, int, int] | None = None) -> "Grid":
+        """An isotropic RAS grid centred on the MNI152 brain box.
+
+        ``shape`` defaults to the box at ``voxel_size`` (91 x 109 x 91 at 2 mm).
+        """
+        if shape is None:
+            shape = tuple(int(np.floor(b / voxel_size + 0.5)) for b in MNI_BOX_MM)
         half_extent = (np.asarray(shape) - 1) / 2 * voxel_size
         affine = np.diag([voxel_size, voxel_size, voxel_size, 1.0])
         affine[:3, 3] = np.asarray(MNI_BOX_CENTRE_MM) - half_extent
         return cls(tuple(int(s) for s in shape), affine)  # type: ignore[arg-type]
 
-    @classmethod
-    def from_config(cls, config: PreprocessConfig) -> "Grid":
-        return cls.mni(config.voxel_size, config.grid_shape)
+    @property
+    def voxel_mm(self) -> float:
+        """The (isotropic) voxel size in millimetres."""
+        return float(abs(self.affine[0, 0]))
 
 
 def load_volume(path: Path) -> nib.Nifti1Image:
@@ -113,10 +121,19 @@ def zscore_in_brain(volume: np.ndarray) -> np.ndarray:
     return out
 
 
-def preprocess_volume(path: Path, config: PreprocessConfig) -> np.ndarray:
-    """Read, check, resample and normalize one image; float16 on the study grid."""
-    image = load_volume(path)
-    volume = resample_to_grid(image, Grid.from_config(config))
-    if config.normalize == "zscore":
+def preprocess_volume(path: Path, grid: Grid, normalize: str = "zscore") -> np.ndarray:
+    """Read, check, resample and normalize one image; float16 on the study grid.
+
+    Parameters
+    ----------
+    path : Path
+        A 3D T1w NIfTI, registered to MNI space and brain-extracted.
+    grid : Grid
+        The study grid to resample onto (trilinear).
+    normalize : {"zscore", "none"}
+        ``zscore``: intensities z-scored inside the brain, zero outside.
+    """
+    volume = resample_to_grid(load_volume(path), grid)
+    if normalize == "zscore":
         volume = zscore_in_brain(volume)
     return volume.astype(np.float16)

@@ -24,11 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from study.cohort import Cohort, Problem
-from study.config import PreprocessConfig
-from study.parallel import map_tasks
+from study.data.cohort import Cohort, Problem
+from study.data.volumes import Grid, preprocess_volume
+from study.runtime import map_tasks
 from study.storage import replace_atomically
-from study.volumes import Grid, preprocess_volume
 
 PREPROCESS_VERSION = 1  # bump when preprocess_volume changes its output
 
@@ -53,15 +52,20 @@ class VolumeCache:
             )
         return _open_memmap(self.path, len(self.subject_ids), self.shape, mode="r")
 
+    @property
+    def grid(self) -> Grid:
+        """The study grid the volumes are on."""
+        return Grid(self.shape, self.affine)
+
     def rows(self, subject_ids: list[str]) -> np.ndarray:
         """Row numbers of the given subjects in the memmap."""
         where = {sid: i for i, sid in enumerate(self.subject_ids)}
         return np.array([where[s] for s in subject_ids], dtype=np.int64)
 
 
-def params_key(config: PreprocessConfig) -> str:
+def params_key(grid: Grid, normalize: str) -> str:
     """Hash of everything that changes preprocessed voxels (not where they are stored)."""
-    params = {"v": PREPROCESS_VERSION, "voxel": config.voxel_size, "shape": config.grid_shape, "norm": config.normalize}
+    params = {"v": PREPROCESS_VERSION, "voxel": grid.voxel_mm, "shape": list(grid.shape), "norm": normalize}
     return hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -90,15 +94,25 @@ class CacheBuild:
     computed: list[str]  # subjects preprocessed by this build (the rest were reused)
 
 
-def build_cache(cohort: Cohort, config: PreprocessConfig) -> CacheBuild:
+def build_cache(cohort: Cohort, grid: Grid, cache_dir: Path, normalize: str = "zscore") -> CacheBuild:
     """Preprocess every subject of ``cohort`` into the cache (Ray tasks, progress bar).
 
     Subjects whose image is unchanged since an earlier build are reused. When
     some subjects fail, the cache holds the others and every failure is
     returned as a problem; nothing computed is lost.
+
+    Parameters
+    ----------
+    cohort : Cohort
+        The subjects to preprocess.
+    grid : Grid
+        The study grid (MNI-like, RAS).
+    cache_dir : Path
+        Where caches live; each grid and normalization gets its own folder.
+    normalize : {"zscore", "none"}
+        Intensity normalization (see :func:`study.data.volumes.preprocess_volume`).
     """
-    grid = Grid.from_config(config)
-    directory = config.cache_dir / params_key(config)
+    directory = Path(cache_dir) / params_key(grid, normalize)
     staging = directory / "staging"
     staging.mkdir(parents=True, exist_ok=True)
     keys = [s.source_key() for s in cohort.subjects]
@@ -110,7 +124,7 @@ def build_cache(cohort: Cohort, config: PreprocessConfig) -> CacheBuild:
     previous = _previous_rows(directory)
     todo = [i for i, k in enumerate(keys) if k not in previous and not (staging / f"{k}.npy").exists()]
     problems, computed = [], []
-    args = [(cohort.subjects[i].image, config) for i in todo]
+    args = [(cohort.subjects[i].image, grid, normalize) for i in todo]
     for j, volume, error in map_tasks(preprocess_volume, args, desc="preprocessing"):
         subject = cohort.subjects[todo[j]]
         if error is not None:
@@ -121,7 +135,7 @@ def build_cache(cohort: Cohort, config: PreprocessConfig) -> CacheBuild:
     if problems:
         # The subjects that succeeded become a complete cache of their own.
         usable = cohort.exclude(problems)
-        cache = build_cache(usable, config).cache if usable.subjects else None
+        cache = build_cache(usable, grid, cache_dir, normalize).cache if usable.subjects else None
         return CacheBuild(cache, sorted(problems, key=lambda p: p.subject), sorted(computed))
     return CacheBuild(_assemble(cohort, keys, cohort_key, directory, grid, previous), [], sorted(computed))
 

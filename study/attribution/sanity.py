@@ -18,11 +18,11 @@ import ray.train
 import torch
 from torch import nn
 
-from study.attribution.actors import explain_batch
-from study.cache import CachedVolumes, VolumeCache
-from study.config import AttributionConfig
-from study.maps import normalize, spearman_rows
-from study.train import load_model
+from study.attribution.actors import Explanation, explain_subjects
+from study.attribution.group import normalize, spearman_rows
+from study.data.cache import VolumeCache
+from study.runtime import Precision, worker_device
+from study.training.loop import load_model
 
 FLAG_SPEARMAN = 0.5  # fully randomized maps more similar than this are flagged
 
@@ -57,28 +57,18 @@ def cascade_steps(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
     return steps
 
 
-def _device(use_gpu: bool) -> torch.device:
-    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-
-
-def _explain(model: nn.Module, cache: VolumeCache, subject_ids: list[str], labels: np.ndarray,
-             config: AttributionConfig, device: torch.device) -> dict[str, np.ndarray]:
-    x, y = CachedVolumes(cache, subject_ids, labels).__getitems__(list(range(len(subject_ids))))
-    return explain_batch(model, x.to(device), y.to(device), config, float(abs(cache.affine[0, 0])))
-
-
 def parameter_randomization(checkpoint: ray.train.Checkpoint, cache: VolumeCache, subject_ids: list[str],
                             labels: np.ndarray, original: dict[str, np.ndarray], brain: np.ndarray,
-                            config: AttributionConfig, use_gpu: bool, seed: int = 0) -> pd.DataFrame:
+                            explanation: Explanation, seed: int = 0) -> pd.DataFrame:
     """Cascading randomization: one row per (step, method) with Spearman and SSIM to the original."""
-    device = _device(use_gpu)
-    model = load_model(checkpoint, device)
+    precision = Precision.choose(worker_device())
+    model = load_model(checkpoint, precision.device)
     torch.manual_seed(seed)
     rows = []
     for step, (name, modules) in enumerate(cascade_steps(model), start=1):
         for module in modules:
             module.reset_parameters()
-        maps = _explain(copy.deepcopy(model).eval(), cache, subject_ids, labels, config, device)
+        maps = explain_subjects(copy.deepcopy(model).eval(), cache, subject_ids, labels, explanation, precision)
         for method, (rho, ssim) in compare(original, maps, brain).items():
             rows.append({"step": step, "randomized_down_to": name, "method": method, "spearman": rho, "ssim": ssim})
     return pd.DataFrame(rows)
@@ -86,10 +76,11 @@ def parameter_randomization(checkpoint: ray.train.Checkpoint, cache: VolumeCache
 
 def label_randomization(checkpoint: ray.train.Checkpoint, cache: VolumeCache, subject_ids: list[str],
                         labels: np.ndarray, original: dict[str, np.ndarray], brain: np.ndarray,
-                        config: AttributionConfig, use_gpu: bool) -> pd.DataFrame:
+                        explanation: Explanation) -> pd.DataFrame:
     """Maps of a model trained on shuffled labels, compared with the original maps."""
-    device = _device(use_gpu)
-    maps = _explain(load_model(checkpoint, device), cache, subject_ids, labels, config, device)
+    precision = Precision.choose(worker_device())
+    maps = explain_subjects(load_model(checkpoint, precision.device), cache, subject_ids, labels, explanation,
+                            precision)
     return pd.DataFrame([{"method": m, "spearman": rho, "ssim": ssim}
                          for m, (rho, ssim) in compare(original, maps, brain).items()])
 

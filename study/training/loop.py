@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
-from study.cache import CachedVolumes, VolumeCache, collate
-from study.config import StudyConfig, TrainConfig
-from study.metrics import classification_metrics
-from study.models import BrainCNN, build_model
-from study.transforms import augment
+from study.config import TrainConfig
+from study.data.cache import CachedVolumes, VolumeCache, collate
+from study.runtime import Precision
+from study.training.augment import augment
+from study.training.metrics import classification_metrics
+from study.training.models import Architecture, BrainCNN
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -44,39 +46,22 @@ class TrainingData:
     val_labels: np.ndarray
 
 
-def _uses_bf16(train: TrainConfig, device: torch.device) -> bool:
-    return train.precision == "bf16" or (train.precision == "auto" and device.type == "cuda")
-
-
-def _channels_last(train: TrainConfig, device: torch.device) -> bool:
-    return train.channels_last if train.channels_last is not None else device.type == "cuda"
-
-
-def _autocast(train: TrainConfig, device: torch.device) -> torch.autocast:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=_uses_bf16(train, device))
-
-
-def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x
-
-
 @torch.no_grad()
-def predict(model: torch.nn.Module, dataset: CachedVolumes, batch_size: int, train: TrainConfig,
-            device: torch.device) -> np.ndarray:
+def predict(model: torch.nn.Module, dataset: CachedVolumes, batch_size: int, precision: Precision) -> np.ndarray:
     """P(male) for every subject of ``dataset``, in order."""
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     probs = []
     for x, _ in loader:
-        with _autocast(train, device):
-            logits = model(_to_device(x, device, _channels_last(train, device)))
+        with precision.autocast():
+            logits = model(precision.volumes(x))
         probs.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu())
     return torch.cat(probs).numpy() if probs else np.zeros(0)
 
 
-def _validation_metrics(model, dataset: CachedVolumes, train: TrainConfig, device) -> dict[str, float]:
-    p_male = predict(model, dataset, train.batch_size, train, device)
+def _validation_metrics(model: torch.nn.Module, dataset: CachedVolumes, batch_size: int,
+                        precision: Precision) -> dict[str, float]:
+    p_male = predict(model, dataset, batch_size, precision)
     labels = dataset.labels.numpy()
     eps = 1e-7
     loss = -np.mean(labels * np.log(p_male + eps) + (1 - labels) * np.log(1 - p_male + eps))
@@ -88,7 +73,7 @@ def save_checkpoint(directory: Path, model: BrainCNN, best_state: dict, optimize
                     best_val_loss: float, history: list[dict[str, float]]) -> None:
     """Write the best weights so far, the optimizer state and the per-epoch history."""
     torch.save({
-        "model": best_state, "arch": model.arch, "input_shape": model.input_shape,
+        "model": best_state, "arch": model.architecture.model_dump(), "input_shape": model.input_shape,
         "optimizer": optimizer.state_dict(), "epoch": epoch, "best_val_loss": best_val_loss,
         "history": history,
     }, directory / CHECKPOINT_FILE)
@@ -106,7 +91,7 @@ def load_model(checkpoint: ray.train.Checkpoint | Path, device: torch.device | s
         with checkpoint.as_directory() as directory:
             return load_model(Path(directory), device)
     state = torch.load(Path(checkpoint) / CHECKPOINT_FILE, map_location=device, weights_only=False)
-    model = build_model(state["arch"], tuple(state["input_shape"]))
+    model = BrainCNN(Architecture(**state["arch"]), tuple(state["input_shape"]))
     model.load_state_dict(state["model"])
     return model.to(device).eval()
 
@@ -126,16 +111,16 @@ def _audit(directory: str | None, record: dict[str, Any]) -> None:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: train on this rank's shard, validate, report, stop early.
 
-    ``loop_config`` holds ``study`` (StudyConfig), ``arch`` (architecture dict),
-    ``data`` (TrainingData) and optionally ``train`` (overrides of the train
-    section, as a search samples them) and ``audit_dir``.
+    ``loop_config`` holds ``architecture`` (:class:`Architecture`), ``train``
+    (the validated :class:`TrainConfig`), ``data`` (:class:`TrainingData`) and
+    ``audit_dir`` (None, or where to record which subjects this worker read).
     """
-    study: StudyConfig = loop_config["study"]
-    train = study.train.model_copy(update=loop_config.get("train", {}))
+    architecture: Architecture = loop_config["architecture"]
+    train: TrainConfig = loop_config["train"]
     data: TrainingData = loop_config["data"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    precision = Precision.choose(ray.train.torch.get_device(), train.precision, train.channels_last)
     torch.manual_seed(train.seed)
     generator = torch.Generator().manual_seed(train.seed * 1000 + rank)
 
@@ -144,32 +129,29 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=train.seed)
     loader = DataLoader(train_set, batch_size=train.batch_size, sampler=sampler, collate_fn=collate)
 
-    model = build_model(loop_config["arch"], data.cache.shape)
-    channels_last = _channels_last(train, device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(precision.model(BrainCNN(architecture, data.cache.shape)))
     bare: BrainCNN = getattr(model, "module", model)
     step = torch.compile(model) if train.compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     start, best, stale, history = 0, math.inf, 0, []
     if (resumed := ray.train.get_checkpoint()) is not None:
         with resumed.as_directory() as directory:
-            state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=device, weights_only=False)
+            state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=precision.device, weights_only=False)
         bare.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, best, history = state["epoch"] + 1, state["best_val_loss"], state["history"]
     best_state = _cpu_state(bare)
 
-    voxel_mm = float(abs(data.cache.affine[0, 0]))
+    voxel_mm = data.cache.grid.voxel_mm
     for epoch in range(start, train.epochs):
+        started = time.perf_counter()
         sampler.set_epoch(epoch)
         model.train()
         total_loss, correct = 0.0, 0
         for x, y in loader:
-            x, y = _to_device(x, device, channels_last), y.to(device)
+            x, y = precision.volumes(x), y.to(precision.device)
             x = augment(x, train.augment, voxel_mm, generator)
-            with _autocast(train, device):
+            with precision.autocast():
                 logits = step(x)
             loss = F.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
@@ -182,7 +164,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         metrics = {"epoch": epoch, "train_loss": total_loss / max(len(seen), 1),
                    "train_accuracy": correct / max(len(seen), 1)}
-        metrics |= _validation_metrics(model, val_set, train, device)
+        metrics |= _validation_metrics(model, val_set, train.batch_size, precision)
+        metrics["epoch_seconds"] = time.perf_counter() - started
         improved = metrics["val_loss"] < best - 1e-4
         best, stale = (metrics["val_loss"], 0) if improved else (best, stale + 1)
         metrics["best_val_loss"] = best

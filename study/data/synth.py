@@ -16,15 +16,24 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import ray
+from pydantic import Field
 from scipy import ndimage
 
-from study.config import PreprocessConfig
-from study.parallel import init_ray, map_tasks
-from study.volumes import Grid, resample_to_grid
+from study.data.volumes import Grid, resample_to_grid
+from study.params import Params
 
 MALE_FRACTION = 507 / 1113  # as in the HCP young-adult cohort
 DEFORMATION_MM = 1.5  # standard deviation of each of the family and individual deformations
+
+
+class SyntheticCohort(Params):
+    """The size and strength of a synthetic cohort (``study synth``, or ``cohort.synthetic``)."""
+
+    subjects: int = Field(60, ge=4)
+    voxel_size: float = Field(2.0, gt=0)  # isotropic voxel size of the written images, mm
+    shape: tuple[int, int, int] | None = None  # default: the MNI box at voxel_size
+    effect_size: float = Field(0.25, ge=0)  # relative volume and intensity change in the planted regions
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,7 @@ class _Fields:
 def _region_fields(grid: Grid, regions: tuple[PlantedRegion, ...]) -> tuple[np.ndarray, np.ndarray]:
     voxels = np.indices(grid.shape, dtype=np.float32)
     inv = np.linalg.inv(grid.affine)
-    voxel_size = abs(grid.affine[0, 0])
+    voxel_size = grid.voxel_mm
     profiles, offsets = [], []
     for region in regions:
         centre = (inv @ np.array([*region.centre_mm, 1.0]))[:3]
@@ -113,25 +122,21 @@ def _write_subject(
     nib.save(nib.Nifti1Image(volume, affine), str(path))
 
 
-def synthesize_cohort(
-    out: Path,
-    subjects: int,
-    voxel_size: float = 2.0,
-    shape: tuple[int, int, int] | None = None,
-    effect_size: float = 0.25,
-    seed: int = 0,
-    sibling_fraction: float = 0.4,
-) -> Path:
+def synthesize_cohort(out: Path, spec: SyntheticCohort, sibling_fraction: float = 0.4) -> Path:
     """Write a BIDS-like synthetic cohort to ``out`` and return its participants table.
 
     Writes ``participants.tsv`` (participant_id, sex, family_id, age),
     ``sub-XXXX/anat/sub-XXXX_T1w.nii.gz``, and under ``ground_truth/`` the
     planted effect map (``effect_map.nii.gz``) and ``planted.json``. The same
-    arguments give the same files.
+    arguments give the same files. Subjects are written by Ray tasks.
     """
+    import ray  # here, not at the top: the command line reads SyntheticCohort's defaults without Ray
     from nilearn.datasets import load_mni152_template
 
-    grid = Grid.from_config(PreprocessConfig(voxel_size=voxel_size, shape=shape))
+    from study.runtime import map_tasks
+
+    subjects, voxel_size, effect_size, seed = spec.subjects, spec.voxel_size, spec.effect_size, spec.seed
+    grid = Grid.mni(voxel_size, spec.shape)
     template = resample_to_grid(load_mni152_template(resolution=1 if voxel_size < 2 else 2), grid)
     profile, offset = _region_fields(grid, PLANTED_REGIONS)
     directions = np.array([r.direction for r in PLANTED_REGIONS], dtype=np.float32)
@@ -151,7 +156,6 @@ def synthesize_cohort(
     ids = [f"{i + 1:04d}" for i in range(subjects)]
     out.mkdir(parents=True, exist_ok=True)
 
-    init_ray()
     fields_ref = ray.put(fields)
     args = [
         (fields_ref, grid.affine, out / f"sub-{sid}/anat/sub-{sid}_T1w.nii.gz", int(sexes[i]), effect_size,

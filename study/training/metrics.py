@@ -23,3 +23,16 @@ def classification_metrics(labels: np.ndarray, p_male: np.ndarray) -> dict[str, 
         "false_negatives": float(fn),
         "true_positives": float(tp),
     }
+
+
+SUMMARY_METRICS = ("roc_auc", "balanced_accuracy", "accuracy", "sensitivity", "specificity")
+
+
+def cross_fold_summary(per_fold: list[dict[str, float]]) -> dict[str, float]:
+    """Mean and standard deviation over outer folds of each of :data:`SUMMARY_METRICS`."""
+    summary = {}
+    for name in SUMMARY_METRICS:
+        values = np.array([m[name] for m in per_fold])
+        summary[f"test_{name}_mean"] = float(np.nanmean(values))
+        summary[f"test_{name}_std"] = float(np.nanstd(values))
+    return summary

@@ -10,49 +10,22 @@ trials are kept and the Optuna sampler keeps its history.
 
 from __future__ import annotations
 
-import operator
-import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pandas as pd
-import yaml
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from study.config import SearchConfig, SearchDimension, StudyConfig, split_params
-from study.crossval import fit
+from study.config import ResourcesConfig, SearchConfig, SearchDimension
+from study.runtime import environment
 from study.storage import join
-from study.train import TrainingData
-
-_CONDITION = re.compile(r"^\s*(\w+)\s*(==|!=|>=|<=|>|<)\s*(.+?)\s*$")
-_OPERATORS = {"==": operator.eq, "!=": operator.ne, ">=": operator.ge, "<=": operator.le,
-              ">": operator.gt, "<": operator.lt}
-
-
-@dataclass
-class Trial:
-    """One finished (or stopped, or failed) trial of a search."""
-
-    trial_id: str
-    params: dict[str, Any]
-    history: pd.DataFrame
-    status: str  # completed | stopped_early | errored
-    score: float
-
-
-def _holds(condition: str, sampled: dict[str, Any]) -> bool:
-    match = _CONDITION.match(condition)
-    if match is None:
-        raise ValueError(f"search condition {condition!r}: expected 'KEY OP VALUE', e.g. 'blocks > 2'")
-    key, op, raw = match.groups()
-    return key in sampled and _OPERATORS[op](sampled[key], yaml.safe_load(raw))
+from study.training.crossval import SearchResult, Trial, TrainingSetup, fit
+from study.training.loop import TrainingData
 
 
 def _suggest(trial: optuna.Trial, key: str, dim: SearchDimension) -> Any:
@@ -71,45 +44,44 @@ class DefineByRun:
     A class rather than a closure: Tune pickles the searcher with its state.
     """
 
-    def __init__(self, search: SearchConfig):
-        self.space = search.space
+    def __init__(self, space: dict[str, SearchDimension]):
+        self.space = space
 
     def __call__(self, trial: optuna.Trial) -> None:
         sampled: dict[str, Any] = {}
         for key, dim in self.space.items():
-            if dim.when is None or _holds(dim.when, sampled):
+            condition = dim.condition
+            if condition is None or condition.holds(sampled):
                 sampled[key] = _suggest(trial, key, dim)
 
 
-def _run_trial(params: dict[str, Any], study: StudyConfig, data: TrainingData, storage: str,
-               audit_root: Path | None) -> None:
+def _run_trial(params: dict[str, Any], base: TrainingSetup, data: TrainingData, storage: str,
+               resources: ResourcesConfig, audit_root: Path | None) -> None:
     trial_id = tune.get_context().get_trial_id()
-    arch, train = split_params(params)
     audit = None
     if audit_root is not None:
         audit = audit_root / trial_id
         audit.mkdir(parents=True, exist_ok=True)
-    fit(study, {**study.model.arch(), **arch}, data, f"trial_{trial_id}", storage, train_overrides=train,
-        audit_dir=audit, callbacks=[TuneReportCallback()])
+    fit(base.with_params(params), data, f"trial_{trial_id}", storage, resources, audit_dir=audit,
+        callbacks=[TuneReportCallback()])
 
 
-def _tuner(config: StudyConfig, data: TrainingData, storage: str, name: str, audit_root: Path | None,
-           seed: int) -> tune.Tuner:
-    search = config.search
+def _tuner(search: SearchConfig, base: TrainingSetup, data: TrainingData, storage: str, name: str,
+           resources: ResourcesConfig, audit_root: Path | None, seed: int) -> tune.Tuner:
     path = join(storage, name)
     trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, study=config, data=data, storage=join(path, "trainings"),
-                             audit_root=audit_root),
+        tune.with_parameters(_run_trial, base=base, data=data, storage=join(path, "trainings"),
+                             resources=resources, audit_root=audit_root),
         {"CPU": 0.01},  # the trial only drives its TorchTrainer, whose workers hold the resources
     )
     if tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     sampler = optuna.samplers.TPESampler(seed=seed)
     searcher = ConcurrencyLimiter(
-        OptunaSearch(space=DefineByRun(search), metric=search.metric, mode=search.mode, sampler=sampler),
+        OptunaSearch(space=DefineByRun(search.space), metric=search.metric, mode=search.mode, sampler=sampler),
         max_concurrent=search.max_concurrent,
     )
-    scheduler = (ASHAScheduler(max_t=config.train.epochs, grace_period=search.grace_period)
+    scheduler = (ASHAScheduler(max_t=base.train.epochs, grace_period=search.grace_period)
                  if search.scheduler == "asha" else FIFOScheduler())
     return tune.Tuner(
         trainable,
@@ -124,24 +96,44 @@ def _trial_id(result: tune.Result) -> str:
     return str((result.metrics or {}).get("trial_id") or Path(result.path).name)
 
 
-def search_fold(config: StudyConfig, data: TrainingData, storage: str, fold: int,
-                audit_root: Path | None = None) -> tuple[dict[str, Any], list[Trial]]:
+def search_fold(search: SearchConfig, base: TrainingSetup, data: TrainingData, storage: str, fold: int,
+                resources: ResourcesConfig, audit_root: Path | None = None) -> SearchResult:
     """Search one outer fold in Ray ``storage`` (resuming it if interrupted).
 
-    Returns the best sampled params and every trial.
+    Parameters
+    ----------
+    search : SearchConfig
+        The space, the number of trials, the scheduler and the metric.
+    base : TrainingSetup
+        The architecture and recipe that sampled keys override.
+    data : TrainingData
+        The fold's first inner split: the only subjects a trial sees.
+    storage : str
+        Ray storage (a path or a cloud URI) for the search's state and checkpoints.
+    fold : int
+        The outer fold; names the search and seeds its sampler.
+    resources : ResourcesConfig
+        Workers and devices of each trial's training.
+    audit_root : Path, optional
+        Record which subjects each trial's workers read (tests prove no leak with it).
+
+    Returns
+    -------
+    SearchResult
+        Every trial (completed, stopped early by ASHA, or failed) and the best params.
     """
-    search = config.search
     # Ctrl-C must stop the study. Tune's own handler would end the search early and return, and the
     # study would go on with a partial search; the interrupted search resumes from its saved state.
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    results = _tuner(config, data, storage, f"fold{fold}", audit_root, seed=search.seed + fold).fit()
+    with environment(TUNE_DISABLE_SIGINT_HANDLER="1"):
+        results = _tuner(search, base, data, storage, f"fold{fold}", resources, audit_root,
+                         seed=search.seed + fold).fit()
     trials = []
     for result in results:
         history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
         if result.error is not None or history.empty:
             status, score = "errored", float("nan")
         else:
-            status = "completed" if len(history) >= config.train.epochs else "stopped_early"
+            status = "completed" if len(history) >= base.train.epochs else "stopped_early"
             column = history[search.metric]
             score = float(column.min() if search.mode == "min" else column.max())
         trials.append(Trial(_trial_id(result), dict(result.config), history, status, score))
@@ -150,4 +142,4 @@ def search_fold(config: StudyConfig, data: TrainingData, storage: str, fold: int
         raise RuntimeError(f"every trial of the search in {join(storage, f'fold{fold}')} failed; "
                            "see the Tune logs there")
     best = (min if search.mode == "min" else max)(scored, key=lambda t: t.score)
-    return best.params, trials
+    return SearchResult(search.metric, best.params, trials)

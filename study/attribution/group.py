@@ -14,6 +14,13 @@ from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
 
+def unmask(values: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """Values of the brain voxels back on the grid of ``brain`` (zero outside it)."""
+    volume = np.zeros(brain.shape, dtype=np.float32)
+    volume[brain] = values
+    return volume
+
+
 def normalize(maps: np.ndarray) -> np.ndarray:
     """Each subject's map divided by its 99.5th percentile and clipped to [0, 1].
 

@@ -1,0 +1,67 @@
+"""A study's cohort made ready: generated if synthetic and missing, checked, preprocessed, split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from study.config import CVConfig, PreprocessConfig
+from study.data.cache import VolumeCache, build_cache
+from study.data.cohort import Cohort, CohortConfig, Problem, load_cohort
+from study.data.splits import OuterFold, load_splits, make_splits, save_splits
+from study.data.synth import synthesize_cohort
+
+
+class StudyError(RuntimeError):
+    """A study that cannot start or go on; the message says why and what to do."""
+
+
+@dataclass
+class PreparedCohort:
+    """The usable subjects, their cache, and the subjects left out (with reasons)."""
+
+    cohort: Cohort
+    cache: VolumeCache
+    excluded: list[Problem]
+    preprocessed: int  # subjects preprocessed now (the rest came from the cache)
+    synthesized: bool  # the cohort was generated now
+
+
+def prepare_cohort(cohort_config: CohortConfig, preprocess: PreprocessConfig) -> PreparedCohort:
+    """Load, check and preprocess the cohort; refuse or exclude bad subjects as configured.
+
+    Every problem is reported at once. Subjects preprocessed before a refusal
+    stay in the cache, so the rerun after a fix only redoes what changed.
+    """
+    synthetic = cohort_config.synthetic
+    synthesized = synthetic is not None and not cohort_config.participants_paths[0].exists()
+    if synthesized:
+        synthesize_cohort(cohort_config.root, synthetic)
+    cohort = load_cohort(cohort_config)
+    build = build_cache(cohort, preprocess.grid, preprocess.cache_dir, preprocess.normalize)
+    problems = cohort.problems + build.problems
+    if problems and cohort_config.on_invalid == "refuse":
+        listing = "\n".join(f"  {p}" for p in problems)
+        raise StudyError(
+            f"{len(problems)} problems in the cohort (subject, file, problem):\n{listing}\n"
+            "Fix them and run again (finished subjects stay cached), or set cohort.on_invalid: exclude "
+            "to leave these subjects out."
+        )
+    if build.cache is None:
+        raise StudyError("no subject could be preprocessed; see the problems above")
+    cached = set(build.cache.subject_ids)
+    usable = Cohort([s for s in cohort.subjects if s.subject_id in cached], warnings=cohort.warnings)
+    return PreparedCohort(usable, build.cache, problems, len(build.computed), synthesized)
+
+
+def make_or_load_splits(cv: CVConfig, cohort: Cohort, path: Path) -> list[OuterFold]:
+    """The study's splits: reused from ``path`` (``splits.json``) when made for this very cohort and CV."""
+    made_for = f"{cohort.fingerprint()} outer={cv.outer_folds} inner={cv.inner_folds} seed={cv.seed}"
+    if path.exists():
+        saved_for, folds = load_splits(path)
+        if saved_for == made_for:
+            return folds
+    families = [s.family_id for s in cohort.subjects]
+    folds = make_splits(cohort.ids, cohort.labels, families, cv.outer_folds, cv.inner_folds, cv.seed)
+    save_splits(folds, path, made_for)
+    return folds

@@ -1,0 +1,111 @@
+"""The figures of a study: ROC curves, confusion matrices, brain maps, method agreement, sanity checks.
+
+Each function returns a matplotlib ``Figure`` made without pyplot, so no
+backend is chosen and nothing global changes.
+"""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from sklearn.metrics import roc_curve
+
+from study.attribution import METHODS
+
+
+def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str) -> Figure:
+    """ROC curves, one per name: ``{name: (labels, p_male)}`` (male = positive)."""
+    fig = Figure(figsize=(4.2, 4.2), dpi=110)
+    ax = fig.subplots()
+    for name, (labels, scores) in curves.items():
+        if len(np.unique(labels)) == 2:
+            fpr, tpr, _ = roc_curve(labels, scores)
+            ax.plot(fpr, tpr, lw=1.5, label=name)
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
+    ax.set(xlabel="1 - specificity (females called male)", ylabel="sensitivity (males called male)",
+           title=title, xlim=(0, 1), ylim=(0, 1.01), aspect="equal")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(metrics: dict[str, float], title: str) -> Figure:
+    """The 2x2 confusion matrix of a fold (rows: true sex, columns: predicted sex)."""
+    matrix = np.array([[metrics["true_negatives"], metrics["false_positives"]],
+                       [metrics["false_negatives"], metrics["true_positives"]]])
+    fig = Figure(figsize=(3.4, 3.0), dpi=110)
+    ax = fig.subplots()
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), count in np.ndenumerate(matrix):
+        ax.text(j, i, int(count), ha="center", va="center",
+                color="white" if count > matrix.max() / 2 else "black", fontsize=12)
+    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["female", "male"], yticklabels=["female", "male"],
+           xlabel="predicted", ylabel="true", title=title)
+    fig.tight_layout()
+    return fig
+
+
+def brain_figure(image: nib.Nifti1Image, title: str, kind: str = "ortho", symmetric: bool = False,
+                 top_percent: float = 10.0) -> Figure:
+    """A map over the MNI152 template, orthogonal slices or a glass brain.
+
+    Only the top ``top_percent`` of non-zero voxels are coloured (all of them
+    for a symmetric, already thresholded statistic map), so the anatomy and
+    the strongest regions stay readable.
+    """
+    from nilearn import plotting
+
+    figure = Figure(figsize=(6.2, 2.3))
+    data = np.abs(np.asarray(image.dataobj))
+    values = data[data != 0]
+    vmax = float(np.percentile(values, 99.5)) if values.size else 1.0
+    threshold = 1e-6 if symmetric or not values.size else float(np.percentile(values, 100 - top_percent))
+    common = {"figure": figure, "title": title, "colorbar": True, "vmax": vmax, "threshold": threshold}
+    if kind == "glass":
+        plotting.plot_glass_brain(image, plot_abs=not symmetric, cmap="RdBu_r" if symmetric else "hot",
+                                  vmin=-vmax if symmetric else 0, **common)
+    else:
+        plotting.plot_stat_map(image, display_mode="ortho", cmap="RdBu_r" if symmetric else "hot",
+                               symmetric_cbar=symmetric, **common)
+    return figure
+
+
+def agreement_figure(agreement: pd.DataFrame, methods: list[str]) -> Figure:
+    """Heatmap of the per-subject Spearman correlation between every pair of methods."""
+    index = {m: i for i, m in enumerate(methods)}
+    matrix = np.eye(len(methods))
+    for row in agreement.itertuples():
+        i, j = index[row.method_a], index[row.method_b]
+        matrix[i, j] = matrix[j, i] = row.spearman_subject_mean
+    figure = Figure(figsize=(1.3 * len(methods) + 1.8, 1.1 * len(methods) + 1.2))
+    ax = figure.subplots()
+    image = ax.imshow(matrix, cmap="viridis", vmin=-1, vmax=1)
+    labels = [METHODS.get(m, m) for m in methods]
+    ax.set_xticks(range(len(methods)), labels, rotation=30, ha="right")
+    ax.set_yticks(range(len(methods)), labels)
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.5 else "black")
+    ax.set_title("Spearman correlation of maps (mean over subjects)", fontsize=9)
+    figure.colorbar(image, ax=ax, fraction=0.046)
+    return figure
+
+
+def sanity_figure(cascade: pd.DataFrame) -> Figure:
+    """Similarity to the original maps as layers are randomized from the top."""
+    figure = Figure(figsize=(6.5, 3.0))
+    axes = figure.subplots(1, 2, sharey=True)
+    steps = cascade.drop_duplicates("step").sort_values("step")
+    for ax, metric in zip(axes, ("spearman", "ssim")):
+        for method, rows in cascade.groupby("method"):
+            rows = rows.sort_values("step")
+            ax.plot([0, *rows.step], [1.0, *rows[metric]], marker="o", label=METHODS.get(method, method))
+        ax.set_xticks([0, *steps.step], ["original", *steps.randomized_down_to], rotation=35, ha="right", fontsize=8)
+        ax.set_ylim(-0.2, 1.05)
+        ax.set_title(f"{metric} to original maps", fontsize=9)
+        ax.axhline(0, c="grey", lw=0.6)
+    axes[0].legend(fontsize=7)
+    figure.suptitle("Cascading model-parameter randomization", fontsize=10)
+    figure.tight_layout()
+    return figure

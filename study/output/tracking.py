@@ -1,0 +1,192 @@
+"""MLflow through its client: runs, params, metrics, artifacts and logged models of one experiment.
+
+Only the driver writes to MLflow, one call at a time, so concurrent folds can
+never corrupt or lock a SQLite store. Every call names its run explicitly (no
+active-run state), and runs carry tags (study name, fold, trial) by which they
+are found again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import matplotlib.figure
+import mlflow.pytorch
+import numpy as np
+import pandas as pd
+import requests
+from mlflow.entities import LoggedModelOutput, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from study.storage import project_dir
+
+
+class TrackingError(RuntimeError):
+    """MLflow cannot be used (server unreachable, bad URI); the message says what to do."""
+
+
+def default_uri() -> str:
+    """``mlflow.db`` (SQLite) in the project directory: the current one, or ``$STUDY_HOME``."""
+    return f"sqlite:///{project_dir() / 'mlflow.db'}"
+
+
+def tracking_uri(configured: str | None) -> str:
+    """The configured URI, else ``$MLFLOW_TRACKING_URI``, else :func:`default_uri`."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
+
+
+def is_tracking_failure(err: BaseException) -> bool:
+    """True when ``err`` comes from MLflow or the connection to its server (not from the study)."""
+    return isinstance(err, (MlflowException, requests.RequestException))
+
+
+def _check_reachable(uri: str) -> None:
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+    except requests.RequestException as err:
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({type(err).__name__}). Start it "
+            f"(mlflow server --host 127.0.0.1 --port 5000), fix tracking.uri / MLFLOW_TRACKING_URI, "
+            f"or unset both to log to {default_uri()}."
+        ) from None
+
+
+def _local_artifacts(uri: str) -> str:
+    """``mlartifacts/`` beside a ``sqlite:///`` database file (else in the project directory)."""
+    database = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
+    folder = Path(database).resolve().parent if database else project_dir()
+    return (folder / "mlartifacts").as_uri()
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested dicts as ``a.b.c`` keys with text values (MLflow params)."""
+    flat: dict[str, str] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = str(value)
+    return flat
+
+
+class Tracker:
+    """One MLflow experiment, written through ``MlflowClient``.
+
+    Parameters
+    ----------
+    uri : str
+        Tracking URI: ``sqlite:///...``, a server ``http://...``, ...
+    experiment : str
+        Experiment name; created (with local artifacts in ``mlartifacts/`` beside
+        a SQLite file) when missing.
+    """
+
+    def __init__(self, uri: str, experiment: str):
+        self.uri = uri
+        _check_reachable(uri)
+        self.client = MlflowClient(uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            # Local stores keep artifacts beside the database, in mlartifacts/; servers choose their own.
+            location = None if uri.startswith(("http", "databricks")) else _local_artifacts(uri)
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            self.experiment_id = found.experiment_id
+
+    def start_run(self, name: str, tags: dict[str, str], parent: str | None = None) -> str:
+        """A new run (nested under ``parent`` when given); returns its id."""
+        tags = ({"mlflow.parentRunId": parent} if parent else {}) | tags
+        return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+
+    def children(self, parent: str) -> list:
+        """The runs nested directly under ``parent``."""
+        return self.client.search_runs([self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+
+    def log_history(self, run_id: str, history: pd.DataFrame) -> None:
+        """Per-epoch curves, one step per epoch."""
+        metrics = []
+        for _, row in history.iterrows():
+            step = int(row["epoch"])
+            for key, value in row.items():
+                if key != "epoch" and isinstance(value, (int, float, np.number)) and np.isfinite(value):
+                    metrics.append(Metric(key, float(value), 0, step))
+        for start in range(0, len(metrics), 900):
+            self.client.log_batch(run_id, metrics=metrics[start:start + 900])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], prefix: str = "") -> None:
+        finite = [Metric(prefix + k, float(v), 0, 0) for k, v in metrics.items() if np.isfinite(v)]
+        self.client.log_batch(run_id, metrics=finite)
+
+    def log_params(self, run_id: str, params: dict[str, Any], prefix: str = "") -> None:
+        flat = flatten(params)
+        params = [Param(prefix + k, v[:6000]) for k, v in flat.items()]
+        for start in range(0, len(params), 100):
+            self.client.log_batch(run_id, params=params[start:start + 100])
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+    def log_text(self, run_id: str, text: str, path: str) -> None:
+        self.client.log_text(run_id, text, path)
+
+    def log_table(self, run_id: str, table: pd.DataFrame, path: str) -> None:
+        self.log_text(run_id, table.to_csv(index=False, sep="\t" if path.endswith(".tsv") else ","), path)
+
+    def log_figure(self, run_id: str, figure: matplotlib.figure.Figure, path: str) -> None:
+        self.client.log_figure(run_id, figure, path)
+
+    def log_file(self, run_id: str, local_path: Path, directory: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(local_path), directory)
+
+    def log_model(self, run_id: str, model: Any, input_shape: tuple[int, ...], name: str = "model") -> str:
+        """Log a torch model as a logged model of ``run_id``; returns its model id.
+
+        Pickle format, so that its modules stay hookable for attribution; loading
+        it needs the ``study`` package importable. Requirements are declared, as
+        MLflow's own inference starts a subprocess and costs ~15 s a model.
+        """
+        example = np.zeros((2, 1, *input_shape), dtype=np.float32)  # batch 2: a free batch dimension
+        requirements = [f"torch=={version('torch').split('+')[0]}", f"numpy=={version('numpy')}"]
+        logged = self.client.create_logged_model(self.experiment_id, name=name, source_run_id=run_id)
+        with tempfile.TemporaryDirectory() as tmp, _quiet("mlflow.pytorch"):
+            mlflow.pytorch.save_model(model.cpu(), Path(tmp) / name, input_example=example,
+                                      serialization_format="pickle", pip_requirements=requirements,
+                                      metadata={"model_id": logged.model_id})
+            self.client.log_model_artifacts(logged.model_id, str(Path(tmp) / name))
+        self.client.finalize_logged_model(logged.model_id, "READY")
+        self.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+        return logged.model_id
+
+    def reopen(self, run_id: str) -> None:
+        """Mark an interrupted run as running again (a resumed study)."""
+        self.client.update_run(run_id, status="RUNNING")
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+    def run_url(self, run_id: str) -> str:
+        if self.uri.startswith("http"):
+            return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return f"mlflow ui --backend-store-uri {self.uri}  (then open http://127.0.0.1:5000)"
+
+
+class _quiet:
+    """Raise a logger's level to ERROR inside a block (MLflow warns about pickle on every save)."""
+
+    def __init__(self, name: str):
+        self.logger = logging.getLogger(name)
+
+    def __enter__(self) -> None:
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.setLevel(self.level)

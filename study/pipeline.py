@@ -1,0 +1,96 @@
+"""A study from end to end: what ``study run CONFIG`` does, in the README's order.
+
+1. the cohort: checked and preprocessed into the cache;  2. the splits;
+3. per outer fold: search (if configured), train on Ray Train, test;
+4. attribution maps of every held-out subject;  5. their group analysis and
+sanity checks;  6. everything published to MLflow, the report and the console.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from study.attribution.analysis import explain_study
+from study.config import StudyConfig
+from study.data.prepare import PreparedCohort, StudyError, make_or_load_splits, prepare_cohort
+from study.output.publish import Publisher
+from study.runtime import start_ray, unsatisfiable
+from study.state import StageTimes, Study, resume_or_start
+from study.storage import join
+from study.training.crossval import cross_validate
+
+
+def study_dir(config: StudyConfig) -> Path:
+    """Where a study keeps its splits, state, finished folds, maps, report and (by default) Ray storage."""
+    return config.output_dir.resolve() / config.name
+
+
+def open_study(config: StudyConfig, prepared: PreparedCohort, restart: bool = False, audit: bool = False,
+               times: StageTimes | None = None) -> Study:
+    """The :class:`Study` of this execution: splits made or reused, an unfinished execution resumed."""
+    directory = study_dir(config)
+    directory.mkdir(parents=True, exist_ok=True)
+    folds = make_or_load_splits(config.cv, prepared.cohort, directory / "splits.json")
+    state, resumed = resume_or_start(config, directory, restart)
+    # Each execution has its own Ray storage: a resume finds its checkpoints, a fresh start meets none of old.
+    storage = join(config.storage_path, config.name, state.execution) if config.storage_path \
+        else join(directory / "ray", state.execution)
+    return Study(config, prepared.cohort, prepared.cache, prepared.excluded, folds, state, resumed, directory,
+                 storage, audit, times or StageTimes())
+
+
+def _check_resources(config: StudyConfig) -> None:
+    """Refuse at once what this Ray can never run, instead of waiting for it forever."""
+    resources = config.resources
+    problems = [unsatisfiable(resources.worker_bundle, "a training worker (resources.cpus_per_worker, "
+                                                       "gpus_per_worker, use_gpu)")]
+    if config.attribution is not None and resources.use_gpu:
+        problems.append(unsatisfiable({"CPU": 1, "GPU": config.attribution.gpus_per_actor},
+                                      "an attribution actor (attribution.gpus_per_actor)"))
+    problems = [p for p in problems if p]
+    if problems:
+        raise StudyError("; ".join(problems) + ". Lower the request, set resources.use_gpu=false, or run where "
+                                               "such a node exists.")
+
+
+def run_study(config: StudyConfig, restart: bool = False, audit: bool = False) -> str:
+    """Carry out a study, or continue an unfinished execution of it.
+
+    Parameters
+    ----------
+    config : StudyConfig
+        The study (see :func:`study.config.load_config`).
+    restart : bool
+        Start a new execution even if an unfinished one exists.
+    audit : bool
+        Record which subjects each training worker read (tests prove there is no leak with it).
+
+    Returns
+    -------
+    str
+        The MLflow run id of the study.
+
+    Notes
+    -----
+    Each finished fold is saved under the study directory before it is logged,
+    so a tracking server that goes away loses nothing: the rerun logs it.
+    """
+    publisher = Publisher(config)  # fails fast when MLflow is unreachable
+    ray_description = start_ray(config.resources.num_cpus)
+    _check_resources(config)
+    times = StageTimes()
+    with times.stage("preprocessing"):
+        prepared = prepare_cohort(config.cohort, config.preprocess)
+    study = open_study(config, prepared, restart, audit, times)
+    publisher.start(study, prepared, ray_description)
+    with publisher.recording(study):
+        results = []
+        for result in cross_validate(study):
+            publisher.fold(study, result)
+            results.append(result)
+        results.sort(key=lambda r: r.fold)
+        publisher.classification(study, results)
+        if config.attribution is not None:
+            publisher.attribution(study, explain_study(study, results))
+        publisher.finish(study)
+    return study.state.parent_run

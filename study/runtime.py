@@ -1,0 +1,222 @@
+"""Where work runs: Ray start-up, a parallel map with a progress bar, and the device policy.
+
+Owns every decision about processes and devices: joining or starting Ray (and
+turning its failures into one sentence), checking that the cluster can ever
+run what a study asks for, and the one rule for device, bf16 autocast and
+memory format that training, testing and attribution all follow. It knows
+nothing about studies, configs or MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import torch
+from tqdm.auto import tqdm
+
+# Lines that Ray's own processes print at error level although nothing is wrong for a study:
+# Ray Train's PreemptionWatcher actor warns at every training that its arguments live in the object store.
+_NOT_ERRORS = ("has constructor arguments in the object store and max_restarts > 0",)
+
+
+class RayStartError(RuntimeError):
+    """Ray could not be started or joined; the message says what to do."""
+
+
+def start_ray(num_cpus: int | None = None) -> str:
+    """Join the cluster a job runs in (``RAY_ADDRESS``) or start a local Ray; once per process.
+
+    Parameters
+    ----------
+    num_cpus : int, optional
+        CPUs of a local Ray (default: all). Ignored on a cluster, whose
+        resources are its own.
+
+    Returns
+    -------
+    str
+        One line that says which Ray this is and what it has.
+
+    Notes
+    -----
+    A local Ray requires its token: Ray 2.60's ``ray.init()`` turns token
+    authentication on when ``RAY_AUTH_MODE`` is unset, creating
+    ``~/.ray/auth_token`` if it is missing. Ray reads that variable once, at
+    ``import ray``, so nothing here sets it: a driver that imported Ray in
+    ``disabled`` mode would start a GCS that inherits ``token`` and cannot talk to it.
+    """
+    if ray.is_initialized():
+        return _describe("this Ray")
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        _check_listening(address)
+        try:
+            ray.init(address=address)
+        except (ConnectionError, ray.exceptions.AuthenticationError) as err:
+            raise RayStartError(
+                f"could not join the Ray cluster at {address} (RAY_ADDRESS): {_first_line(err)}. "
+                "If the cluster requires its token, export RAY_AUTH_MODE=token so that this process sends "
+                "~/.ray/auth_token (or set RAY_AUTH_TOKEN); to run on a local Ray instead, unset RAY_ADDRESS."
+            ) from None
+        description = _describe(f"joined the Ray cluster at {address}")
+    else:
+        try:
+            ray.init(num_cpus=num_cpus)
+        except Exception as err:  # noqa: BLE001 - any failure to start is reported the same way
+            raise RayStartError(
+                f"could not start a local Ray: {_first_line(err)}. Its logs are under /tmp/ray/session_latest/logs; "
+                "`ray stop` ends a Ray left over from an earlier run."
+            ) from None
+        description = _describe("started a local Ray")
+    _hide_worker_lines(_NOT_ERRORS)
+    return description
+
+
+def _describe(what: str) -> str:
+    resources = ray.cluster_resources()
+    return f"{what}: " + ", ".join(f"{resources.get(k, 0):g} {k}" for k in ("CPU", "GPU"))
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _check_listening(address: str) -> None:
+    """Fail at once, not after minutes of retries, when nothing listens at a ``host:port`` address."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return  # "auto", ray:// and other forms: leave them to ray.init
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as err:
+        raise RayStartError(
+            f"no Ray cluster answers at {address} (RAY_ADDRESS): {err.strerror or err}. Start it "
+            "(ray start --head), fix RAY_ADDRESS, or unset it to run on a local Ray."
+        ) from None
+
+
+def _hide_worker_lines(needles: Sequence[str]) -> None:
+    """Drop the forwarded worker log lines that contain one of ``needles`` from the console.
+
+    Ray prints its workers' output through one handler of the driver
+    (``ray._private.worker``, Ray 2.60); this wraps that handler. The lines stay
+    in the session's log files.
+    """
+    from ray._private import worker as ray_worker
+
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher
+    printers = [handler for name, handler in dispatcher.handlers if name == "ray_print_logs"]
+    if not printers:  # log_to_driver is off
+        return
+
+    def filtered(data: dict[str, Any]) -> None:
+        lines = [line for line in data.get("lines", []) if not any(n in line for n in needles)]
+        if lines:
+            printers[0]({**data, "lines": lines})
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", filtered)
+
+
+def unsatisfiable(bundle: dict[str, float], what: str) -> str | None:
+    """Why no node of this Ray can ever run ``bundle`` (e.g. ``{"CPU": 1, "GPU": 1}``), or None.
+
+    Checked against the largest node of each resource that the cluster has now;
+    on a local Ray that is final. ``what`` names the request in the message.
+    """
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if any(all(node.get(k, 0) >= v for k, v in bundle.items() if v) for node in nodes):
+        return None
+    largest = {k: max((node.get(k, 0) for node in nodes), default=0) for k in bundle}
+    asked = ", ".join(f"{v:g} {k}" for k, v in bundle.items() if v)
+    has = ", ".join(f"{v:g} {k}" for k, v in largest.items())
+    return f"{what} asks for {asked} on one node, but the largest node of this Ray has {has}"
+
+
+def map_tasks(
+    fn: Callable[..., Any], args: Sequence[tuple], desc: str, num_cpus: float = 1
+) -> Iterator[tuple[int, Any, Exception | None]]:
+    """Run ``fn(*a)`` for each ``a`` in ``args`` as Ray tasks; yield as each finishes.
+
+    Yields ``(index, result, error)``: an exception raised by ``fn`` comes back
+    as ``error`` instead of stopping the other tasks, so every failure is seen
+    at once and every success can be kept.
+    """
+    remote = ray.remote(num_cpus=num_cpus, max_retries=0)(_capture).options(name=desc)
+    pending = {remote.remote(fn, *a): i for i, a in enumerate(args)}
+    with tqdm(total=len(pending), desc=desc, unit="subject", disable=not pending) as bar:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            index = pending.pop(done[0])
+            result, error = ray.get(done[0])
+            bar.update(1)
+            yield index, result, error
+
+
+def _capture(fn: Callable[..., Any], *args: Any) -> tuple[Any, Exception | None]:
+    try:
+        return fn(*args), None
+    except Exception as err:  # noqa: BLE001 - returned to the caller, who reports it
+        return None, err
+
+
+def worker_device() -> torch.device:
+    """The device of this Ray task or actor: its GPU when Ray gave it one, else the CPU."""
+    on_gpu = ray.is_initialized() and bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+    return torch.device("cuda" if on_gpu else "cpu")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How tensors run on a device: bf16 autocast and the channels-last 3D memory format.
+
+    The one rule, for training, testing and attribution alike: on a GPU both are
+    on (channels_last_3d is what makes 3D convolutions fast there), on a CPU both off,
+    unless asked otherwise.
+    """
+
+    device: torch.device
+    bf16: bool
+    channels_last: bool
+
+    @classmethod
+    def choose(cls, device: torch.device, precision: str = "auto", channels_last: bool | None = None) -> "Precision":
+        """``precision`` is ``auto`` (bf16 on GPU), ``bf16`` or ``fp32``; ``channels_last`` None follows the device."""
+        gpu = device.type == "cuda"
+        bf16 = precision == "bf16" or (precision == "auto" and gpu)
+        return cls(device, bf16, gpu if channels_last is None else channels_last)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context for forward passes."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def volumes(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch [batch, 1, D, H, W] on the device, in the memory format."""
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last_3d) if self.channels_last else x
+
+    def model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` moved to the device, in the memory format."""
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last_3d) if self.channels_last else model
+
+
+@contextlib.contextmanager
+def environment(**variables: str) -> Iterator[None]:
+    """Set environment variables for the duration of a block, then restore them."""
+    before = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

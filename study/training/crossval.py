@@ -1,0 +1,198 @@
+"""Cross-validation: for each outer fold, search (if configured), train on Ray Train, test once.
+
+:func:`cross_validate` is the stage: it yields one :class:`FoldResult` per
+outer fold as each finishes (up to ``resources.concurrent_folds`` at once) and
+keeps each in ``<study dir>/folds/`` first, so a rerun yields finished folds
+without training them again.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import ray
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from study.config import SEARCHABLE_TRAIN_KEYS, ResourcesConfig, TrainConfig
+from study.data.cache import CachedVolumes
+from study.data.cohort import CLASS_NAMES
+from study.runtime import Precision, worker_device
+from study.state import Study
+from study.storage import join, replace_atomically
+from study.training.loop import TrainingData, load_history, load_model, predict, train_loop_per_worker
+from study.training.metrics import classification_metrics
+from study.training.models import Architecture
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """What one training uses: the architecture and the training recipe, both validated."""
+
+    architecture: Architecture
+    train: TrainConfig
+
+    def with_params(self, params: dict[str, Any]) -> "TrainingSetup":
+        """This setup with searched keys applied; each side is validated as a whole."""
+        arch = {k: v for k, v in params.items() if k not in SEARCHABLE_TRAIN_KEYS}
+        train = {k: v for k, v in params.items() if k in SEARCHABLE_TRAIN_KEYS}
+        return TrainingSetup(Architecture(**{**self.architecture.model_dump(), **arch}),
+                             TrainConfig.model_validate({**self.train.model_dump(), **train}))
+
+
+@dataclass
+class Trial:
+    """One finished (or stopped, or failed) trial of a search."""
+
+    trial_id: str
+    params: dict[str, Any]
+    history: pd.DataFrame
+    status: str  # completed | stopped_early | errored
+    score: float
+
+
+@dataclass
+class SearchResult:
+    """A fold's search: every trial and the best sampled params under ``metric``."""
+
+    metric: str
+    best: dict[str, Any]
+    trials: list[Trial]
+
+    @property
+    def best_score(self) -> float:
+        return next(t.score for t in self.trials if t.params == self.best)
+
+
+@dataclass
+class FoldResult:
+    """What an outer fold produced: the setup it trained, curves, the model, its held-out test results."""
+
+    fold: int
+    setup: TrainingSetup
+    history: pd.DataFrame  # one row per epoch: train/val loss, accuracy, AUC, seconds
+    checkpoint: ray.train.Checkpoint  # the best model (lowest validation loss)
+    test_metrics: dict[str, float]
+    predictions: pd.DataFrame  # subject_id, sex, p_male, predicted
+    seconds: dict[str, float]  # training, Ray set-up, testing (and search, when there was one)
+    search: SearchResult | None = None
+
+    @property
+    def labels(self) -> np.ndarray:
+        """True sex of the held-out subjects, 1 male, 0 female, in predictions order."""
+        return (self.predictions["sex"] == CLASS_NAMES[1]).to_numpy(int)
+
+
+def training_data(study: Study, train_ids: list[str], val_ids: list[str]) -> TrainingData:
+    """The labelled training and validation subjects of one run."""
+    return TrainingData(study.cache, train_ids, study.labels(train_ids), val_ids, study.labels(val_ids))
+
+
+def fit(setup: TrainingSetup, data: TrainingData, name: str, storage_path: str, resources: ResourcesConfig,
+        audit_dir: Path | None = None, callbacks: list | None = None) -> ray.train.Result:
+    """Train one model with a TorchTrainer (DDP over ``resources.num_workers``).
+
+    ``name`` is its stable run name in ``storage_path`` (a path or a cloud URI):
+    a rerun of the same name continues from its last checkpoint, as does a run
+    that lost a worker (up to ``resources.max_failures`` times).
+    """
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"architecture": setup.architecture, "train": setup.train, "data": data,
+                           "audit_dir": str(audit_dir) if audit_dir else None},
+        scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
+                                     resources_per_worker=resources.worker_bundle),
+        run_config=RunConfig(
+            name=name, storage_path=storage_path, callbacks=callbacks,
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=resources.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING"),  # not every epoch's report on the console
+        ),
+    )
+    return trainer.fit()
+
+
+def _predict_checkpoint(checkpoint: ray.train.Checkpoint, dataset: CachedVolumes, train: TrainConfig) -> np.ndarray:
+    precision = Precision.choose(worker_device(), train.precision, train.channels_last)
+    return predict(load_model(checkpoint, precision.device), dataset, train.batch_size, precision)
+
+
+def train_and_test(fold: int, setup: TrainingSetup, data: TrainingData, test_ids: list[str], test_labels: np.ndarray,
+                   storage_path: str, resources: ResourcesConfig, audit_dir: Path | None = None) -> FoldResult:
+    """Train ``setup`` on ``data`` (early stopping on its validation split), then test on the held-out subjects."""
+    started = time.perf_counter()
+    result = fit(setup, data, f"fold{fold}", storage_path, resources, audit_dir=audit_dir)
+    fitted = time.perf_counter()
+    if result.checkpoint is None:
+        raise RuntimeError(f"fold {fold}: training reported no checkpoint; see {storage_path}")
+    test_set = CachedVolumes(data.cache, test_ids, test_labels)
+    p_male = ray.get(
+        ray.remote(_predict_checkpoint)
+        .options(num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker if resources.use_gpu else 0)
+        .remote(result.checkpoint, test_set, setup.train)
+    )
+    history = pd.DataFrame(load_history(result.checkpoint))
+    training = float(history["epoch_seconds"].sum())
+    predictions = pd.DataFrame({
+        "subject_id": test_ids, "sex": np.array(CLASS_NAMES)[test_labels],
+        "p_male": p_male, "predicted": np.where(p_male >= 0.5, CLASS_NAMES[1], CLASS_NAMES[0]),
+    })
+    seconds = {"training": training, "Ray Train set-up": fitted - started - training,
+               "testing": time.perf_counter() - fitted}
+    return FoldResult(fold, setup, history, result.checkpoint, classification_metrics(test_labels, p_male),
+                      predictions, seconds)
+
+
+def cross_validate(study: Study) -> Iterator[FoldResult]:
+    """Search (if configured), train and test every outer fold; yield each result as it is ready.
+
+    Folds finished by an earlier, interrupted run of this execution come first,
+    without training. Every fold trains on its training side only: its first
+    inner split chooses the epoch (early stopping), and a search sees nothing
+    else, so no held-out subject influences training or model selection.
+    """
+    from study.training.search import search_fold  # Ray Tune and Optuna only where a search runs
+
+    config = study.config
+    finished = study.directory / "folds"
+    finished.mkdir(exist_ok=True)
+    done = set()
+    for path in sorted(finished.glob("fold*.pkl")):
+        result: FoldResult = pickle.loads(path.read_bytes())
+        done.add(result.fold)
+        yield result
+    base = TrainingSetup(config.model, config.train)
+    task = ray.remote(num_cpus=0)(train_and_test)
+    pending: dict[ray.ObjectRef, SearchResult | None] = {}
+    queue = [f for f in study.folds if f.fold not in done]
+    while queue or pending:
+        while queue and len(pending) < config.resources.concurrent_folds:
+            fold = queue.pop(0)
+            data = training_data(study, fold.validation.train, fold.validation.test)
+            search = None
+            if config.search:
+                started = time.perf_counter()
+                audit_root = study.directory / "audit" / f"fold{fold.fold}_search" if study.audit else None
+                search = search_fold(config.search, base, data, join(study.storage, "search"), fold.fold,
+                                     config.resources, audit_root)
+                study.times.add("search", time.perf_counter() - started)
+            audit_dir = study.directory / "audit" / f"fold{fold.fold}" if study.audit else None
+            if audit_dir:
+                audit_dir.mkdir(parents=True, exist_ok=True)
+            setup = base.with_params(search.best) if search else base
+            ref = task.remote(fold.fold, setup, data, fold.test, study.labels(fold.test),
+                              join(study.storage, "train"), config.resources, audit_dir)
+            pending[ref] = search
+        (ready,), _ = ray.wait(list(pending), num_returns=1)
+        result = replace(ray.get(ready), search=pending.pop(ready))
+        replace_atomically(finished / f"fold{result.fold}.pkl", lambda tmp: tmp.write_bytes(pickle.dumps(result)))
+        yield result
+
