@@ -63,18 +63,25 @@ def _parser() -> argparse.ArgumentParser:
 
     synth = commands.add_parser(
         "synth", help="write a synthetic cohort with planted sex effects (from the MNI152 template)",
-        description="Write a BIDS-like synthetic cohort: participants.tsv, sub-*/anat/*_T1w.nii.gz, and "
-        "ground_truth/ (planted effect map, region labels, planted.json). Deterministic for a seed.",
+        description="Write a BIDS-like synthetic cohort from the MNI152 template: participants.tsv, "
+        "sub-*/anat/*_T1w.nii.gz (brain-extracted, registered to MNI152, stored at mixed voxel sizes and "
+        "orientations like real images) and ground_truth/ (planted effect map, region labels, planted.json). "
+        "Deterministic for a seed.",
     )
     synth.add_argument("out", type=Path, help="output folder")
     synth.add_argument("--subjects", type=int, default=_default(SyntheticCohort, "subjects"),
                        help="number of subjects (default %(default)s)")
-    synth.add_argument("--voxel-size", type=float, default=_default(SyntheticCohort, "voxel_size"),
-                       help="isotropic voxel size in mm (default %(default)s)")
-    synth.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"),
-                       help="grid shape (default: the MNI box at the voxel size, 91 109 91 at 2 mm)")
+    synth.add_argument("--voxel-size", dest="voxel_sizes", type=float, nargs="+",
+                       default=_default(SyntheticCohort, "voxel_sizes"), metavar="MM",
+                       help="isotropic voxel sizes in mm; each image gets one of them (default %(default)s)")
     synth.add_argument("--effect-size", type=float, default=_default(SyntheticCohort, "effect_size"),
-                       help="relative volume and intensity change in the planted regions (default %(default)s)")
+                       help="relative volume and intensity change in males in the planted regions (default %(default)s)")
+    synth.add_argument("--regions", type=int, default=_default(SyntheticCohort, "regions"),
+                       help="planted regions, placed at random inside the brain (default %(default)s)")
+    synth.add_argument("--distractor", type=float, default=_default(SyntheticCohort, "distractor"),
+                       help="sd over subjects of a sex-independent change in one more region (default %(default)s)")
+    synth.add_argument("--confound", type=float, default=_default(SyntheticCohort, "confound"),
+                       help="males' brains larger overall by this fraction (default %(default)s)")
     synth.add_argument("--seed", type=int, default=_default(SyntheticCohort, "seed"))
     return parser
 

@@ -57,9 +57,8 @@ def validate(args: argparse.Namespace) -> int:
 
 
 def synth(args: argparse.Namespace) -> int:
-    spec = SyntheticCohort(subjects=args.subjects, voxel_size=args.voxel_size,
-                           shape=tuple(args.shape) if args.shape else None, effect_size=args.effect_size,
-                           seed=args.seed)
+    spec = SyntheticCohort(subjects=args.subjects, voxel_sizes=tuple(args.voxel_sizes), effect_size=args.effect_size,
+                           regions=args.regions, distractor=args.distractor, confound=args.confound, seed=args.seed)
     start_ray()
     table = synthesize_cohort(args.out, spec)
     print(f"wrote {spec.subjects} subjects: {table}; ground truth in {args.out / 'ground_truth'}")

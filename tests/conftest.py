@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,8 @@ from study.data.cache import CacheBuild, build_cache
 from study.data.cohort import Cohort, CohortConfig
 from study.data.synth import SyntheticCohort, synthesize_cohort
 
-VOXEL_MM = 8.0  # 23 x 27 x 23 voxels: enough anatomy for the checks, fast on 2 cores
+VOXEL_MM = 8.0  # the study grid of most tests, 23 x 27 x 23 voxels: enough anatomy for the checks, fast on 2 cores
+SOURCE_MM = (4.0, 5.0)  # the synthetic images: coarse for speed, fine enough to pass the MNI overlap check
 
 
 @dataclass(frozen=True)
@@ -56,32 +58,66 @@ def ray_head() -> Iterator[RayHead]:
     placement groups of dead runs). The tests' driver joins it, as do the
     ``study run`` subprocesses that get ``RAY_ADDRESS``. Its files live in a
     private temp dir, so a command run as a new user would run it (no
-    ``RAY_ADDRESS``) does not find it and starts a Ray of its own. Stopped with
-    ``ray stop``, which stops every Ray on this machine.
+    ``RAY_ADDRESS``) does not find it and starts a Ray of its own. At the end
+    only its own processes are stopped (``ray stop`` would stop every Ray on
+    the machine, a researcher's running study included).
     """
     ray_cli("get-auth-token", "--generate").check_returncode()
     port, dashboard_port = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="ray-tests-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    # Every port its own, so that a Ray a researcher runs on this machine keeps its defaults (a second
+    # dashboard agent on the default port fails to start, and jobs then have no agent to run them).
+    agent_ports = ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+                   "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port())]
     started = ray_cli("start", "--head", "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
                       "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
-                      "--temp-dir", temp_dir, "--disable-usage-stats")
+                      *agent_ports, "--temp-dir", temp_dir, "--disable-usage-stats")
     assert started.returncode == 0, started.stdout + started.stderr
     head = RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}")
     os.environ["RAY_ADDRESS"] = head.address
     try:
         ray.init(address=head.address, log_to_driver=False)
+        wait_for_job_agent()
         yield head
     finally:
         ray.shutdown()
-        ray_cli("stop")
+        stop_processes_of(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def wait_for_job_agent(timeout: float = 120) -> None:
+    """Wait until the head's dashboard agent has registered: before that, a job submission fails
+    ("No available agent to submit job") when the machine is slow to start it."""
+    from ray._private.ray_constants import KV_NAMESPACE_DASHBOARD
+    from ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    key = f"{DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX}{ray.get_runtime_context().get_node_id()}"
+    deadline = time.time() + timeout
+    while not _internal_kv_get(key, namespace=KV_NAMESPACE_DASHBOARD):
+        assert time.time() < deadline, f"the head's dashboard agent did not start in {timeout} s"
+        time.sleep(0.5)
+
+
+def stop_processes_of(temp_dir: str) -> None:
+    """Stop the Ray processes whose command line names ``temp_dir`` (those of one ``ray start``)."""
+    import psutil
+
+    mine = []
+    for process in psutil.process_iter(["cmdline"]):
+        if temp_dir in " ".join(process.info["cmdline"] or []):
+            mine.append(process)
+            process.terminate()
+    _, alive = psutil.wait_procs(mine, timeout=20)
+    for process in alive:
+        process.kill()
 
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """A pristine 12-subject synthetic cohort; copy it before changing it."""
     root = tmp_path_factory.mktemp("synthetic") / "cohort"
-    synthesize_cohort(root, SyntheticCohort(subjects=12, voxel_size=VOXEL_MM, seed=3))
+    synthesize_cohort(root, SyntheticCohort(subjects=12, voxel_sizes=SOURCE_MM, seed=3))
     return root
 
 

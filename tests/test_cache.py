@@ -38,7 +38,8 @@ def test_cache_is_reused_and_invalidated_per_subject(cohort_dir, preprocess_conf
 
     image = cohort.subjects[2].image
     img = nib.load(image)
-    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[::-1].copy(), img.affine), image)
+    data = np.asarray(img.dataobj)
+    nib.save(nib.Nifti1Image((data * (1 + (data > np.median(data[data > 0])))).astype(np.int16), img.affine), image)
     os.utime(image, ns=(1, 1))  # make sure the mtime differs
     changed = cache_for(load_cohort(CohortConfig(root=cohort_dir)), preprocess_config)
     assert changed.computed == [cohort.subjects[2].subject_id]

@@ -73,7 +73,7 @@ def test_store_keeps_finished_batches_only(tmp_path):
 @pytest.mark.slow
 def test_study_explains_all_held_out_subjects_and_finds_the_planted_effect(tmp_path):
     root = tmp_path / "cohort"
-    synthesize_cohort(root, SyntheticCohort(subjects=30, voxel_size=6.0, effect_size=0.4, seed=5))
+    synthesize_cohort(root, SyntheticCohort(subjects=30, voxel_sizes=(6.0,), effect_size=0.4, seed=5))
     config = study_config(
         tmp_path, root, preprocess={"voxel_size": 6.0}, model={"width": 8},
         train={"epochs": 10, "batch_size": 4, "patience": 10},

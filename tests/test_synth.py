@@ -1,4 +1,4 @@
-"""The synthetic cohort generator: deterministic, with a real, planted sex effect."""
+"""The synthetic cohort generator: deterministic, stored like real images, with a real planted effect."""
 
 from __future__ import annotations
 
@@ -9,32 +9,52 @@ import numpy as np
 
 from study.cli import main
 from study.data.cohort import CohortConfig, load_cohort
+from study.data.volumes import MNI_OVERLAP_MIN, Grid, load_volume, mni_overlap, resample_to_grid
+from tests.conftest import SOURCE_MM
 
 
 def test_same_seed_same_cohort(tmp_path, synthetic_root):
-    assert main(["synth", str(tmp_path / "again"), "--subjects", "12", "--voxel-size", "8", "--seed", "3"]) == 0
+    sizes = [str(v) for v in SOURCE_MM]
+    assert main(["synth", str(tmp_path / "again"), "--subjects", "12", "--voxel-size", *sizes, "--seed", "3"]) == 0
     for sid in ["0001", "0007", "0012"]:
         rel = f"sub-{sid}/anat/sub-{sid}_T1w.nii.gz"
-        a = np.asarray(nib.load(synthetic_root / rel).dataobj)
-        b = np.asarray(nib.load(tmp_path / "again" / rel).dataobj)
-        np.testing.assert_array_equal(a, b)
+        a, b = nib.load(synthetic_root / rel), nib.load(tmp_path / "again" / rel)
+        np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+        np.testing.assert_array_equal(a.affine, b.affine)
     assert (synthetic_root / "participants.tsv").read_text() == (tmp_path / "again/participants.tsv").read_text()
 
 
-def test_ground_truth_and_planted_effect(tmp_path):
+def test_images_are_stored_like_real_ones_and_carry_the_planted_effect(tmp_path):
     root = tmp_path / "c"
-    assert main(["synth", str(root), "--subjects", "16", "--voxel-size", "6", "--effect-size", "0.4"]) == 0
+    assert main(["synth", str(root), "--subjects", "24", "--voxel-size", "5", "6", "--effect-size", "0.4",
+                 "--regions", "2", "--seed", "11"]) == 0
     planted = json.loads((root / "ground_truth/planted.json").read_text())
-    assert len(planted["regions"]) == 4 and planted["effect_size"] == 0.4
-    effect = nib.load(root / "ground_truth/effect_map.nii.gz")
-    regions = np.asarray(nib.load(root / "ground_truth/regions.nii.gz").dataobj)
-    assert effect.shape == (30, 36, 30) == regions.shape
-    assert set(np.unique(regions)) == {0, 1, 2, 3, 4}
+    assert planted["spec"]["effect_size"] == 0.4 and len(planted["regions"]) == 2
+    regions = nib.load(root / "ground_truth/regions.nii.gz")
+    assert set(np.unique(np.asarray(regions.dataobj))) == {0, 1, 2, 3}  # two effects and the distractor
 
     cohort = load_cohort(CohortConfig(root=root))
-    volumes = np.stack([np.asarray(nib.load(s.image).dataobj, dtype=float) for s in cohort.subjects])
+    images = [nib.load(s.image) for s in cohort.subjects]
+    assert {round(float(i.header.get_zooms()[0]), 3) for i in images} == {5.0, 6.0}  # mixed voxel sizes
+    assert len({nib.aff2axcodes(i.affine) for i in images}) >= 3  # RAS, LAS, axis-permuted
+    assert len({tuple(np.round(i.affine[:3, 3])) for i in images}) > 12  # shifted origins
+
+    # In MNI space every image is registered and brain-extracted, and males differ as planted.
+    grid = Grid.mni(4.0)
+    volumes = np.stack([resample_to_grid(load_volume(s.image), grid) for s in cohort.subjects])
+    assert min(mni_overlap(v, grid) for v in volumes) > MNI_OVERLAP_MIN
+    labels = resample_to_grid(regions, grid, order=0).astype(int)
     sex = cohort.labels
-    amygdala = regions == 1  # direction +1: brighter in males
-    putamen = regions == 2  # direction -1: darker in males
-    male_minus_female = lambda mask: volumes[sex == 1][:, mask].mean() - volumes[sex == 0][:, mask].mean()
-    assert male_minus_female(amygdala) > 0 > male_minus_female(putamen)
+    for region in planted["regions"]:
+        inside = labels == region["label"]
+        difference = volumes[sex == 1][:, inside].mean() - volumes[sex == 0][:, inside].mean()
+        assert np.sign(difference) == region["direction"], region
+
+
+def test_regions_are_not_fixed(tmp_path):
+    for seed in (1, 2):
+        assert main(["synth", str(tmp_path / str(seed)), "--subjects", "4", "--voxel-size", "8",
+                     "--seed", str(seed)]) == 0
+    centres = [[r["centre_mm"] for r in json.loads((tmp_path / s / "ground_truth/planted.json").read_text())["regions"]]
+               for s in ("1", "2")]
+    assert centres[0] != centres[1]

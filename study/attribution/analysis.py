@@ -92,7 +92,8 @@ def _ground_truth(root: Path, grid: Grid) -> tuple[np.ndarray | None, np.ndarray
         return None, None, {}
     effect = resample_to_grid(nib.load(truth_dir / "effect_map.nii.gz"), grid)
     regions = resample_to_grid(nib.load(truth_dir / "regions.nii.gz"), grid, order=0).astype(int)
-    names = {r["label"]: r["name"] for r in json.loads((truth_dir / "planted.json").read_text())["regions"]}
+    planted = json.loads((truth_dir / "planted.json").read_text())
+    names = {r["label"]: r["name"] for r in [*planted["regions"], planted["distractor"]]}
     return effect > 0.5 * effect.max(), regions, names
 
 

@@ -1,21 +1,27 @@
-"""Synthetic T1w cohorts with planted, known sex effects.
+"""Synthetic T1w cohorts with planted, known sex effects, stored the way real images are.
 
-Built from the MNI152 template that nilearn ships (no download): each subject
-is the template under a smooth random deformation (part of it shared within a
-family), a global size scaling, a bias field and noise. Males differ from
-females in a few named regions by a local volume change and an intensity
-change of a chosen effect size. The planted effect is saved as a ground-truth
-map, which is what lets the project score attribution methods.
+Built from the MNI152 template and brain mask that nilearn ships (no download):
+each subject is the brain-extracted template under a smooth random deformation
+(part of it shared within a family), a global size scaling, a bias field and
+noise. Males differ from females in a few regions placed at random inside the
+brain (by seed) by a local volume change and an intensity change; one more
+region varies strongly from subject to subject whatever the sex (a distractor),
+and males may have larger brains overall (a confound). Images are written as
+real ones arrive: at mixed voxel sizes, in RAS, LAS or axis-permuted voxel
+order and with shifted origins, all still registered to MNI152 in world space,
+so that preprocessing is exercised rather than the identity. The planted effect
+is saved as a ground truth, which is what lets the project score attribution methods.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 from pydantic import Field
 from scipy import ndimage
 
@@ -23,63 +29,115 @@ from study.data.volumes import Grid, resample_to_grid
 from study.params import Params
 
 MALE_FRACTION = 507 / 1113  # as in the HCP young-adult cohort
-DEFORMATION_MM = 1.5  # standard deviation of each of the family and individual deformations
+# Voxel orders images arrive in: RAS (FSL/ANTs outputs), LAS (radiological), and axis-permuted ones.
+ORIENTATIONS = (("R", "A", "S"), ("L", "A", "S"), ("A", "S", "R"), ("P", "I", "R"))
 
 
 class SyntheticCohort(Params):
-    """The size and strength of a synthetic cohort (``study synth``, or ``cohort.synthetic``)."""
+    """A synthetic cohort: its size, how its images are stored, and how hard the task is.
+
+    The defaults make a task of realistic difficulty: effects of a few percent,
+    comparable to the noise and smaller than the subject-to-subject nuisance
+    (deformation, size, bias field, distractor).
+    """
 
     subjects: int = Field(60, ge=4)
-    voxel_size: float = Field(2.0, gt=0)  # isotropic voxel size of the written images, mm
-    shape: tuple[int, int, int] | None = None  # default: the MNI box at voxel_size
-    effect_size: float = Field(0.25, ge=0)  # relative volume and intensity change in the planted regions
+    voxel_sizes: tuple[float, ...] = Field((1.0, 1.25, 2.0), min_length=1)  # each image at one of these, mm
+    mixed_orientations: bool = True  # RAS, LAS and axis-permuted voxel orders, shifted origins
+    regions: int = Field(3, ge=1)  # regions where males differ, placed at random inside the brain
+    effect_size: float = Field(0.06, ge=0)  # relative volume and intensity change in those regions
+    distractor: float = Field(0.15, ge=0)  # sd over subjects of a sex-independent change in one more region
+    confound: float = Field(0.0, ge=0)  # males' brains larger overall by this fraction
+    deformation_mm: float = Field(2.0, ge=0)  # sd of the smooth deformation (half shared within a family)
+    scale_sd: float = Field(0.04, ge=0)  # sd of the global size
+    bias: float = Field(0.1, ge=0)  # sd of the log bias field
+    noise: float = Field(0.04, ge=0)  # sd of the noise relative to the brain's typical intensity
     seed: int = 0
 
 
 @dataclass(frozen=True)
 class PlantedRegion:
-    """A spherical region where males differ from females.
+    """A spherical region (Gaussian profile) of the synthetic cohort, in MNI millimetres.
 
-    ``direction`` +1 makes the region larger and brighter in males, -1 smaller
-    and darker; the size of the change is the cohort's effect size.
+    ``direction`` +1: larger and brighter in males, -1: smaller and darker; 0 for
+    the distractor, which changes with a random amplitude in every subject.
     """
 
+    label: int
     name: str
     centre_mm: tuple[float, float, float]
     radius_mm: float
     direction: int
 
 
-PLANTED_REGIONS = (
-    PlantedRegion("left_amygdala", (-24.0, -4.0, -18.0), 12.0, +1),
-    PlantedRegion("right_putamen", (26.0, 4.0, 2.0), 12.0, -1),
-    PlantedRegion("right_cerebellum", (26.0, -66.0, -34.0), 14.0, +1),
-    PlantedRegion("left_precuneus", (-8.0, -60.0, 42.0), 12.0, -1),
-)
-
-
 @dataclass(frozen=True)
 class _Fields:
-    """Per-voxel fields shared by all subjects of a synthetic cohort."""
+    """Per-voxel fields of one voxel size, shared by every subject stored at that size."""
 
-    template: np.ndarray  # intensities on the grid, 0 outside the brain
-    weight: np.ndarray  # signed sum of the regions' smooth 0..1 profiles
-    displacement: np.ndarray  # (3, D, H, W) signed sum of profile x offset from each centre
-    voxel_mm: float
+    grid: Grid
+    template: np.ndarray  # brain-extracted intensities on the grid, 0 outside the brain
+    weight: np.ndarray  # signed sum of the effect regions' profiles (0..1 each)
+    displacement: np.ndarray  # (3, D, H, W) signed sum of profile x offset from each effect centre
+    distractor_weight: np.ndarray
+    distractor_displacement: np.ndarray
 
 
-def _region_fields(grid: Grid, regions: tuple[PlantedRegion, ...]) -> tuple[np.ndarray, np.ndarray]:
+def _brain_template(grid: Grid) -> np.ndarray:
+    """nilearn's MNI152 T1 template times its brain mask, on ``grid``."""
+    from nilearn.datasets import load_mni152_brain_mask, load_mni152_template
+
+    resolution = 1 if grid.voxel_mm < 2 else 2
+    template = resample_to_grid(load_mni152_template(resolution=resolution), grid)
+    mask = resample_to_grid(load_mni152_brain_mask(resolution=resolution), grid) > 0.5
+    return (template * mask).astype(np.float32)
+
+
+def _profiles(grid: Grid, regions: list[PlantedRegion]) -> tuple[np.ndarray, np.ndarray]:
+    """Signed profile sum and signed displacement field of ``regions`` on ``grid`` (direction 0 counts as +1)."""
     voxels = np.indices(grid.shape, dtype=np.float32)
     inv = np.linalg.inv(grid.affine)
-    voxel_size = grid.voxel_mm
-    profiles, offsets = [], []
+    weight = np.zeros(grid.shape, dtype=np.float32)
+    displacement = np.zeros((3, *grid.shape), dtype=np.float32)
     for region in regions:
-        centre = (inv @ np.array([*region.centre_mm, 1.0]))[:3]
-        offset = voxels - centre.reshape(3, 1, 1, 1).astype(np.float32)
-        dist_mm = np.sqrt((offset**2).sum(0)) * voxel_size
-        profiles.append(np.exp(-0.5 * (dist_mm / region.radius_mm) ** 2).astype(np.float32))
-        offsets.append(offset)
-    return np.stack(profiles), np.stack(offsets)
+        centre = (inv @ np.array([*region.centre_mm, 1.0]))[:3].astype(np.float32).reshape(3, 1, 1, 1)
+        offset = voxels - centre
+        profile = np.exp(-0.5 * (np.sqrt((offset**2).sum(0)) * grid.voxel_mm / region.radius_mm) ** 2)
+        sign = region.direction or 1
+        weight += sign * profile
+        displacement += sign * profile * offset
+    return weight, displacement
+
+
+def _place_regions(rng: np.random.Generator, count: int) -> tuple[list[PlantedRegion], PlantedRegion]:
+    """``count`` effect regions and one distractor, at random well inside the brain and apart from each other."""
+    grid = Grid.mni(2.0)
+    brain = _brain_template(grid) > 0
+    depth_mm = ndimage.distance_transform_edt(brain) * grid.voxel_mm
+    placed: list[PlantedRegion] = []
+    while len(placed) < count + 1:
+        radius = float(rng.uniform(9.0, 13.0))
+        candidates = np.argwhere(depth_mm > radius + 4)
+        centre = (grid.affine @ np.array([*candidates[rng.integers(len(candidates))], 1.0]))[:3]
+        if any(np.linalg.norm(centre - np.array(r.centre_mm)) < 2.2 * max(radius, r.radius_mm) for r in placed):
+            continue
+        label = len(placed) + 1
+        side = "L" if centre[0] < 0 else "R"
+        xyz = tuple(float(round(c)) for c in centre)
+        if label <= count:
+            direction = int(rng.choice([-1, 1]))
+            placed.append(PlantedRegion(label, f"effect {label} {side} ({xyz[0]:g}, {xyz[1]:g}, {xyz[2]:g})", xyz,
+                                        radius, direction))
+        else:
+            placed.append(PlantedRegion(label, f"distractor {side} ({xyz[0]:g}, {xyz[1]:g}, {xyz[2]:g})", xyz,
+                                        radius, 0))
+    return placed[:count], placed[count]
+
+
+def _fields(voxel_mm: float, effects: list[PlantedRegion], distractor: PlantedRegion) -> _Fields:
+    grid = Grid.mni(voxel_mm)
+    weight, displacement = _profiles(grid, effects)
+    distractor_weight, distractor_displacement = _profiles(grid, [distractor])
+    return _Fields(grid, _brain_template(grid), weight, displacement, distractor_weight, distractor_displacement)
 
 
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], control: int, scale: float) -> np.ndarray:
@@ -90,75 +148,90 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], control: int
     ]
 
 
-def _subject_volume(fields: _Fields, sex: int, effect_size: float, seed: int, family_seed: int) -> np.ndarray:
-    """One subject's T1w intensities on the grid (males: ``sex == 1``)."""
+def _subject_volume(fields: _Fields, spec: SyntheticCohort, male: bool, seed: int, family_seed: int) -> np.ndarray:
+    """One subject's T1w intensities on ``fields.grid`` (RAS), brain-extracted."""
     rng = np.random.default_rng(seed)
     family_rng = np.random.default_rng(family_seed)
     shape = fields.template.shape
     voxels = np.indices(shape, dtype=np.float32)
-    centre = (np.asarray(shape, dtype=np.float32) - 1) / 2
-    scale = rng.normal(1.0, 0.03)
-    coords = centre.reshape(3, 1, 1, 1) + (voxels - centre.reshape(3, 1, 1, 1)) / scale
-    jitter = DEFORMATION_MM / fields.voxel_mm
+    centre = ((np.asarray(shape, dtype=np.float32) - 1) / 2).reshape(3, 1, 1, 1)
+    scale = rng.normal(1.0, spec.scale_sd) * (1 + spec.confound if male else 1.0)
+    coords = centre + (voxels - centre) / scale
+    jitter = spec.deformation_mm / np.sqrt(2) / fields.grid.voxel_mm
     for axis in range(3):  # smooth deformation: one part shared with the family, one individual
         coords[axis] += _smooth_field(family_rng, shape, 5, jitter) + _smooth_field(rng, shape, 5, jitter)
-    if sex == 1:
-        # Sampling closer to a region's centre enlarges it (direction +1), farther shrinks it.
-        coords -= effect_size * fields.displacement
+    effect = spec.effect_size if male else 0.0
+    distractor = rng.normal(0.0, spec.distractor)
+    # Sampling closer to a region's centre enlarges it (direction +1), farther shrinks it.
+    coords -= effect * fields.displacement + distractor * fields.distractor_displacement
     volume = ndimage.map_coordinates(fields.template, coords, order=1, mode="constant", cval=0.0)
-    inside = volume > 0.05 * volume.max()
-    if sex == 1:
-        volume *= 1.0 + effect_size * fields.weight
-    volume *= np.exp(_smooth_field(rng, shape, 4, 0.08))  # bias field
-    volume += rng.normal(0.0, 0.03, size=shape).astype(np.float32) * inside
-    return (np.clip(volume, 0, None) * inside * 1000).astype(np.int16)
+    inside = volume > 0.05 * fields.template.max()
+    volume *= 1.0 + effect * fields.weight + distractor * fields.distractor_weight
+    volume *= np.exp(_smooth_field(rng, shape, 4, spec.bias))
+    typical = float(np.median(fields.template[fields.template > 0]))
+    volume += rng.normal(0.0, spec.noise * typical, size=shape).astype(np.float32)
+    return (np.clip(volume, 0, None) * inside * 1000 / fields.template.max()).astype(np.int16)
 
 
-def _write_subject(
-    fields: _Fields, affine: np.ndarray, path: Path, sex: int, effect_size: float, seed: int, family_seed: int
-) -> None:
+def _stored(volume: np.ndarray, grid: Grid, rng: np.random.Generator, mixed: bool) -> nib.Nifti1Image:
+    """The image as a scanner or pipeline might store it: padded (shifted origin) and reoriented."""
+    if not mixed:
+        return nib.Nifti1Image(volume, grid.affine)
+    before = rng.integers(0, 9, size=3)
+    padded = np.pad(volume, [(int(b), int(a)) for b, a in zip(before, rng.integers(0, 9, size=3))])
+    affine = grid.affine.copy()
+    affine[:3, 3] -= affine[:3, :3] @ before
+    target = ORIENTATIONS[rng.integers(len(ORIENTATIONS))]
+    ornt = ornt_transform(axcodes2ornt(("R", "A", "S")), axcodes2ornt(target))
+    return nib.Nifti1Image(apply_orientation(padded, ornt), affine @ inv_ornt_aff(ornt, padded.shape))
+
+
+def _write_subject(fields: _Fields, spec: SyntheticCohort, path: Path, male: bool, seed: int, family_seed: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    volume = _subject_volume(fields, sex, effect_size, seed, family_seed)
-    nib.save(nib.Nifti1Image(volume, affine), str(path))
+    volume = _subject_volume(fields, spec, male, seed, family_seed)
+    nib.save(_stored(volume, fields.grid, np.random.default_rng(seed + 1), spec.mixed_orientations), str(path))
 
 
 def synthesize_cohort(out: Path, spec: SyntheticCohort, sibling_fraction: float = 0.4) -> Path:
     """Write a BIDS-like synthetic cohort to ``out`` and return its participants table.
 
-    Writes ``participants.tsv`` (participant_id, sex, family_id, age),
-    ``sub-XXXX/anat/sub-XXXX_T1w.nii.gz``, and under ``ground_truth/`` the
-    planted effect map (``effect_map.nii.gz``) and ``planted.json``. The same
-    arguments give the same files. Subjects are written by Ray tasks.
+    Parameters
+    ----------
+    out : Path
+        The cohort folder (created).
+    spec : SyntheticCohort
+        Size, storage and difficulty; the same spec gives the same files.
+    sibling_fraction : float
+        Share of subjects with a sibling (families share part of their anatomy).
+
+    Returns
+    -------
+    Path
+        ``out/participants.tsv`` (participant_id, sex, family_id, age). Images are
+        ``sub-XXXX/anat/sub-XXXX_T1w.nii.gz``; ``ground_truth/`` holds the planted
+        effect (``effect_map.nii.gz``), the regions (``regions.nii.gz``, effect
+        regions 1..n, the distractor n+1) and ``planted.json``. Subjects are
+        written by Ray tasks.
     """
     import ray  # here, not at the top: the command line reads SyntheticCohort's defaults without Ray
-    from nilearn.datasets import load_mni152_template
 
     from study.runtime import map_tasks
 
-    subjects, voxel_size, effect_size, seed = spec.subjects, spec.voxel_size, spec.effect_size, spec.seed
-    grid = Grid.mni(voxel_size, spec.shape)
-    template = resample_to_grid(load_mni152_template(resolution=1 if voxel_size < 2 else 2), grid)
-    profile, offset = _region_fields(grid, PLANTED_REGIONS)
-    directions = np.array([r.direction for r in PLANTED_REGIONS], dtype=np.float32)
-    fields = _Fields(
-        template.astype(np.float32),
-        np.einsum("r,rdhw->dhw", directions, profile),
-        np.einsum("r,rdhw,rcdhw->cdhw", directions, profile, offset),
-        voxel_size,
-    )
-
-    rng = np.random.default_rng(seed)
-    sexes = (rng.random(subjects) < MALE_FRACTION).astype(int)
+    rng = np.random.default_rng(spec.seed)
+    effects, distractor = _place_regions(rng, spec.regions)
+    n = spec.subjects
+    sexes = (rng.random(n) < MALE_FRACTION).astype(int)
     sexes[:2] = [0, 1]  # both classes, whatever the size
-    families = _families(rng, subjects, sibling_fraction)
-    subject_seeds = rng.integers(0, 2**31, size=subjects)
-    family_seeds = {f: int(s) for f, s in zip(sorted(set(families)), rng.integers(0, 2**31, size=subjects))}
-    ids = [f"{i + 1:04d}" for i in range(subjects)]
+    families = _families(rng, n, sibling_fraction)
+    subject_seeds = rng.integers(0, 2**31, size=n)
+    family_seeds = {f: int(s) for f, s in zip(sorted(set(families)), rng.integers(0, 2**31, size=n))}
+    voxel_sizes = [spec.voxel_sizes[i] for i in rng.integers(len(spec.voxel_sizes), size=n)]
+    ids = [f"{i + 1:04d}" for i in range(n)]
     out.mkdir(parents=True, exist_ok=True)
 
-    fields_ref = ray.put(fields)
+    fields = {v: ray.put(_fields(v, effects, distractor)) for v in sorted(set(voxel_sizes))}
     args = [
-        (fields_ref, grid.affine, out / f"sub-{sid}/anat/sub-{sid}_T1w.nii.gz", int(sexes[i]), effect_size,
+        (fields[voxel_sizes[i]], spec, out / f"sub-{sid}/anat/sub-{sid}_T1w.nii.gz", bool(sexes[i]),
          int(subject_seeds[i]), family_seeds[families[i]])
         for i, sid in enumerate(ids)
     ]
@@ -166,12 +239,12 @@ def synthesize_cohort(out: Path, spec: SyntheticCohort, sibling_fraction: float 
         if error is not None:
             raise error
 
-    ages = rng.integers(22, 37, size=subjects)
+    ages = rng.integers(22, 37, size=n)
     rows = ["participant_id\tsex\tfamily_id\tage"] + [
         f"sub-{sid}\t{'M' if sexes[i] else 'F'}\t{families[i]}\t{ages[i]}" for i, sid in enumerate(ids)
     ]
     (out / "participants.tsv").write_text("\n".join(rows) + "\n")
-    _write_ground_truth(out / "ground_truth", grid, profile, effect_size, seed)
+    _write_ground_truth(out / "ground_truth", Grid.mni(min(spec.voxel_sizes)), effects, distractor, spec)
     return out / "participants.tsv"
 
 
@@ -184,18 +257,22 @@ def _families(rng: np.random.Generator, subjects: int, sibling_fraction: float) 
     return families
 
 
-def _write_ground_truth(directory: Path, grid: Grid, profile: np.ndarray, effect_size: float, seed: int) -> None:
+def _write_ground_truth(directory: Path, grid: Grid, effects: list[PlantedRegion], distractor: PlantedRegion,
+                        spec: SyntheticCohort) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    effect = (profile.max(0) * effect_size).astype(np.float32)
+    regions = [*effects, distractor]
+    profiles = np.stack([np.abs(_profiles(grid, [r])[0]) for r in regions])
+    effect = (profiles[: len(effects)].max(0) * spec.effect_size).astype(np.float32)
     nib.save(nib.Nifti1Image(effect, grid.affine), str(directory / "effect_map.nii.gz"))
     labels = np.zeros(grid.shape, dtype=np.int16)
-    for index in range(len(PLANTED_REGIONS)):
-        labels[(profile[index] > 0.5) & (profile[index] >= profile.max(0))] = index + 1
+    for index, region in enumerate(regions):
+        labels[(profiles[index] > 0.5) & (profiles[index] >= profiles.max(0))] = region.label
     nib.save(nib.Nifti1Image(labels, grid.affine), str(directory / "regions.nii.gz"))
     planted = {
-        "effect_size": effect_size,
-        "seed": seed,
-        "regions": [{"label": i + 1, **asdict(r)} for i, r in enumerate(PLANTED_REGIONS)],
-        "description": "males differ in these regions: direction +1 larger and brighter, -1 smaller and darker",
+        "spec": spec.model_dump(mode="json"),
+        "regions": [vars(r) for r in effects],
+        "distractor": vars(distractor),
+        "description": "males differ in the regions: direction +1 larger and brighter, -1 smaller and darker; "
+                       "the distractor changes in every subject by a random amount, whatever the sex",
     }
     (directory / "planted.json").write_text(json.dumps(planted, indent=1))

@@ -7,6 +7,7 @@ resamples it onto the MNI-like study grid and z-scores it inside the brain.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import zlib
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ from scipy import ndimage
 # The MNI152 bounding box (1 mm, 182 x 218 x 182) that every study grid covers, and its centre.
 MNI_BOX_MM = (182.0, 218.0, 182.0)
 MNI_BOX_CENTRE_MM = (0.0, -18.0, 18.0)
+# The least Dice overlap between an image's brain and the MNI152 brain mask, after resampling, that
+# passes as "registered to MNI152 and brain-extracted" (how it was chosen: README, "The input contract").
+MNI_OVERLAP_MIN = 0.8
 
 
 class VolumeError(ValueError):
@@ -110,12 +114,35 @@ def brain_mask(volume: np.ndarray) -> np.ndarray:
     return volume > 0.05 * np.percentile(positive, 99)
 
 
+@functools.lru_cache(maxsize=8)
+def _mni_brain(shape: tuple[int, int, int], affine: bytes) -> np.ndarray:
+    from nilearn.datasets import load_mni152_brain_mask
+
+    grid = Grid(shape, np.frombuffer(affine).reshape(4, 4))
+    return resample_to_grid(load_mni152_brain_mask(resolution=2), grid) > 0.5
+
+
+def mni_overlap(volume: np.ndarray, grid: Grid) -> float:
+    """Dice overlap of the brain of ``volume`` (on ``grid``) with nilearn's MNI152 brain mask.
+
+    Near 0.9 for a brain-extracted image registered to MNI152; a skull left on,
+    an image in native space or a wrong orientation in its header give much less.
+    """
+    mni = _mni_brain(grid.shape, np.ascontiguousarray(grid.affine, dtype=np.float64).tobytes())
+    brain = brain_mask(volume)
+    return float(2 * (brain & mni).sum() / max(brain.sum() + mni.sum(), 1))
+
+
 def zscore_in_brain(volume: np.ndarray) -> np.ndarray:
-    """Z-score the intensities inside the brain mask and zero everything outside."""
+    """Z-score the intensities inside the brain mask and zero everything outside.
+
+    Mean and standard deviation are taken in float64, so the float16 result does
+    not depend on how numpy happens to sum (which varies with memory alignment).
+    """
     mask = brain_mask(volume)
     if mask.sum() < 10:
         raise VolumeError("empty brain after resampling; is the image in a different space than the study grid?")
-    inside = volume[mask]
+    inside = volume[mask].astype(np.float64)
     out = np.zeros_like(volume)
     out[mask] = (inside - inside.mean()) / max(float(inside.std()), 1e-6)
     return out
@@ -134,6 +161,14 @@ def preprocess_volume(path: Path, grid: Grid, normalize: str = "zscore") -> np.n
         ``zscore``: intensities z-scored inside the brain, zero outside.
     """
     volume = resample_to_grid(load_volume(path), grid)
+    overlap = mni_overlap(volume, grid)
+    if overlap < MNI_OVERLAP_MIN:
+        raise VolumeError(
+            f"its brain overlaps the MNI152 brain mask by {overlap:.2f} (Dice) after resampling, below "
+            f"{MNI_OVERLAP_MIN}: give images registered to MNI152 and brain-extracted (e.g. HCP's "
+            "MNINonLinear/T1w_restore_brain, fMRIPrep's MNI152 T1w with its brain mask applied, ClinicaDL's "
+            "t1-linear). A native-space image, a skull left on or a wrong orientation in the header all do this"
+        )
     if normalize == "zscore":
         volume = zscore_in_brain(volume)
     return volume.astype(np.float16)
