@@ -20,9 +20,13 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
-# Lines that Ray's own processes print at error level although nothing is wrong for a study:
-# Ray Train's PreemptionWatcher actor warns at every training that its arguments live in the object store.
-_NOT_ERRORS = ("has constructor arguments in the object store and max_restarts > 0",)
+# Lines of Ray's own processes that tell a study's user nothing, at every training: the PreemptionWatcher
+# actor's error-level warning that its arguments live in the object store, and each epoch's report, which
+# Ray Train 2.60 logs under a logger named after its file, past its own LoggingConfig.
+_NOISE = ("has constructor arguments in the object store and max_restarts > 0", "Reporting training result ")
+# Actors whose output is only Ray's own business: Ray Train 2.60's PlacementGroupCleaner looks its cluster up
+# without an address and prints a traceback at every training whenever a second Ray runs on the machine.
+_NOISY_ACTORS = ("PlacementGroupCleaner",)
 
 
 class RayStartError(RuntimeError):
@@ -74,7 +78,7 @@ def start_ray(num_cpus: int | None = None) -> str:
                 "`ray stop` ends a Ray left over from an earlier run."
             ) from None
         description = _describe("started a local Ray")
-    _hide_worker_lines(_NOT_ERRORS)
+    _hide_worker_lines(_NOISE, _NOISY_ACTORS)
     return description
 
 
@@ -101,8 +105,8 @@ def _check_listening(address: str) -> None:
         ) from None
 
 
-def _hide_worker_lines(needles: Sequence[str]) -> None:
-    """Drop the forwarded worker log lines that contain one of ``needles`` from the console.
+def _hide_worker_lines(needles: Sequence[str], actors: Sequence[str]) -> None:
+    """Drop from the console the forwarded worker lines that contain one of ``needles`` or come from ``actors``.
 
     Ray prints its workers' output through one handler of the driver
     (``ray._private.worker``, Ray 2.60); this wraps that handler. The lines stay
@@ -116,6 +120,8 @@ def _hide_worker_lines(needles: Sequence[str]) -> None:
         return
 
     def filtered(data: dict[str, Any]) -> None:
+        if data.get("actor_name") in actors:
+            return
         lines = [line for line in data.get("lines", []) if not any(n in line for n in needles)]
         if lines:
             printers[0]({**data, "lines": lines})

@@ -1,0 +1,126 @@
+"""The commands as a new user types them: an empty HOME, no RAY_* or MLFLOW_* variables, no Ray to join.
+
+Every test here runs the installed ``study`` command in a subprocess with such an
+environment, because a fixture that prepares Ray or MLflow for the code hides
+exactly the bug a user meets first.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from tests.conftest import VOXEL_MM, free_port
+
+STUDY = str(Path(sys.executable).parent / "study")
+
+
+def new_user(home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a fresh shell: a new HOME, this venv on PATH, nothing of Ray or MLflow."""
+    home.mkdir(parents=True, exist_ok=True)
+    keep = {k: v for k, v in os.environ.items()
+            if k in {"PATH", "LANG", "LC_ALL", "TMPDIR"} and not k.startswith(("RAY_", "MLFLOW_"))}
+    return {**keep, "HOME": str(home), "PATH": f"{Path(sys.executable).parent}:{keep.get('PATH', '/usr/bin:/bin')}",
+            **extra}
+
+
+def run_as_user(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([STUDY, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_study_run_works_for_a_new_user(tmp_path, synthetic_root):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "cohort").symlink_to(synthetic_root)
+    (project / "tiny.yaml").write_text(yaml.safe_dump({
+        "name": "tiny",
+        "cohort": {"root": "cohort"},  # relative, as in the shipped configs
+        "preprocess": {"voxel_size": VOXEL_MM},
+        "cv": {"outer_folds": 2, "inner_folds": 2},
+        "model": {"preset": "mrinet", "width": 4},
+        "train": {"epochs": 2, "batch_size": 4, "patience": 2},
+        "attribution": None,
+    }))
+    home = tmp_path / "home"
+    result = run_as_user(["run", "tiny.yaml"], project, new_user(home))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert (home / ".ray" / "auth_token").is_file()  # Ray made its token: the local Ray requires it
+    assert "started a local Ray" in output  # not joined to the tests' head
+    assert "Traceback" not in output and "PreemptionWatcher" not in output
+    assert "time per stage" in output and "whole study (wall)" in output
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")  # the default store, in the current directory
+    runs = mlflow.search_runs(experiment_names=["tiny"], output_format="list")
+    assert sorted(r.data.tags["study.level"] for r in runs) == ["fold", "fold", "study"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert (project / "study_data" / "runs" / "tiny" / "report.html").is_file()
+
+
+@pytest.mark.slow
+def test_validate_reports_the_same_for_a_relative_path(tmp_path, cohort_dir):
+    bad = cohort_dir / "sub-0004/anat/sub-0004_T1w.nii.gz"
+    bad.write_bytes(bad.read_bytes()[:300])
+    env = new_user(tmp_path / "home")
+    relative = run_as_user(["validate", cohort_dir.name], cohort_dir.parent, env)
+    absolute = run_as_user(["validate", str(cohort_dir)], tmp_path / "home", env)
+    assert relative.returncode == absolute.returncode == 1, relative.stderr[-2000:]
+    assert relative.stdout == absolute.stdout
+    lines = relative.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("0004\t") and "truncated" in lines[0]
+    assert "11 subjects OK, 1 problems in 1 subjects" in relative.stderr
+
+
+def test_a_dead_cluster_address_is_one_error_line(tmp_path):
+    config = tmp_path / "s.yaml"
+    config.write_text("name: s\ncohort: {root: nowhere}\nattribution: null\n")
+    address = f"127.0.0.1:{free_port()}"
+    result = run_as_user(["run", str(config)], tmp_path, new_user(tmp_path / "home", RAY_ADDRESS=address), timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: no Ray cluster answers at {address}")
+    assert "Traceback" not in result.stderr and "unset it to run on a local Ray" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_cluster_that_wants_its_token_is_one_error_line(tmp_path, ray_head):
+    config = tmp_path / "s.yaml"
+    config.write_text("name: s\ncohort: {root: nowhere}\nattribution: null\n")
+    env = new_user(tmp_path / "home", RAY_ADDRESS=ray_head.address)  # no token, no RAY_AUTH_MODE
+    result = run_as_user(["run", str(config)], tmp_path, env, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: could not join the Ray cluster at {ray_head.address}")
+    assert "export RAY_AUTH_MODE=token" in last and "Traceback" not in result.stderr
+
+
+def test_resources_no_node_has_are_refused_at_once(tmp_path, ray_head, synthetic_root):
+    config = tmp_path / "s.yaml"
+    config.write_text(yaml.safe_dump({"name": "s", "cohort": {"root": str(synthetic_root)},
+                                      "resources": {"use_gpu": True}, "attribution": None,
+                                      "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}}))
+    env = {**os.environ, "RAY_ADDRESS": ray_head.address}  # the tests' token-holding environment
+    result = run_as_user(["run", str(config)], tmp_path, env, timeout=120)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert "a training worker" in last and "asks for 1 CPU, 1 GPU on one node" in last and "0 GPU" in last
+    assert "resources.use_gpu=false" in last
+
+
+@pytest.mark.slow
+def test_a_local_ray_refuses_callers_without_its_token(tmp_path):
+    probe = (
+        "import requests, ray; from study.runtime import start_ray; print(start_ray()); "
+        "url = 'http://' + ray._private.worker.get_dashboard_url(); "
+        "print('anonymous', requests.get(url + '/api/jobs/', timeout=10).status_code)"
+    )
+    env = new_user(tmp_path / "home")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "started a local Ray" in result.stdout and "anonymous 401" in result.stdout
