@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import numpy as np
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
@@ -104,3 +105,52 @@ def test_gaussian_blur_keeps_mass_and_smooths():
     x[0, 0, 7, 7, 7] = 1
     y = gaussian_blur3d(x, 1.5)
     assert torch.isclose(y.sum(), torch.tensor(1.0), atol=1e-4) and y.max() < 0.05
+
+
+def bright_blob(shape: tuple[int, int, int], centre: tuple[float, float, float], sigma: float = 1.5) -> torch.Tensor:
+    grid = torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij")
+    distance2 = sum((g - c) ** 2 for g, c in zip(grid, centre))
+    return torch.exp(-distance2 / (2 * sigma**2))[None, None]
+
+
+def brightness_detector(architecture, shape):
+    """A network whose every feature map is a blurred copy of the input brightness, and whose male logit
+    adds them up: its last feature map peaks where the input is brightest."""
+    from study.training.models import BrainCNN
+
+    model = BrainCNN(architecture, shape).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Conv3d):
+                module.weight.fill_(1.0 / module.weight[0].numel())
+                module.bias.zero_()
+        linear = model.head[-1]
+        linear.weight.zero_()
+        linear.weight[1].fill_(1.0)
+        linear.bias.zero_()
+    return model
+
+
+@pytest.mark.parametrize(("architecture", "shape", "feature"), [
+    ({}, (46, 55, 46), (7, 9, 2)),  # MriNet: no padding, floor pooling; feature j sits at input 4j + 8.5
+    ({"blocks": 2, "padding": 1, "kernel_size": 3}, (45, 53, 47), (19, 3, 11)),  # a searched one with padding
+])
+def test_gradcam_peaks_where_the_network_looks(architecture, shape, feature):
+    from study.attribution.gradcam import feature_geometry
+    from study.training.models import Architecture
+
+    model = brightness_detector(Architecture(width=2, **architecture), shape)
+    start, jump = feature_geometry(model, model.gradcam_layer)
+    centre = tuple(s + j * f for s, j, f in zip(start, jump, feature))  # a feature voxel's centre, in input voxels
+    cam = gradcam(model, bright_blob(shape, centre), torch.tensor([1]))[0]
+    assert cam.shape == shape
+    peak = np.unravel_index(int(cam.argmax()), shape)
+    assert all(abs(p - c) <= 1.0 for p, c in zip(peak, centre)), (peak, centre)
+
+
+def test_feature_geometry_of_mrinet():
+    from study.attribution.gradcam import feature_geometry
+    from study.training.models import Architecture, BrainCNN
+
+    model = BrainCNN(Architecture(width=2), (46, 55, 46))
+    assert feature_geometry(model, model.gradcam_layer) == ([8.5] * 3, [4.0] * 3)

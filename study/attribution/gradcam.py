@@ -1,16 +1,68 @@
-"""Grad-CAM (Selvaraju et al. 2017) in 3D at the model's declared target layer."""
+"""Grad-CAM (Selvaraju et al. 2017) in 3D, placed on the input grid by the network's own geometry.
+
+The target layer's feature voxel ``j`` looks at the input around voxel
+``start + jump * j`` along each axis, where ``start`` and ``jump`` follow from
+the kernels, strides, padding and dilation of every layer before it (a
+convolution without padding shifts the grid by half its kernel; floor pooling
+drops a border). Stretching the feature map to fill the input grid, as a plain
+trilinear resize does, misplaces the map by up to several voxels at the edges.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from study.attribution.targets import class_score
 
 
+def _triple(value: int | tuple[int, ...]) -> tuple[int, int, int]:
+    return tuple(value) if isinstance(value, tuple) else (value, value, value)  # type: ignore[return-value]
+
+
+def feature_geometry(model: nn.Module, layer: nn.Module) -> tuple[list[float], list[float]]:
+    """Per input axis, ``(start, jump)``: the input voxel that ``layer``'s output voxel ``j`` is centred on
+    is ``start + jump * j``.
+
+    Walks the model's modules in order up to ``layer`` (inclusive); every
+    convolution and pooling moves the centre by ``(dilation * (kernel - 1) / 2 -
+    padding) * jump`` and multiplies ``jump`` by its stride. Other modules
+    (normalization, activations) keep the grid.
+    """
+    start, jump = [0.0] * 3, [1.0] * 3
+    for module in model.modules():
+        if isinstance(module, (nn.Conv3d, nn.MaxPool3d, nn.AvgPool3d)):
+            kernel, padding = _triple(module.kernel_size), _triple(module.padding)
+            stride = _triple(module.stride if module.stride is not None else module.kernel_size)
+            dilation = _triple(getattr(module, "dilation", 1))
+            for axis in range(3):
+                start[axis] += (dilation[axis] * (kernel[axis] - 1) / 2 - padding[axis]) * jump[axis]
+                jump[axis] *= stride[axis]
+        if module is layer:
+            return start, jump
+    raise ValueError("the Grad-CAM layer is not a module of the model")
+
+
+def place_on_input(cam: torch.Tensor, shape: tuple[int, int, int], start: list[float], jump: list[float]) -> torch.Tensor:
+    """Resample feature-grid maps [batch, 1, d, h, w] onto the input grid ``shape`` by the geometry.
+
+    Input voxel ``i`` takes the value at feature coordinate ``(i - start) / jump``
+    (trilinear between feature centres, the nearest centre's value beyond the
+    first and last, where the network dropped the border).
+    """
+    coords = []
+    for axis in range(3):
+        n = cam.shape[2 + axis]
+        position = (torch.arange(shape[axis], dtype=torch.float32, device=cam.device) - start[axis]) / jump[axis]
+        coords.append(position / max(n - 1, 1) * 2 - 1 if n > 1 else torch.zeros_like(position))
+    d, h, w = torch.meshgrid(*coords, indexing="ij")
+    grid = torch.stack([w, h, d], dim=-1).expand(cam.shape[0], *shape, 3)  # grid_sample orders (x=w, y=h, z=d)
+    return F.grid_sample(cam, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
 def gradcam(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
-    """ReLU of the gradient-weighted activations of ``model.gradcam_layer``, upsampled
-    trilinearly to the input grid; [batch, D, H, W]."""
+    """ReLU of the gradient-weighted activations of ``model.gradcam_layer``, on the input grid; [batch, D, H, W]."""
     captured: list[torch.Tensor] = []
     hook = model.gradcam_layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
     try:
@@ -22,4 +74,5 @@ def gradcam(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor | Non
         hook.remove()
     weights = grads.float().mean(dim=(2, 3, 4), keepdim=True)
     cam = F.relu((weights * activations.float()).sum(1, keepdim=True))
-    return F.interpolate(cam, size=x.shape[2:], mode="trilinear", align_corners=False)[:, 0].detach()
+    start, jump = feature_geometry(model, model.gradcam_layer)
+    return place_on_input(cam, tuple(x.shape[2:]), start, jump)[:, 0].detach()
