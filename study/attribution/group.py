@@ -1,5 +1,5 @@
-"""Group analysis of attribution maps: group means, male-vs-female permutation test,
-method agreement, localization against a ground truth, and region tables.
+"""Group analysis of attribution maps: normalization, group means, method agreement,
+localization against a ground truth, and region tables (the test is in :mod:`stats`).
 
 All functions work on maps restricted to brain voxels: arrays [subjects, voxels].
 """
@@ -41,43 +41,7 @@ def group_means(maps: np.ndarray, sexes: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def _welch_t(sums: np.ndarray, squares: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """Welch t from per-group sums and sums of squares; arrays [..., 2, voxels]."""
-    mean = sums / n[..., None]
-    var = np.maximum(squares / n[..., None] - mean**2, 0) * n[..., None] / np.maximum(n[..., None] - 1, 1)
-    se = np.sqrt(var[..., 1, :] / n[..., 1, None] + var[..., 0, :] / n[..., 0, None])
-    return (mean[..., 1, :] - mean[..., 0, :]) / np.maximum(se, 1e-12)
-
-
-def permutation_test(maps: np.ndarray, sexes: np.ndarray, permutations: int, seed: int = 0,
-                     chunk: int = 50) -> tuple[np.ndarray, np.ndarray]:
-    """Voxel-wise male-minus-female Welch t and its FWER-corrected p value (max statistic).
-
-    Each permutation shuffles the sex labels over subjects; the p value of a
-    voxel is the share of permutations whose largest |t| anywhere reaches its |t|.
-    """
-    sexes = np.asarray(sexes)
-    squares = maps**2
-
-    def t_for(groups: np.ndarray) -> np.ndarray:  # groups: [p, subjects] of 0/1
-        onehot = np.stack([1 - groups, groups], axis=1).astype(np.float32)  # [p, 2, subjects]
-        n = onehot.sum(2)
-        return _welch_t(onehot @ maps, onehot @ squares, n)
-
-    observed = t_for(sexes[None])[0]
-    if permutations == 0:
-        return observed, np.full_like(observed, np.nan)
-    rng = np.random.default_rng(seed)
-    max_null = []
-    for start in range(0, permutations, chunk):
-        shuffled = np.stack([rng.permutation(sexes) for _ in range(min(chunk, permutations - start))])
-        max_null.append(np.abs(t_for(shuffled)).max(1))
-    max_null = np.sort(np.concatenate(max_null))
-    exceed = len(max_null) - np.searchsorted(max_null, np.abs(observed), side="left")
-    return observed, (exceed + 1) / (len(max_null) + 1)
-
-
-def _dice_top(a: np.ndarray, b: np.ndarray, fraction: float) -> np.ndarray:
+def dice_top(a: np.ndarray, b: np.ndarray, fraction: float) -> np.ndarray:
     """Dice overlap of the top ``fraction`` voxels of a and b, row by row."""
     k = max(1, int(round(a.shape[-1] * fraction)))
     top_a = np.argpartition(-a, k - 1, axis=-1)[..., :k]
@@ -98,14 +62,14 @@ def method_agreement(maps: dict[str, np.ndarray], top_fraction: float = 0.05) ->
     rows = []
     for a, b in itertools.combinations(sorted(maps), 2):
         rho = spearman_rows(maps[a], maps[b])
-        dice = _dice_top(maps[a], maps[b], top_fraction)
+        dice = dice_top(maps[a], maps[b], top_fraction)
         pooled_a, pooled_b = maps[a].mean(0), maps[b].mean(0)
         rows.append({
             "method_a": a, "method_b": b,
             "spearman_subject_mean": float(rho.mean()), "spearman_subject_std": float(rho.std()),
             f"dice_top{top_fraction:.0%}_subject_mean": float(dice.mean()),
             "spearman_pooled": float(spearman_rows(pooled_a, pooled_b)[0]),
-            f"dice_top{top_fraction:.0%}_pooled": float(_dice_top(pooled_a, pooled_b, top_fraction)[0]),
+            f"dice_top{top_fraction:.0%}_pooled": float(dice_top(pooled_a, pooled_b, top_fraction)[0]),
         })
     return pd.DataFrame(rows)
 

@@ -4,7 +4,7 @@ A map that explains the model must change when the model does. Model-parameter
 randomization re-initializes the layers one after another from the top (the
 head first, then each convolution from the last), and label randomization
 trains a model on shuffled labels; each method's maps are compared with the
-originals by Spearman rank correlation and a global SSIM. A method whose maps
+originals by Spearman rank correlation and windowed SSIM. A method whose maps
 stay similar is flagged.
 """
 
@@ -16,10 +16,11 @@ import numpy as np
 import pandas as pd
 import ray.train
 import torch
+from skimage.metrics import structural_similarity
 from torch import nn
 
 from study.attribution.actors import Explanation, explain_subjects
-from study.attribution.group import normalize, spearman_rows
+from study.attribution.group import normalize, spearman_rows, unmask
 from study.data.cache import VolumeCache
 from study.runtime import Precision, worker_device
 from study.training.loop import load_model
@@ -27,21 +28,18 @@ from study.training.loop import load_model
 FLAG_SPEARMAN = 0.5  # fully randomized maps more similar than this are flagged
 
 
-def ssim_global(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """SSIM computed once over all voxels of each row (maps normalized to [0, 1])."""
-    c1, c2 = 0.01**2, 0.03**2
-    ma, mb = a.mean(1), b.mean(1)
-    va, vb = a.var(1), b.var(1)
-    cov = ((a - ma[:, None]) * (b - mb[:, None])).mean(1)
-    return ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2))
-
-
 def compare(original: dict[str, np.ndarray], other: dict[str, np.ndarray], brain: np.ndarray) -> dict[str, tuple[float, float]]:
-    """Per method: (mean Spearman, mean SSIM) between two sets of maps of the same subjects."""
+    """Per method: (mean Spearman over brain voxels, mean windowed SSIM of the volumes) between two sets of
+    maps of the same subjects, each normalized to [0, 1].
+
+    SSIM is scikit-image's ``structural_similarity`` (7-voxel windows, data range 1),
+    as in the sanity-check literature (Adebayo et al. 2018).
+    """
     out = {}
     for method, maps in original.items():
         a, b = normalize(maps[:, brain]), normalize(other[method][:, brain].astype(np.float32))
-        out[method] = (float(spearman_rows(a, b).mean()), float(ssim_global(a, b).mean()))
+        ssim = [structural_similarity(unmask(x, brain), unmask(y, brain), data_range=1.0) for x, y in zip(a, b)]
+        out[method] = (float(spearman_rows(a, b).mean()), float(np.mean(ssim)))
     return out
 
 

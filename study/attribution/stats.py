@@ -1,0 +1,134 @@
+"""The male-versus-female test of attribution maps: voxel-wise Welch t, FWER by permutation.
+
+Maps come as [subjects, voxels]. The p value of a voxel is corrected for the
+family-wise error over all voxels by the maximum statistic: the share of label
+permutations whose largest |t| anywhere reaches the voxel's |t| (Nichols &
+Holmes 2002). Labels are permuted only in ways that keep the study's design, as
+PALM does with exchangeability blocks (Winkler et al. 2015): within each outer
+fold (maps of one fold come from one model), whole families are exchanged with
+families of the same size, and siblings within their family (relatives are not
+independent). Variances are computed in float64 from data centred per voxel, a
+two-pass scheme whose sums cannot cancel catastrophically; voxels that do not
+vary at all are left out of the test and counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class PermutationTest:
+    """The result of :func:`permutation_test`; arrays are [voxels], NaN where a voxel was not tested."""
+
+    t: np.ndarray  # male - female Welch t
+    p: np.ndarray  # FWER-corrected p value (max statistic); NaN everywhere without permutations
+    constant: int  # voxels left out because they have the same value in every subject
+    permutations: int
+
+
+def exchangeable_permutation(folds: np.ndarray, families: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random permutation of subjects that respects the design: ``labels[perm]`` is a permuted labelling.
+
+    Within each fold, families of the same size swap places as wholes, and the
+    members of each family are shuffled among themselves; no subject leaves its fold.
+    """
+    perm = np.arange(len(folds))
+    for fold in np.unique(folds):
+        members: dict[str, np.ndarray] = {}
+        for family in np.unique(families[folds == fold]):
+            members[family] = np.flatnonzero((folds == fold) & (families == family))
+        by_size: dict[int, list[str]] = {}
+        for family, rows in members.items():
+            by_size.setdefault(len(rows), []).append(family)
+        for names in by_size.values():
+            for target, source in zip(names, rng.permutation(names)):
+                perm[members[target]] = rng.permutation(members[source])
+    return perm
+
+
+def welch_t(maps: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Voxel-wise Welch t of group 1 minus group 0 (float64, two-pass), as scipy's ``ttest_ind(equal_var=False)``."""
+    x = np.asarray(maps, dtype=np.float64)
+    a, b = x[np.asarray(labels) == 1], x[np.asarray(labels) == 0]
+    se = np.sqrt(a.var(0, ddof=1) / len(a) + b.var(0, ddof=1) / len(b))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (a.mean(0) - b.mean(0)) / se
+
+
+def _t_of(labels: torch.Tensor, centred: torch.Tensor, squares: torch.Tensor, n1: int, n0: int,
+          floor: torch.Tensor) -> torch.Tensor:
+    """Welch t for many labellings at once: ``labels`` [p, subjects] of 0/1 over centred voxels [subjects, v]."""
+    sum1 = labels @ centred  # the centred data sum to 0 per voxel: group 0's sum is -sum1
+    square1 = labels @ squares
+    mean1, mean0 = sum1 / n1, -sum1 / n0
+    var1 = (square1 - n1 * mean1**2) / (n1 - 1)
+    var0 = (squares.sum(0) - square1 - n0 * mean0**2) / (n0 - 1)
+    se = torch.sqrt(torch.clamp(var1, min=0) / n1 + torch.clamp(var0, min=0) / n0)
+    return (mean1 - mean0) / torch.maximum(se, floor)
+
+
+def permutation_test(maps: np.ndarray, labels: np.ndarray, permutations: int, folds: np.ndarray | None = None,
+                     families: np.ndarray | None = None, seed: int = 0, device: str = "cpu",
+                     voxel_chunk: int = 20000, permutation_chunk: int = 256) -> PermutationTest:
+    """Voxel-wise male-minus-female Welch t and its FWER-corrected p value (max statistic).
+
+    Parameters
+    ----------
+    maps : ndarray [subjects, voxels]
+        One map per subject, all explaining the same score (e.g. the male-minus-female logit).
+    labels : ndarray [subjects]
+        1 male, 0 female.
+    permutations : int
+        Label permutations (0: t only).
+    folds, families : ndarray [subjects], optional
+        The exchangeability blocks: each subject's outer fold and family (default: one block).
+    seed : int
+        Seed of the permutations.
+    device : str
+        Where the sums run (``cuda`` for a GPU); the result is the same.
+    voxel_chunk, permutation_chunk : int
+        Work sizes, which bound memory at the paper's grid.
+
+    Returns
+    -------
+    PermutationTest
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    folds = np.zeros(n, dtype=int) if folds is None else np.asarray(folds)
+    families = np.arange(n).astype(str) if families is None else np.asarray(families).astype(str)
+    rng = np.random.default_rng(seed)
+    labellings = np.stack([labels] + [labels[exchangeable_permutation(folds, families, rng)]
+                                      for _ in range(permutations)])
+    n1, n0 = int(labels.sum()), int(n - labels.sum())
+    t = np.full(maps.shape[1], np.nan)
+    max_null = torch.zeros(permutations, dtype=torch.float64, device=device)
+    constant = 0
+    rows = torch.as_tensor(labellings, dtype=torch.float64, device=device)
+    for start in range(0, maps.shape[1], voxel_chunk):
+        x = torch.as_tensor(np.asarray(maps[:, start:start + voxel_chunk]), dtype=torch.float64, device=device)
+        centred = x - x.mean(0)
+        squares = centred**2
+        varies = squares.sum(0) > 0
+        constant += int((~varies).sum())
+        centred, squares = centred[:, varies], squares[:, varies]
+        floor = 1e-12 * torch.sqrt(squares.sum(0) / n)  # se never exactly 0 where the data vary
+        observed = _t_of(rows[:1], centred, squares, n1, n0, floor)[0]
+        t[start + np.flatnonzero(varies.cpu().numpy())] = observed.cpu().numpy()
+        for first in range(1, permutations + 1, permutation_chunk):
+            null = _t_of(rows[first:first + permutation_chunk], centred, squares, n1, n0, floor)
+            if null.shape[1]:
+                chunk_max = null.abs().max(1).values
+                max_null[first - 1:first - 1 + len(chunk_max)] = torch.maximum(
+                    max_null[first - 1:first - 1 + len(chunk_max)], chunk_max)
+    p = np.full_like(t, np.nan)
+    if permutations:
+        ordered = np.sort(max_null.cpu().numpy())
+        tested = ~np.isnan(t)
+        exceed = permutations - np.searchsorted(ordered, np.abs(t[tested]), side="left")
+        p[tested] = (exceed + 1) / (permutations + 1)
+    return PermutationTest(t, p, constant, permutations)

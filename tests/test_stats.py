@@ -1,0 +1,143 @@
+"""Every statistic of the maps against a reference: scipy, scikit-image, scikit-learn or a brute-force count."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.stats
+from skimage.metrics import structural_similarity
+from sklearn.metrics import roc_auc_score
+
+from study.attribution.group import dice_top, localization, spearman_rows, unmask
+from study.attribution.sanity import compare
+from study.attribution.stats import exchangeable_permutation, permutation_test, welch_t
+
+
+def design(n_families: int = 30, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels, folds and families of a cohort with singletons and sibling pairs, families never split by folds."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.choice([1, 2], size=n_families, p=[0.6, 0.4])
+    families = np.repeat([f"f{i}" for i in range(n_families)], sizes)
+    folds = np.repeat(rng.integers(0, 3, size=n_families), sizes)
+    labels = rng.integers(0, 2, size=len(families))
+    labels[:2] = [0, 1]
+    return labels, folds, families
+
+
+def test_welch_t_is_scipys():
+    rng = np.random.default_rng(1)
+    maps = rng.normal(size=(40, 30)) * rng.uniform(0.5, 2, size=30)
+    labels = (rng.random(40) < 0.4).astype(int)
+    maps[labels == 1] += 0.7
+    expected = scipy.stats.ttest_ind(maps[labels == 1], maps[labels == 0], equal_var=False).statistic
+    np.testing.assert_allclose(welch_t(maps, labels), expected, rtol=1e-10)
+    np.testing.assert_allclose(permutation_test(maps, labels, 0).t, expected, rtol=1e-9)
+
+
+def test_t_is_right_for_data_far_from_zero():
+    # Variance as E[x^2] - mean^2 in float32 loses everything at this offset; the two-pass float64 sum does not.
+    rng = np.random.default_rng(2)
+    labels = np.repeat([0, 1], 25)
+    maps = (1e4 + rng.normal(0, 1e-2, size=(50, 20)) + 5e-3 * labels[:, None]).astype(np.float32)
+    expected = scipy.stats.ttest_ind(maps[labels == 1].astype(np.float64), maps[labels == 0].astype(np.float64),
+                                     equal_var=False).statistic
+    np.testing.assert_allclose(permutation_test(maps, labels, 0).t, expected, rtol=1e-6)
+
+
+def test_a_constant_voxel_is_left_out_and_cannot_swamp_the_test():
+    rng = np.random.default_rng(3)
+    labels = np.repeat([0, 1], 20)
+    maps = rng.normal(size=(40, 50)).astype(np.float32)
+    maps[labels == 1, :5] += 2.0  # a real effect in five voxels
+    maps[:, 10] = 0.5  # the same value in every subject
+    maps[:, 11] = 0.5 + rng.normal(0, 1e-7, size=40).astype(np.float32)  # almost the same
+    result = permutation_test(maps, labels, 200, seed=0)
+    assert result.constant == 1 and np.isnan(result.t[10]) and np.isnan(result.p[10])
+    assert (result.p[:5] < 0.05).all()  # a near-constant voxel (|t| from noise) does not push every p to 1
+    assert np.isfinite(result.t[11]) and result.p[11] > 0.05
+
+
+def test_fwer_p_values_equal_a_brute_force_count():
+    rng = np.random.default_rng(4)
+    labels, folds, families = design(25, seed=4)
+    maps = rng.normal(size=(len(labels), 60))
+    maps[labels == 1, :3] += 1.2
+    permutations, seed = 99, 7
+    result = permutation_test(maps, labels, permutations, folds, families, seed=seed, voxel_chunk=17,
+                              permutation_chunk=10)
+    draws = np.random.default_rng(seed)
+    max_null = []
+    for _ in range(permutations):
+        permuted = labels[exchangeable_permutation(folds, families, draws)]
+        t = scipy.stats.ttest_ind(maps[permuted == 1], maps[permuted == 0], equal_var=False).statistic
+        max_null.append(np.abs(t).max())
+    observed = scipy.stats.ttest_ind(maps[labels == 1], maps[labels == 0], equal_var=False).statistic
+    expected = [(1 + sum(m >= abs(t) - 1e-9 for m in max_null)) / (permutations + 1) for t in observed]
+    np.testing.assert_allclose(result.t, observed, rtol=1e-9)
+    np.testing.assert_allclose(result.p, expected)
+
+
+def test_permutations_keep_folds_and_exchange_whole_families():
+    labels, folds, families = design(40, seed=5)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        perm = exchangeable_permutation(folds, families, rng)
+        assert sorted(perm) == list(range(len(labels)))
+        assert (folds[perm] == folds).all()  # nobody leaves their fold
+        for family in np.unique(families):
+            sources = set(families[perm[families == family]])
+            assert len(sources) == 1  # a family's labels all come from one family (of the same size)
+
+
+@pytest.mark.parametrize("blocked", [False, True])
+def test_family_wise_error_rate_under_the_null_is_five_percent(blocked):
+    # No effect; siblings share part of their maps and each fold's model adds its own offset. Over many
+    # draws, the chance of any voxel at p < 0.05 anywhere stays at the nominal 5%.
+    rng = np.random.default_rng(6)
+    draws, hits = 300, 0
+    for draw in range(draws):
+        labels, folds, families = design(24, seed=1000 + draw)
+        _, family_index = np.unique(families, return_inverse=True)
+        shared = rng.normal(size=(family_index.max() + 1, 40))[family_index]
+        maps = rng.normal(size=(len(labels), 40)) + shared + rng.normal(size=(3, 40))[folds]
+        result = permutation_test(maps, labels, 99, folds if blocked else None, families if blocked else None,
+                                  seed=draw)
+        hits += bool((result.p < 0.05).any())
+    assert 0.02 <= hits / draws <= 0.085, hits / draws
+
+
+def test_spearman_and_dice_against_scipy_and_numpy():
+    rng = np.random.default_rng(7)
+    a, b = rng.normal(size=(5, 200)), rng.normal(size=(5, 200))
+    b[:2] += a[:2]
+    expected = [scipy.stats.spearmanr(x, y).statistic for x, y in zip(a, b)]
+    np.testing.assert_allclose(spearman_rows(a, b), expected, rtol=1e-10)
+    k = 10  # 5% of 200
+    expected_dice = [len(set(np.argsort(-x)[:k]) & set(np.argsort(-y)[:k])) * 2 / (2 * k) for x, y in zip(a, b)]
+    np.testing.assert_allclose(dice_top(a, b, 0.05), expected_dice)
+
+
+def test_ssim_is_scikit_images_windowed_ssim():
+    rng = np.random.default_rng(8)
+    brain = np.zeros((12, 14, 12), dtype=bool)
+    brain[2:10, 2:12, 2:10] = True
+    original = {"m": rng.random((3, *brain.shape)).astype(np.float32)}
+    other = {"m": (original["m"] * 0.5 + rng.random((3, *brain.shape)) * 0.5).astype(np.float32)}
+    rho, ssim = compare(original, other, brain)["m"]
+    from study.attribution.group import normalize
+
+    a, b = normalize(original["m"][:, brain]), normalize(other["m"][:, brain])
+    expected = np.mean([structural_similarity(unmask(x, brain), unmask(y, brain), data_range=1.0) for x, y in zip(a, b)])
+    assert ssim == pytest.approx(expected) and 0 < ssim < 1
+    assert compare(original, original, brain)["m"] == pytest.approx((1.0, 1.0))
+
+
+def test_localization_auc_is_scikit_learns():
+    rng = np.random.default_rng(9)
+    truth = np.zeros(300, dtype=bool)
+    truth[:30] = True
+    maps = rng.random((4, 300)) + truth * 0.3
+    scores = localization(maps, truth)
+    assert scores["roc_auc_group"] == pytest.approx(roc_auc_score(truth, maps.mean(0)))
+    assert scores["roc_auc_subject_mean"] == pytest.approx(np.mean([roc_auc_score(truth, m) for m in maps]))
+    assert scores["chance_top1pct"] == pytest.approx(0.1)
