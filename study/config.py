@@ -60,13 +60,22 @@ class CVConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """The training budget and optimizer; precision and memory format follow the device."""
+    """The training recipe: budget, optimizer, schedule, augmentation; precision follows the device.
 
-    epochs: int = Field(30, ge=1)
+    Each outer fold first trains on its first inner split, validating after every
+    epoch, to choose the number of epochs (early stopping); with ``refit`` the
+    final model then trains on all of the fold's training subjects for that many epochs.
+    """
+
+    epochs: int = Field(30, ge=1)  # the most epochs of the selection phase
     batch_size: int = Field(8, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0)  # AdamW's peak learning rate
     weight_decay: float = Field(1e-4, ge=0)
-    patience: int = Field(8, ge=1)
+    warmup_epochs: float = Field(1.0, ge=0)  # linear warm-up of the learning rate
+    schedule: Literal["cosine", "constant"] = "cosine"  # after the warm-up
+    clip_grad_norm: float | None = Field(1.0, gt=0)  # None: no clipping
+    patience: int = Field(8, ge=1)  # epochs without a better validation loss before stopping
+    refit: bool = True  # final model on all of the fold's training subjects (else: the selected one)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     channels_last: bool | None = None  # None: on GPU only (4x faster for 3D convs there)
     compile: bool = False
@@ -113,7 +122,9 @@ class AttributionConfig(_Section):
     methods: list[Literal[tuple(METHODS)]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["gradcam", "guided_backprop", "perturbation"]
     )
-    target: Literal["true_class", "predicted_class", "contrast"] = "true_class"  # contrast: male minus female
+    # The score each map explains. contrast (male minus female logit) asks every subject the same question,
+    # so male and female maps can be compared; true_class / predicted_class maps cannot, and get no group test.
+    target: Literal["contrast", "true_class", "predicted_class"] = "contrast"
     batch_size: int = Field(8, ge=1)
     actors: int | None = Field(None, ge=1)  # default: as many as fit on the GPUs, else 2
     gpus_per_actor: float = Field(1.0, gt=0)

@@ -1,7 +1,8 @@
 """A study from end to end: what ``study run CONFIG`` does, in the README's order.
 
 1. the cohort: checked and preprocessed into the cache;  2. the splits;
-3. per outer fold: search (if configured), train on Ray Train, test;
+3. per outer fold: search (if configured), train on Ray Train, test; a linear
+baseline in the same folds, and whether the CNN's result is a finding;
 4. attribution maps of every held-out subject;  5. their group analysis and
 sanity checks;  6. everything published to MLflow, the report and the console.
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
+
 from study.attribution.analysis import explain_study
 from study.config import StudyConfig
 from study.data.prepare import PreparedCohort, StudyError, make_or_load_splits, prepare_cohort
@@ -17,7 +20,9 @@ from study.output.publish import Publisher
 from study.runtime import start_ray, unsatisfiable
 from study.state import StageTimes, Study, resume_or_start
 from study.storage import join
-from study.training.crossval import cross_validate
+from study.training.baseline import BaselineResult, fit_baselines
+from study.training.crossval import FoldResult, cross_validate
+from study.training.evaluation import Evaluation, evaluate
 
 
 def study_dir(config: StudyConfig) -> Path:
@@ -89,8 +94,20 @@ def run_study(config: StudyConfig, restart: bool = False, audit: bool = False) -
             publisher.fold(study, result)
             results.append(result)
         results.sort(key=lambda r: r.fold)
-        publisher.classification(study, results)
+        with times.stage("linear baseline"):
+            baselines = fit_baselines(study, study.brain)
+        evaluation = evaluate_folds(study, results, baselines)
+        publisher.classification(study, results, baselines, evaluation)
         if config.attribution is not None:
-            publisher.attribution(study, explain_study(study, results))
-        publisher.finish(study)
+            publisher.attribution(study, explain_study(study, results, baselines), evaluation)
+        publisher.finish(study, evaluation)
     return study.state.parent_run
+
+
+def evaluate_folds(study: Study, results: list[FoldResult], baselines: list[BaselineResult]) -> Evaluation:
+    """The pooled held-out predictions of the CNN and the baseline, tested (see :mod:`study.training.evaluation`)."""
+    cnn = pd.concat([r.predictions.assign(fold=r.fold) for r in results], ignore_index=True)
+    linear = pd.concat([b.predictions for b in baselines], ignore_index=True).set_index("subject_id")
+    return evaluate(study.labels(cnn.subject_id.tolist()), cnn.p_male.to_numpy(), cnn.fold.to_numpy(),
+                    linear.loc[cnn.subject_id, "p_male"].to_numpy() if len(linear) else None,
+                    seed=study.config.cv.seed)

@@ -10,6 +10,7 @@ continue. This module computes nothing and publishes nothing.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -49,6 +50,7 @@ class StudyState:
     parent_run: str | None = None  # the study's MLflow run
     fold_runs: dict[int, str] = field(default_factory=dict)  # fold -> its MLflow run
     logged_folds: list[int] = field(default_factory=list)  # folds whose results MLflow has
+    baseline_runs: dict[int, str] = field(default_factory=dict)  # fold -> MLflow run of its linear baseline
     finished: bool = False
 
     @staticmethod
@@ -58,7 +60,8 @@ class StudyState:
     @classmethod
     def load(cls, directory: Path) -> "StudyState":
         data = json.loads(cls.path(directory).read_text())
-        data["fold_runs"] = {int(k): v for k, v in data.get("fold_runs", {}).items()}
+        for runs in ("fold_runs", "baseline_runs"):
+            data[runs] = {int(k): v for k, v in data.get(runs, {}).items()}
         return cls(**data)
 
     def save(self, directory: Path) -> None:
@@ -117,6 +120,11 @@ class Study:
     storage: str  # Ray Train/Tune storage of this execution: a path or a cloud URI
     audit: bool = False  # record which subjects each training worker read (tests prove no leak with it)
     times: StageTimes = field(default_factory=StageTimes)
+
+    @functools.cached_property
+    def brain(self) -> np.ndarray:
+        """Voxels inside the brain of any subject of the cache: where maps and the baseline look."""
+        return self.cache.brain()
 
     def labels(self, subject_ids: list[str]) -> np.ndarray:
         """Labels (1 male, 0 female) of the given subjects, in that order."""

@@ -65,7 +65,7 @@ def test_study_submitted_as_a_job_runs_on_the_cluster(ray_head, tmp_path, cohort
     mlflow.set_tracking_uri(config.tracking.uri)
     runs = mlflow.search_runs(experiment_names=[config.name], output_format="list")
     levels = sorted(r.data.tags["study.level"] for r in runs)
-    assert levels == ["fold", "fold", "study"]
+    assert levels == ["baseline", "baseline", "fold", "fold", "study"]
     assert all(r.info.status == "FINISHED" for r in runs)
 
 

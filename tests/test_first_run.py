@@ -58,7 +58,7 @@ def test_study_run_works_for_a_new_user(tmp_path, synthetic_root):
     assert "time per stage" in output and "whole study (wall)" in output
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")  # the default store, in the current directory
     runs = mlflow.search_runs(experiment_names=["tiny"], output_format="list")
-    assert sorted(r.data.tags["study.level"] for r in runs) == ["fold", "fold", "study"]
+    assert sorted(r.data.tags["study.level"] for r in runs) == ["baseline", "baseline", "fold", "fold", "study"]
     assert all(r.info.status == "FINISHED" for r in runs)
     assert (project / "study_data" / "runs" / "tiny" / "report.html").is_file()
 

@@ -38,11 +38,13 @@ def study_config(tmp_path: Path, cohort_root: Path, **sections):
     return parse_config(data)
 
 
-def runs_of(config, parent_id):
+def runs_of(config, parent_id, level="fold"):
+    """The study's run and its child runs of one level (fold, or baseline)."""
     mlflow.set_tracking_uri(config.tracking.uri)
     runs = mlflow.search_runs(experiment_names=[config.name], output_format="list")
     parent = next(r for r in runs if r.info.run_id == parent_id)
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id
+                and r.data.tags.get("study.level") == level]
     return parent, children
 
 
@@ -53,7 +55,12 @@ def test_ddp_study_logs_the_run_tree_and_trains_on_disjoint_shards(tmp_path, coh
 
     parent, children = runs_of(config, parent_id)
     assert parent.info.status == "FINISHED"
-    assert {"test_roc_auc_mean", "test_roc_auc_std", "test_balanced_accuracy_mean"} <= set(parent.data.metrics)
+    assert {"test_roc_auc_mean", "test_roc_auc_std", "test_balanced_accuracy_mean", "pooled_roc_auc",
+            "pooled_roc_auc_p_vs_chance", "baseline_pooled_roc_auc", "cnn_minus_baseline_p"} <= set(parent.data.metrics)
+    assert parent.data.tags["study.finding"] in {"yes", "none", "below_baseline"}
+    _, baselines = runs_of(config, parent_id, "baseline")  # the linear baseline, one run per fold, comparable
+    assert sorted(b.data.tags["study.fold"] for b in baselines) == ["0", "1"]
+    assert all({"test_roc_auc", "test_balanced_accuracy"} <= set(b.data.metrics) for b in baselines)
     assert parent.data.params["cv.outer_folds"] == "2"
     assert sorted(c.data.tags["study.fold"] for c in children) == ["0", "1"]
     client = mlflow.MlflowClient()
@@ -79,14 +86,20 @@ def test_ddp_study_logs_the_run_tree_and_trains_on_disjoint_shards(tmp_path, coh
             p_male = torch.softmax(model(data.__getitems__(list(range(len(table))))[0]), 1)[:, 1].numpy()
         np.testing.assert_allclose(p_male, table.p_male, atol=1e-5)
 
-    # DDP: the two workers read disjoint shards that cover the training side, and end identical.
+    # DDP: the two workers read disjoint shards that cover the training side, and end identical. The
+    # selection phase trains on the first inner split; the refit on all of the fold's training subjects.
     splits = json.loads((study_dir(config) / "splits.json").read_text())["folds"]
     for fold in splits:
         audit = study_dir(config) / "audit" / f"fold{fold['fold']}"
         ranks = [[json.loads(l) for l in (audit / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
-        train_ids, val_ids = fold["inner"][0]["train"], fold["inner"][0]["test"]
+        phases = {"select": fold["inner"][0]["train"], "refit": fold["train"]}
+        val_ids = fold["inner"][0]["test"]
+        assert {r["phase"] for r in ranks[0][:-1]} == {"select", "refit"}
         for epoch0, epoch1 in zip(ranks[0][:-1], ranks[1][:-1]):
+            train_ids = phases[epoch0["phase"]]
             shard0, shard1 = [s for s in epoch0["subjects"] if s not in val_ids], [s for s in epoch1["subjects"] if s not in val_ids]
+            if epoch0["phase"] == "refit":
+                shard0, shard1 = epoch0["subjects"], epoch1["subjects"]
             assert len(shard0) == len(shard1) == (len(train_ids) + 1) // 2
             assert set(shard0) | set(shard1) == set(train_ids)
             assert len(set(shard0) & set(shard1)) == len(train_ids) % 2  # only DistributedSampler's padding

@@ -20,16 +20,21 @@ import pandas as pd
 import ray
 
 from study.attribution.actors import Explanation, FoldModel, explain_cohort
-from study.attribution.group import (group_means, localization, method_agreement, normalize, permutation_test,
-                                     region_table, unmask)
+from study.attribution.group import group_means, localization, method_agreement, normalize, region_table, unmask
 from study.attribution.sanity import flagged_methods, label_randomization, parameter_randomization
+from study.attribution.stats import PermutationTest, permutation_test
 from study.attribution.store import MapStore
 from study.config import AttributionConfig
 from study.data.cache import VolumeCache
 from study.data.volumes import Grid, resample_to_grid
 from study.state import Study
 from study.storage import join
-from study.training.crossval import FoldResult, TrainingSetup, fit, training_data
+from study.training.baseline import BaselineResult
+from study.training.crossval import FoldResult, fit
+from study.training.loop import TrainingData, load_history
+
+
+LINEAR_BASELINE = "linear_baseline"  # the baseline's weights, analysed beside the methods' maps
 
 
 @dataclass
@@ -39,8 +44,7 @@ class MethodMaps:
     method: str
     group: dict[str, np.ndarray]  # mean_all, mean_male, median_male, mean_female, median_female
     per_fold: dict[int, dict[str, np.ndarray]]  # the same, per outer fold's held-out subjects
-    t: np.ndarray  # male - female Welch t
-    p: np.ndarray  # its FWER-corrected p value (NaN without permutations)
+    test: PermutationTest | None  # male vs female; None when the maps explain different scores for each sex
     localization: dict[str, float] | None  # scores against a synthetic cohort's planted effect
     regions: dict[str, pd.DataFrame]  # "planted" / "atlas" -> regions ranked by mean attribution
 
@@ -53,10 +57,11 @@ class AttributionResult:
     brain: np.ndarray  # bool [D, H, W]: the voxels the maps cover
     affine: np.ndarray  # of the study grid
     subjects: int  # held-out subjects explained
-    permutations: int
+    target: str  # the score every map explains (config attribution.target)
     agreement: pd.DataFrame
     cascade: pd.DataFrame  # cascading parameter randomization: (step, method) -> similarity
     shuffled: pd.DataFrame  # model trained on shuffled labels: method -> similarity (empty if not run)
+    shuffled_fit_accuracy: float  # that model's accuracy on its own shuffled training labels
     flagged: list[str]  # methods whose maps survive randomization
     store: MapStore  # every subject's maps
 
@@ -68,15 +73,6 @@ class AttributionResult:
     def localization(self) -> pd.DataFrame:
         """One row per method with its localization scores (empty without a ground truth)."""
         return pd.DataFrame([{"method": m.method, **m.localization} for m in self.maps.values() if m.localization])
-
-
-def brain_mask(cache: VolumeCache) -> np.ndarray:
-    """Voxels inside the brain of any subject (non-zero after preprocessing)."""
-    volumes = cache.volumes
-    mask = np.zeros(cache.shape, dtype=bool)
-    for start in range(0, len(volumes), 64):
-        mask |= np.any(volumes[start:start + 64] != 0, axis=0)
-    return mask
 
 
 def _store_key(attribution: AttributionConfig, results: list[FoldResult]) -> str:
@@ -114,7 +110,15 @@ def explanation_of(attribution: AttributionConfig) -> Explanation:
     return Explanation(tuple(attribution.methods), attribution.target, attribution.perturbation)
 
 
-def _sanity(study: Study, first: FoldResult, store: MapStore, brain: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _sanity(study: Study, first: FoldResult, store: MapStore,
+            brain: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame, float]:
+    """Cascading randomization of the first fold's model, and a model of its architecture trained on shuffled labels.
+
+    The shuffled model trains like the fold's final model (same setup, same
+    subjects, same number of epochs) on labels shuffled across all of them, so
+    it can learn nothing about sex; its accuracy on its own shuffled labels says
+    whether it could memorize them (a check that cannot fit its data proves little).
+    """
     attribution, resources = study.config.attribution, study.config.resources
     explanation = explanation_of(attribution)
     subjects = first.predictions.subject_id.tolist()[: attribution.sanity.subjects]
@@ -123,20 +127,20 @@ def _sanity(study: Study, first: FoldResult, store: MapStore, brain: np.ndarray)
     task = ray.remote(num_cpus=1, num_gpus=attribution.gpus_per_actor if resources.use_gpu else 0)
     cascade = ray.get(task(parameter_randomization).remote(
         first.checkpoint, study.cache, subjects, labels, original, brain, explanation))
-    shuffled = pd.DataFrame()
+    shuffled, fit_accuracy = pd.DataFrame(), float("nan")
     if attribution.sanity.label_randomization:
-        fold = study.folds[first.fold]
-        data = training_data(study, fold.validation.train, fold.validation.test)
-        rng = np.random.default_rng(study.config.train.seed)
-        data = replace(data, train_labels=rng.permutation(data.train_labels))
-        result = fit(TrainingSetup(study.config.model, study.config.train), data, "label_randomized",
-                     join(study.storage, "train"), resources)
+        train_ids = study.folds[first.fold].train
+        shuffled_labels = np.random.default_rng(study.config.train.seed).permutation(study.labels(train_ids))
+        data = TrainingData(study.cache, [], shuffled_labels[:0], [], shuffled_labels[:0], train_ids, shuffled_labels)
+        result = fit(first.setup, data, "label_randomized", join(study.storage, "train"), resources,
+                     refit_epochs=first.final_epochs)
+        fit_accuracy = float(pd.DataFrame(load_history(result.checkpoint))["fit_accuracy"].dropna().iloc[-1])
         shuffled = ray.get(task(label_randomization).remote(
             result.checkpoint, study.cache, subjects, labels, original, brain, explanation))
-    return cascade, shuffled
+    return cascade, shuffled, fit_accuracy
 
 
-def explain_study(study: Study, results: list[FoldResult]) -> AttributionResult:
+def explain_study(study: Study, results: list[FoldResult], baselines: list[BaselineResult]) -> AttributionResult:
     """Explain all held-out subjects with every method and analyse the maps.
 
     Parameters
@@ -145,6 +149,9 @@ def explain_study(study: Study, results: list[FoldResult]) -> AttributionResult:
         The execution (its config's ``attribution`` section says what to compute).
     results : list of FoldResult
         Every outer fold's model and held-out subjects, sorted by fold.
+    baselines : list of BaselineResult
+        The linear baseline of every fold: its weights are analysed as one more
+        map (a subject's map is the weights of the model that held it out).
 
     Returns
     -------
@@ -171,28 +178,36 @@ def explain_study(study: Study, results: list[FoldResult]) -> AttributionResult:
 
     with study.times.stage("group statistics"):
         grid = study.cache.grid
-        brain = brain_mask(study.cache)
+        brain = study.brain
         tested = [s for job in jobs for s in job.subject_ids]
         sexes = study.labels(tested)
         fold_of = np.array([job.fold for job in jobs for _ in job.subject_ids])
+        family = {s.subject_id: s.family_id for s in study.cohort.subjects}
+        families = np.array([family[s] for s in tested])
         truth, planted, planted_names = _ground_truth(study.config.cohort.root, grid)
         atlas, atlas_names = _atlas(attribution, grid)
         normalized: dict[str, np.ndarray] = {}
         analysed: dict[str, MethodMaps] = {}
-        for method in methods:
-            maps = normalize(store.read(method, tested)[:, brain])
+        weights = {b.fold: np.abs(b.weights) for b in baselines}
+        for method in [*methods, *([LINEAR_BASELINE] if baselines else [])]:
+            raw = np.stack([weights[f] for f in fold_of]) if method == LINEAR_BASELINE \
+                else store.read(method, tested)[:, brain]
+            maps = normalize(raw)
             normalized[method] = maps
             group = group_means(maps, sexes)
             per_fold = {job.fold: group_means(maps[fold_of == job.fold], sexes[fold_of == job.fold]) for job in jobs}
-            t, p = permutation_test(maps, sexes, attribution.permutations, seed=study.config.cv.seed)
+            test = None
+            if attribution.target == "contrast" and method != LINEAR_BASELINE:  # one question for every subject
+                test = permutation_test(maps, sexes, attribution.permutations, fold_of, families,
+                                        seed=study.config.cv.seed)
             regions = {}
             for labels, names, kind in ((planted, planted_names, "planted"), (atlas, atlas_names, "atlas")):
                 if labels is not None:
                     regions[kind] = region_table(unmask(group["mean_all"], brain), labels, names)
-            analysed[method] = MethodMaps(method, group, per_fold, t, p,
+            analysed[method] = MethodMaps(method, group, per_fold, test,
                                           localization(maps, truth[brain]) if truth is not None else None, regions)
         agreement = method_agreement(normalized)
     with study.times.stage("sanity checks"):
-        cascade, shuffled = _sanity(study, results[0], store, brain)
-    return AttributionResult(analysed, brain, study.cache.affine, len(tested), attribution.permutations, agreement,
-                             cascade, shuffled, flagged_methods(cascade, shuffled), store)
+        cascade, shuffled, shuffled_fit = _sanity(study, results[0], store, brain)
+    return AttributionResult(analysed, brain, study.cache.affine, len(tested), attribution.target, agreement,
+                             cascade, shuffled, shuffled_fit, flagged_methods(cascade, shuffled), store)

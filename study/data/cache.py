@@ -57,6 +57,14 @@ class VolumeCache:
         """The study grid the volumes are on."""
         return Grid(self.shape, self.affine)
 
+    def brain(self) -> np.ndarray:
+        """Voxels inside the brain of any subject (non-zero after preprocessing), bool [D, H, W]."""
+        volumes = self.volumes
+        mask = np.zeros(self.shape, dtype=bool)
+        for start in range(0, len(volumes), 64):
+            mask |= np.any(volumes[start:start + 64] != 0, axis=0)
+        return mask
+
     def rows(self, subject_ids: list[str]) -> np.ndarray:
         """Row numbers of the given subjects in the memmap."""
         where = {sid: i for i, sid in enumerate(self.subject_ids)}

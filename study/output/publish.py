@@ -23,7 +23,7 @@ import pandas as pd
 import yaml
 
 from study.attribution import METHODS
-from study.attribution.analysis import AttributionResult
+from study.attribution.analysis import LINEAR_BASELINE, AttributionResult
 from study.attribution.sanity import FLAG_SPEARMAN
 from study.config import StudyConfig
 from study.data.prepare import PreparedCohort
@@ -31,11 +31,16 @@ from study.output.figures import agreement_figure, brain_figure, confusion_figur
 from study.output.report import Report
 from study.output.tracking import Tracker, TrackingError, is_tracking_failure, tracking_uri
 from study.state import Study
+from study.training.baseline import BaselineResult
 from study.training.crossval import FoldResult, SearchResult
+from study.training.evaluation import Evaluation
 from study.training.loop import load_model
 from study.training.metrics import SUMMARY_METRICS, cross_fold_summary
 
 PACKAGES = ("study", "torch", "ray", "mlflow", "optuna", "nibabel", "nilearn", "numpy")
+TARGETS = {"contrast": "the male - female logit", "true_class": "each subject's true sex's logit",
+           "predicted_class": "each subject's predicted sex's logit"}
+TITLES = {**METHODS, LINEAR_BASELINE: "Linear baseline weights"}
 
 
 def say(text: str) -> None:
@@ -140,7 +145,10 @@ class Publisher:
         run_id = state.fold_runs[result.fold]
         if result.search is not None:
             self._search(run_id, result.search)
-        tracker.log_history(run_id, result.history)
+        for phase, step in (("select", "epoch"), ("refit", "refit_epoch")):
+            rows = result.history[result.history["phase"] == phase].dropna(axis=1, how="all")
+            if len(rows):
+                tracker.log_history(run_id, rows, step)
         tracker.log_metrics(run_id, result.test_metrics, prefix="test_")
         tracker.log_table(run_id, result.predictions, "predictions.tsv")
         tracker.log_figure(run_id, roc_figure({f"fold {result.fold}": (result.labels, result.predictions["p_male"])},
@@ -152,9 +160,10 @@ class Publisher:
         state.logged_folds.append(result.fold)
         study.save_state()
         m = result.test_metrics
-        say(f"fold {result.fold} ({len(state.logged_folds)}/{len(study.folds)} done): {len(result.history)} epochs, "
-            f"test ROC AUC {m['roc_auc']:.3f}, balanced accuracy {m['balanced_accuracy']:.3f} "
-            f"[{sum(result.seconds.values()):.0f} s]")
+        refit = f" + {result.epochs('refit')} on all {len(study.folds[result.fold].train)}" if result.epochs("refit") else ""
+        say(f"fold {result.fold} ({len(state.logged_folds)}/{len(study.folds)} done): {result.epochs('select')} epochs "
+            f"on the inner split{refit}; fits its training subjects at accuracy {result.fit_accuracy:.2f}; test ROC AUC "
+            f"{m['roc_auc']:.3f}, balanced accuracy {m['balanced_accuracy']:.3f} [{sum(result.seconds.values()):.0f} s]")
 
     def _search(self, fold_run: str, search: SearchResult) -> None:
         """One run per search trial under its fold's run (trials logged before are skipped), and the best params."""
@@ -177,34 +186,81 @@ class Publisher:
         tracker.log_metrics(fold_run, {f"search_best_{search.metric}": search.best_score})
         say(f"searched {len(search.trials)} trials; best {search.best}")
 
-    def classification(self, study: Study, results: list[FoldResult]) -> dict[str, float]:
-        """The cross-fold test metrics: console table, study run metrics, pooled predictions, ROC; returns them."""
-        parent, tracker = study.state.parent_run, self.tracker
+    def classification(self, study: Study, results: list[FoldResult], baselines: list[BaselineResult],
+                       evaluation: Evaluation) -> None:
+        """The held-out results of the CNN and the linear baseline, and whether they are a finding."""
+        parent, tracker, state = study.state.parent_run, self.tracker, study.state
         summary = cross_fold_summary([r.test_metrics for r in results])
+        linear = cross_fold_summary([b.test_metrics for b in baselines])
         tracker.log_metrics(parent, summary)
-        tracker.log_table(parent, pd.concat([r.predictions.assign(fold=r.fold) for r in results]), "predictions.tsv")
-        roc = roc_figure({f"fold {r.fold}": (r.labels, r.predictions["p_male"]) for r in results}, "ROC per outer fold")
+        tracker.log_metrics(parent, {k.replace("test_", "baseline_test_", 1): v for k, v in linear.items()})
+        tracker.log_metrics(parent, self._evaluation_metrics(evaluation))
+        tracker.set_tags(parent, {"study.finding": evaluation.finding})
+        for baseline in baselines:
+            if baseline.fold in state.baseline_runs:
+                continue
+            run_id = tracker.start_run(f"baseline fold {baseline.fold}", {
+                "study.level": "baseline", "study.model": "linear", "study.fold": str(baseline.fold)}, parent=parent)
+            tracker.log_params(run_id, {"model": "l2 logistic regression", "C": baseline.C, "fold": baseline.fold})
+            tracker.log_metrics(run_id, baseline.test_metrics, prefix="test_")
+            tracker.log_table(run_id, baseline.predictions, "predictions.tsv")
+            tracker.end(run_id)
+            state.baseline_runs[baseline.fold] = run_id
+            study.save_state()
+        predictions = pd.concat([r.predictions.assign(fold=r.fold) for r in results])
+        tracker.log_table(parent, predictions, "predictions.tsv")
+        curves = {f"CNN, fold {r.fold}": (r.labels, r.predictions["p_male"]) for r in results}
+        curves |= {f"linear, fold {b.fold}": ((b.predictions["sex"] == "male").to_numpy(int), b.predictions["p_male"])
+                   for b in baselines}
+        roc = roc_figure(curves, "ROC per outer fold: CNN and linear baseline")
         tracker.log_figure(parent, roc, "roc.png")
-        say(f"{'fold':>6} " + " ".join(f"{m:>18}" for m in SUMMARY_METRICS))
-        for r in results:
-            say(f"{r.fold:>6} " + " ".join(f"{r.test_metrics[m]:>18.3f}" for m in SUMMARY_METRICS))
-        say(f"{'all':>6} " + " ".join(
-            f"{summary[f'test_{m}_mean']:>10.3f} ± {summary[f'test_{m}_std']:.3f}" for m in SUMMARY_METRICS))
+
+        say(f"{'fold':>6} {'CNN ROC AUC':>12} {'linear AUC':>11} {'CNN bal. acc.':>14} {'CNN fits train':>15}")
+        for r, b in zip(results, baselines):
+            say(f"{r.fold:>6} {r.test_metrics['roc_auc']:>12.3f} {b.test_metrics['roc_auc']:>11.3f} "
+                f"{r.test_metrics['balanced_accuracy']:>14.3f} {r.fit_accuracy:>15.2f}")
+        say(f"{'all':>6} {summary['test_roc_auc_mean']:>6.3f} ± {summary['test_roc_auc_std']:.3f} "
+            f"{linear['test_roc_auc_mean']:>5.3f} ± {linear['test_roc_auc_std']:.3f}")
+        say(evaluation.verdict)
 
         report = self.report
+        report.banner = ("finding" if evaluation.finding == "yes" else "warning", evaluation.verdict)
         report.summary = [
             ("subjects", f"{len(study.cohort.subjects)} ({int(study.cohort.labels.sum())} male)"),
             ("outer folds", str(len(results))),
-            ("test ROC AUC", f"{summary['test_roc_auc_mean']:.3f} ± {summary['test_roc_auc_std']:.3f}"),
-            ("balanced accuracy",
-             f"{summary['test_balanced_accuracy_mean']:.3f} ± {summary['test_balanced_accuracy_std']:.3f}"),
+            ("CNN ROC AUC (pooled, 95% CI)", str(evaluation.cnn)),
+            ("linear baseline ROC AUC", str(evaluation.baseline) if evaluation.baseline else "-"),
+            ("CNN vs chance", f"p = {evaluation.cnn_p:.3f}"),
             ("MLflow run", parent[:12]),
         ]
-        table = pd.DataFrame([{"fold": r.fold, "test subjects": len(r.predictions), "epochs": len(r.history),
-                               **{m: r.test_metrics[m] for m in SUMMARY_METRICS}} for r in results])
-        report.add_table("Held-out test metrics per outer fold", table,
-                         "Each fold's model was selected on an inner validation split and tested once on its "
-                         "held-out subjects.")
+        table = pd.DataFrame([{"fold": r.fold, "test subjects": len(r.predictions),
+                               "epochs (inner split)": r.epochs("select"), "epochs (refit)": r.epochs("refit"),
+                               "CNN training accuracy": r.fit_accuracy,
+                               **{f"CNN {m}": r.test_metrics[m] for m in SUMMARY_METRICS},
+                               "linear ROC AUC": b.test_metrics["roc_auc"],
+                               "linear balanced_accuracy": b.test_metrics["balanced_accuracy"], "linear C": b.C}
+                              for r, b in zip(results, baselines)])
+        report.add_table("Held-out test metrics per outer fold: the CNN and a linear baseline", table,
+                         "Each fold chose its number of epochs on an inner validation split (early stopping), "
+                         "then trained its final model on all of its training subjects for that many epochs (refit), "
+                         "and tested it once on its held-out subjects. CNN training accuracy: the final model on its "
+                         "own training subjects (no augmentation); near 0.5 means it never fitted them. The linear "
+                         "baseline is an l2 logistic regression on the same voxels, its C chosen on the same inner "
+                         "splits.")
+        significance = pd.DataFrame([
+            {"model": "CNN", "pooled ROC AUC": evaluation.cnn.auc, "95% CI low": evaluation.cnn.low,
+             "95% CI high": evaluation.cnn.high, "p (vs chance)": evaluation.cnn_p},
+            *([{"model": "linear baseline", "pooled ROC AUC": evaluation.baseline.auc,
+                "95% CI low": evaluation.baseline.low, "95% CI high": evaluation.baseline.high,
+                "p (vs chance)": evaluation.baseline_p},
+               {"model": "CNN - linear", "pooled ROC AUC": evaluation.difference.auc,
+                "95% CI low": evaluation.difference.low, "95% CI high": evaluation.difference.high,
+                "p (vs chance)": evaluation.difference_p}] if evaluation.baseline else []),
+        ])
+        report.add_table("Is it a finding? Pooled held-out ROC AUC with confidence intervals", significance,
+                         "Every subject's prediction comes from the one model that never saw it. Intervals: DeLong. "
+                         f"p vs chance: {evaluation.permutations} label permutations within outer folds (one-sided). "
+                         "CNN - linear: DeLong's paired test (two-sided).")
         report.add_images("ROC curves", [("ROC per outer fold (male = positive)", roc)])
         if self.config.search:
             chosen = pd.DataFrame([{"fold": r.fold, **{k: str(v) for k, v in sorted(r.search.best.items())}}
@@ -213,15 +269,26 @@ class Publisher:
             report.add_table("Architecture search: the best configuration of each outer fold", chosen,
                              "Each fold searched on its own training subjects only; stable choices across folds "
                              "mean the architecture does not depend on which subjects were held out.")
-        tracker.set_tags(parent, {"mlflow.note.content": self._description(study, summary)})
-        return summary
+        tracker.set_tags(parent, {"mlflow.note.content": self._description(study, evaluation)})
 
-    def attribution(self, study: Study, result: AttributionResult) -> None:
+    @staticmethod
+    def _evaluation_metrics(evaluation: Evaluation) -> dict[str, float]:
+        metrics = {"pooled_roc_auc": evaluation.cnn.auc, "pooled_roc_auc_ci_low": evaluation.cnn.low,
+                   "pooled_roc_auc_ci_high": evaluation.cnn.high, "pooled_roc_auc_p_vs_chance": evaluation.cnn_p}
+        if evaluation.baseline is not None:
+            metrics |= {"baseline_pooled_roc_auc": evaluation.baseline.auc,
+                        "baseline_pooled_roc_auc_p_vs_chance": evaluation.baseline_p,
+                        "cnn_minus_baseline_roc_auc": evaluation.difference.auc,
+                        "cnn_minus_baseline_p": evaluation.difference_p}
+        return metrics
+
+    def attribution(self, study: Study, result: AttributionResult, evaluation: Evaluation) -> None:
         """Maps as NIfTI (study and fold runs), tables, figures, report sections and a console summary."""
         attribution, parent, tracker = self.config.attribution, study.state.parent_run, self.tracker
         if attribution.subject_nifti:
             self._subject_maps(result, study.directory / "maps" / "subjects")
         figures, region_tables = [], []
+        target = TARGETS[result.target]
         with tempfile.TemporaryDirectory() as tmp:
             def log_map(run_id: str, values: np.ndarray, name: str, method: str) -> None:
                 path = Path(tmp) / run_id / f"{name}.nii.gz"
@@ -230,26 +297,39 @@ class Publisher:
                 tracker.log_file(run_id, path, f"maps/{method}")
 
             for method, maps in result.maps.items():
-                title = METHODS[method]
+                title = TITLES[method]
+                if method == LINEAR_BASELINE:  # one map per fold model, the same for every subject
+                    log_map(parent, maps.group["mean_all"], f"{method}_mean_all", method)
+                    figures.append((f"{title}: |weights| on standardized voxels, mean over folds (top 10% of voxels)",
+                                    brain_figure(self._image(result, maps.group["mean_all"]), title, "glass")))
+                    continue
                 for name, values in maps.group.items():
                     log_map(parent, values, f"{method}_{name}", method)
                 for fold, group in maps.per_fold.items():
                     for name, values in group.items():
                         log_map(study.state.fold_runs[fold], values, f"fold{fold}_{method}_{name}", method)
-                log_map(parent, maps.t, f"{method}_t_male_minus_female", method)
-                log_map(parent, maps.p, f"{method}_p_fwer", method)
-                significant = np.where(maps.p < 0.05, maps.t, 0) if result.permutations else maps.t
                 figures += [
-                    (f"{title}: mean map, all held-out subjects (top 10% of voxels)",
+                    (f"{title}: mean map, all held-out subjects (top 10% of voxels); explains {target}",
                      brain_figure(self._image(result, maps.group["mean_all"]), f"{title} (n={result.subjects})",
                                   "glass")),
-                    *[(f"{title}: mean map, {sex}s",
+                    *[(f"{title}: mean map, {sex}s; explains {target}",
                        brain_figure(self._image(result, maps.group[f"mean_{sex}"]), f"{title}, {sex}s"))
                       for sex in ("male", "female") if f"mean_{sex}" in maps.group],
-                    (f"{title}: male - female t, FWER p < 0.05",
-                     brain_figure(self._image(result, significant), f"{title}: male - female (t, p_FWER<0.05)",
-                                  "glass", symmetric=True)),
                 ]
+                if maps.test is not None:
+                    test = maps.test
+                    log_map(parent, np.nan_to_num(test.t), f"{method}_t_male_minus_female", method)
+                    if test.permutations:
+                        log_map(parent, np.nan_to_num(test.p, nan=1.0), f"{method}_p_fwer", method)
+                        tested = ~np.isnan(test.p)
+                        tracker.log_metrics(parent, {f"test_voxels_fwer05_{method}": float((test.p[tested] < 0.05).sum()),
+                                                     f"test_constant_voxels_{method}": test.constant})
+                    significant = np.where(test.p < 0.05, np.nan_to_num(test.t), 0) if test.permutations \
+                        else np.nan_to_num(test.t)
+                    figures.append((f"{title}: male - female t, FWER p < 0.05 ({test.constant} constant voxels "
+                                    "left out)",
+                                    brain_figure(self._image(result, significant),
+                                                 f"{title}: male - female (t, p_FWER<0.05)", "glass", symmetric=True)))
                 for kind, table in maps.regions.items():
                     tracker.log_table(parent, table, f"regions/{method}_{kind}.tsv")
                     region_tables.append((f"{title}: regions ({kind})", table.head(15)))
@@ -263,13 +343,24 @@ class Publisher:
         tracker.log_table(parent, result.cascade, "sanity/parameter_randomization.tsv")
         if len(result.shuffled):
             tracker.log_table(parent, result.shuffled, "sanity/label_randomization.tsv")
+            tracker.log_metrics(parent, {"sanity_shuffled_labels_fit_accuracy": result.shuffled_fit_accuracy})
         tracker.set_tags(parent, {"sanity.flagged": ",".join(result.flagged) or "none"})
 
         report, methods = self.report, list(result.maps)
-        report.add_images("Where the network looks", figures,
-                          "Normalized maps (each subject scaled to its 99.5th percentile) averaged over held-out "
-                          "subjects, over the MNI152 template; the t maps show voxels where males and females differ "
-                          f"after {result.permutations} label permutations (max-statistic FWER).")
+        tests = [m.test for m in result.maps.values() if m.test is not None]
+        if tests:
+            how = (f"The t maps show voxels where male and female maps differ (Welch t), FWER-corrected by the maximum "
+                   f"statistic over {tests[0].permutations} label permutations within outer folds, exchanging whole "
+                   "families (PALM-style exchangeability blocks); voxels with the same value in every subject are "
+                   "left out of the test.")
+        else:
+            how = (f"No male - female test: with target {result.target} the male and female maps explain different "
+                   "scores, so their difference would be there by construction; set attribution.target: contrast.")
+        heading = "Where the network looks" if evaluation.finding == "yes" else \
+            "Where the network looks: explaining a model that did not learn the task (no finding)"
+        report.add_images(heading, figures,
+                          f"Every map explains {target}. Normalized maps (each subject scaled to its 99.5th "
+                          "percentile) averaged over held-out subjects, over the MNI152 template. " + how)
         for heading, table in region_tables:
             report.add_table(heading, table, "Regions ranked by mean normalized attribution over all held-out subjects.")
         if len(local):
@@ -279,13 +370,18 @@ class Publisher:
         report.add_images("Method agreement", [("Spearman correlation", agreement_figure(result.agreement, methods))])
         report.add_table("Method agreement (table)", result.agreement)
         flag_note = (f"Flagged (Spearman > {FLAG_SPEARMAN} to the original maps after full randomization or "
-                     f"shuffled-label training): " + ", ".join(METHODS[m] for m in result.flagged)) if result.flagged \
+                     f"shuffled-label training): " + ", ".join(TITLES[m] for m in result.flagged)) if result.flagged \
             else "No method flagged: every method's maps change when the model or its labels are randomized."
         report.add_images("Sanity checks", [("Cascading randomization", sanity_figure(result.cascade))], flag_note)
         if len(result.shuffled):
+            memorized = ("it memorized them" if result.shuffled_fit_accuracy >= 0.9 else
+                         "it did not memorize them, so this check is weak: train longer or wider to make it strong")
             report.add_table("Sanity check: model trained on shuffled labels", result.shuffled,
                              "Similarity of maps from a model trained on shuffled labels to the real maps; high "
-                             "values mean the method does not depend on what the model learned.")
+                             "values mean the method does not depend on what the model learned. The model had the "
+                             "first fold's architecture, subjects and number of epochs, with every label shuffled; "
+                             f"its accuracy on its own shuffled labels was {result.shuffled_fit_accuracy:.2f}: "
+                             f"{memorized}.")
 
         say("method agreement (Spearman, mean over subjects):")
         for row in result.agreement.itertuples():
@@ -296,8 +392,8 @@ class Publisher:
                 say(f"  {row.method:>16} {row.roc_auc_group:.3f}")
         say(f"sanity checks: flagged methods: {', '.join(result.flagged) or 'none'}")
 
-    def finish(self, study: Study) -> None:
-        """Stage times, the report, and the end of the study's run."""
+    def finish(self, study: Study, evaluation: Evaluation) -> None:
+        """Stage times, the report, the verdict again, and the end of the study's run."""
         parent, tracker = study.state.parent_run, self.tracker
         times = self._stage_times(study)
         tracker.log_table(parent, times, "stage_times.tsv")
@@ -314,6 +410,7 @@ class Publisher:
         say("time per stage (seconds; fold stages summed over folds):")
         for row in times.itertuples():
             say(f"  {row.stage:<24} {row.seconds:>8.1f}  {row.share:>6.1%}")
+        say(evaluation.verdict)
         say(f"report: {report_path}")
         say(f"MLflow: run {parent}; {tracker.run_url(parent)}")
 
@@ -360,9 +457,9 @@ class Publisher:
                     nib.save(nib.Nifti1Image(store.read(method, [sid])[0], result.affine),
                              out / method / f"sub-{sid}_{method}.nii.gz")
 
-    def _description(self, study: Study, summary: dict[str, float]) -> str:
+    def _description(self, study: Study, evaluation: Evaluation) -> str:
         """The study run's description in the MLflow UI (markdown)."""
-        return (f"**{self.config.name}**: {len(study.cohort.subjects)} subjects, {self.config.cv.outer_folds}-fold CV, "
-                f"test ROC AUC {summary['test_roc_auc_mean']:.3f} ± {summary['test_roc_auc_std']:.3f}.\n\n"
+        return (f"**{self.config.name}**: {len(study.cohort.subjects)} subjects, {self.config.cv.outer_folds}-fold CV. "
+                f"{evaluation.verdict}\n\n"
                 "Open `report.html` under Artifacts for the maps, method agreement and sanity checks; "
-                "expand this run to see one child run per outer fold.")
+                "expand this run to see one child run per outer fold and per fold of the linear baseline.")

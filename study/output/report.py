@@ -29,6 +29,7 @@ class Report:
 
     title: str
     summary: list[tuple[str, str]] = field(default_factory=list)  # (label, value)
+    banner: tuple[str, str] | None = None  # (finding | warning, the verdict in plain words), shown first
     sections: list[tuple[str, str]] = field(default_factory=list)  # (heading, HTML body)
 
     def add_table(self, heading: str, table: pd.DataFrame, note: str = "") -> None:
@@ -45,6 +46,7 @@ class Report:
 
     def html(self) -> str:
         summary = "".join(f"<div><span>{html.escape(k)}</span><b>{html.escape(v)}</b></div>" for k, v in self.summary)
+        banner = f'<div class="banner {self.banner[0]}">{html.escape(self.banner[1])}</div>' if self.banner else ""
         toc = "".join(f'<a href="#s{i}">{html.escape(h)}</a>' for i, (h, _) in enumerate(self.sections))
         body = "".join(f'<section id="s{i}"><h2>{html.escape(h)}</h2>{b}</section>'
                        for i, (h, b) in enumerate(self.sections))
@@ -55,6 +57,9 @@ body{{font-family:system-ui,sans-serif;margin:0;color:#1d2330;background:#f6f7f9
 header{{background:#1d2330;color:#fff;padding:18px 28px}} header h1{{margin:0;font-size:22px}}
 header p{{margin:4px 0 0;color:#b8c0d0;font-size:13px}}
 nav{{padding:8px 28px;background:#e9ecf2;font-size:13px}} nav a{{margin-right:16px;color:#2a4d9b}}
+.banner{{margin:14px 28px 0;padding:12px 18px;border-radius:6px;font-size:15px;font-weight:600}}
+.banner.warning{{background:#fdecea;color:#8a1c12;border:1px solid #f5c2bd}}
+.banner.finding{{background:#e8f4ea;color:#1d5b2a;border:1px solid #bfe0c6}}
 .summary{{display:flex;flex-wrap:wrap;gap:10px;padding:16px 28px}}
 .summary div{{background:#fff;border-radius:6px;padding:10px 14px;box-shadow:0 1px 2px #0002}}
 .summary span{{display:block;font-size:12px;color:#5a6478}} .summary b{{font-size:18px}}
@@ -66,4 +71,4 @@ h2{{font-size:17px;margin:4px 0 10px}} p{{font-size:13px;color:#3a4356;max-width
 figcaption{{font-size:12px;color:#5a6478}}
 </style></head><body>
 <header><h1>{html.escape(self.title)}</h1><p>made {made} by study</p></header>
-<nav>{toc}</nav><div class="summary">{summary}</div>{body}</body></html>"""
+<nav>{toc}</nav>{banner}<div class="summary">{summary}</div>{body}</body></html>"""

@@ -110,14 +110,13 @@ class Tracker:
         """The runs nested directly under ``parent``."""
         return self.client.search_runs([self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
 
-    def log_history(self, run_id: str, history: pd.DataFrame) -> None:
-        """Per-epoch curves, one step per epoch."""
+    def log_history(self, run_id: str, history: pd.DataFrame, step: str = "epoch") -> None:
+        """Per-epoch curves: every numeric column, one MLflow step per value of column ``step``."""
         metrics = []
         for _, row in history.iterrows():
-            step = int(row["epoch"])
             for key, value in row.items():
-                if key != "epoch" and isinstance(value, (int, float, np.number)) and np.isfinite(value):
-                    metrics.append(Metric(key, float(value), 0, step))
+                if key != step and isinstance(value, (int, float, np.number)) and np.isfinite(value):
+                    metrics.append(Metric(key, float(value), 0, int(row[step])))
         for start in range(0, len(metrics), 900):
             self.client.log_batch(run_id, metrics=metrics[start:start + 900])
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pickle
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,15 +61,25 @@ class Trial:
 
 @dataclass
 class SearchResult:
-    """A fold's search: every trial and the best sampled params under ``metric``."""
+    """A fold's search: every trial, and the best sampled params under ``metric``."""
 
     metric: str
     best: dict[str, Any]
     trials: list[Trial]
 
     @property
+    def best_trial(self) -> Trial:
+        return next(t for t in self.trials if t.params == self.best)
+
+    @property
     def best_score(self) -> float:
-        return next(t.score for t in self.trials if t.params == self.best)
+        return self.best_trial.score
+
+    @property
+    def best_epoch(self) -> int:
+        """The epoch (0-based) of the best trial's lowest validation loss: what a refit trains up to."""
+        history = self.best_trial.history
+        return int(history.loc[history["val_loss"].idxmin(), "epoch"])
 
 
 @dataclass
@@ -78,8 +88,8 @@ class FoldResult:
 
     fold: int
     setup: TrainingSetup
-    history: pd.DataFrame  # one row per epoch: train/val loss, accuracy, AUC, seconds
-    checkpoint: ray.train.Checkpoint  # the best model (lowest validation loss)
+    history: pd.DataFrame  # one row per epoch; column phase: select (inner split) or refit (all training subjects)
+    checkpoint: ray.train.Checkpoint  # the final model: refit on all training subjects, else the selected one
     test_metrics: dict[str, float]
     predictions: pd.DataFrame  # subject_id, sex, p_male, predicted
     seconds: dict[str, float]  # training, Ray set-up, testing (and search, when there was one)
@@ -90,24 +100,46 @@ class FoldResult:
         """True sex of the held-out subjects, 1 male, 0 female, in predictions order."""
         return (self.predictions["sex"] == CLASS_NAMES[1]).to_numpy(int)
 
+    def epochs(self, phase: str) -> int:
+        """Epochs trained in ``phase`` (select or refit)."""
+        return int((self.history["phase"] == phase).sum()) if "phase" in self.history else 0
 
-def training_data(study: Study, train_ids: list[str], val_ids: list[str]) -> TrainingData:
-    """The labelled training and validation subjects of one run."""
-    return TrainingData(study.cache, train_ids, study.labels(train_ids), val_ids, study.labels(val_ids))
+    @property
+    def final_epochs(self) -> int:
+        """Epochs the final model trained: its refit, or up to its best epoch on the inner split."""
+        if self.epochs("refit"):
+            return self.epochs("refit")
+        select = self.history[self.history["phase"] == "select"]
+        return int(select.loc[select["val_loss"].idxmin(), "epoch"]) + 1
+
+    @property
+    def fit_accuracy(self) -> float:
+        """The final model's accuracy on its own training subjects (eval mode): did it fit them at all?"""
+        return float(self.history["fit_accuracy"].dropna().iloc[-1]) if "fit_accuracy" in self.history else float("nan")
+
+
+def training_data(study: Study, train_ids: list[str], val_ids: list[str],
+                  refit_ids: list[str] | None = None) -> TrainingData:
+    """The labelled subjects of one training: a selection split and, optionally, the final fit's subjects."""
+    refit_ids = refit_ids or []
+    return TrainingData(study.cache, train_ids, study.labels(train_ids), val_ids, study.labels(val_ids),
+                        refit_ids, study.labels(refit_ids))
 
 
 def fit(setup: TrainingSetup, data: TrainingData, name: str, storage_path: str, resources: ResourcesConfig,
-        audit_dir: Path | None = None, callbacks: list | None = None) -> ray.train.Result:
+        audit_dir: Path | None = None, callbacks: list | None = None, refit_epochs: int | None = None
+        ) -> ray.train.Result:
     """Train one model with a TorchTrainer (DDP over ``resources.num_workers``).
 
     ``name`` is its stable run name in ``storage_path`` (a path or a cloud URI):
     a rerun of the same name continues from its last checkpoint, as does a run
-    that lost a worker (up to ``resources.max_failures`` times).
+    that lost a worker (up to ``resources.max_failures`` times). ``refit_epochs``
+    sets the refit's length when ``data`` has no selection split.
     """
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"architecture": setup.architecture, "train": setup.train, "data": data,
-                           "audit_dir": str(audit_dir) if audit_dir else None},
+                           "refit_epochs": refit_epochs, "audit_dir": str(audit_dir) if audit_dir else None},
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
                                      resources_per_worker=resources.worker_bundle),
         run_config=RunConfig(
@@ -117,7 +149,10 @@ def fit(setup: TrainingSetup, data: TrainingData, name: str, storage_path: str, 
             logging_config=LoggingConfig(log_level="WARNING"),  # not every epoch's report on the console
         ),
     )
-    return trainer.fit()
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training {name} reported no checkpoint; see {join(storage_path, name)}")
+    return result
 
 
 def _predict_checkpoint(checkpoint: ray.train.Checkpoint, dataset: CachedVolumes, train: TrainConfig) -> np.ndarray:
@@ -126,29 +161,39 @@ def _predict_checkpoint(checkpoint: ray.train.Checkpoint, dataset: CachedVolumes
 
 
 def train_and_test(fold: int, setup: TrainingSetup, data: TrainingData, test_ids: list[str], test_labels: np.ndarray,
-                   storage_path: str, resources: ResourcesConfig, audit_dir: Path | None = None) -> FoldResult:
-    """Train ``setup`` on ``data`` (early stopping on its validation split), then test on the held-out subjects."""
+                   storage_path: str, resources: ResourcesConfig, audit_dir: Path | None = None,
+                   search: SearchResult | None = None) -> FoldResult:
+    """Train ``setup`` (select the epochs on the inner split, refit on all), then test on the held-out subjects.
+
+    After a search, the best trial already made the selection: only the refit is
+    left (without refit, the best setup is trained again on the inner split).
+    """
     started = time.perf_counter()
-    result = fit(setup, data, f"fold{fold}", storage_path, resources, audit_dir=audit_dir)
+    refit_after_search = search is not None and bool(data.refit_ids)
+    if refit_after_search:
+        data = data.refit_only()
+    checkpoint = fit(setup, data, f"fold{fold}", storage_path, resources, audit_dir,
+                     refit_epochs=search.best_epoch + 1 if refit_after_search else None).checkpoint
+    history = pd.DataFrame(load_history(checkpoint))
+    if refit_after_search:
+        history = pd.concat([search.best_trial.history.assign(phase="select"), history], ignore_index=True)
     fitted = time.perf_counter()
-    if result.checkpoint is None:
-        raise RuntimeError(f"fold {fold}: training reported no checkpoint; see {storage_path}")
     test_set = CachedVolumes(data.cache, test_ids, test_labels)
     p_male = ray.get(
         ray.remote(_predict_checkpoint)
         .options(num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker if resources.use_gpu else 0)
-        .remote(result.checkpoint, test_set, setup.train)
+        .remote(checkpoint, test_set, setup.train)
     )
-    history = pd.DataFrame(load_history(result.checkpoint))
-    training = float(history["epoch_seconds"].sum())
+    trained_here = history[history["phase"] == "refit"] if refit_after_search else history
+    training = float(trained_here.filter(like="epoch_seconds").sum().sum())
     predictions = pd.DataFrame({
         "subject_id": test_ids, "sex": np.array(CLASS_NAMES)[test_labels],
         "p_male": p_male, "predicted": np.where(p_male >= 0.5, CLASS_NAMES[1], CLASS_NAMES[0]),
     })
-    seconds = {"training": training, "Ray Train set-up": fitted - started - training,
+    seconds = {"training": training, "Ray Train set-up": max(fitted - started - training, 0.0),
                "testing": time.perf_counter() - fitted}
-    return FoldResult(fold, setup, history, result.checkpoint, classification_metrics(test_labels, p_male),
-                      predictions, seconds)
+    return FoldResult(fold, setup, history, checkpoint, classification_metrics(test_labels, p_male),
+                      predictions, seconds, search)
 
 
 def cross_validate(study: Study) -> Iterator[FoldResult]:
@@ -171,28 +216,30 @@ def cross_validate(study: Study) -> Iterator[FoldResult]:
         yield result
     base = TrainingSetup(config.model, config.train)
     task = ray.remote(num_cpus=0)(train_and_test)
-    pending: dict[ray.ObjectRef, SearchResult | None] = {}
+    pending: set[ray.ObjectRef] = set()
     queue = [f for f in study.folds if f.fold not in done]
     while queue or pending:
         while queue and len(pending) < config.resources.concurrent_folds:
             fold = queue.pop(0)
-            data = training_data(study, fold.validation.train, fold.validation.test)
+            data = training_data(study, fold.validation.train, fold.validation.test,
+                                 fold.train if config.train.refit else None)
             search = None
             if config.search:
                 started = time.perf_counter()
                 audit_root = study.directory / "audit" / f"fold{fold.fold}_search" if study.audit else None
-                search = search_fold(config.search, base, data, join(study.storage, "search"), fold.fold,
-                                     config.resources, audit_root)
+                search = search_fold(config.search, base, data.selection_only(), join(study.storage, "search"),
+                                     fold.fold, config.resources, audit_root)
                 study.times.add("search", time.perf_counter() - started)
             audit_dir = study.directory / "audit" / f"fold{fold.fold}" if study.audit else None
             if audit_dir:
                 audit_dir.mkdir(parents=True, exist_ok=True)
             setup = base.with_params(search.best) if search else base
             ref = task.remote(fold.fold, setup, data, fold.test, study.labels(fold.test),
-                              join(study.storage, "train"), config.resources, audit_dir)
-            pending[ref] = search
+                              join(study.storage, "train"), config.resources, audit_dir, search)
+            pending.add(ref)
         (ready,), _ = ray.wait(list(pending), num_returns=1)
-        result = replace(ray.get(ready), search=pending.pop(ready))
+        pending.remove(ready)
+        result: FoldResult = ray.get(ready)
         replace_atomically(finished / f"fold{result.fold}.pkl", lambda tmp: tmp.write_bytes(pickle.dumps(result)))
         yield result
 

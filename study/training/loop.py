@@ -1,10 +1,17 @@
 """Training one model on Ray Train (data-parallel, DDP) and predicting with it.
 
-``train_loop_per_worker`` is what every Ray Train worker runs: it reads its
-shard of the training subjects from the preprocessing cache, trains with
-early stopping on the validation split, and reports each epoch's metrics with
-a checkpoint whenever the validation loss improves, so the latest checkpoint
-is the best one.
+``train_loop_per_worker`` is what every Ray Train worker runs. A training has
+up to two phases, in one Ray Train run (its set-up is paid once):
+
+- **select**: train on an inner training split and validate on its inner
+  validation split after every epoch; stop early when the validation loss no
+  longer improves, and remember the best epoch.
+- **refit**: train a fresh model on all the subjects of the final fit for the
+  selected number of epochs (or a given number), and keep the last state: the
+  model that is tested and explained sees every training subject of its fold.
+
+Each epoch's metrics are reported to Ray Train, with a checkpoint whenever the
+state worth keeping changes, so a training that loses a worker resumes from there.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import json
 import math
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +44,28 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 @dataclass(frozen=True)
 class TrainingData:
-    """The subjects of one training run: a training and a validation split of the cache."""
+    """The subjects of one training.
+
+    ``train_*``/``val_*`` are the selection phase's split (no validation
+    subjects: no selection phase); ``refit_*`` the subjects of the final fit
+    (none: the selected model is the final one).
+    """
 
     cache: VolumeCache
     train_ids: list[str]
     train_labels: np.ndarray
     val_ids: list[str]
     val_labels: np.ndarray
+    refit_ids: list[str] = field(default_factory=list)
+    refit_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def selection_only(self) -> "TrainingData":
+        """The same subjects without the final fit (what a search trial trains)."""
+        return replace(self, refit_ids=[], refit_labels=self.refit_labels[:0])
+
+    def refit_only(self) -> "TrainingData":
+        """The same subjects without the selection split (when the epochs are already chosen)."""
+        return replace(self, val_ids=[], val_labels=self.val_labels[:0])
 
 
 @torch.no_grad()
@@ -59,24 +81,21 @@ def predict(model: torch.nn.Module, dataset: CachedVolumes, batch_size: int, pre
     return torch.cat(probs).numpy() if probs else np.zeros(0)
 
 
-def _validation_metrics(model: torch.nn.Module, dataset: CachedVolumes, batch_size: int,
-                        precision: Precision) -> dict[str, float]:
+def _scores(model: torch.nn.Module, dataset: CachedVolumes, batch_size: int, precision: Precision,
+            prefix: str) -> dict[str, float]:
+    """Loss, accuracy and ROC AUC of ``model`` on ``dataset`` in eval mode (no augmentation, no dropout)."""
     p_male = predict(model, dataset, batch_size, precision)
     labels = dataset.labels.numpy()
     eps = 1e-7
     loss = -np.mean(labels * np.log(p_male + eps) + (1 - labels) * np.log(1 - p_male + eps))
     scores = classification_metrics(labels, p_male)
-    return {"val_loss": float(loss), "val_accuracy": scores["accuracy"], "val_roc_auc": scores["roc_auc"]}
+    return {f"{prefix}_loss": float(loss), f"{prefix}_accuracy": scores["accuracy"], f"{prefix}_roc_auc": scores["roc_auc"]}
 
 
-def save_checkpoint(directory: Path, model: BrainCNN, best_state: dict, optimizer, epoch: int,
-                    best_val_loss: float, history: list[dict[str, float]]) -> None:
-    """Write the best weights so far, the optimizer state and the per-epoch history."""
-    torch.save({
-        "model": best_state, "arch": model.architecture.model_dump(), "input_shape": model.input_shape,
-        "optimizer": optimizer.state_dict(), "epoch": epoch, "best_val_loss": best_val_loss,
-        "history": history,
-    }, directory / CHECKPOINT_FILE)
+def save_checkpoint(directory: Path, model: BrainCNN, state: dict, **progress: Any) -> None:
+    """Write the weights worth keeping, the architecture, and the training's progress (phase, epoch, history...)."""
+    torch.save({"model": state, "arch": model.architecture.model_dump(), "input_shape": model.input_shape,
+                **progress}, directory / CHECKPOINT_FILE)
 
 
 def load_history(checkpoint: ray.train.Checkpoint) -> list[dict[str, float]]:
@@ -108,79 +127,155 @@ def _audit(directory: str | None, record: dict[str, Any]) -> None:
             f.write(json.dumps(record) + "\n")
 
 
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """The learning rate's multiplier at ``step``: linear warm-up, then cosine decay to 0 (or constant)."""
+    warm = min(1.0, (step + 1) / max(warmup_steps, 1))
+    if schedule == "constant":
+        return warm
+    return warm * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+
+
+class _Phase:
+    """One phase's model, optimizer, schedule and data shard on this worker."""
+
+    def __init__(self, architecture: Architecture, train: TrainConfig, data: TrainingData, ids: list[str],
+                 labels: np.ndarray, epochs: int, precision: Precision):
+        context = ray.train.get_context()
+        rank, world = context.get_world_rank(), context.get_world_size()
+        torch.manual_seed(train.seed)  # the same initial weights on every rank, and in every phase
+        self.generator = torch.Generator().manual_seed(train.seed * 1000 + rank)
+        self.ids, self.train, self.precision = ids, train, precision
+        self.dataset = CachedVolumes(data.cache, ids, labels)
+        self.sampler = DistributedSampler(self.dataset, num_replicas=world, rank=rank, shuffle=True, seed=train.seed)
+        self.loader = DataLoader(self.dataset, batch_size=train.batch_size, sampler=self.sampler, collate_fn=collate)
+        self.model = ray.train.torch.prepare_model(precision.model(BrainCNN(architecture, data.cache.shape)))
+        self.bare: BrainCNN = getattr(self.model, "module", self.model)
+        self.step = torch.compile(self.model) if train.compile else self.model
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        steps_per_epoch = max(len(self.loader), 1)
+        total, warmup = epochs * steps_per_epoch, round(train.warmup_epochs * steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, total, warmup, train.schedule))
+        self.voxel_mm = data.cache.grid.voxel_mm
+
+    def restore(self, state: dict) -> None:
+        self.bare.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def progress(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def epoch(self, epoch: int) -> tuple[dict[str, float], list[str]]:
+        """One pass over this rank's shard; returns the mean training loss/accuracy and the subjects read."""
+        self.sampler.set_epoch(epoch)
+        self.model.train()
+        total_loss, correct, lr = 0.0, 0, self.optimizer.param_groups[0]["lr"]
+        for x, y in self.loader:
+            x, y = self.precision.volumes(x), y.to(self.precision.device)
+            x = augment(x, self.train.augment, self.voxel_mm, self.generator)
+            with self.precision.autocast():
+                logits = self.step(x)
+            loss = F.cross_entropy(logits.float(), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.train.clip_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train.clip_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            total_loss += loss.item() * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+        seen = [self.ids[i] for i in self.sampler]
+        n = max(len(seen), 1)
+        return {"train_loss": total_loss / n, "train_accuracy": correct / n, "lr": lr}, seen
+
+
+def _report(metrics: dict, checkpoint_state: dict | None, model: BrainCNN, rank: int, **progress: Any) -> None:
+    """Report an epoch's metrics; with a checkpoint (written by rank 0 only) when there is state to keep."""
+    if checkpoint_state is not None and rank == 0:
+        with tempfile.TemporaryDirectory() as directory:
+            save_checkpoint(Path(directory), model, checkpoint_state, **progress)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+    else:
+        ray.train.report(metrics)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """One Ray Train worker: train on this rank's shard, validate, report, stop early.
+    """One Ray Train worker: select the epoch count on the inner split, then refit; report as it goes.
 
     ``loop_config`` holds ``architecture`` (:class:`Architecture`), ``train``
-    (the validated :class:`TrainConfig`), ``data`` (:class:`TrainingData`) and
+    (the validated :class:`TrainConfig`), ``data`` (:class:`TrainingData`),
+    ``refit_epochs`` (the refit's epochs when there is no selection phase) and
     ``audit_dir`` (None, or where to record which subjects this worker read).
     """
     architecture: Architecture = loop_config["architecture"]
     train: TrainConfig = loop_config["train"]
     data: TrainingData = loop_config["data"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    audit_dir = loop_config.get("audit_dir")
+    rank = ray.train.get_context().get_world_rank()
     precision = Precision.choose(ray.train.torch.get_device(), train.precision, train.channels_last)
-    torch.manual_seed(train.seed)
-    generator = torch.Generator().manual_seed(train.seed * 1000 + rank)
+    resumed = None
+    if (checkpoint := ray.train.get_checkpoint()) is not None:
+        with checkpoint.as_directory() as directory:
+            resumed = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=precision.device, weights_only=False)
+    history = resumed["history"] if resumed else []
+    phase = resumed["phase"] if resumed else ("select" if data.val_ids else "refit")
+    best_epoch = resumed.get("best_epoch") if resumed else None
+    refit_epochs = loop_config.get("refit_epochs")
 
-    train_set = CachedVolumes(data.cache, data.train_ids, data.train_labels)
-    val_set = CachedVolumes(data.cache, data.val_ids, data.val_labels)
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=train.seed)
-    loader = DataLoader(train_set, batch_size=train.batch_size, sampler=sampler, collate_fn=collate)
+    if phase == "select":
+        current = _Phase(architecture, train, data, data.train_ids, data.train_labels, train.epochs, precision)
+        val_set = CachedVolumes(data.cache, data.val_ids, data.val_labels)
+        start, best, stale = 0, math.inf, 0
+        if resumed:
+            current.restore(resumed)
+            start, best, best_epoch = resumed["epoch"] + 1, resumed["best_val_loss"], resumed["best_epoch"]
+        best_state = _cpu_state(current.bare)
+        for epoch in range(start, train.epochs):
+            started = time.perf_counter()
+            metrics, seen = current.epoch(epoch)
+            _audit(audit_dir, {"phase": "select", "epoch": epoch, "subjects": seen + data.val_ids})
+            metrics = {"epoch": epoch, **metrics, **_scores(current.model, val_set, train.batch_size, precision, "val")}
+            improved = metrics["val_loss"] < best - 1e-4
+            if improved:
+                best, best_epoch, stale, best_state = metrics["val_loss"], epoch, 0, _cpu_state(current.bare)
+            else:
+                stale += 1
+            last = stale >= train.patience or epoch == train.epochs - 1
+            final = last and not data.refit_ids
+            if final:
+                current.bare.load_state_dict(best_state)
+                metrics |= _scores(current.model, current.dataset, train.batch_size, precision, "fit")
+            metrics |= {"best_val_loss": best, "epoch_seconds": time.perf_counter() - started}
+            history.append({"phase": "select", **metrics})
+            if last and data.refit_ids:  # what a resumed run needs to start the refit
+                progress = {"phase": "refit", "epoch": -1, "refit_epochs": best_epoch + 1}
+            else:
+                progress = {"phase": "select", "epoch": epoch, "best_val_loss": best, **current.progress()}
+            # A checkpoint at each improvement (fault tolerance) and at the end (the full history).
+            _report(metrics, best_state if improved or last else None, current.bare, rank, best_epoch=best_epoch,
+                    history=history, **progress)
+            if last:
+                break
+        phase, refit_epochs, resumed = "refit", best_epoch + 1, None
 
-    model = ray.train.torch.prepare_model(precision.model(BrainCNN(architecture, data.cache.shape)))
-    bare: BrainCNN = getattr(model, "module", model)
-    step = torch.compile(model) if train.compile else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
-    start, best, stale, history = 0, math.inf, 0, []
-    if (resumed := ray.train.get_checkpoint()) is not None:
-        with resumed.as_directory() as directory:
-            state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=precision.device, weights_only=False)
-        bare.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, best, history = state["epoch"] + 1, state["best_val_loss"], state["history"]
-    best_state = _cpu_state(bare)
-
-    voxel_mm = data.cache.grid.voxel_mm
-    for epoch in range(start, train.epochs):
-        started = time.perf_counter()
-        sampler.set_epoch(epoch)
-        model.train()
-        total_loss, correct = 0.0, 0
-        for x, y in loader:
-            x, y = precision.volumes(x), y.to(precision.device)
-            x = augment(x, train.augment, voxel_mm, generator)
-            with precision.autocast():
-                logits = step(x)
-            loss = F.cross_entropy(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.item() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-        seen = [data.train_ids[i] for i in sampler]
-        _audit(loop_config.get("audit_dir"), {"epoch": epoch, "subjects": seen + data.val_ids})
-
-        metrics = {"epoch": epoch, "train_loss": total_loss / max(len(seen), 1),
-                   "train_accuracy": correct / max(len(seen), 1)}
-        metrics |= _validation_metrics(model, val_set, train.batch_size, precision)
-        metrics["epoch_seconds"] = time.perf_counter() - started
-        improved = metrics["val_loss"] < best - 1e-4
-        best, stale = (metrics["val_loss"], 0) if improved else (best, stale + 1)
-        metrics["best_val_loss"] = best
-        history.append(metrics)
-        if improved:
-            best_state = _cpu_state(bare)
-        last = stale >= train.patience or epoch == train.epochs - 1
-        # A checkpoint at each improvement (fault tolerance) and at the end (the full history).
-        if (improved or last) and rank == 0:
-            with tempfile.TemporaryDirectory() as directory:
-                save_checkpoint(Path(directory), bare, best_state, optimizer, epoch, best, history)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-        else:
-            ray.train.report(metrics)
-        if last:
-            break
-    weights = hashlib.sha1(b"".join(p.detach().cpu().numpy().tobytes() for p in bare.parameters())).hexdigest()
-    _audit(loop_config.get("audit_dir"), {"final_weights": weights})
+    if phase == "refit" and data.refit_ids:
+        refit_epochs = resumed["refit_epochs"] if resumed else refit_epochs
+        current = _Phase(architecture, train, data, data.refit_ids, data.refit_labels, refit_epochs, precision)
+        start = 0
+        if resumed and resumed["epoch"] >= 0:  # -1: the selection ended, the refit had not started
+            current.restore(resumed)
+            start = resumed["epoch"] + 1
+        for epoch in range(start, refit_epochs):
+            started = time.perf_counter()
+            metrics, seen = current.epoch(epoch)
+            _audit(audit_dir, {"phase": "refit", "epoch": epoch, "subjects": seen})
+            metrics = {"refit_epoch": epoch, **{f"refit_{k}": v for k, v in metrics.items()}}
+            if epoch == refit_epochs - 1:
+                metrics |= _scores(current.model, current.dataset, train.batch_size, precision, "fit")
+            metrics["refit_epoch_seconds"] = time.perf_counter() - started
+            history.append({"phase": "refit", **metrics})
+            _report(metrics, _cpu_state(current.bare), current.bare, rank, phase="refit", epoch=epoch,
+                    refit_epochs=refit_epochs, best_epoch=best_epoch, history=history, **current.progress())
+    weights = hashlib.sha1(b"".join(p.detach().cpu().numpy().tobytes() for p in current.bare.parameters())).hexdigest()
+    _audit(audit_dir, {"final_weights": weights})

@@ -1,0 +1,161 @@
+"""Is the classifier's result a finding? Confidence intervals and tests of held-out ROC AUC.
+
+The held-out predictions of all outer folds are pooled (every subject is
+tested exactly once). The AUC gets a DeLong confidence interval (DeLong et al.
+1988, with the fast midrank algorithm of Sun & Xu 2014) and a label-permutation
+test against chance (labels permuted within outer folds, so that each fold's
+model keeps its own subjects); the CNN-minus-baseline difference gets DeLong's
+paired test, both models having predicted the same subjects. A study has no
+finding when the CNN is not significantly above chance, or is significantly
+below the linear baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.stats
+from sklearn.metrics import roc_auc_score
+
+ALPHA = 0.05
+
+
+def _midranks(x: np.ndarray) -> np.ndarray:
+    return scipy.stats.rankdata(x, method="average")
+
+
+def delong_components(labels: np.ndarray, scores: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """AUC and DeLong's structural components: V10 per positive, V01 per negative (Sun & Xu's midranks)."""
+    labels = np.asarray(labels).astype(bool)
+    positives, negatives = scores[labels], scores[~labels]
+    m, n = len(positives), len(negatives)
+    all_ranks = _midranks(np.concatenate([positives, negatives]))
+    v10 = (all_ranks[:m] - _midranks(positives)) / n
+    v01 = 1 - (all_ranks[m:] - _midranks(negatives)) / m
+    return float(v10.mean()), v10, v01
+
+
+def delong_variance(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The variance of the AUC of ``scores`` for ``labels`` (1 positive), by DeLong's method."""
+    _, v10, v01 = delong_components(labels, np.asarray(scores, dtype=np.float64))
+    return float(v10.var(ddof=1) / len(v10) + v01.var(ddof=1) / len(v01))
+
+
+@dataclass(frozen=True)
+class AucEstimate:
+    """An AUC with its DeLong confidence interval."""
+
+    auc: float
+    low: float
+    high: float
+
+    def __str__(self) -> str:
+        return f"{self.auc:.3f} [{self.low:.3f}, {self.high:.3f}]"
+
+
+def auc_with_ci(labels: np.ndarray, scores: np.ndarray, alpha: float = ALPHA) -> AucEstimate:
+    """AUC and its (1 - alpha) DeLong interval, clipped to [0, 1]."""
+    auc = float(roc_auc_score(labels, scores))
+    half = scipy.stats.norm.ppf(1 - alpha / 2) * np.sqrt(delong_variance(labels, scores))
+    return AucEstimate(auc, float(max(0.0, auc - half)), float(min(1.0, auc + half)))
+
+
+def paired_delong(labels: np.ndarray, a: np.ndarray, b: np.ndarray, alpha: float = ALPHA) -> tuple[AucEstimate, float]:
+    """AUC(a) - AUC(b) on the same subjects, with its interval, and the two-sided p value of DeLong's test."""
+    auc_a, v10_a, v01_a = delong_components(labels, np.asarray(a, dtype=np.float64))
+    auc_b, v10_b, v01_b = delong_components(labels, np.asarray(b, dtype=np.float64))
+    s10 = np.cov(np.stack([v10_a, v10_b]))
+    s01 = np.cov(np.stack([v01_a, v01_b]))
+    covariance = s10 / len(v10_a) + s01 / len(v01_a)
+    variance = float(covariance[0, 0] + covariance[1, 1] - 2 * covariance[0, 1])
+    difference = auc_a - auc_b
+    if variance <= 0:
+        return AucEstimate(difference, difference, difference), 1.0 if difference == 0 else 0.0
+    z = difference / np.sqrt(variance)
+    half = scipy.stats.norm.ppf(1 - alpha / 2) * np.sqrt(variance)
+    return (AucEstimate(difference, float(difference - half), float(difference + half)),
+            float(2 * scipy.stats.norm.sf(abs(z))))
+
+
+def auc_permutation_p(labels: np.ndarray, scores: np.ndarray, folds: np.ndarray, permutations: int = 5000,
+                      seed: int = 0) -> float:
+    """One-sided p value of AUC > 0.5: the share of labellings, permuted within folds, whose AUC reaches it."""
+    labels, folds = np.asarray(labels), np.asarray(folds)
+    observed = roc_auc_score(labels, scores)
+    rng = np.random.default_rng(seed)
+    permuted = np.tile(labels, (permutations, 1))
+    for fold in np.unique(folds):
+        rows = np.flatnonzero(folds == fold)
+        permuted[:, rows] = rng.permuted(permuted[:, rows], axis=1)
+    # AUC of each labelling from the ranks of the scores: the Mann-Whitney U over the positives.
+    ranks = _midranks(scores)
+    m = labels.sum()
+    n = len(labels) - m
+    aucs = (permuted @ ranks - m * (m + 1) / 2) / (m * n)
+    return float((1 + np.sum(aucs >= observed - 1e-12)) / (permutations + 1))
+
+
+@dataclass
+class Evaluation:
+    """The study's classification result and whether it is a finding."""
+
+    cnn: AucEstimate  # pooled held-out AUC of the CNN
+    cnn_p: float  # its permutation p value against chance
+    baseline: AucEstimate | None  # the same for the linear baseline
+    baseline_p: float | None
+    difference: AucEstimate | None  # CNN - baseline, paired
+    difference_p: float | None
+    permutations: int
+
+    @property
+    def finding(self) -> str:
+        """``none`` (not above chance), ``below_baseline`` (significantly below the linear model) or ``yes``."""
+        if self.cnn_p >= ALPHA:
+            return "none"
+        if self.difference is not None and self.difference_p < ALPHA and self.difference.auc < 0:
+            return "below_baseline"
+        return "yes"
+
+    @property
+    def verdict(self) -> str:
+        """The finding in plain words, for the console, MLflow and the report."""
+        if self.finding == "none":
+            return (f"No finding: the CNN did not learn the task. Its held-out ROC AUC {self.cnn} is not significantly "
+                    f"above chance (permutation p = {self.cnn_p:.3f}); its maps explain a model that learned nothing "
+                    "about sex.")
+        if self.finding == "below_baseline":
+            return (f"No finding beyond a linear model: the CNN's held-out ROC AUC {self.cnn} is significantly below "
+                    f"the linear baseline's {self.baseline} (difference {self.difference}, DeLong p = "
+                    f"{self.difference_p:.3f}); its maps explain a model that learned less than a linear model on "
+                    "the same voxels.")
+        versus = (f"; linear baseline {self.baseline}, difference {self.difference} (DeLong p = "
+                  f"{self.difference_p:.3f})") if self.baseline is not None else ""
+        return (f"The CNN learned the task: held-out ROC AUC {self.cnn}, above chance (permutation p = "
+                f"{self.cnn_p:.3f}){versus}.")
+
+
+def evaluate(labels: np.ndarray, cnn: np.ndarray, folds: np.ndarray, baseline: np.ndarray | None = None,
+             permutations: int = 5000, seed: int = 0) -> Evaluation:
+    """Test pooled held-out predictions (P(male), one per subject) of the CNN and, if given, of the baseline.
+
+    Parameters
+    ----------
+    labels : ndarray
+        1 male, 0 female, one per held-out subject.
+    cnn, baseline : ndarray
+        P(male) of each subject from the model of the fold that held it out.
+    folds : ndarray
+        The outer fold of each subject (permutations stay within folds).
+    permutations : int
+        Label permutations of the test against chance.
+    seed : int
+        Seed of the permutations.
+    """
+    result = Evaluation(auc_with_ci(labels, cnn), auc_permutation_p(labels, cnn, folds, permutations, seed),
+                        None, None, None, None, permutations)
+    if baseline is not None:
+        result.baseline = auc_with_ci(labels, baseline)
+        result.baseline_p = auc_permutation_p(labels, baseline, folds, permutations, seed + 1)
+        result.difference, result.difference_p = paired_delong(labels, cnn, baseline)
+    return result
