@@ -136,7 +136,7 @@ class AttributionConfig(_Section):
     subject_nifti: bool = False  # also write each subject's maps as NIfTI
 
 
-_CONDITION = re.compile(r"^\s*(\w+)\s*(==|!=|>=|<=|>|<)\s*(.+?)\s*$")
+_CONDITION = re.compile(r"^\s*(\w+)\s*(==|!=|>=|<=|>|<)\s*([^<>=!\s].*?)\s*$")
 _OPERATORS = {"==": operator.eq, "!=": operator.ne, ">=": operator.ge, "<=": operator.le,
               ">": operator.gt, "<": operator.lt}
 
@@ -152,11 +152,12 @@ class Condition:
     @classmethod
     def parse(cls, text: str) -> "Condition":
         match = _CONDITION.match(text)
-        if match is None:
+        try:
+            key, op, raw = match.groups()
+            return cls(key, op, yaml.safe_load(raw))
+        except (AttributeError, yaml.YAMLError):
             raise ValueError(f"condition {text!r}: expected 'KEY OP VALUE' with OP one of "
-                             f"{' '.join(_OPERATORS)}, e.g. 'blocks > 2'")
-        key, op, raw = match.groups()
-        return cls(key, op, yaml.safe_load(raw))
+                             f"{' '.join(_OPERATORS)}, e.g. 'blocks > 2'") from None
 
     def holds(self, sampled: dict[str, Any]) -> bool:
         """True when the key was sampled and its value satisfies the condition."""

@@ -138,3 +138,45 @@ def test_unusable_table_is_a_clear_error(cohort_dir):
         load_cohort(CohortConfig(root=cohort_dir, subject_column="subject"))
     with pytest.raises(CohortError, match="participants table not found"):
         load_cohort(CohortConfig(root=cohort_dir, participants=cohort_dir / "nope.tsv"))
+
+
+def test_families_cannot_silently_vanish(cohort_dir, tmp_path):
+    # A family column that is declared but absent is an error naming the column and the table.
+    with pytest.raises(CohortError, match=r"participants.tsv: no column 'Family_ID'.*restricted table"):
+        load_cohort(CohortConfig(root=cohort_dir, family_column="Family_ID"))
+    # A declared column in which nobody has a relative is a warning with the count.
+    edit_table(cohort_dir, lambda lines: [lines[0]] + [l.replace("\tfam", f"\tsolo{i}-fam") for i, l in enumerate(lines[1:])])
+    (warning,) = load_cohort(CohortConfig(root=cohort_dir, family_column="family_id")).warnings
+    assert "every one of the 12 subjects is alone in its family in column 'family_id'" in warning
+    # No family column at all: said once, with what to set.
+    edit_table(cohort_dir, lambda lines: ["\t".join(l.split("\t")[:2] + l.split("\t")[3:]) for l in lines])
+    (warning,) = load_cohort(CohortConfig(root=cohort_dir)).warnings
+    assert "no family column" in warning and "Family_ID" in warning
+
+
+def test_hcp_tables_merge_on_the_subject(cohort_dir, tmp_path):
+    hcp = tmp_path / "hcp"
+    for sid in ["100307", "100408", "101006"]:
+        target = hcp / sid / "MNINonLinear" / "T1w_restore_brain.nii.gz"
+        target.parent.mkdir(parents=True)
+        target.write_bytes(image_of(cohort_dir, "0001").read_bytes())
+    (hcp / "unrestricted.csv").write_text("Subject,Gender,Age\n100307,M,22-25\n100408,F,26-30\n101006,F,26-30\n")
+    (hcp / "RESTRICTED.csv").write_text("Subject,Family_ID,Age_in_Yrs\n101006,51488_81352,29\n100307,51488_81352,23\n"
+                                        "100408,56037_85858,27\n")
+    cohort = load_cohort(CohortConfig(root=hcp, participants=[hcp / "unrestricted.csv", hcp / "RESTRICTED.csv"],
+                                      subject_column="Subject", sex_column="Gender", family_column="Family_ID"))
+    assert not cohort.problems and not cohort.warnings
+    family = {s.subject_id: s.family_id for s in cohort.subjects}
+    assert family["100307"] == family["101006"] != family["100408"]
+
+
+def test_validate_refuses_images_that_are_not_in_mni_space(cohort_dir, capsys):
+    img = nib.load(image_of(cohort_dir, "0002"))
+    moved = img.affine.copy()
+    moved[:3, 3] += [0, 40, 0]  # native space: 40 mm off
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), moved), image_of(cohort_dir, "0002"))
+    code, lines = validate(cohort_dir, capsys)
+    assert code == 1 and len(lines) == 1
+    subject, file, message = lines[0].split("\t")
+    assert subject == "0002" and file.endswith("sub-0002_T1w.nii.gz")
+    assert "overlaps the MNI152 brain mask by 0." in message and "registered to MNI152 and brain-extracted" in message

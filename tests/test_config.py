@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from study.config import ConfigError, load_config
+from study.config import ConfigError, load_config, parse_config
 from study.storage import join
 from study.output.tracking import default_uri
 
@@ -70,3 +70,33 @@ def test_relative_paths_resolve_in_the_project_directory(tmp_path, monkeypatch):
 def test_storage_locations_join_paths_and_cloud_uris():
     assert join("s3://bucket/ray", "demo", "run1") == "s3://bucket/ray/demo/run1"  # Path would give s3:/bucket
     assert join(Path("/data/runs"), "ray") == "/data/runs/ray"
+
+
+def test_every_error_of_a_config_at_once_and_overrides_named(tmp_path):
+    path = write(tmp_path, "name: 'has space'\ncohort: {root: x}\ncv: {outer_folds: 1}\n"
+                           "search: {num_samples: 0, space: {epochs: {choice: [1, 2]}}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["train.batch_size=0", "model.width=wide"])
+    message = str(err.value)
+    assert "(6 problems)" in message  # not in rounds: the name and the search space along with the rest
+    assert "name: name must be non-empty, without spaces or slashes" in message
+    assert "cv.outer_folds" in message and "search.num_samples" in message
+    assert "search.space: cannot search 'epochs'" in message
+    assert f"train.batch_size: Input should be greater than or equal to 1 (got 0)  [--set train.batch_size=0]" in message
+    assert "model.width" in message and "[--set model.width=wide]" in message
+    assert f"[{path}]" in message.split("cv.outer_folds")[1].splitlines()[0]
+
+
+def test_search_conditions_are_checked_when_the_config_loads(tmp_path):
+    def space(**dims):
+        return {"name": "s", "cohort": {"root": "x"}, "search": {"space": dims}}
+
+    with pytest.raises(ConfigError, match=r"kernel_size.when: 'blokcs' is not a key listed before 'kernel_size'"):
+        parse_config(space(blocks={"choice": [2, 3]}, kernel_size={"choice": [3, 5], "when": "blokcs > 2"}))
+    with pytest.raises(ConfigError, match=r"kernel_size.when: condition 'blocks >> 2': expected 'KEY OP VALUE'"):
+        parse_config(space(blocks={"choice": [2, 3]}, kernel_size={"choice": [3, 5], "when": "blocks >> 2"}))
+    with pytest.raises(ConfigError, match=r"width: value 0 is not valid"):  # a searched value escapes nothing
+        parse_config(space(width={"choice": [0, 8]}))
+    config = parse_config(space(blocks={"choice": [2, 3]}, kernel_size={"choice": [3, 5], "when": "blocks > 2"}))
+    condition = config.search.space["kernel_size"].condition
+    assert condition.holds({"blocks": 3}) and not condition.holds({"blocks": 2}) and not condition.holds({})

@@ -22,7 +22,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from study.data.synth import SyntheticCohort
-from study.data.volumes import load_volume
+from study.data.volumes import Grid, preprocess_volume
 
 # The label encoding every stage uses: class index -> name (models output [female, male] logits).
 FEMALE, MALE = 0, 1
@@ -291,11 +291,12 @@ def _float_or_none(value: str) -> float | None:
 
 
 def _check_one(path: Path) -> None:
-    load_volume(path)
+    """Every check of ``study run``'s preprocessing (readable, 3D, finite, sane affine, in MNI space), on a 4 mm grid."""
+    preprocess_volume(path, Grid.mni(4.0))
 
 
 def check_images(cohort: Cohort) -> list[Problem]:
-    """Open every image in parallel (Ray tasks) and return one problem per bad file."""
+    """Open and check every image in parallel (Ray tasks); return one problem per bad file."""
     from study.runtime import map_tasks  # here, not at the top: the command line reads CohortConfig without Ray
 
     problems = []
