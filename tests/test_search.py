@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,10 +13,13 @@ import time
 import mlflow
 import optuna
 import pytest
+from ray import tune
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
 
 from study.config import ConfigError, SearchConfig, parse_config
 from study.pipeline import run_study, study_dir
-from study.training.search import DefineByRun
+from study.training.search import DefineByRun, _restorable
 from tests.test_study import runs_of, study_config
 
 SPACE = {
@@ -42,6 +46,32 @@ def test_unsearchable_keys_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="exactly one of choice"):
         parse_config({"name": "s", "cohort": {"root": "x"},
                       "search": {"space": {"lr": {"choice": [1], "uniform": [0, 1]}}}})
+
+
+def _loss(config):
+    tune.report({"loss": config["x"]})
+
+
+def _two_trial_search(storage):
+    searcher = OptunaSearch(space={"x": tune.uniform(0, 1)}, metric="loss", mode="min")
+    return tune.Tuner(_loss, tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=1),
+                                                         num_samples=2, metric="loss", mode="min"),
+                      run_config=tune.RunConfig(name="fold1", storage_path=str(storage), verbose=0))
+
+
+def test_search_stopped_before_tune_saved_its_trials_starts_over_with_all_trials(tmp_path):
+    path = tmp_path / "fold1"
+    _two_trial_search(tmp_path).fit()
+    assert _restorable(str(path))  # a search that saved its trials continues
+    # What Ctrl-C leaves when it lands before Tune's first save: the tuner's file and a searcher
+    # checkpoint that counts trials, but no experiment state. Restored, it ran 1 trial of 2.
+    for item in path.iterdir():
+        if item.name.startswith("experiment_state-") or item.is_dir():
+            os.remove(item) if item.is_file() else shutil.rmtree(item)
+    assert (path / "tuner.pkl").exists()
+    assert not _restorable(str(path))
+    assert not any(path.iterdir())
+    assert len(_two_trial_search(tmp_path).fit()) == 2
 
 
 def search_config(tmp_path, cohort_dir):
@@ -93,16 +123,19 @@ def test_interrupted_search_study_resumes_without_duplicates(tmp_path, cohort_di
     )
     # The study's driver joins the test's Ray head (RAY_ADDRESS, set by conftest), as `ray job submit`
     # would, so that killing it leaves the cluster (and its dashboard, which Ray Train needs) running.
-    process = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first_fold = study_dir(config) / "folds" / "fold0.pkl"
-    deadline = time.time() + 600
-    while not first_fold.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(1)
-    assert first_fold.exists(), "the first fold never finished"
-    before = first_fold.stat().st_mtime_ns
-    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C during the second fold's search
-    assert process.wait(timeout=180) != 0
+    log = tmp_path / "interrupted.log"  # the interrupted study's output, so that a failure explains itself
+    with log.open("w") as output:
+        process = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, stdout=output,
+                                   stderr=subprocess.STDOUT)
+        first_fold = study_dir(config) / "folds" / "fold0.pkl"
+        deadline = time.time() + 600
+        while not first_fold.exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(1)
+        assert first_fold.exists(), "the first fold never finished:\n" + log.read_text()[-3000:]
+        before = first_fold.stat().st_mtime_ns
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C during the second fold's search
+        code = process.wait(timeout=180)
+    assert code != 0, f"the study ignored Ctrl-C (exit {code}):\n" + log.read_text()[-5000:]
 
     state = json.loads((study_dir(config) / "state.json").read_text())
     assert not state["finished"]

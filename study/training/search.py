@@ -10,11 +10,13 @@ trials are kept and the Optuna sampler keeps its history.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pandas as pd
+import pyarrow.fs
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -66,6 +68,25 @@ def _run_trial(params: dict[str, Any], base: TrainingSetup, data: TrainingData, 
         callbacks=[TuneReportCallback()])
 
 
+def _restorable(path: str) -> bool:
+    """True when the search in ``path`` saved its trials, so that ``Tuner.restore`` continues it.
+
+    ``Tuner.can_restore`` only looks for the tuner's own file, written before the
+    first trial starts. A search stopped before Tune wrote its experiment state
+    has that file and a searcher checkpoint that counts trials it never kept:
+    restored, it restarts with fewer trials than configured. Such a search starts
+    over in an emptied directory.
+    """
+    if not tune.Tuner.can_restore(path):
+        return False
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(path)
+    names = [info.base_name for info in filesystem.get_file_info(pyarrow.fs.FileSelector(root))]
+    if any(re.fullmatch(r"experiment_state-.*\.json", name) for name in names):
+        return True
+    filesystem.delete_dir_contents(root)
+    return False
+
+
 def _tuner(search: SearchConfig, base: TrainingSetup, data: TrainingData, storage: str, name: str,
            resources: ResourcesConfig, audit_root: Path | None, seed: int) -> tune.Tuner:
     path = join(storage, name)
@@ -74,7 +95,7 @@ def _tuner(search: SearchConfig, base: TrainingSetup, data: TrainingData, storag
                              resources=resources, audit_root=audit_root),
         {"CPU": 0.01},  # the trial only drives its TorchTrainer, whose workers hold the resources
     )
-    if tune.Tuner.can_restore(path):
+    if _restorable(path):
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     sampler = optuna.samplers.TPESampler(seed=seed)
     searcher = ConcurrencyLimiter(
