@@ -62,20 +62,23 @@ class CVConfig(_Section):
 class TrainConfig(_Section):
     """The training recipe: budget, optimizer, schedule, augmentation; precision follows the device.
 
-    Each outer fold first trains on its first inner split, validating after every
-    epoch, to choose the number of epochs (early stopping); with ``refit`` the
-    final model then trains on all of the fold's training subjects for that many epochs.
+    ``final_fit`` says how each outer fold's final model comes about:
+    ``all_subjects`` trains it on all of the fold's training subjects for
+    ``epochs`` epochs; ``early_stopped`` first chooses the number of epochs on the
+    fold's first inner split (early stopping with ``patience``), then trains on
+    all training subjects for that many; ``inner_split`` keeps the model chosen
+    on the inner split (it never sees a third of the training subjects).
     """
 
-    epochs: int = Field(30, ge=1)  # the most epochs of the selection phase
+    final_fit: Literal["all_subjects", "early_stopped", "inner_split"] = "all_subjects"
+    epochs: int = Field(40, ge=1)  # the budget (the most epochs, when early-stopped)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(1e-3, gt=0)  # AdamW's peak learning rate
     weight_decay: float = Field(1e-4, ge=0)
-    warmup_epochs: float = Field(1.0, ge=0)  # linear warm-up of the learning rate
-    schedule: Literal["cosine", "constant"] = "cosine"  # after the warm-up
+    warmup_epochs: float = Field(2.0, ge=0)  # linear warm-up of the learning rate
+    schedule: Literal["constant", "cosine"] = "constant"  # after the warm-up (cosine: decay to 0 at the last epoch)
     clip_grad_norm: float | None = Field(1.0, gt=0)  # None: no clipping
-    patience: int = Field(8, ge=1)  # epochs without a better validation loss before stopping
-    refit: bool = True  # final model on all of the fold's training subjects (else: the selected one)
+    patience: int = Field(15, ge=1)  # early stopping: epochs without a better validation loss before stopping
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     channels_last: bool | None = None  # None: on GPU only (4x faster for 3D convs there)
     compile: bool = False

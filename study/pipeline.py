@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from study.attribution.analysis import explain_study
@@ -99,7 +100,8 @@ def run_study(config: StudyConfig, restart: bool = False, audit: bool = False) -
         evaluation = evaluate_folds(study, results, baselines)
         publisher.classification(study, results, baselines, evaluation)
         if config.attribution is not None:
-            publisher.attribution(study, explain_study(study, results, baselines), evaluation)
+            publisher.attribution(study, explain_study(study, results, baselines, publisher.explaining(study)),
+                                  evaluation)
         publisher.finish(study, evaluation)
     return study.state.parent_run
 
@@ -108,6 +110,7 @@ def evaluate_folds(study: Study, results: list[FoldResult], baselines: list[Base
     """The pooled held-out predictions of the CNN and the baseline, tested (see :mod:`study.training.evaluation`)."""
     cnn = pd.concat([r.predictions.assign(fold=r.fold) for r in results], ignore_index=True)
     linear = pd.concat([b.predictions for b in baselines], ignore_index=True).set_index("subject_id")
+    volumes = study.cache.brain_volumes_ml()
     return evaluate(study.labels(cnn.subject_id.tolist()), cnn.p_male.to_numpy(), cnn.fold.to_numpy(),
                     linear.loc[cnn.subject_id, "p_male"].to_numpy() if len(linear) else None,
-                    seed=study.config.cv.seed)
+                    np.array([volumes[s] for s in cnn.subject_id]), seed=study.config.cv.seed)

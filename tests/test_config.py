@@ -82,7 +82,7 @@ def test_every_error_of_a_config_at_once_and_overrides_named(tmp_path):
     assert "name: name must be non-empty, without spaces or slashes" in message
     assert "cv.outer_folds" in message and "search.num_samples" in message
     assert "search.space: cannot search 'epochs'" in message
-    assert f"train.batch_size: Input should be greater than or equal to 1 (got 0)  [--set train.batch_size=0]" in message
+    assert "train.batch_size: Input should be greater than or equal to 1 (got 0)  [--set train.batch_size=0]" in message
     assert "model.width" in message and "[--set model.width=wide]" in message
     assert f"[{path}]" in message.split("cv.outer_folds")[1].splitlines()[0]
 

@@ -50,7 +50,7 @@ def runs_of(config, parent_id, level="fold"):
 
 @pytest.mark.slow
 def test_ddp_study_logs_the_run_tree_and_trains_on_disjoint_shards(tmp_path, cohort_dir):
-    config = study_config(tmp_path, cohort_dir, resources={"num_workers": 2})
+    config = study_config(tmp_path, cohort_dir, resources={"num_workers": 2}, train={"final_fit": "early_stopped"})
     parent_id = run_study(config, audit=True)
 
     parent, children = runs_of(config, parent_id)

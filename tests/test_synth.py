@@ -58,3 +58,22 @@ def test_regions_are_not_fixed(tmp_path):
     centres = [[r["centre_mm"] for r in json.loads((tmp_path / s / "ground_truth/planted.json").read_text())["regions"]]
                for s in ("1", "2")]
     assert centres[0] != centres[1]
+
+
+def test_a_planted_confound_shows_in_brain_volume(tmp_path, preprocess_config):
+    from sklearn.metrics import roc_auc_score
+
+    from study.data.synth import SyntheticCohort, synthesize_cohort
+    from tests.conftest import cache_for
+
+    auc = {}
+    for confound in (0.0, 0.05):  # males 5% larger in each direction, little other size variation
+        root = tmp_path / str(confound)
+        synthesize_cohort(root, SyntheticCohort(subjects=30, voxel_sizes=(4.0,), confound=confound, scale_sd=0.01,
+                                                seed=5))
+        cohort = load_cohort(CohortConfig(root=root))
+        build = cache_for(cohort, preprocess_config.model_copy(update={"cache_dir": tmp_path / f"cache{confound}"}))
+        assert not build.problems  # still registered-looking: every brain overlaps MNI152's
+        volumes = build.cache.brain_volumes_ml()
+        auc[confound] = roc_auc_score(cohort.labels, [volumes[s] for s in cohort.ids])
+    assert auc[0.05] > 0.85 and abs(auc[0.0] - 0.5) < 0.3, auc

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -25,7 +26,6 @@ from study.attribution.sanity import flagged_methods, label_randomization, param
 from study.attribution.stats import PermutationTest, permutation_test
 from study.attribution.store import MapStore
 from study.config import AttributionConfig
-from study.data.cache import VolumeCache
 from study.data.volumes import Grid, resample_to_grid
 from study.state import Study
 from study.storage import join
@@ -81,16 +81,26 @@ def _store_key(attribution: AttributionConfig, results: list[FoldResult]) -> str
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
 
 
-def _ground_truth(root: Path, grid: Grid) -> tuple[np.ndarray | None, np.ndarray | None, dict[int, str]]:
-    """Planted effect mask and region labels on the study grid, for a synthetic cohort."""
+@dataclass(frozen=True)
+class GroundTruth:
+    """A synthetic cohort's known answer on the study grid."""
+
+    effect: np.ndarray  # bool [D, H, W]: where males differ (above half the planted effect's peak)
+    distractor: np.ndarray  # bool [D, H, W]: the region that varies whatever the sex
+    regions: np.ndarray  # int labels: effects 1..n, the distractor n+1
+    names: dict[int, str]
+
+
+def _ground_truth(root: Path, grid: Grid) -> GroundTruth | None:
+    """The planted effect, distractor and region labels on the study grid, for a synthetic cohort."""
     truth_dir = root / "ground_truth"
     if not (truth_dir / "planted.json").exists():
-        return None, None, {}
+        return None
+    planted = json.loads((truth_dir / "planted.json").read_text())
     effect = resample_to_grid(nib.load(truth_dir / "effect_map.nii.gz"), grid)
     regions = resample_to_grid(nib.load(truth_dir / "regions.nii.gz"), grid, order=0).astype(int)
-    planted = json.loads((truth_dir / "planted.json").read_text())
     names = {r["label"]: r["name"] for r in [*planted["regions"], planted["distractor"]]}
-    return effect > 0.5 * effect.max(), regions, names
+    return GroundTruth(effect > 0.5 * effect.max(), regions == planted["distractor"]["label"], regions, names)
 
 
 def _atlas(attribution: AttributionConfig, grid: Grid) -> tuple[np.ndarray | None, dict[int, str]]:
@@ -140,7 +150,8 @@ def _sanity(study: Study, first: FoldResult, store: MapStore,
     return cascade, shuffled, fit_accuracy
 
 
-def explain_study(study: Study, results: list[FoldResult], baselines: list[BaselineResult]) -> AttributionResult:
+def explain_study(study: Study, results: list[FoldResult], baselines: list[BaselineResult],
+                  on_progress: Callable[[int, int], None] | None = None) -> AttributionResult:
     """Explain all held-out subjects with every method and analyse the maps.
 
     Parameters
@@ -152,6 +163,8 @@ def explain_study(study: Study, results: list[FoldResult], baselines: list[Basel
     baselines : list of BaselineResult
         The linear baseline of every fold: its weights are analysed as one more
         map (a subject's map is the weights of the model that held it out).
+    on_progress : callable, optional
+        ``on_progress(done, total)`` after each batch of subjects explained.
 
     Returns
     -------
@@ -172,9 +185,10 @@ def explain_study(study: Study, results: list[FoldResult], baselines: list[Basel
         actors = max(1, int(ray.cluster_resources().get("GPU", 0) / gpus_per_actor))
     else:
         actors = 2
+    total = len(store.missing([s for job in jobs for s in job.subject_ids]))
     with study.times.stage("attribution"):
         explain_cohort(jobs, study.cache, store, explanation_of(attribution), attribution.batch_size, actors,
-                       gpus_per_actor)
+                       gpus_per_actor, on_batch=(lambda done: on_progress(done, total)) if on_progress else None)
 
     with study.times.stage("group statistics"):
         grid = study.cache.grid
@@ -184,7 +198,7 @@ def explain_study(study: Study, results: list[FoldResult], baselines: list[Basel
         fold_of = np.array([job.fold for job in jobs for _ in job.subject_ids])
         family = {s.subject_id: s.family_id for s in study.cohort.subjects}
         families = np.array([family[s] for s in tested])
-        truth, planted, planted_names = _ground_truth(study.config.cohort.root, grid)
+        truth = _ground_truth(study.config.cohort.root, grid)
         atlas, atlas_names = _atlas(attribution, grid)
         normalized: dict[str, np.ndarray] = {}
         analysed: dict[str, MethodMaps] = {}
@@ -201,11 +215,12 @@ def explain_study(study: Study, results: list[FoldResult], baselines: list[Basel
                 test = permutation_test(maps, sexes, attribution.permutations, fold_of, families,
                                         seed=study.config.cv.seed)
             regions = {}
-            for labels, names, kind in ((planted, planted_names, "planted"), (atlas, atlas_names, "atlas")):
-                if labels is not None:
-                    regions[kind] = region_table(unmask(group["mean_all"], brain), labels, names)
-            analysed[method] = MethodMaps(method, group, per_fold, test,
-                                          localization(maps, truth[brain]) if truth is not None else None, regions)
+            if truth is not None:
+                regions["planted"] = region_table(unmask(group["mean_all"], brain), truth.regions, truth.names)
+            if atlas is not None:
+                regions["atlas"] = region_table(unmask(group["mean_all"], brain), atlas, atlas_names)
+            scores = localization(maps, truth.effect[brain], truth.distractor[brain]) if truth is not None else None
+            analysed[method] = MethodMaps(method, group, per_fold, test, scores, regions)
         agreement = method_agreement(normalized)
     with study.times.stage("sanity checks"):
         cascade, shuffled, shuffled_fit = _sanity(study, results[0], store, brain)

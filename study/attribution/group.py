@@ -74,20 +74,32 @@ def method_agreement(maps: dict[str, np.ndarray], top_fraction: float = 0.05) ->
     return pd.DataFrame(rows)
 
 
-def localization(maps: np.ndarray, truth: np.ndarray, top_fraction: float = 0.01) -> dict[str, float]:
-    """How well maps find a known effect: voxel ROC AUC against ``truth`` (bool [voxels]) and
-    the share of the top 1% voxels that fall inside it, per subject (mean) and for the group mean."""
+def localization(maps: np.ndarray, truth: np.ndarray, distractor: np.ndarray | None = None,
+                 top_fraction: float = 0.01) -> dict[str, float]:
+    """How well maps find a known effect, and how little they point at a known distractor.
+
+    Voxel ROC AUC against ``truth`` (bool [voxels]) and the share of each map's
+    top 1% voxels inside it, per subject (mean) and for the group mean; with a
+    ``distractor`` (bool [voxels]), the group map's top-1% share inside that
+    region too. Chance for a share is the region's share of the voxels.
+    """
     k = max(1, int(round(maps.shape[1] * top_fraction)))
-    def top_inside(m: np.ndarray) -> float:
-        return float(truth[np.argpartition(-m, k - 1)[:k]].mean())
-    aucs = [roc_auc_score(truth, m) for m in maps]
-    return {
-        "roc_auc_subject_mean": float(np.mean(aucs)),
-        "roc_auc_group": float(roc_auc_score(truth, maps.mean(0))),
-        "top1pct_in_effect_subject_mean": float(np.mean([top_inside(m) for m in maps])),
-        "top1pct_in_effect_group": top_inside(maps.mean(0)),
+
+    def top_inside(m: np.ndarray, region: np.ndarray) -> float:
+        return float(region[np.argpartition(-m, k - 1)[:k]].mean())
+
+    group = maps.mean(0)
+    scores = {
+        "roc_auc_subject_mean": float(np.mean([roc_auc_score(truth, m) for m in maps])),
+        "roc_auc_group": float(roc_auc_score(truth, group)),
+        "top1pct_in_effect_subject_mean": float(np.mean([top_inside(m, truth) for m in maps])),
+        "top1pct_in_effect_group": top_inside(group, truth),
         "chance_top1pct": float(truth.mean()),
     }
+    if distractor is not None:
+        scores |= {"top1pct_in_distractor_group": top_inside(group, distractor),
+                   "chance_distractor": float(distractor.mean())}
+    return scores
 
 
 def region_table(mean_map: np.ndarray, labels: np.ndarray, names: dict[int, str]) -> pd.DataFrame:

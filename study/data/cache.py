@@ -65,6 +65,14 @@ class VolumeCache:
             mask |= np.any(volumes[start:start + 64] != 0, axis=0)
         return mask
 
+    def brain_volumes_ml(self) -> dict[str, float]:
+        """Each subject's brain volume on the study grid (its non-zero voxels), in millilitres."""
+        volumes = self.volumes
+        voxel_ml = abs(float(np.linalg.det(self.affine[:3, :3]))) / 1000
+        counts = np.concatenate([(volumes[s:s + 64] != 0).reshape(len(volumes[s:s + 64]), -1).sum(1)
+                                 for s in range(0, len(volumes), 64)])
+        return dict(zip(self.subject_ids, (counts * voxel_ml).tolist()))
+
     def rows(self, subject_ids: list[str]) -> np.ndarray:
         """Row numbers of the given subjects in the memmap."""
         where = {sid: i for i, sid in enumerate(self.subject_ids)}

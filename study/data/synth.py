@@ -45,7 +45,7 @@ class SyntheticCohort(Params):
     voxel_sizes: tuple[float, ...] = Field((1.0, 1.25, 2.0), min_length=1)  # each image at one of these, mm
     mixed_orientations: bool = True  # RAS, LAS and axis-permuted voxel orders, shifted origins
     regions: int = Field(3, ge=1)  # regions where males differ, placed at random inside the brain
-    effect_size: float = Field(0.06, ge=0)  # relative volume and intensity change in those regions
+    effect_size: float = Field(0.1, ge=0)  # relative volume and intensity change in those regions
     distractor: float = Field(0.15, ge=0)  # sd over subjects of a sex-independent change in one more region
     confound: float = Field(0.0, ge=0)  # males' brains larger overall by this fraction
     deformation_mm: float = Field(2.0, ge=0)  # sd of the smooth deformation (half shared within a family)

@@ -41,6 +41,13 @@ PACKAGES = ("study", "torch", "ray", "mlflow", "optuna", "nibabel", "nilearn", "
 TARGETS = {"contrast": "the male - female logit", "true_class": "each subject's true sex's logit",
            "predicted_class": "each subject's predicted sex's logit"}
 TITLES = {**METHODS, LINEAR_BASELINE: "Linear baseline weights"}
+FINAL_FITS = {
+    "all_subjects": "Each fold's final model trained on all of its training subjects for the configured epochs.",
+    "early_stopped": "Each fold chose its number of epochs on its first inner split (early stopping), then trained "
+                     "its final model on all of its training subjects for that many epochs.",
+    "inner_split": "Each fold's final model is the one chosen on its first inner split (early stopping); it never "
+                   "saw a third of the fold's training subjects.",
+}
 
 
 def say(text: str) -> None:
@@ -120,8 +127,9 @@ class Publisher:
             if fold.fold not in state.fold_runs:
                 run_id = tracker.start_run(f"fold {fold.fold}", {"study.level": "fold", "study.fold": str(fold.fold)},
                                            parent=parent)
-                tracker.log_params(run_id, {"fold": fold.fold, "n_train": len(fold.validation.train),
-                                            "n_validation": len(fold.validation.test), "n_test": len(fold.test)})
+                tracker.log_params(run_id, {"fold": fold.fold, "n_train": len(fold.train), "n_test": len(fold.test),
+                                            "n_inner_train": len(fold.validation.train),
+                                            "n_inner_validation": len(fold.validation.test)})
                 state.fold_runs[fold.fold] = run_id
             elif fold.fold not in state.logged_folds:
                 tracker.reopen(state.fold_runs[fold.fold])
@@ -159,11 +167,22 @@ class Publisher:
         tracker.end(run_id)
         state.logged_folds.append(result.fold)
         study.save_state()
+        tracker.set_tags(state.parent_run, {"study.progress": f"{len(state.logged_folds)}/{len(study.folds)} folds done"})
         m = result.test_metrics
-        refit = f" + {result.epochs('refit')} on all {len(study.folds[result.fold].train)}" if result.epochs("refit") else ""
-        say(f"fold {result.fold} ({len(state.logged_folds)}/{len(study.folds)} done): {result.epochs('select')} epochs "
-            f"on the inner split{refit}; fits its training subjects at accuracy {result.fit_accuracy:.2f}; test ROC AUC "
-            f"{m['roc_auc']:.3f}, balanced accuracy {m['balanced_accuracy']:.3f} [{sum(result.seconds.values()):.0f} s]")
+        phases = []
+        if select := result.epochs("select"):
+            phases.append(f"{select} epochs on the inner split")
+        if refit := result.epochs("refit"):
+            phases.append(f"{refit} epochs on all {len(study.folds[result.fold].train)} training subjects")
+        say(f"fold {result.fold} ({len(state.logged_folds)}/{len(study.folds)} done): {' + '.join(phases)}; "
+            f"training accuracy {result.fit_accuracy:.2f}; test ROC AUC {m['roc_auc']:.3f}, balanced accuracy "
+            f"{m['balanced_accuracy']:.3f} [{sum(result.seconds.values()):.0f} s]")
+
+    def explaining(self, study: Study):
+        """A callback for the attribution stage: the study run's progress tag, as subjects are explained."""
+        def progress(done: int, total: int) -> None:
+            self.tracker.set_tags(study.state.parent_run, {"study.progress": f"{done}/{total} subjects explained"})
+        return progress
 
     def _search(self, fold_run: str, search: SearchResult) -> None:
         """One run per search trial under its fold's run (trials logged before are skipped), and the best params."""
@@ -241,12 +260,10 @@ class Publisher:
                                "linear balanced_accuracy": b.test_metrics["balanced_accuracy"], "linear C": b.C}
                               for r, b in zip(results, baselines)])
         report.add_table("Held-out test metrics per outer fold: the CNN and a linear baseline", table,
-                         "Each fold chose its number of epochs on an inner validation split (early stopping), "
-                         "then trained its final model on all of its training subjects for that many epochs (refit), "
-                         "and tested it once on its held-out subjects. CNN training accuracy: the final model on its "
-                         "own training subjects (no augmentation); near 0.5 means it never fitted them. The linear "
-                         "baseline is an l2 logistic regression on the same voxels, its C chosen on the same inner "
-                         "splits.")
+                         f"{FINAL_FITS[self.config.train.final_fit]} Each final model was tested once on its fold's "
+                         "held-out subjects. CNN training accuracy: the final model on its own training subjects (no "
+                         "augmentation); near 0.5 means it never fitted them. The linear baseline is an l2 logistic "
+                         "regression on the same voxels, its C chosen on the same inner splits.")
         significance = pd.DataFrame([
             {"model": "CNN", "pooled ROC AUC": evaluation.cnn.auc, "95% CI low": evaluation.cnn.low,
              "95% CI high": evaluation.cnn.high, "p (vs chance)": evaluation.cnn_p},
@@ -257,10 +274,15 @@ class Publisher:
                 "95% CI low": evaluation.difference.low, "95% CI high": evaluation.difference.high,
                 "p (vs chance)": evaluation.difference_p}] if evaluation.baseline else []),
         ])
+        confound = ""
+        if evaluation.brain_volume is not None:
+            confound = (f" Confound check: brain volume alone separates the sexes with ROC AUC {evaluation.brain_volume} "
+                        "(0.5: not at all; above: males larger). A high value means a model can succeed from head "
+                        "size, not from where the brain differs.")
         report.add_table("Is it a finding? Pooled held-out ROC AUC with confidence intervals", significance,
                          "Every subject's prediction comes from the one model that never saw it. Intervals: DeLong. "
                          f"p vs chance: {evaluation.permutations} label permutations within outer folds (one-sided). "
-                         "CNN - linear: DeLong's paired test (two-sided).")
+                         "CNN - linear: DeLong's paired test (two-sided)." + confound)
         report.add_images("ROC curves", [("ROC per outer fold (male = positive)", roc)])
         if self.config.search:
             chosen = pd.DataFrame([{"fold": r.fold, **{k: str(v) for k, v in sorted(r.search.best.items())}}
@@ -275,6 +297,8 @@ class Publisher:
     def _evaluation_metrics(evaluation: Evaluation) -> dict[str, float]:
         metrics = {"pooled_roc_auc": evaluation.cnn.auc, "pooled_roc_auc_ci_low": evaluation.cnn.low,
                    "pooled_roc_auc_ci_high": evaluation.cnn.high, "pooled_roc_auc_p_vs_chance": evaluation.cnn_p}
+        if evaluation.brain_volume is not None:
+            metrics["brain_volume_roc_auc"] = evaluation.brain_volume.auc
         if evaluation.baseline is not None:
             metrics |= {"baseline_pooled_roc_auc": evaluation.baseline.auc,
                         "baseline_pooled_roc_auc_p_vs_chance": evaluation.baseline_p,
@@ -337,9 +361,11 @@ class Publisher:
         local = result.localization
         if len(local):
             tracker.log_table(parent, local, "localization.tsv")
-            for row in local.itertuples():
-                tracker.log_metrics(parent, {f"localization_roc_auc_{row.method}": row.roc_auc_group,
-                                             f"localization_top1pct_{row.method}": row.top1pct_in_effect_group})
+            for row in local.to_dict("records"):
+                tracker.log_metrics(parent, {f"localization_roc_auc_{row['method']}": row["roc_auc_group"],
+                                             f"localization_top1pct_{row['method']}": row["top1pct_in_effect_group"],
+                                             f"localization_top1pct_distractor_{row['method']}":
+                                                 row.get("top1pct_in_distractor_group", float("nan"))})
         tracker.log_table(parent, result.cascade, "sanity/parameter_randomization.tsv")
         if len(result.shuffled):
             tracker.log_table(parent, result.shuffled, "sanity/label_randomization.tsv")
@@ -365,8 +391,10 @@ class Publisher:
             report.add_table(heading, table, "Regions ranked by mean normalized attribution over all held-out subjects.")
         if len(local):
             report.add_table("Ground truth: localization of the planted effect", local,
-                             "Voxel ROC AUC against the planted effect, and the share of the top 1% voxels inside it "
-                             "(chance = the effect's share of the brain).")
+                             "Voxel ROC AUC against the planted effect, the share of the top 1% voxels inside it "
+                             "(chance: the effect's share of the brain), and the group map's top-1% share in the "
+                             "distractor, a region that varies whatever the sex (chance: its share of the brain; a "
+                             "method above chance there follows the data, not the model's decision).")
         report.add_images("Method agreement", [("Spearman correlation", agreement_figure(result.agreement, methods))])
         report.add_table("Method agreement (table)", result.agreement)
         flag_note = (f"Flagged (Spearman > {FLAG_SPEARMAN} to the original maps after full randomization or "
@@ -404,6 +432,7 @@ class Publisher:
         report_path = study.directory / "report.html"
         report_path.write_text(self.report.html())
         tracker.log_file(parent, report_path)
+        tracker.set_tags(parent, {"study.progress": "finished"})
         tracker.end(parent)
         study.state.finished = True
         study.save_state()

@@ -100,6 +100,8 @@ class Tracker:
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
             self.experiment_id = found.experiment_id
+        # MLflow 3 opens an experiment on its GenAI overview unless told it holds model training.
+        self.client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind", "custom_model_development")
 
     def start_run(self, name: str, tags: dict[str, str], parent: str | None = None) -> str:
         """A new run (nested under ``parent`` when given); returns its id."""

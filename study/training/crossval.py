@@ -163,19 +163,27 @@ def _predict_checkpoint(checkpoint: ray.train.Checkpoint, dataset: CachedVolumes
 def train_and_test(fold: int, setup: TrainingSetup, data: TrainingData, test_ids: list[str], test_labels: np.ndarray,
                    storage_path: str, resources: ResourcesConfig, audit_dir: Path | None = None,
                    search: SearchResult | None = None) -> FoldResult:
-    """Train ``setup`` (select the epochs on the inner split, refit on all), then test on the held-out subjects.
+    """Train ``setup`` as its ``final_fit`` says, then test it on the held-out subjects.
 
-    After a search, the best trial already made the selection: only the refit is
-    left (without refit, the best setup is trained again on the inner split).
+    ``data`` holds the fold's first inner split and all of its training
+    subjects. After a search, the best trial already made any selection on the
+    inner split: what is left is the training on all subjects (or, for
+    ``inner_split``, the best setup trained again on the inner split).
     """
     started = time.perf_counter()
-    refit_after_search = search is not None and bool(data.refit_ids)
-    if refit_after_search:
+    final_fit = setup.train.final_fit
+    refit_epochs = setup.train.epochs
+    if final_fit == "all_subjects":
         data = data.refit_only()
-    checkpoint = fit(setup, data, f"fold{fold}", storage_path, resources, audit_dir,
-                     refit_epochs=search.best_epoch + 1 if refit_after_search else None).checkpoint
+    elif final_fit == "inner_split":
+        data = data.selection_only()
+    elif search is not None:  # early_stopped: the search's best trial chose the epochs
+        data, refit_epochs = data.refit_only(), search.best_epoch + 1
+    checkpoint = fit(setup, data, f"fold{fold}", storage_path, resources, audit_dir, refit_epochs=refit_epochs
+                     ).checkpoint
     history = pd.DataFrame(load_history(checkpoint))
-    if refit_after_search:
+    selected_by_search = search is not None and final_fit == "early_stopped"
+    if selected_by_search:
         history = pd.concat([search.best_trial.history.assign(phase="select"), history], ignore_index=True)
     fitted = time.perf_counter()
     test_set = CachedVolumes(data.cache, test_ids, test_labels)
@@ -184,7 +192,7 @@ def train_and_test(fold: int, setup: TrainingSetup, data: TrainingData, test_ids
         .options(num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker if resources.use_gpu else 0)
         .remote(checkpoint, test_set, setup.train)
     )
-    trained_here = history[history["phase"] == "refit"] if refit_after_search else history
+    trained_here = history[history["phase"] == "refit"] if selected_by_search else history
     training = float(trained_here.filter(like="epoch_seconds").sum().sum())
     predictions = pd.DataFrame({
         "subject_id": test_ids, "sex": np.array(CLASS_NAMES)[test_labels],
@@ -200,9 +208,9 @@ def cross_validate(study: Study) -> Iterator[FoldResult]:
     """Search (if configured), train and test every outer fold; yield each result as it is ready.
 
     Folds finished by an earlier, interrupted run of this execution come first,
-    without training. Every fold trains on its training side only: its first
-    inner split chooses the epoch (early stopping), and a search sees nothing
-    else, so no held-out subject influences training or model selection.
+    without training. Every fold trains on its training side only (a search and
+    early stopping see its first inner split), so no held-out subject influences
+    training or model selection.
     """
     from study.training.search import search_fold  # Ray Tune and Optuna only where a search runs
 
@@ -221,8 +229,7 @@ def cross_validate(study: Study) -> Iterator[FoldResult]:
     while queue or pending:
         while queue and len(pending) < config.resources.concurrent_folds:
             fold = queue.pop(0)
-            data = training_data(study, fold.validation.train, fold.validation.test,
-                                 fold.train if config.train.refit else None)
+            data = training_data(study, fold.validation.train, fold.validation.test, fold.train)
             search = None
             if config.search:
                 started = time.perf_counter()

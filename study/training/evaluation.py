@@ -107,6 +107,7 @@ class Evaluation:
     difference: AucEstimate | None  # CNN - baseline, paired
     difference_p: float | None
     permutations: int
+    brain_volume: AucEstimate | None = None  # how well brain volume alone separates the sexes (a confound)
 
     @property
     def finding(self) -> str:
@@ -136,7 +137,7 @@ class Evaluation:
 
 
 def evaluate(labels: np.ndarray, cnn: np.ndarray, folds: np.ndarray, baseline: np.ndarray | None = None,
-             permutations: int = 5000, seed: int = 0) -> Evaluation:
+             brain_volumes: np.ndarray | None = None, permutations: int = 5000, seed: int = 0) -> Evaluation:
     """Test pooled held-out predictions (P(male), one per subject) of the CNN and, if given, of the baseline.
 
     Parameters
@@ -147,6 +148,9 @@ def evaluate(labels: np.ndarray, cnn: np.ndarray, folds: np.ndarray, baseline: n
         P(male) of each subject from the model of the fold that held it out.
     folds : ndarray
         The outer fold of each subject (permutations stay within folds).
+    brain_volumes : ndarray, optional
+        Each subject's brain volume: its AUC for sex says how much a model could
+        learn from head size alone (a confound, not a regional difference).
     permutations : int
         Label permutations of the test against chance.
     seed : int
@@ -154,6 +158,8 @@ def evaluate(labels: np.ndarray, cnn: np.ndarray, folds: np.ndarray, baseline: n
     """
     result = Evaluation(auc_with_ci(labels, cnn), auc_permutation_p(labels, cnn, folds, permutations, seed),
                         None, None, None, None, permutations)
+    if brain_volumes is not None:
+        result.brain_volume = auc_with_ci(labels, brain_volumes)
     if baseline is not None:
         result.baseline = auc_with_ci(labels, baseline)
         result.baseline_p = auc_permutation_p(labels, baseline, folds, permutations, seed + 1)
