@@ -49,7 +49,7 @@ class SyntheticCohort(Params):
     distractor: float = Field(0.15, ge=0)  # sd over subjects of a sex-independent change in one more region
     confound: float = Field(0.0, ge=0)  # males' brains larger overall by this fraction
     deformation_mm: float = Field(2.0, ge=0)  # sd of the smooth deformation (half shared within a family)
-    scale_sd: float = Field(0.04, ge=0)  # sd of the global size
+    scale_sd: float = Field(0.04, ge=0)  # sd of the global size (drawn within 2 sd)
     bias: float = Field(0.1, ge=0)  # sd of the log bias field
     noise: float = Field(0.04, ge=0)  # sd of the noise relative to the brain's typical intensity
     seed: int = 0
@@ -155,7 +155,10 @@ def _subject_volume(fields: _Fields, spec: SyntheticCohort, male: bool, seed: in
     shape = fields.template.shape
     voxels = np.indices(shape, dtype=np.float32)
     centre = ((np.asarray(shape, dtype=np.float32) - 1) / 2).reshape(3, 1, 1, 1)
-    scale = rng.normal(1.0, spec.scale_sd) * (1 + spec.confound if male else 1.0)
+    # Global size within 2 sd: an image registered to MNI152 keeps only some of its size difference, and a
+    # larger tail would fail the input check (a 3 sd subject overlaps the MNI152 brain by Dice 0.76).
+    size = np.clip(rng.normal(1.0, spec.scale_sd), 1 - 2 * spec.scale_sd, 1 + 2 * spec.scale_sd)
+    scale = size * (1 + spec.confound if male else 1.0)
     coords = centre + (voxels - centre) / scale
     jitter = spec.deformation_mm / np.sqrt(2) / fields.grid.voxel_mm
     for axis in range(3):  # smooth deformation: one part shared with the family, one individual
