@@ -40,6 +40,11 @@ from study.training.metrics import classification_metrics
 from study.training.models import Architecture, BrainCNN
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# Ray Train's controller takes one report per worker every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S) and a
+# worker's next report waits for it: reporting each short epoch cost 2 s an epoch (70% of a demo fold). The
+# final fit reports (with a checkpoint, for restarts) once this many seconds have passed, and at its end; the
+# selection phase reports every epoch, which Tune's schedulers need.
+REPORT_EVERY_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -200,6 +205,14 @@ def _report(metrics: dict, checkpoint_state: dict | None, model: BrainCNN, rank:
         ray.train.report(metrics)
 
 
+def _report_due(last_report: float, device: torch.device) -> bool:
+    """True when ``REPORT_EVERY_S`` have passed on any worker: all of them must report together."""
+    due = torch.tensor([float(time.monotonic() - last_report >= REPORT_EVERY_S)], device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(due, op=torch.distributed.ReduceOp.MAX)
+    return bool(due.item())
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: select the epoch count on the inner split, then refit; report as it goes.
 
@@ -262,7 +275,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if phase == "refit" and data.refit_ids:
         refit_epochs = resumed["refit_epochs"] if resumed else refit_epochs
         current = _Phase(architecture, train, data, data.refit_ids, data.refit_labels, refit_epochs, precision)
-        start = 0
+        start, last_report = 0, time.monotonic()
         if resumed and resumed["epoch"] >= 0:  # -1: the selection ended, the refit had not started
             current.restore(resumed)
             start = resumed["epoch"] + 1
@@ -275,7 +288,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 metrics |= _scores(current.model, current.dataset, train.batch_size, precision, "fit")
             metrics["refit_epoch_seconds"] = time.perf_counter() - started
             history.append({"phase": "refit", **metrics})
-            _report(metrics, _cpu_state(current.bare), current.bare, rank, phase="refit", epoch=epoch,
-                    refit_epochs=refit_epochs, best_epoch=best_epoch, history=history, **current.progress())
+            if epoch == refit_epochs - 1 or _report_due(last_report, precision.device):
+                _report(metrics, _cpu_state(current.bare), current.bare, rank, phase="refit", epoch=epoch,
+                        refit_epochs=refit_epochs, best_epoch=best_epoch, history=history, **current.progress())
+                last_report = time.monotonic()
     weights = hashlib.sha1(b"".join(p.detach().cpu().numpy().tobytes() for p in current.bare.parameters())).hexdigest()
     _audit(audit_dir, {"final_weights": weights})
