@@ -33,7 +33,7 @@ from study.output.tracking import Tracker, TrackingError, is_tracking_failure, t
 from study.state import Study
 from study.training.baseline import BaselineResult
 from study.training.crossval import FoldResult, SearchResult
-from study.training.evaluation import Evaluation
+from study.training.evaluation import Evaluation, format_p
 from study.training.loop import load_model
 from study.training.metrics import SUMMARY_METRICS, cross_fold_summary
 
@@ -249,7 +249,7 @@ class Publisher:
             ("outer folds", str(len(results))),
             ("CNN ROC AUC (pooled, 95% CI)", str(evaluation.cnn)),
             ("linear baseline ROC AUC", str(evaluation.baseline) if evaluation.baseline else "-"),
-            ("CNN vs chance", f"p = {evaluation.cnn_p:.3f}"),
+            ("CNN vs chance", format_p(evaluation.cnn_p)),
             ("MLflow run", parent[:12]),
         ]
         table = pd.DataFrame([{"fold": r.fold, "test subjects": len(r.predictions),

@@ -63,7 +63,7 @@ nav{{padding:8px 28px;background:#e9ecf2;font-size:13px}} nav a{{margin-right:16
 .summary{{display:flex;flex-wrap:wrap;gap:10px;padding:16px 28px}}
 .summary div{{background:#fff;border-radius:6px;padding:10px 14px;box-shadow:0 1px 2px #0002}}
 .summary span{{display:block;font-size:12px;color:#5a6478}} .summary b{{font-size:18px}}
-section{{background:#fff;margin:14px 28px;padding:14px 20px;border-radius:6px;box-shadow:0 1px 2px #0002}}
+section{{overflow-x:auto;background:#fff;margin:14px 28px;padding:14px 20px;border-radius:6px;box-shadow:0 1px 2px #0002}}
 h2{{font-size:17px;margin:4px 0 10px}} p{{font-size:13px;color:#3a4356;max-width:70em}}
 .table{{border-collapse:collapse;font-size:13px}} .table th,.table td{{padding:4px 10px;border-bottom:1px solid #e3e6ec;text-align:right}}
 .table th{{background:#f0f2f6}} .table td:first-child,.table th:first-child{{text-align:left}}

@@ -42,6 +42,11 @@ def delong_variance(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(v10.var(ddof=1) / len(v10) + v01.var(ddof=1) / len(v01))
 
 
+def format_p(p: float) -> str:
+    """A p-value as papers print it: ``p = 0.012``, or ``p < 0.001`` (never ``p = 0.000``)."""
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
 @dataclass(frozen=True)
 class AucEstimate:
     """An AUC with its DeLong confidence interval."""
@@ -123,17 +128,17 @@ class Evaluation:
         """The finding in plain words, for the console, MLflow and the report."""
         if self.finding == "none":
             return (f"No finding: the CNN did not learn the task. Its held-out ROC AUC {self.cnn} is not significantly "
-                    f"above chance (permutation p = {self.cnn_p:.3f}); its maps explain a model that learned nothing "
+                    f"above chance (permutation {format_p(self.cnn_p)}); its maps explain a model that learned nothing "
                     "about sex.")
         if self.finding == "below_baseline":
             return (f"No finding beyond a linear model: the CNN's held-out ROC AUC {self.cnn} is significantly below "
-                    f"the linear baseline's {self.baseline} (difference {self.difference}, DeLong p = "
-                    f"{self.difference_p:.3f}); its maps explain a model that learned less than a linear model on "
+                    f"the linear baseline's {self.baseline} (difference {self.difference}, DeLong "
+                    f"{format_p(self.difference_p)}); its maps explain a model that learned less than a linear model on "
                     "the same voxels.")
-        versus = (f"; linear baseline {self.baseline}, difference {self.difference} (DeLong p = "
-                  f"{self.difference_p:.3f})") if self.baseline is not None else ""
-        return (f"The CNN learned the task: held-out ROC AUC {self.cnn}, above chance (permutation p = "
-                f"{self.cnn_p:.3f}){versus}.")
+        versus = (f"; linear baseline {self.baseline}, difference {self.difference} (DeLong "
+                  f"{format_p(self.difference_p)})") if self.baseline is not None else ""
+        return (f"The CNN learned the task: held-out ROC AUC {self.cnn}, above chance (permutation "
+                f"{format_p(self.cnn_p)}){versus}.")
 
 
 def evaluate(labels: np.ndarray, cnn: np.ndarray, folds: np.ndarray, baseline: np.ndarray | None = None,
