@@ -10,7 +10,9 @@ tracking server logs the rest when it is run again.
 
 from __future__ import annotations
 
+import getpass
 import re
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -77,6 +79,18 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _source_tags(commit: str) -> dict[str, str]:
+    """MLflow's own tags for who ran the study and from what, shown in its run list (User, Source)."""
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except (KeyError, OSError):  # a container user without a name
+        pass
+    return tags
+
+
 def config_yaml(config: StudyConfig) -> str:
     """The resolved config as YAML, as a researcher would write it."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
@@ -114,8 +128,9 @@ class Publisher:
         for warning in prepared.cohort.warnings:
             say(f"warning: {warning}")
         if state.parent_run is None:
+            commit = _git_commit()
             tags = {"study.name": config.name, "study.cohort": study.cohort.fingerprint(), "study.level": "study",
-                    "study.execution": state.execution, "git.commit": _git_commit(), **_versions()}
+                    "study.execution": state.execution, "git.commit": commit, **_versions(), **_source_tags(commit)}
             state.parent_run = tracker.start_run(config.name, tags)
             tracker.log_params(state.parent_run, config.model_dump(mode="json"))
             tracker.log_text(state.parent_run, config_yaml(config), "config.yaml")
