@@ -162,3 +162,12 @@ def test_feature_geometry_of_mrinet():
 
     model = BrainCNN(Architecture(width=2), (46, 55, 46))
     assert feature_geometry(model, model.gradcam_layer) == ([8.5] * 3, [4.0] * 3)
+
+
+def test_gradcam_resolution_is_the_last_feature_map():
+    # The demo's 6 mm grid leaves MriNet 4x5x4 feature voxels, 4 input voxels (24 mm) apart: the report says so.
+    from study.attribution.gradcam import feature_grid
+    from study.training.models import Architecture, BrainCNN
+
+    model = BrainCNN(Architecture(width=2), (30, 36, 30)).eval()
+    assert feature_grid(model, (30, 36, 30)) == ((4, 5, 4), [4.0] * 3)

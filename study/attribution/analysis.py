@@ -21,6 +21,7 @@ import pandas as pd
 import ray
 
 from study.attribution.actors import Explanation, FoldModel, explain_cohort
+from study.attribution.gradcam import feature_grid
 from study.attribution.group import group_means, localization, method_agreement, normalize, region_table, unmask
 from study.attribution.sanity import flagged_methods, label_randomization, parameter_randomization
 from study.attribution.stats import PermutationTest, permutation_test
@@ -32,6 +33,7 @@ from study.storage import join
 from study.training.baseline import BaselineResult
 from study.training.crossval import FoldResult, fit
 from study.training.loop import TrainingData, load_history
+from study.training.models import BrainCNN
 
 
 LINEAR_BASELINE = "linear_baseline"  # the baseline's weights, analysed beside the methods' maps
@@ -64,6 +66,7 @@ class AttributionResult:
     shuffled_fit_accuracy: float  # that model's accuracy on its own shuffled training labels
     flagged: list[str]  # methods whose maps survive randomization
     store: MapStore  # every subject's maps
+    gradcam_grid: tuple[tuple[int, int, int], float]  # fold 0's Grad-CAM layer: voxels per axis, spacing in mm
 
     def volume(self, values: np.ndarray) -> np.ndarray:
         """Brain-voxel values back on the grid (zero outside the brain)."""
@@ -224,5 +227,8 @@ def explain_study(study: Study, results: list[FoldResult], baselines: list[Basel
         agreement = method_agreement(normalized)
     with study.times.stage("sanity checks"):
         cascade, shuffled, shuffled_fit = _sanity(study, results[0], store, brain)
+    features, spacing = feature_grid(BrainCNN(results[0].setup.architecture, study.cache.shape).eval(),
+                                     study.cache.shape)
     return AttributionResult(analysed, brain, study.cache.affine, len(tested), attribution.target, agreement,
-                             cascade, shuffled, shuffled_fit, flagged_methods(cascade, shuffled), store)
+                             cascade, shuffled, shuffled_fit, flagged_methods(cascade, shuffled), store,
+                             (features, spacing[0] * study.cache.grid.voxel_mm))

@@ -44,6 +44,19 @@ def feature_geometry(model: nn.Module, layer: nn.Module) -> tuple[list[float], l
     raise ValueError("the Grad-CAM layer is not a module of the model")
 
 
+def feature_grid(model: nn.Module, shape: tuple[int, int, int]) -> tuple[tuple[int, int, int], list[float]]:
+    """Grad-CAM's own resolution for inputs of ``shape``: the target layer's voxels per axis, and their
+    spacing in input voxels. A Grad-CAM map can show no detail finer than this."""
+    sizes: list[tuple[int, int, int]] = []
+    hook = model.gradcam_layer.register_forward_hook(lambda _m, _i, out: sizes.append(tuple(out.shape[2:])))
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 1, *shape, device=next(model.parameters()).device))
+    finally:
+        hook.remove()
+    return sizes[0], feature_geometry(model, model.gradcam_layer)[1]
+
+
 def place_on_input(cam: torch.Tensor, shape: tuple[int, int, int], start: list[float], jump: list[float]) -> torch.Tensor:
     """Resample feature-grid maps [batch, 1, d, h, w] onto the input grid ``shape`` by the geometry.
 

@@ -399,6 +399,10 @@ class Publisher:
                    "scores, so their difference would be there by construction; set attribution.target: contrast.")
         heading = "Where the network looks" if evaluation.finding == "yes" else \
             "Where the network looks: explaining a model that did not learn the task (no finding)"
+        if "gradcam" in result.maps:
+            (d, h, w), spacing = result.gradcam_grid
+            how += (f" Grad-CAM shows no detail finer than the network's last feature map: {d}x{h}x{w} voxels, one "
+                    f"every {spacing:.0f} mm on this grid.")
         report.add_images(heading, figures,
                           f"Every map explains {target}. Normalized maps (each subject scaled to its 99.5th "
                           "percentile) averaged over held-out subjects, over the MNI152 template. " + how)
