@@ -409,7 +409,13 @@ class Publisher:
         for heading, table in region_tables:
             report.add_table(heading, table, "Regions ranked by mean normalized attribution over all held-out subjects.")
         if len(local):
-            report.add_table("Ground truth: localization of the planted effect", local,
+            columns = {"roc_auc_subject_mean": "voxel AUC, subjects (mean)", "roc_auc_group": "voxel AUC, group map",
+                       "top1pct_in_effect_subject_mean": "top 1% in effect, subjects (mean)",
+                       "top1pct_in_effect_group": "top 1% in effect, group map", "chance_top1pct": "chance",
+                       "top1pct_in_distractor_group": "top 1% in distractor, group map",
+                       "chance_distractor": "chance (distractor)"}
+            shown = local.rename(columns=columns).assign(method=[TITLES.get(m, m) for m in local.method])
+            report.add_table("Ground truth: localization of the planted effect", shown,
                              "Voxel ROC AUC against the planted effect, the share of the top 1% voxels inside it "
                              "(chance: the effect's share of the brain), and the group map's top-1% share in the "
                              "distractor, a region that varies whatever the sex (chance: its share of the brain; a "

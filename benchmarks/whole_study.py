@@ -12,8 +12,8 @@ study's own per-stage table (the one every study logs to MLflow as
 - the study's wall time against the sum of its stages (what running folds and
   actors side by side buys).
 
-    python benchmarks/study.py                       # the paper: 1,113 subjects, 10 folds, MriNet, 58x70x58 (a GPU)
-    python benchmarks/study.py --subjects 120 --folds 3 --epochs 10 --width 8 --voxel-size 6 --iterations 30
+    python benchmarks/whole_study.py                       # the paper: 1,113 subjects, 10 folds, MriNet, 58x70x58 (a GPU)
+    python benchmarks/whole_study.py --subjects 120 --folds 3 --epochs 10 --width 8 --voxel-size 6 --iterations 30
 """
 
 from __future__ import annotations
