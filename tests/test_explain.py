@@ -61,6 +61,24 @@ def test_pool_explains_every_subject_once_and_survives_a_killed_actor(tmp_path, 
     assert explain_cohort(jobs, cache, store, explanation, batch_size=2, actors=2) == 0  # a rerun skips what exists
 
 
+def test_a_failure_in_the_pool_stops_it_and_frees_every_actor(tmp_path, cohort_dir, preprocess_config):
+    cohort = load_cohort(CohortConfig(root=cohort_dir))
+    cache = cache_for(cohort, preprocess_config).cache
+    jobs = [FoldModel(0, random_checkpoint(tmp_path, cache.shape, 0), cohort.ids, cohort.labels)]
+    explanation = Explanation(("gradcam",), "true_class", Perturbation(iterations=5))
+    store = MapStore(tmp_path / "maps", cohort.ids, cache.shape, ["gradcam"])
+
+    def fail(n_done):
+        raise ConnectionError("the progress callback failed")
+
+    with pytest.raises(ConnectionError):
+        explain_cohort(jobs, cache, store, explanation, batch_size=2, actors=2, on_batch=fail)
+    for name in ("explainer-0.0", "explainer-1.0"):  # killed, not left holding their CPU or GPU share
+        with pytest.raises(ValueError):
+            ray.get_actor(name)
+    assert store.done("gradcam").sum() == 2  # the batch stored before the failure is kept
+
+
 def test_store_keeps_finished_batches_only(tmp_path):
     store = MapStore(tmp_path, ["a", "b", "c"], (2, 2, 2), ["gradcam"])
     store.write(["b"], {"gradcam": np.ones((1, 2, 2, 2))})

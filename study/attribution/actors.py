@@ -134,6 +134,17 @@ def explain_cohort(jobs: list[FoldModel], cache: VolumeCache, store: MapStore, e
     # Named explainer-<slot>.<generation>: a replaced actor gets the next generation.
     generation = [0] * min(actors, len(queue))
     pool = [_start_actor(explanation, cache, gpus_per_actor, f"explainer-{i}.0") for i in range(len(generation))]
+    try:
+        _run_pool(pool, generation, queue, total, store, explanation, cache, gpus_per_actor, on_batch)
+    finally:  # also when a batch or the progress callback fails: no actor keeps its GPU share
+        for actor in pool:
+            ray.kill(actor)
+    return total
+
+
+def _run_pool(pool: list, generation: list[int], queue: list, total: int, store: MapStore, explanation: Explanation,
+              cache: VolumeCache, gpus_per_actor: float, on_batch: Callable[[int], None] | None) -> None:
+    """Feed the queue of batches to the pool, replacing an actor that dies, until every batch is stored."""
     in_flight: dict[ray.ObjectRef, tuple[int, tuple]] = {}
     explained = 0
     with tqdm(total=total, desc="explaining", unit="subject") as bar:
@@ -159,6 +170,3 @@ def explain_cohort(jobs: list[FoldModel], cache: VolumeCache, store: MapStore, e
             idle.append(slot)
             if on_batch:
                 on_batch(explained)
-    for actor in pool:
-        ray.kill(actor)
-    return explained
