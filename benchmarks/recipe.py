@@ -5,8 +5,8 @@ nuisance variation (the generator's defaults: a linear model reaches AUC about
 0.9 at 200 subjects), then runs the real study (`run_study`: Ray Train, refit,
 the linear baseline; no maps) once per recipe and prints, per recipe: the
 CNN's pooled held-out ROC AUC with its DeLong interval, the linear baseline's,
-how well the final models fit their own training subjects, the epochs chosen,
-and the training time. Every recipe is the default recipe with one change, so
+how well the final models fit their own training subjects, and the
+training and wall time. Every recipe is the default recipe with one change, so
 each row says what that default buys.
 
     python benchmarks/recipe.py                      # all recipes, 200 subjects, 3 folds, 4 mm

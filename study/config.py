@@ -67,7 +67,8 @@ class TrainConfig(_Section):
     ``epochs`` epochs; ``early_stopped`` first chooses the number of epochs on the
     fold's first inner split (early stopping with ``patience``), then trains on
     all training subjects for that many; ``inner_split`` keeps the model chosen
-    on the inner split (it never sees a third of the training subjects).
+    on the inner split (it never sees that split's validation subjects,
+    one of ``cv.inner_folds`` parts of the fold's training subjects).
     """
 
     final_fit: Literal["all_subjects", "early_stopped", "inner_split"] = "all_subjects"

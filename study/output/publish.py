@@ -48,7 +48,7 @@ FINAL_FITS = {
     "early_stopped": "Each fold chose its number of epochs on its first inner split (early stopping), then trained "
                      "its final model on all of its training subjects for that many epochs.",
     "inner_split": "Each fold's final model is the one chosen on its first inner split (early stopping); it never "
-                   "saw a third of the fold's training subjects.",
+                   "saw that split's validation subjects (one inner fold of the fold's training subjects).",
 }
 
 
@@ -196,7 +196,11 @@ class Publisher:
     def explaining(self, study: Study):
         """A callback for the attribution stage: the study run's progress tag, as subjects are explained."""
         def progress(done: int, total: int) -> None:
-            self.tracker.set_tags(study.state.parent_run, {"study.progress": f"{done}/{total} subjects explained"})
+            try:  # a cosmetic tag: a tracking hiccup must not stop a long attribution stage
+                self.tracker.set_tags(study.state.parent_run, {"study.progress": f"{done}/{total} subjects explained"})
+            except Exception as err:  # only a tracking failure is swallowed
+                if not is_tracking_failure(err):
+                    raise
         return progress
 
     def _search(self, fold_run: str, search: SearchResult) -> None:
@@ -291,9 +295,11 @@ class Publisher:
         ])
         confound = ""
         if evaluation.brain_volume is not None:
-            confound = (f" Confound check: brain volume alone separates the sexes with ROC AUC {evaluation.brain_volume} "
-                        "(0.5: not at all; above: males larger). A high value means a model can succeed from head "
-                        "size, not from where the brain differs.")
+            confound = (f" Confound check: brain volume on the study grid alone separates the sexes with ROC AUC "
+                        f"{evaluation.brain_volume} (0.5: not at all; above: males larger). A high value means a model "
+                        "can succeed from brain size, not from where the brain differs. It measures the size left "
+                        "after registration to MNI152: near 0.5 does not rule out a head-size difference in the "
+                        "native images, which a nonlinear registration largely removes.")
         report.add_table("Is it a finding? Pooled held-out ROC AUC with confidence intervals", significance,
                          "Every subject's prediction comes from the one model that never saw it. Intervals: DeLong. "
                          f"p vs chance: {evaluation.permutations} label permutations within outer folds (one-sided). "
@@ -401,7 +407,8 @@ class Publisher:
             "Where the network looks: explaining a model that did not learn the task (no finding)"
         if "gradcam" in result.maps:
             (d, h, w), spacing = result.gradcam_grid
-            how += (f" Grad-CAM shows no detail finer than the network's last feature map: {d}x{h}x{w} voxels, one "
+            network = "fold 0's network" if study.config.search else "the network"
+            how += (f" Grad-CAM shows no detail finer than {network}'s last feature map: {d}x{h}x{w} voxels, one "
                     f"every {spacing:.0f} mm on this grid.")
         report.add_images(heading, figures,
                           f"Every map explains {target}. Normalized maps (each subject scaled to its 99.5th "
