@@ -171,3 +171,30 @@ def test_gradcam_resolution_is_the_last_feature_map():
 
     model = BrainCNN(Architecture(width=2), (30, 36, 30)).eval()
     assert feature_grid(model, (30, 36, 30)) == ((4, 5, 4), [4.0] * 3)
+
+
+def test_sanity_checks_flag_maps_that_do_not_follow_the_model():
+    # Adebayo et al. 2018: a map that only reflects the input (here the input itself, as an edge detector's
+    # would) looks plausible and survives randomizing every layer; the cascade must flag it. Guided Backprop
+    # is flagged too, as the paper found (Spearman about 0.6 here); Grad-CAM, which follows the weights, is not.
+    import pandas as pd
+
+    from study.attribution.sanity import cascade_steps, compare, flagged_methods
+    from study.training.models import Architecture, BrainCNN
+
+    shape = (30, 36, 30)
+    torch.manual_seed(0)
+    model = BrainCNN(Architecture(width=4), shape).eval()
+    x = F.avg_pool3d(torch.randn(4, 1, *shape), 5, stride=1, padding=2)
+
+    def maps(m):
+        return {"input": x.abs()[:, 0].numpy(), "gradcam": gradcam(m, x, None).numpy(),
+                "guided_backprop": guided_backprop(m, x, None).numpy()}
+
+    original, rows = maps(model), []
+    for step, (_, modules) in enumerate(cascade_steps(model), start=1):
+        for module in modules:
+            module.reset_parameters()
+        rows += [{"step": step, "method": method, "spearman": rho, "ssim": ssim}
+                 for method, (rho, ssim) in compare(original, maps(model), np.ones(shape, bool)).items()]
+    assert flagged_methods(pd.DataFrame(rows), pd.DataFrame()) == ["guided_backprop", "input"]
