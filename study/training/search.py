@@ -11,6 +11,7 @@ trials are kept and the Optuna sampler keeps its history.
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,8 @@ def _tuner(search: SearchConfig, base: TrainingSetup, data: TrainingData, storag
     )
     if _restorable(path):
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    if audit_root is not None:  # a search that starts over keeps no record of trials it dropped
+        shutil.rmtree(audit_root, ignore_errors=True)
     sampler = optuna.samplers.TPESampler(seed=seed)
     searcher = ConcurrencyLimiter(
         OptunaSearch(space=DefineByRun(search.space), metric=search.metric, mode=search.mode, sampler=sampler),
