@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from study.config import parse_config
 from study.data.synth import SyntheticCohort, synthesize_cohort
 from study.pipeline import run_study, study_dir
+from tests.test_study import study_config
 
 # Measured over cohort seeds 21, 22, 23: CNN pooled ROC AUC 1.000, 0.869, 0.880. The linear baseline's
 # weight map localizes the planted effect at voxel AUC 0.978, 0.988, 0.985, with 79%, 60%, 62% of its top 1%
@@ -32,21 +32,18 @@ MIN_LOCALIZATION = 0.9
 
 
 def demo_sized(tmp_path, root, **changes):
-    data = {
+    """The demo's study (6 mm, 3 folds, MriNet width 8, the default recipe) with quick attribution settings."""
+    return study_config(tmp_path, root, **{
         "name": "hard",
-        "cohort": {"root": str(root)},
-        "preprocess": {"voxel_size": 6.0, "cache_dir": str(tmp_path / "cache")},
+        "preprocess": {"voxel_size": 6.0},
         "cv": {"outer_folds": 3, "inner_folds": 3},
-        "model": {"preset": "mrinet", "width": 8},
-        "train": {"epochs": 40},
+        "model": {"width": 8},
+        "train": {"epochs": 40, "batch_size": 8, "patience": 15},
         "resources": {"concurrent_folds": 2},
-        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"},
-        "output_dir": str(tmp_path / "runs"),
         "attribution": {"methods": ["gradcam", "guided_backprop", "perturbation"], "batch_size": 8, "actors": 2,
                         "perturbation": {"iterations": 60}, "permutations": 200,
                         "sanity": {"subjects": 2, "label_randomization": False}},
-    }
-    return parse_config({**data, **changes})
+        **changes})
 
 
 @pytest.fixture(scope="module")

@@ -33,8 +33,8 @@ def study_config(tmp_path: Path, cohort_root: Path, **sections):
         "output_dir": str(tmp_path / "runs"),
         "attribution": None,  # the attribution stage has its own tests (test_explain.py)
     }
-    for key, value in sections.items():
-        data[key] = {**(data.get(key) or {}), **value}
+    for key, value in sections.items():  # a section given as a dict is merged into the tiny one
+        data[key] = {**(data.get(key) or {}), **value} if isinstance(value, dict) else value
     return parse_config(data)
 
 
