@@ -1,4 +1,4 @@
-"""Command line: ``study run | validate | synth``. Parsing only; the work is elsewhere."""
+"""Command line: ``study run | predict | validate | synth``. Parsing only; the work is elsewhere."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ examples:
   study validate tune_configs/paper.yaml                        # the cohort of a study config
   study run tune_configs/demo.yaml                              # the demo study, minutes on a laptop
   study run tune_configs/paper.yaml --set cv.outer_folds=5      # override any config key
+  study predict models:/demo/1 new_scans/ --maps maps/          # apply a finished study to new images
 
 on a Ray cluster (joins it; see README "Run on a cluster"):
   RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- study run CONFIG
@@ -48,6 +49,24 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--restart", action="store_true",
                      help="start afresh; by default an interrupted run of the same config resumes "
                           "(finished folds and trials are kept, MLflow runs continued)")
+
+    predict = commands.add_parser(
+        "predict", help="apply a finished study's fold models (an ensemble) to new images",
+        description="Predict sex for new T1w images with a study's outer-fold models as an ensemble (mean "
+        "P(male), and each fold's), preprocessed exactly as the study's images were (read from the model, not "
+        "retyped). Images get the same checks as `study validate`; a bad one is reported and skipped. Writes a "
+        "table (subject_id, image, p_male, predicted_sex, p_male_fold<k>, problem); exit code 1 when any image "
+        "could not be predicted.",
+    )
+    predict.add_argument("model", help="models:/NAME/VERSION (printed at the end of `study run`), a study name "
+                                       "(its newest registered version) or a study's MLflow run id")
+    predict.add_argument("images", type=Path, nargs="+",
+                         help="NIfTI files, folders (searched for *.nii[.gz]) or participants tables (.tsv/.csv)")
+    predict.add_argument("--out", type=Path, default=Path("predictions.tsv"), help="table to write (default %(default)s)")
+    predict.add_argument("--maps", type=Path, metavar="DIR",
+                         help="also write each subject's maps (the study's methods, mean over fold models) as "
+                              "DIR/<method>/sub-<id>_<method>.nii.gz in MNI152 space")
+    predict.add_argument("--tracking-uri", help="MLflow of the study (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
 
     validate = commands.add_parser(
         "validate", help="check a cohort: every problem at once, one line each (subject, file, problem)",

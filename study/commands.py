@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from study.config import ConfigError, load_config
-from study.data.cohort import CohortConfig, CohortError, check_images, load_cohort
+from study.data.cohort import CohortConfig, CohortError, Problem, check_images, load_cohort
 from study.data.prepare import StudyError
 from study.data.synth import SyntheticCohort, synthesize_cohort
 from study.data.volumes import VolumeError
-from study.output.tracking import TrackingError
+from study.output.tracking import TrackingError, tracking_uri
+from study.predict import ModelNotFoundError
 from study.runtime import RayStartError, start_ray
 from study.storage import HOME_VARIABLE, project_dir, submitted_job_id
 
-UserError = (ConfigError, CohortError, VolumeError, StudyError, TrackingError, RayStartError)
+UserError = (ConfigError, CohortError, VolumeError, StudyError, TrackingError, RayStartError, ModelNotFoundError)
 
 
 def dispatch(args: argparse.Namespace) -> int:
     """Run the command named in ``args``; returns the exit code."""
-    return {"run": run, "validate": validate, "synth": synth}[args.command](args)
+    return {"run": run, "predict": predict, "validate": validate, "synth": synth}[args.command](args)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,6 +33,37 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     run_study(config, restart=args.restart)
     return 0
+
+
+def predict(args: argparse.Namespace) -> int:
+    import mlflow.pyfunc
+    from tqdm.auto import tqdm
+
+    from study.predict import find_images, resolve_model, save_maps
+
+    images, problems = find_images(args.images)
+    if images.empty:
+        raise CohortError("no images to predict: " + "; ".join(p.message + f" ({p.file})" for p in problems))
+    uri = tracking_uri(args.tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    model_uri = resolve_model(args.model, mlflow.MlflowClient(uri))
+    model = mlflow.pyfunc.load_model(model_uri)
+    table = model.predict(images)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(args.out, sep="\t" if args.out.suffix != ".csv" else ",", index=False)
+    predicted = table[table.problem == ""]
+    problems += [Problem(r.subject_id, r.image, r.problem) for r in table[table.problem != ""].itertuples()]
+    print(predicted[["subject_id", "p_male", "predicted_sex"]].to_string(index=False, float_format="%.3f"))
+    if args.maps is not None and len(predicted):
+        ensemble = model.unwrap_python_model().ensemble
+        for row in tqdm(predicted.itertuples(), total=len(predicted), desc="explaining", unit="subject"):
+            save_maps(ensemble.explain(ensemble.preprocess(Path(row.image))), ensemble.grid, args.maps, row.subject_id)
+        print(f"maps of {len(predicted)} subjects ({', '.join(ensemble.methods)}) in {args.maps}")
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    print(f"{len(predicted)} subjects predicted with {model_uri}, {len(problems)} problems; table: {args.out}",
+          file=sys.stderr)
+    return 1 if problems else 0
 
 
 def validate(args: argparse.Namespace) -> int:

@@ -99,6 +99,7 @@ def run_study(config: StudyConfig, restart: bool = False, audit: bool = False) -
             baselines = fit_baselines(study, study.brain)
         evaluation = evaluate_folds(study, results, baselines)
         publisher.classification(study, results, baselines, evaluation)
+        publisher.ensemble(study, results)
         if config.attribution is not None:
             publisher.attribution(study, explain_study(study, results, baselines, publisher.explaining(study)),
                                   evaluation)

@@ -51,6 +51,7 @@ class StudyState:
     fold_runs: dict[int, str] = field(default_factory=dict)  # fold -> its MLflow run
     logged_folds: list[int] = field(default_factory=list)  # folds whose results MLflow has
     baseline_runs: dict[int, str] = field(default_factory=dict)  # fold -> MLflow run of its linear baseline
+    ensemble: str | None = None  # models:/<name>/<version> of the registered fold ensemble
     finished: bool = False
 
     @staticmethod

@@ -95,5 +95,8 @@ def test_study_logs_through_a_server_and_survives_its_outage(tmp_path, cohort_di
     for fold in folds:
         assert "test_roc_auc" in fold.data.metrics
         assert {"predictions.tsv", "roc.png"} <= {a.path for a in client.list_artifacts(fold.info.run_id)}
-    assert len(client.search_logged_models([experiment.experiment_id])) == 2
+    models = client.search_logged_models([experiment.experiment_id])
+    assert sorted(m.name for m in models) == ["ensemble", "model", "model"]  # each fold's, and the ensemble
+    (version,) = client.search_model_versions(f"name = '{config.name}'")  # registered through the server
+    assert version.run_id == studies[0].info.run_id
     assert any((tmp_path / "artifacts").rglob("report.html"))  # stored by the server, not by the study

@@ -27,11 +27,12 @@ import yaml
 from study.attribution import METHODS
 from study.attribution.analysis import LINEAR_BASELINE, AttributionResult
 from study.attribution.sanity import FLAG_SPEARMAN
-from study.config import StudyConfig
+from study.config import AttributionConfig, StudyConfig
 from study.data.prepare import PreparedCohort
 from study.output.figures import agreement_figure, brain_figure, confusion_figure, roc_figure, sanity_figure
 from study.output.report import Report
 from study.output.tracking import Tracker, TrackingError, is_tracking_failure, tracking_uri
+from study.predict import Ensemble
 from study.state import Study
 from study.training.baseline import BaselineResult
 from study.training.crossval import FoldResult, SearchResult
@@ -313,6 +314,22 @@ class Publisher:
                              "Each fold searched on its own training subjects only; stable choices across folds "
                              "mean the architecture does not depend on which subjects were held out.")
         tracker.set_tags(parent, {"mlflow.note.content": self._description(study, evaluation)})
+
+    def ensemble(self, study: Study, results: list[FoldResult]) -> None:
+        """The folds' models as one pyfunc (see :mod:`study.predict`), logged to the study run and registered."""
+        state = study.state
+        if state.ensemble is None:
+            attribution = self.config.attribution or AttributionConfig()  # maps on request, even if none here
+            ensemble = Ensemble({r.fold: load_model(r.checkpoint) for r in results}, study.cache.grid,
+                                self.config.preprocess.normalize, tuple(attribution.methods), attribution.target,
+                                attribution.perturbation.model_dump())
+            with study.times.stage("MLflow model logging"):
+                _, version = self.tracker.log_ensemble(state.parent_run, ensemble.save(study.directory / "ensemble"),
+                                                       [r.fold for r in results], self.config.name)
+            state.ensemble = f"models:/{self.config.name}/{version}"
+            study.save_state()
+        say(f"model: the {len(results)} fold models as one ensemble, registered as {state.ensemble}; apply it to "
+            f"new images with: study predict {state.ensemble} IMAGES...")
 
     @staticmethod
     def _evaluation_metrics(evaluation: Evaluation) -> dict[str, float]:

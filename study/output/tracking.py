@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.figure
+import mlflow.pyfunc
 import mlflow.pytorch
 import numpy as np
 import pandas as pd
@@ -25,6 +26,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from study.storage import project_dir
+
+# What a study's ensemble needs where it is loaded (pinned to the versions that saved it).
+ENSEMBLE_REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "scipy", "nibabel", "nilearn", "pydantic", "pyyaml",
+                         "tqdm")
 
 
 class TrackingError(RuntimeError):
@@ -165,6 +170,39 @@ class Tracker:
         self.client.finalize_logged_model(logged.model_id, "READY")
         self.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
         return logged.model_id
+
+    def log_ensemble(self, run_id: str, ensemble: Path, folds: list[int], registered_name: str) -> tuple[str, str]:
+        """Log a saved :class:`study.predict.Ensemble` as a pyfunc model of ``run_id`` and register it.
+
+        The model carries the ``study`` package's code, so loading it needs only
+        the requirements it declares, not this project installed. Returns the
+        logged model's id and the registered version.
+        """
+        from study import predict
+
+        example = pd.DataFrame({"image": ["sub-01/anat/sub-01_T1w.nii.gz"], "subject_id": ["01"]})
+        requirements = [f"{p}=={version(p).split('+')[0]}" for p in ENSEMBLE_REQUIREMENTS]
+        logged = self.client.create_logged_model(self.experiment_id, name="ensemble", source_run_id=run_id,
+                                                 model_type="study-ensemble")
+        with tempfile.TemporaryDirectory() as tmp, _quiet("mlflow"):
+            mlflow.pyfunc.save_model(Path(tmp) / "ensemble", python_model=predict.StudyEnsemble(),
+                                     artifacts={"ensemble": str(ensemble)},
+                                     code_paths=[str(Path(predict.__file__).parent)],
+                                     signature=predict.signature(folds), input_example=example,
+                                     pip_requirements=requirements, metadata={"model_id": logged.model_id})
+            self.client.log_model_artifacts(logged.model_id, str(Path(tmp) / "ensemble"))
+        self.client.finalize_logged_model(logged.model_id, "READY")
+        self.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+        try:
+            self.client.get_registered_model(registered_name)
+        except MlflowException:
+            self.client.create_registered_model(
+                registered_name, description="Sex from T1w MRI: the outer folds' CNNs of a study as one ensemble, "
+                                             "with its preprocessing. Use: study predict models:/NAME/VERSION IMAGES")
+        # The artifact location, not models:/<id>: MLflow resolves the latter through the global tracking URI.
+        registered = self.client.create_model_version(registered_name, logged.artifact_location, run_id=run_id,
+                                                      model_id=logged.model_id)
+        return logged.model_id, registered.version
 
     def reopen(self, run_id: str) -> None:
         """Mark an interrupted run as running again (a resumed study)."""

@@ -1,0 +1,242 @@
+"""Apply a finished study to new scans: its fold models as one ensemble, with the study's own preprocessing.
+
+A study saves its outer folds' models as an :class:`Ensemble` (each fold's
+weights and architecture, the study grid, the intensity normalization and the
+attribution settings) and logs it to MLflow as one pyfunc model
+(:class:`StudyEnsemble`) that carries this package's code, registered in the
+Model Registry under the study's name. ``study predict`` loads it by URI, so
+nothing about preprocessing is retyped: a new image is checked, resampled and
+normalized exactly as the study's images were, then every fold's model scores
+it and the ensemble's probability is their mean.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow.pyfunc
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+from tqdm.auto import tqdm
+
+from study.data.cohort import CLASS_NAMES, Problem
+from study.data.volumes import Grid, VolumeError, preprocess_volume
+from study.training.models import Architecture, BrainCNN
+
+SPEC_FILE = "ensemble.json"
+NIFTI = re.compile(r"\.nii(\.gz)?$")
+
+
+@dataclass
+class Ensemble:
+    """The outer folds' models of a study and how its images were preprocessed.
+
+    Parameters
+    ----------
+    models : dict of int to BrainCNN
+        Each outer fold's final model, in eval mode.
+    grid : Grid
+        The study grid every image is resampled onto.
+    normalize : str
+        The intensity normalization (``zscore`` inside the brain, or ``none``).
+    methods : tuple of str
+        The attribution methods of the study (its config's, else the default ones).
+    target : str
+        The score its maps explain (``contrast``, ``true_class``, ``predicted_class``).
+    perturbation : dict
+        Meaningful Perturbations' settings, as the study's config gives them.
+    """
+
+    models: dict[int, BrainCNN]
+    grid: Grid
+    normalize: str
+    methods: tuple[str, ...]
+    target: str
+    perturbation: dict
+
+    def save(self, directory: Path) -> Path:
+        """Write ``fold<k>.pt`` (weights and architecture) and ``ensemble.json`` into ``directory``."""
+        directory.mkdir(parents=True, exist_ok=True)
+        for fold, model in self.models.items():
+            torch.save({"model": model.state_dict(), "arch": model.architecture.model_dump(),
+                        "input_shape": model.input_shape}, directory / f"fold{fold}.pt")
+        spec = {"folds": sorted(self.models), "shape": list(self.grid.shape), "affine": self.grid.affine.tolist(),
+                "normalize": self.normalize, "methods": list(self.methods), "target": self.target,
+                "perturbation": self.perturbation}
+        (directory / SPEC_FILE).write_text(json.dumps(spec, indent=1))
+        return directory
+
+    @classmethod
+    def load(cls, directory: Path) -> "Ensemble":
+        """The ensemble saved by :meth:`save` (CPU, eval mode)."""
+        spec = json.loads((Path(directory) / SPEC_FILE).read_text())
+        models = {}
+        for fold in spec["folds"]:
+            state = torch.load(Path(directory) / f"fold{fold}.pt", map_location="cpu", weights_only=True)
+            model = BrainCNN(Architecture(**state["arch"]), tuple(state["input_shape"]))
+            model.load_state_dict(state["model"])
+            models[fold] = model.eval()
+        return cls(models, Grid(tuple(spec["shape"]), np.array(spec["affine"])), spec["normalize"],
+                   tuple(spec["methods"]), spec["target"], spec["perturbation"])
+
+    def preprocess(self, image: Path) -> np.ndarray:
+        """One image on the study grid, checked and normalized as the study's were (float16; raises VolumeError)."""
+        return preprocess_volume(Path(image), self.grid, self.normalize)
+
+    @torch.no_grad()
+    def probabilities(self, volumes: np.ndarray) -> np.ndarray:
+        """P(male) of each fold's model for volumes [subjects, D, H, W]: [subjects, folds]."""
+        x = torch.from_numpy(np.asarray(volumes, dtype=np.float32)[:, None])
+        return np.stack([torch.softmax(m(x), 1)[:, 1].numpy() for m in self.models.values()], axis=1)
+
+    def predict(self, images: pd.DataFrame, batch_size: int = 8) -> pd.DataFrame:
+        """Predict every image of a table with columns ``image`` (a NIfTI path) and ``subject_id`` (optional).
+
+        Returns one row per image: ``subject_id``, ``p_male`` (the ensemble's mean),
+        ``predicted_sex``, ``p_male_fold<k>`` for each fold, and ``problem``: empty,
+        or why the image was not predicted (then the probabilities are NaN).
+        """
+        ids = images["subject_id"].astype(str).tolist() if "subject_id" in images else \
+            [subject_id_of(Path(p)) for p in images["image"]]
+        folds = [f"p_male_fold{f}" for f in self.models]
+        paths = [str(p) for p in images["image"]]
+        rows = [{"subject_id": sid, "image": path, "problem": ""} for sid, path in zip(ids, paths)]
+        for start in tqdm(range(0, len(rows), batch_size), desc="predicting", unit="batch",
+                          disable=len(rows) <= batch_size):
+            ready, volumes = [], []
+            for row in rows[start:start + batch_size]:
+                try:
+                    volumes.append(self.preprocess(Path(row["image"])))
+                    ready.append(row)
+                except VolumeError as err:
+                    row["problem"] = str(err)
+            if volumes:
+                for row, p_folds in zip(ready, self.probabilities(np.stack(volumes))):
+                    row |= {"p_male": float(p_folds.mean()), "predicted_sex": CLASS_NAMES[int(p_folds.mean() >= 0.5)],
+                            **dict(zip(folds, map(float, p_folds)))}
+        return pd.DataFrame(rows, columns=["subject_id", "image", "p_male", "predicted_sex", *folds, "problem"])
+
+    def explain(self, volume: np.ndarray) -> dict[str, np.ndarray]:
+        """Each of the study's methods' map of one volume [D, H, W]: the mean over folds of each fold model's
+        map, each scaled to its 99.5th percentile as the study's group maps are. A study that explained the true
+        class explains the predicted class here (a new subject's sex is not known)."""
+        from study.attribution.actors import Explanation, explain_batch
+        from study.attribution.group import normalize
+        from study.attribution.perturbation import Perturbation
+        from study.runtime import Precision
+
+        target = "predicted_class" if self.target == "true_class" else self.target
+        explanation = Explanation(self.methods, target, Perturbation(**self.perturbation))
+        precision = Precision.choose(torch.device("cpu"))
+        x = torch.from_numpy(np.asarray(volume, dtype=np.float32)[None, None])
+        sums = {m: np.zeros(self.grid.shape, np.float32) for m in self.methods}
+        for model in self.models.values():
+            maps = explain_batch(model, x, torch.zeros(1, dtype=torch.long), explanation, self.grid.voxel_mm,
+                                 precision)
+            for method, values in maps.items():
+                sums[method] += normalize(values.astype(np.float32).reshape(1, -1))[0].reshape(self.grid.shape)
+        return {m: s / len(self.models) for m, s in sums.items()}
+
+
+def subject_id_of(image: Path) -> str:
+    """A subject id from an image's name: the BIDS ``sub-<label>`` entity, else the name without extension."""
+    match = re.search(r"sub-([A-Za-z0-9]+)", str(image))
+    return match.group(1) if match else NIFTI.sub("", image.name)
+
+
+def find_images(sources: list[Path]) -> tuple[pd.DataFrame, list[Problem]]:
+    """The images to predict, as a table (subject_id, image), and sources that give none.
+
+    Each source is a NIfTI file, a folder (its ``*.nii[.gz]`` files at any depth,
+    leaving out a synthetic cohort's ``ground_truth/``), or a participants table
+    (TSV/CSV) of a cohort in any layout ``study validate`` knows.
+    """
+    from study.data.cohort import CohortConfig, load_cohort
+
+    rows, problems = [], []
+    for source in sources:
+        source = source.resolve()
+        if source.suffix in {".tsv", ".csv"} and source.is_file():
+            cohort = load_cohort(CohortConfig(root=source.parent, participants=source))
+            rows += [{"subject_id": s.subject_id, "image": str(s.image)} for s in cohort.subjects]
+            problems += cohort.problems
+        elif source.is_dir():
+            found = sorted(p for p in source.rglob("*.nii*") if NIFTI.search(p.name) and "ground_truth" not in p.parts)
+            rows += [{"subject_id": subject_id_of(p), "image": str(p)} for p in found]
+            if not found:
+                problems.append(Problem("-", str(source), "no .nii or .nii.gz file in this folder"))
+        elif NIFTI.search(source.name):
+            rows.append({"subject_id": subject_id_of(source), "image": str(source)})
+        else:
+            problems.append(Problem("-", str(source), "not a NIfTI file, a folder or a participants table (.tsv/.csv)"))
+    return pd.DataFrame(rows, columns=["subject_id", "image"]), problems
+
+
+def save_maps(maps: dict[str, np.ndarray], grid: Grid, out: Path, subject_id: str) -> list[Path]:
+    """A subject's maps as ``<out>/<method>/sub-<id>_<method>.nii.gz`` on the study grid (MNI152 space)."""
+    paths = []
+    for method, values in maps.items():
+        (out / method).mkdir(parents=True, exist_ok=True)
+        paths.append(out / method / f"sub-{subject_id}_{method}.nii.gz")
+        nib.save(nib.Nifti1Image(values.astype(np.float32), grid.affine), paths[-1])
+    return paths
+
+
+class ModelNotFoundError(LookupError):
+    """No study model under the name or URI given; the message lists what there is."""
+
+
+def resolve_model(name: str, client: "mlflow.MlflowClient") -> str:
+    """A model URI for ``name``: a ``models:/`` or ``runs:/`` URI as given, a registered study name (its newest
+    version), or a study's MLflow run id (the ensemble it logged)."""
+    if name.startswith(("models:/", "runs:/")):
+        return name
+    versions = client.search_model_versions(f"name = '{name}'")
+    if versions:
+        return f"models:/{name}/{max(int(v.version) for v in versions)}"
+    if re.fullmatch(r"[0-9a-f]{32}", name):
+        try:
+            run = client.get_run(name)
+        except mlflow.MlflowException:
+            run = None
+        if run is not None:
+            logged = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{name}'")
+            ensembles = [m for m in logged if m.name == "ensemble"]
+            if ensembles:
+                return f"models:/{ensembles[0].model_id}"
+    known = sorted({m.name for m in client.search_registered_models()})
+    raise ModelNotFoundError(
+        f"no study model {name!r} in {client.tracking_uri}: give models:/NAME/VERSION, a study name "
+        f"({', '.join(known) or 'none registered yet: run a study first'}) or a study's run id; set --tracking-uri "
+        "(or MLFLOW_TRACKING_URI) if the study logged elsewhere")
+
+
+class StudyEnsemble(mlflow.pyfunc.PythonModel):
+    """The MLflow pyfunc of a study: NIfTI paths in, the ensemble's predictions out (see :meth:`Ensemble.predict`).
+
+    Load it with ``mlflow.pyfunc.load_model("models:/<study name>/<version>")``; its
+    input is a table with a column ``image`` (paths to NIfTI files readable where
+    it runs) and optionally ``subject_id``.
+    """
+
+    def load_context(self, context) -> None:
+        self.ensemble = Ensemble.load(Path(context.artifacts["ensemble"]))
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        return self.ensemble.predict(model_input)
+
+
+def signature(folds: list[int]) -> ModelSignature:
+    """The pyfunc's input and output columns for a study with these outer folds."""
+    inputs = Schema([ColSpec("string", "image"), ColSpec("string", "subject_id", required=False)])
+    outputs = Schema([ColSpec("string", "subject_id"), ColSpec("string", "image"), ColSpec("double", "p_male"),
+                      ColSpec("string", "predicted_sex"), *[ColSpec("double", f"p_male_fold{f}") for f in folds],
+                      ColSpec("string", "problem")])
+    return ModelSignature(inputs, outputs)

@@ -1,0 +1,102 @@
+"""`study predict` and the registered ensemble of a finished study, in a real MLflow SQLite store."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from study.cli import main
+from study.pipeline import run_study, study_dir
+from tests.test_study import study_config
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, synthetic_root):
+    """A tiny finished study (2 outer folds) and its MLflow run id."""
+    tmp_path = tmp_path_factory.mktemp("predict")
+    config = study_config(tmp_path, synthetic_root, name="sexpred")
+    return config, run_study(config)
+
+
+def held_out(config, run_id: str, tmp_path: Path) -> pd.DataFrame:
+    client = mlflow.MlflowClient(config.tracking.uri)
+    path = client.download_artifacts(run_id, "predictions.tsv", str(tmp_path))
+    return pd.read_csv(path, sep="\t", dtype={"subject_id": str})
+
+
+@pytest.mark.slow
+def test_registered_ensemble_loads_in_a_fresh_process_and_repeats_the_held_out_predictions(finished, tmp_path):
+    config, run_id = finished
+    client = mlflow.MlflowClient(config.tracking.uri)
+    (version,) = client.search_model_versions("name = 'sexpred'")
+    experiment = client.get_run(run_id).info.experiment_id
+    (logged,) = [m for m in client.search_logged_models([experiment]) if m.name == "ensemble"]
+    assert version.run_id == run_id == logged.source_run_id and version.source == logged.artifact_location
+    state = json.loads((study_dir(config) / "state.json").read_text())
+    assert state["ensemble"] == "models:/sexpred/1"
+
+    images = sorted(str(p) for p in config.cohort.root.glob("sub-*/anat/*_T1w.nii.gz"))
+    script = (
+        "import sys, mlflow.pyfunc, pandas as pd\n"
+        f"mlflow.set_tracking_uri({config.tracking.uri!r})\n"
+        "model = mlflow.pyfunc.load_model('models:/sexpred/1')\n"
+        f"model.predict(pd.DataFrame({{'image': {images!r}}})).to_csv(sys.argv[1], sep='\\t', index=False)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "p.tsv")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    predicted = pd.read_csv(tmp_path / "p.tsv", sep="\t", dtype={"subject_id": str}).set_index("subject_id")
+    assert len(predicted) == 12 and predicted.problem.isna().all()
+    assert {"p_male", "predicted_sex", "p_male_fold0", "p_male_fold1"} <= set(predicted.columns)
+    # Each fold's model gives its held-out subjects the probability the study logged for them.
+    study = held_out(config, run_id, tmp_path)
+    assert len(study) == 12
+    for row in study.itertuples():
+        assert predicted.loc[row.subject_id, f"p_male_fold{row.fold}"] == pytest.approx(row.p_male, abs=1e-5)
+    np.testing.assert_allclose(predicted.p_male, predicted[["p_male_fold0", "p_male_fold1"]].mean(1), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_study_predict_writes_the_table_and_maps_and_names_bad_images(finished, tmp_path, capsys, monkeypatch):
+    config, run_id = finished
+    monkeypatch.chdir(tmp_path)
+    scans = Path(shutil.copytree(config.cohort.root, tmp_path / "new_scans"))
+    broken = scans / "sub-0001" / "anat" / "sub-0001_T1w.nii.gz"
+    broken.write_bytes(broken.read_bytes()[:500])  # a truncated download
+
+    # By the study's name (its newest version), a folder of images, the tracking URI given.
+    code = main(["predict", "sexpred", str(scans), "--maps", "maps", "--tracking-uri", config.tracking.uri])
+    out, err = capsys.readouterr()
+    assert code == 1  # one image could not be predicted
+    table = pd.read_csv(tmp_path / "predictions.tsv", sep="\t", dtype={"subject_id": str}, keep_default_na=False)
+    assert len(table) == 12 and set(table.predicted_sex[table.subject_id != "0001"]) <= {"male", "female"}
+    bad = table.set_index("subject_id").loc["0001"]
+    assert bad.p_male == "" and bad.problem != ""
+    assert f"0001\t{broken}\t" in err and "11 subjects predicted with models:/sexpred/1" in err
+    assert "ground_truth" not in " ".join(table.image)  # a synthetic cohort's answer is not a scan
+    for method in ("gradcam", "guided_backprop", "perturbation"):
+        maps = sorted((tmp_path / "maps" / method).glob("*.nii.gz"))
+        assert len(maps) == 11
+        image = nib.load(maps[0])
+        assert image.shape == (23, 27, 23) and abs(image.affine[0, 0]) == 8.0
+        assert np.isfinite(image.get_fdata()).all() and image.get_fdata().max() > 0
+
+    # By the study's run id, one file; then a model that does not exist.
+    image = scans / "sub-0002" / "anat" / "sub-0002_T1w.nii.gz"
+    assert main(["predict", run_id, str(image), "--out", "one.csv", "--tracking-uri", config.tracking.uri]) == 0
+    assert pd.read_csv(tmp_path / "one.csv", dtype={"subject_id": str}).subject_id.tolist() == ["0002"]
+    capsys.readouterr()
+    assert main(["predict", "nosuchstudy", str(image), "--tracking-uri", config.tracking.uri]) == 2
+    err = capsys.readouterr().err
+    assert "error: no study model 'nosuchstudy'" in err and "(sexpred)" in err
