@@ -16,8 +16,10 @@ from study.cli import main
 from study.data.cohort import load_cohort
 from study.config import parse_config
 from study.data.prepare import StudyError, prepare_cohort
+from study.output.publish import Publisher
 from study.output.tracking import TrackingError
 from study.pipeline import run_study, study_dir
+from study.training import crossval
 from tests.conftest import cache_for
 
 
@@ -106,6 +108,38 @@ def test_ddp_study_logs_the_run_tree_and_trains_on_disjoint_shards(tmp_path, coh
             assert len(set(shard0) & set(shard1)) == len(train_ids) % 2  # only DistributedSampler's padding
             assert not set(epoch0["subjects"]) & set(fold["test"])  # held-out subjects never read
         assert ranks[0][-1]["final_weights"] == ranks[1][-1]["final_weights"]
+
+
+@pytest.mark.slow
+def test_fold_curves_reach_mlflow_while_the_fold_trains(tmp_path, cohort_dir, monkeypatch):
+    monkeypatch.setattr(crossval, "LIVE_POLL_S", 0.1)
+    config = study_config(tmp_path, cohort_dir, train={"epochs": 40})
+    client = mlflow.MlflowClient(config.tracking.uri)
+    seen = []  # (fold, records delivered, points MLflow has right after)
+    live = Publisher.training
+
+    def watched(self, study):
+        log = live(self, study)
+
+        def epochs(fold, records):
+            log(fold, records)
+            run_id = study.state.fold_runs[fold]
+            seen.append((fold, len(records), len(client.get_metric_history(run_id, "refit_train_loss")),
+                         client.get_run(run_id).info.status))
+        return epochs
+
+    monkeypatch.setattr(Publisher, "training", watched)
+    parent_id = run_study(config)
+    for fold in (0, 1):
+        calls = [(n, points, status) for f, n, points, status in seen if f == fold]
+        # The 40 epochs arrived in several pieces, each on the fold's (running) run as soon as it came.
+        assert len(calls) >= 2 and sum(n for n, _, _ in calls) == 40, calls
+        assert [points for _, points, _ in calls] == list(np.cumsum([n for n, _, _ in calls]))
+        assert {status for _, _, status in calls} == {"RUNNING"}
+    _, children = runs_of(config, parent_id)
+    for child in children:  # the fold's end logs what was missing, not the curves again
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "refit_train_loss")]
+        assert sorted(steps) == list(range(40))
 
 
 @pytest.mark.slow

@@ -44,6 +44,7 @@ PACKAGES = ("study", "torch", "ray", "mlflow", "optuna", "nibabel", "nilearn", "
 TARGETS = {"contrast": "the male - female logit", "true_class": "each subject's true sex's logit",
            "predicted_class": "each subject's predicted sex's logit"}
 TITLES = {**METHODS, LINEAR_BASELINE: "Linear baseline weights"}
+PHASE_STEPS = {"select": "epoch", "refit": "refit_epoch"}  # a fold's training phases and their step column
 FINAL_FITS = {
     "all_subjects": "Each fold's final model trained on all of its training subjects for the configured epochs.",
     "early_stopped": "Each fold chose its number of epochs on its first inner split (early stopping), then trained "
@@ -169,10 +170,10 @@ class Publisher:
         run_id = state.fold_runs[result.fold]
         if result.search is not None:
             self._search(run_id, result.search)
-        for phase, step in (("select", "epoch"), ("refit", "refit_epoch")):
+        for phase, step in PHASE_STEPS.items():
             rows = result.history[result.history["phase"] == phase].dropna(axis=1, how="all")
             if len(rows):
-                tracker.log_history(run_id, rows, step)
+                tracker.log_history(run_id, rows, step, only_new=True)
         tracker.log_metrics(run_id, result.test_metrics, prefix="test_")
         tracker.log_table(run_id, result.predictions, "predictions.tsv")
         tracker.log_figure(run_id, roc_figure({f"fold {result.fold}": (result.labels, result.predictions["p_male"])},
@@ -193,6 +194,20 @@ class Publisher:
         say(f"fold {result.fold} ({len(state.logged_folds)}/{len(study.folds)} done): {' + '.join(phases)}; "
             f"training accuracy {result.fit_accuracy:.2f}; test ROC AUC {m['roc_auc']:.3f}, balanced accuracy "
             f"{m['balanced_accuracy']:.3f} [{sum(result.seconds.values()):.0f} s]")
+
+    def training(self, study: Study):
+        """A callback for the cross-validation stage: each fold's new epochs on its run's curves, as they train."""
+        def epochs(fold: int, records: list[dict]) -> None:
+            history = pd.DataFrame(records)
+            try:  # live curves are a view: a tracking hiccup must not stop training (the fold logs them at its end)
+                for phase, step in PHASE_STEPS.items():
+                    rows = history[history["phase"] == phase] if "phase" in history else history.iloc[:0]
+                    if len(rows):
+                        self.tracker.log_history(study.state.fold_runs[fold], rows, step, only_new=True)
+            except Exception as err:
+                if not is_tracking_failure(err):
+                    raise
+        return epochs
 
     def explaining(self, study: Study):
         """A callback for the attribution stage: the study run's progress tag, as subjects are explained."""

@@ -117,12 +117,18 @@ class Tracker:
         """The runs nested directly under ``parent``."""
         return self.client.search_runs([self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
 
-    def log_history(self, run_id: str, history: pd.DataFrame, step: str = "epoch") -> None:
-        """Per-epoch curves: every numeric column, one MLflow step per value of column ``step``."""
+    def log_history(self, run_id: str, history: pd.DataFrame, step: str = "epoch", only_new: bool = False) -> None:
+        """Per-epoch curves: every numeric column, one MLflow step per value of column ``step``.
+
+        ``only_new`` leaves out the points the run already has (curves logged live as a fold trained).
+        """
+        columns = [k for k in history.columns if k != step]
+        logged = {k: {m.step for m in self.client.get_metric_history(run_id, k)} for k in columns} if only_new else {}
         metrics = []
         for _, row in history.iterrows():
             for key, value in row.items():
-                if key != step and isinstance(value, (int, float, np.number)) and np.isfinite(value):
+                if key != step and isinstance(value, (int, float, np.number)) and np.isfinite(value) \
+                        and int(row[step]) not in logged.get(key, ()):
                     metrics.append(Metric(key, float(value), 0, int(row[step])))
         for start in range(0, len(metrics), 900):
             self.client.log_batch(run_id, metrics=metrics[start:start + 900])

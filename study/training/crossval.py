@@ -8,9 +8,10 @@ without training them again.
 
 from __future__ import annotations
 
+import json
 import pickle
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,19 +128,21 @@ def training_data(study: Study, train_ids: list[str], val_ids: list[str],
 
 
 def fit(setup: TrainingSetup, data: TrainingData, name: str, storage_path: str, resources: ResourcesConfig,
-        audit_dir: Path | None = None, callbacks: list | None = None, refit_epochs: int | None = None
-        ) -> ray.train.Result:
+        audit_dir: Path | None = None, callbacks: list | None = None, refit_epochs: int | None = None,
+        live_path: Path | None = None) -> ray.train.Result:
     """Train one model with a TorchTrainer (DDP over ``resources.num_workers``).
 
     ``name`` is its stable run name in ``storage_path`` (a path or a cloud URI):
     a rerun of the same name continues from its last checkpoint, as does a run
     that lost a worker (up to ``resources.max_failures`` times). ``refit_epochs``
-    sets the refit's length when ``data`` has no selection split.
+    sets the refit's length when ``data`` has no selection split; ``live_path``
+    gets every epoch's metrics as they are computed (see :func:`train_loop_per_worker`).
     """
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"architecture": setup.architecture, "train": setup.train, "data": data,
-                           "refit_epochs": refit_epochs, "audit_dir": str(audit_dir) if audit_dir else None},
+                           "refit_epochs": refit_epochs, "audit_dir": str(audit_dir) if audit_dir else None,
+                           "live_path": str(live_path) if live_path else None},
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
                                      resources_per_worker=resources.worker_bundle),
         run_config=RunConfig(
@@ -162,7 +165,7 @@ def _predict_checkpoint(checkpoint: ray.train.Checkpoint, dataset: CachedVolumes
 
 def train_and_test(fold: int, setup: TrainingSetup, data: TrainingData, test_ids: list[str], test_labels: np.ndarray,
                    storage_path: str, resources: ResourcesConfig, audit_dir: Path | None = None,
-                   search: SearchResult | None = None) -> FoldResult:
+                   search: SearchResult | None = None, live_path: Path | None = None) -> FoldResult:
     """Train ``setup`` as its ``final_fit`` says, then test it on the held-out subjects.
 
     ``data`` holds the fold's first inner split and all of its training
@@ -179,8 +182,8 @@ def train_and_test(fold: int, setup: TrainingSetup, data: TrainingData, test_ids
         data = data.selection_only()
     elif search is not None:  # early_stopped: the search's best trial chose the epochs
         data, refit_epochs = data.refit_only(), search.best_epoch + 1
-    checkpoint = fit(setup, data, f"fold{fold}", storage_path, resources, audit_dir, refit_epochs=refit_epochs
-                     ).checkpoint
+    checkpoint = fit(setup, data, f"fold{fold}", storage_path, resources, audit_dir, refit_epochs=refit_epochs,
+                     live_path=live_path).checkpoint
     history = pd.DataFrame(load_history(checkpoint))
     selected_by_search = search is not None and final_fit == "early_stopped"
     if selected_by_search:
@@ -204,13 +207,47 @@ def train_and_test(fold: int, setup: TrainingSetup, data: TrainingData, test_ids
                       predictions, seconds, search)
 
 
-def cross_validate(study: Study) -> Iterator[FoldResult]:
+LIVE_POLL_S = 2.0  # how often the driver looks for new epochs of the folds in training
+
+
+class LiveFiles:
+    """The per-epoch records that training folds append to ``<directory>/fold<k>.jsonl``, read as they grow."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.read: dict[int, int] = {}  # fold -> bytes consumed
+
+    def start(self, fold: int) -> Path:
+        """A fresh live file for ``fold`` (a retried fold starts its curves again)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"fold{fold}.jsonl"
+        path.write_text("")
+        self.read[fold] = 0
+        return path
+
+    def new_records(self) -> dict[int, list[dict]]:
+        """Every fold's complete lines written since the last call."""
+        found = {}
+        for fold, offset in self.read.items():
+            with open(self.directory / f"fold{fold}.jsonl", "rb") as f:
+                f.seek(offset)
+                text = f.read()
+            complete = text[:text.rfind(b"\n") + 1]
+            if complete:
+                self.read[fold] = offset + len(complete)
+                found[fold] = [json.loads(line) for line in complete.decode().splitlines()]
+        return found
+
+
+def cross_validate(study: Study, on_epochs: Callable[[int, list[dict]], None] | None = None
+                   ) -> Iterator[FoldResult]:
     """Search (if configured), train and test every outer fold; yield each result as it is ready.
 
     Folds finished by an earlier, interrupted run of this execution come first,
     without training. Every fold trains on its training side only (a search and
     early stopping see its first inner split), so no held-out subject influences
-    training or model selection.
+    training or model selection. While folds train, ``on_epochs(fold, records)``
+    gets each fold's new per-epoch records (at most ``LIVE_POLL_S`` late).
     """
     from study.training.search import search_fold  # Ray Tune and Optuna only where a search runs
 
@@ -224,6 +261,7 @@ def cross_validate(study: Study) -> Iterator[FoldResult]:
         yield result
     base = TrainingSetup(config.model, config.train)
     task = ray.remote(num_cpus=0)(train_and_test)
+    live = LiveFiles(study.directory / "live")
     pending: set[ray.ObjectRef] = set()
     queue = [f for f in study.folds if f.fold not in done]
     while queue or pending:
@@ -242,9 +280,16 @@ def cross_validate(study: Study) -> Iterator[FoldResult]:
                 audit_dir.mkdir(parents=True, exist_ok=True)
             setup = base.with_params(search.best) if search else base
             ref = task.remote(fold.fold, setup, data, fold.test, study.labels(fold.test),
-                              join(study.storage, "train"), config.resources, audit_dir, search)
+                              join(study.storage, "train"), config.resources, audit_dir, search,
+                              live.start(fold.fold))
             pending.add(ref)
-        (ready,), _ = ray.wait(list(pending), num_returns=1)
+        ready = []
+        while not ready:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=LIVE_POLL_S)
+            if on_epochs:
+                for fold_number, records in live.new_records().items():
+                    on_epochs(fold_number, records)
+        ready = ready[0]
         pending.remove(ready)
         result: FoldResult = ray.get(ready)
         replace_atomically(finished / f"fold{result.fold}.pkl", lambda tmp: tmp.write_bytes(pickle.dumps(result)))

@@ -213,18 +213,27 @@ def _report_due(last_report: float, device: torch.device) -> bool:
     return bool(due.item())
 
 
+def _live(path: str | None, record: dict[str, Any], rank: int) -> None:
+    """Append an epoch's record to the training's live file (rank 0), which the driver follows for MLflow."""
+    if path and rank == 0:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: select the epoch count on the inner split, then refit; report as it goes.
 
     ``loop_config`` holds ``architecture`` (:class:`Architecture`), ``train``
     (the validated :class:`TrainConfig`), ``data`` (:class:`TrainingData`),
-    ``refit_epochs`` (the refit's epochs when there is no selection phase) and
-    ``audit_dir`` (None, or where to record which subjects this worker read).
+    ``refit_epochs`` (the refit's epochs when there is no selection phase),
+    ``audit_dir`` (None, or where to record which subjects this worker read) and
+    ``live_path`` (None, or a JSON-lines file that gets every epoch's metrics as
+    soon as they exist: Ray Train's reports are throttled, this is not).
     """
     architecture: Architecture = loop_config["architecture"]
     train: TrainConfig = loop_config["train"]
     data: TrainingData = loop_config["data"]
-    audit_dir = loop_config.get("audit_dir")
+    audit_dir, live_path = loop_config.get("audit_dir"), loop_config.get("live_path")
     rank = ray.train.get_context().get_world_rank()
     precision = Precision.choose(ray.train.torch.get_device(), train.precision, train.channels_last)
     resumed = None
@@ -261,6 +270,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 metrics |= _scores(current.model, current.dataset, train.batch_size, precision, "fit")
             metrics |= {"best_val_loss": best, "epoch_seconds": time.perf_counter() - started}
             history.append({"phase": "select", **metrics})
+            _live(live_path, history[-1], rank)
             if last and data.refit_ids:  # what a resumed run needs to start the refit
                 progress = {"phase": "refit", "epoch": -1, "refit_epochs": best_epoch + 1}
             else:
@@ -288,6 +298,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 metrics |= _scores(current.model, current.dataset, train.batch_size, precision, "fit")
             metrics["refit_epoch_seconds"] = time.perf_counter() - started
             history.append({"phase": "refit", **metrics})
+            _live(live_path, history[-1], rank)
             if epoch == refit_epochs - 1 or _report_due(last_report, precision.device):
                 _report(metrics, _cpu_state(current.bare), current.bare, rank, phase="refit", epoch=epoch,
                         refit_epochs=refit_epochs, best_epoch=best_epoch, history=history, **current.progress())
