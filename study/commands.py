@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -25,13 +26,19 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from study.pipeline import run_study
+    from study.pipeline import run_study, study_dir
 
     if (job := submitted_job_id()) is not None:
         print(f"Ray job {job}: relative paths in {args.config} resolve under {project_dir()} "
               f"(${HOME_VARIABLE}), not in the job's temporary working directory")
     config = load_config(args.config, args.overrides)
-    run_study(config, restart=args.restart)
+    try:
+        run_study(config, restart=args.restart)
+    except KeyboardInterrupt:
+        again = ["run", str(args.config), *[part for o in args.overrides for part in ("--set", o)]]
+        print(f"\ninterrupted: finished folds, search trials and maps are kept in {study_dir(config)}; "
+              f"resume with: study {shlex.join(again)}", file=sys.stderr)
+        return 130
     return 0
 
 

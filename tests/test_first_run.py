@@ -8,11 +8,14 @@ exactly the bug a user meets first.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import yaml
 
@@ -124,3 +127,50 @@ def test_a_local_ray_refuses_callers_without_its_token(tmp_path):
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "started a local Ray" in result.stdout and "anonymous 401" in result.stdout
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_attribution_says_what_was_kept_and_the_rerun_goes_on(tmp_path, synthetic_root):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "cohort").symlink_to(synthetic_root)
+    (project / "slow maps.yaml").write_text(yaml.safe_dump({
+        "name": "maps",
+        "cohort": {"root": "cohort"},
+        "preprocess": {"voxel_size": VOXEL_MM},
+        "cv": {"outer_folds": 2, "inner_folds": 2},
+        "model": {"preset": "mrinet", "width": 4},
+        "train": {"epochs": 2, "batch_size": 4},
+        "attribution": {"methods": ["perturbation"], "batch_size": 1, "actors": 1, "permutations": 10,
+                        "perturbation": {"iterations": 400}, "sanity": {"subjects": 1, "label_randomization": False}},
+    }))
+    env = new_user(tmp_path / "home")
+    log = tmp_path / "interrupted.log"
+    with log.open("w") as output:
+        process = subprocess.Popen([STUDY, "run", "slow maps.yaml", "--set", "cv.seed=0"], cwd=project, env=env,
+                                   stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        done = []
+        deadline = time.time() + 400
+        while time.time() < deadline and process.poll() is None:
+            done = list((project / "study_data/runs/maps/maps").glob("*/perturbation.done.npy"))
+            if done and np.load(done[0]).sum() >= 2:  # a few subjects explained, the rest to come
+                break
+            time.sleep(0.5)
+        assert done and process.poll() is None, log.read_text()[-4000:]
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in the terminal reaches the whole process group
+        sent = time.time()
+        code = process.wait(timeout=60)
+    output = log.read_text()
+    assert code == 130 and time.time() - sent < 30, output[-4000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-4000:]
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("interrupted: finished folds, search trials and maps are kept in") and \
+        last.endswith("resume with: study run 'slow maps.yaml' --set cv.seed=0"), last
+    kept = int(np.load(done[0]).sum())
+
+    again = run_as_user(["run", "slow maps.yaml", "--set", "cv.seed=0"], project, env, timeout=600)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert "resuming study maps" in again.stdout
+    assert np.load(done[0]).all()
+    # The kept subjects were not explained again: the progress bar counted only the rest.
+    assert f"explaining: 100%|██████████| {12 - kept}/{12 - kept}" in again.stderr, again.stderr[-2000:]
