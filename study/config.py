@@ -99,6 +99,8 @@ class ResourcesConfig(_Section):
     # Restarts of a training run from its last checkpoint after a worker or node is lost
     # (a preempted spot instance); 0 fails at once, which suits a laptop.
     max_failures: int = Field(0, ge=0)
+    # How often a final fit saves a checkpoint to resume from (each save costs Ray Train about 2 s).
+    checkpoint_every_s: float = Field(30.0, gt=0)
 
     @property
     def worker_bundle(self) -> dict[str, float]:

@@ -40,11 +40,6 @@ from study.training.metrics import classification_metrics
 from study.training.models import Architecture, BrainCNN
 
 CHECKPOINT_FILE = "checkpoint.pt"
-# Ray Train's controller takes one report per worker every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S) and a
-# worker's next report waits for it: reporting each short epoch cost 2 s an epoch (70% of a demo fold). The
-# final fit reports (with a checkpoint, for restarts) once this many seconds have passed, and at its end; the
-# selection phase reports every epoch, which Tune's schedulers need.
-REPORT_EVERY_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -205,9 +200,15 @@ def _report(metrics: dict, checkpoint_state: dict | None, model: BrainCNN, rank:
         ray.train.report(metrics)
 
 
-def _report_due(last_report: float, device: torch.device) -> bool:
-    """True when ``REPORT_EVERY_S`` have passed on any worker: all of them must report together."""
-    due = torch.tensor([float(time.monotonic() - last_report >= REPORT_EVERY_S)], device=device)
+def _report_due(last_report: float, every_s: float, device: torch.device) -> bool:
+    """True when ``every_s`` seconds have passed on any worker: all of them must report together.
+
+    Ray Train's controller takes one report per worker every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S) and a
+    worker's next report waits for it: reporting each short epoch cost 2 s an epoch (70% of a demo fold). So
+    the final fit reports (with a checkpoint, for restarts) every ``resources.checkpoint_every_s`` and at its
+    end; the selection phase reports every epoch, which Tune's schedulers need.
+    """
+    due = torch.tensor([float(time.monotonic() - last_report >= every_s)], device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(due, op=torch.distributed.ReduceOp.MAX)
     return bool(due.item())
@@ -228,12 +229,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ``refit_epochs`` (the refit's epochs when there is no selection phase),
     ``audit_dir`` (None, or where to record which subjects this worker read) and
     ``live_path`` (None, or a JSON-lines file that gets every epoch's metrics as
-    soon as they exist: Ray Train's reports are throttled, this is not).
+    soon as they exist: Ray Train's reports are throttled, this is not) and
+    ``checkpoint_every_s`` (how often the final fit reports with a checkpoint).
     """
     architecture: Architecture = loop_config["architecture"]
     train: TrainConfig = loop_config["train"]
     data: TrainingData = loop_config["data"]
     audit_dir, live_path = loop_config.get("audit_dir"), loop_config.get("live_path")
+    checkpoint_every_s = loop_config["checkpoint_every_s"]
     rank = ray.train.get_context().get_world_rank()
     precision = Precision.choose(ray.train.torch.get_device(), train.precision, train.channels_last)
     resumed = None
@@ -299,7 +302,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics["refit_epoch_seconds"] = time.perf_counter() - started
             history.append({"phase": "refit", **metrics})
             _live(live_path, history[-1], rank)
-            if epoch == refit_epochs - 1 or _report_due(last_report, precision.device):
+            if epoch == refit_epochs - 1 or _report_due(last_report, checkpoint_every_s, precision.device):
                 _report(metrics, _cpu_state(current.bare), current.bare, rank, phase="refit", epoch=epoch,
                         refit_epochs=refit_epochs, best_epoch=best_epoch, history=history, **current.progress())
                 last_report = time.monotonic()

@@ -1,0 +1,141 @@
+"""A study on a real multi-node Ray on this machine: a head and two worker nodes, each its own `ray start`.
+
+The head has no CPUs, so every training worker, attribution actor and
+preprocessing task must run on a worker node, as on a cluster whose head only
+coordinates. The study is started as `ray job submit` users start theirs: a
+driver that joins the head (RAY_ADDRESS, token authentication).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import VOXEL_MM, free_port, ray_cli, stop_processes_of
+
+STUDY = str(Path(sys.executable).parent / "study")
+
+
+class LocalCluster:
+    """A head (0 CPUs) and worker nodes (1 CPU each, labelled ``zone``) as separate ``ray start`` processes."""
+
+    def __init__(self, workers: tuple[str, ...]):
+        self.temp_dirs: dict[str, str] = {}
+        port, self.dashboard_port = free_port(), free_port()
+        self.address = f"127.0.0.1:{port}"
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self._start("head", "--head", "--num-cpus", "0", "--port", str(port), "--dashboard-host", "127.0.0.1",
+                    "--dashboard-port", str(self.dashboard_port))
+        for zone in workers:
+            self._start(zone, "--address", self.address, "--num-cpus", "1", "--labels", f"zone={zone}")
+
+    def _start(self, name: str, *args: str) -> None:
+        temp_dir = tempfile.mkdtemp(prefix=f"ray-{name}-", dir="/tmp")
+        ports = ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+                 "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port())]
+        started = ray_cli("start", *args, "--node-ip-address", "127.0.0.1", "--temp-dir", temp_dir, *ports,
+                          "--disable-usage-stats", env=self.env())
+        assert started.returncode == 0, started.stdout + started.stderr
+        self.temp_dirs[name] = temp_dir
+
+    def env(self) -> dict[str, str]:
+        """A driver's environment for this cluster (as `ray job submit` gives a job)."""
+        keep = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+        return {**keep, "RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token"}
+
+    def _state(self, *args: str) -> list[dict]:
+        """``ray list ...`` of this cluster (a subprocess: this test process is connected to another Ray)."""
+        listed = ray_cli("list", *args, "--address", self.dashboard, "--format", "json", "--detail", "--limit", "1000",
+                         env=self.env())
+        assert listed.returncode == 0, listed.stderr
+        return json.loads(listed.stdout)
+
+    def nodes(self) -> dict[str, str]:
+        """Node id -> ``head`` or the worker's zone, of the nodes alive."""
+        return {n["node_id"]: "head" if n["is_head_node"] else n["labels"]["zone"]
+                for n in self._state("nodes", "--filter", "state=ALIVE")}
+
+    def actors(self, class_name: str) -> list[dict]:
+        return self._state("actors", "--filter", f"class_name={class_name}")
+
+    def remove(self, name: str) -> None:
+        """Take a node away, as a preempted spot instance goes (its raylet and everything of it stops)."""
+        stop_processes_of(self.temp_dirs.pop(name))
+
+    def stop(self) -> None:
+        for name in list(self.temp_dirs)[::-1]:
+            self.remove(name)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    cluster = LocalCluster(("w1", "w2"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def write_config(project: Path, root: Path, **sections) -> Path:
+    config = {"name": "multinode", "cohort": {"root": str(root)}, "preprocess": {"voxel_size": VOXEL_MM},
+              "cv": {"outer_folds": 2, "inner_folds": 2}, "model": {"preset": "mrinet", "width": 4},
+              "train": {"epochs": 3, "batch_size": 4}, "attribution": None, **sections}
+    path = project / "study.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+def test_trainings_and_actors_run_on_the_worker_nodes(cluster, tmp_path, synthetic_root):
+    write_config(tmp_path, synthetic_root, attribution={
+        "methods": ["gradcam"], "actors": 1, "permutations": 10, "sanity": {"subjects": 1, "label_randomization": False}})
+    done = subprocess.run([STUDY, "run", "study.yaml"], cwd=tmp_path, env=cluster.env(), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert f"joined the Ray cluster at {cluster.address}" in done.stdout
+    nodes = cluster.nodes()
+    assert sorted(nodes.values()) == ["head", "w1", "w2"]
+    for kind in ("RayTrainWorker", "Explainer"):
+        placed = {nodes[a["node_id"]] for a in cluster.actors(kind)}
+        assert placed and "head" not in placed, (kind, placed)
+
+
+@pytest.mark.slow
+def test_a_node_lost_mid_fold_costs_only_the_epochs_since_its_checkpoint(cluster, tmp_path, synthetic_root):
+    epochs = 600
+    write_config(tmp_path, synthetic_root, train={"epochs": epochs, "batch_size": 4},
+                 resources={"max_failures": 1, "checkpoint_every_s": 1.0})
+    log = tmp_path / "study.log"
+    with log.open("w") as output:
+        process = subprocess.Popen([STUDY, "run", "study.yaml"], cwd=tmp_path, env=cluster.env(), stdout=output,
+                                   stderr=subprocess.STDOUT)
+        storage = tmp_path / "study_data" / "runs" / "multinode" / "ray"
+        deadline = time.time() + 300
+        while not list(storage.glob("*/train/fold0/checkpoint_*/checkpoint.pt")) and time.time() < deadline:
+            assert process.poll() is None, log.read_text()[-4000:]
+            time.sleep(0.2)
+        (training,) = [a for a in cluster.actors("RayTrainWorker") if a["state"] == "ALIVE"]
+        lost = cluster.nodes()[training["node_id"]]
+        cluster.remove(lost)  # mid-fold: 1 s checkpoints, hundreds of epochs to go
+        code = process.wait(timeout=600)
+    output = log.read_text()
+    assert code == 0, output[-4000:]
+    folds = tmp_path / "study_data" / "runs" / "multinode" / "folds"
+    history = pickle.loads((folds / "fold0.pkl").read_bytes()).history
+    refit = history[history["phase"] == "refit"]
+    assert sorted(refit["refit_epoch"]) == list(range(epochs))  # resumed: every epoch once, none more
+    survivor = {"w1": "w2", "w2": "w1"}[lost]
+    alive = cluster.nodes()
+    assert survivor in {alive.get(a["node_id"]) for a in cluster.actors("RayTrainWorker")}  # went on elsewhere
+    live = [json.loads(l) for l in (folds.parent / "live" / "fold0.jsonl").read_text().splitlines()]
+    repeated = len(live) - epochs  # epochs trained twice: those after the last checkpoint before the loss
+    assert 0 <= repeated < epochs / 2, repeated
