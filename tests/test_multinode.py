@@ -36,7 +36,11 @@ class LocalCluster:
         self._start("head", "--head", "--num-cpus", "0", "--port", str(port), "--dashboard-host", "127.0.0.1",
                     "--dashboard-port", str(self.dashboard_port))
         for zone in workers:
-            self._start(zone, "--address", self.address, "--num-cpus", "1", "--labels", f"zone={zone}")
+            self.add(zone)
+
+    def add(self, zone: str) -> None:
+        """A worker node with 1 CPU, labelled ``zone``."""
+        self._start(zone, "--address", self.address, "--num-cpus", "1", "--labels", f"zone={zone}")
 
     def _start(self, name: str, *args: str) -> None:
         temp_dir = tempfile.mkdtemp(prefix=f"ray-{name}-", dir="/tmp")
@@ -139,3 +143,36 @@ def test_a_node_lost_mid_fold_costs_only_the_epochs_since_its_checkpoint(cluster
     live = [json.loads(l) for l in (folds.parent / "live" / "fold0.jsonl").read_text().splitlines()]
     repeated = len(live) - epochs  # epochs trained twice: those after the last checkpoint before the loss
     assert 0 <= repeated < epochs / 2, repeated
+
+
+@pytest.mark.slow
+def test_without_restarts_a_lost_node_stops_the_study_with_what_to_do_and_the_rerun_resumes(cluster, tmp_path,
+                                                                                            synthetic_root):
+    write_config(tmp_path, synthetic_root, train={"epochs": 600, "batch_size": 4},
+                 resources={"max_failures": 0, "checkpoint_every_s": 1.0})
+    log = tmp_path / "study.log"
+    with log.open("w") as output:
+        process = subprocess.Popen([STUDY, "run", "study.yaml"], cwd=tmp_path, env=cluster.env(), stdout=output,
+                                   stderr=subprocess.STDOUT)
+        storage = tmp_path / "study_data" / "runs" / "multinode" / "ray"
+        deadline = time.time() + 300
+        while not list(storage.glob("*/train/fold0/checkpoint_*/checkpoint.pt")) and time.time() < deadline:
+            assert process.poll() is None, log.read_text()[-4000:]
+            time.sleep(0.2)
+        (training,) = [a for a in cluster.actors("RayTrainWorker") if a["state"] == "ALIVE"]
+        cluster.remove(cluster.nodes()[training["node_id"]])
+        code = process.wait(timeout=300)
+    output = log.read_text()
+    assert code == 2, output[-4000:]
+    # One line of the study's own (Ray's controller may log the crash it saw, prefixed with its pid).
+    assert not [line for line in output.splitlines() if "Traceback" in line and "pid=" not in line], output[-4000:]
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("error: fold 0's training failed") and "run the same command again to resume" in last
+
+    cluster.add("w3")  # a new node joins; the same command goes on
+    again = subprocess.run([STUDY, "run", "study.yaml"], cwd=tmp_path, env=cluster.env(), capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert "resuming study multinode" in again.stdout
+    history = pickle.loads((tmp_path / "study_data/runs/multinode/folds/fold0.pkl").read_bytes()).history
+    assert sorted(history[history["phase"] == "refit"]["refit_epoch"]) == list(range(600))

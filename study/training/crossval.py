@@ -26,6 +26,7 @@ from ray.train.torch import TorchTrainer
 from study.config import SEARCHABLE_TRAIN_KEYS, ResourcesConfig, TrainConfig
 from study.data.cache import CachedVolumes
 from study.data.cohort import CLASS_NAMES
+from study.data.prepare import StudyError
 from study.runtime import Precision, worker_device
 from study.state import Study
 from study.storage import join, replace_atomically
@@ -208,6 +209,17 @@ def train_and_test(fold: int, setup: TrainingSetup, data: TrainingData, test_ids
                       predictions, seconds, search)
 
 
+def _failure_message(fold: int, err: Exception, max_failures: int) -> str:
+    """Why a fold's training stopped, what is kept, and how to go on."""
+    cause = getattr(err, "cause", None) or err
+    first = next((line for line in str(cause).splitlines() if line.strip()), type(cause).__name__)
+    lost = "a worker or its node was lost" if "ActorDiedError" in str(cause) or "died" in str(cause).lower() \
+        else f"{type(cause).__name__}: {first[:300]}"
+    return (f"fold {fold}'s training failed ({lost}) after {max_failures} restart(s) (resources.max_failures). "
+            "Finished folds and this fold's last checkpoint are kept: run the same command again to resume, and "
+            "raise resources.max_failures to let trainings survive lost workers (e.g. 3 on spot nodes).")
+
+
 LIVE_POLL_S = 2.0  # how often the driver looks for new epochs of the folds in training
 
 
@@ -263,7 +275,7 @@ def cross_validate(study: Study, on_epochs: Callable[[int, list[dict]], None] | 
     base = TrainingSetup(config.model, config.train)
     task = ray.remote(num_cpus=0)(train_and_test)
     live = LiveFiles(study.directory / "live")
-    pending: set[ray.ObjectRef] = set()
+    pending: dict[ray.ObjectRef, int] = {}  # a training in flight -> its fold
     queue = [f for f in study.folds if f.fold not in done]
     while queue or pending:
         while queue and len(pending) < config.resources.concurrent_folds:
@@ -283,16 +295,18 @@ def cross_validate(study: Study, on_epochs: Callable[[int, list[dict]], None] | 
             ref = task.remote(fold.fold, setup, data, fold.test, study.labels(fold.test),
                               join(study.storage, "train"), config.resources, audit_dir, search,
                               live.start(fold.fold))
-            pending.add(ref)
+            pending[ref] = fold.fold
         ready = []
         while not ready:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=LIVE_POLL_S)
             if on_epochs:
                 for fold_number, records in live.new_records().items():
                     on_epochs(fold_number, records)
-        ready = ready[0]
-        pending.remove(ready)
-        result: FoldResult = ray.get(ready)
+        fold_number = pending.pop(ready[0])
+        try:
+            result: FoldResult = ray.get(ready[0])
+        except ray.exceptions.RayError as err:
+            raise StudyError(_failure_message(fold_number, err, config.resources.max_failures)) from None
         replace_atomically(finished / f"fold{result.fold}.pkl", lambda tmp: tmp.write_bytes(pickle.dumps(result)))
         yield result
 
