@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from study.data.splits import load_splits, make_splits, save_splits
 
@@ -57,5 +59,48 @@ def test_deterministic_and_saved(tmp_path):
 
 
 def test_too_few_families_is_an_error():
-    with pytest.raises(ValueError, match="cannot make 5 folds from 3 families"):
-        make_splits(list("abcdef"), np.array([0, 1] * 3), list("xxyyzz"), 5, 2, seed=0)
+    with pytest.raises(ValueError, match="5 female subjects in 3 families for 5 folds.*lower cv.outer_folds to at most 3"):
+        make_splits(list("abcdefghij"), np.array([0, 1] * 5), list("xxxxyyyzzz"), 5, 2, seed=0)
+
+
+@st.composite
+def cohorts(draw):
+    """A participants table as splits see it: families of 1-6 subjects, some of one sex only, and CV settings."""
+    families, labels = [], []
+    for f in range(draw(st.integers(1, 40))):
+        size = draw(st.integers(1, 6))
+        kind = draw(st.sampled_from(["female", "male", "mixed"]))
+        sexes = [0] * size if kind == "female" else [1] * size if kind == "male" else \
+            draw(st.lists(st.integers(0, 1), min_size=size, max_size=size))
+        families += [f"fam{f}"] * size
+        labels += sexes
+    ids = [f"sub-{i:03d}" for i in range(len(labels))]
+    return ids, np.array(labels), families, draw(st.integers(2, 6)), draw(st.integers(2, 4)), draw(st.integers(0, 99))
+
+
+@settings(max_examples=300, deadline=None)
+@given(cohorts())
+def test_splits_are_leak_free_stratified_and_deterministic_or_refused_with_the_numbers(cohort):
+    ids, labels, families, outer, inner, seed = cohort
+    family = dict(zip(ids, families))
+    try:
+        folds = make_splits(ids, labels, families, outer, inner, seed)
+    except ValueError as err:  # refused: with the numbers and the key to change
+        message = str(err)
+        assert any(ch.isdigit() for ch in message) and ("cv.outer_folds" in message or "cv.inner_folds" in message)
+        holding = [len({f for f, label in zip(families, labels) if label == sex}) for sex in (0, 1)]
+        assert min(holding) < outer or "outer fold" in message or "one sex only" in message, message
+        return
+    assert folds == make_splits(ids, labels, families, outer, inner, seed)  # deterministic for a seed
+    assert sorted(s for f in folds for s in f.test) == sorted(ids)
+    largest = max(families.count(f) for f in set(families))
+    for fold in folds:
+        assert not {family[s] for s in fold.train} & {family[s] for s in fold.test}
+        assert 0 < labels[[ids.index(s) for s in fold.test]].sum() < len(fold.test)  # both sexes held out
+        for sex in (0, 1):  # within the largest family of the ideal count
+            ideal = (labels == sex).sum() / outer
+            assert abs(sum(labels[ids.index(s)] == sex for s in fold.test) - ideal) <= largest, (fold.fold, sex)
+        for split in fold.inner:
+            assert 0 < labels[[ids.index(s) for s in split.test]].sum() < len(split.test)
+            assert sorted(split.train + split.test) == sorted(fold.train)
+            assert not {family[s] for s in split.train} & {family[s] for s in split.test}

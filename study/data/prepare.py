@@ -62,6 +62,9 @@ def make_or_load_splits(cv: CVConfig, cohort: Cohort, path: Path) -> list[OuterF
         if saved_for == made_for:
             return folds
     families = [s.family_id for s in cohort.subjects]
-    folds = make_splits(cohort.ids, cohort.labels, families, cv.outer_folds, cv.inner_folds, cv.seed)
+    try:
+        folds = make_splits(cohort.ids, cohort.labels, families, cv.outer_folds, cv.inner_folds, cv.seed)
+    except ValueError as err:
+        raise StudyError(f"cross-validation splits of {len(cohort.ids)} subjects: {err}") from None
     save_splits(folds, path, made_for)
     return folds

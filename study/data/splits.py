@@ -51,7 +51,8 @@ def group_kfold(
     for i, g in enumerate(groups):
         members.setdefault(g, []).append(i)
     if len(members) < k:
-        raise ValueError(f"cannot make {k} folds from {len(members)} families; lower cv folds")
+        raise ValueError(f"cannot make {k} folds from {len(members)} families: whole families stay in one fold; "
+                         "lower cv.outer_folds or cv.inner_folds")
     names = list(members)
     counts = np.array([[np.sum(labels[members[g]] == c) for c in classes] for g in names], dtype=float)
     target = counts.sum(0) / k
@@ -108,18 +109,50 @@ def _improve(fold_of: np.ndarray, totals: np.ndarray, counts: np.ndarray, target
                         break
 
 
+def _check_classes(labels: np.ndarray, groups: list[str], k: int, where: str, key: str) -> None:
+    """Refuse folds that cannot all hold both sexes (a test fold without one has no ROC AUC).
+
+    Whole families stay in one fold, so a sex present in fewer than ``k`` families cannot reach every fold.
+    """
+    for code, name in ((0, "female"), (1, "male")):
+        holding = {g for g, label in zip(groups, labels) if label == code}
+        if len(holding) < k:
+            raise ValueError(f"{where} has {int((labels == code).sum())} {name} subjects in {len(holding)} families "
+                             f"for {k} folds: whole families stay in one fold, so at most {len(holding)} folds can "
+                             f"hold a {name}; lower {key} to at most {len(holding)} or add subjects")
+
+
+def _kfold_with_both_sexes(ids: list[str], labels: np.ndarray, groups: list[str], k: int, seed: int, where: str,
+                           key: str) -> list[list[str]]:
+    """:func:`group_kfold`, checked before (enough families of each sex) and after (each fold holds both)."""
+    _check_classes(labels, groups, k, where, key)
+    folds = group_kfold(ids, labels, groups, k, seed)
+    label = dict(zip(ids, labels))
+    for i, fold in enumerate(folds):
+        if len({label[s] for s in fold}) < 2:
+            raise ValueError(f"{where}: fold {i} of {k} got {len(fold)} subjects of one sex only (families are "
+                             f"too few or too large to spread); lower {key}")
+    return folds
+
+
 def make_splits(
     ids: list[str], labels: np.ndarray, families: list[str], outer_folds: int, inner_folds: int, seed: int
 ) -> list[OuterFold]:
-    """Outer folds over the cohort and inner folds inside each outer training set."""
+    """Outer folds over the cohort and inner folds inside each outer training set.
+
+    Raises ValueError, with the numbers, when the cohort cannot give every fold
+    both sexes or enough families.
+    """
     labels = np.asarray(labels)
     position = {sid: i for i, sid in enumerate(ids)}
     folds = []
-    for k, test in enumerate(group_kfold(ids, labels, families, outer_folds, seed)):
+    outer = _kfold_with_both_sexes(ids, labels, families, outer_folds, seed, "the cohort", "cv.outer_folds")
+    for k, test in enumerate(outer):
         held_out = set(test)
         train = [sid for sid in ids if sid not in held_out]
         rows = [position[s] for s in train]
-        inner_tests = group_kfold(train, labels[rows], [families[r] for r in rows], inner_folds, seed + 1 + k)
+        inner_tests = _kfold_with_both_sexes(train, labels[rows], [families[r] for r in rows], inner_folds,
+                                             seed + 1 + k, f"outer fold {k}'s training side", "cv.inner_folds")
         inner = [Split(sorted(set(train) - set(t)), t) for t in inner_tests]
         folds.append(OuterFold(k, sorted(train), test, inner))
     return folds
