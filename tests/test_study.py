@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from study.data.cache import CachedVolumes
 from study.cli import main
@@ -186,3 +187,14 @@ def test_run_reports_config_typos(tmp_path, capsys):
     path.write_text("name: x\ncohort: {root: .}\ntrain: {epoch: 3}\n")
     assert main(["run", str(path)]) == 2
     assert "train.epoch: unknown key; valid keys here: augment, batch_size, channels_last" in capsys.readouterr().err
+
+
+def test_folds_the_cohort_cannot_fill_are_one_error_line(tmp_path, cohort_dir, capsys):
+    config = study_config(tmp_path, cohort_dir, cv={"outer_folds": 10})  # 12 subjects: some sex has fewer
+    path = tmp_path / "many_folds.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: cross-validation splits of 12 subjects: the cohort has"), err[-2000:]
+    assert "lower cv.outer_folds to at most" in last and "Traceback" not in err
