@@ -91,7 +91,7 @@ def run_study(config: StudyConfig, restart: bool = False, audit: bool = False) -
     publisher.start(study, prepared, ray_description)
     with publisher.recording(study):
         results = []
-        for result in cross_validate(study, publisher.training(study)):
+        for result in cross_validate(study, publisher.training(study), publisher.searching(study)):
             publisher.fold(study, result)
             results.append(result)
         results.sort(key=lambda r: r.fold)

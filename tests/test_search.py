@@ -18,6 +18,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from study.config import ConfigError, SearchConfig, parse_config
+from study.output.publish import Publisher
 from study.pipeline import run_study, study_dir
 from study.training.search import DefineByRun, _restorable
 from tests.test_study import runs_of, study_config
@@ -88,8 +89,25 @@ def trial_runs(config, parent_id):
 
 
 @pytest.mark.slow
-def test_search_never_reads_held_out_subjects_and_logs_trials(tmp_path, cohort_dir):
+def test_search_never_reads_held_out_subjects_and_logs_trials(tmp_path, cohort_dir, monkeypatch):
     config = search_config(tmp_path, cohort_dir)
+    client = mlflow.MlflowClient(config.tracking.uri)
+    seen = []  # each trial epoch as it came: (fold, trial, the trial run's status and val_loss points right after)
+    live = Publisher.searching
+
+    def watched(self, study):
+        log = live(self, study)
+
+        def event(fold, kind, trial_id, params, result):
+            log(fold, kind, trial_id, params, result)
+            if kind == "result":
+                (run,) = client.search_runs([client.get_experiment_by_name(config.name).experiment_id],
+                                            f"tags.`study.trial` = '{trial_id}'")
+                seen.append((fold, trial_id, run.info.status,
+                             len(client.get_metric_history(run.info.run_id, "val_loss"))))
+        return event
+
+    monkeypatch.setattr(Publisher, "searching", watched)
     parent_id = run_study(config, audit=True)
     splits = json.loads((study_dir(config) / "splits.json").read_text())["folds"]
     for fold in splits:
@@ -103,8 +121,15 @@ def test_search_never_reads_held_out_subjects_and_logs_trials(tmp_path, cohort_d
             assert read <= set(fold["train"])
     by_fold = trial_runs(config, parent_id)
     assert sorted(by_fold) == ["0", "1"]
+    # Trials were runs while they trained: each epoch on its running trial's curve as it came.
+    for fold, trial in {(f, t) for f, t, _, _ in seen}:
+        points = [(status, n) for f, t, status, n in seen if (f, t) == (fold, trial)]
+        assert points == [("RUNNING", i + 1) for i in range(len(points))], points
     for runs in by_fold.values():
         assert len(runs) == 2
+        for run in runs:  # the search's end added nothing twice
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")]
+            assert len(steps) == len(set(steps)) == len([s for s in seen if s[1] == run.data.tags["study.trial"]])
         assert all(r.data.tags["study.trial_status"] in {"completed", "stopped_early"} for r in runs)
         assert all({"width", "blocks", "lr"} <= set(r.data.params) for r in runs)
     parent, folds = runs_of(config, parent_id)

@@ -44,6 +44,7 @@ PACKAGES = ("study", "torch", "ray", "mlflow", "optuna", "nibabel", "nilearn", "
 TARGETS = {"contrast": "the male - female logit", "true_class": "each subject's true sex's logit",
            "predicted_class": "each subject's predicted sex's logit"}
 TITLES = {**METHODS, LINEAR_BASELINE: "Linear baseline weights"}
+TRIAL_METRICS = ("train_", "val_", "best_")  # what a search trial's run shows of each epoch
 PHASE_STEPS = {"select": "epoch", "refit": "refit_epoch"}  # a fold's training phases and their step column
 FINAL_FITS = {
     "all_subjects": "Each fold's final model trained on all of its training subjects for the configured epochs.",
@@ -219,20 +220,55 @@ class Publisher:
                     raise
         return progress
 
+    def searching(self, study: Study):
+        """A callback for searches: each trial a run under its fold's run when it starts, its curves as it trains."""
+        runs: dict[tuple[int, str], str] = {}
+        epochs: dict[tuple[int, str], int] = {}
+
+        def event(fold: int, kind: str, trial_id: str, params: dict, result: dict) -> None:
+            try:  # live trials are a view: a tracking hiccup must not stop the search (its end logs every trial)
+                key = (fold, trial_id)
+                if key not in runs:
+                    runs[key] = self._trial_run(study.state.fold_runs[fold], trial_id, params)
+                if kind == "result" and "epoch" in result:
+                    epochs[key] = epochs.get(key, 0) + 1
+                    row = {k: v for k, v in result.items() if k == "epoch" or k.startswith(TRIAL_METRICS)}
+                    self.tracker.log_history(runs[key], pd.DataFrame([row]), only_new=True)
+                elif kind in ("complete", "error"):
+                    budget = params.get("epochs", self.config.train.epochs)
+                    status = "errored" if kind == "error" else \
+                        "completed" if epochs.get(key, 0) >= budget else "stopped_early"
+                    self.tracker.set_tags(runs[key], {"study.trial_status": status})
+                    self.tracker.end(runs[key], "FAILED" if kind == "error" else "FINISHED")
+            except Exception as err:
+                if not is_tracking_failure(err):
+                    raise
+        return event
+
+    def _trial_run(self, fold_run: str, trial_id: str, params: dict, runs: list | None = None) -> str:
+        """The run of a search trial under its fold's run: found again by its tag, else started."""
+        for run in runs if runs is not None else self.tracker.children(fold_run):
+            if run.data.tags.get("study.trial") == trial_id:
+                return run.info.run_id
+        run_id = self.tracker.start_run(f"trial {trial_id}", {
+            "study.level": "trial", "study.trial": trial_id, "study.trial_status": "running"}, parent=fold_run)
+        self.tracker.log_params(run_id, params)
+        return run_id
+
     def _search(self, fold_run: str, search: SearchResult) -> None:
-        """One run per search trial under its fold's run (trials logged before are skipped), and the best params."""
+        """Every trial's run complete (curves, status, score; trials whose run has its score are done) and the best."""
         tracker = self.tracker
-        logged = {r.data.tags.get("study.trial") for r in tracker.children(fold_run)}
+        children = tracker.children(fold_run)
+        done = {r.data.tags.get("study.trial") for r in children if f"search_{search.metric}" in r.data.metrics}
         for trial in search.trials:
-            if trial.trial_id in logged:
+            if trial.trial_id in done:
                 continue
-            run_id = tracker.start_run(f"trial {trial.trial_id}", {
-                "study.level": "trial", "study.trial": trial.trial_id, "study.trial_status": trial.status},
-                parent=fold_run)
-            tracker.log_params(run_id, trial.params)
+            run_id = self._trial_run(fold_run, trial.trial_id, trial.params, children)
             if not trial.history.empty:
                 tracker.log_history(run_id, trial.history[[c for c in trial.history.columns
-                                                           if c.startswith(("train_", "val_", "best_")) or c == "epoch"]])
+                                                           if c.startswith(TRIAL_METRICS) or c == "epoch"]],
+                                    only_new=True)
+            tracker.set_tags(run_id, {"study.trial_status": trial.status})
             if trial.score == trial.score:  # not NaN
                 tracker.log_metrics(run_id, {f"search_{search.metric}": trial.score})
             tracker.end(run_id, "FAILED" if trial.status == "errored" else "FINISHED")

@@ -8,6 +8,7 @@ without training them again.
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 import time
@@ -252,15 +253,17 @@ class LiveFiles:
         return found
 
 
-def cross_validate(study: Study, on_epochs: Callable[[int, list[dict]], None] | None = None
-                   ) -> Iterator[FoldResult]:
+def cross_validate(study: Study, on_epochs: Callable[[int, list[dict]], None] | None = None,
+                   on_trial: Callable[[int, str, str, dict, dict], None] | None = None) -> Iterator[FoldResult]:
     """Search (if configured), train and test every outer fold; yield each result as it is ready.
 
     Folds finished by an earlier, interrupted run of this execution come first,
     without training. Every fold trains on its training side only (a search and
     early stopping see its first inner split), so no held-out subject influences
     training or model selection. While folds train, ``on_epochs(fold, records)``
-    gets each fold's new per-epoch records (at most ``LIVE_POLL_S`` late).
+    gets each fold's new per-epoch records (at most ``LIVE_POLL_S`` late), and
+    ``on_trial(fold, event, trial_id, params, result)`` each search trial's events
+    (see :func:`study.training.search.search_fold`).
     """
     from study.training.search import search_fold  # Ray Tune and Optuna only where a search runs
 
@@ -285,8 +288,9 @@ def cross_validate(study: Study, on_epochs: Callable[[int, list[dict]], None] | 
             if config.search:
                 started = time.perf_counter()
                 audit_root = study.directory / "audit" / f"fold{fold.fold}_search" if study.audit else None
+                trial_events = functools.partial(on_trial, fold.fold) if on_trial else None
                 search = search_fold(config.search, base, data.selection_only(), join(study.storage, "search"),
-                                     fold.fold, config.resources, audit_root)
+                                     fold.fold, config.resources, audit_root, trial_events)
                 study.times.add("search", time.perf_counter() - started)
             audit_dir = study.directory / "audit" / f"fold{fold.fold}" if study.audit else None
             if audit_dir:

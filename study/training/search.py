@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,34 @@ class DefineByRun:
             condition = dim.condition
             if condition is None or condition.holds(sampled):
                 sampled[key] = _suggest(trial, key, dim)
+
+
+# A search's listener of trial events, by search: Tune pickles its callbacks with its state, so the
+# callback keeps only this key and a restored search reaches the listener of the driver that restores it.
+_TRIAL_LISTENERS: dict[str, Callable[[str, str, dict, dict], None]] = {}
+
+
+class _TrialEvents(tune.Callback):
+    """Tune's trial events (start, result, complete, error), passed on as they happen; Tune calls it in the driver."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def _tell(self, event: str, trial, result: dict | None = None) -> None:
+        if (listener := _TRIAL_LISTENERS.get(self.key)) is not None:
+            listener(event, trial.trial_id, dict(trial.config), result or {})
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._tell("start", trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self._tell("result", trial, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._tell("complete", trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._tell("error", trial)
 
 
 def _run_trial(params: dict[str, Any], base: TrainingSetup, data: TrainingData, storage: str,
@@ -111,7 +140,7 @@ def _tuner(search: SearchConfig, base: TrainingSetup, data: TrainingData, storag
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=search.num_samples,
                                     metric=search.metric, mode=search.mode),
-        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
+        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1, callbacks=[_TrialEvents(path)]),
     )
 
 
@@ -121,7 +150,8 @@ def _trial_id(result: tune.Result) -> str:
 
 
 def search_fold(search: SearchConfig, base: TrainingSetup, data: TrainingData, storage: str, fold: int,
-                resources: ResourcesConfig, audit_root: Path | None = None) -> SearchResult:
+                resources: ResourcesConfig, audit_root: Path | None = None,
+                on_trial: Callable[[str, str, dict, dict], None] | None = None) -> SearchResult:
     """Search one outer fold in Ray ``storage`` (resuming it if interrupted).
 
     Parameters
@@ -140,6 +170,10 @@ def search_fold(search: SearchConfig, base: TrainingSetup, data: TrainingData, s
         Workers and devices of each trial's training.
     audit_root : Path, optional
         Record which subjects each trial's workers read (tests prove no leak with it).
+    on_trial : callable, optional
+        ``on_trial(event, trial_id, params, result)`` as trials start, report an
+        epoch (``result``), complete or fail (events ``start``, ``result``,
+        ``complete``, ``error``).
 
     Returns
     -------
@@ -148,9 +182,15 @@ def search_fold(search: SearchConfig, base: TrainingSetup, data: TrainingData, s
     """
     # Ctrl-C must stop the study. Tune's own handler would end the search early and return, and the
     # study would go on with a partial search; the interrupted search resumes from its saved state.
-    with environment(TUNE_DISABLE_SIGINT_HANDLER="1"):
-        results = _tuner(search, base, data, storage, f"fold{fold}", resources, audit_root,
-                         seed=search.seed + fold).fit()
+    key = join(storage, f"fold{fold}")
+    if on_trial is not None:
+        _TRIAL_LISTENERS[key] = on_trial
+    try:
+        with environment(TUNE_DISABLE_SIGINT_HANDLER="1"):
+            results = _tuner(search, base, data, storage, f"fold{fold}", resources, audit_root,
+                             seed=search.seed + fold).fit()
+    finally:
+        _TRIAL_LISTENERS.pop(key, None)
     trials = []
     for result in results:
         history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
