@@ -163,7 +163,9 @@ def find_images(sources: list[Path]) -> tuple[pd.DataFrame, list[Problem]]:
     rows, problems = [], []
     for source in sources:
         source = source.resolve()
-        if source.suffix in {".tsv", ".csv"} and source.is_file():
+        if not source.exists():
+            problems.append(Problem("-", str(source), "no such file or folder"))
+        elif source.suffix in {".tsv", ".csv"} and source.is_file():
             cohort = load_cohort(CohortConfig(root=source.parent, participants=source))
             rows += [{"subject_id": s.subject_id, "image": str(s.image)} for s in cohort.subjects]
             problems += cohort.problems

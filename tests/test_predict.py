@@ -100,3 +100,5 @@ def test_study_predict_writes_the_table_and_maps_and_names_bad_images(finished, 
     assert main(["predict", "nosuchstudy", str(image), "--tracking-uri", config.tracking.uri]) == 2
     err = capsys.readouterr().err
     assert "error: no study model 'nosuchstudy'" in err and "(sexpred)" in err
+    assert main(["predict", "sexpred", "missing.nii.gz", "--tracking-uri", config.tracking.uri]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
