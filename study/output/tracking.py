@@ -203,8 +203,9 @@ class Tracker:
             self.client.get_registered_model(registered_name)
         except MlflowException:
             self.client.create_registered_model(
-                registered_name, description="Sex from T1w MRI: the outer folds' CNNs of a study as one ensemble, "
-                                             "with its preprocessing. Use: study predict models:/NAME/VERSION IMAGES")
+                registered_name, description=f"Sex from T1w MRI: the outer folds' CNNs of study {registered_name} as "
+                                             "one ensemble, with its preprocessing. Apply it to new images: "
+                                             f"study predict models:/{registered_name}/VERSION IMAGES...")
         # The artifact location, not models:/<id>: MLflow resolves the latter through the global tracking URI.
         registered = self.client.create_model_version(registered_name, logged.artifact_location, run_id=run_id,
                                                       model_id=logged.model_id)
