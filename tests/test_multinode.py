@@ -113,25 +113,31 @@ def test_trainings_and_actors_run_on_the_worker_nodes(cluster, tmp_path, synthet
         assert placed and "head" not in placed, (kind, placed)
 
 
-@pytest.mark.slow
-def test_a_node_lost_mid_fold_costs_only_the_epochs_since_its_checkpoint(cluster, tmp_path, synthetic_root):
-    epochs = 600
-    write_config(tmp_path, synthetic_root, train={"epochs": epochs, "batch_size": 4},
-                 resources={"max_failures": 1, "checkpoint_every_s": 1.0})
-    log = tmp_path / "study.log"
+def lose_the_training_node(cluster: LocalCluster, project: Path) -> tuple[str, int, str]:
+    """Run the study in ``project``; once fold 0 has a checkpoint, remove the node that trains it (mid-fold:
+    1 s checkpoints, hundreds of epochs to go). Returns the node's zone, the study's exit code and its output."""
+    log = project / "study.log"
     with log.open("w") as output:
-        process = subprocess.Popen([STUDY, "run", "study.yaml"], cwd=tmp_path, env=cluster.env(), stdout=output,
+        process = subprocess.Popen([STUDY, "run", "study.yaml"], cwd=project, env=cluster.env(), stdout=output,
                                    stderr=subprocess.STDOUT)
-        storage = tmp_path / "study_data" / "runs" / "multinode" / "ray"
+        storage = project / "study_data" / "runs" / "multinode" / "ray"
         deadline = time.time() + 300
         while not list(storage.glob("*/train/fold0/checkpoint_*/checkpoint.pt")) and time.time() < deadline:
             assert process.poll() is None, log.read_text()[-4000:]
             time.sleep(0.2)
         (training,) = [a for a in cluster.actors("RayTrainWorker") if a["state"] == "ALIVE"]
         lost = cluster.nodes()[training["node_id"]]
-        cluster.remove(lost)  # mid-fold: 1 s checkpoints, hundreds of epochs to go
+        cluster.remove(lost)
         code = process.wait(timeout=600)
-    output = log.read_text()
+    return lost, code, log.read_text()
+
+
+@pytest.mark.slow
+def test_a_node_lost_mid_fold_costs_only_the_epochs_since_its_checkpoint(cluster, tmp_path, synthetic_root):
+    epochs = 600
+    write_config(tmp_path, synthetic_root, train={"epochs": epochs, "batch_size": 4},
+                 resources={"max_failures": 1, "checkpoint_every_s": 1.0})
+    lost, code, output = lose_the_training_node(cluster, tmp_path)
     assert code == 0, output[-4000:]
     folds = tmp_path / "study_data" / "runs" / "multinode" / "folds"
     history = pickle.loads((folds / "fold0.pkl").read_bytes()).history
@@ -150,19 +156,7 @@ def test_without_restarts_a_lost_node_stops_the_study_with_what_to_do_and_the_re
                                                                                             synthetic_root):
     write_config(tmp_path, synthetic_root, train={"epochs": 600, "batch_size": 4},
                  resources={"max_failures": 0, "checkpoint_every_s": 1.0})
-    log = tmp_path / "study.log"
-    with log.open("w") as output:
-        process = subprocess.Popen([STUDY, "run", "study.yaml"], cwd=tmp_path, env=cluster.env(), stdout=output,
-                                   stderr=subprocess.STDOUT)
-        storage = tmp_path / "study_data" / "runs" / "multinode" / "ray"
-        deadline = time.time() + 300
-        while not list(storage.glob("*/train/fold0/checkpoint_*/checkpoint.pt")) and time.time() < deadline:
-            assert process.poll() is None, log.read_text()[-4000:]
-            time.sleep(0.2)
-        (training,) = [a for a in cluster.actors("RayTrainWorker") if a["state"] == "ALIVE"]
-        cluster.remove(cluster.nodes()[training["node_id"]])
-        code = process.wait(timeout=300)
-    output = log.read_text()
+    _, code, output = lose_the_training_node(cluster, tmp_path)
     assert code == 2, output[-4000:]
     # One line of the study's own (Ray's controller may log the crash it saw, prefixed with its pid).
     assert not [line for line in output.splitlines() if "Traceback" in line and "pid=" not in line], output[-4000:]

@@ -239,6 +239,10 @@ class LiveFiles:
         self.read[fold] = 0
         return path
 
+    def stop(self, fold: int) -> None:
+        """Stop following ``fold``'s file."""
+        self.read.pop(fold, None)
+
     def new_records(self) -> dict[int, list[dict]]:
         """Every fold's complete lines written since the last call."""
         found = {}
@@ -307,6 +311,7 @@ def cross_validate(study: Study, on_epochs: Callable[[int, list[dict]], None] | 
                 for fold_number, records in live.new_records().items():
                     on_epochs(fold_number, records)
         fold_number = pending.pop(ready[0])
+        live.stop(fold_number)  # its last lines were read above, after it finished
         try:
             result: FoldResult = ray.get(ready[0])
         except ray.exceptions.RayError as err:
