@@ -1,4 +1,4 @@
-"""Command line: ``study run | predict | validate | synth``. Parsing only; the work is elsewhere."""
+"""Command line: ``study run | predict | clean | validate | synth``. Parsing only; the work is elsewhere."""
 
 from __future__ import annotations
 
@@ -22,13 +22,15 @@ examples:
   study run tune_configs/demo.yaml                              # the demo study, minutes on a laptop
   study run tune_configs/paper.yaml --set cv.outer_folds=5      # override any config key
   study predict models:/demo/1 new_scans/ --maps maps/          # apply a finished study to new images
+  study clean tune_configs/demo.yaml --keep 2                   # list old executions; --yes deletes them
 
 on a Ray cluster (joins it; see README "Run on a cluster"):
   RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- study run CONFIG
 
 results: MLflow (default: mlflow.db in the project directory; `mlflow ui --backend-store-uri sqlite:///mlflow.db`)
-and output_dir/<name>/report.html. Relative config paths are relative to the current directory, or to
-$STUDY_HOME when set (in a submitted Ray job, where the current directory is temporary: ~/study by default).
+and output_dir/<name>/latest/report.html (every execution keeps its own output_dir/<name>/<execution>/).
+Relative config paths are relative to the current directory, or to $STUDY_HOME when set (in a submitted
+Ray job, where the current directory is temporary: ~/study by default).
 """
 
 
@@ -47,8 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key (dotted path, YAML value); repeatable")
     run.add_argument("--restart", action="store_true",
-                     help="start afresh; by default an interrupted run of the same config resumes "
-                          "(finished folds and trials are kept, MLflow runs continued)")
+                     help="start a new execution; by default an interrupted run of the same config resumes "
+                          "(finished folds and trials are kept, MLflow runs continued). Earlier executions are "
+                          "never deleted (see `study clean`)")
 
     predict = commands.add_parser(
         "predict", help="apply a finished study's fold models (an ensemble) to new images",
@@ -67,6 +70,21 @@ def _parser() -> argparse.ArgumentParser:
                          help="also write each subject's maps (the study's methods, mean over fold models) as "
                               "DIR/<method>/sub-<id>_<method>.nii.gz in MNI152 space")
     predict.add_argument("--tracking-uri", help="MLflow of the study (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+
+    clean = commands.add_parser(
+        "clean", help="list a study's executions and delete all but the newest (with --yes)",
+        description="Every `study run` that starts afresh (a changed --set, --restart, a rerun of a finished "
+        "study) is a new execution in output_dir/<name>/<execution>/ with its own checkpoints, maps and report; "
+        "nothing deletes an earlier one. `study clean CONFIG` lists them (status, config, size, MLflow run) and "
+        "which it would delete: all but the newest --keep. Nothing is deleted without --yes. MLflow runs and "
+        "the preprocessing cache are kept. Do not clean a study while it runs.",
+    )
+    clean.add_argument("config", type=Path, help="the study's YAML (with the same --set values as its run)")
+    clean.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, as for `study run` (name and output_dir find the study)")
+    clean.add_argument("--keep", type=int, default=1, metavar="N",
+                       help="keep the newest N executions (default %(default)s)")
+    clean.add_argument("--yes", action="store_true", help="delete; without it, only list what would be deleted")
 
     validate = commands.add_parser(
         "validate", help="check a cohort: every problem at once, one line each (subject, file, problem)",

@@ -15,14 +15,14 @@ from study.data.volumes import VolumeError
 from study.output.tracking import TrackingError, tracking_uri
 from study.predict import ModelNotFoundError
 from study.runtime import RayStartError, start_ray
-from study.storage import HOME_VARIABLE, project_dir, submitted_job_id
+from study.storage import HOME_VARIABLE, join, project_dir, remove_tree, submitted_job_id
 
 UserError = (ConfigError, CohortError, VolumeError, StudyError, TrackingError, RayStartError, ModelNotFoundError)
 
 
 def dispatch(args: argparse.Namespace) -> int:
     """Run the command named in ``args``; returns the exit code."""
-    return {"run": run, "predict": predict, "validate": validate, "synth": synth}[args.command](args)
+    return {"run": run, "predict": predict, "clean": clean, "validate": validate, "synth": synth}[args.command](args)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,6 +71,50 @@ def predict(args: argparse.Namespace) -> int:
     print(f"{len(predicted)} subjects predicted with {model_uri}, {len(problems)} problems; table: {args.out}",
           file=sys.stderr)
     return 1 if problems else 0
+
+
+def _megabytes(directory: Path) -> float:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file() and not f.is_symlink()) / 1e6
+
+
+def clean(args: argparse.Namespace) -> int:
+    from study.pipeline import study_dir
+    from study.state import LATEST, config_hash, list_executions
+
+    config = load_config(args.config, args.overrides)
+    directory = study_dir(config)
+    executions = list_executions(directory)
+    if not executions:
+        print(f"study {config.name} has no executions in {directory}")
+        return 0
+    doomed = executions[:max(len(executions) - args.keep, 0)]
+    this_config = config_hash(config)
+    rows = [(path.name, "finished" if state.finished else "unfinished",
+             "this config" if state.config_hash == this_config else "other config",
+             f"{_megabytes(path):.1f} MB", state.parent_run or "-", "delete" if i < len(doomed) else "keep")
+            for i, (path, state) in enumerate(executions)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    print(f"executions of study {config.name} in {directory} (oldest first; MLflow run of each):")
+    for row in rows:
+        print("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    if not doomed:
+        print(f"nothing to delete: {len(executions)} execution(s), --keep {args.keep}")
+        return 0
+    total = sum(_megabytes(path) for path, _ in doomed)
+    if not args.yes:
+        print(f"would delete {len(doomed)} execution(s), {total:.1f} MB; run again with --yes to delete them")
+        return 0
+    for path, state in doomed:
+        if config.storage_path:  # Ray storage in a bucket, outside the execution's directory
+            remove_tree(join(config.storage_path, config.name, state.execution))
+        remove_tree(path)
+    link = directory / LATEST
+    if link.is_symlink() and not link.exists():
+        link.unlink()
+    print(f"deleted {len(doomed)} execution(s), {total:.1f} MB. Their MLflow runs, logged models and registered "
+          f"versions are kept (delete them in the MLflow UI); the preprocessing cache in "
+          f"{config.preprocess.cache_dir} is shared by studies of the cohort and kept")
+    return 0
 
 
 def validate(args: argparse.Namespace) -> int:

@@ -27,20 +27,18 @@ from study.training.evaluation import Evaluation, evaluate
 
 
 def study_dir(config: StudyConfig) -> Path:
-    """Where a study keeps its splits, state, finished folds, maps, report and (by default) Ray storage."""
+    """Where a study keeps its executions (``<execution>/``: splits, state, folds, maps, report) and ``latest``."""
     return config.output_dir.resolve() / config.name
 
 
 def open_study(config: StudyConfig, prepared: PreparedCohort, restart: bool = False, audit: bool = False,
                times: StageTimes | None = None) -> Study:
-    """The :class:`Study` of this execution: splits made or reused, an unfinished execution resumed."""
-    directory = study_dir(config)
-    directory.mkdir(parents=True, exist_ok=True)
+    """The :class:`Study` of this execution: an unfinished execution resumed, else a new one; its splits."""
+    state, directory, resumed = resume_or_start(config, study_dir(config), restart)
     folds = make_or_load_splits(config.cv, prepared.cohort, directory / "splits.json")
-    state, resumed = resume_or_start(config, directory, restart)
     # Each execution has its own Ray storage: a resume finds its checkpoints, a fresh start meets none of old.
     storage = join(config.storage_path, config.name, state.execution) if config.storage_path \
-        else join(directory / "ray", state.execution)
+        else str(directory / "ray")
     return Study(config, prepared.cohort, prepared.cache, prepared.excluded, folds, state, resumed, directory,
                  storage, audit, times or StageTimes())
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -38,7 +37,7 @@ def config_hash(config: StudyConfig) -> str:
 
 @dataclass
 class StudyState:
-    """What an execution has done so far, kept in ``<study dir>/state.json``.
+    """What an execution has done so far, kept in ``<study dir>/<execution>/state.json``.
 
     A rerun of the same config continues an unfinished execution: finished
     folds (saved in ``folds/``) are not redone, searches resume from their Tune
@@ -46,7 +45,7 @@ class StudyState:
     """
 
     config_hash: str
-    execution: str  # names this execution's Ray storage; new for every fresh start
+    execution: str  # names this execution's directory and Ray storage; new for every fresh start
     parent_run: str | None = None  # the study's MLflow run
     fold_runs: dict[int, str] = field(default_factory=dict)  # fold -> its MLflow run
     logged_folds: list[int] = field(default_factory=list)  # folds whose results MLflow has
@@ -69,22 +68,40 @@ class StudyState:
         replace_atomically(self.path(directory), lambda tmp: tmp.write_text(json.dumps(asdict(self), indent=1)))
 
 
-def resume_or_start(config: StudyConfig, directory: Path, restart: bool) -> tuple[StudyState, bool]:
-    """The state of an unfinished execution of this very config, else of a fresh one; and whether it resumes.
+LATEST = "latest"  # <study dir>/latest: a link to the newest execution (stable path to its report)
 
-    A fresh execution removes what an earlier one left in ``directory`` (finished
-    folds, Ray storage, maps), so nothing of it is mistaken for new results.
+
+def new_execution_id() -> str:
+    """A new execution's name: when it started (sorts by time) and a few random characters."""
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:4]
+
+
+def list_executions(study_directory: Path) -> list[tuple[Path, StudyState]]:
+    """Every execution of a study (its directory and state), oldest first."""
+    found = [path.parent for path in study_directory.glob("*/state.json") if not path.parent.is_symlink()]
+    return [(directory, StudyState.load(directory)) for directory in sorted(found)]
+
+
+def resume_or_start(config: StudyConfig, study_directory: Path, restart: bool) -> tuple[StudyState, Path, bool]:
+    """The newest unfinished execution of this very config, else a fresh one: its state, directory, and whether it resumes.
+
+    Each execution has a directory of its own under ``study_directory``, so a
+    fresh start (``--restart``, changed ``--set`` values, or a rerun of a
+    finished study) never touches an earlier execution's results;
+    ``study clean`` removes old executions when asked.
     """
-    if StudyState.path(directory).exists() and not restart:
-        state = StudyState.load(directory)
-        if state.config_hash == config_hash(config) and not state.finished:
-            return state, True
-    for part in ("folds", "ray", "audit", "maps"):
-        shutil.rmtree(directory / part, ignore_errors=True)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = StudyState(config_hash(config), uuid.uuid4().hex[:12])
-    state.save(directory)
-    return state, False
+    resumable = [] if restart else [(d, s) for d, s in list_executions(study_directory)
+                                    if s.config_hash == config_hash(config) and not s.finished]
+    if resumable:
+        directory, state = resumable[-1]
+    else:
+        state = StudyState(config_hash(config), new_execution_id())
+        directory = study_directory / state.execution
+        directory.mkdir(parents=True)
+        state.save(directory)
+    link = study_directory / LATEST
+    replace_atomically(link, lambda tmp: tmp.symlink_to(directory.name, target_is_directory=True))
+    return state, directory, bool(resumable)
 
 
 @dataclass
@@ -117,7 +134,7 @@ class Study:
     folds: list[OuterFold]
     state: StudyState
     resumed: bool  # True when this continues an unfinished execution
-    directory: Path  # splits, state, finished folds, maps, report
+    directory: Path  # this execution's splits, state, finished folds, maps, report (<study dir>/<execution>)
     storage: str  # Ray Train/Tune storage of this execution: a path or a cloud URI
     audit: bool = False  # record which subjects each training worker read (tests prove no leak with it)
     times: StageTimes = field(default_factory=StageTimes)

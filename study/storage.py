@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,3 +58,15 @@ def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     write(tmp)
     os.replace(tmp, path)
+
+
+def remove_tree(location: str | Path) -> None:
+    """Delete a folder and everything in it, on a file system or in a bucket (``s3://``, ``gs://``); gone is fine."""
+    if not is_uri(str(location)):
+        shutil.rmtree(location, ignore_errors=True)
+        return
+    import pyarrow.fs
+
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(str(location))
+    if filesystem.get_file_info(root).type != pyarrow.fs.FileType.NotFound:
+        filesystem.delete_dir(root)

@@ -82,6 +82,6 @@ def test_a_model_trained_on_shuffled_labels_is_said_to_have_learned_nothing(tmp_
     run = mlflow.get_run(run_study(config))
     assert run.data.tags["study.finding"] == "none", run.data.metrics
     assert run.data.metrics["pooled_roc_auc_p_vs_chance"] >= 0.05
-    report = (study_dir(config) / "report.html").read_text()
+    report = (study_dir(config) / "latest" / "report.html").read_text()
     assert 'class="banner warning">No finding: the CNN did not learn the task' in report
     assert "No finding: the CNN did not learn the task" in capsys.readouterr().out

@@ -63,7 +63,7 @@ def test_study_run_works_for_a_new_user(tmp_path, synthetic_root):
     runs = mlflow.search_runs(experiment_names=["tiny"], output_format="list")
     assert sorted(r.data.tags["study.level"] for r in runs) == ["baseline", "baseline", "fold", "fold", "study"]
     assert all(r.info.status == "FINISHED" for r in runs)
-    assert (project / "study_data" / "runs" / "tiny" / "report.html").is_file()
+    assert (project / "study_data" / "runs" / "tiny" / "latest" / "report.html").is_file()
 
 
 @pytest.mark.slow

@@ -120,9 +120,9 @@ def lose_the_training_node(cluster: LocalCluster, project: Path) -> tuple[str, i
     with log.open("w") as output:
         process = subprocess.Popen([STUDY, "run", "study.yaml"], cwd=project, env=cluster.env(), stdout=output,
                                    stderr=subprocess.STDOUT)
-        storage = project / "study_data" / "runs" / "multinode" / "ray"
+        storage = project / "study_data" / "runs" / "multinode" / "latest" / "ray"
         deadline = time.time() + 300
-        while not list(storage.glob("*/train/fold0/checkpoint_*/checkpoint.pt")) and time.time() < deadline:
+        while not list(storage.glob("train/fold0/checkpoint_*/checkpoint.pt")) and time.time() < deadline:
             assert process.poll() is None, log.read_text()[-4000:]
             time.sleep(0.2)
         (training,) = [a for a in cluster.actors("RayTrainWorker") if a["state"] == "ALIVE"]
@@ -139,7 +139,7 @@ def test_a_node_lost_mid_fold_costs_only_the_epochs_since_its_checkpoint(cluster
                  resources={"max_failures": 1, "checkpoint_every_s": 1.0})
     lost, code, output = lose_the_training_node(cluster, tmp_path)
     assert code == 0, output[-4000:]
-    folds = tmp_path / "study_data" / "runs" / "multinode" / "folds"
+    folds = tmp_path / "study_data" / "runs" / "multinode" / "latest" / "folds"
     history = pickle.loads((folds / "fold0.pkl").read_bytes()).history
     refit = history[history["phase"] == "refit"]
     assert sorted(refit["refit_epoch"]) == list(range(epochs))  # resumed: every epoch once, none more

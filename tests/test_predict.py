@@ -42,7 +42,7 @@ def test_registered_ensemble_loads_in_a_fresh_process_and_repeats_the_held_out_p
     experiment = client.get_run(run_id).info.experiment_id
     (logged,) = [m for m in client.search_logged_models([experiment]) if m.name == "ensemble"]
     assert version.run_id == run_id == logged.source_run_id and version.source == logged.artifact_location
-    state = json.loads((study_dir(config) / "state.json").read_text())
+    state = json.loads((study_dir(config) / "latest" / "state.json").read_text())
     assert state["ensemble"] == "models:/sexpred/1"
 
     images = sorted(str(p) for p in config.cohort.root.glob("sub-*/anat/*_T1w.nii.gz"))

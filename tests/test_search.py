@@ -109,9 +109,9 @@ def test_search_never_reads_held_out_subjects_and_logs_trials(tmp_path, cohort_d
 
     monkeypatch.setattr(Publisher, "searching", watched)
     parent_id = run_study(config, audit=True)
-    splits = json.loads((study_dir(config) / "splits.json").read_text())["folds"]
+    splits = json.loads((study_dir(config) / "latest" / "splits.json").read_text())["folds"]
     for fold in splits:
-        audit = study_dir(config) / "audit" / f"fold{fold['fold']}_search"
+        audit = study_dir(config) / "latest" / "audit" / f"fold{fold['fold']}_search"
         trials = list(audit.iterdir())
         assert len(trials) == 2
         for trial in trials:
@@ -152,7 +152,7 @@ def test_interrupted_search_study_resumes_without_duplicates(tmp_path, cohort_di
     with log.open("w") as output:
         process = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, stdout=output,
                                    stderr=subprocess.STDOUT)
-        first_fold = study_dir(config) / "folds" / "fold0.pkl"
+        first_fold = study_dir(config) / "latest" / "folds" / "fold0.pkl"
         deadline = time.time() + 600
         while not first_fold.exists() and process.poll() is None and time.time() < deadline:
             time.sleep(1)
@@ -162,7 +162,7 @@ def test_interrupted_search_study_resumes_without_duplicates(tmp_path, cohort_di
         code = process.wait(timeout=180)
     assert code != 0, f"the study ignored Ctrl-C (exit {code}):\n" + log.read_text()[-5000:]
 
-    state = json.loads((study_dir(config) / "state.json").read_text())
+    state = json.loads((study_dir(config) / "latest" / "state.json").read_text())
     assert not state["finished"]
     parent_id = run_study(config)
     assert parent_id == state["parent_run"]  # the same MLflow run, continued

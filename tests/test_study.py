@@ -92,9 +92,9 @@ def test_ddp_study_logs_the_run_tree_and_trains_on_disjoint_shards(tmp_path, coh
 
     # DDP: the two workers read disjoint shards that cover the training side, and end identical. The
     # selection phase trains on the first inner split; the refit on all of the fold's training subjects.
-    splits = json.loads((study_dir(config) / "splits.json").read_text())["folds"]
+    splits = json.loads((study_dir(config) / "latest" / "splits.json").read_text())["folds"]
     for fold in splits:
-        audit = study_dir(config) / "audit" / f"fold{fold['fold']}"
+        audit = study_dir(config) / "latest" / "audit" / f"fold{fold['fold']}"
         ranks = [[json.loads(l) for l in (audit / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
         phases = {"select": fold["inner"][0]["train"], "refit": fold["train"]}
         val_ids = fold["inner"][0]["test"]
@@ -144,18 +144,36 @@ def test_fold_curves_reach_mlflow_while_the_fold_trains(tmp_path, cohort_dir, mo
 
 
 @pytest.mark.slow
-def test_concurrent_folds_share_one_sqlite_store(tmp_path, cohort_dir):
+def test_concurrent_folds_share_one_sqlite_store_and_every_execution_is_kept(tmp_path, cohort_dir, capsys):
     config = study_config(tmp_path, cohort_dir, resources={"concurrent_folds": 2}, cv={"outer_folds": 3})
     parent_id = run_study(config)
     parent, children = runs_of(config, parent_id)
     assert parent.info.status == "FINISHED" and len(children) == 3
     assert all(c.info.status == "FINISHED" and "test_roc_auc" in c.data.metrics for c in children)
 
-    # --restart: a new execution with runs of its own; the finished one is left as it was.
+    first = (study_dir(config) / "latest").resolve()
+    before = sorted(p.relative_to(first) for p in first.rglob("*"))
+    # --restart: a new execution with runs and a directory of its own; the finished one is left as it was.
     again = run_study(config, restart=True)
     assert again != parent_id
     assert runs_of(config, parent_id)[0].info.status == runs_of(config, again)[0].info.status == "FINISHED"
     assert len(runs_of(config, again)[1]) == 3
+    second = (study_dir(config) / "latest").resolve()
+    assert second != first and sorted(p.relative_to(first) for p in first.rglob("*")) == before
+    assert (first / "report.html").is_file() and len(list(first.glob("folds/fold*.pkl"))) == 3
+
+    # study clean lists both executions, deletes nothing without --yes, then the older one with it.
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    capsys.readouterr()
+    assert main(["clean", str(path)]) == 0
+    listing = capsys.readouterr().out
+    assert f"{first.name}  finished  this config" in listing and parent_id in listing and again in listing
+    assert "would delete 1 execution(s)" in listing and first.is_dir()
+    assert main(["clean", str(path), "--yes"]) == 0
+    assert "deleted 1 execution(s)" in capsys.readouterr().out
+    assert not first.exists() and (study_dir(config) / "latest" / "report.html").is_file()
+    assert runs_of(config, parent_id)[0].info.status == "FINISHED"  # MLflow keeps the deleted execution's runs
 
 
 def test_bad_subjects_refuse_the_run_and_exclude_is_opt_in(tmp_path, cohort_dir, capsys):

@@ -133,7 +133,7 @@ class Publisher:
         if state.parent_run is None:
             commit = _git_commit()
             tags = {"study.name": config.name, "study.cohort": study.cohort.fingerprint(), "study.level": "study",
-                    "study.execution": state.execution, "git.commit": commit, **_versions(), **_source_tags(commit)}
+                    "study.execution": state.execution, "study.directory": str(study.directory), "git.commit": commit, **_versions(), **_source_tags(commit)}
             state.parent_run = tracker.start_run(config.name, tags)
             tracker.log_params(state.parent_run, config.model_dump(mode="json"))
             tracker.log_text(state.parent_run, config_yaml(config), "config.yaml")
@@ -159,7 +159,8 @@ class Publisher:
                                      "n_excluded": len(prepared.excluded)})
         done = len(list((study.directory / "folds").glob("fold*.pkl")))
         say(f"study {config.name}: {len(study.cohort.subjects)} subjects, {len(study.folds)} outer folds "
-            f"({done} already done); MLflow run {parent} at {tracker.uri}; Ray storage {study.storage}")
+            f"({done} already done); execution {state.execution} in {study.directory}; MLflow run {parent} at "
+            f"{tracker.uri}" + (f"; Ray storage {study.storage}" if config.storage_path else ""))
 
     def fold(self, study: Study, result: FoldResult) -> None:
         """Log a finished fold (unless MLflow has it already) and end its run."""
