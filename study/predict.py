@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from study.data.cohort import CLASS_NAMES, Problem
 from study.data.volumes import Grid, VolumeError, preprocess_volume
-from study.training.models import Architecture, BrainCNN
+from study.training.models import BrainCNN, model_from_record, model_record
 
 SPEC_FILE = "ensemble.json"
 NIFTI = re.compile(r"\.nii(\.gz)?$")
@@ -65,8 +65,7 @@ class Ensemble:
         """Write ``fold<k>.pt`` (weights and architecture) and ``ensemble.json`` into ``directory``."""
         directory.mkdir(parents=True, exist_ok=True)
         for fold, model in self.models.items():
-            torch.save({"model": model.state_dict(), "arch": model.architecture.model_dump(),
-                        "input_shape": model.input_shape}, directory / f"fold{fold}.pt")
+            torch.save(model_record(model), directory / f"fold{fold}.pt")
         spec = {"folds": sorted(self.models), "shape": list(self.grid.shape), "affine": self.grid.affine.tolist(),
                 "normalize": self.normalize, "methods": list(self.methods), "target": self.target,
                 "perturbation": self.perturbation}
@@ -79,10 +78,8 @@ class Ensemble:
         spec = json.loads((Path(directory) / SPEC_FILE).read_text())
         models = {}
         for fold in spec["folds"]:
-            state = torch.load(Path(directory) / f"fold{fold}.pt", map_location="cpu", weights_only=True)
-            model = BrainCNN(Architecture(**state["arch"]), tuple(state["input_shape"]))
-            model.load_state_dict(state["model"])
-            models[fold] = model.eval()
+            record = torch.load(Path(directory) / f"fold{fold}.pt", map_location="cpu", weights_only=True)
+            models[fold] = model_from_record(record)
         return cls(models, Grid(tuple(spec["shape"]), np.array(spec["affine"])), spec["normalize"],
                    tuple(spec["methods"]), spec["target"], spec["perturbation"])
 

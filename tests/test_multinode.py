@@ -161,12 +161,31 @@ def test_without_restarts_a_lost_node_stops_the_study_with_what_to_do_and_the_re
     # One line of the study's own (Ray's controller may log the crash it saw, prefixed with its pid).
     assert not [line for line in output.splitlines() if "Traceback" in line and "pid=" not in line], output[-4000:]
     last = output.strip().splitlines()[-1]
-    assert last.startswith("error: fold 0's training failed") and "run the same command again to resume" in last
+    assert last.startswith("error: fold 0's training failed (a worker or its node was lost)"), last
+    assert "run the same command again to resume" in last
 
     cluster.add("w3")  # a new node joins; the same command goes on
     again = subprocess.run([STUDY, "run", "study.yaml"], cwd=tmp_path, env=cluster.env(), capture_output=True,
                            text=True, timeout=600)
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert "resuming study multinode" in again.stdout
-    history = pickle.loads((tmp_path / "study_data/runs/multinode/folds/fold0.pkl").read_bytes()).history
+    history = pickle.loads((tmp_path / "study_data/runs/multinode/latest/folds/fold0.pkl").read_bytes()).history
     assert sorted(history[history["phase"] == "refit"]["refit_epoch"]) == list(range(600))
+
+
+def test_a_lost_worker_is_told_apart_from_a_failing_training_by_the_errors_ray_raises():
+    import ray.exceptions
+    import ray.train
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    from study.training.crossval import _failure_message
+
+    def task_error(worker_failure: Exception) -> Exception:  # what ray.get raises for a fold's task
+        group = ray.train.WorkerGroupError("Training failed due to worker errors:", {0: worker_failure})
+        return ray.exceptions.RayTaskError("fold", "traceback", group).as_instanceof_cause()
+
+    lost = _failure_message(2, task_error(WorkerHealthCheckFailedError("health check", ray.exceptions.ActorDiedError())), 1)
+    assert lost.startswith("fold 2's training failed (a worker or its node was lost) after 1 restart(s)")
+    failed = _failure_message(2, task_error(ValueError("input grid too small")), 1)
+    assert failed.startswith("fold 2's training failed: ValueError: input grid too small. Finished folds are kept")
+    assert "max_failures" not in failed  # restarting would not help

@@ -210,15 +210,40 @@ def train_and_test(fold: int, setup: TrainingSetup, data: TrainingData, test_ids
                       predictions, seconds, search)
 
 
+LOST_WORKER = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, ray.exceptions.NodeDiedError,
+               ray.exceptions.WorkerCrashedError, ray.train.PreemptionError)
+
+
+def _lost_worker(err: BaseException) -> bool:
+    """True when a training stopped because a worker or its node went away, not because its code failed.
+
+    Ray wraps the cause: a task error holds Ray Train's error, which holds each
+    worker's failure (a failed health check holds why it failed).
+    """
+    return isinstance(err, LOST_WORKER) or any(_lost_worker(e) for e in _nested(err))
+
+
+def _nested(err: BaseException) -> list[BaseException]:
+    """The errors that ``err`` wraps (a task's cause, Ray Train's controller and worker failures)."""
+    nested = [getattr(err, "cause", None), getattr(err, "controller_failure", None),
+              getattr(err, "health_check_failure", None), *getattr(err, "worker_failures", {}).values()]
+    return [e for e in nested if isinstance(e, BaseException) and e is not err]
+
+
 def _failure_message(fold: int, err: Exception, max_failures: int) -> str:
     """Why a fold's training stopped, what is kept, and how to go on."""
-    cause = getattr(err, "cause", None) or err
-    first = next((line for line in str(cause).splitlines() if line.strip()), type(cause).__name__)
-    lost = "a worker or its node was lost" if "ActorDiedError" in str(cause) or "died" in str(cause).lower() \
-        else f"{type(cause).__name__}: {first[:300]}"
-    return (f"fold {fold}'s training failed ({lost}) after {max_failures} restart(s) (resources.max_failures). "
-            "Finished folds and this fold's last checkpoint are kept: run the same command again to resume, and "
-            "raise resources.max_failures to let trainings survive lost workers (e.g. 3 on spot nodes).")
+    cause = err
+    while _nested(cause):
+        cause = _nested(cause)[0]
+    lines = [line for line in str(cause).splitlines() if line.strip()] or [type(cause).__name__]
+    last = lines[-1] if lines[0].startswith("Traceback") else f"{type(cause).__name__}: {lines[0]}"  # a worker's
+    if not _lost_worker(err):
+        return (f"fold {fold}'s training failed: {last[:300]}. Finished folds are kept: mend the cause and run "
+                "the same command again to resume.")
+    return (f"fold {fold}'s training failed (a worker or its node was lost) after {max_failures} restart(s) "
+            "(resources.max_failures). Finished folds and this fold's last checkpoint are kept: run the same "
+            "command again to resume, and raise resources.max_failures to let trainings survive lost workers "
+            "(e.g. 3 on spot nodes).")
 
 
 LIVE_POLL_S = 2.0  # how often the driver looks for new epochs of the folds in training

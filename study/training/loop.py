@@ -37,7 +37,7 @@ from study.data.cache import CachedVolumes, VolumeCache, collate
 from study.runtime import Precision
 from study.training.augment import augment
 from study.training.metrics import classification_metrics
-from study.training.models import Architecture, BrainCNN
+from study.training.models import Architecture, BrainCNN, model_from_record, model_record
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -94,8 +94,7 @@ def _scores(model: torch.nn.Module, dataset: CachedVolumes, batch_size: int, pre
 
 def save_checkpoint(directory: Path, model: BrainCNN, state: dict, **progress: Any) -> None:
     """Write the weights worth keeping, the architecture, and the training's progress (phase, epoch, history...)."""
-    torch.save({"model": state, "arch": model.architecture.model_dump(), "input_shape": model.input_shape,
-                **progress}, directory / CHECKPOINT_FILE)
+    torch.save({**model_record(model, state), **progress}, directory / CHECKPOINT_FILE)
 
 
 def load_history(checkpoint: ray.train.Checkpoint) -> list[dict[str, float]]:
@@ -109,10 +108,8 @@ def load_model(checkpoint: ray.train.Checkpoint | Path, device: torch.device | s
     if isinstance(checkpoint, ray.train.Checkpoint):
         with checkpoint.as_directory() as directory:
             return load_model(Path(directory), device)
-    state = torch.load(Path(checkpoint) / CHECKPOINT_FILE, map_location=device, weights_only=False)
-    model = BrainCNN(Architecture(**state["arch"]), tuple(state["input_shape"]))
-    model.load_state_dict(state["model"])
-    return model.to(device).eval()
+    record = torch.load(Path(checkpoint) / CHECKPOINT_FILE, map_location=device, weights_only=False)
+    return model_from_record(record).to(device)
 
 
 def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -95,3 +95,20 @@ class BrainCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [batch, 2] (female, male) for volumes [batch, 1, D, H, W]."""
         return self.head(self.features(x))
+
+
+def model_record(model: BrainCNN, weights: dict[str, torch.Tensor] | None = None) -> dict:
+    """What rebuilds a model: weights (``model``'s own unless given), architecture and input grid shape.
+
+    Plain tensors and builtins only, so a saved record loads with
+    ``torch.load(weights_only=True)`` (no pickle of code).
+    """
+    return {"model": model.state_dict() if weights is None else weights, "arch": model.architecture.model_dump(),
+            "input_shape": model.input_shape}
+
+
+def model_from_record(record: dict) -> BrainCNN:
+    """The model of a :func:`model_record`, in eval mode, on the device of its weights."""
+    model = BrainCNN(Architecture(**record["arch"]), tuple(record["input_shape"]))
+    model.load_state_dict(record["model"])
+    return model.eval()
