@@ -53,7 +53,7 @@ def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
 
     A crash never leaves a half-written file under the real name, so a rerun
     trusts every file it finds. The temporary name keeps the suffix (``np.save``
-    needs it) and starts with a dot (globs such as ``fold*.pkl`` skip it).
+    needs it) and starts with a dot (globs such as ``fold*.json`` skip it).
     """
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     write(tmp)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from study.training.crossval import FoldResult
 from tests.conftest import VOXEL_MM, free_port, ray_cli, stop_processes_of
 
 STUDY = str(Path(sys.executable).parent / "study")
@@ -140,7 +140,7 @@ def test_a_node_lost_mid_fold_costs_only_the_epochs_since_its_checkpoint(cluster
     lost, code, output = lose_the_training_node(cluster, tmp_path)
     assert code == 0, output[-4000:]
     folds = tmp_path / "study_data" / "runs" / "multinode" / "latest" / "folds"
-    history = pickle.loads((folds / "fold0.pkl").read_bytes()).history
+    history = FoldResult.from_json((folds / "fold0.json").read_text()).history
     refit = history[history["phase"] == "refit"]
     assert sorted(refit["refit_epoch"]) == list(range(epochs))  # resumed: every epoch once, none more
     survivor = {"w1": "w2", "w2": "w1"}[lost]
@@ -169,7 +169,7 @@ def test_without_restarts_a_lost_node_stops_the_study_with_what_to_do_and_the_re
                            text=True, timeout=600)
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert "resuming study multinode" in again.stdout
-    history = pickle.loads((tmp_path / "study_data/runs/multinode/latest/folds/fold0.pkl").read_bytes()).history
+    history = FoldResult.from_json((tmp_path / "study_data/runs/multinode/latest/folds/fold0.json").read_text()).history
     assert sorted(history[history["phase"] == "refit"]["refit_epoch"]) == list(range(600))
 
 

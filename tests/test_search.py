@@ -152,7 +152,7 @@ def test_interrupted_search_study_resumes_without_duplicates(tmp_path, cohort_di
     with log.open("w") as output:
         process = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, stdout=output,
                                    stderr=subprocess.STDOUT)
-        first_fold = study_dir(config) / "latest" / "folds" / "fold0.pkl"
+        first_fold = study_dir(config) / "latest" / "folds" / "fold0.json"
         deadline = time.time() + 600
         while not first_fold.exists() and process.poll() is None and time.time() < deadline:
             time.sleep(1)

@@ -160,7 +160,7 @@ def test_concurrent_folds_share_one_sqlite_store_and_every_execution_is_kept(tmp
     assert len(runs_of(config, again)[1]) == 3
     second = (study_dir(config) / "latest").resolve()
     assert second != first and sorted(p.relative_to(first) for p in first.rglob("*")) == before
-    assert (first / "report.html").is_file() and len(list(first.glob("folds/fold*.pkl"))) == 3
+    assert (first / "report.html").is_file() and len(list(first.glob("folds/fold*.json"))) == 3
 
     # study clean lists both executions, deletes nothing without --yes, then the older one with it.
     path = tmp_path / "study.yaml"
@@ -216,3 +216,28 @@ def test_folds_the_cohort_cannot_fill_are_one_error_line(tmp_path, cohort_dir, c
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: cross-validation splits of 12 subjects: the cohort has"), err[-2000:]
     assert "lower cv.outer_folds to at most" in last and "Traceback" not in err
+
+
+def test_a_finished_fold_is_kept_as_json_that_reads_back_whole(tmp_path):
+    from ray.train import Checkpoint
+
+    from study.config import TrainConfig
+    from study.training.crossval import FoldResult, SearchResult, Trial, TrainingSetup
+    from study.training.models import Architecture
+
+    history = pd.DataFrame({"phase": ["select", "refit"], "epoch": [0.0, np.nan], "val_loss": [0.7, np.nan]})
+    trial = Trial("t1", {"width": 8, "lr": 1e-3}, history, "stopped_early", 0.61)
+    fold = FoldResult(3, TrainingSetup(Architecture(width=8), TrainConfig(epochs=5)), history,
+                      Checkpoint(str(tmp_path / "checkpoint_000001")), {"roc_auc": 0.8, "accuracy": np.float64(0.75)},
+                      pd.DataFrame({"subject_id": ["0003", "0010"], "sex": ["M", "F"], "p_male": [0.9, 0.2]}),
+                      {"training": 12.5}, SearchResult("val_loss", {"width": 8, "lr": 1e-3}, [trial]))
+    text = fold.to_json()
+    assert "pickle" not in text and json.loads(text)["fold"] == 3  # plain JSON, readable by anyone
+    back = FoldResult.from_json(text)
+    assert (back.fold, back.setup, back.test_metrics, back.seconds) == (3, fold.setup, fold.test_metrics, fold.seconds)
+    assert back.checkpoint.path == str(tmp_path / "checkpoint_000001")
+    pd.testing.assert_frame_equal(back.history, history)
+    pd.testing.assert_frame_equal(back.predictions, fold.predictions)  # ids stay strings ("0003")
+    (got,) = back.search.trials
+    assert (got.trial_id, got.params, got.status, got.score) == ("t1", trial.params, "stopped_early", 0.61)
+    assert back.search.best_trial.trial_id == "t1"

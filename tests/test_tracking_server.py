@@ -72,7 +72,7 @@ def test_study_logs_through_a_server_and_survives_its_outage(tmp_path, cohort_di
     assert study.wait(timeout=60) == 2, "".join(output[-40:])
     message = "".join(output)
     assert "stopped answering" in message and "Nothing computed is lost" in message
-    fold1 = config.output_dir / config.name / "latest" / "folds" / "fold1.pkl"
+    fold1 = config.output_dir / config.name / "latest" / "folds" / "fold1.json"
     assert fold1.exists()  # computed while the server was down, kept
     computed_at = fold1.stat().st_mtime_ns
 

@@ -157,7 +157,7 @@ class Publisher:
             tracker.log_table(parent, pd.DataFrame([vars(p) for p in prepared.excluded]), "excluded_subjects.tsv")
         tracker.log_metrics(parent, {"n_subjects": len(study.cohort.subjects), "n_male": int(study.cohort.labels.sum()),
                                      "n_excluded": len(prepared.excluded)})
-        done = len(list((study.directory / "folds").glob("fold*.pkl")))
+        done = len(list((study.directory / "folds").glob("fold*.json")))
         say(f"study {config.name}: {len(study.cohort.subjects)} subjects, {len(study.folds)} outer folds "
             f"({done} already done); execution {state.execution} in {study.directory}; MLflow run {parent} at "
             f"{tracker.uri}" + (f"; Ray storage {study.storage}" if config.storage_path else ""))

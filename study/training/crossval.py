@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import pickle
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -119,6 +118,30 @@ class FoldResult:
     def fit_accuracy(self) -> float:
         """The final model's accuracy on its own training subjects (eval mode): did it fit them at all?"""
         return float(self.history["fit_accuracy"].dropna().iloc[-1]) if "fit_accuracy" in self.history else float("nan")
+
+    def to_json(self) -> str:
+        """The fold as JSON: a rerun trusts this file, and JSON (unlike pickle) cannot run code when read."""
+        fs = self.checkpoint.filesystem
+        search = None if self.search is None else {
+            "metric": self.search.metric, "best": self.search.best,
+            "trials": [{**vars(t), "history": t.history.to_dict("records")} for t in self.search.trials]}
+        return json.dumps({
+            "fold": self.fold, "architecture": self.setup.architecture.model_dump(mode="json"),
+            "train": self.setup.train.model_dump(mode="json"), "history": self.history.to_dict("records"),
+            "checkpoint": self.checkpoint.path if fs.type_name == "local" else f"{fs.type_name}://{self.checkpoint.path}",
+            "test_metrics": self.test_metrics, "predictions": self.predictions.to_dict("records"),
+            "seconds": self.seconds, "search": search}, indent=1, default=lambda value: value.item())
+
+    @classmethod
+    def from_json(cls, text: str) -> "FoldResult":
+        """The fold of :meth:`to_json`."""
+        data = json.loads(text)
+        search = data["search"] and SearchResult(data["search"]["metric"], data["search"]["best"], [
+            Trial(**{**t, "history": pd.DataFrame(t["history"])}) for t in data["search"]["trials"]])
+        setup = TrainingSetup(Architecture(**data["architecture"]), TrainConfig.model_validate(data["train"]))
+        return cls(data["fold"], setup, pd.DataFrame(data["history"]), ray.train.Checkpoint(data["checkpoint"]),
+                   data["test_metrics"], pd.DataFrame(data["predictions"]).astype({"subject_id": str}),
+                   data["seconds"], search)
 
 
 def training_data(study: Study, train_ids: list[str], val_ids: list[str],
@@ -300,8 +323,8 @@ def cross_validate(study: Study, on_epochs: Callable[[int, list[dict]], None] | 
     finished = study.directory / "folds"
     finished.mkdir(exist_ok=True)
     done = set()
-    for path in sorted(finished.glob("fold*.pkl")):
-        result: FoldResult = pickle.loads(path.read_bytes())
+    for path in sorted(finished.glob("fold*.json")):
+        result = FoldResult.from_json(path.read_text())
         done.add(result.fold)
         yield result
     base = TrainingSetup(config.model, config.train)
@@ -341,6 +364,6 @@ def cross_validate(study: Study, on_epochs: Callable[[int, list[dict]], None] | 
             result: FoldResult = ray.get(ready[0])
         except ray.exceptions.RayError as err:
             raise StudyError(_failure_message(fold_number, err, config.resources.max_failures)) from None
-        replace_atomically(finished / f"fold{result.fold}.pkl", lambda tmp: tmp.write_bytes(pickle.dumps(result)))
+        replace_atomically(finished / f"fold{result.fold}.json", lambda tmp: tmp.write_text(result.to_json()))
         yield result
 

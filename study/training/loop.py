@@ -100,7 +100,7 @@ def save_checkpoint(directory: Path, model: BrainCNN, state: dict, **progress: A
 def load_history(checkpoint: ray.train.Checkpoint) -> list[dict[str, float]]:
     """The per-epoch metrics stored in a training checkpoint."""
     with checkpoint.as_directory() as directory:
-        return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)["history"]
+        return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)["history"]
 
 
 def load_model(checkpoint: ray.train.Checkpoint | Path, device: torch.device | str = "cpu") -> BrainCNN:
@@ -108,7 +108,7 @@ def load_model(checkpoint: ray.train.Checkpoint | Path, device: torch.device | s
     if isinstance(checkpoint, ray.train.Checkpoint):
         with checkpoint.as_directory() as directory:
             return load_model(Path(directory), device)
-    record = torch.load(Path(checkpoint) / CHECKPOINT_FILE, map_location=device, weights_only=False)
+    record = torch.load(Path(checkpoint) / CHECKPOINT_FILE, map_location=device, weights_only=True)
     return model_from_record(record).to(device)
 
 
@@ -239,7 +239,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     resumed = None
     if (checkpoint := ray.train.get_checkpoint()) is not None:
         with checkpoint.as_directory() as directory:
-            resumed = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=precision.device, weights_only=False)
+            resumed = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=precision.device, weights_only=True)
     history = resumed["history"] if resumed else []
     phase = resumed["phase"] if resumed else ("select" if data.val_ids else "refit")
     best_epoch = resumed.get("best_epoch") if resumed else None
