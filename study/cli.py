@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -123,9 +124,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray reads it once, at import
+
+
+def _local_ray_on_loopback() -> None:
+    """Make a local Ray (no ``RAY_ADDRESS`` to join) listen on 127.0.0.1 only.
+
+    On Linux Ray binds its servers (GCS, raylets, workers, metrics exporters)
+    to every interface, where the metrics answer without a token; on macOS and
+    Windows it keeps them on loopback, and this variable asks for that here.
+    Set before ``import ray``; a study that joins a cluster is left as it is.
+    """
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault(LOOPBACK_ONLY, "0")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``study`` console script; returns the exit code."""
     args = _parser().parse_args(argv)
+    _local_ray_on_loopback()
     from study import commands  # heavy imports (torch, ray) only once the arguments are valid
 
     try:

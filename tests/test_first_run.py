@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -37,6 +38,44 @@ def run_as_user(args: list[str], cwd: Path, env: dict[str, str], timeout: float 
     return subprocess.run([STUDY, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def listening_sockets(root: int) -> set[tuple[str, int, str]]:
+    """(address, port, process name) of every TCP socket listening in process ``root`` or its descendants (Linux /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            pass  # a process that just ended
+    tree, grew = {root}, True
+    while grew:
+        grown = tree | {pid for pid, parent in parents.items() if parent in tree}
+        tree, grew = grown, len(grown) > len(tree)
+    owner = {}  # socket inode -> process name
+    for pid in tree:
+        try:
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    owner[target[8:-1]] = name
+        except OSError:
+            pass
+    found = set()
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in owner:  # 0A: LISTEN
+                continue
+            address, port = fields[1].split(":")
+            raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            found.add((socket.inet_ntop(family, raw), int(port, 16), owner[fields[9]]))
+    return found
+
+
 @pytest.mark.slow
 def test_study_run_works_for_a_new_user(tmp_path, synthetic_root):
     project = tmp_path / "project"
@@ -52,9 +91,23 @@ def test_study_run_works_for_a_new_user(tmp_path, synthetic_root):
         "attribution": None,
     }))
     home = tmp_path / "home"
-    result = run_as_user(["run", "tiny.yaml"], project, new_user(home))
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
+    with (tmp_path / "study.log").open("w+") as log:
+        study = subprocess.Popen([STUDY, "run", "tiny.yaml"], cwd=project, env=new_user(home), stdout=log,
+                                 stderr=subprocess.STDOUT, text=True)
+        sockets = set()  # every listening socket of the study and the Ray it starts, while it runs
+        while study.poll() is None:
+            sockets |= listening_sockets(study.pid)
+            time.sleep(0.5)
+        study.wait(timeout=300)
+        log.seek(0)
+        output = log.read()
+    assert study.returncode == 0, output[-4000:]
+    # Nothing Ray starts for the study listens beyond loopback (on Linux it binds every interface unless told).
+    assert {"gcs_server", "raylet"} <= {name for _, _, name in sockets}, sockets
+    exposed = {(ip, port, name) for ip, port, name in sockets if ip not in LOOPBACK}
+    # The one exception, in the README: the rendezvous (torch's TCPStore) that rank 0 of each fold's training
+    # opens for torch.distributed binds every interface, and torch has no setting to keep it on loopback.
+    assert {name for _, _, name in exposed} <= {"ray::RayTrainWo"} and len(exposed) <= 2, exposed
     assert (home / ".ray" / "auth_token").is_file()  # Ray made its token: the local Ray requires it
     assert "started a local Ray" in output  # not joined to the tests' head
     assert "Traceback" not in output and "PreemptionWatcher" not in output
