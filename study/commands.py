@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import shlex
 import sys
 from pathlib import Path
@@ -17,6 +18,8 @@ from study.predict import ModelNotFoundError
 from study.runtime import RayStartError, start_ray
 from study.storage import HOME_VARIABLE, join, project_dir, remove_tree, submitted_job_id
 
+# Errors of a full or unwritable file system: a user's problem to fix, said in one line.
+NO_ROOM_OR_ACCESS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS}
 UserError = (ConfigError, CohortError, VolumeError, StudyError, TrackingError, RayStartError, ModelNotFoundError)
 
 
@@ -32,14 +35,29 @@ def run(args: argparse.Namespace) -> int:
         print(f"Ray job {job}: relative paths in {args.config} resolve under {project_dir()} "
               f"(${HOME_VARIABLE}), not in the job's temporary working directory")
     config = load_config(args.config, args.overrides)
+    again = shlex.join(["study", "run", str(args.config), *[part for o in args.overrides for part in ("--set", o)]])
     try:
         run_study(config, restart=args.restart)
     except KeyboardInterrupt:
-        again = ["run", str(args.config), *[part for o in args.overrides for part in ("--set", o)]]
         print(f"\ninterrupted: finished folds, search trials and maps are kept in {study_dir(config)}; "
-              f"resume with: study {shlex.join(again)}", file=sys.stderr)
+              f"resume with: {again}", file=sys.stderr)
         return 130
+    except Exception as err:
+        if (problem := write_failure(err, again)) is None:
+            raise
+        raise problem from None
     return 0
+
+
+def write_failure(err: Exception, again: str) -> StudyError | None:
+    """The one-line error for a full or unwritable file system (also inside a Ray task's error), else None."""
+    cause = getattr(err, "cause", None) or err
+    short_write = isinstance(cause, OSError) and cause.errno is None and cause.filename  # see replace_atomically
+    if not isinstance(cause, OSError) or not (cause.errno in NO_ROOM_OR_ACCESS or short_write):
+        return None
+    return StudyError(f"could not write {cause.filename or 'a file'}: {cause.strerror}. Free space or fix the "
+                      "permissions there (or choose another output_dir / preprocess.cache_dir); finished folds, "
+                      f"cached subjects and maps are kept, and no file was left half-written. Resume with: {again}")
 
 
 def predict(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ sanity checks;  6. everything published to MLflow, the report and the console.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,22 @@ def _check_resources(config: StudyConfig) -> None:
                                                "such a node exists.")
 
 
+def _check_writable(folders: dict[str, Path]) -> None:
+    """Refuse at once a folder the study could not write, before any work rather than after it."""
+    problems = []
+    for key, folder in folders.items():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            problems.append(f"{key} ({folder}): {err.strerror or err}")
+    if problems:
+        raise StudyError("cannot write " + "; ".join(problems) + ". Fix the permissions, free the path, or choose "
+                         "another folder (e.g. --set output_dir=... or --set preprocess.cache_dir=...).")
+
+
 def run_study(config: StudyConfig, restart: bool = False, audit: bool = False) -> str:
     """Carry out a study, or continue an unfinished execution of it.
 
@@ -82,6 +99,7 @@ def run_study(config: StudyConfig, restart: bool = False, audit: bool = False) -
     publisher = Publisher(config)  # fails fast when MLflow is unreachable
     ray_description = start_ray(config.resources.num_cpus)
     _check_resources(config)
+    _check_writable({"output_dir": config.output_dir, "preprocess.cache_dir": config.preprocess.cache_dir})
     times = StageTimes()
     with times.stage("preprocessing"):
         prepared = prepare_cohort(config.cohort, config.preprocess)

@@ -52,12 +52,18 @@ def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a hidden sibling of ``path``, then rename it to ``path``.
 
     A crash never leaves a half-written file under the real name, so a rerun
-    trusts every file it finds. The temporary name keeps the suffix (``np.save``
+    trusts every file it finds; a failed write removes its temporary file. The temporary name keeps the suffix (``np.save``
     needs it) and starts with a dot (globs such as ``fold*.json`` skip it).
     """
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as err:  # a full disk, an unwritable folder, Ctrl-C: leave no half-written file behind
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and not err.filename:  # e.g. numpy's short write: say which file
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+        raise
 
 
 def remove_tree(location: str | Path) -> None:

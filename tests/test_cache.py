@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from study.attribution.store import MapStore
 from study.data.cache import CachedVolumes, VolumeCache, collate
 from study.data.cohort import CohortConfig, load_cohort
 from study.data.volumes import preprocess_volume
+from study.storage import replace_atomically
 from tests.conftest import cache_for
 
 
@@ -86,3 +92,51 @@ def test_a_node_without_the_cache_says_which_node_and_why(tmp_path):
     cache = VolumeCache(tmp_path / "elsewhere" / "volumes.f16", ["sub-01"], (4, 4, 4), np.eye(4))
     with pytest.raises(FileNotFoundError, match=rf"not on node {socket.gethostname()}: .*shared file system"):
         cache.volumes
+
+
+def test_a_full_disk_leaves_no_half_written_cache_or_map(tmp_path):
+    # A real failing write: a file-size limit (EFBIG, as ENOSPC would be) on a process that writes a map store
+    # and a cache-sized file through replace_atomically.
+    script = """
+import resource, signal, sys
+from pathlib import Path
+import numpy as np
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+from study.attribution.store import MapStore
+from study.storage import replace_atomically
+out = Path(sys.argv[1])
+for write in (lambda: MapStore(out / "maps", [f"{i:04d}" for i in range(12)], (20, 20, 20), ["gradcam"]),
+              lambda: replace_atomically(out / "subject.npy", lambda tmp: np.save(tmp, np.ones(50_000)))):
+    try:
+        write()
+        print("written")
+    except OSError as err:
+        print("failed", err.errno)
+"""
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    # The map store's memmap fails with EFBIG; numpy's save, a short write without errno, names its file.
+    assert result.stdout.split("\n")[:2] == [f"failed {errno.EFBIG}", "failed None"], result.stdout + result.stderr[-2000:]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["maps"]  # nothing half-written
+    # With room again, the same store starts whole: every subject still to explain.
+    store = MapStore(tmp_path / "maps", [f"{i:04d}" for i in range(12)], (20, 20, 20), ["gradcam"])
+    assert store.missing(["0000", "0011"]) == ["0000", "0011"]
+
+
+def test_a_full_disk_during_a_study_is_one_line_that_says_what_to_do(tmp_path):
+    import ray.exceptions
+
+    from study.commands import write_failure
+
+    def write(tmp: Path) -> None:  # a write that meets a real ENOSPC
+        with open("/dev/full", "w") as f:
+            f.write("x")
+
+    with pytest.raises(OSError) as full:
+        replace_atomically(tmp_path / "fold0.json", write)
+    assert list(tmp_path.iterdir()) == []
+    for err in (full.value, ray.exceptions.RayTaskError("preprocess", "traceback", full.value)):
+        message = str(write_failure(err, "study run demo.yaml"))
+        assert message.startswith(f"could not write {tmp_path / 'fold0.json'}: No space left on device. Free"), message
+        assert message.endswith("Resume with: study run demo.yaml")
+    assert write_failure(ValueError("a bug"), "study run demo.yaml") is None  # not hidden as a disk problem

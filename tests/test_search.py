@@ -139,7 +139,8 @@ def test_search_never_reads_held_out_subjects_and_logs_trials(tmp_path, cohort_d
 
 
 @pytest.mark.slow
-def test_interrupted_search_study_resumes_without_duplicates(tmp_path, cohort_dir):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl_c", "killed"])
+def test_interrupted_search_study_resumes_without_duplicates(tmp_path, cohort_dir, stop):
     config = search_config(tmp_path, cohort_dir)
     (tmp_path / "config.json").write_text(config.model_dump_json())
     script = (
@@ -158,9 +159,9 @@ def test_interrupted_search_study_resumes_without_duplicates(tmp_path, cohort_di
             time.sleep(1)
         assert first_fold.exists(), "the first fold never finished:\n" + log.read_text()[-3000:]
         before = first_fold.stat().st_mtime_ns
-        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C during the second fold's search
+        os.killpg(process.pid, stop)  # Ctrl-C, or a killed driver, during the second fold's search
         code = process.wait(timeout=180)
-    assert code != 0, f"the study ignored Ctrl-C (exit {code}):\n" + log.read_text()[-5000:]
+    assert code != 0, f"the study ignored {stop.name} (exit {code}):\n" + log.read_text()[-5000:]
 
     state = json.loads((study_dir(config) / "latest" / "state.json").read_text())
     assert not state["finished"]

@@ -241,3 +241,14 @@ def test_a_finished_fold_is_kept_as_json_that_reads_back_whole(tmp_path):
     (got,) = back.search.trials
     assert (got.trial_id, got.params, got.status, got.score) == ("t1", trial.params, "stopped_early", 0.61)
     assert back.search.best_trial.trial_id == "t1"
+
+
+def test_an_unwritable_output_dir_is_refused_before_any_work(tmp_path, cohort_dir, capsys):
+    (tmp_path / "taken").write_text("a file where the study's folder should go")
+    config = study_config(tmp_path, cohort_dir, output_dir=str(tmp_path / "taken" / "runs"))
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot write output_dir ({tmp_path / 'taken' / 'runs'}): Not a directory" in err, err[-2000:]
+    assert "preprocessing" not in err and "Traceback" not in err

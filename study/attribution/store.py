@@ -25,9 +25,11 @@ class MapStore:
         self.shape = tuple(shape)
         self.methods = list(methods)
         for method in self.methods:
-            if not self._maps_path(method).exists():
-                np.memmap(self._maps_path(method), dtype=np.float16, mode="w+", shape=self._full_shape).flush()
-                np.save(self._done_path(method), np.zeros(len(self.subject_ids), dtype=bool))
+            if not self._done_path(method).exists():  # written last: it exists only beside a whole maps file
+                replace_atomically(self._maps_path(method), lambda tmp: np.memmap(
+                    tmp, dtype=np.float16, mode="w+", shape=self._full_shape).flush())
+                replace_atomically(self._done_path(method),
+                                   lambda tmp: np.save(tmp, np.zeros(len(self.subject_ids), dtype=bool)))
 
     @property
     def _full_shape(self) -> tuple[int, ...]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,19 +159,19 @@ def _assemble(
     cohort: Cohort, keys: list[str], cohort_key: str, directory: Path, grid: Grid, previous: dict
 ) -> VolumeCache:
     name = f"volumes-{cohort_key}.f16"
-    tmp = directory / f"{name}.tmp{os.getpid()}"
-    out = _open_memmap(tmp, len(keys), grid.shape, mode="w+")
-    staged = []
-    for row, key in enumerate(keys):
-        if key in previous:
-            src_path, src_row, src_index = previous[key]
-            out[row] = _open_memmap(src_path, len(src_index["source_keys"]), tuple(src_index["shape"]), "r")[src_row]
-        else:
-            staged.append(directory / "staging" / f"{key}.npy")
-            out[row] = np.load(staged[-1])
-    out.flush()
-    del out
-    os.replace(tmp, directory / name)
+    staged = [directory / "staging" / f"{key}.npy" for key in keys if key not in previous]
+
+    def write(tmp: Path) -> None:
+        out = _open_memmap(tmp, len(keys), grid.shape, mode="w+")
+        for row, key in enumerate(keys):
+            if key in previous:
+                src_path, src_row, src_index = previous[key]
+                out[row] = _open_memmap(src_path, len(src_index["source_keys"]), tuple(src_index["shape"]), "r")[src_row]
+            else:
+                out[row] = np.load(directory / "staging" / f"{key}.npy")
+        out.flush()
+
+    replace_atomically(directory / name, write)
     index = {
         "volumes": name,
         "subject_ids": cohort.ids,
