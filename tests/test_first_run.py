@@ -205,7 +205,7 @@ def test_ctrl_c_during_attribution_says_what_was_kept_and_the_rerun_goes_on(tmp_
         done = []
         deadline = time.time() + 400
         while time.time() < deadline and process.poll() is None:
-            done = list((project / "study_data/runs/maps/maps").glob("*/perturbation.done.npy"))
+            done = list((project / "study_data/runs/maps/latest/maps").glob("*/perturbation.done.npy"))
             if done and np.load(done[0]).sum() >= 2:  # a few subjects explained, the rest to come
                 break
             time.sleep(0.5)

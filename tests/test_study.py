@@ -184,7 +184,7 @@ def test_bad_subjects_refuse_the_run_and_exclude_is_opt_in(tmp_path, cohort_dir,
         run_study(config)
     message = str(err.value)
     assert "0003" in message and "sub-0003_T1w.nii.gz" in message and "on_invalid: exclude" in message
-    assert not (tmp_path / "runs").exists()  # nothing started
+    assert not (tmp_path / "runs" / "tiny").exists()  # nothing started
     cache = cache_for(load_cohort(config.cohort).exclude([]), config.preprocess)
     assert cache.computed == []  # the 11 good subjects were kept by the refused run
 
