@@ -130,19 +130,33 @@ def _hide_worker_lines(needles: Sequence[str], actors: Sequence[str]) -> None:
     dispatcher.add_handler("ray_print_logs", filtered)
 
 
+AUTOSCALER_V1_STATUS = "__autoscaling_status"  # ray_constants.DEBUG_AUTOSCALING_STATUS, written by its monitor
+
+
 def unsatisfiable(bundle: dict[str, float], what: str) -> str | None:
     """Why no node of this Ray can ever run ``bundle`` (e.g. ``{"CPU": 1, "GPU": 1}``), or None.
 
-    Checked against the largest node of each resource that the cluster has now;
-    on a local Ray that is final. ``what`` names the request in the message.
+    Checked against the nodes the cluster has now and the node types its
+    autoscaler may add (an autoscaling cluster may start with no worker at
+    all); on a local Ray that is final. ``what`` names the request in the message.
     """
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     if any(all(node.get(k, 0) >= v for k, v in bundle.items() if v) for node in nodes):
         return None
+    # Autoscaler v2 publishes its node types (Ray Train reads them the same way); v1 only its status, so
+    # with v1 nothing is refused here: its own "No available node types can fulfill" says so instead.
+    autoscaling = ray._private.state.state.get_cluster_config()
+    if autoscaling is not None:
+        nodes += [dict(group.resources) for group in autoscaling.node_group_configs if group.max_count != 0]
+        if any(all(node.get(k, 0) >= v for k, v in bundle.items() if v) for node in nodes):
+            return None
+    elif ray.experimental.internal_kv._internal_kv_get(AUTOSCALER_V1_STATUS) is not None:
+        return None
     largest = {k: max((node.get(k, 0) for node in nodes), default=0) for k in bundle}
     asked = ", ".join(f"{v:g} {k}" for k, v in bundle.items() if v)
     has = ", ".join(f"{v:g} {k}" for k, v in largest.items())
-    return f"{what} asks for {asked} on one node, but the largest node of this Ray has {has}"
+    where = "this Ray and the node types its autoscaler may add" if autoscaling is not None else "this Ray"
+    return f"{what} asks for {asked} on one node, but the largest node of {where} has {has}"
 
 
 def map_tasks(

@@ -9,6 +9,7 @@ driver that joins the head (RAY_ADDRESS, token authentication).
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -28,13 +29,21 @@ STUDY = str(Path(sys.executable).parent / "study")
 class LocalCluster:
     """A head (0 CPUs) and worker nodes (1 CPU each, labelled ``zone``) as separate ``ray start`` processes."""
 
-    def __init__(self, workers: tuple[str, ...]):
+    def __init__(self, workers: tuple[str, ...], autoscaling: dict | None = None):
         self.temp_dirs: dict[str, str] = {}
         port, self.dashboard_port = free_port(), free_port()
         self.address = f"127.0.0.1:{port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
-        self._start("head", "--head", "--num-cpus", "0", "--port", str(port), "--dashboard-host", "127.0.0.1",
-                    "--dashboard-port", str(self.dashboard_port))
+        head = ["--head", "--num-cpus", "0", "--port", str(port), "--dashboard-host", "127.0.0.1",
+                "--dashboard-port", str(self.dashboard_port)]
+        extra_env = {}
+        if autoscaling is not None:  # Ray's fake provider: the autoscaler adds worker nodes as local raylets
+            config = Path(tempfile.mkdtemp(prefix="ray-autoscaling-", dir="/tmp")) / "cluster.json"
+            autoscaling["provider"]["gcs_address"] = self.address
+            config.write_text(json.dumps(autoscaling))
+            head.append(f"--autoscaling-config={config}")
+            extra_env = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+        self._start("head", *head, extra_env=extra_env)
         for zone in workers:
             self.add(zone)
 
@@ -42,12 +51,12 @@ class LocalCluster:
         """A worker node with 1 CPU, labelled ``zone``."""
         self._start(zone, "--address", self.address, "--num-cpus", "1", "--labels", f"zone={zone}")
 
-    def _start(self, name: str, *args: str) -> None:
+    def _start(self, name: str, *args: str, extra_env: dict[str, str] | None = None) -> None:
         temp_dir = tempfile.mkdtemp(prefix=f"ray-{name}-", dir="/tmp")
         ports = ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
                  "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port())]
         started = ray_cli("start", *args, "--node-ip-address", "127.0.0.1", "--temp-dir", temp_dir, *ports,
-                          "--disable-usage-stats", env=self.env())
+                          "--disable-usage-stats", env={**self.env(), **(extra_env or {})})
         assert started.returncode == 0, started.stdout + started.stderr
         self.temp_dirs[name] = temp_dir
 
@@ -65,7 +74,7 @@ class LocalCluster:
 
     def nodes(self) -> dict[str, str]:
         """Node id -> ``head`` or the worker's zone, of the nodes alive."""
-        return {n["node_id"]: "head" if n["is_head_node"] else n["labels"]["zone"]
+        return {n["node_id"]: "head" if n["is_head_node"] else n["labels"].get("zone", "autoscaled")
                 for n in self._state("nodes", "--filter", "state=ALIVE")}
 
     def actors(self, class_name: str) -> list[dict]:
@@ -189,3 +198,59 @@ def test_a_lost_worker_is_told_apart_from_a_failing_training_by_the_errors_ray_r
     failed = _failure_message(2, task_error(ValueError("input grid too small")), 1)
     assert failed.startswith("fold 2's training failed: ValueError: input grid too small. Finished folds are kept")
     assert "max_failures" not in failed  # restarting would not help
+
+
+# What each of cluster.yaml's worker types has, scaled down to this machine (cluster.yaml lets Ray detect them).
+FAKE_RESOURCES = {"worker.gpu1": {"CPU": 1, "GPU": 1}, "worker.gpu4": {"CPU": 2, "GPU": 4}}
+
+
+def fake_autoscaling(cluster_yaml: Path) -> dict:
+    """cluster.yaml's worker types, min 0, for Ray's fake multi-node provider (workers are local raylets)."""
+    spec = yaml.safe_load(cluster_yaml.read_text())
+    workers = {name: {"resources": {**FAKE_RESOURCES[name], "object_store_memory": 100_000_000}, "node_config": {},
+                      "min_workers": 0, "max_workers": 1}
+               for name in spec["available_node_types"] if name != spec["head_node_type"]}
+    return {"cluster_name": "fake", "max_workers": 2, "upscaling_speed": spec["upscaling_speed"],
+            "idle_timeout_minutes": 0.1,  # cluster.yaml: 10
+            "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                         "disable_launch_config_check": True},
+            "available_node_types": {"ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+                                     **workers},
+            "head_node_type": "ray.head.default", "auth": {}, "docker": {}, "file_mounts": {},
+            **{key: [] for key in ("initialization_commands", "setup_commands", "head_setup_commands",
+                                   "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands",
+                                   "cluster_synced_files", "rsync_exclude", "rsync_filter")},
+            "file_mounts_sync_continuously": False}
+
+
+@pytest.mark.slow
+def test_an_autoscaling_cluster_adds_workers_for_a_study_and_removes_them_when_idle(tmp_path, cohort_dir):
+    from tests.test_study import study_config
+
+    cluster = LocalCluster((), autoscaling=fake_autoscaling(Path(__file__).parents[1] / "cluster.yaml"))
+    try:
+        assert cluster.nodes() == {next(iter(cluster.nodes())): "head"}  # min 0 workers: the head alone
+        config = study_config(tmp_path, cohort_dir)
+        (tmp_path / "study.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
+        env = {k: v for k, v in cluster.env().items() if k != "RAY_ADDRESS"}
+        with (tmp_path / "job.log").open("w+") as log:
+            # No --working-dir: the fake nodes share the head's session folder, where a removed node's runtime env
+            # would delete the package that the others run in (on a real cluster each node has its own disk).
+            job = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "job", "submit", "--address",
+                                    cluster.dashboard, "--", sys.executable, "-m", "study", "run",
+                                    str(tmp_path / "study.yaml")], env=env, stdout=log, stderr=subprocess.STDOUT)
+            added = set()
+            while job.poll() is None:
+                status = ray_cli("status", "--address", cluster.address, env=cluster.env()).stdout
+                added |= set(re.findall(r"^\s*\d+ (worker\.\w+)", status.split("Pending:")[0], re.MULTILINE))
+                time.sleep(1)
+            log.seek(0)
+            output = log.read()
+        assert job.returncode == 0, output[-4000:]
+        assert added and added <= set(FAKE_RESOURCES), added  # the study's work brought cluster.yaml's workers
+        deadline = time.time() + 120
+        while len(cluster.nodes()) > 1 and time.time() < deadline:  # idle workers go (after 6 s here)
+            time.sleep(2)
+        assert list(cluster.nodes().values()) == ["head"]
+    finally:
+        cluster.stop()

@@ -22,6 +22,7 @@ import ray
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from study.config import SEARCHABLE_TRAIN_KEYS, ResourcesConfig, TrainConfig
 from study.data.cache import CachedVolumes
@@ -328,7 +329,10 @@ def cross_validate(study: Study, on_epochs: Callable[[int, list[dict]], None] | 
         done.add(result.fold)
         yield result
     base = TrainingSetup(config.model, config.train)
-    task = ray.remote(num_cpus=0)(train_and_test)
+    # A fold's task only drives its training. It holds no resources, so an autoscaler would see its node as idle
+    # and remove it mid-fold: it runs on the driver's node (the head in a job), which is never scaled away.
+    task = ray.remote(num_cpus=0)(train_and_test).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False))
     live = LiveFiles(study.directory / "live")
     pending: dict[ray.ObjectRef, int] = {}  # a training in flight -> its fold
     queue = [f for f in study.folds if f.fold not in done]
