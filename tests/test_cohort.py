@@ -37,8 +37,8 @@ def test_clean_cohort_validates(cohort_dir, capsys):
     assert len({s.family_id for s in cohort.subjects}) < 12  # siblings share a family id
 
 
-def test_every_problem_is_reported_at_once(cohort_dir, capsys):
-    # Corrupt six subjects in six different ways, and the table in four more.
+def break_images(cohort_dir: Path) -> dict[str, tuple[str, str]]:
+    """Break one image in each way `study validate` knows; returns subject -> (file, problem) expected."""
     raw = image_of(cohort_dir, "0001").read_bytes()
     image_of(cohort_dir, "0001").write_bytes(raw[: len(raw) // 2])  # truncated gzip
     image_of(cohort_dir, "0002").unlink()  # missing file
@@ -55,6 +55,20 @@ def test_every_problem_is_reported_at_once(cohort_dir, capsys):
     orphan = image_of(cohort_dir, "0099")
     orphan.parent.mkdir(parents=True)
     orphan.write_bytes(image_of(cohort_dir, "0007").read_bytes())  # image without a subject
+    return {
+        "0001": ("sub-0001_T1w.nii.gz", "truncated or corrupt gzip"),
+        "0002": ("sub-0002/[ses-*/]anat/*_T1w.nii[.gz]", "no T1w image found"),
+        "0003": ("sub-0003_T1w.nii.gz", "expected a 3D T1w volume"),
+        "0004": ("sub-0004_T1w.nii.gz", "non-finite voxels"),
+        "0005": ("sub-0005_T1w.nii.gz", "degenerate affine"),
+        "0006": ("sub-0006_T1w.nii.gz", "not a readable NIfTI"),
+        "0099": ("sub-0099_T1w.nii.gz", "image without a row"),
+    }
+
+
+def test_every_problem_is_reported_at_once(cohort_dir, capsys):
+    # Break six images in six different ways, and the table in four more places.
+    expect = break_images(cohort_dir)
 
     def table(lines):
         lines[8] = lines[8].replace("\tM\t", "\t\t").replace("\tF\t", "\t\t")  # sub-0008: missing label
@@ -68,17 +82,10 @@ def test_every_problem_is_reported_at_once(cohort_dir, capsys):
     for line in lines:
         subject, file, message = line.split("\t")
         by_subject.setdefault(subject, []).append((file, message))
-    expect = {
-        "0001": ("sub-0001_T1w.nii.gz", "truncated or corrupt gzip"),
-        "0002": ("sub-0002/[ses-*/]anat/*_T1w.nii[.gz]", "no T1w image found"),
-        "0003": ("sub-0003_T1w.nii.gz", "expected a 3D T1w volume"),
-        "0004": ("sub-0004_T1w.nii.gz", "non-finite voxels"),
-        "0005": ("sub-0005_T1w.nii.gz", "degenerate affine"),
-        "0006": ("sub-0006_T1w.nii.gz", "not a readable NIfTI"),
+    expect |= {
         "0008": ("participants.tsv", "missing label"),
         "0009": ("participants.tsv", "unknown label 'X'"),
         "0010": ("participants.tsv", "duplicate subject id"),
-        "0099": ("sub-0099_T1w.nii.gz", "image without a row"),
     }
     assert set(by_subject) == set(expect)
     for subject, (file, message) in expect.items():

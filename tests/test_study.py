@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import mlflow
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
@@ -22,6 +23,7 @@ from study.output.tracking import TrackingError
 from study.pipeline import run_study, study_dir
 from study.training import crossval
 from tests.conftest import cache_for
+from tests.test_cohort import break_images, image_of
 
 
 def study_config(tmp_path: Path, cohort_root: Path, **sections):
@@ -176,22 +178,29 @@ def test_concurrent_folds_share_one_sqlite_store_and_every_execution_is_kept(tmp
     assert runs_of(config, parent_id)[0].info.status == "FINISHED"  # MLflow keeps the deleted execution's runs
 
 
-def test_bad_subjects_refuse_the_run_and_exclude_is_opt_in(tmp_path, cohort_dir, capsys):
-    bad = cohort_dir / "sub-0003/anat/sub-0003_T1w.nii.gz"
-    bad.write_bytes(bad.read_bytes()[:200])
+def test_every_kind_of_bad_image_refuses_the_run_and_exclude_is_opt_in(tmp_path, cohort_dir):
     config = study_config(tmp_path, cohort_dir)
+    prepare_cohort(config.cohort, config.preprocess)  # every subject cached by an earlier run
+    expect = break_images(cohort_dir)
+    img = nib.load(image_of(cohort_dir, "0008"))
+    moved = img.affine.copy()
+    moved[:3, 3] += [0, 40, 0]  # not registered to MNI152
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), moved), image_of(cohort_dir, "0008"))
+    expect["0008"] = ("sub-0008_T1w.nii.gz", "overlaps the MNI152 brain mask")
+
     with pytest.raises(StudyError) as err:
         run_study(config)
-    message = str(err.value)
-    assert "0003" in message and "sub-0003_T1w.nii.gz" in message and "on_invalid: exclude" in message
+    lines = str(err.value).splitlines()
+    assert lines[-1].startswith("Fix them and run again") and "on_invalid: exclude" in lines[-1]
+    for subject, (file, problem) in expect.items():  # every bad image named, with its file and problem
+        assert any(line.strip().startswith(subject) and file in line and problem in line for line in lines), subject
     assert not (tmp_path / "runs" / "tiny").exists()  # nothing started
-    cache = cache_for(load_cohort(config.cohort).exclude([]), config.preprocess)
-    assert cache.computed == []  # the 11 good subjects were kept by the refused run
 
     excluded = config.model_copy(deep=True)
     excluded.cohort.on_invalid = "exclude"
     prepared = prepare_cohort(excluded.cohort, excluded.preprocess)
-    assert len(prepared.cohort.subjects) == 11 and [p.subject for p in prepared.excluded] == ["0003"]
+    assert {p.subject for p in prepared.excluded} == set(expect)
+    assert len(prepared.cohort.subjects) == 12 - 7 and prepared.preprocessed == 0  # nothing computed again
 
 
 def test_unreachable_tracking_server_fails_fast(tmp_path, cohort_dir):
