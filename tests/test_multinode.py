@@ -9,8 +9,9 @@ driver that joins the head (RAY_ADDRESS, token authentication).
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -122,9 +123,11 @@ def test_trainings_and_actors_run_on_the_worker_nodes(cluster, tmp_path, synthet
         assert placed and "head" not in placed, (kind, placed)
 
 
-def lose_the_training_node(cluster: LocalCluster, project: Path) -> tuple[str, int, str]:
-    """Run the study in ``project``; once fold 0 has a checkpoint, remove the node that trains it (mid-fold:
-    1 s checkpoints, hundreds of epochs to go). Returns the node's zone, the study's exit code and its output."""
+def interrupt_the_training(cluster: LocalCluster, project: Path, lose: str = "node") -> tuple[str, int, str]:
+    """Run the study in ``project``; once fold 0 has a checkpoint (mid-fold: 1 s checkpoints, hundreds of epochs
+    to go), remove the node that trains it (``lose="node"``, as a preempted instance goes) or kill the training
+    worker's process (``"worker"``, found through Ray's state API). Returns the node's zone, the study's exit
+    code and its output."""
     log = project / "study.log"
     with log.open("w") as output:
         process = subprocess.Popen([STUDY, "run", "study.yaml"], cwd=project, env=cluster.env(), stdout=output,
@@ -136,25 +139,31 @@ def lose_the_training_node(cluster: LocalCluster, project: Path) -> tuple[str, i
             time.sleep(0.2)
         (training,) = [a for a in cluster.actors("RayTrainWorker") if a["state"] == "ALIVE"]
         lost = cluster.nodes()[training["node_id"]]
-        cluster.remove(lost)
+        if lose == "node":
+            cluster.remove(lost)
+        else:
+            os.kill(training["pid"], signal.SIGKILL)
         code = process.wait(timeout=600)
     return lost, code, log.read_text()
 
 
 @pytest.mark.slow
-def test_a_node_lost_mid_fold_costs_only_the_epochs_since_its_checkpoint(cluster, tmp_path, synthetic_root):
+@pytest.mark.parametrize("lose", ["worker", "node"])  # the worker first: the node test leaves one worker node
+def test_a_worker_or_node_lost_mid_fold_costs_only_the_epochs_since_its_checkpoint(cluster, tmp_path, synthetic_root,
+                                                                                    lose):
     epochs = 600
     write_config(tmp_path, synthetic_root, train={"epochs": epochs, "batch_size": 4},
                  resources={"max_failures": 1, "checkpoint_every_s": 1.0})
-    lost, code, output = lose_the_training_node(cluster, tmp_path)
+    lost, code, output = interrupt_the_training(cluster, tmp_path, lose)
     assert code == 0, output[-4000:]
     folds = tmp_path / "study_data" / "runs" / "multinode" / "latest" / "folds"
     history = FoldResult.from_json((folds / "fold0.json").read_text()).history
     refit = history[history["phase"] == "refit"]
     assert sorted(refit["refit_epoch"]) == list(range(epochs))  # resumed: every epoch once, none more
-    survivor = {"w1": "w2", "w2": "w1"}[lost]
-    alive = cluster.nodes()
-    assert survivor in {alive.get(a["node_id"]) for a in cluster.actors("RayTrainWorker")}  # went on elsewhere
+    if lose == "node":
+        survivor = {"w1": "w2", "w2": "w1"}[lost]
+        alive = cluster.nodes()
+        assert survivor in {alive.get(a["node_id"]) for a in cluster.actors("RayTrainWorker")}  # went on elsewhere
     live = [json.loads(l) for l in (folds.parent / "live" / "fold0.jsonl").read_text().splitlines()]
     repeated = len(live) - epochs  # epochs trained twice: those after the last checkpoint before the loss
     assert 0 <= repeated < epochs / 2, repeated
@@ -165,7 +174,7 @@ def test_without_restarts_a_lost_node_stops_the_study_with_what_to_do_and_the_re
                                                                                             synthetic_root):
     write_config(tmp_path, synthetic_root, train={"epochs": 600, "batch_size": 4},
                  resources={"max_failures": 0, "checkpoint_every_s": 1.0})
-    _, code, output = lose_the_training_node(cluster, tmp_path)
+    _, code, output = interrupt_the_training(cluster, tmp_path)
     assert code == 2, output[-4000:]
     # One line of the study's own (Ray's controller may log the crash it saw, prefixed with its pid).
     assert not [line for line in output.splitlines() if "Traceback" in line and "pid=" not in line], output[-4000:]
