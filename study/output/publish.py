@@ -336,15 +336,15 @@ class Publisher:
                          "held-out subjects. CNN training accuracy: the final model on its own training subjects (no "
                          "augmentation); near 0.5 means it never fitted them. The linear baseline is an l2 logistic "
                          "regression on the same voxels, its C chosen on the same inner splits.")
-        significance = pd.DataFrame([
+        significance = pd.DataFrame([  # p: the CNN and the baseline vs chance; their difference by DeLong
             {"model": "CNN", "pooled ROC AUC": evaluation.cnn.auc, "95% CI low": evaluation.cnn.low,
-             "95% CI high": evaluation.cnn.high, "p (vs chance)": evaluation.cnn_p},
+             "95% CI high": evaluation.cnn.high, "p": format_p(evaluation.cnn_p)},
             *([{"model": "linear baseline", "pooled ROC AUC": evaluation.baseline.auc,
                 "95% CI low": evaluation.baseline.low, "95% CI high": evaluation.baseline.high,
-                "p (vs chance)": evaluation.baseline_p},
+                "p": format_p(evaluation.baseline_p)},
                {"model": "CNN - linear", "pooled ROC AUC": evaluation.difference.auc,
                 "95% CI low": evaluation.difference.low, "95% CI high": evaluation.difference.high,
-                "p (vs chance)": evaluation.difference_p}] if evaluation.baseline else []),
+                "p": format_p(evaluation.difference_p)}] if evaluation.baseline else []),
         ])
         confound = ""
         if evaluation.brain_volume is not None:
@@ -355,8 +355,9 @@ class Publisher:
                         "native images, which a nonlinear registration largely removes.")
         report.add_table("Is it a finding? Pooled held-out ROC AUC with confidence intervals", significance,
                          "Every subject's prediction comes from the one model that never saw it. Intervals: DeLong. "
-                         f"p vs chance: {evaluation.permutations} label permutations within outer folds (one-sided). "
-                         "CNN - linear: DeLong's paired test (two-sided)." + confound)
+                         f"p of the CNN and of the baseline: against chance, by {evaluation.permutations} label "
+                         "permutations within outer folds (one-sided). p of CNN - linear: DeLong's paired test of the "
+                         "difference (two-sided)." + confound)
         report.add_images("ROC curves", [("ROC per outer fold (male = positive)", roc)])
         if self.config.search:
             chosen = pd.DataFrame([{"fold": r.fold, **{k: str(v) for k, v in sorted(r.search.best.items())}}
