@@ -77,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Every `study run` that starts afresh (a changed --set, --restart, a rerun of a finished "
         "study) is a new execution in output_dir/<name>/<execution>/ with its own checkpoints, maps and report; "
         "nothing deletes an earlier one. `study clean CONFIG` lists them (status, config, size, MLflow run) and "
-        "which it would delete: all but the newest --keep. Nothing is deleted without --yes. MLflow runs and "
+        "which it would delete: all but the newest --keep, never the one `latest` points to (run or resumed "
+        "last), and unfinished ones only with --unfinished. Nothing is deleted without --yes. MLflow runs and "
         "the preprocessing cache are kept. Do not clean a study while it runs.",
     )
     clean.add_argument("config", type=Path, help="the study's YAML (with the same --set values as its run)")
@@ -85,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="override a config key, as for `study run` (name and output_dir find the study)")
     clean.add_argument("--keep", type=int, default=1, metavar="N",
                        help="keep the newest N executions (default %(default)s)")
+    clean.add_argument("--unfinished", action="store_true",
+                       help="also delete older unfinished executions (kept by default: a rerun resumes them)")
     clean.add_argument("--yes", action="store_true", help="delete; without it, only list what would be deleted")
 
     validate = commands.add_parser(

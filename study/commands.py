@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import shlex
 import sys
 from pathlib import Path
@@ -16,10 +15,8 @@ from study.data.volumes import VolumeError
 from study.output.tracking import TrackingError, tracking_uri
 from study.predict import ModelNotFoundError
 from study.runtime import RayStartError, start_ray
-from study.storage import HOME_VARIABLE, join, project_dir, remove_tree, submitted_job_id
+from study.storage import HOME_VARIABLE, WriteError, join, project_dir, remove_tree, submitted_job_id
 
-# Errors of a full or unwritable file system: a user's problem to fix, said in one line.
-NO_ROOM_OR_ACCESS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS}
 UserError = (ConfigError, CohortError, VolumeError, StudyError, TrackingError, RayStartError, ModelNotFoundError)
 
 
@@ -50,14 +47,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def write_failure(err: Exception, again: str) -> StudyError | None:
-    """The one-line error for a full or unwritable file system (also inside a Ray task's error), else None."""
+    """The one-line error for a file the study could not write (also inside a Ray task's error), else None."""
     cause = getattr(err, "cause", None) or err
-    short_write = isinstance(cause, OSError) and cause.errno is None and cause.filename  # see replace_atomically
-    if not isinstance(cause, OSError) or not (cause.errno in NO_ROOM_OR_ACCESS or short_write):
+    if not isinstance(cause, WriteError):
         return None
-    return StudyError(f"could not write {cause.filename or 'a file'}: {cause.strerror}. Free space or fix the "
-                      "permissions there (or choose another output_dir / preprocess.cache_dir); finished folds, "
-                      f"cached subjects and maps are kept, and no file was left half-written. Resume with: {again}")
+    return StudyError(f"could not write {cause.filename}: {cause.strerror}. Free space or fix the permissions "
+                      "there (or choose another output_dir / preprocess.cache_dir); finished folds, cached subjects "
+                      f"and maps are kept, and no file was left half-written. Resume with: {again}")
 
 
 def predict(args: argparse.Namespace) -> int:
@@ -99,18 +95,30 @@ def clean(args: argparse.Namespace) -> int:
     from study.pipeline import study_dir
     from study.state import LATEST, config_hash, list_executions
 
+    if args.keep < 1:
+        raise StudyError(f"--keep {args.keep}: keep at least the newest execution (--keep 1)")
     config = load_config(args.config, args.overrides)
     directory = study_dir(config)
     executions = list_executions(directory)
     if not executions:
         print(f"study {config.name} has no executions in {directory}")
         return 0
-    doomed = executions[:max(len(executions) - args.keep, 0)]
+    latest = (directory / LATEST).resolve()
+
+    def verdict(index: int, path: Path, finished: bool) -> str:
+        if index >= len(executions) - args.keep:
+            return "keep"
+        if path.resolve() == latest:
+            return "keep (latest: run or resumed last)"
+        return "delete" if finished or args.unfinished else "keep (unfinished: a rerun resumes it; --unfinished)"
+
+    verdicts = [verdict(i, path, state.finished) for i, (path, state) in enumerate(executions)]
+    doomed = [execution for execution, v in zip(executions, verdicts) if v == "delete"]
     this_config = config_hash(config)
     rows = [(path.name, "finished" if state.finished else "unfinished",
              "this config" if state.config_hash == this_config else "other config",
-             f"{_megabytes(path):.1f} MB", state.parent_run or "-", "delete" if i < len(doomed) else "keep")
-            for i, (path, state) in enumerate(executions)]
+             f"{_megabytes(path):.1f} MB", state.parent_run or "-", v)
+            for (path, state), v in zip(executions, verdicts)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     print(f"executions of study {config.name} in {directory} (oldest first; MLflow run of each):")
     for row in rows:
@@ -126,9 +134,6 @@ def clean(args: argparse.Namespace) -> int:
         if config.storage_path:  # Ray storage in a bucket, outside the execution's directory
             remove_tree(join(config.storage_path, config.name, state.execution))
         remove_tree(path)
-    link = directory / LATEST
-    if link.is_symlink() and not link.exists():
-        link.unlink()
     print(f"deleted {len(doomed)} execution(s), {total:.1f} MB. Their MLflow runs, logged models and registered "
           f"versions are kept (delete them in the MLflow UI); the preprocessing cache in "
           f"{config.preprocess.cache_dir} is shared by studies of the cohort and kept")

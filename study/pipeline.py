@@ -71,7 +71,7 @@ def _check_writable(folders: dict[str, Path]) -> None:
             problems.append(f"{key} ({folder}): {err.strerror or err}")
     if problems:
         raise StudyError("cannot write " + "; ".join(problems) + ". Fix the permissions, free the path, or choose "
-                         "another folder (e.g. --set output_dir=... or --set preprocess.cache_dir=...).")
+                         "another folder (e.g. --set output_dir=...).")
 
 
 def run_study(config: StudyConfig, restart: bool = False, audit: bool = False) -> str:
@@ -99,7 +99,7 @@ def run_study(config: StudyConfig, restart: bool = False, audit: bool = False) -
     publisher = Publisher(config)  # fails fast when MLflow is unreachable
     ray_description = start_ray(config.resources.num_cpus)
     _check_resources(config)
-    _check_writable({"output_dir": config.output_dir, "preprocess.cache_dir": config.preprocess.cache_dir})
+    _check_writable({"output_dir": config.output_dir})  # a finished cache may be read-only: its writes say so
     times = StageTimes()
     with times.stage("preprocessing"):
         prepared = prepare_cohort(config.cohort, config.preprocess)

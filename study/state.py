@@ -68,12 +68,12 @@ class StudyState:
         replace_atomically(self.path(directory), lambda tmp: tmp.write_text(json.dumps(asdict(self), indent=1)))
 
 
-LATEST = "latest"  # <study dir>/latest: a link to the newest execution (stable path to its report)
+LATEST = "latest"  # <study dir>/latest: a link to the execution run or resumed last (stable path to its report)
 
 
 def new_execution_id() -> str:
-    """A new execution's name: when it started (sorts by time) and a few random characters."""
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:4]
+    """A new execution's name: when it started, in UTC (sorts by time anywhere), and a few random characters."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:4]
 
 
 def list_executions(study_directory: Path) -> list[tuple[Path, StudyState]]:

@@ -48,12 +48,18 @@ def join(location: str | Path, *parts: str) -> str:
     return str(Path(location).joinpath(*parts))
 
 
+class WriteError(OSError):
+    """A file the study could not write (a full disk, an unwritable folder); nothing half-written was left."""
+
+
 def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a hidden sibling of ``path``, then rename it to ``path``.
 
     A crash never leaves a half-written file under the real name, so a rerun
-    trusts every file it finds; a failed write removes its temporary file. The temporary name keeps the suffix (``np.save``
-    needs it) and starts with a dot (globs such as ``fold*.json`` skip it).
+    trusts every file it finds. A failed write removes its temporary file and
+    raises :class:`WriteError` naming ``path``. The temporary name keeps the
+    suffix (``np.save`` needs it) and starts with a dot (globs such as
+    ``fold*.json`` skip it).
     """
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
@@ -61,15 +67,26 @@ def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     except BaseException as err:  # a full disk, an unwritable folder, Ctrl-C: leave no half-written file behind
         tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError) and not err.filename:  # e.g. numpy's short write: say which file
-            raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+        if isinstance(err, OSError):  # numpy's short writes have no errno nor file name: say which file
+            raise WriteError(err.errno, err.strerror or str(err), str(path)) from err
         raise
+
+
+def allocate(path: Path, nbytes: int) -> None:
+    """Create ``path`` with ``nbytes`` reserved on disk, before it is memory-mapped for writing.
+
+    A sparse memmap on a disk that fills kills the process (SIGBUS) when a page
+    is first written; reserved space fails here instead, as an ``OSError``.
+    """
+    with open(path, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, nbytes)
 
 
 def remove_tree(location: str | Path) -> None:
     """Delete a folder and everything in it, on a file system or in a bucket (``s3://``, ``gs://``); gone is fine."""
     if not is_uri(str(location)):
-        shutil.rmtree(location, ignore_errors=True)
+        if Path(location).exists():
+            shutil.rmtree(location)
         return
     import pyarrow.fs
 

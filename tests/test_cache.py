@@ -128,13 +128,14 @@ def test_a_full_disk_during_a_study_is_one_line_that_says_what_to_do(tmp_path):
 
     from study.commands import write_failure
 
-    def write(tmp: Path) -> None:  # a write that meets a real ENOSPC
+    def write(tmp: Path) -> None:  # half a file written, then a real ENOSPC
+        tmp.write_text("{\"fold\": 0, ")
         with open("/dev/full", "w") as f:
             f.write("x")
 
     with pytest.raises(OSError) as full:
         replace_atomically(tmp_path / "fold0.json", write)
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # neither the fold nor its half-written temporary file
     for err in (full.value, ray.exceptions.RayTaskError("preprocess", "traceback", full.value)):
         message = str(write_failure(err, "study run demo.yaml"))
         assert message.startswith(f"could not write {tmp_path / 'fold0.json'}: No space left on device. Free"), message

@@ -172,6 +172,7 @@ def test_concurrent_folds_share_one_sqlite_store_and_every_execution_is_kept(tmp
     listing = capsys.readouterr().out
     assert f"{first.name}  finished  this config" in listing and parent_id in listing and again in listing
     assert "would delete 1 execution(s)" in listing and first.is_dir()
+    assert main(["clean", str(path), "--keep", "0", "--yes"]) == 2 and first.is_dir()  # refused, nothing deleted
     assert main(["clean", str(path), "--yes"]) == 0
     assert "deleted 1 execution(s)" in capsys.readouterr().out
     assert not first.exists() and (study_dir(config) / "latest" / "report.html").is_file()

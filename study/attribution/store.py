@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from study.storage import replace_atomically
+from study.storage import allocate, replace_atomically
 
 
 class MapStore:
@@ -26,8 +26,9 @@ class MapStore:
         self.methods = list(methods)
         for method in self.methods:
             if not self._done_path(method).exists():  # written last: it exists only beside a whole maps file
-                replace_atomically(self._maps_path(method), lambda tmp: np.memmap(
-                    tmp, dtype=np.float16, mode="w+", shape=self._full_shape).flush())
+                # Disk space reserved now: a full disk fails here, not with a SIGBUS when a map is written.
+                replace_atomically(self._maps_path(method), lambda tmp: allocate(
+                    tmp, int(np.prod(self._full_shape)) * np.dtype(np.float16).itemsize))
                 replace_atomically(self._done_path(method),
                                    lambda tmp: np.save(tmp, np.zeros(len(self.subject_ids), dtype=bool)))
 

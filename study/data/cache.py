@@ -26,7 +26,7 @@ import torch
 from study.data.cohort import Cohort, Problem
 from study.data.volumes import Grid, preprocess_volume
 from study.runtime import map_tasks
-from study.storage import replace_atomically
+from study.storage import allocate, replace_atomically
 
 PREPROCESS_VERSION = 1  # bump when preprocess_volume changes its output
 
@@ -85,6 +85,9 @@ def params_key(grid: Grid, normalize: str) -> str:
 
 
 def _open_memmap(path: Path, n: int, shape: tuple[int, ...], mode: str) -> np.ndarray:
+    if mode == "w+":  # disk space reserved first: a full disk is an error here, not a SIGBUS mid-write
+        allocate(path, n * int(np.prod(shape)) * np.dtype(np.float16).itemsize)
+        mode = "r+"
     return np.memmap(path, dtype=np.float16, mode=mode, shape=(n, *shape))
 
 
@@ -159,7 +162,7 @@ def _assemble(
     cohort: Cohort, keys: list[str], cohort_key: str, directory: Path, grid: Grid, previous: dict
 ) -> VolumeCache:
     name = f"volumes-{cohort_key}.f16"
-    staged = [directory / "staging" / f"{key}.npy" for key in keys if key not in previous]
+    staged = {key: directory / "staging" / f"{key}.npy" for key in keys if key not in previous}
 
     def write(tmp: Path) -> None:
         out = _open_memmap(tmp, len(keys), grid.shape, mode="w+")
@@ -168,7 +171,7 @@ def _assemble(
                 src_path, src_row, src_index = previous[key]
                 out[row] = _open_memmap(src_path, len(src_index["source_keys"]), tuple(src_index["shape"]), "r")[src_row]
             else:
-                out[row] = np.load(directory / "staging" / f"{key}.npy")
+                out[row] = np.load(staged[key])
         out.flush()
 
     replace_atomically(directory / name, write)
@@ -181,7 +184,7 @@ def _assemble(
     }
     index_path = directory / f"index-{cohort_key}.json"
     replace_atomically(index_path, lambda tmp: tmp.write_text(json.dumps(index)))
-    for path in staged:
+    for path in staged.values():
         path.unlink(missing_ok=True)
     _remove_superseded(directory, keep=index_path)
     return _open_cache(index_path)

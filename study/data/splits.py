@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from study.storage import replace_atomically
+
 
 @dataclass(frozen=True)
 class Split:
@@ -161,7 +163,8 @@ def make_splits(
 def save_splits(folds: list[OuterFold], path: Path, made_for: str) -> None:
     """Write ``splits.json``: the folds and what they were made for (cohort fingerprint and CV settings)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"cohort": made_for, "folds": [asdict(f) for f in folds]}, indent=1))
+    text = json.dumps({"cohort": made_for, "folds": [asdict(f) for f in folds]}, indent=1)
+    replace_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def load_splits(path: Path) -> tuple[str, list[OuterFold]]:

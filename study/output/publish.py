@@ -34,6 +34,7 @@ from study.output.report import Report
 from study.output.tracking import Tracker, TrackingError, is_tracking_failure, tracking_uri
 from study.predict import Ensemble
 from study.state import Study
+from study.storage import replace_atomically
 from study.training.baseline import BaselineResult
 from study.training.crossval import FoldResult, SearchResult
 from study.training.evaluation import Evaluation, format_p
@@ -532,7 +533,8 @@ class Publisher:
         self.report.add_table("Where the time went", times,
                               "Seconds per stage; fold stages are summed over folds, which may run at once.")
         report_path = study.directory / "report.html"
-        report_path.write_text(self.report.html())
+        html = self.report.html()
+        replace_atomically(report_path, lambda tmp: tmp.write_text(html))
         tracker.log_file(parent, report_path)
         tracker.set_tags(parent, {"study.progress": "finished"})
         tracker.end(parent)

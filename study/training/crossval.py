@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs
 import ray
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -122,25 +123,25 @@ class FoldResult:
 
     def to_json(self) -> str:
         """The fold as JSON: a rerun trusts this file, and JSON (unlike pickle) cannot run code when read."""
-        fs = self.checkpoint.filesystem
         search = None if self.search is None else {
             "metric": self.search.metric, "best": self.search.best,
             "trials": [{**vars(t), "history": t.history.to_dict("records")} for t in self.search.trials]}
         return json.dumps({
             "fold": self.fold, "architecture": self.setup.architecture.model_dump(mode="json"),
             "train": self.setup.train.model_dump(mode="json"), "history": self.history.to_dict("records"),
-            "checkpoint": self.checkpoint.path if fs.type_name == "local" else f"{fs.type_name}://{self.checkpoint.path}",
+            "checkpoint": self.checkpoint.path,  # within Ray storage's file system, given back to from_json
             "test_metrics": self.test_metrics, "predictions": self.predictions.to_dict("records"),
             "seconds": self.seconds, "search": search}, indent=1, default=lambda value: value.item())
 
     @classmethod
-    def from_json(cls, text: str) -> "FoldResult":
-        """The fold of :meth:`to_json`."""
+    def from_json(cls, text: str, filesystem: pyarrow.fs.FileSystem | None = None) -> "FoldResult":
+        """The fold of :meth:`to_json`; ``filesystem``: that of the Ray storage holding its checkpoint (local if None)."""
         data = json.loads(text)
         search = data["search"] and SearchResult(data["search"]["metric"], data["search"]["best"], [
             Trial(**{**t, "history": pd.DataFrame(t["history"])}) for t in data["search"]["trials"]])
         setup = TrainingSetup(Architecture(**data["architecture"]), TrainConfig.model_validate(data["train"]))
-        return cls(data["fold"], setup, pd.DataFrame(data["history"]), ray.train.Checkpoint(data["checkpoint"]),
+        return cls(data["fold"], setup, pd.DataFrame(data["history"]),
+                   ray.train.Checkpoint(data["checkpoint"], filesystem or pyarrow.fs.LocalFileSystem()),
                    data["test_metrics"], pd.DataFrame(data["predictions"]).astype({"subject_id": str}),
                    data["seconds"], search)
 
@@ -325,7 +326,7 @@ def cross_validate(study: Study, on_epochs: Callable[[int, list[dict]], None] | 
     finished.mkdir(exist_ok=True)
     done = set()
     for path in sorted(finished.glob("fold*.json")):
-        result = FoldResult.from_json(path.read_text())
+        result = FoldResult.from_json(path.read_text(), pyarrow.fs.FileSystem.from_uri(study.storage)[0])
         done.add(result.fold)
         yield result
     base = TrainingSetup(config.model, config.train)
