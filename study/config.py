@@ -101,6 +101,10 @@ class ResourcesConfig(_Section):
     max_failures: int = Field(0, ge=0)
     # How often a final fit saves a checkpoint to resume from (each save costs Ray Train about 2 s).
     checkpoint_every_s: float = Field(30.0, gt=0)
+    # An autoscaling cluster (cluster.yaml) adds the nodes a study asks for: do not refuse a request that no
+    # node can run yet. Off: a request no node has is refused at start (an autoscaler v2 cluster's node types
+    # count as nodes; a v1 cluster, as `ray up` starts by default, publishes none).
+    wait_for_nodes: bool = False
 
     @property
     def worker_bundle(self) -> dict[str, float]:

@@ -47,6 +47,8 @@ def open_study(config: StudyConfig, prepared: PreparedCohort, restart: bool = Fa
 def _check_resources(config: StudyConfig) -> None:
     """Refuse at once what this Ray can never run, instead of waiting for it forever."""
     resources = config.resources
+    if resources.wait_for_nodes:
+        return
     problems = [unsatisfiable(resources.worker_bundle, "a training worker (resources.cpus_per_worker, "
                                                        "gpus_per_worker, use_gpu)")]
     if config.attribution is not None and resources.use_gpu:
@@ -55,7 +57,8 @@ def _check_resources(config: StudyConfig) -> None:
     problems = [p for p in problems if p]
     if problems:
         raise StudyError("; ".join(problems) + ". Lower the request, set resources.use_gpu=false, or run where "
-                                               "such a node exists.")
+                                               "such a node exists (on an autoscaling cluster that adds it: "
+                                               "resources.wait_for_nodes=true).")
 
 
 def _check_writable(folders: dict[str, Path]) -> None:

@@ -10,7 +10,6 @@ nothing about studies, configs or MLflow.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 from collections.abc import Callable, Iterator, Sequence
@@ -131,10 +130,6 @@ def _hide_worker_lines(needles: Sequence[str], actors: Sequence[str]) -> None:
     dispatcher.add_handler("ray_print_logs", filtered)
 
 
-AUTOSCALER_V1_STATUS = "__autoscaling_status"  # ray_constants.DEBUG_AUTOSCALING_STATUS: the head's monitor writes it,
-# with an "autoscaler_report" only where an autoscaler runs (ray start --autoscaling-config, ray up)
-
-
 def unsatisfiable(bundle: dict[str, float], what: str) -> str | None:
     """Why no node of this Ray can ever run ``bundle`` (e.g. ``{"CPU": 1, "GPU": 1}``), or None.
 
@@ -143,13 +138,11 @@ def unsatisfiable(bundle: dict[str, float], what: str) -> str | None:
     all); on a local Ray that is final. ``what`` names the request in the message.
     """
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    # Autoscaler v2 publishes its node types (Ray Train reads them the same way); v1 only its status, so
-    # with v1 nothing is refused here: its own "No available node types can fulfill" says so instead.
+    # The node types an autoscaler may add: v2 publishes them in the GCS (Ray Train reads them the same way).
+    # A v1 autoscaler does not: there resources.wait_for_nodes says that nodes will come.
     autoscaling = ray._private.state.state.get_cluster_config()
     if autoscaling is not None:
         nodes += [dict(group.resources) for group in autoscaling.node_group_configs if group.max_count != 0]
-    elif "autoscaler_report" in json.loads(ray.experimental.internal_kv._internal_kv_get(AUTOSCALER_V1_STATUS) or "{}"):
-        return None
     if any(all(node.get(k, 0) >= v for k, v in bundle.items() if v) for node in nodes):
         return None
     largest = {k: max((node.get(k, 0) for node in nodes), default=0) for k in bundle}

@@ -239,7 +239,8 @@ def test_an_autoscaling_cluster_adds_workers_for_a_study_and_removes_them_when_i
     cluster = LocalCluster((), autoscaling=fake_autoscaling(Path(__file__).parents[1] / "cluster.yaml"))
     try:
         assert cluster.nodes() == {next(iter(cluster.nodes())): "head"}  # min 0 workers: the head alone
-        config = study_config(tmp_path, cohort_dir)
+        # As paper.yaml on cluster.yaml: the GPU nodes are not up yet; the study must not be refused for it.
+        config = study_config(tmp_path, cohort_dir, resources={"wait_for_nodes": True})
         (tmp_path / "study.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
         env = {k: v for k, v in cluster.env().items() if k != "RAY_ADDRESS"}
         with (tmp_path / "job.log").open("w+") as log:
