@@ -79,7 +79,10 @@ def allocate(path: Path, nbytes: int) -> None:
     is first written; reserved space fails here instead, as an ``OSError``.
     """
     with open(path, "wb") as f:
-        os.posix_fallocate(f.fileno(), 0, nbytes)
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(f.fileno(), 0, nbytes)
+        else:  # macOS has no posix_fallocate: a sparse file, as numpy's memmap would make
+            f.truncate(nbytes)
 
 
 def remove_tree(location: str | Path) -> None:
