@@ -115,9 +115,10 @@ def clean(args: argparse.Namespace) -> int:
     verdicts = [verdict(i, path, state.finished) for i, (path, state) in enumerate(executions)]
     doomed = [execution for execution, v in zip(executions, verdicts) if v == "delete"]
     this_config = config_hash(config)
+    size = {path: _megabytes(path) for path, _ in executions}
     rows = [(path.name, "finished" if state.finished else "unfinished",
              "this config" if state.config_hash == this_config else "other config",
-             f"{_megabytes(path):.1f} MB", state.parent_run or "-", v)
+             f"{size[path]:.1f} MB", state.parent_run or "-", v)
             for (path, state), v in zip(executions, verdicts)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     print(f"executions of study {config.name} in {directory} (oldest first; MLflow run of each):")
@@ -126,7 +127,7 @@ def clean(args: argparse.Namespace) -> int:
     if not doomed:
         print(f"nothing to delete: {len(executions)} execution(s), --keep {args.keep}")
         return 0
-    total = sum(_megabytes(path) for path, _ in doomed)
+    total = sum(size[path] for path, _ in doomed)
     if not args.yes:
         print(f"would delete {len(doomed)} execution(s), {total:.1f} MB; run again with --yes to delete them")
         return 0

@@ -61,20 +61,16 @@ def _check_resources(config: StudyConfig) -> None:
                                                "resources.wait_for_nodes=true).")
 
 
-def _check_writable(folders: dict[str, Path]) -> None:
+def _check_writable(key: str, folder: Path) -> None:
     """Refuse at once a folder the study could not write, before any work rather than after it."""
-    problems = []
-    for key, folder in folders.items():
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            probe = folder / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as err:
-            problems.append(f"{key} ({folder}): {err.strerror or err}")
-    if problems:
-        raise StudyError("cannot write " + "; ".join(problems) + ". Fix the permissions, free the path, or choose "
-                         "another folder (e.g. --set output_dir=...).")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise StudyError(f"cannot write {key} ({folder}): {err.strerror or err}. Fix the permissions, free the "
+                         f"path, or choose another folder (e.g. --set {key}=...).") from None
 
 
 def run_study(config: StudyConfig, restart: bool = False, audit: bool = False) -> str:
@@ -102,7 +98,7 @@ def run_study(config: StudyConfig, restart: bool = False, audit: bool = False) -
     publisher = Publisher(config)  # fails fast when MLflow is unreachable
     ray_description = start_ray(config.resources.num_cpus)
     _check_resources(config)
-    _check_writable({"output_dir": config.output_dir})  # a finished cache may be read-only: its writes say so
+    _check_writable("output_dir", config.output_dir)  # a finished cache may be read-only: its writes say so
     times = StageTimes()
     with times.stage("preprocessing"):
         prepared = prepare_cohort(config.cohort, config.preprocess)
