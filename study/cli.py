@@ -56,11 +56,11 @@ def _parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser(
         "predict", help="apply a finished study's fold models (an ensemble) to new images",
-        description="Predict sex for new T1w images with a study's outer-fold models as an ensemble (mean "
-        "P(male), and each fold's), preprocessed exactly as the study's images were (read from the model, not "
-        "retyped). Images get the same checks as `study validate`; a bad one is reported and skipped. Writes a "
-        "table (subject_id, image, p_male, predicted_sex, p_male_fold<k>, problem); exit code 1 when any image "
-        "could not be predicted.",
+        description="Predict the study's label (sex, unless its config set cohort.label) for new T1w images with "
+        "its outer-fold models as an ensemble (mean probability of class 1, and each fold's), preprocessed exactly as "
+        "the study's images were (read from the model, not retyped). Images get the same checks as `study "
+        "validate`; a bad one is reported and skipped. Writes a table (for a sex study: subject_id, image, p_male, "
+        "predicted_sex, p_male_fold<k>, problem); exit code 1 when any image could not be predicted.",
     )
     predict.add_argument("model", help="models:/NAME/VERSION (printed at the end of `study run`), a study name "
                                        "(its newest registered version) or a study's MLflow run id")
@@ -98,7 +98,10 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--participants", type=Path, help="participants table (default: COHORT/participants.tsv)")
     validate.add_argument("--layout", choices=["auto", "bids", "hcp", "column"], default=_default(CohortConfig, "layout"))
     validate.add_argument("--subject-column", default=_default(CohortConfig, "subject_column"))
-    validate.add_argument("--sex-column", default=_default(CohortConfig, "sex_column"))
+    validate.add_argument("--label", default=_default(CohortConfig, "label"),
+                          help="column to classify (default %(default)s)")
+    validate.add_argument("--classes", nargs=2, metavar=("CLASS0", "CLASS1"), default=_default(CohortConfig, "classes"),
+                          help="its two classes; values are matched to them in any case (default %(default)s)")
     validate.add_argument("--family-column", default=_default(CohortConfig, "family_column"))
     validate.add_argument("--path-column", help="column with each subject's image path (layout 'column')")
 

@@ -74,7 +74,7 @@ def predict(args: argparse.Namespace) -> int:
     table.to_csv(args.out, sep="\t" if args.out.suffix != ".csv" else ",", index=False)
     predicted = table[table.problem == ""]
     problems += [Problem(r.subject_id, r.image, r.problem) for r in table[table.problem != ""].itertuples()]
-    print(predicted[["subject_id", "p_male", "predicted_sex"]].to_string(index=False, float_format="%.3f"))
+    print(predicted[table.columns[[0, 2, 3]]].to_string(index=False, float_format="%.3f"))
     if args.maps is not None and len(predicted):
         ensemble = model.unwrap_python_model().ensemble
         for row in tqdm(predicted.itertuples(), total=len(predicted), desc="explaining", unit="subject"):
@@ -148,7 +148,7 @@ def validate(args: argparse.Namespace) -> int:
         # Paths on the command line are relative to the current directory; Ray workers run elsewhere.
         cohort_config = CohortConfig(
             root=args.cohort.resolve(), participants=args.participants.resolve() if args.participants else None,
-            layout=args.layout, subject_column=args.subject_column, sex_column=args.sex_column,
+            layout=args.layout, subject_column=args.subject_column, label=args.label, classes=tuple(args.classes),
             family_column=args.family_column, path_column=args.path_column,
         )
     cohort = load_cohort(cohort_config)

@@ -52,7 +52,7 @@ class PreprocessConfig(_Section):
 
 
 class CVConfig(_Section):
-    """Subject-level k-fold cross-validation, stratified by sex, grouped by family."""
+    """Subject-level k-fold cross-validation, stratified by class (cohort.label), grouped by family."""
 
     outer_folds: int = Field(5, ge=2)
     inner_folds: int = Field(3, ge=2)
@@ -132,14 +132,15 @@ class AttributionConfig(_Section):
     methods: list[Literal[tuple(METHODS)]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["gradcam", "guided_backprop", "perturbation"]
     )
-    # The score each map explains. contrast (male minus female logit) asks every subject the same question,
-    # so male and female maps can be compared; true_class / predicted_class maps cannot, and get no group test.
+    # The score each map explains. contrast (class 1 minus class 0 logit, e.g. male - female) asks every subject
+    # the same question, so the two classes' maps can be compared; true_class / predicted_class maps cannot, and
+    # get no group test.
     target: Literal["contrast", "true_class", "predicted_class"] = "contrast"
     batch_size: int = Field(8, ge=1)
     actors: int | None = Field(None, ge=1)  # default: as many as fit on the GPUs, else 2
     gpus_per_actor: float = Field(1.0, gt=0)
     perturbation: Perturbation = Field(default_factory=Perturbation)
-    permutations: int = Field(1000, ge=0)  # male-vs-female permutation test (FWER, max statistic)
+    permutations: int = Field(1000, ge=0)  # class 1 vs class 0 permutation test (FWER, max statistic)
     sanity: SanityConfig = Field(default_factory=SanityConfig)
     atlas: Path | None = None  # labelled NIfTI for the region table
     atlas_names: Path | None = None  # TSV/CSV with columns label, name

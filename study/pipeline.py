@@ -127,6 +127,7 @@ def evaluate_folds(study: Study, results: list[FoldResult], baselines: list[Base
     cnn = pd.concat([r.predictions.assign(fold=r.fold) for r in results], ignore_index=True)
     linear = pd.concat([b.predictions for b in baselines], ignore_index=True).set_index("subject_id")
     volumes = study.cache.brain_volumes_ml()
-    return evaluate(study.labels(cnn.subject_id.tolist()), cnn.p_male.to_numpy(), cnn.fold.to_numpy(),
-                    linear.loc[cnn.subject_id, "p_male"].to_numpy() if len(linear) else None,
+    p = study.cohort.classes.p
+    return evaluate(study.labels(cnn.subject_id.tolist()), cnn[p].to_numpy(), cnn.fold.to_numpy(),
+                    linear.loc[cnn.subject_id, p].to_numpy() if len(linear) else None,
                     np.array([volumes[s] for s in cnn.subject_id]), seed=study.config.cv.seed)

@@ -26,7 +26,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 from tqdm.auto import tqdm
 
-from study.data.cohort import CLASS_NAMES, Problem
+from study.data.cohort import SEX_CLASSES, Classes, Problem
 from study.data.volumes import Grid, VolumeError, preprocess_volume
 from study.training.models import BrainCNN, model_from_record, model_record
 
@@ -52,6 +52,8 @@ class Ensemble:
         The score its maps explain (``contrast``, ``true_class``, ``predicted_class``).
     perturbation : dict
         Meaningful Perturbations' settings, as the study's config gives them.
+    classes : Classes
+        What the study told apart (the label column and its two classes), which names the output columns.
     """
 
     models: dict[int, BrainCNN]
@@ -60,6 +62,7 @@ class Ensemble:
     methods: tuple[str, ...]
     target: str
     perturbation: dict
+    classes: Classes = Classes()
 
     def save(self, directory: Path) -> Path:
         """Write ``fold<k>.pt`` (weights and architecture) and ``ensemble.json`` into ``directory``."""
@@ -68,7 +71,7 @@ class Ensemble:
             torch.save(model_record(model), directory / f"fold{fold}.pt")
         spec = {"folds": sorted(self.models), "shape": list(self.grid.shape), "affine": self.grid.affine.tolist(),
                 "normalize": self.normalize, "methods": list(self.methods), "target": self.target,
-                "perturbation": self.perturbation}
+                "perturbation": self.perturbation, "label": self.classes.column, "classes": list(self.classes.names)}
         (directory / SPEC_FILE).write_text(json.dumps(spec, indent=1))
         return directory
 
@@ -80,8 +83,9 @@ class Ensemble:
         for fold in spec["folds"]:
             record = torch.load(Path(directory) / f"fold{fold}.pt", map_location="cpu", weights_only=True)
             models[fold] = model_from_record(record)
+        classes = Classes(spec.get("label", "sex"), tuple(spec.get("classes", SEX_CLASSES)))  # sex before labels
         return cls(models, Grid(tuple(spec["shape"]), np.array(spec["affine"])), spec["normalize"],
-                   tuple(spec["methods"]), spec["target"], spec["perturbation"])
+                   tuple(spec["methods"]), spec["target"], spec["perturbation"], classes)
 
     def preprocess(self, image: Path) -> np.ndarray:
         """One image on the study grid, checked and normalized as the study's were (float16; raises VolumeError)."""
@@ -89,20 +93,34 @@ class Ensemble:
 
     @torch.no_grad()
     def probabilities(self, volumes: np.ndarray) -> np.ndarray:
-        """P(male) of each fold's model for volumes [subjects, D, H, W]: [subjects, folds]."""
+        """P(class 1) (e.g. P(male)) of each fold's model for volumes [subjects, D, H, W]: [subjects, folds]."""
         x = torch.from_numpy(np.asarray(volumes, dtype=np.float32)[:, None])
         return np.stack([torch.softmax(m(x), 1)[:, 1].numpy() for m in self.models.values()], axis=1)
+
+    @property
+    def columns(self) -> list[str]:
+        """The columns of :meth:`predict`'s table, e.g. p_male, predicted_sex, p_male_fold0 for a sex study."""
+        p, column = self.classes.p, self.classes.column
+        return ["subject_id", "image", p, f"predicted_{column}", *[f"{p}_fold{f}" for f in self.models], "problem"]
+
+    def signature(self) -> ModelSignature:
+        """The pyfunc's input and output columns."""
+        inputs = Schema([ColSpec("string", "image"), ColSpec("string", "subject_id", required=False)])
+        kinds = {c: "double" if c.startswith(self.classes.p) else "string" for c in self.columns}
+        return ModelSignature(inputs, Schema([ColSpec(kind, column) for column, kind in kinds.items()]))
 
     def predict(self, images: pd.DataFrame, batch_size: int = 8) -> pd.DataFrame:
         """Predict every image of a table with columns ``image`` (a NIfTI path) and ``subject_id`` (optional).
 
-        Returns one row per image: ``subject_id``, ``p_male`` (the ensemble's mean),
-        ``predicted_sex``, ``p_male_fold<k>`` for each fold, and ``problem``: empty,
-        or why the image was not predicted (then the probabilities are NaN).
+        Returns one row per image (:attr:`columns`): ``subject_id``, ``image``,
+        ``p_<class 1>`` (the ensemble's mean, e.g. ``p_male``), ``predicted_<label>``,
+        ``p_<class 1>_fold<k>`` for each fold, and ``problem``: empty, or why the
+        image was not predicted (then the probabilities are NaN).
         """
         ids = images["subject_id"].astype(str).tolist() if "subject_id" in images else \
             [subject_id_of(Path(p)) for p in images["image"]]
-        folds = [f"p_male_fold{f}" for f in self.models]
+        columns = self.columns
+        p, predicted, folds = columns[2], columns[3], columns[4:-1]
         paths = [str(p) for p in images["image"]]
         rows = [{"subject_id": sid, "image": path, "problem": ""} for sid, path in zip(ids, paths)]
         for start in tqdm(range(0, len(rows), batch_size), desc="predicting", unit="batch",
@@ -116,14 +134,14 @@ class Ensemble:
                     row["problem"] = str(err)
             if volumes:
                 for row, p_folds in zip(ready, self.probabilities(np.stack(volumes))):
-                    row |= {"p_male": float(p_folds.mean()), "predicted_sex": CLASS_NAMES[int(p_folds.mean() >= 0.5)],
+                    row |= {p: float(p_folds.mean()), predicted: self.classes.names[int(p_folds.mean() >= 0.5)],
                             **dict(zip(folds, map(float, p_folds)))}
-        return pd.DataFrame(rows, columns=["subject_id", "image", "p_male", "predicted_sex", *folds, "problem"])
+        return pd.DataFrame(rows, columns=columns)
 
     def explain(self, volume: np.ndarray) -> dict[str, np.ndarray]:
         """Each of the study's methods' map of one volume [D, H, W]: the mean over folds of each fold model's
         map, each scaled to its 99.5th percentile as the study's group maps are. A study that explained the true
-        class explains the predicted class here (a new subject's sex is not known)."""
+        class explains the predicted class here (a new subject's label is not known)."""
         from study.attribution.actors import Explanation, explain_batch
         from study.attribution.group import normalize
         from study.attribution.perturbation import Perturbation
@@ -231,11 +249,3 @@ class StudyEnsemble(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         return self.ensemble.predict(model_input)
 
-
-def signature(folds: list[int]) -> ModelSignature:
-    """The pyfunc's input and output columns for a study with these outer folds."""
-    inputs = Schema([ColSpec("string", "image"), ColSpec("string", "subject_id", required=False)])
-    outputs = Schema([ColSpec("string", "subject_id"), ColSpec("string", "image"), ColSpec("double", "p_male"),
-                      ColSpec("string", "predicted_sex"), *[ColSpec("double", f"p_male_fold{f}") for f in folds],
-                      ColSpec("string", "problem")])
-    return ModelSignature(inputs, outputs)

@@ -145,7 +145,7 @@ class Study:
         return self.cache.brain()
 
     def labels(self, subject_ids: list[str]) -> np.ndarray:
-        """Labels (1 male, 0 female) of the given subjects, in that order."""
+        """Class indices (e.g. 1 male, 0 female) of the given subjects, in that order."""
         label = dict(zip(self.cohort.ids, self.cohort.labels))
         return np.array([label[s] for s in subject_ids], dtype=np.int64)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from study.cli import main
-from study.data.cohort import MALE, CohortConfig, CohortError, check_images, load_cohort
+from study.data.cohort import CohortConfig, CohortError, check_images, load_cohort
 
 
 def image_of(root: Path, sid: str) -> Path:
@@ -112,9 +112,28 @@ def test_single_volume_4d_is_accepted(cohort_dir):
 def test_numeric_sex_needs_a_declared_mapping(cohort_dir):
     edit_table(cohort_dir, lambda lines: [l.replace("\tM\t", "\t1\t").replace("\tF\t", "\t0\t") for l in lines])
     unmapped = load_cohort(CohortConfig(root=cohort_dir))
-    assert len(unmapped.problems) == 12 and "sex_mapping" in unmapped.problems[0].message
-    mapped = load_cohort(CohortConfig(root=cohort_dir, sex_mapping={"1": "male", "0": "female"}))
-    assert not mapped.problems and mapped.subjects[1].sex == MALE
+    assert len(unmapped.problems) == 12 and "cohort.label_mapping" in unmapped.problems[0].message
+    mapped = load_cohort(CohortConfig(root=cohort_dir, label_mapping={"1": "male", "0": "female"}))
+    assert not mapped.problems and mapped.subjects[1].label == 1 and mapped.classes.names == ("female", "male")
+
+
+def test_any_two_class_column_is_a_label(cohort_dir):
+    """A diagnosis column: its own class names (any case, or mapped); M/F mean nothing there."""
+    edit_table(cohort_dir, lambda lines: [lines[0] + "\tdiagnosis"] + [
+        line + ("\tPatient" if "\tM\t" in line else "\tCN") for line in lines[1:]])
+    config = dict(root=cohort_dir, label="diagnosis", classes=("control", "patient"))
+    unmapped = load_cohort(CohortConfig(**config))
+    assert {p.message for p in unmapped.problems} == {
+        "unknown label 'CN' in column 'diagnosis'; use control/patient, or declare cohort.label_mapping "
+        "(e.g. {'CN': patient})"}
+    cohort = load_cohort(CohortConfig(**config, label_mapping={"CN": "control"}))
+    sexes = load_cohort(CohortConfig(root=cohort_dir)).labels
+    assert not cohort.problems and cohort.labels.tolist() == sexes.tolist()
+    assert cohort.classes.p == "p_patient" and cohort.classes.contrast == "patient - control"
+    with pytest.raises(ValueError, match="label_mapping maps to ad, which are not among the classes"):
+        CohortConfig(**config, label_mapping={"AD": "ad"})
+    with pytest.raises(ValueError, match="two different class names"):
+        CohortConfig(root=cohort_dir, classes=("a b", "c"))
 
 
 def test_hcp_layout_and_path_column(cohort_dir, tmp_path):
@@ -127,7 +146,7 @@ def test_hcp_layout_and_path_column(cohort_dir, tmp_path):
         rows.append(f"{sid},{'M' if sid.endswith('7') else 'F'},fam1")
     (hcp / "subjects.csv").write_text("\n".join(rows))
     config = CohortConfig(root=hcp, participants=hcp / "subjects.csv", subject_column="Subject",
-                          sex_column="Gender", family_column="Family_ID")
+                          label="Gender", family_column="Family_ID")
     cohort = load_cohort(config)
     assert cohort.ids == ["100307", "100408"] and cohort.labels.tolist() == [1, 0]
     assert cohort.subjects[0].family_id == cohort.subjects[1].family_id == "fam1"
@@ -171,7 +190,7 @@ def test_hcp_tables_merge_on_the_subject(cohort_dir, tmp_path):
     (hcp / "RESTRICTED.csv").write_text("Subject,Family_ID,Age_in_Yrs\n101006,51488_81352,29\n100307,51488_81352,23\n"
                                         "100408,56037_85858,27\n")
     cohort = load_cohort(CohortConfig(root=hcp, participants=[hcp / "unrestricted.csv", hcp / "RESTRICTED.csv"],
-                                      subject_column="Subject", sex_column="Gender", family_column="Family_ID"))
+                                      subject_column="Subject", label="Gender", family_column="Family_ID"))
     assert not cohort.problems and not cohort.warnings
     family = {s.subject_id: s.family_id for s in cohort.subjects}
     assert family["100307"] == family["101006"] != family["100408"]

@@ -1,4 +1,8 @@
-"""`study predict` and the registered ensemble of a finished study, in a real MLflow SQLite store."""
+"""`study predict` and the registered ensemble of a finished study, in a real MLflow SQLite store.
+
+The study classifies a diagnosis column (patient / control), not sex: the label
+is a config key, and every table names its classes.
+"""
 
 from __future__ import annotations
 
@@ -22,9 +26,14 @@ from tests.test_study import study_config
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, synthetic_root):
-    """A tiny finished study (2 outer folds) and its MLflow run id."""
+    """A tiny finished study of a diagnosis (2 outer folds) and its MLflow run id."""
     tmp_path = tmp_path_factory.mktemp("predict")
-    config = study_config(tmp_path, synthetic_root, name="sexpred")
+    table = pd.read_csv(synthetic_root / "participants.tsv", sep="\t", dtype=str)
+    table["diagnosis"] = np.where(table.sex == "M", "Patient", "CN")  # the planted effect, as a diagnosis
+    table.to_csv(tmp_path / "participants_dx.tsv", sep="\t", index=False)
+    config = study_config(tmp_path, synthetic_root, name="dxpred", cohort={
+        "participants": str(tmp_path / "participants_dx.tsv"), "label": "diagnosis",
+        "classes": ["control", "patient"], "label_mapping": {"CN": "control"}})
     return config, run_study(config)
 
 
@@ -38,18 +47,18 @@ def held_out(config, run_id: str, tmp_path: Path) -> pd.DataFrame:
 def test_registered_ensemble_loads_in_a_fresh_process_and_repeats_the_held_out_predictions(finished, tmp_path):
     config, run_id = finished
     client = mlflow.MlflowClient(config.tracking.uri)
-    (version,) = client.search_model_versions("name = 'sexpred'")
+    (version,) = client.search_model_versions("name = 'dxpred'")
     experiment = client.get_run(run_id).info.experiment_id
     (logged,) = [m for m in client.search_logged_models([experiment]) if m.name == "ensemble"]
     assert version.run_id == run_id == logged.source_run_id and version.source == logged.artifact_location
     state = json.loads((study_dir(config) / "latest" / "state.json").read_text())
-    assert state["ensemble"] == "models:/sexpred/1"
+    assert state["ensemble"] == "models:/dxpred/1"
 
     images = sorted(str(p) for p in config.cohort.root.glob("sub-*/anat/*_T1w.nii.gz"))
     script = (
         "import sys, mlflow.pyfunc, pandas as pd\n"
         f"mlflow.set_tracking_uri({config.tracking.uri!r})\n"
-        "model = mlflow.pyfunc.load_model('models:/sexpred/1')\n"
+        "model = mlflow.pyfunc.load_model('models:/dxpred/1')\n"
         f"model.predict(pd.DataFrame({{'image': {images!r}}})).to_csv(sys.argv[1], sep='\\t', index=False)\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
@@ -58,13 +67,15 @@ def test_registered_ensemble_loads_in_a_fresh_process_and_repeats_the_held_out_p
     assert done.returncode == 0, done.stderr[-3000:]
     predicted = pd.read_csv(tmp_path / "p.tsv", sep="\t", dtype={"subject_id": str}).set_index("subject_id")
     assert len(predicted) == 12 and predicted.problem.isna().all()
-    assert {"p_male", "predicted_sex", "p_male_fold0", "p_male_fold1"} <= set(predicted.columns)
+    assert list(predicted.columns) == ["image", "p_patient", "predicted_diagnosis", "p_patient_fold0",
+                                       "p_patient_fold1", "problem"]
     # Each fold's model gives its held-out subjects the probability the study logged for them.
     study = held_out(config, run_id, tmp_path)
-    assert len(study) == 12
+    assert len(study) == 12 and set(study.diagnosis) == {"control", "patient"}
     for row in study.itertuples():
-        assert predicted.loc[row.subject_id, f"p_male_fold{row.fold}"] == pytest.approx(row.p_male, abs=1e-5)
-    np.testing.assert_allclose(predicted.p_male, predicted[["p_male_fold0", "p_male_fold1"]].mean(1), atol=1e-6)
+        assert predicted.loc[row.subject_id, f"p_patient_fold{row.fold}"] == pytest.approx(row.p_patient, abs=1e-5)
+    np.testing.assert_allclose(predicted.p_patient, predicted[["p_patient_fold0", "p_patient_fold1"]].mean(1),
+                               atol=1e-6)
 
 
 @pytest.mark.slow
@@ -76,14 +87,14 @@ def test_study_predict_writes_the_table_and_maps_and_names_bad_images(finished, 
     broken.write_bytes(broken.read_bytes()[:500])  # a truncated download
 
     # By the study's name (its newest version), a folder of images, the tracking URI given.
-    code = main(["predict", "sexpred", str(scans), "--maps", "maps", "--tracking-uri", config.tracking.uri])
+    code = main(["predict", "dxpred", str(scans), "--maps", "maps", "--tracking-uri", config.tracking.uri])
     out, err = capsys.readouterr()
     assert code == 1  # one image could not be predicted
     table = pd.read_csv(tmp_path / "predictions.tsv", sep="\t", dtype={"subject_id": str}, keep_default_na=False)
-    assert len(table) == 12 and set(table.predicted_sex[table.subject_id != "0001"]) <= {"male", "female"}
+    assert len(table) == 12 and set(table.predicted_diagnosis[table.subject_id != "0001"]) <= {"patient", "control"}
     bad = table.set_index("subject_id").loc["0001"]
-    assert bad.p_male == "" and bad.problem != ""
-    assert f"0001\t{broken}\t" in err and "11 subjects predicted with models:/sexpred/1" in err
+    assert bad.p_patient == "" and bad.problem != ""
+    assert f"0001\t{broken}\t" in err and "11 subjects predicted with models:/dxpred/1" in err
     assert "ground_truth" not in " ".join(table.image)  # a synthetic cohort's answer is not a scan
     for method in ("gradcam", "guided_backprop", "perturbation"):
         maps = sorted((tmp_path / "maps" / method).glob("*.nii.gz"))
@@ -99,6 +110,6 @@ def test_study_predict_writes_the_table_and_maps_and_names_bad_images(finished, 
     capsys.readouterr()
     assert main(["predict", "nosuchstudy", str(image), "--tracking-uri", config.tracking.uri]) == 2
     err = capsys.readouterr().err
-    assert "error: no study model 'nosuchstudy'" in err and "(sexpred)" in err
-    assert main(["predict", "sexpred", "missing.nii.gz", "--tracking-uri", config.tracking.uri]) == 2
+    assert "error: no study model 'nosuchstudy'" in err and "(dxpred)" in err
+    assert main(["predict", "dxpred", "missing.nii.gz", "--tracking-uri", config.tracking.uri]) == 2
     assert "no such file or folder" in capsys.readouterr().err

@@ -89,7 +89,7 @@ def test_splits_are_leak_free_stratified_and_deterministic_or_refused_with_the_n
         message = str(err)
         assert any(ch.isdigit() for ch in message) and ("cv.outer_folds" in message or "cv.inner_folds" in message)
         holding = [len({f for f, label in zip(families, labels) if label == sex}) for sex in (0, 1)]
-        assert min(holding) < outer or "outer fold" in message or "one sex only" in message, message
+        assert min(holding) < outer or "outer fold" in message or "one class only" in message, message
         return
     assert folds == make_splits(ids, labels, families, outer, inner, seed)  # deterministic for a seed
     assert sorted(s for f in folds for s in f.test) == sorted(ids)

@@ -8,7 +8,7 @@ sanity checks), returned as values. It never writes to MLflow, the report or
 the console: ``study.output`` publishes what it returns.
 
 Every method takes a model in eval mode, volumes ``x`` [batch, 1, D, H, W] and
-the target classes [batch] (or ``None`` for the male-minus-female contrast), and
+the target classes [batch] (or ``None`` for the class 1 minus class 0 contrast), and
 returns non-negative maps [batch, D, H, W] on the input grid.
 """
 

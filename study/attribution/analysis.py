@@ -1,6 +1,6 @@
 """The attribution stage of a study: explain every held-out subject, then analyse the maps.
 
-Per method: group maps per sex, per fold and pooled, the male-minus-female
+Per method: group maps per class, per fold and pooled, the class 1 minus class 0
 permutation test, region rankings and localization against a synthetic
 cohort's planted effect; across methods: agreement; and the sanity checks.
 Everything comes back in an :class:`AttributionResult`; publishing it is
@@ -44,9 +44,9 @@ class MethodMaps:
     """One method's group analysis; every map is over the brain mask's voxels."""
 
     method: str
-    group: dict[str, np.ndarray]  # mean_all, mean_male, median_male, mean_female, median_female
+    group: dict[str, np.ndarray]  # mean_all, mean_<class>, median_<class> (group_means)
     per_fold: dict[int, dict[str, np.ndarray]]  # the same, per outer fold's held-out subjects
-    test: PermutationTest | None  # male vs female; None when the maps explain different scores for each sex
+    test: PermutationTest | None  # class 1 vs class 0; None when the maps explain different scores for each class
     localization: dict[str, float] | None  # scores against a synthetic cohort's planted effect
     regions: dict[str, pd.DataFrame]  # "planted" / "atlas" -> regions ranked by mean attribution
 
@@ -129,13 +129,13 @@ def _sanity(study: Study, first: FoldResult, store: MapStore,
 
     The shuffled model trains like the fold's final model (same setup, same
     subjects, same number of epochs) on labels shuffled across all of them, so
-    it can learn nothing about sex; its accuracy on its own shuffled labels says
+    it can learn nothing about the label; its accuracy on its own shuffled labels says
     whether it could memorize them (a check that cannot fit its data proves little).
     """
     attribution, resources = study.config.attribution, study.config.resources
     explanation = explanation_of(attribution)
     subjects = first.predictions.subject_id.tolist()[: attribution.sanity.subjects]
-    labels = first.labels[: attribution.sanity.subjects]
+    labels = study.labels(subjects)
     original = {m: store.read(m, subjects) for m in attribution.methods}
     task = ray.remote(num_cpus=1, num_gpus=attribution.gpus_per_actor if resources.use_gpu else 0)
     cascade = ray.get(task(parameter_randomization).remote(
@@ -197,7 +197,8 @@ def explain_study(study: Study, results: list[FoldResult], baselines: list[Basel
         grid = study.cache.grid
         brain = study.brain
         tested = [s for job in jobs for s in job.subject_ids]
-        sexes = study.labels(tested)
+        labels = study.labels(tested)
+        classes = study.cohort.classes.names
         fold_of = np.array([job.fold for job in jobs for _ in job.subject_ids])
         family = {s.subject_id: s.family_id for s in study.cohort.subjects}
         families = np.array([family[s] for s in tested])
@@ -211,11 +212,12 @@ def explain_study(study: Study, results: list[FoldResult], baselines: list[Basel
                 else store.read(method, tested)[:, brain]
             maps = normalize(raw)
             normalized[method] = maps
-            group = group_means(maps, sexes)
-            per_fold = {job.fold: group_means(maps[fold_of == job.fold], sexes[fold_of == job.fold]) for job in jobs}
+            group = group_means(maps, labels, classes)
+            per_fold = {job.fold: group_means(maps[fold_of == job.fold], labels[fold_of == job.fold], classes)
+                        for job in jobs}
             test = None
             if attribution.target == "contrast" and method != LINEAR_BASELINE:  # one question for every subject
-                test = permutation_test(maps, sexes, attribution.permutations, fold_of, families,
+                test = permutation_test(maps, labels, attribution.permutations, fold_of, families,
                                         seed=study.config.cv.seed)
             regions = {}
             if truth is not None:

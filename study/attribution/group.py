@@ -31,13 +31,17 @@ def normalize(maps: np.ndarray) -> np.ndarray:
     return np.clip(maps / np.maximum(scale, 1e-12), 0, 1).astype(np.float32)
 
 
-def group_means(maps: np.ndarray, sexes: np.ndarray) -> dict[str, np.ndarray]:
-    """Mean and median normalized map per sex and over everyone; ``{name: [voxels]}``."""
+def group_means(maps: np.ndarray, labels: np.ndarray, classes: tuple[str, str]) -> dict[str, np.ndarray]:
+    """Mean and median normalized map per class and over everyone; ``{name: [voxels]}``.
+
+    Keys: ``mean_all``, and ``mean_<class>``, ``median_<class>`` for each class
+    present in ``labels`` (class indices into ``classes``), e.g. ``mean_male``.
+    """
     out = {"mean_all": maps.mean(0)}
-    for code, sex in ((1, "male"), (0, "female")):
-        if (sexes == code).any():
-            out[f"mean_{sex}"] = maps[sexes == code].mean(0)
-            out[f"median_{sex}"] = np.median(maps[sexes == code], axis=0)
+    for code in (1, 0):
+        if (labels == code).any():
+            out[f"mean_{classes[code]}"] = maps[labels == code].mean(0)
+            out[f"median_{classes[code]}"] = np.median(maps[labels == code], axis=0)
     return out
 
 

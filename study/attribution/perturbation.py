@@ -7,7 +7,7 @@ batch together, on the device, with no host transfer inside the loop:
     deletion:      min  score(x * m + blur(x) * (1 - m)) + l1 * mean|1 - m| + tv * TV(m)
     preservation:  min -score(x * m + blur(x) * (1 - m)) + l1 * mean|m|     + tv * TV(m)
 
-The score is the softmax probability of the target class (male minus female
+The score is the softmax probability of the target class (class 1 minus class 0
 probability for the contrast). The map is what the mask says matters: 1 - m
 for deletion, m for preservation.
 """
@@ -95,7 +95,7 @@ def meaningful_perturbation(model: torch.nn.Module, x: torch.Tensor, targets: to
     x : torch.Tensor
         Volumes [batch, 1, D, H, W] on the model's device.
     targets : torch.Tensor or None
-        Class index per subject [batch]; None explains male minus female probability.
+        Class index per subject [batch]; None explains class 1 minus class 0 probability.
     config : Perturbation
         The optimization's settings.
     voxel_mm : float

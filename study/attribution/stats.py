@@ -1,4 +1,4 @@
-"""The male-versus-female test of attribution maps: voxel-wise Welch t, FWER by permutation.
+"""The class 1 versus class 0 test of attribution maps (e.g. male vs female): voxel-wise Welch t, FWER by permutation.
 
 Maps come as [subjects, voxels]. The p value of a voxel is corrected for the
 family-wise error over all voxels by the maximum statistic: the share of label
@@ -24,7 +24,7 @@ import torch
 class PermutationTest:
     """The result of :func:`permutation_test`; arrays are [voxels], NaN where a voxel was not tested."""
 
-    t: np.ndarray  # male - female Welch t
+    t: np.ndarray  # class 1 - class 0 Welch t
     p: np.ndarray  # FWER-corrected p value (max statistic); NaN everywhere without permutations
     constant: int  # voxels left out because they have the same value in every subject
     permutations: int
@@ -74,14 +74,14 @@ def _t_of(labels: torch.Tensor, centred: torch.Tensor, squares: torch.Tensor, n1
 def permutation_test(maps: np.ndarray, labels: np.ndarray, permutations: int, folds: np.ndarray | None = None,
                      families: np.ndarray | None = None, seed: int = 0, device: str = "cpu",
                      voxel_chunk: int = 20000, permutation_chunk: int = 256) -> PermutationTest:
-    """Voxel-wise male-minus-female Welch t and its FWER-corrected p value (max statistic).
+    """Voxel-wise class 1 minus class 0 Welch t and its FWER-corrected p value (max statistic).
 
     Parameters
     ----------
     maps : ndarray [subjects, voxels]
-        One map per subject, all explaining the same score (e.g. the male-minus-female logit).
+        One map per subject, all explaining the same score (e.g. the class 1 minus class 0 logit).
     labels : ndarray [subjects]
-        1 male, 0 female.
+        Class index: 1 (e.g. male), 0 (e.g. female).
     permutations : int
         Label permutations (0: t only).
     folds, families : ndarray [subjects], optional

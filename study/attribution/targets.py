@@ -1,4 +1,4 @@
-"""Which class score a map explains: the true class, the predicted class, or male minus female."""
+"""Which class score a map explains: the true class, the predicted class, or class 1 minus class 0."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def select_targets(mode: str, labels: torch.Tensor, logits: torch.Tensor) -> tor
 
 
 def class_score(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
-    """The logit of each subject's target class, or male minus female logit; [batch]."""
+    """The logit of each subject's target class, or the class 1 minus class 0 logit; [batch]."""
     if targets is None:
         return logits[:, 1] - logits[:, 0]
     return logits.gather(1, targets[:, None])[:, 0]

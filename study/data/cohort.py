@@ -19,19 +19,50 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from study.data.synth import SyntheticCohort
 from study.data.volumes import Grid, preprocess_volume
 
-# The label encoding every stage uses: class index -> name (models output [female, male] logits).
-FEMALE, MALE = 0, 1
-CLASS_NAMES = ("female", "male")
-KNOWN_SEX_VALUES = {"m": "male", "male": "male", "f": "female", "female": "female"}
+SEX_CLASSES = ("female", "male")
+KNOWN_SEX_VALUES = {"m": "male", "f": "female"}  # besides the class names themselves
+CLASS_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")  # a class name becomes a column name (p_<class>) and a metric name
 HCP_IMAGES = {
     "acpc": "T1w/T1w_acpc_dc_restore_brain.nii.gz",
     "mni": "MNINonLinear/T1w_restore_brain.nii.gz",
 }
+
+
+@dataclass(frozen=True)
+class Classes:
+    """What a study tells apart: a participants-table column and its two classes, in model order [0, 1].
+
+    Class 1 is the positive class of every metric (sensitivity, ROC AUC) and the
+    first term of every difference of maps (class 1 - class 0).
+    """
+
+    column: str = "sex"
+    names: tuple[str, str] = SEX_CLASSES
+
+    @property
+    def positive(self) -> str:
+        return self.names[1]
+
+    @property
+    def p(self) -> str:
+        """The column of P(class 1) in prediction tables, e.g. ``p_male``."""
+        return f"p_{self.names[1]}"
+
+    @property
+    def contrast(self) -> str:
+        """``male - female``."""
+        return f"{self.names[1]} - {self.names[0]}"
+
+    def predictions(self, subject_ids: list[str], labels: np.ndarray, p: np.ndarray) -> pd.DataFrame:
+        """A held-out prediction table: subject_id, the true class, P(class 1), the predicted class."""
+        names = np.array(self.names)
+        return pd.DataFrame({"subject_id": subject_ids, self.column: names[np.asarray(labels, int)], self.p: p,
+                             "predicted": names[(np.asarray(p) >= 0.5).astype(int)]})
 
 
 class CohortConfig(BaseModel):
@@ -46,13 +77,37 @@ class CohortConfig(BaseModel):
     layout: Literal["auto", "bids", "hcp", "column"] = "auto"
     hcp_image: Literal["acpc", "mni"] = "mni"
     subject_column: str = "participant_id"
-    sex_column: str = "sex"
-    # Values of the sex column -> "male"/"female"; M/F and male/female are known.
-    sex_mapping: dict[str, Literal["male", "female"]] = Field(default_factory=dict)
+    # The column to classify: any column with two classes (sex, diagnosis, site), sex by default.
+    label: str = "sex"
+    # Its classes in model order [0, 1]; class 1 is the positive class (sensitivity, ROC) and maps contrast 1 - 0.
+    classes: tuple[str, str] = SEX_CLASSES
+    # Values of the column -> class names; the class names (any case) and, for sex, M/F need no mapping.
+    label_mapping: dict[str, str] = Field(default_factory=dict)
     family_column: str | None = None  # twins and siblings share a value; default: family_id when present
     path_column: str | None = None
     on_invalid: Literal["refuse", "exclude"] = "refuse"
     synthetic: SyntheticCohort | None = None  # generate a synthetic cohort into root when it is missing
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_are_names(cls, classes: tuple[str, str]) -> tuple[str, str]:
+        if classes[0] == classes[1] or not all(CLASS_NAME.match(name) for name in classes):
+            raise ValueError("two different class names of letters, digits, _ or -, starting with a letter, "
+                             "e.g. [control, patient]")
+        return classes
+
+    @model_validator(mode="after")
+    def _mapping_names_classes(self) -> "CohortConfig":
+        unknown = sorted({v for v in self.label_mapping.values() if v not in self.classes})
+        if unknown:
+            raise ValueError(f"label_mapping maps to {', '.join(unknown)}, which are not among the classes "
+                             f"{list(self.classes)}; map each value of column {self.label!r} to one of them")
+        return self
+
+    @property
+    def task(self) -> Classes:
+        """What the study tells apart, as every stage names it."""
+        return Classes(self.label, self.classes)
 
     @property
     def participants_paths(self) -> list[Path]:
@@ -80,10 +135,10 @@ class Problem:
 
 @dataclass(frozen=True)
 class Subject:
-    """One participant: id, sex (1 male, 0 female), family, and the T1w image."""
+    """One participant: id, label (class index, e.g. 1 male, 0 female), family, and the T1w image."""
 
     subject_id: str
-    sex: int
+    label: int
     family_id: str
     image: Path
     session: str | None = None
@@ -103,10 +158,12 @@ class Cohort:
     subjects: list[Subject]
     problems: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    classes: Classes = Classes()
 
     @property
     def labels(self) -> np.ndarray:
-        return np.array([s.sex for s in self.subjects], dtype=np.int64)
+        """Class index of each subject, in ``subjects`` order."""
+        return np.array([s.label for s in self.subjects], dtype=np.int64)
 
     @property
     def ids(self) -> list[str]:
@@ -115,11 +172,12 @@ class Cohort:
     def exclude(self, problems: list[Problem]) -> "Cohort":
         """The cohort without the subjects that ``problems`` name, problems appended."""
         bad = {p.subject for p in problems}
-        return Cohort([s for s in self.subjects if s.subject_id not in bad], self.problems + problems, self.warnings)
+        return Cohort([s for s in self.subjects if s.subject_id not in bad], self.problems + problems, self.warnings,
+                      self.classes)
 
     def fingerprint(self) -> str:
         """A hash of who is in the cohort, their labels and their image files."""
-        rows = sorted((s.subject_id, s.sex, s.family_id, s.source_key()) for s in self.subjects)
+        rows = sorted((s.subject_id, s.label, s.family_id, s.source_key()) for s in self.subjects)
         return hashlib.sha1(json.dumps(rows).encode()).hexdigest()[:12]
 
 
@@ -186,10 +244,13 @@ def _detect_layout(config: CohortConfig) -> str:
     return "hcp"
 
 
-def _parse_sex(value: str, mapping: dict[str, str]) -> str | None:
-    if value in mapping:
-        return mapping[value]
-    return KNOWN_SEX_VALUES.get(value.strip().lower())
+def _parse_label(value: str, config: CohortConfig) -> int | None:
+    """The class index of a table value: declared in label_mapping, a class name (any case), or M/F for sex."""
+    known = {name.lower(): name for name in config.classes}
+    if config.classes == SEX_CLASSES:
+        known |= KNOWN_SEX_VALUES
+    name = config.label_mapping.get(value) or known.get(value.strip().lower())
+    return None if name is None else config.classes.index(name)
 
 
 def load_cohort(config: CohortConfig) -> Cohort:
@@ -203,11 +264,11 @@ def load_cohort(config: CohortConfig) -> Cohort:
     table = read_participants(paths, config.subject_column)
     table_name = " + ".join(p.name for p in paths)
     where = " + ".join(str(p) for p in paths)
-    for column in [config.sex_column, config.family_column, config.path_column]:
+    for column in [config.label, config.family_column, config.path_column]:
         if column is not None and column not in table.columns:
             raise CohortError(
                 f"{where}: no column {column!r}; columns are {list(table.columns)}. "
-                "Set cohort.sex_column / family_column / path_column"
+                "Set cohort.label / family_column / path_column"
                 + (" (HCP: Family_ID is in the restricted table; list both tables under cohort.participants)."
                    if column == config.family_column else ".")
             )
@@ -228,16 +289,17 @@ def load_cohort(config: CohortConfig) -> Cohort:
             problems.append(Problem(sid, table_name, "duplicate subject id; keep one row per subject"))
             continue
         seen.add(sid)
-        raw_sex = row[config.sex_column].strip()
-        sex = _parse_sex(raw_sex, config.sex_mapping)
-        if not raw_sex:
-            problems.append(Problem(sid, table_name, f"missing label in column {config.sex_column!r}"))
+        raw = row[config.label].strip()
+        label = _parse_label(raw, config)
+        if not raw:
+            problems.append(Problem(sid, table_name, f"missing label in column {config.label!r}"))
             continue
-        if sex is None:
+        if label is None:
+            known = " or ".join(["/".join(config.classes), *(["M/F"] if config.classes == SEX_CLASSES else [])])
             problems.append(Problem(
                 sid, table_name,
-                f"unknown label {raw_sex!r} in column {config.sex_column!r}; "
-                f"use M/F or male/female, or declare cohort.sex_mapping (e.g. {{'{raw_sex}': male}})",
+                f"unknown label {raw!r} in column {config.label!r}; use {known}, "
+                f"or declare cohort.label_mapping (e.g. {{'{raw}': {config.classes[1]}}})",
             ))
             continue
         if layout == "column":
@@ -252,13 +314,13 @@ def load_cohort(config: CohortConfig) -> Cohort:
         session, image = _choose_session(candidates, row.get("session", ""))
         family = (row.get(family_column, "") if family_column else "").strip() or f"self:{sid}"
         subjects.append(Subject(
-            subject_id=sid, sex=MALE if sex == "male" else FEMALE, family_id=family, image=image,
+            subject_id=sid, label=label, family_id=family, image=image,
             session=session, age=_float_or_none(row.get("age", "")), site=row.get("site") or None,
         ))
     for sid, found in images.items():
         if sid not in seen:
             problems.append(Problem(sid, str(found[0][1]), f"image without a row in {table_name}; add the subject or remove the image"))
-    return Cohort(subjects, problems, _family_warnings(subjects, family_column, where))
+    return Cohort(subjects, problems, _family_warnings(subjects, family_column, where), config.task)
 
 
 def _family_warnings(subjects: list[Subject], family_column: str | None, where: str) -> list[str]:

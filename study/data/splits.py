@@ -1,4 +1,4 @@
-"""Leak-free cross-validation splits: stratified by sex, grouped by family.
+"""Leak-free cross-validation splits: stratified by class (e.g. sex), grouped by family.
 
 No family ever spans the two sides of a split (HCP has twins and siblings),
 each fold's class counts are as close to ideal as families allow, and inner
@@ -111,12 +111,13 @@ def _improve(fold_of: np.ndarray, totals: np.ndarray, counts: np.ndarray, target
                         break
 
 
-def _check_classes(labels: np.ndarray, groups: list[str], k: int, where: str, key: str) -> None:
-    """Refuse folds that cannot all hold both sexes (a test fold without one has no ROC AUC).
+def _check_classes(labels: np.ndarray, groups: list[str], k: int, where: str, key: str,
+                   classes: tuple[str, str]) -> None:
+    """Refuse folds that cannot all hold both classes (a test fold without one has no ROC AUC).
 
-    Whole families stay in one fold, so a sex present in fewer than ``k`` families cannot reach every fold.
+    Whole families stay in one fold, so a class present in fewer than ``k`` families cannot reach every fold.
     """
-    for code, name in ((0, "female"), (1, "male")):
+    for code, name in enumerate(classes):
         holding = {g for g, label in zip(groups, labels) if label == code}
         if len(holding) < k:
             raise ValueError(f"{where} has {int((labels == code).sum())} {name} subjects in {len(holding)} families "
@@ -124,37 +125,40 @@ def _check_classes(labels: np.ndarray, groups: list[str], k: int, where: str, ke
                              f"hold a {name}; lower {key} to at most {len(holding)} or add subjects")
 
 
-def _kfold_with_both_sexes(ids: list[str], labels: np.ndarray, groups: list[str], k: int, seed: int, where: str,
-                           key: str) -> list[list[str]]:
-    """:func:`group_kfold`, checked before (enough families of each sex) and after (each fold holds both)."""
-    _check_classes(labels, groups, k, where, key)
+def _kfold_with_both_classes(ids: list[str], labels: np.ndarray, groups: list[str], k: int, seed: int, where: str,
+                             key: str, classes: tuple[str, str]) -> list[list[str]]:
+    """:func:`group_kfold`, checked before (enough families of each class) and after (each fold holds both)."""
+    _check_classes(labels, groups, k, where, key, classes)
     folds = group_kfold(ids, labels, groups, k, seed)
     label = dict(zip(ids, labels))
     for i, fold in enumerate(folds):
         if len({label[s] for s in fold}) < 2:
-            raise ValueError(f"{where}: fold {i} of {k} got {len(fold)} subjects of one sex only (families are "
+            raise ValueError(f"{where}: fold {i} of {k} got {len(fold)} subjects of one class only (families are "
                              f"too few or too large to spread); lower {key}")
     return folds
 
 
 def make_splits(
-    ids: list[str], labels: np.ndarray, families: list[str], outer_folds: int, inner_folds: int, seed: int
+    ids: list[str], labels: np.ndarray, families: list[str], outer_folds: int, inner_folds: int, seed: int,
+    classes: tuple[str, str] = ("female", "male"),
 ) -> list[OuterFold]:
     """Outer folds over the cohort and inner folds inside each outer training set.
 
-    Raises ValueError, with the numbers, when the cohort cannot give every fold
-    both sexes or enough families.
+    ``labels`` are class indices into ``classes`` (the names errors use). Raises
+    ValueError, with the numbers, when the cohort cannot give every fold both
+    classes or enough families.
     """
     labels = np.asarray(labels)
     position = {sid: i for i, sid in enumerate(ids)}
     folds = []
-    outer = _kfold_with_both_sexes(ids, labels, families, outer_folds, seed, "the cohort", "cv.outer_folds")
+    outer = _kfold_with_both_classes(ids, labels, families, outer_folds, seed, "the cohort", "cv.outer_folds", classes)
     for k, test in enumerate(outer):
         held_out = set(test)
         train = [sid for sid in ids if sid not in held_out]
         rows = [position[s] for s in train]
-        inner_tests = _kfold_with_both_sexes(train, labels[rows], [families[r] for r in rows], inner_folds,
-                                             seed + 1 + k, f"outer fold {k}'s training side", "cv.inner_folds")
+        inner_tests = _kfold_with_both_classes(train, labels[rows], [families[r] for r in rows], inner_folds,
+                                               seed + 1 + k, f"outer fold {k}'s training side", "cv.inner_folds",
+                                               classes)
         inner = [Split(sorted(set(train) - set(t)), t) for t in inner_tests]
         folds.append(OuterFold(k, sorted(train), test, inner))
     return folds

@@ -42,8 +42,8 @@ from study.training.loop import load_model
 from study.training.metrics import SUMMARY_METRICS, cross_fold_summary
 
 PACKAGES = ("study", "torch", "ray", "mlflow", "optuna", "nibabel", "nilearn", "numpy")
-TARGETS = {"contrast": "the male - female logit", "true_class": "each subject's true sex's logit",
-           "predicted_class": "each subject's predicted sex's logit"}
+TARGETS = {"contrast": "the {contrast} logit", "true_class": "each subject's true {column}'s logit",
+           "predicted_class": "each subject's predicted {column}'s logit"}  # formatted with the study's Classes
 TITLES = {**METHODS, LINEAR_BASELINE: "Linear baseline weights"}
 TRIAL_METRICS = ("train_", "val_", "best_")  # what a search trial's run shows of each epoch
 PHASE_STEPS = {"select": "epoch", "refit": "refit_epoch"}  # a fold's training phases and their step column
@@ -113,7 +113,7 @@ class Publisher:
     def __init__(self, config: StudyConfig):
         self.config = config
         self.tracker = Tracker(tracking_uri(config.tracking.uri), config.tracking.experiment or config.name)
-        self.report = Report(f"study {config.name}: sex classification from T1w MRI")
+        self.report = Report(f"study {config.name}: {config.cohort.task.column} classification from T1w MRI")
         self.started = time.perf_counter()
 
     # -- the run tree ------------------------------------------------------------------------------------------
@@ -156,7 +156,8 @@ class Publisher:
         tracker.log_file(parent, study.directory / "splits.json")
         if prepared.excluded:
             tracker.log_table(parent, pd.DataFrame([vars(p) for p in prepared.excluded]), "excluded_subjects.tsv")
-        tracker.log_metrics(parent, {"n_subjects": len(study.cohort.subjects), "n_male": int(study.cohort.labels.sum()),
+        tracker.log_metrics(parent, {"n_subjects": len(study.cohort.subjects),
+                                     f"n_{study.cohort.classes.positive}": int(study.cohort.labels.sum()),
                                      "n_excluded": len(prepared.excluded)})
         done = len(list((study.directory / "folds").glob("fold*.json")))
         say(f"study {config.name}: {len(study.cohort.subjects)} subjects, {len(study.folds)} outer folds "
@@ -179,9 +180,12 @@ class Publisher:
                 tracker.log_history(run_id, rows, step, only_new=True)
         tracker.log_metrics(run_id, result.test_metrics, prefix="test_")
         tracker.log_table(run_id, result.predictions, "predictions.tsv")
-        tracker.log_figure(run_id, roc_figure({f"fold {result.fold}": (result.labels, result.predictions["p_male"])},
-                                              f"ROC, fold {result.fold}"), "roc.png")
-        tracker.log_figure(run_id, confusion_figure(result.test_metrics, f"fold {result.fold}"), "confusion.png")
+        classes = study.cohort.classes
+        labels = study.labels(result.predictions.subject_id.tolist())
+        tracker.log_figure(run_id, roc_figure({f"fold {result.fold}": (labels, result.predictions[classes.p])},
+                                              f"ROC, fold {result.fold}", classes.names), "roc.png")
+        tracker.log_figure(run_id, confusion_figure(result.test_metrics, f"fold {result.fold}", classes.names),
+                           "confusion.png")
         with study.times.stage("MLflow model logging"):
             tracker.log_model(run_id, load_model(result.checkpoint), study.cache.shape)
         tracker.end(run_id)
@@ -301,10 +305,11 @@ class Publisher:
             study.save_state()
         predictions = pd.concat([r.predictions.assign(fold=r.fold) for r in results])
         tracker.log_table(parent, predictions, "predictions.tsv")
-        curves = {f"CNN, fold {r.fold}": (r.labels, r.predictions["p_male"]) for r in results}
-        curves |= {f"linear, fold {b.fold}": ((b.predictions["sex"] == "male").to_numpy(int), b.predictions["p_male"])
-                   for b in baselines}
-        roc = roc_figure(curves, "ROC per outer fold: CNN and linear baseline")
+        classes = study.cohort.classes
+        curves = {f"{model}, fold {r.fold}": (study.labels(r.predictions.subject_id.tolist()),
+                                              r.predictions[classes.p])
+                  for model, fold_results in (("CNN", results), ("linear", baselines)) for r in fold_results}
+        roc = roc_figure(curves, "ROC per outer fold: CNN and linear baseline", classes.names)
         tracker.log_figure(parent, roc, "roc.png")
 
         say(f"{'fold':>6} {'CNN ROC AUC':>12} {'linear AUC':>11} {'CNN bal. acc.':>14} {'CNN fits train':>15}")
@@ -318,7 +323,7 @@ class Publisher:
         report = self.report
         report.banner = ("finding" if evaluation.finding == "yes" else "warning", evaluation.verdict)
         report.summary = [
-            ("subjects", f"{len(study.cohort.subjects)} ({int(study.cohort.labels.sum())} male)"),
+            ("subjects", f"{len(study.cohort.subjects)} ({int(study.cohort.labels.sum())} {classes.positive})"),
             ("outer folds", str(len(results))),
             ("CNN ROC AUC (pooled, 95% CI)", str(evaluation.cnn)),
             ("linear baseline ROC AUC", str(evaluation.baseline) if evaluation.baseline else "-"),
@@ -349,17 +354,17 @@ class Publisher:
         ])
         confound = ""
         if evaluation.brain_volume is not None:
-            confound = (f" Confound check: brain volume on the study grid alone separates the sexes with ROC AUC "
-                        f"{evaluation.brain_volume} (0.5: not at all; above: males larger). A high value means a model "
-                        "can succeed from brain size, not from where the brain differs. It measures the size left "
-                        "after registration to MNI152: near 0.5 does not rule out a head-size difference in the "
-                        "native images, which a nonlinear registration largely removes.")
+            confound = (f" Confound check: brain volume on the study grid alone separates the classes with ROC "
+                        f"AUC {evaluation.brain_volume} (0.5: not at all; above: {classes.positive} larger). A high "
+                        "value means a model can succeed from brain size, not from where the brain differs. It "
+                        "measures the size left after registration to MNI152: near 0.5 does not rule out a head-size "
+                        "difference in the native images, which a nonlinear registration largely removes.")
         report.add_table("Is it a finding? Pooled held-out ROC AUC with confidence intervals", significance,
                          "Every subject's prediction comes from the one model that never saw it. Intervals: DeLong. "
                          f"p of the CNN and of the baseline: against chance, by {evaluation.permutations} label "
                          "permutations within outer folds (one-sided). p of CNN - linear: DeLong's paired test of the "
                          "difference (two-sided)." + confound)
-        report.add_images("ROC curves", [("ROC per outer fold (male = positive)", roc)])
+        report.add_images("ROC curves", [(f"ROC per outer fold ({classes.positive} = positive)", roc)])
         if self.config.search:
             chosen = pd.DataFrame([{"fold": r.fold, **{k: str(v) for k, v in sorted(r.search.best.items())}}
                                    for r in results if r.search])
@@ -376,10 +381,10 @@ class Publisher:
             attribution = self.config.attribution or AttributionConfig()  # maps on request, even if none here
             ensemble = Ensemble({r.fold: load_model(r.checkpoint) for r in results}, study.cache.grid,
                                 self.config.preprocess.normalize, tuple(attribution.methods), attribution.target,
-                                attribution.perturbation.model_dump())
+                                attribution.perturbation.model_dump(), study.cohort.classes)
             with study.times.stage("MLflow model logging"):
                 _, version = self.tracker.log_ensemble(state.parent_run, ensemble.save(study.directory / "ensemble"),
-                                                       [r.fold for r in results], self.config.name)
+                                                       ensemble.signature(), self.config.name)
             state.ensemble = f"models:/{self.config.name}/{version}"
             study.save_state()
         say(f"model: the {len(results)} fold models as one ensemble, registered as {state.ensemble}; apply it to "
@@ -404,7 +409,8 @@ class Publisher:
         if attribution.subject_nifti:
             self._subject_maps(result, study.directory / "maps" / "subjects")
         figures, region_tables = [], []
-        target = TARGETS[result.target]
+        classes = study.cohort.classes
+        target = TARGETS[result.target].format(contrast=classes.contrast, column=classes.column)
         with tempfile.TemporaryDirectory() as tmp:
             def log_map(run_id: str, values: np.ndarray, name: str, method: str) -> None:
                 path = Path(tmp) / run_id / f"{name}.nii.gz"
@@ -428,13 +434,14 @@ class Publisher:
                     (f"{title}: mean map, all held-out subjects (top 10% of voxels); explains {target}",
                      brain_figure(self._image(result, maps.group["mean_all"]), f"{title} (n={result.subjects})",
                                   "glass")),
-                    *[(f"{title}: mean map, {sex}s; explains {target}",
-                       brain_figure(self._image(result, maps.group[f"mean_{sex}"]), f"{title}, {sex}s"))
-                      for sex in ("male", "female") if f"mean_{sex}" in maps.group],
+                    *[(f"{title}: mean map, {name}; explains {target}",
+                       brain_figure(self._image(result, maps.group[f"mean_{name}"]), f"{title}, {name}"))
+                      for name in reversed(classes.names) if f"mean_{name}" in maps.group],
                 ]
                 if maps.test is not None:
                     test = maps.test
-                    log_map(parent, np.nan_to_num(test.t), f"{method}_t_male_minus_female", method)
+                    log_map(parent, np.nan_to_num(test.t), f"{method}_t_{'_minus_'.join(reversed(classes.names))}",
+                            method)
                     if test.permutations:
                         log_map(parent, np.nan_to_num(test.p, nan=1.0), f"{method}_p_fwer", method)
                         tested = ~np.isnan(test.p)
@@ -442,10 +449,11 @@ class Publisher:
                                                      f"test_constant_voxels_{method}": test.constant})
                     significant = np.where(test.p < 0.05, np.nan_to_num(test.t), 0) if test.permutations \
                         else np.nan_to_num(test.t)
-                    figures.append((f"{title}: male - female t, FWER p < 0.05 ({test.constant} constant voxels "
-                                    "left out)",
+                    figures.append((f"{title}: {classes.contrast} t, FWER p < 0.05 ({test.constant} constant "
+                                    "voxels left out)",
                                     brain_figure(self._image(result, significant),
-                                                 f"{title}: male - female (t, p_FWER<0.05)", "glass", symmetric=True)))
+                                                 f"{title}: {classes.contrast} (t, p_FWER<0.05)", "glass",
+                                                 symmetric=True)))
                 for kind, table in maps.regions.items():
                     tracker.log_table(parent, table, f"regions/{method}_{kind}.tsv")
                     region_tables.append((f"{title}: regions ({kind})", table.head(15)))
@@ -467,12 +475,12 @@ class Publisher:
         report, methods = self.report, list(result.maps)
         tests = [m.test for m in result.maps.values() if m.test is not None]
         if tests:
-            how = (f"The t maps show voxels where male and female maps differ (Welch t), FWER-corrected by the maximum "
-                   f"statistic over {tests[0].permutations} label permutations within outer folds, exchanging whole "
-                   "families (PALM-style exchangeability blocks); voxels with the same value in every subject are "
-                   "left out of the test.")
+            how = (f"The t maps show voxels where the maps of {classes.names[1]} and {classes.names[0]} differ "
+                   f"(Welch t), FWER-corrected by the maximum statistic over {tests[0].permutations} label "
+                   "permutations within outer folds, exchanging whole families (PALM-style exchangeability blocks); "
+                   "voxels with the same value in every subject are left out of the test.")
         else:
-            how = (f"No male - female test: with target {result.target} the male and female maps explain different "
+            how = (f"No {classes.contrast} test: with target {result.target} the maps of each class explain different "
                    "scores, so their difference would be there by construction; set attribution.target: contrast.")
         heading = "Where the network looks" if evaluation.finding == "yes" else \
             "Where the network looks: explaining a model that did not learn the task (no finding)"
@@ -496,7 +504,7 @@ class Publisher:
             report.add_table("Ground truth: localization of the planted effect", shown,
                              "Voxel ROC AUC against the planted effect, the share of the top 1% voxels inside it "
                              "(chance: the effect's share of the brain), and the group map's top-1% share in the "
-                             "distractor, a region that varies whatever the sex (chance: its share of the brain; a "
+                             "distractor, a region that varies whatever the class (chance: its share of the brain; a "
                              "method above chance there follows the data, not the model's decision).")
         report.add_images("Method agreement", [("Spearman correlation", agreement_figure(result.agreement, methods))])
         report.add_table("Method agreement (table)", result.agreement)

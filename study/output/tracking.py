@@ -23,6 +23,7 @@ import pandas as pd
 import requests
 from mlflow.entities import LoggedModelOutput, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 
 from study.storage import project_dir
@@ -177,7 +178,8 @@ class Tracker:
         self.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
         return logged.model_id
 
-    def log_ensemble(self, run_id: str, ensemble: Path, folds: list[int], registered_name: str) -> tuple[str, str]:
+    def log_ensemble(self, run_id: str, ensemble: Path, signature: ModelSignature,
+                     registered_name: str) -> tuple[str, str]:
         """Log a saved :class:`study.predict.Ensemble` as a pyfunc model of ``run_id`` and register it.
 
         The model carries the ``study`` package's code, so loading it needs only
@@ -194,7 +196,7 @@ class Tracker:
             mlflow.pyfunc.save_model(Path(tmp) / "ensemble", python_model=predict.StudyEnsemble(),
                                      artifacts={"ensemble": str(ensemble)},
                                      code_paths=[str(Path(predict.__file__).parent)],
-                                     signature=predict.signature(folds), input_example=example,
+                                     signature=signature, input_example=example,
                                      pip_requirements=requirements, metadata={"model_id": logged.model_id})
             self.client.log_model_artifacts(logged.model_id, str(Path(tmp) / "ensemble"))
         self.client.finalize_logged_model(logged.model_id, "READY")

@@ -23,7 +23,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from study.data.cache import CachedVolumes, VolumeCache
-from study.data.cohort import CLASS_NAMES
+from study.data.cohort import Classes
 from study.data.splits import OuterFold
 from study.state import Study
 from study.training.metrics import classification_metrics
@@ -38,7 +38,7 @@ class BaselineResult:
     fold: int
     C: float  # the chosen inverse regularization strength
     test_metrics: dict[str, float]
-    predictions: pd.DataFrame  # subject_id, sex, p_male, predicted
+    predictions: pd.DataFrame  # subject_id, the true class, P(class 1), predicted (Classes.predictions)
     weights: np.ndarray  # [brain voxels] on standardized voxels
     seconds: float
 
@@ -50,7 +50,7 @@ def _voxels(cache: VolumeCache, subject_ids: list[str], brain: np.ndarray) -> np
                            for s in range(0, len(subject_ids), 64)])
 
 
-def fit_linear(cache: VolumeCache, brain: np.ndarray, fold: OuterFold, labels: dict[str, int],
+def fit_linear(cache: VolumeCache, brain: np.ndarray, fold: OuterFold, labels: dict[str, int], classes: Classes,
                seed: int = 0) -> BaselineResult:
     """Fit, choose C on ``fold``'s inner splits, refit on its training side, test on its held-out side."""
     started = time.perf_counter()
@@ -65,18 +65,14 @@ def fit_linear(cache: VolumeCache, brain: np.ndarray, fold: OuterFold, labels: d
     search.fit(x, y)
     model, C = search.best_estimator_, float(search.best_params_["logisticregression__C"])
     test_labels = np.array([labels[s] for s in fold.test])
-    p_male = model.predict_proba(_voxels(cache, fold.test, brain))[:, 1]
-    predictions = pd.DataFrame({
-        "subject_id": fold.test, "sex": np.array(CLASS_NAMES)[test_labels], "p_male": p_male,
-        "predicted": np.where(p_male >= 0.5, CLASS_NAMES[1], CLASS_NAMES[0]),
-    })
-    return BaselineResult(fold.fold, C, classification_metrics(test_labels, p_male), predictions,
-                          model[-1].coef_[0].astype(np.float32), time.perf_counter() - started)
+    p = model.predict_proba(_voxels(cache, fold.test, brain))[:, 1]
+    return BaselineResult(fold.fold, C, classification_metrics(test_labels, p),
+                          classes.predictions(fold.test, test_labels, p), model[-1].coef_[0].astype(np.float32), time.perf_counter() - started)
 
 
 def fit_baselines(study: Study, brain: np.ndarray) -> list[BaselineResult]:
     """The linear baseline of every outer fold, as Ray tasks (one CPU each); sorted by fold."""
     labels = dict(zip(study.cohort.ids, study.cohort.labels.tolist()))
     task = ray.remote(num_cpus=1)(fit_linear)
-    refs = [task.remote(study.cache, brain, fold, labels, study.config.cv.seed) for fold in study.folds]
+    refs = [task.remote(study.cache, brain, fold, labels, study.cohort.classes, study.config.cv.seed) for fold in study.folds]
     return sorted(ray.get(refs), key=lambda r: r.fold)

@@ -27,7 +27,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from study.config import SEARCHABLE_TRAIN_KEYS, ResourcesConfig, TrainConfig
 from study.data.cache import CachedVolumes
-from study.data.cohort import CLASS_NAMES
+from study.data.cohort import Classes
 from study.data.prepare import StudyError
 from study.runtime import Precision, worker_device
 from study.state import Study
@@ -95,14 +95,9 @@ class FoldResult:
     history: pd.DataFrame  # one row per epoch; column phase: select (inner split) or refit (all training subjects)
     checkpoint: ray.train.Checkpoint  # the final model: refit on all training subjects, else the selected one
     test_metrics: dict[str, float]
-    predictions: pd.DataFrame  # subject_id, sex, p_male, predicted
+    predictions: pd.DataFrame  # subject_id, the true class, P(class 1), predicted (Classes.predictions)
     seconds: dict[str, float]  # training, Ray set-up, testing (and search, when there was one)
     search: SearchResult | None = None
-
-    @property
-    def labels(self) -> np.ndarray:
-        """True sex of the held-out subjects, 1 male, 0 female, in predictions order."""
-        return (self.predictions["sex"] == CLASS_NAMES[1]).to_numpy(int)
 
     def epochs(self, phase: str) -> int:
         """Epochs trained in ``phase`` (select or refit)."""
@@ -192,7 +187,7 @@ def _predict_checkpoint(checkpoint: ray.train.Checkpoint, dataset: CachedVolumes
 
 
 def train_and_test(fold: int, setup: TrainingSetup, data: TrainingData, test_ids: list[str], test_labels: np.ndarray,
-                   storage_path: str, resources: ResourcesConfig, audit_dir: Path | None = None,
+                   classes: Classes, storage_path: str, resources: ResourcesConfig, audit_dir: Path | None = None,
                    search: SearchResult | None = None, live_path: Path | None = None) -> FoldResult:
     """Train ``setup`` as its ``final_fit`` says, then test it on the held-out subjects.
 
@@ -218,20 +213,17 @@ def train_and_test(fold: int, setup: TrainingSetup, data: TrainingData, test_ids
         history = pd.concat([search.best_trial.history.assign(phase="select"), history], ignore_index=True)
     fitted = time.perf_counter()
     test_set = CachedVolumes(data.cache, test_ids, test_labels)
-    p_male = ray.get(
+    p = ray.get(
         ray.remote(_predict_checkpoint)
         .options(num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker if resources.use_gpu else 0)
         .remote(checkpoint, test_set, setup.train)
     )
     trained_here = history[history["phase"] == "refit"] if selected_by_search else history
     training = float(trained_here.filter(like="epoch_seconds").sum().sum())
-    predictions = pd.DataFrame({
-        "subject_id": test_ids, "sex": np.array(CLASS_NAMES)[test_labels],
-        "p_male": p_male, "predicted": np.where(p_male >= 0.5, CLASS_NAMES[1], CLASS_NAMES[0]),
-    })
+    predictions = classes.predictions(test_ids, test_labels, p)
     seconds = {"training": training, "Ray Train set-up": max(fitted - started - training, 0.0),
                "testing": time.perf_counter() - fitted}
-    return FoldResult(fold, setup, history, checkpoint, classification_metrics(test_labels, p_male),
+    return FoldResult(fold, setup, history, checkpoint, classification_metrics(test_labels, p),
                       predictions, seconds, search)
 
 
@@ -353,7 +345,7 @@ def cross_validate(study: Study, on_epochs: Callable[[int, list[dict]], None] | 
             if audit_dir:
                 audit_dir.mkdir(parents=True, exist_ok=True)
             setup = base.with_params(search.best) if search else base
-            ref = task.remote(fold.fold, setup, data, fold.test, study.labels(fold.test),
+            ref = task.remote(fold.fold, setup, data, fold.test, study.labels(fold.test), study.cohort.classes,
                               join(study.storage, "train"), config.resources, audit_dir, search,
                               live.start(fold.fold))
             pending[ref] = fold.fold

@@ -112,7 +112,7 @@ class Evaluation:
     difference: AucEstimate | None  # CNN - baseline, paired
     difference_p: float | None
     permutations: int
-    brain_volume: AucEstimate | None = None  # how well brain volume alone separates the sexes (a confound)
+    brain_volume: AucEstimate | None = None  # how well brain volume alone separates the classes (a confound)
 
     @property
     def finding(self) -> str:
@@ -129,7 +129,7 @@ class Evaluation:
         if self.finding == "none":
             return (f"No finding: the CNN did not learn the task. Its held-out ROC AUC {self.cnn} is not significantly "
                     f"above chance (permutation {format_p(self.cnn_p)}); its maps explain a model that learned nothing "
-                    "about sex.")
+                    "about the label.")
         if self.finding == "below_baseline":
             return (f"No finding beyond a linear model: the CNN's held-out ROC AUC {self.cnn} is significantly below "
                     f"the linear baseline's {self.baseline} (difference {self.difference}, DeLong "
@@ -143,18 +143,18 @@ class Evaluation:
 
 def evaluate(labels: np.ndarray, cnn: np.ndarray, folds: np.ndarray, baseline: np.ndarray | None = None,
              brain_volumes: np.ndarray | None = None, permutations: int = 5000, seed: int = 0) -> Evaluation:
-    """Test pooled held-out predictions (P(male), one per subject) of the CNN and, if given, of the baseline.
+    """Test pooled held-out predictions (P(class 1), e.g. P(male), one per subject) of the CNN and, if given, of the baseline.
 
     Parameters
     ----------
     labels : ndarray
-        1 male, 0 female, one per held-out subject.
+        Class index (e.g. 1 male, 0 female), one per held-out subject.
     cnn, baseline : ndarray
-        P(male) of each subject from the model of the fold that held it out.
+        P(class 1) of each subject from the model of the fold that held it out.
     folds : ndarray
         The outer fold of each subject (permutations stay within folds).
     brain_volumes : ndarray, optional
-        Each subject's brain volume: its AUC for sex says how much a model could
+        Each subject's brain volume: its AUC for the label says how much a model could
         learn from head size alone (a confound, not a regional difference).
     permutations : int
         Label permutations of the test against chance.

@@ -1,4 +1,4 @@
-"""Classification metrics of a held-out fold (male = positive class)."""
+"""Classification metrics of a held-out fold (class 1, e.g. male, is the positive class)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,16 @@ import numpy as np
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_score
 
 
-def classification_metrics(labels: np.ndarray, p_male: np.ndarray) -> dict[str, float]:
-    """Accuracy, balanced accuracy, ROC AUC, sensitivity (males) and specificity (females)."""
+def classification_metrics(labels: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    """Accuracy, balanced accuracy, ROC AUC, sensitivity (class 1) and specificity (class 0); ``p`` is P(class 1)."""
     labels = np.asarray(labels)
-    predicted = (np.asarray(p_male) >= 0.5).astype(int)
+    predicted = (np.asarray(p) >= 0.5).astype(int)
     (tn, fp), (fn, tp) = confusion_matrix(labels, predicted, labels=[0, 1])
     both = len(np.unique(labels)) == 2
     return {
         "accuracy": float((predicted == labels).mean()),
         "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)) if both else float("nan"),
-        "roc_auc": float(roc_auc_score(labels, p_male)) if both else float("nan"),
+        "roc_auc": float(roc_auc_score(labels, p)) if both else float("nan"),
         "sensitivity": float(tp / max(tp + fn, 1)),
         "specificity": float(tn / max(tn + fp, 1)),
         "true_negatives": float(tn),

@@ -15,7 +15,6 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from study.data.cohort import CLASS_NAMES
 from study.params import Params
 
 
@@ -57,7 +56,7 @@ def _norm(kind: str, channels: int) -> nn.Module:
 
 
 class BrainCNN(nn.Module):
-    """The network of an :class:`Architecture` on a fixed input grid; logits [batch, 2] (female, male)."""
+    """The network of an :class:`Architecture` on a fixed input grid; logits [batch, 2] (class 0, class 1)."""
 
     def __init__(self, architecture: Architecture, input_shape: tuple[int, int, int]):
         super().__init__()
@@ -89,11 +88,11 @@ class BrainCNN(nn.Module):
             nn.AdaptiveAvgPool3d(1) if architecture.head == "gap" else nn.Identity(),
             nn.Flatten(),
             nn.Dropout(architecture.dropout),
-            nn.Linear(flat, len(CLASS_NAMES)),
+            nn.Linear(flat, 2),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits [batch, 2] (female, male) for volumes [batch, 1, D, H, W]."""
+        """Logits [batch, 2] (class 0, class 1, e.g. female, male) for volumes [batch, 1, D, H, W]."""
         return self.head(self.features(x))
 
 
