@@ -15,10 +15,10 @@ import operator
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo, field_validator
 
 from study.attribution import METHODS
 from study.attribution.perturbation import Perturbation
@@ -26,7 +26,7 @@ from study.data.cohort import CohortConfig
 from study.data.volumes import Grid
 from study.storage import project_dir
 from study.training.augment import Augmentation
-from study.training.models import PRESETS, Architecture
+from study.training.models import PRESETS, Architecture, Network, check_network
 
 
 class ConfigError(ValueError):
@@ -199,20 +199,31 @@ class SearchDimension(_Section):
 
 
 SEARCHABLE_TRAIN_KEYS = ("lr", "weight_decay", "batch_size")
-SEARCHABLE_KEYS = (*Architecture.model_fields, *SEARCHABLE_TRAIN_KEYS)
 
 
-def _check_space(space: dict[str, SearchDimension]) -> dict[str, SearchDimension]:
-    """Every key searchable, exactly one kind each, values of the key's type, conditions well formed."""
+def _check_space(space: dict[str, SearchDimension], model: Architecture | Network | None) -> None:
+    """Every key searchable, exactly one kind each, values of the key's type, conditions well formed.
+
+    The model's keys are the architecture's fields, or a user network's keyword
+    arguments (any key when it takes ``**kwargs``); ``model`` None (itself
+    invalid) checks the training keys only.
+    """
+    if isinstance(model, Network):
+        names = model.keyword_names()
+        model_keys = None if names is None else sorted(names)
+    else:
+        model_keys = list(Architecture.model_fields)
     problems = []
     earlier: list[str] = []
     for key, dim in space.items():
         kinds = [k for k in ("choice", "uniform", "loguniform", "int_range") if getattr(dim, k) is not None]
-        if key not in SEARCHABLE_KEYS:
-            problems.append(f"cannot search {key!r}; searchable keys: {', '.join(SEARCHABLE_KEYS)}")
+        searchable = key in SEARCHABLE_TRAIN_KEYS or model is None or model_keys is None or key in model_keys
+        if not searchable:
+            problems.append(f"cannot search {key!r}; searchable keys: "
+                            f"{', '.join([*model_keys, *SEARCHABLE_TRAIN_KEYS])}")
         elif len(kinds) != 1:
             problems.append(f"{key}: give exactly one of choice, uniform, loguniform, int_range")
-        else:
+        elif key in SEARCHABLE_TRAIN_KEYS or isinstance(model, Architecture):  # a user network's types are its own
             owner = TrainConfig if key in SEARCHABLE_TRAIN_KEYS else Architecture
             for value in dim.values:
                 try:
@@ -231,7 +242,6 @@ def _check_space(space: dict[str, SearchDimension]) -> dict[str, SearchDimension
         earlier.append(key)
     if problems:
         raise ValueError("; ".join(problems))
-    return space
 
 
 class SearchConfig(_Section):
@@ -251,12 +261,21 @@ class SearchConfig(_Section):
 
     @field_validator("space")
     @classmethod
-    def _space_is_searchable(cls, space: dict[str, SearchDimension]) -> dict[str, SearchDimension]:
-        return _check_space(space)
+    def _space_is_searchable(cls, space: dict[str, SearchDimension], info: ValidationInfo) -> dict[str, SearchDimension]:
+        # The study's model, validated before the search (StudyConfig puts it in the validation context);
+        # without one, our CNN; "class" marks a user's network that is itself invalid (only training keys checked).
+        model = (info.context or {}).get("model", Architecture())
+        _check_space(space, None if model == "class" else model)
+        return space
 
     @property
     def mode(self) -> str:
         return "min" if self.metric == "val_loss" else "max"
+
+
+def _model_kind(value: Any) -> str:
+    """Which kind of ``model`` section: ``class`` (a user's network) or ``preset`` (our CNN)."""
+    return "class" if isinstance(value, Network) or (isinstance(value, dict) and "class" in value) else "preset"
 
 
 class StudyConfig(_Section):
@@ -266,7 +285,10 @@ class StudyConfig(_Section):
     cohort: CohortConfig
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     cv: CVConfig = Field(default_factory=CVConfig)
-    model: Architecture = Field(default_factory=Architecture)  # `preset: mrinet` plus any key to override
+    # `preset: mrinet` plus any key to override, or a network of your own: `class: package.module:Name` plus its
+    # keyword arguments (see study.training.models.Network)
+    model: Annotated[Annotated[Architecture, Tag("preset")] | Annotated[Network, Tag("class")],
+                     Discriminator(_model_kind)] = Field(default_factory=Architecture)
     train: TrainConfig = Field(default_factory=TrainConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -285,14 +307,42 @@ class StudyConfig(_Section):
 
     @field_validator("model", mode="before")
     @classmethod
-    def _preset(cls, value: Any) -> Any:
-        """``{preset: mrinet, width: 8}``: the preset's architecture with the keys given overridden."""
+    def _preset(cls, value: Any, info: ValidationInfo) -> Any:
+        """``{preset: mrinet, width: 8}``: the preset's architecture with the keys given overridden;
+        ``{class: ...}``: a user's network, as it is."""
         if not isinstance(value, dict):
+            return value
+        if "class" in value:
+            if info.context is not None:
+                info.context["model"] = "class"  # replaced by the network once it is valid (_network_fits)
+            if "preset" in value:
+                raise ValueError("give either preset (our CNN) or class (your own network), not both")
             return value
         preset = value.get("preset") or "mrinet"
         if preset not in PRESETS:
             raise ValueError(f"unknown model preset {preset!r}; presets: {', '.join(PRESETS)}")
         return {**PRESETS[preset].model_dump(), **{k: v for k, v in value.items() if k != "preset"}}
+
+    @field_validator("model")
+    @classmethod
+    def _network_fits(cls, model: Architecture | Network, info: ValidationInfo) -> Architecture | Network:
+        """A user's network is built and run on one volume of the study grid now, not on a worker later."""
+        if isinstance(model, Network) and "preprocess" in info.data:
+            check_network(model, info.data["preprocess"].grid.shape, guided=False)
+        if isinstance(model, Network) and info.context is not None:
+            info.context["model"] = model  # the search space checks its keys against the network's
+        return model
+
+    @field_validator("attribution")
+    @classmethod
+    def _network_is_explainable(cls, attribution: AttributionConfig | None,
+                                info: ValidationInfo) -> AttributionConfig | None:
+        """Guided Backpropagation of a user's network: ReLU activations only, checked now."""
+        model, preprocess = info.data.get("model"), info.data.get("preprocess")
+        guided = attribution is not None and {"guided_backprop", "guided_gradcam"} & set(attribution.methods)
+        if isinstance(model, Network) and preprocess is not None and guided:
+            check_network(model, preprocess.grid.shape, guided=True)
+        return attribution
 
 
 def _valid_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -315,6 +365,8 @@ def _format_errors(err: ValidationError, source: str, overrides: dict[tuple[str,
     """One line per error, each naming the key and where it came from (the file or a ``--set``)."""
     lines = []
     for e in err.errors():
+        if e["loc"][:1] == ("model",) and e["loc"][1:2] in (("preset",), ("class",)):  # the kind, not a key
+            e["loc"] = e["loc"][:1] + e["loc"][2:]
         loc = tuple(str(p) for p in e["loc"])
         key = ".".join(loc) or "(top level)"
         origin = next((f"--set {assignment}" for path, assignment in overrides.items()
@@ -357,7 +409,7 @@ def parse_config(data: dict[str, Any], source: str = "config", base_dir: Path | 
     lets an error name the override it came from instead of ``source``.
     """
     try:
-        config = StudyConfig.model_validate(data)
+        config = StudyConfig.model_validate(data, context={})  # context: the model, for the search space check
     except ValidationError as err:
         lines = _format_errors(err, source, overrides or {})
         raise ConfigError("\n".join([f"{source}: invalid study config ({len(lines)} problems)", *lines])) from None

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from study.data.cohort import SEX_CLASSES, Classes, Problem
 from study.data.volumes import Grid, VolumeError, preprocess_volume
-from study.training.models import BrainCNN, model_from_record, model_record
+from study.training.models import model_from_record, model_record
 
 SPEC_FILE = "ensemble.json"
 NIFTI = re.compile(r"\.nii(\.gz)?$")
@@ -40,7 +40,7 @@ class Ensemble:
 
     Parameters
     ----------
-    models : dict of int to BrainCNN
+    models : dict of int to torch.nn.Module
         Each outer fold's final model, in eval mode.
     grid : Grid
         The study grid every image is resampled onto.
@@ -56,7 +56,7 @@ class Ensemble:
         What the study told apart (the label column and its two classes), which names the output columns.
     """
 
-    models: dict[int, BrainCNN]
+    models: dict[int, torch.nn.Module]
     grid: Grid
     normalize: str
     methods: tuple[str, ...]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -81,7 +82,7 @@ def test_every_error_of_a_config_at_once_and_overrides_named(tmp_path):
     assert "(6 problems)" in message  # not in rounds: the name and the search space along with the rest
     assert "name: name must be non-empty, without spaces or slashes" in message
     assert "cv.outer_folds" in message and "search.num_samples" in message
-    assert "search.space: cannot search 'epochs'" in message
+    assert "search.space: cannot search 'epochs'; searchable keys: blocks, width" in message
     assert "train.batch_size: Input should be greater than or equal to 1 (got 0)  [--set train.batch_size=0]" in message
     assert "model.width" in message and "[--set model.width=wide]" in message
     assert f"[{path}]" in message.split("cv.outer_folds")[1].splitlines()[0]
@@ -100,3 +101,31 @@ def test_search_conditions_are_checked_when_the_config_loads(tmp_path):
     config = parse_config(space(blocks={"choice": [2, 3]}, kernel_size={"choice": [3, 5], "when": "blocks > 2"}))
     condition = config.search.space["kernel_size"].condition
     assert condition.holds({"blocks": 3}) and not condition.holds({"blocks": 2}) and not condition.holds({})
+
+
+def test_a_network_of_ones_own_is_built_checked_and_searchable_when_the_config_loads():
+    def config(search=None, methods=("gradcam", "guided_backprop"), **model):
+        return {"name": "s", "cohort": {"root": "x"}, "preprocess": {"voxel_size": 8.0},
+                "model": {"class": "tests.networks:TinyNet", **model}, "attribution": {"methods": list(methods)},
+                **({"search": {"space": search}} if search else {})}
+
+    parsed = parse_config(config({"channels": {"choice": [2, 4]}, "lr": {"loguniform": [1e-4, 1e-2]}}, channels=2))
+    assert parsed.model.factory == "tests.networks:TinyNet" and parsed.model.kwargs == {"channels": 2}
+    assert parsed.model.model_dump() == {"class": "tests.networks:TinyNet", "channels": 2}  # as the config wrote it
+    assert parse_config(parsed.model_dump(mode="json")) == parsed  # a logged config reads back
+    problems = {
+        "model: cannot import tests.nonets:Net: No module named 'tests.nonets'. Install its package, or put "
+        "tests/nonets.py in the project directory": config(**{"class": "tests.nonets:Net"}),
+        "without a gradcam_layer: set self.gradcam_layer": config(gradcam=False),
+        "returns (1, 3) for one volume; a study needs logits [batch, 2]": config(outputs=3),
+        "cannot be built with input_shape=(23, 27, 23) and {'size': 3}: TypeError: ": config(size=3),
+        "attribution: tests.networks:TinyNet: guided backprop needs ReLU activations; this model uses "
+        "elu; use nn.ReLU, or leave guided_backprop": config(activation="elu"),
+        "search.space: cannot search 'depth'; searchable keys: activation, channels, gradcam, outputs, "
+        "lr": config({"depth": {"choice": [2, 3]}}),
+        "model: give either preset (our CNN) or class": config(preset="mrinet"),
+    }
+    for expected, data in problems.items():
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            parse_config(data)
+    assert parse_config(config(activation="elu", methods=["gradcam"])).model.kwargs == {"activation": "elu"}

@@ -21,6 +21,7 @@ from study.data.prepare import StudyError, prepare_cohort
 from study.output.publish import Publisher
 from study.output.tracking import TrackingError
 from study.pipeline import run_study, study_dir
+from study.predict import Ensemble
 from study.training import crossval
 from tests.conftest import cache_for
 from tests.test_cohort import break_images, image_of
@@ -39,7 +40,8 @@ def study_config(tmp_path: Path, cohort_root: Path, **sections):
         "attribution": None,  # the attribution stage has its own tests (test_explain.py)
     }
     for key, value in sections.items():  # a section given as a dict is merged into the tiny one
-        data[key] = {**(data.get(key) or {}), **value} if isinstance(value, dict) else value
+        merge = isinstance(value, dict) and "class" not in value  # a network of one's own replaces the CNN
+        data[key] = {**(data.get(key) or {}), **value} if merge else value
     return parse_config(data)
 
 
@@ -177,6 +179,32 @@ def test_concurrent_folds_share_one_sqlite_store_and_every_execution_is_kept(tmp
     assert "deleted 1 execution(s)" in capsys.readouterr().out
     assert not first.exists() and (study_dir(config) / "latest" / "report.html").is_file()
     assert runs_of(config, parent_id)[0].info.status == "FINISHED"  # MLflow keeps the deleted execution's runs
+
+
+@pytest.mark.slow
+def test_a_network_of_ones_own_is_searched_trained_explained_and_predicts(tmp_path, cohort_dir):
+    config = study_config(
+        tmp_path, cohort_dir, model={"class": "tests.networks:TinyNet", "channels": 2},
+        search={"space": {"channels": {"choice": [2, 3]}}, "num_samples": 2, "scheduler": "none"},
+        attribution={"methods": ["gradcam", "guided_backprop"], "permutations": 0, "batch_size": 4,
+                     "sanity": {"subjects": 2, "label_randomization": False}})
+    parent_id = run_study(config)
+    parent, children = runs_of(config, parent_id)
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    assert parent.data.params["model.class"] == "tests.networks:TinyNet"
+    latest = study_dir(config) / "latest"
+    for path in sorted((latest / "folds").glob("fold*.json")):
+        result = crossval.FoldResult.from_json(path.read_text())
+        assert result.setup.architecture.factory == "tests.networks:TinyNet"
+        assert result.setup.architecture.kwargs["channels"] in (2, 3)  # what the fold's search chose
+    client = mlflow.MlflowClient(config.tracking.uri)
+    assert {"maps/gradcam/gradcam_mean_all.nii.gz"} <= {a.path for a in client.list_artifacts(parent_id, "maps/gradcam")}
+    # The ensemble rebuilds the network from its class and keyword arguments (no pickle) and predicts.
+    ensemble = Ensemble.load(latest / "ensemble")
+    image = next(cohort_dir.glob("sub-*/anat/*_T1w.nii.gz"))
+    table = ensemble.predict(pd.DataFrame({"image": [str(image)]}))
+    assert table.problem.tolist() == [""] and 0 <= table.p_male[0] <= 1
+    assert set(ensemble.explain(ensemble.preprocess(image))) == {"gradcam", "guided_backprop"}
 
 
 def test_every_kind_of_bad_image_refuses_the_run_and_exclude_is_opt_in(tmp_path, cohort_dir):

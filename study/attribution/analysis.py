@@ -33,7 +33,7 @@ from study.storage import join
 from study.training.baseline import BaselineResult
 from study.training.crossval import FoldResult, fit
 from study.training.loop import TrainingData, load_history
-from study.training.models import BrainCNN
+from study.training.models import build_model
 
 
 LINEAR_BASELINE = "linear_baseline"  # the baseline's weights, analysed beside the methods' maps
@@ -229,7 +229,7 @@ def explain_study(study: Study, results: list[FoldResult], baselines: list[Basel
         agreement = method_agreement(normalized)
     with study.times.stage("sanity checks"):
         cascade, shuffled, shuffled_fit = _sanity(study, results[0], store, brain)
-    features, spacing = feature_grid(BrainCNN(results[0].setup.architecture, study.cache.shape).eval(),
+    features, spacing = feature_grid(build_model(results[0].setup.architecture, study.cache.shape).eval(),
                                      study.cache.shape)
     return AttributionResult(analysed, brain, study.cache.affine, len(tested), attribution.target, agreement,
                              cascade, shuffled, shuffled_fit, flagged_methods(cascade, shuffled), store,

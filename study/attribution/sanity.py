@@ -43,16 +43,24 @@ def compare(original: dict[str, np.ndarray], other: dict[str, np.ndarray], brain
     return out
 
 
+NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
+
+
 def cascade_steps(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
-    """Layers in randomization order: the classifier, then each conv (with its norm) from the last."""
-    linear = [m for m in model.head.modules() if isinstance(m, nn.Linear)]
-    steps = [("classifier", linear)]
-    modules = list(model.features)
-    convs = [i for i, m in enumerate(modules) if isinstance(m, nn.Conv3d)]
+    """Layers in randomization order: the classifier (every linear layer), then each convolution from the last,
+    with a normalization registered right after it.
+
+    Any network's layers, in module registration order (ours, or a user's own
+    that registers its modules in the order they run).
+    """
+    leaves = [m for m in model.modules() if not list(m.children())]
+    steps = [("classifier", [m for m in leaves if isinstance(m, nn.Linear)])]
+    convs = [i for i, m in enumerate(leaves) if isinstance(m, nn.Conv3d)]
     for n, i in enumerate(reversed(convs)):
-        norm = modules[i + 1]
-        steps.append((f"conv{len(convs) - n}", [modules[i]] + ([norm] if hasattr(norm, "reset_parameters") else [])))
-    return steps
+        norm = leaves[i + 1:i + 2]
+        steps.append((f"conv{len(convs) - n}",
+                       [leaves[i]] + [m for m in norm if isinstance(m, NORMS) and hasattr(m, "reset_parameters")]))
+    return [step for step in steps if step[1]]
 
 
 def parameter_randomization(checkpoint: ray.train.Checkpoint, cache: VolumeCache, subject_ids: list[str],

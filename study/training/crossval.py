@@ -34,21 +34,21 @@ from study.state import Study
 from study.storage import join, replace_atomically
 from study.training.loop import TrainingData, load_history, load_model, predict, train_loop_per_worker
 from study.training.metrics import classification_metrics
-from study.training.models import Architecture
+from study.training.models import Architecture, Network, architecture_of
 
 
 @dataclass(frozen=True)
 class TrainingSetup:
     """What one training uses: the architecture and the training recipe, both validated."""
 
-    architecture: Architecture
+    architecture: Architecture | Network
     train: TrainConfig
 
     def with_params(self, params: dict[str, Any]) -> "TrainingSetup":
         """This setup with searched keys applied; each side is validated as a whole."""
         arch = {k: v for k, v in params.items() if k not in SEARCHABLE_TRAIN_KEYS}
         train = {k: v for k, v in params.items() if k in SEARCHABLE_TRAIN_KEYS}
-        return TrainingSetup(Architecture(**{**self.architecture.model_dump(), **arch}),
+        return TrainingSetup(architecture_of({**self.architecture.model_dump(), **arch}),
                              TrainConfig.model_validate({**self.train.model_dump(), **train}))
 
 
@@ -134,7 +134,7 @@ class FoldResult:
         data = json.loads(text)
         search = data["search"] and SearchResult(data["search"]["metric"], data["search"]["best"], [
             Trial(**{**t, "history": pd.DataFrame(t["history"])}) for t in data["search"]["trials"]])
-        setup = TrainingSetup(Architecture(**data["architecture"]), TrainConfig.model_validate(data["train"]))
+        setup = TrainingSetup(architecture_of(data["architecture"]), TrainConfig.model_validate(data["train"]))
         return cls(data["fold"], setup, pd.DataFrame(data["history"]),
                    ray.train.Checkpoint(data["checkpoint"], filesystem or pyarrow.fs.LocalFileSystem()),
                    data["test_metrics"], pd.DataFrame(data["predictions"]).astype({"subject_id": str}),

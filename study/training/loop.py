@@ -37,7 +37,7 @@ from study.data.cache import CachedVolumes, VolumeCache, collate
 from study.runtime import Precision
 from study.training.augment import augment
 from study.training.metrics import classification_metrics
-from study.training.models import Architecture, BrainCNN, model_from_record, model_record
+from study.training.models import Architecture, Network, build_model, model_from_record, model_record
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -92,7 +92,7 @@ def _scores(model: torch.nn.Module, dataset: CachedVolumes, batch_size: int, pre
     return {f"{prefix}_loss": float(loss), f"{prefix}_accuracy": scores["accuracy"], f"{prefix}_roc_auc": scores["roc_auc"]}
 
 
-def save_checkpoint(directory: Path, model: BrainCNN, state: dict, **progress: Any) -> None:
+def save_checkpoint(directory: Path, model: torch.nn.Module, state: dict, **progress: Any) -> None:
     """Write the weights worth keeping, the architecture, and the training's progress (phase, epoch, history...)."""
     torch.save({**model_record(model, state), **progress}, directory / CHECKPOINT_FILE)
 
@@ -103,7 +103,7 @@ def load_history(checkpoint: ray.train.Checkpoint) -> list[dict[str, float]]:
         return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)["history"]
 
 
-def load_model(checkpoint: ray.train.Checkpoint | Path, device: torch.device | str = "cpu") -> BrainCNN:
+def load_model(checkpoint: ray.train.Checkpoint | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
     """The trained model of a checkpoint (directory or Ray Checkpoint), in eval mode."""
     if isinstance(checkpoint, ray.train.Checkpoint):
         with checkpoint.as_directory() as directory:
@@ -135,7 +135,7 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
 class _Phase:
     """One phase's model, optimizer, schedule and data shard on this worker."""
 
-    def __init__(self, architecture: Architecture, train: TrainConfig, data: TrainingData, ids: list[str],
+    def __init__(self, architecture: Architecture | Network, train: TrainConfig, data: TrainingData, ids: list[str],
                  labels: np.ndarray, epochs: int, precision: Precision):
         context = ray.train.get_context()
         rank, world = context.get_world_rank(), context.get_world_size()
@@ -145,8 +145,8 @@ class _Phase:
         self.dataset = CachedVolumes(data.cache, ids, labels)
         self.sampler = DistributedSampler(self.dataset, num_replicas=world, rank=rank, shuffle=True, seed=train.seed)
         self.loader = DataLoader(self.dataset, batch_size=train.batch_size, sampler=self.sampler, collate_fn=collate)
-        self.model = ray.train.torch.prepare_model(precision.model(BrainCNN(architecture, data.cache.shape)))
-        self.bare: BrainCNN = getattr(self.model, "module", self.model)
+        self.model = ray.train.torch.prepare_model(precision.model(build_model(architecture, data.cache.shape)))
+        self.bare: torch.nn.Module = getattr(self.model, "module", self.model)
         self.step = torch.compile(self.model) if train.compile else self.model
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
         steps_per_epoch = max(len(self.loader), 1)
@@ -187,7 +187,7 @@ class _Phase:
         return {"train_loss": total_loss / n, "train_accuracy": correct / n, "lr": lr}, seen
 
 
-def _report(metrics: dict, checkpoint_state: dict | None, model: BrainCNN, rank: int, **progress: Any) -> None:
+def _report(metrics: dict, checkpoint_state: dict | None, model: torch.nn.Module, rank: int, **progress: Any) -> None:
     """Report an epoch's metrics; with a checkpoint (written by rank 0 only) when there is state to keep."""
     if checkpoint_state is not None and rank == 0:
         with tempfile.TemporaryDirectory() as directory:
@@ -221,7 +221,7 @@ def _live(path: str | None, record: dict[str, Any], rank: int) -> None:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: select the epoch count on the inner split, then refit; report as it goes.
 
-    ``loop_config`` holds ``architecture`` (:class:`Architecture`), ``train``
+    ``loop_config`` holds ``architecture`` (:class:`Architecture` or :class:`Network`), ``train``
     (the validated :class:`TrainConfig`), ``data`` (:class:`TrainingData`),
     ``refit_epochs`` (the refit's epochs when there is no selection phase),
     ``audit_dir`` (None, or where to record which subjects this worker read) and
@@ -229,7 +229,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     soon as they exist: Ray Train's reports are throttled, this is not) and
     ``checkpoint_every_s`` (how often the final fit reports with a checkpoint).
     """
-    architecture: Architecture = loop_config["architecture"]
+    architecture: Architecture | Network = loop_config["architecture"]
     train: TrainConfig = loop_config["train"]
     data: TrainingData = loop_config["data"]
     audit_dir, live_path = loop_config.get("audit_dir"), loop_config.get("live_path")

@@ -1,21 +1,27 @@
-"""The 3D CNN family, with the paper's MriNet as a named preset.
+"""The networks a study trains: the 3D CNN family (the paper's MriNet a preset), or a researcher's own.
 
-A model is built from an :class:`Architecture` (what the config's ``model``
-section and a search's sampled keys resolve to) and the input grid shape.
-Every model names its Grad-CAM target layer (``gradcam_layer``: the last
-block's activation) and uses ``nn.ReLU`` modules, so the attribution methods
-can hook it.
+A model is built by :func:`build_model` from an :class:`Architecture` or a
+:class:`Network` (what the config's ``model`` section and a search's sampled
+keys resolve to) and the input grid shape. Every model names its Grad-CAM
+target layer (``gradcam_layer``) and our CNNs use ``nn.ReLU`` only, so the
+attribution methods can hook them; a user's network is checked for the same
+interface when the config loads (:func:`check_network`).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import importlib
+import inspect
+import sys
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import ConfigDict, Field, model_serializer, model_validator
 from torch import nn
 
 from study.params import Params
+from study.storage import project_dir
 
 
 class Architecture(Params):
@@ -96,18 +102,146 @@ class BrainCNN(nn.Module):
         return self.head(self.features(x))
 
 
-def model_record(model: BrainCNN, weights: dict[str, torch.Tensor] | None = None) -> dict:
+class Network(Params):
+    """A researcher's own network: ``class`` (``package.module:Name``), built as ``Name(input_shape=(D, H, W),
+    **kwargs)``.
+
+    In the config, ``model: {class: mynets:ResNet3d, depth: 18}``: every key but
+    ``class`` is a keyword argument, and a search can search them by name. What
+    it builds must be a ``torch.nn.Module`` that maps volumes [batch, 1, D, H, W]
+    to logits [batch, 2] (class 0, class 1) and has an attribute ``gradcam_layer``:
+    the module whose output Grad-CAM weighs, usually the last convolutional
+    block's activation. Grad-CAM places its map by the convolutions and poolings
+    met before that layer in module registration order, so register modules in
+    the order they run (as ``nn.Sequential`` does). Guided Backpropagation needs
+    ReLU activations only. The module is imported where the study runs: an
+    installed package, or a ``.py`` file in the project directory.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    factory: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")  # the config's `class`
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_config(cls, data: Any) -> Any:
+        """``{class: NAME, **kwargs}`` as the config writes it."""
+        if isinstance(data, dict) and "class" in data:
+            return {"factory": data["class"], "kwargs": {k: v for k, v in data.items() if k != "class"}}
+        return data
+
+    @model_serializer
+    def _to_config(self) -> dict[str, Any]:
+        return {"class": self.factory, **self.kwargs}
+
+    def import_factory(self) -> Callable[..., nn.Module]:
+        """The class or function that ``class`` names (the project directory importable, as for Ray's workers)."""
+        module_name, _, name = self.factory.partition(":")
+        if str(project_dir()) not in sys.path:
+            sys.path.append(str(project_dir()))
+        try:
+            target: Any = importlib.import_module(module_name)
+            for part in name.split("."):
+                target = getattr(target, part)
+        except (ImportError, AttributeError) as err:
+            file = module_name.replace(".", "/") + ".py"
+            raise ValueError(f"cannot import {self.factory}: {err}. Install its package, or put {file} "
+                             f"in the project directory ({project_dir()})") from None
+        return target
+
+    def keyword_names(self) -> set[str] | None:
+        """The keyword arguments the factory takes (those a search may set); None when it takes any."""
+        signature = inspect.signature(self.import_factory())
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+            return None
+        return {n for n, p in signature.parameters.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL} - {
+            "input_shape"}
+
+
+class UserNetwork(nn.Module):
+    """A :class:`Network` built for an input grid, with the interface every stage uses."""
+
+    def __init__(self, architecture: Network, input_shape: tuple[int, int, int]):
+        super().__init__()
+        self.architecture = architecture
+        self.input_shape = tuple(input_shape)
+        factory = architecture.import_factory()
+        try:
+            self.net = factory(input_shape=self.input_shape, **architecture.kwargs)
+        except Exception as err:  # noqa: BLE001 - whatever the constructor raises is reported with its arguments
+            raise ValueError(f"{architecture.factory} cannot be built with input_shape={self.input_shape} and "
+                             f"{architecture.kwargs}: {type(err).__name__}: {err}") from None
+        if not isinstance(self.net, nn.Module):
+            raise ValueError(f"{architecture.factory} returned a {type(self.net).__name__}, not a torch.nn.Module")
+        layer = getattr(self.net, "gradcam_layer", None)
+        if not isinstance(layer, nn.Module) or not any(m is layer for m in self.net.modules()):
+            raise ValueError(f"{architecture.factory} builds a {type(self.net).__name__} without a gradcam_layer: "
+                             "set self.gradcam_layer to the module Grad-CAM should explain (one of the network's "
+                             "modules, e.g. the last convolutional block's ReLU)")
+
+    @property
+    def gradcam_layer(self) -> nn.Module:
+        return self.net.gradcam_layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, 2] (class 0, class 1) for volumes [batch, 1, D, H, W]."""
+        return self.net(x)
+
+
+def build_model(architecture: Architecture | Network, input_shape: tuple[int, int, int]) -> nn.Module:
+    """The network of ``architecture`` for inputs of ``input_shape``: a :class:`BrainCNN` or a user's own."""
+    if isinstance(architecture, Network):
+        return UserNetwork(architecture, input_shape)
+    return BrainCNN(architecture, input_shape)
+
+
+def architecture_of(data: dict[str, Any]) -> Architecture | Network:
+    """An architecture from its ``model_dump()``: a :class:`Network` when it names a ``class``."""
+    return Network.model_validate(data) if "class" in data else Architecture.model_validate(data)
+
+
+def check_network(architecture: Network, input_shape: tuple[int, int, int], guided: bool) -> None:
+    """Build the network and run one volume of the study grid through it.
+
+    It must give logits [1, 2] and, when ``guided`` (Guided Backpropagation is
+    asked for), use ReLU activations only. Raises ValueError saying what to change.
+    """
+    model = UserNetwork(architecture, input_shape).eval()
+    x = torch.zeros(1, 1, *input_shape)
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    except Exception as err:  # noqa: BLE001 - whatever the network raises is reported with where it happened
+        raise ValueError(f"{architecture.factory} fails on one volume of the study grid {tuple(input_shape)}: "
+                         f"{type(err).__name__}: {err}") from None
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (1, 2):
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"{architecture.factory} returns {got} for one volume; a study needs logits [batch, 2] "
+                         "(class 0, class 1)")
+    if guided:
+        from study.attribution import AttributionError, guided_backprop  # attribution imports this module
+
+        try:
+            guided_backprop(model, x, None)
+        except AttributionError as err:
+            raise ValueError(f"{architecture.factory}: {err}; use nn.ReLU, or leave guided_backprop and "
+                             "guided_gradcam out of attribution.methods") from None
+
+
+def model_record(model: BrainCNN | UserNetwork, weights: dict[str, torch.Tensor] | None = None) -> dict:
     """What rebuilds a model: weights (``model``'s own unless given), architecture and input grid shape.
 
     Plain tensors and builtins only, so a saved record loads with
-    ``torch.load(weights_only=True)`` (no pickle of code).
+    ``torch.load(weights_only=True)`` (no pickle of code; a user's network is
+    rebuilt from its ``class`` and keyword arguments).
     """
-    return {"model": model.state_dict() if weights is None else weights, "arch": model.architecture.model_dump(),
-            "input_shape": model.input_shape}
+    return {"model": model.state_dict() if weights is None else weights,
+            "arch": model.architecture.model_dump(mode="json"), "input_shape": model.input_shape}
 
 
-def model_from_record(record: dict) -> BrainCNN:
+def model_from_record(record: dict) -> BrainCNN | UserNetwork:
     """The model of a :func:`model_record`, in eval mode, on the device of its weights."""
-    model = BrainCNN(Architecture(**record["arch"]), tuple(record["input_shape"]))
+    model = build_model(architecture_of(record["arch"]), tuple(record["input_shape"]))
     model.load_state_dict(record["model"])
     return model.eval()

@@ -1,0 +1,22 @@
+"""Networks of a researcher's own, as `model.class` names them (tests.networks:TinyNet)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """Two padded convolutions, global average pooling and a linear head: any grid, two logits."""
+
+    def __init__(self, input_shape: tuple[int, int, int], channels: int = 4, activation: str = "relu",
+                 gradcam: bool = True, outputs: int = 2):
+        super().__init__()
+        act = {"relu": nn.ReLU, "elu": nn.ELU}[activation]
+        self.features = nn.Sequential(nn.Conv3d(1, channels, 3, padding=1), act(), nn.MaxPool3d(2),
+                                      nn.Conv3d(channels, 2 * channels, 3, padding=1), act())
+        if gradcam:
+            self.gradcam_layer = self.features[-1]
+        self.head = nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(2 * channels, outputs))
+
+    def forward(self, x):
+        return self.head(self.features(x))
