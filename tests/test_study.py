@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import mlflow
@@ -113,6 +115,35 @@ def test_ddp_study_logs_the_run_tree_and_trains_on_disjoint_shards(tmp_path, coh
             assert len(set(shard0) & set(shard1)) == len(train_ids) % 2  # only DistributedSampler's padding
             assert not set(epoch0["subjects"]) & set(fold["test"])  # held-out subjects never read
         assert ranks[0][-1]["final_weights"] == ranks[1][-1]["final_weights"]
+
+
+def test_curves_keep_coming_while_the_driver_is_busy_with_a_search(tmp_path, monkeypatch):
+    """A search blocks the driver for minutes; the folds already training must still reach MLflow meanwhile."""
+    monkeypatch.setattr(crossval, "LIVE_POLL_S", 0.05)
+    live = crossval.LiveFiles(tmp_path / "live")
+    path = live.start(0)
+    delivered, arrived = [], threading.Event()
+
+    def on_epochs(fold, records):
+        delivered.append((fold, records, threading.current_thread().name))
+        arrived.set()
+
+    with live.delivered(on_epochs):  # the caller's thread is busy (here: writing and waiting)
+        with open(path, "a") as f:
+            f.write(json.dumps({"epoch": 0, "train_loss": 0.7}) + "\n" + '{"epoch": 1, "tra')  # half a line
+        assert arrived.wait(30)
+    assert delivered == [(0, [{"epoch": 0, "train_loss": 0.7}], "live-curves")]  # whole lines only
+    with open(path, "a") as f:
+        f.write('in_loss": 0.6}\n')
+    assert live.new_records() == {0: [{"epoch": 1, "train_loss": 0.6}]}  # the rest, once, after the search
+
+    def broken(fold, records):
+        raise ValueError("not a tracking hiccup")
+
+    with pytest.raises(ValueError, match="not a tracking hiccup"):  # not lost in the thread
+        with live.delivered(broken):
+            path.write_text(path.read_text() + json.dumps({"epoch": 2}) + "\n")
+            time.sleep(0.5)
 
 
 @pytest.mark.slow

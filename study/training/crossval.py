@@ -8,8 +8,10 @@ without training them again.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -298,6 +300,33 @@ class LiveFiles:
                 found[fold] = [json.loads(line) for line in complete.decode().splitlines()]
         return found
 
+    @contextlib.contextmanager
+    def delivered(self, on_epochs: Callable[[int, list[dict]], None] | None) -> Iterator[None]:
+        """Hand new records to ``on_epochs`` every ``LIVE_POLL_S`` from a thread while the caller is busy
+        (a fold's search blocks the driver; folds already training keep reaching MLflow meanwhile)."""
+        if on_epochs is None:
+            yield
+            return
+        stop, failed = threading.Event(), []
+
+        def deliver() -> None:
+            try:
+                while not stop.wait(LIVE_POLL_S):
+                    for fold, records in self.new_records().items():
+                        on_epochs(fold, records)
+            except Exception as err:  # noqa: BLE001 - raised again in the caller's thread below
+                failed.append(err)
+
+        thread = threading.Thread(target=deliver, name="live-curves", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+        if failed:
+            raise failed[0]
+
 
 def cross_validate(study: Study, on_epochs: Callable[[int, list[dict]], None] | None = None,
                    on_trial: Callable[[int, str, str, dict, dict], None] | None = None) -> Iterator[FoldResult]:
@@ -338,8 +367,9 @@ def cross_validate(study: Study, on_epochs: Callable[[int, list[dict]], None] | 
                 started = time.perf_counter()
                 audit_root = study.directory / "audit" / f"fold{fold.fold}_search" if study.audit else None
                 trial_events = functools.partial(on_trial, fold.fold) if on_trial else None
-                search = search_fold(config.search, base, data.selection_only(), join(study.storage, "search"),
-                                     fold.fold, config.resources, audit_root, trial_events)
+                with live.delivered(on_epochs):  # the folds in flight keep their curves live during this search
+                    search = search_fold(config.search, base, data.selection_only(), join(study.storage, "search"),
+                                         fold.fold, config.resources, audit_root, trial_events)
                 study.times.add("search", time.perf_counter() - started)
             audit_dir = study.directory / "audit" / f"fold{fold.fold}" if study.audit else None
             if audit_dir:
