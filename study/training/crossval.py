@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +32,7 @@ from study.config import SEARCHABLE_TRAIN_KEYS, ResourcesConfig, TrainConfig
 from study.data.cache import CachedVolumes
 from study.data.cohort import Classes
 from study.data.prepare import StudyError
-from study.runtime import Precision, worker_device
+from study.runtime import Precision, environment, worker_device
 from study.state import Study
 from study.storage import join, replace_atomically
 from study.training.loop import TrainingData, load_history, load_model, predict, train_loop_per_worker
@@ -151,6 +152,13 @@ def training_data(study: Study, train_ids: list[str], val_ids: list[str],
                         refit_ids, study.labels(refit_ids))
 
 
+# How often Ray Train's controller polls its workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default). It
+# takes one report per worker per poll and a worker's next report waits for it, so a training that reports every
+# epoch (a search trial: ASHA decides on epochs) paid up to 2 s an epoch (benchmarks/report_wait.py). A poll
+# is a small RPC; a worker that misses one is declared dead only after 10 minutes, as before.
+CONTROLLER_POLL_S = 0.1
+
+
 def fit(setup: TrainingSetup, data: TrainingData, name: str, storage_path: str, resources: ResourcesConfig,
         audit_dir: Path | None = None, callbacks: list | None = None, refit_epochs: int | None = None,
         live_path: Path | None = None) -> ray.train.Result:
@@ -177,7 +185,9 @@ def fit(setup: TrainingSetup, data: TrainingData, name: str, storage_path: str, 
             logging_config=LoggingConfig(log_level="WARNING"),  # not every epoch's report on the console
         ),
     )
-    result = trainer.fit()
+    with environment(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+                                                                       str(CONTROLLER_POLL_S))):
+        result = trainer.fit()  # the controller reads it from this process's environment as it starts
     if result.checkpoint is None:
         raise RuntimeError(f"training {name} reported no checkpoint; see {join(storage_path, name)}")
     return result

@@ -200,10 +200,10 @@ def _report(metrics: dict, checkpoint_state: dict | None, model: torch.nn.Module
 def _report_due(last_report: float, every_s: float, device: torch.device) -> bool:
     """True when ``every_s`` seconds have passed on any worker: all of them must report together.
 
-    Ray Train's controller takes one report per worker every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S) and a
-    worker's next report waits for it: reporting each short epoch cost 2 s an epoch (70% of a demo fold). So
-    the final fit reports (with a checkpoint, for restarts) every ``resources.checkpoint_every_s`` and at its
-    end; the selection phase reports every epoch, which Tune's schedulers need.
+    Each report waits for Ray Train's controller to take it (one per poll; see
+    :data:`study.training.crossval.CONTROLLER_POLL_S`) and a checkpoint costs a save and an upload, so the
+    final fit reports (with a checkpoint, for restarts) every ``resources.checkpoint_every_s`` and at its end;
+    the selection phase reports every epoch, which Tune's schedulers need.
     """
     due = torch.tensor([float(time.monotonic() - last_report >= every_s)], device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
