@@ -11,6 +11,7 @@ config resolves into plain typed values with no translation.
 
 from __future__ import annotations
 
+import itertools
 import operator
 import re
 from dataclasses import dataclass
@@ -244,6 +245,41 @@ def _check_space(space: dict[str, SearchDimension], model: Architecture | Networ
         raise ValueError("; ".join(problems))
 
 
+GEOMETRY_KEYS = ("blocks", "kernel_size", "convs_per_block", "padding")  # what decides whether a CNN fits a grid
+
+
+def _unfit(space: dict[str, SearchDimension], model: Architecture, shape: tuple[int, int, int]) -> list[str]:
+    """The combinations of searched geometry keys whose network does not fit the grid (no voxel left).
+
+    A conditional key takes its values where its condition can hold and the
+    model section's value where it can fail (both, when the condition is on a
+    key that is not a geometry key).
+    """
+    options: list[list[tuple[str, Any]]] = []
+    for key, dim in space.items():
+        if key not in GEOMETRY_KEYS:
+            continue
+        values = dim.choice if dim.choice is not None else \
+            list(range(dim.int_range[0], dim.int_range[1] + 1)) if dim.int_range is not None else []
+        options.append([(key, v) for v in values] + ([(key, None)] if dim.when else []))  # None: not sampled
+    unfit = []
+    for combination in itertools.product(*options):
+        chosen: dict[str, Any] = {}
+        for key, value in combination:
+            condition = space[key].condition
+            holds = condition is None or condition.key not in GEOMETRY_KEYS or condition.holds(chosen)
+            fails = condition is not None and (condition.key not in GEOMETRY_KEYS or not condition.holds(chosen))
+            if (value is not None and holds) or (value is None and fails):
+                chosen[key] = value if value is not None else getattr(model, key)
+            else:
+                break
+        else:
+            architecture = model.model_copy(update=chosen)
+            if min(architecture.feature_shape(shape)) < 1:
+                unfit.append(", ".join(f"{k}={v}" for k, v in chosen.items()))
+    return sorted(set(unfit))
+
+
 class SearchConfig(_Section):
     """Architecture search with Ray Tune + Optuna (TPE) inside each outer fold.
 
@@ -332,6 +368,21 @@ class StudyConfig(_Section):
         if isinstance(model, Network) and info.context is not None:
             info.context["model"] = model  # the search space checks its keys against the network's
         return model
+
+    @field_validator("search")
+    @classmethod
+    def _space_fits_the_grid(cls, search: SearchConfig | None, info: ValidationInfo) -> SearchConfig | None:
+        """Every network the search may sample fits the study grid (a trial that cannot be built is lost)."""
+        model, preprocess = info.data.get("model"), info.data.get("preprocess")
+        if search is not None and isinstance(model, Architecture) and preprocess is not None:
+            shape = preprocess.grid.shape
+            unfit = _unfit(search.space, model, shape)
+            if unfit:
+                raise ValueError(f"space: {'; '.join(unfit[:3])}{' and more' if len(unfit) > 3 else ''} would leave "
+                                 f"the last block no voxel of the study grid {shape} (preprocess.voxel_size "
+                                 f"{preprocess.voxel_size} mm): such trials fail. Leave them out of the space (e.g. "
+                                 "with when:) or choose a finer grid")
+        return search
 
     @field_validator("attribution")
     @classmethod

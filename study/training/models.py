@@ -47,6 +47,15 @@ class Architecture(Params):
         """Output channels of ``block`` (0-based)."""
         return int(round(self.width * self.growth**block))
 
+    def feature_shape(self, input_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        """The last block's output voxels per axis for inputs of ``input_shape``; 0 on an axis that runs out."""
+        sizes = list(input_shape)
+        for _ in range(self.blocks):
+            for _ in range(self.convs_per_block):
+                sizes = [max(s + 2 * self.padding - self.kernel_size + 1, 0) if s else 0 for s in sizes]
+            sizes = [s // 2 for s in sizes]
+        return tuple(sizes)  # type: ignore[return-value]
+
 
 PRESETS: dict[str, Architecture] = {"mrinet": Architecture()}
 
