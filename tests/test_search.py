@@ -21,7 +21,7 @@ from study.config import ConfigError, SearchConfig, parse_config
 from study.output.publish import Publisher
 from study.pipeline import run_study, study_dir
 from study.training.search import DefineByRun, _restorable
-from tests.test_study import runs_of, study_config
+from tests.test_study import assert_views_find, runs_of, study_config
 
 SPACE = {
     "width": {"choice": [2, 4]},
@@ -134,6 +134,8 @@ def test_search_never_reads_held_out_subjects_and_logs_trials(tmp_path, cohort_d
         assert all({"width", "blocks", "lr"} <= set(r.data.params) for r in runs)
     parent, folds = runs_of(config, parent_id)
     assert all(any(k.startswith("best.") for k in f.data.params) for f in folds)
+    trials = [run for runs in by_fold.values() for run in runs]
+    assert_views_find(client, parent.info.experiment_id, {"study-folds": folds, "study-trials": trials})
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent_id)}
     assert "search_best_configs.tsv" in artifacts
 

@@ -47,6 +47,23 @@ def study_config(tmp_path: Path, cohort_root: Path, **sections):
     return parse_config(data)
 
 
+def assert_views_find(client, experiment_id: str, runs_of_view: dict[str, list]) -> None:
+    """The MLflow UI's saved views of the experiment: each view's filter finds exactly its runs, and each column
+    it shows (and sorts by) is on at least one of them (a conditional search key is not on every trial)."""
+    tags = client.get_experiment(experiment_id).tags
+    views = {k.removeprefix("mlflow.sharedViewState."): json.loads(v) for k, v in tags.items()
+             if k.startswith("mlflow.sharedViewState.")}
+    assert {v["name"] for v in views.values()} == {"study: executions", "study: outer folds", "study: search trials"}
+    for view_id, runs in runs_of_view.items():
+        state = json.loads(views[view_id]["state"])
+        found = client.search_runs([experiment_id], state["searchFilter"])
+        assert sorted(r.info.run_id for r in found) == sorted(r.info.run_id for r in runs)
+        for column in [*state["selectedColumns"], state["orderByKey"]]:
+            kind, key = column.split(".", 1)
+            if kind != "attributes":
+                assert any(key.strip("`") in getattr(r.data, kind) for r in runs), (view_id, column)
+
+
 def runs_of(config, parent_id, level="fold"):
     """The study's run and its child runs of one level (fold, or baseline)."""
     mlflow.set_tracking_uri(config.tracking.uri)
@@ -73,6 +90,7 @@ def test_ddp_study_logs_the_run_tree_and_trains_on_disjoint_shards(tmp_path, coh
     assert parent.data.params["cv.outer_folds"] == "2"
     assert sorted(c.data.tags["study.fold"] for c in children) == ["0", "1"]
     client = mlflow.MlflowClient()
+    assert_views_find(client, parent.info.experiment_id, {"study-executions": [parent], "study-folds": children})
     for child in children:
         assert child.info.status == "FINISHED"
         assert {"test_roc_auc", "test_accuracy", "val_loss", "train_loss"} <= set(child.data.metrics)

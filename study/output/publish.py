@@ -115,6 +115,30 @@ class Publisher:
         self.tracker = Tracker(tracking_uri(config.tracking.uri), config.tracking.experiment or config.name)
         self.report = Report(f"study {config.name}: {config.cohort.task.column} classification from T1w MRI")
         self.started = time.perf_counter()
+        for view_id, (name, level, columns, order_by, ascending) in self.views().items():
+            self.tracker.save_view(view_id, name, f"tags.`study.level` = '{level}'", columns, order_by, ascending)
+
+    def views(self) -> dict[str, tuple[str, str, list[str], str | None, bool]]:
+        """The MLflow UI's saved views of a study's runs: id -> (name, study.level, columns, sort column,
+        ascending). Executions newest first, each with its folds folded under it; folds and trials flat."""
+        search = self.config.search
+        searched = [f"params.{k}" for k in search.space] if search else []
+        methods = self.config.attribution.methods if self.config.attribution else []
+        return {
+            "study-executions": ("study: executions", "study", [
+                "tags.study.execution", "tags.study.finding", "metrics.pooled_roc_auc", "metrics.pooled_roc_auc_ci_low",
+                "metrics.pooled_roc_auc_ci_high", "metrics.baseline_pooled_roc_auc", "metrics.cnn_minus_baseline_p",
+                *[f"metrics.localization_roc_auc_{m}" for m in methods], "tags.study.progress",
+                "metrics.time_whole_study_wall_s"], None, False),
+            "study-folds": ("study: outer folds", "fold", [
+                "tags.study.execution", "tags.study.fold", "metrics.test_roc_auc", "metrics.test_balanced_accuracy",
+                "metrics.fit_accuracy", *[f"params.best.{k.removeprefix('params.')}" for k in searched]],
+                "tags.study.fold", True),
+            "study-trials": ("study: search trials", "trial", [
+                "tags.study.fold", "tags.study.trial_status", f"metrics.{search.metric if search else 'val_loss'}",
+                "metrics.best_val_loss", *searched],
+                f"metrics.{search.metric if search else 'val_loss'}", search is None or search.mode == "min"),
+        }
 
     # -- the run tree ------------------------------------------------------------------------------------------
 
@@ -144,8 +168,8 @@ class Publisher:
         parent = state.parent_run
         for fold in study.folds:
             if fold.fold not in state.fold_runs:
-                run_id = tracker.start_run(f"fold {fold.fold}", {"study.level": "fold", "study.fold": str(fold.fold)},
-                                           parent=parent)
+                run_id = tracker.start_run(f"fold {fold.fold}", {"study.level": "fold", "study.fold": str(fold.fold),
+                                                                  "study.execution": state.execution}, parent=parent)
                 tracker.log_params(run_id, {"fold": fold.fold, "n_train": len(fold.train), "n_test": len(fold.test),
                                             "n_inner_train": len(fold.validation.train),
                                             "n_inner_validation": len(fold.validation.test)})
@@ -173,7 +197,7 @@ class Publisher:
             return
         run_id = state.fold_runs[result.fold]
         if result.search is not None:
-            self._search(run_id, result.search)
+            self._search(result.fold, run_id, result.search)
         for phase, step in PHASE_STEPS.items():
             rows = result.history[result.history["phase"] == phase].dropna(axis=1, how="all")
             if len(rows):
@@ -235,7 +259,7 @@ class Publisher:
             try:  # live trials are a view: a tracking hiccup must not stop the search (its end logs every trial)
                 key = (fold, trial_id)
                 if key not in runs:
-                    runs[key] = self._trial_run(study.state.fold_runs[fold], trial_id, params)
+                    runs[key] = self._trial_run(fold, study.state.fold_runs[fold], trial_id, params)
                 if kind == "result" and "epoch" in result:
                     epochs[key] = epochs.get(key, 0) + 1
                     row = {k: v for k, v in result.items() if k == "epoch" or k.startswith(TRIAL_METRICS)}
@@ -251,17 +275,18 @@ class Publisher:
                     raise
         return event
 
-    def _trial_run(self, fold_run: str, trial_id: str, params: dict, runs: list | None = None) -> str:
+    def _trial_run(self, fold: int, fold_run: str, trial_id: str, params: dict, runs: list | None = None) -> str:
         """The run of a search trial under its fold's run: found again by its tag, else started."""
         for run in runs if runs is not None else self.tracker.children(fold_run):
             if run.data.tags.get("study.trial") == trial_id:
                 return run.info.run_id
         run_id = self.tracker.start_run(f"trial {trial_id}", {
-            "study.level": "trial", "study.trial": trial_id, "study.trial_status": "running"}, parent=fold_run)
+            "study.level": "trial", "study.fold": str(fold), "study.trial": trial_id, "study.trial_status": "running"},
+            parent=fold_run)
         self.tracker.log_params(run_id, params)
         return run_id
 
-    def _search(self, fold_run: str, search: SearchResult) -> None:
+    def _search(self, fold: int, fold_run: str, search: SearchResult) -> None:
         """Every trial's run complete (curves, status, score; trials whose run has its score are done) and the best."""
         tracker = self.tracker
         children = tracker.children(fold_run)
@@ -269,7 +294,7 @@ class Publisher:
         for trial in search.trials:
             if trial.trial_id in done:
                 continue
-            run_id = self._trial_run(fold_run, trial.trial_id, trial.params, children)
+            run_id = self._trial_run(fold, fold_run, trial.trial_id, trial.params, children)
             if not trial.history.empty:
                 tracker.log_history(run_id, trial.history[[c for c in trial.history.columns
                                                            if c.startswith(TRIAL_METRICS) or c == "epoch"]],

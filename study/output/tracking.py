@@ -8,9 +8,11 @@ are found again.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
+import time
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from mlflow.tracking import MlflowClient
 
 from study.storage import project_dir
 
+SAVED_VIEW_TAG = "mlflow.sharedViewState."  # the experiment tag prefix of the MLflow UI's saved views
 # What a study's ensemble needs where it is loaded (pinned to the versions that saved it).
 ENSEMBLE_REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "scipy", "nibabel", "nilearn", "pydantic", "pyyaml",
                          "tqdm")
@@ -108,6 +111,26 @@ class Tracker:
             self.experiment_id = found.experiment_id
         # MLflow 3 opens an experiment on its GenAI overview unless told it holds model training.
         self.client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind", "custom_model_development")
+
+    def save_view(self, view_id: str, name: str, search_filter: str, columns: list[str],
+                  order_by: str | None = None, ascending: bool = True) -> None:
+        """A saved view of the experiment's runs table (MLflow 3.15+: the "Views" menu, or the page
+        ``#/experiments/<id>/runs?viewStateShareKey=<view_id>``): runs matching ``search_filter`` with
+        ``columns`` shown (``metrics.NAME``, ``params.NAME``, ``tags.NAME``).
+
+        Sorted by ``order_by`` (a column as above) the runs are a flat list; without it, newest first
+        with child runs folded under their parents (the UI nests only when sorted by start time).
+        MLflow keeps saved views as experiment tags; writing one again replaces it.
+        """
+        def key(column: str) -> str:
+            kind, _, name = column.partition(".")
+            return f"{kind}.`{name}`"
+
+        now = int(time.time() * 1000)
+        state = {"searchFilter": search_filter, "orderByKey": key(order_by) if order_by else "attributes.start_time",
+                 "orderByAsc": ascending if order_by else False, "selectedColumns": [key(c) for c in columns]}
+        self.client.set_experiment_tag(self.experiment_id, f"{SAVED_VIEW_TAG}{view_id}", json.dumps(
+            {"name": name, "createdAt": now, "updatedAt": now, "state": json.dumps(state)}))
 
     def start_run(self, name: str, tags: dict[str, str], parent: str | None = None) -> str:
         """A new run (nested under ``parent`` when given); returns its id."""
