@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import fcntl
+import json
 import os
 import socket
 import subprocess
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 
 from study.attribution.store import MapStore
-from study.data.cache import CachedVolumes, VolumeCache, collate
+from study.data.cache import CachedVolumes, VolumeCache, collate, params_key
 from study.data.cohort import CohortConfig, load_cohort
 from study.data.volumes import preprocess_volume
 from study.storage import replace_atomically
@@ -141,3 +143,30 @@ def test_a_full_disk_during_a_study_is_one_line_that_says_what_to_do(tmp_path):
         assert message.startswith(f"could not write {tmp_path / 'fold0.json'}: No space left on device. Free"), message
         assert message.endswith("Resume with: study run demo.yaml")
     assert write_failure(ValueError("a bug"), "study run demo.yaml") is None  # not hidden as a disk problem
+
+
+def test_two_studies_building_one_cache_together_compute_each_subject_once(cohort_dir, preprocess_config):
+    """Two `study run`s started together on one cohort: the second waits for the first's build and reuses it."""
+    script = (
+        "import json, sys; from pathlib import Path; from study.data.cache import build_cache; "
+        "from study.data.cohort import CohortConfig, load_cohort; from study.config import PreprocessConfig; "
+        "from study.runtime import start_ray; start_ray(); "
+        f"p = PreprocessConfig(voxel_size={preprocess_config.voxel_size}, cache_dir={str(preprocess_config.cache_dir)!r}); "
+        f"b = build_cache(load_cohort(CohortConfig(root=Path({str(cohort_dir)!r}))), p.grid, p.cache_dir); "
+        "print(json.dumps({'computed': len(b.computed), 'subjects': len(b.cache.subject_ids)}))"
+    )
+    directory = preprocess_config.cache_dir / params_key(preprocess_config.grid, preprocess_config.normalize)
+    directory.mkdir(parents=True)
+    with open(directory / ".build.lock", "w") as held:  # both start while a build holds the folder
+        fcntl.flock(held, fcntl.LOCK_EX)
+        runs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True) for _ in range(2)]
+        for run in runs:
+            line = run.stdout.readline()
+            assert "is being built by another study; waiting for it" in line, (line, run.stderr.read()[-2000:])
+        fcntl.flock(held, fcntl.LOCK_UN)
+    outputs = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
+    results = sorted((json.loads(out.strip().splitlines()[-1]) for out, _ in outputs), key=lambda r: r["computed"])
+    assert results == [{"computed": 0, "subjects": 12}, {"computed": 12, "subjects": 12}]  # one built, one reused
+    assert len(list(directory.glob("index-*.json"))) == 1

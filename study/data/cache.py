@@ -14,9 +14,12 @@ so a crash never leaves a cache that looks complete.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,8 +134,31 @@ def build_cache(cohort: Cohort, grid: Grid, cache_dir: Path, normalize: str = "z
         Intensity normalization (see :func:`study.data.volumes.preprocess_volume`).
     """
     directory = Path(cache_dir) / params_key(grid, normalize)
+    (directory / "staging").mkdir(parents=True, exist_ok=True)
+    with _build_lock(directory):
+        return _build(cohort, grid, cache_dir, normalize, directory)
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path) -> Iterator[None]:
+    """One build at a time per cache folder: two studies started together on one cohort (the same grid and
+    normalization) would otherwise compute every subject twice, and one could delete the staged files that the
+    other is assembling. The second waits, then reuses what the first built."""
+    with open(directory / ".build.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"preprocessing cache {directory} is being built by another study; waiting for it", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _build(cohort: Cohort, grid: Grid, cache_dir: Path, normalize: str, directory: Path) -> CacheBuild:
+    """:func:`build_cache` inside its lock."""
     staging = directory / "staging"
-    staging.mkdir(parents=True, exist_ok=True)
     keys = [s.source_key() for s in cohort.subjects]
     cohort_key = hashlib.sha1("".join(keys).encode()).hexdigest()[:12]
     index_path = directory / f"index-{cohort_key}.json"
@@ -153,7 +179,7 @@ def build_cache(cohort: Cohort, grid: Grid, cache_dir: Path, normalize: str = "z
     if problems:
         # The subjects that succeeded become a complete cache of their own.
         usable = cohort.exclude(problems)
-        cache = build_cache(usable, grid, cache_dir, normalize).cache if usable.subjects else None
+        cache = _build(usable, grid, cache_dir, normalize, directory).cache if usable.subjects else None
         return CacheBuild(cache, sorted(problems, key=lambda p: p.subject), sorted(computed))
     return CacheBuild(_assemble(cohort, keys, cohort_key, directory, grid, previous), [], sorted(computed))
 

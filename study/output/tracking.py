@@ -128,7 +128,8 @@ class Tracker:
 
         now = int(time.time() * 1000)
         state = {"searchFilter": search_filter, "orderByKey": key(order_by) if order_by else "attributes.start_time",
-                 "orderByAsc": ascending if order_by else False, "selectedColumns": [key(c) for c in columns]}
+                 "orderByAsc": ascending if order_by else False, "selectedColumns": [key(c) for c in columns],
+                 "columnOrder": [key(c) for c in columns]}
         self.client.set_experiment_tag(self.experiment_id, f"{SAVED_VIEW_TAG}{view_id}", json.dumps(
             {"name": name, "createdAt": now, "updatedAt": now, "state": json.dumps(state)}))
 
