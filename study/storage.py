@@ -7,10 +7,12 @@ cloud cluster so that checkpoints outlive the node (a spot instance) that wrote 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 HOME_VARIABLE = "STUDY_HOME"
@@ -70,6 +72,45 @@ def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
         if isinstance(err, OSError):  # numpy's short writes have no errno nor file name: say which file
             raise WriteError(err.errno, err.strerror or str(err), str(path)) from err
         raise
+
+
+@contextlib.contextmanager
+def exclusive(lock: Path, what: str) -> Iterator[None]:
+    """Hold ``lock`` (a file, created) exclusively for a block, across processes (flock); when another process
+    holds it, say that ``what`` is being written by another study and wait for it."""
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{what} is being written by another study; waiting for it", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+_HELD: list = []  # files this process holds a shared lock on, until it ends
+
+
+def hold_shared(path: Path) -> None:
+    """Mark ``path`` as in use by this process until it ends (a shared flock): see :func:`in_use`."""
+    f = open(path, "rb")
+    fcntl.flock(f, fcntl.LOCK_SH)
+    _HELD.append(f)
+
+
+def in_use(path: Path) -> bool:
+    """True when another process (or this one) holds ``path`` with :func:`hold_shared`."""
+    try:
+        with open(path, "rb") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_UN)
+    except BlockingIOError:
+        return True
+    except FileNotFoundError:
+        return False
+    return False
 
 
 def allocate(path: Path, nbytes: int) -> None:

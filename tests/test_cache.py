@@ -49,11 +49,20 @@ def test_cache_is_reused_and_invalidated_per_subject(cohort_dir, preprocess_conf
     data = np.asarray(img.dataobj)
     nib.save(nib.Nifti1Image((data * (1 + (data > np.median(data[data > 0])))).astype(np.int16), img.affine), image)
     os.utime(image, ns=(1, 1))  # make sure the mtime differs
+    # A study still running on the first cache (another process) keeps it; the next new build removes it.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from study.storage import hold_shared; "
+                               f"hold_shared({str(first.path)!r}); print('held', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
     changed = cache_for(load_cohort(CohortConfig(root=cohort_dir)), preprocess_config)
     assert changed.computed == [cohort.subjects[2].subject_id]
-    assert not first.path.exists()  # the superseded cache is gone
+    assert first.path.exists() and np.array_equal(first.volumes, before)  # in use: kept as it was
     np.testing.assert_array_equal(changed.cache.volumes[3], before[3])
     assert not np.array_equal(changed.cache.volumes[2], before[2])
+    holder.communicate("", timeout=60)
+    os.utime(image, ns=(2, 2))
+    cache_for(load_cohort(CohortConfig(root=cohort_dir)), preprocess_config)
+    assert not first.path.exists() and not changed.cache.path.exists()  # superseded ones go once nobody uses them
 
     finer = preprocess_config.model_copy(update={"voxel_size": 6.0})
     other = cache_for(load_cohort(CohortConfig(root=cohort_dir)), finer)
@@ -163,7 +172,7 @@ def test_two_studies_building_one_cache_together_compute_each_subject_once(cohor
                                  text=True) for _ in range(2)]
         for run in runs:
             line = run.stdout.readline()
-            assert "is being built by another study; waiting for it" in line, (line, run.stderr.read()[-2000:])
+            assert "is being written by another study; waiting for it" in line, (line, run.stderr.read()[-2000:])
         fcntl.flock(held, fcntl.LOCK_UN)
     outputs = [run.communicate(timeout=300) for run in runs]
     assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]

@@ -14,12 +14,9 @@ so a crash never leaves a cache that looks complete.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import socket
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +26,7 @@ import torch
 from study.data.cohort import Cohort, Problem
 from study.data.volumes import Grid, preprocess_volume
 from study.runtime import map_tasks
-from study.storage import allocate, replace_atomically
+from study.storage import allocate, exclusive, in_use, replace_atomically
 
 PREPROCESS_VERSION = 1  # bump when preprocess_volume changes its output
 
@@ -135,25 +132,11 @@ def build_cache(cohort: Cohort, grid: Grid, cache_dir: Path, normalize: str = "z
     """
     directory = Path(cache_dir) / params_key(grid, normalize)
     (directory / "staging").mkdir(parents=True, exist_ok=True)
-    with _build_lock(directory):
+    # One build at a time per cache folder: two studies started together on one cohort (the same grid and
+    # normalization) would otherwise compute every subject twice, and one could delete the staged files that
+    # the other is assembling. The second waits, then reuses what the first built.
+    with exclusive(directory / ".build.lock", f"preprocessing cache {directory}"):
         return _build(cohort, grid, cache_dir, normalize, directory)
-
-
-@contextlib.contextmanager
-def _build_lock(directory: Path) -> Iterator[None]:
-    """One build at a time per cache folder: two studies started together on one cohort (the same grid and
-    normalization) would otherwise compute every subject twice, and one could delete the staged files that the
-    other is assembling. The second waits, then reuses what the first built."""
-    with open(directory / ".build.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"preprocessing cache {directory} is being built by another study; waiting for it", flush=True)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _build(cohort: Cohort, grid: Grid, cache_dir: Path, normalize: str, directory: Path) -> CacheBuild:
@@ -217,10 +200,13 @@ def _assemble(
 
 
 def _remove_superseded(directory: Path, keep: Path) -> None:
-    """Delete older finished caches in the same parameter directory."""
+    """Delete older finished caches in the same parameter directory, except those a running study uses
+    (:func:`study.storage.hold_shared` on their volumes; a later build removes them)."""
     for index_path in directory.glob("index-*.json"):
         if index_path != keep:
             volumes = directory / json.loads(index_path.read_text())["volumes"]
+            if in_use(volumes):
+                continue
             index_path.unlink(missing_ok=True)
             volumes.unlink(missing_ok=True)
 

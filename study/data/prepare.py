@@ -10,6 +10,7 @@ from study.data.cache import VolumeCache, build_cache
 from study.data.cohort import Cohort, CohortConfig, Problem, load_cohort
 from study.data.splits import OuterFold, load_splits, make_splits, save_splits
 from study.data.synth import synthesize_cohort
+from study.storage import exclusive, hold_shared
 
 
 class StudyError(RuntimeError):
@@ -33,12 +34,18 @@ def prepare_cohort(cohort_config: CohortConfig, preprocess: PreprocessConfig) ->
     Every problem is reported at once. Subjects preprocessed before a refusal
     stay in the cache, so the rerun after a fix only redoes what changed.
     """
-    synthetic = cohort_config.synthetic
-    synthesized = synthetic is not None and not cohort_config.participants_paths[0].exists()
-    if synthesized:
-        synthesize_cohort(cohort_config.root, synthetic)
+    synthetic, synthesized = cohort_config.synthetic, False
+    if synthetic is not None:  # two studies started together must not both write it (their cache keys would differ)
+        root = cohort_config.root
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with exclusive(root.parent / f".{root.name}.lock", f"synthetic cohort {root}"):
+            synthesized = not cohort_config.participants_paths[0].exists()
+            if synthesized:
+                synthesize_cohort(root, synthetic)
     cohort = load_cohort(cohort_config)
     build = build_cache(cohort, preprocess.grid, preprocess.cache_dir, preprocess.normalize)
+    if build.cache is not None:  # another study's build leaves this cache alone while this study runs
+        hold_shared(build.cache.path)
     problems = cohort.problems + build.problems
     if problems and cohort_config.on_invalid == "refuse":
         listing = "\n".join(f"  {p}" for p in problems)
