@@ -171,7 +171,8 @@ def find_images(sources: list[Path]) -> tuple[pd.DataFrame, list[Problem]]:
 
     Each source is a NIfTI file, a folder (its ``*.nii[.gz]`` files at any depth,
     leaving out a synthetic cohort's ``ground_truth/``), or a participants table
-    (TSV/CSV) of a cohort in any layout ``study validate`` knows.
+    (TSV/CSV) of a cohort in any layout ``study validate`` knows; new subjects
+    need no label column.
     """
     from study.data.cohort import CohortConfig, load_cohort
 
@@ -181,7 +182,7 @@ def find_images(sources: list[Path]) -> tuple[pd.DataFrame, list[Problem]]:
         if not source.exists():
             problems.append(Problem("-", str(source), "no such file or folder"))
         elif source.suffix in {".tsv", ".csv"} and source.is_file():
-            cohort = load_cohort(CohortConfig(root=source.parent, participants=source))
+            cohort = load_cohort(CohortConfig(root=source.parent, participants=source), labelled=False)
             rows += [{"subject_id": s.subject_id, "image": str(s.image)} for s in cohort.subjects]
             problems += cohort.problems
         elif source.is_dir():

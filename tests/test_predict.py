@@ -111,5 +111,11 @@ def test_study_predict_writes_the_table_and_maps_and_names_bad_images(finished, 
     assert main(["predict", "nosuchstudy", str(image), "--tracking-uri", config.tracking.uri]) == 2
     err = capsys.readouterr().err
     assert "error: no study model 'nosuchstudy'" in err and "(dxpred)" in err
+    # A participants table of new subjects: whom to predict, no diagnosis column needed.
+    (scans / "new.tsv").write_text("participant_id\nsub-0002\nsub-0003\n")
+    assert main(["predict", "dxpred", str(scans / "new.tsv"), "--out", "new.tsv", "--tracking-uri",
+                 config.tracking.uri]) == 0
+    assert pd.read_csv(tmp_path / "new.tsv", sep="\t", dtype={"subject_id": str}).subject_id.tolist() == ["0002", "0003"]
+    capsys.readouterr()
     assert main(["predict", "dxpred", "missing.nii.gz", "--tracking-uri", config.tracking.uri]) == 2
     assert "no such file or folder" in capsys.readouterr().err

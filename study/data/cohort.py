@@ -135,7 +135,7 @@ class Problem:
 
 @dataclass(frozen=True)
 class Subject:
-    """One participant: id, label (class index, e.g. 1 male, 0 female), family, and the T1w image."""
+    """One participant: id, label (class index, e.g. 1 male, 0 female; -1 unlabelled), family, and the T1w image."""
 
     subject_id: str
     label: int
@@ -253,10 +253,13 @@ def _parse_label(value: str, config: CohortConfig) -> int | None:
     return None if name is None else config.classes.index(name)
 
 
-def load_cohort(config: CohortConfig) -> Cohort:
+def load_cohort(config: CohortConfig, labelled: bool = True) -> Cohort:
     """Read the participants table, match each row to its image, and list every problem.
 
     Image files are found but not opened here; :func:`check_images` opens them.
+    ``labelled=False`` reads new subjects to predict: no label column is needed,
+    every subject's label is -1, and images without a row are not a problem (the
+    table chooses whom to predict).
     """
     if not config.root.is_dir():
         raise CohortError(f"cohort root is not a directory: {config.root}; set cohort.root")
@@ -264,7 +267,7 @@ def load_cohort(config: CohortConfig) -> Cohort:
     table = read_participants(paths, config.subject_column)
     table_name = " + ".join(p.name for p in paths)
     where = " + ".join(str(p) for p in paths)
-    for column in [config.label, config.family_column, config.path_column]:
+    for column in [config.label if labelled else None, config.family_column, config.path_column]:
         if column is not None and column not in table.columns:
             raise CohortError(
                 f"{where}: no column {column!r}; columns are {list(table.columns)}. "
@@ -289,8 +292,8 @@ def load_cohort(config: CohortConfig) -> Cohort:
             problems.append(Problem(sid, table_name, "duplicate subject id; keep one row per subject"))
             continue
         seen.add(sid)
-        raw = row[config.label].strip()
-        label = _parse_label(raw, config)
+        raw = row[config.label].strip() if labelled else "-"
+        label = _parse_label(raw, config) if labelled else -1
         if not raw:
             problems.append(Problem(sid, table_name, f"missing label in column {config.label!r}"))
             continue
@@ -318,7 +321,7 @@ def load_cohort(config: CohortConfig) -> Cohort:
             session=session, age=_float_or_none(row.get("age", "")), site=row.get("site") or None,
         ))
     for sid, found in images.items():
-        if sid not in seen:
+        if labelled and sid not in seen:
             problems.append(Problem(sid, str(found[0][1]), f"image without a row in {table_name}; add the subject or remove the image"))
     return Cohort(subjects, problems, _family_warnings(subjects, family_column, where), config.task)
 
