@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import typing
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,6 +225,9 @@ def _check_space(space: dict[str, SearchDimension], model: Architecture | Networ
                             f"{', '.join([*model_keys, *SEARCHABLE_TRAIN_KEYS])}")
         elif len(kinds) != 1:
             problems.append(f"{key}: give exactly one of choice, uniform, loguniform, int_range")
+        elif key in Architecture.model_fields and Architecture.model_fields[key].annotation is int \
+                and kinds[0] in ("uniform", "loguniform") and isinstance(model, Architecture):
+            problems.append(f"{key}: an integer; search it with choice or int_range")
         elif key in SEARCHABLE_TRAIN_KEYS or isinstance(model, Architecture):  # a user network's types are its own
             owner = TrainConfig if key in SEARCHABLE_TRAIN_KEYS else Architecture
             for value in dim.values:
@@ -257,26 +261,26 @@ def _unfit(space: dict[str, SearchDimension], model: Architecture, shape: tuple[
     """
     options: list[list[tuple[str, Any]]] = []
     for key, dim in space.items():
-        if key not in GEOMETRY_KEYS:
-            continue
-        values = dim.choice if dim.choice is not None else \
-            list(range(dim.int_range[0], dim.int_range[1] + 1)) if dim.int_range is not None else []
-        options.append([(key, v) for v in values] + ([(key, None)] if dim.when else []))  # None: not sampled
+        if key in GEOMETRY_KEYS:
+            values = dim.choice if dim.choice is not None else \
+                list(range(dim.int_range[0], dim.int_range[1] + 1)) if dim.int_range is not None else []
+            options.append([(key, v) for v in values] + ([(key, None)] if dim.when else []))  # None: not sampled
+    if not options:
+        return []
     unfit = []
     for combination in itertools.product(*options):
-        chosen: dict[str, Any] = {}
+        sampled: dict[str, Any] = {}  # what a trial samples, as the search's conditions see it
         for key, value in combination:
             condition = space[key].condition
-            holds = condition is None or condition.key not in GEOMETRY_KEYS or condition.holds(chosen)
-            fails = condition is not None and (condition.key not in GEOMETRY_KEYS or not condition.holds(chosen))
-            if (value is not None and holds) or (value is None and fails):
-                chosen[key] = value if value is not None else getattr(model, key)
-            else:
+            holds = condition is None or condition.key not in GEOMETRY_KEYS or condition.holds(sampled)
+            fails = condition is not None and (condition.key not in GEOMETRY_KEYS or not condition.holds(sampled))
+            if value is not None and holds:
+                sampled[key] = value
+            elif not (value is None and fails):
                 break
         else:
-            architecture = model.model_copy(update=chosen)
-            if min(architecture.feature_shape(shape)) < 1:
-                unfit.append(", ".join(f"{k}={v}" for k, v in chosen.items()))
+            if min(model.model_copy(update=sampled).feature_shape(shape)) < 1:
+                unfit.append(", ".join(f"{k}={v}" for k, v in sampled.items()))
     return sorted(set(unfit))
 
 
@@ -299,8 +303,9 @@ class SearchConfig(_Section):
     @classmethod
     def _space_is_searchable(cls, space: dict[str, SearchDimension], info: ValidationInfo) -> dict[str, SearchDimension]:
         # The study's model, validated before the search (StudyConfig puts it in the validation context);
-        # without one, our CNN; "class" marks a user's network that is itself invalid (only training keys checked).
-        model = (info.context or {}).get("model", Architecture())
+        # none there, our CNN; "class" marks a user's network that is itself invalid; no context (a config
+        # validated without parse_config): the training keys only.
+        model = None if info.context is None else info.context.get("model", Architecture())
         _check_space(space, None if model == "class" else model)
         return space
 
@@ -396,6 +401,13 @@ class StudyConfig(_Section):
         return attribution
 
 
+def _classes_in(annotation: Any) -> list[type]:
+    """The classes an annotation names, through unions and ``Annotated`` (the model section's kinds)."""
+    if isinstance(annotation, type):
+        return [annotation]
+    return [c for arg in typing.get_args(annotation) for c in _classes_in(arg)]
+
+
 def _valid_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """The field names allowed at ``loc`` (the parent of an offending key)."""
     for part in loc:
@@ -404,12 +416,13 @@ def _valid_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
         field = model.model_fields.get(str(part))
         if field is None:
             return []
-        annotation = field.annotation
-        candidates = getattr(annotation, "__args__", (annotation,))
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        model = next((c for c in _classes_in(field.annotation) if issubclass(c, BaseModel)), None)
         if model is None:
             return []
     return sorted(model.model_fields) + (["preset"] if model is Architecture else [])
+
+
+RENAMED = {"cohort.sex_column": "cohort.label", "cohort.sex_mapping": "cohort.label_mapping"}
 
 
 def _format_errors(err: ValidationError, source: str, overrides: dict[tuple[str, ...], str]) -> list[str]:
@@ -424,7 +437,9 @@ def _format_errors(err: ValidationError, source: str, overrides: dict[tuple[str,
                        if loc[:len(path)] == path or path[:len(loc)] == loc), source)
         if e["type"] == "extra_forbidden":
             valid = ", ".join(_valid_keys(StudyConfig, e["loc"][:-1]))
-            lines.append(f"  {key}: unknown key; valid keys here: {valid}  [{origin}]")
+            renamed = RENAMED.get(key)
+            lines.append(f"  {key}: unknown key{f' (renamed: use {renamed})' if renamed else ''}; valid keys here: "
+                         f"{valid}  [{origin}]")
         elif e["type"] == "missing":
             lines.append(f"  {key}: required key is missing  [{origin}]")
         else:

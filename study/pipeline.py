@@ -21,7 +21,7 @@ from study.data.prepare import PreparedCohort, StudyError, make_or_load_splits, 
 from study.output.publish import Publisher
 from study.runtime import start_ray, unsatisfiable
 from study.state import StageTimes, Study, resume_or_start
-from study.storage import join
+from study.storage import join, release_shared
 from study.training.baseline import BaselineResult, fit_baselines
 from study.training.crossval import FoldResult, cross_validate
 from study.training.evaluation import Evaluation, evaluate
@@ -100,26 +100,29 @@ def run_study(config: StudyConfig, restart: bool = False, audit: bool = False) -
     _check_resources(config)
     _check_writable("output_dir", config.output_dir)  # a finished cache may be read-only: its writes say so
     times = StageTimes()
-    with times.stage("preprocessing"):
-        prepared = prepare_cohort(config.cohort, config.preprocess)
-    study = open_study(config, prepared, restart, audit, times)
-    publisher.start(study, prepared, ray_description)
-    with publisher.recording(study):
-        results = []
-        for result in cross_validate(study, publisher.training(study), publisher.searching(study)):
-            publisher.fold(study, result)
-            results.append(result)
-        results.sort(key=lambda r: r.fold)
-        with times.stage("linear baseline"):
-            baselines = fit_baselines(study, study.brain)
-        evaluation = evaluate_folds(study, results, baselines)
-        publisher.classification(study, results, baselines, evaluation)
-        publisher.ensemble(study, results)
-        if config.attribution is not None:
-            publisher.attribution(study, explain_study(study, results, baselines, publisher.explaining(study)),
-                                  evaluation)
-        publisher.finish(study, evaluation)
-    return study.state.parent_run
+    try:  # the cache stays marked in use (prepare_cohort) until the study ends
+        with times.stage("preprocessing"):
+            prepared = prepare_cohort(config.cohort, config.preprocess)
+        study = open_study(config, prepared, restart, audit, times)
+        publisher.start(study, prepared, ray_description)
+        with publisher.recording(study):
+            results = []
+            for result in cross_validate(study, publisher.training(study), publisher.searching(study)):
+                publisher.fold(study, result)
+                results.append(result)
+            results.sort(key=lambda r: r.fold)
+            with times.stage("linear baseline"):
+                baselines = fit_baselines(study, study.brain)
+            evaluation = evaluate_folds(study, results, baselines)
+            publisher.classification(study, results, baselines, evaluation)
+            publisher.ensemble(study, results)
+            if config.attribution is not None:
+                publisher.attribution(study, explain_study(study, results, baselines, publisher.explaining(study)),
+                                      evaluation)
+            publisher.finish(study, evaluation)
+        return study.state.parent_run
+    finally:
+        release_shared()
 
 
 def evaluate_folds(study: Study, results: list[FoldResult], baselines: list[BaselineResult]) -> Evaluation:

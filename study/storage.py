@@ -90,7 +90,7 @@ def exclusive(lock: Path, what: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-_HELD: list = []  # files this process holds a shared lock on, until it ends
+_HELD: list = []  # files this process holds a shared lock on, until release_shared or its end
 
 
 def hold_shared(path: Path) -> None:
@@ -98,6 +98,12 @@ def hold_shared(path: Path) -> None:
     f = open(path, "rb")
     fcntl.flock(f, fcntl.LOCK_SH)
     _HELD.append(f)
+
+
+def release_shared() -> None:
+    """Let go of every file this process holds with :func:`hold_shared` (a study in a notebook has ended)."""
+    while _HELD:
+        _HELD.pop().close()
 
 
 def in_use(path: Path) -> bool:

@@ -29,6 +29,14 @@ def test_unknown_key_lists_valid_keys(tmp_path):
     assert "cv.outer_fold: unknown key; valid keys here: inner_folds, outer_folds, seed" in str(err.value)
 
 
+def test_a_typo_in_the_model_section_or_an_old_key_names_the_valid_ones(tmp_path):
+    path = write(tmp_path, "name: s\ncohort: {root: x, sex_column: Gender}\nmodel: {preset: mrinet, widht: 8}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "model.widht: unknown key; valid keys here: blocks, convs_per_block, dropout" in str(err.value)
+    assert "cohort.sex_column: unknown key (renamed: use cohort.label)" in str(err.value)
+
+
 def test_wrong_type_and_missing_key(tmp_path):
     path = write(tmp_path, "name: s\npreprocess: {voxel_size: big}\n")
     with pytest.raises(ConfigError) as err:
@@ -117,7 +125,7 @@ def test_a_network_of_ones_own_is_built_checked_and_searchable_when_the_config_l
     assert parsed.model.model_dump() == {"class": "tests.networks:TinyNet", "channels": 2}  # as the config wrote it
     assert parse_config(parsed.model_dump(mode="json")) == parsed  # a logged config reads back
     problems = {
-        "model: cannot import tests.nonets:Net: No module named 'tests.nonets'. Install its package, or put "
+        "model: cannot import tests.nonets:Net: ModuleNotFoundError: No module named 'tests.nonets'. Install its package, or put "
         "tests/nonets.py in the project directory": config(**{"class": "tests.nonets:Net"}),
         "without a gradcam_layer: set self.gradcam_layer": config(gradcam=False),
         "returns (1, 3) for one volume; a study needs logits [batch, 2]": config(outputs=3),
@@ -147,6 +155,11 @@ def test_a_search_space_whose_networks_cannot_fit_the_grid_is_refused_when_the_c
     with pytest.raises(ConfigError, match=re.escape("convs_per_block=2, blocks=3")):  # an unconditional key too
         parse_config(config(convs_per_block={"int_range": [1, 2]}, blocks={"choice": [2, 3]}))
     assert parse_config({**config(**unfit), "preprocess": {"voxel_size": 3.0}}).search  # fits a finer grid
+    with pytest.raises(ConfigError, match="blocks: an integer; search it with choice or int_range"):
+        parse_config(config(blocks={"uniform": [2, 3]}))
+    # A condition on a conditional key: kernel_size is sampled only with padding, which only 3 blocks sample.
+    parse_config(config(blocks={"choice": [2, 3]}, padding={"choice": [1], "when": "blocks > 2"},
+                        kernel_size={"choice": [3, 5], "when": "padding > 0"}))
 
 
 def test_the_feature_shape_arithmetic_matches_the_network():

@@ -26,7 +26,7 @@ import torch
 from study.data.cohort import Cohort, Problem
 from study.data.volumes import Grid, preprocess_volume
 from study.runtime import map_tasks
-from study.storage import allocate, exclusive, in_use, replace_atomically
+from study.storage import allocate, exclusive, hold_shared, in_use, replace_atomically
 
 PREPROCESS_VERSION = 1  # bump when preprocess_volume changes its output
 
@@ -112,7 +112,8 @@ class CacheBuild:
     computed: list[str]  # subjects preprocessed by this build (the rest were reused)
 
 
-def build_cache(cohort: Cohort, grid: Grid, cache_dir: Path, normalize: str = "zscore") -> CacheBuild:
+def build_cache(cohort: Cohort, grid: Grid, cache_dir: Path, normalize: str = "zscore",
+                hold: bool = False) -> CacheBuild:
     """Preprocess every subject of ``cohort`` into the cache (Ray tasks, progress bar).
 
     Subjects whose image is unchanged since an earlier build are reused. When
@@ -129,6 +130,9 @@ def build_cache(cohort: Cohort, grid: Grid, cache_dir: Path, normalize: str = "z
         Where caches live; each grid and normalization gets its own folder.
     normalize : {"zscore", "none"}
         Intensity normalization (see :func:`study.data.volumes.preprocess_volume`).
+    hold : bool
+        Mark the finished cache as in use by this process (a study, until it ends): another
+        study's build that supersedes it leaves it in place.
     """
     directory = Path(cache_dir) / params_key(grid, normalize)
     (directory / "staging").mkdir(parents=True, exist_ok=True)
@@ -136,7 +140,10 @@ def build_cache(cohort: Cohort, grid: Grid, cache_dir: Path, normalize: str = "z
     # normalization) would otherwise compute every subject twice, and one could delete the staged files that
     # the other is assembling. The second waits, then reuses what the first built.
     with exclusive(directory / ".build.lock", f"preprocessing cache {directory}"):
-        return _build(cohort, grid, cache_dir, normalize, directory)
+        build = _build(cohort, grid, cache_dir, normalize, directory)
+        if hold and build.cache is not None:  # inside the lock: no other build can remove it first
+            hold_shared(build.cache.path)
+        return build
 
 
 def _build(cohort: Cohort, grid: Grid, cache_dir: Path, normalize: str, directory: Path) -> CacheBuild:

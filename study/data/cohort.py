@@ -26,6 +26,7 @@ from study.data.volumes import Grid, preprocess_volume
 
 SEX_CLASSES = ("female", "male")
 KNOWN_SEX_VALUES = {"m": "male", "f": "female"}  # besides the class names themselves
+RESERVED_COLUMNS = ("subject_id", "image", "predicted", "fold", "problem")  # columns of prediction tables
 CLASS_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")  # a class name becomes a column name (p_<class>) and a metric name
 HCP_IMAGES = {
     "acpc": "T1w/T1w_acpc_dc_restore_brain.nii.gz",
@@ -91,10 +92,20 @@ class CohortConfig(BaseModel):
     @field_validator("classes")
     @classmethod
     def _classes_are_names(cls, classes: tuple[str, str]) -> tuple[str, str]:
-        if classes[0] == classes[1] or not all(CLASS_NAME.match(name) for name in classes):
-            raise ValueError("two different class names of letters, digits, _ or -, starting with a letter, "
-                             "e.g. [control, patient]")
+        # Values match class names in any case; "all" names the group map of everyone (mean_all).
+        if classes[0].casefold() == classes[1].casefold() or not all(CLASS_NAME.match(name) for name in classes) \
+                or "all" in (c.casefold() for c in classes):
+            raise ValueError("two class names that differ in more than case, of letters, digits, _ or -, starting "
+                             "with a letter, not 'all'; e.g. [control, patient]")
         return classes
+
+    @field_validator("label")
+    @classmethod
+    def _label_is_not_a_study_column(cls, label: str) -> str:
+        if label in RESERVED_COLUMNS:
+            raise ValueError(f"{label!r} names a column of the study's own tables ({', '.join(RESERVED_COLUMNS)}); "
+                             "rename it in the participants table")
+        return label
 
     @model_validator(mode="after")
     def _mapping_names_classes(self) -> "CohortConfig":
@@ -299,11 +310,11 @@ def load_cohort(config: CohortConfig, labelled: bool = True) -> Cohort:
             continue
         if label is None:
             known = " or ".join(["/".join(config.classes), *(["M/F"] if config.classes == SEX_CLASSES else [])])
-            problems.append(Problem(
-                sid, table_name,
-                f"unknown label {raw!r} in column {config.label!r}; use {known}, "
-                f"or declare cohort.label_mapping (e.g. {{'{raw}': {config.classes[1]}}})",
-            ))
+            fix = (f"set cohort.classes to the two classes of column {config.label!r} (e.g. [control, patient])"
+                   if config.classes == SEX_CLASSES and config.label.casefold() not in ("sex", "gender") else
+                   f"declare cohort.label_mapping (e.g. {{'{raw}': {config.classes[1]}}})")
+            problems.append(Problem(sid, table_name, f"unknown label {raw!r} in column {config.label!r}; use "
+                                                     f"{known}, or {fix}"))
             continue
         if layout == "column":
             path = Path(row[config.path_column].strip())

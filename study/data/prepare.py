@@ -10,7 +10,7 @@ from study.data.cache import VolumeCache, build_cache
 from study.data.cohort import Cohort, CohortConfig, Problem, load_cohort
 from study.data.splits import OuterFold, load_splits, make_splits, save_splits
 from study.data.synth import synthesize_cohort
-from study.storage import exclusive, hold_shared
+from study.storage import exclusive
 
 
 class StudyError(RuntimeError):
@@ -43,9 +43,8 @@ def prepare_cohort(cohort_config: CohortConfig, preprocess: PreprocessConfig) ->
             if synthesized:
                 synthesize_cohort(root, synthetic)
     cohort = load_cohort(cohort_config)
-    build = build_cache(cohort, preprocess.grid, preprocess.cache_dir, preprocess.normalize)
-    if build.cache is not None:  # another study's build leaves this cache alone while this study runs
-        hold_shared(build.cache.path)
+    # held while this study runs: another study's build leaves it alone
+    build = build_cache(cohort, preprocess.grid, preprocess.cache_dir, preprocess.normalize, hold=True)
     problems = cohort.problems + build.problems
     if problems and cohort_config.on_invalid == "refuse":
         listing = "\n".join(f"  {p}" for p in problems)

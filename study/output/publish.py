@@ -120,7 +120,7 @@ class Publisher:
 
     def views(self) -> dict[str, tuple[str, str, list[str], str | None, bool]]:
         """The MLflow UI's saved views of a study's runs: id -> (name, study.level, columns, sort column,
-        ascending). Executions newest first, each with its folds folded under it; folds and trials flat."""
+        ascending). Executions newest first; folds and trials as flat lists (by fold; best trial first)."""
         search = self.config.search
         searched = [f"params.{k}" for k in search.space] if search else []
         methods = self.config.attribution.methods if self.config.attribution else []
@@ -134,10 +134,10 @@ class Publisher:
                 "tags.study.execution", "tags.study.fold", "metrics.test_roc_auc", "metrics.test_balanced_accuracy",
                 "metrics.fit_accuracy", *[f"params.best.{k.removeprefix('params.')}" for k in searched]],
                 "tags.study.fold", True),
-            "study-trials": ("study: search trials", "trial", [
-                "tags.study.fold", "tags.study.trial_status", f"metrics.{search.metric if search else 'val_loss'}",
+            "study-trials": ("study: search trials", "trial", [  # ranked by the score the search ranks by
+                "tags.study.fold", "tags.study.trial_status", f"metrics.search_{search.metric if search else 'val_loss'}",
                 "metrics.best_val_loss", *searched],
-                f"metrics.{search.metric if search else 'val_loss'}", search is None or search.mode == "min"),
+                f"metrics.search_{search.metric if search else 'val_loss'}", search is None or search.mode == "min"),
         }
 
     # -- the run tree ------------------------------------------------------------------------------------------
@@ -409,7 +409,8 @@ class Publisher:
                                 attribution.perturbation.model_dump(), study.cohort.classes)
             with study.times.stage("MLflow model logging"):
                 _, version = self.tracker.log_ensemble(state.parent_run, ensemble.save(study.directory / "ensemble"),
-                                                       ensemble.signature(), self.config.name)
+                                                       ensemble.signature(), self.config.name,
+                                                       f"{study.cohort.classes.column} ({study.cohort.classes.contrast})")
             state.ensemble = f"models:/{self.config.name}/{version}"
             study.save_state()
         say(f"model: the {len(results)} fold models as one ensemble, registered as {state.ensemble}; apply it to "

@@ -202,8 +202,8 @@ class Tracker:
         self.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
         return logged.model_id
 
-    def log_ensemble(self, run_id: str, ensemble: Path, signature: ModelSignature,
-                     registered_name: str) -> tuple[str, str]:
+    def log_ensemble(self, run_id: str, ensemble: Path, signature: ModelSignature, registered_name: str,
+                     task: str) -> tuple[str, str]:
         """Log a saved :class:`study.predict.Ensemble` as a pyfunc model of ``run_id`` and register it.
 
         The model carries the ``study`` package's code, so loading it needs only
@@ -229,7 +229,7 @@ class Tracker:
             self.client.get_registered_model(registered_name)
         except MlflowException:
             self.client.create_registered_model(
-                registered_name, description=f"Sex from T1w MRI: the outer folds' CNNs of study {registered_name} as "
+                registered_name, description=f"{task} from T1w MRI: the outer folds' CNNs of study {registered_name} as "
                                              "one ensemble, with its preprocessing. Apply it to new images: "
                                              f"study predict models:/{registered_name}/VERSION IMAGES...")
         # The artifact location, not models:/<id>: MLflow resolves the latter through the global tracking URI.

@@ -70,7 +70,7 @@ class TrainingData:
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, dataset: CachedVolumes, batch_size: int, precision: Precision) -> np.ndarray:
-    """P(male) for every subject of ``dataset``, in order."""
+    """P(class 1) (e.g. P(male)) for every subject of ``dataset``, in order."""
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     probs = []
@@ -84,11 +84,11 @@ def predict(model: torch.nn.Module, dataset: CachedVolumes, batch_size: int, pre
 def _scores(model: torch.nn.Module, dataset: CachedVolumes, batch_size: int, precision: Precision,
             prefix: str) -> dict[str, float]:
     """Loss, accuracy and ROC AUC of ``model`` on ``dataset`` in eval mode (no augmentation, no dropout)."""
-    p_male = predict(model, dataset, batch_size, precision)
+    p = predict(model, dataset, batch_size, precision)
     labels = dataset.labels.numpy()
     eps = 1e-7
-    loss = -np.mean(labels * np.log(p_male + eps) + (1 - labels) * np.log(1 - p_male + eps))
-    scores = classification_metrics(labels, p_male)
+    loss = -np.mean(labels * np.log(p + eps) + (1 - labels) * np.log(1 - p + eps))
+    scores = classification_metrics(labels, p)
     return {f"{prefix}_loss": float(loss), f"{prefix}_accuracy": scores["accuracy"], f"{prefix}_roc_auc": scores["roc_auc"]}
 
 

@@ -153,10 +153,10 @@ class Network(Params):
             target: Any = importlib.import_module(module_name)
             for part in name.split("."):
                 target = getattr(target, part)
-        except (ImportError, AttributeError) as err:
+        except Exception as err:  # noqa: BLE001 - a missing module, a name it lacks, an error inside it
             file = module_name.replace(".", "/") + ".py"
-            raise ValueError(f"cannot import {self.factory}: {err}. Install its package, or put {file} "
-                             f"in the project directory ({project_dir()})") from None
+            raise ValueError(f"cannot import {self.factory}: {type(err).__name__}: {err}. Install its package, or "
+                             f"put {file} in the project directory ({project_dir()})") from None
         return target
 
     def keyword_names(self) -> set[str] | None:
