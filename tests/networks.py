@@ -20,3 +20,20 @@ class TinyNet(nn.Module):
 
     def forward(self, x):
         return self.head(self.features(x))
+
+
+class ShortcutNet(nn.Module):
+    """A residual block whose strided shortcut is registered before the path it runs beside."""
+
+    def __init__(self, input_shape: tuple[int, int, int], shortcut_first: bool = True):
+        super().__init__()
+        if shortcut_first:
+            self.shortcut = nn.Conv3d(1, 4, 1, stride=2)
+        self.main = nn.Sequential(nn.Conv3d(1, 4, 3, stride=2, padding=1), nn.ReLU())
+        if not shortcut_first:
+            self.shortcut = nn.Conv3d(1, 4, 1, stride=2)
+        self.gradcam_layer = self.main[-1]
+        self.head = nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, 2))
+
+    def forward(self, x):
+        return self.head(self.main(x) + self.shortcut(x))

@@ -135,11 +135,14 @@ def test_a_network_of_ones_own_is_built_checked_and_searchable_when_the_config_l
         "search.space: cannot search 'depth'; searchable keys: activation, channels, gradcam, outputs, "
         "lr": config({"depth": {"choice": [2, 3]}}),
         "model: give either preset (our CNN) or class": config(preset="mrinet"),
+        "tests.networks:ShortcutNet: Grad-CAM would place its 12 feature voxels of axis 0 at input voxels": config(
+            **{"class": "tests.networks:ShortcutNet"}),
     }
     for expected, data in problems.items():
         with pytest.raises(ConfigError, match=re.escape(expected)):
             parse_config(data)
     assert parse_config(config(activation="elu", methods=["gradcam"])).model.kwargs == {"activation": "elu"}
+    assert parse_config(config(**{"class": "tests.networks:ShortcutNet", "shortcut_first": False})).model
 
 
 def test_a_search_space_whose_networks_cannot_fit_the_grid_is_refused_when_the_config_loads():

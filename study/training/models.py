@@ -213,7 +213,10 @@ def architecture_of(data: dict[str, Any]) -> Architecture | Network:
 def check_network(architecture: Network, input_shape: tuple[int, int, int], guided: bool) -> None:
     """Build the network and run one volume of the study grid through it.
 
-    It must give logits [1, 2] and, when ``guided`` (Guided Backpropagation is
+    It must give logits [1, 2], its ``gradcam_layer``'s voxels must fall on the
+    grid where Grad-CAM places them (the convolutions and poolings registered
+    before that layer, in registration order: a parallel branch registered first
+    would count its stride twice) and, when ``guided`` (Guided Backpropagation is
     asked for), use ReLU activations only. Raises ValueError saying what to change.
     """
     model = UserNetwork(architecture, input_shape).eval()
@@ -228,6 +231,17 @@ def check_network(architecture: Network, input_shape: tuple[int, int, int], guid
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"{architecture.factory} returns {got} for one volume; a study needs logits [batch, 2] "
                          "(class 0, class 1)")
+    from study.attribution.gradcam import feature_geometry, feature_grid  # attribution imports this module
+
+    sizes, _ = feature_grid(model, tuple(input_shape))
+    start, jump = feature_geometry(model, model.gradcam_layer)
+    for axis, (n, size) in enumerate(zip(sizes, input_shape)):
+        last = start[axis] + jump[axis] * (n - 1)
+        if start[axis] < -jump[axis] or last > size - 1 + jump[axis]:
+            raise ValueError(f"{architecture.factory}: Grad-CAM would place its {n} feature voxels of axis {axis} at "
+                             f"input voxels {start[axis]:.0f} to {last:.0f} of a grid of {size}: the convolutions and "
+                             "poolings registered before gradcam_layer are not the ones that run before it, in that "
+                             "order (a parallel shortcut registered first?). Register modules in the order they run")
     if guided:
         from study.attribution import AttributionError, guided_backprop  # attribution imports this module
 
