@@ -28,7 +28,7 @@ from study.data.cohort import CohortConfig
 from study.data.volumes import Grid
 from study.storage import project_dir
 from study.training.augment import Augmentation
-from study.training.models import PRESETS, Architecture, Network, check_network
+from study.training.models import PRESETS, Architecture, Network, check_network, check_relu_only
 
 
 class ConfigError(ValueError):
@@ -369,9 +369,9 @@ class StudyConfig(_Section):
     def _network_fits(cls, model: Architecture | Network, info: ValidationInfo) -> Architecture | Network:
         """A user's network is built and run on one volume of the study grid now, not on a worker later."""
         if isinstance(model, Network) and "preprocess" in info.data:
-            check_network(model, info.data["preprocess"].grid.shape, guided=False)
-        if isinstance(model, Network) and info.context is not None:
-            info.context["model"] = model  # the search space checks its keys against the network's
+            built = check_network(model, info.data["preprocess"].grid.shape)
+            if info.context is not None:  # the search space checks its keys against the network's;
+                info.context.update(model=model, network=built)  # attribution's check reuses the build
         return model
 
     @field_validator("search")
@@ -397,7 +397,10 @@ class StudyConfig(_Section):
         model, preprocess = info.data.get("model"), info.data.get("preprocess")
         guided = attribution is not None and {"guided_backprop", "guided_gradcam"} & set(attribution.methods)
         if isinstance(model, Network) and preprocess is not None and guided:
-            check_network(model, preprocess.grid.shape, guided=True)
+            built = (info.context or {}).get("network")
+            if built is None:  # validated without parse_config's context
+                built = check_network(model, preprocess.grid.shape)
+            check_relu_only(built, preprocess.grid.shape)
         return attribution
 
 

@@ -210,14 +210,13 @@ def architecture_of(data: dict[str, Any]) -> Architecture | Network:
     return Network.model_validate(data) if "class" in data else Architecture.model_validate(data)
 
 
-def check_network(architecture: Network, input_shape: tuple[int, int, int], guided: bool) -> None:
-    """Build the network and run one volume of the study grid through it.
+def check_network(architecture: Network, input_shape: tuple[int, int, int]) -> UserNetwork:
+    """Build the network and run one volume of the study grid through it; returns it (eval mode).
 
-    It must give logits [1, 2], its ``gradcam_layer``'s voxels must fall on the
-    grid where Grad-CAM places them (the convolutions and poolings registered
+    It must give logits [1, 2], and its ``gradcam_layer``'s voxels must fall on
+    the grid where Grad-CAM places them (the convolutions and poolings registered
     before that layer, in registration order: a parallel branch registered first
-    would count its stride twice) and, when ``guided`` (Guided Backpropagation is
-    asked for), use ReLU activations only. Raises ValueError saying what to change.
+    would count its stride twice). Raises ValueError saying what to change.
     """
     model = UserNetwork(architecture, input_shape).eval()
     x = torch.zeros(1, 1, *input_shape)
@@ -242,14 +241,19 @@ def check_network(architecture: Network, input_shape: tuple[int, int, int], guid
                              f"input voxels {start[axis]:.0f} to {last:.0f} of a grid of {size}: the convolutions and "
                              "poolings registered before gradcam_layer are not the ones that run before it, in that "
                              "order (a parallel shortcut registered first?). Register modules in the order they run")
-    if guided:
-        from study.attribution import AttributionError, guided_backprop  # attribution imports this module
+    return model
 
-        try:
-            guided_backprop(model, x, None)
-        except AttributionError as err:
-            raise ValueError(f"{architecture.factory}: {err}; use nn.ReLU, or leave guided_backprop and "
-                             "guided_gradcam out of attribution.methods") from None
+
+def check_relu_only(model: UserNetwork, input_shape: tuple[int, int, int]) -> None:
+    """Guided Backpropagation of ``model`` (a :func:`check_network` result) on one volume: ReLU activations
+    only. Raises ValueError saying what to change."""
+    from study.attribution import AttributionError, guided_backprop  # attribution imports this module
+
+    try:
+        guided_backprop(model, torch.zeros(1, 1, *input_shape), None)
+    except AttributionError as err:
+        raise ValueError(f"{model.architecture.factory}: {err}; use nn.ReLU, or leave guided_backprop and "
+                         "guided_gradcam out of attribution.methods") from None
 
 
 def model_record(model: BrainCNN | UserNetwork, weights: dict[str, torch.Tensor] | None = None) -> dict:
