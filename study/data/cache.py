@@ -140,13 +140,13 @@ def build_cache(cohort: Cohort, grid: Grid, cache_dir: Path, normalize: str = "z
     # normalization) would otherwise compute every subject twice, and one could delete the staged files that
     # the other is assembling. The second waits, then reuses what the first built.
     with exclusive(directory / ".build.lock", f"preprocessing cache {directory}"):
-        build = _build(cohort, grid, cache_dir, normalize, directory)
+        build = _build(cohort, grid, normalize, directory)
         if hold and build.cache is not None:  # inside the lock: no other build can remove it first
             hold_shared(build.cache.path)
         return build
 
 
-def _build(cohort: Cohort, grid: Grid, cache_dir: Path, normalize: str, directory: Path) -> CacheBuild:
+def _build(cohort: Cohort, grid: Grid, normalize: str, directory: Path) -> CacheBuild:
     """:func:`build_cache` inside its lock."""
     staging = directory / "staging"
     keys = [s.source_key() for s in cohort.subjects]
@@ -169,7 +169,7 @@ def _build(cohort: Cohort, grid: Grid, cache_dir: Path, normalize: str, director
     if problems:
         # The subjects that succeeded become a complete cache of their own.
         usable = cohort.exclude(problems)
-        cache = _build(usable, grid, cache_dir, normalize, directory).cache if usable.subjects else None
+        cache = _build(usable, grid, normalize, directory).cache if usable.subjects else None
         return CacheBuild(cache, sorted(problems, key=lambda p: p.subject), sorted(computed))
     return CacheBuild(_assemble(cohort, keys, cohort_key, directory, grid, previous), [], sorted(computed))
 
