@@ -136,7 +136,8 @@ class AttributionConfig(_Section):
     )
     # The score each map explains. contrast (class 1 minus class 0 logit, e.g. male - female) asks every subject
     # the same question, so the two classes' maps can be compared; true_class / predicted_class maps cannot, and
-    # get no group test.
+    # get no group test. Under contrast, Grad-CAM keeps the magnitude (evidence for either class) and Meaningful
+    # Perturbations deletes the evidence for the model's own decision on each subject.
     target: Literal["contrast", "true_class", "predicted_class"] = "contrast"
     batch_size: int = Field(8, ge=1)
     actors: int | None = Field(None, ge=1)  # default: as many as fit on the GPUs, else 2

@@ -96,6 +96,57 @@ def test_perturbation_masks_are_independent_across_the_batch():
     torch.testing.assert_close(together[2:3], alone, atol=1e-5, rtol=1e-4)
 
 
+class TwoWayNet(nn.Module):
+    """Evidence for either class in REGION: brighter than mid-grey for class 1, darker for class 0.
+
+    One 1x1 convolution splits each voxel into a bright part and a dark part;
+    the class 1 - class 0 logit is their difference averaged over the region, so
+    a class-0 subject's evidence is negative, as a patient's atrophy or a
+    female's smaller region is evidence against the other class.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("region", box(REGION).float()[None, None])
+        self.conv = nn.Conv3d(1, 2, 1)
+        with torch.no_grad():
+            self.conv.weight[:] = torch.tensor([1.0, -1.0]).view(2, 1, 1, 1, 1)
+            self.conv.bias[:] = torch.tensor([-0.5, 0.5])
+        self.relu = nn.ReLU()
+        self.gradcam_layer = self.relu
+
+    def forward(self, x):
+        h = self.relu(self.conv(x))
+        bright, dark = ((h * self.region).flatten(2).sum(2) / self.region.sum()).unbind(1)
+        contrast = 8 * (bright - dark)
+        return torch.stack([-contrast / 2, contrast / 2], dim=1)
+
+
+def two_way_volumes() -> torch.Tensor:
+    """Two subjects on mid-grey: class 1 with a bright REGION, class 0 with a dark one."""
+    torch.manual_seed(0)
+    x = 0.5 + 0.02 * torch.randn(2, 1, *SHAPE)
+    x[(0, 0, *REGION)] = 1.0
+    x[(1, 0, *REGION)] = 0.0
+    return x
+
+
+def test_maps_of_the_contrast_show_the_evidence_for_either_class():
+    """Under the contrast target a class-0 subject's map must show its own evidence (the dark region),
+    not be empty: Grad-CAM's ReLU kept only class 1's evidence, and Meaningful Perturbations minimized a
+    score already at its minimum for a subject the model calls class 0."""
+    model, x = TwoWayNet().eval(), two_way_volumes()
+    logits = model(x)
+    assert logits[0].argmax() == 1 and logits[1].argmax() == 0
+    region = box(REGION).flatten().numpy()
+    config = Perturbation(iterations=150, mask_scale=2, blur_sigma_mm=6.0)
+    for name, maps in {"gradcam": gradcam(model, x, None),
+                       "perturbation": meaningful_perturbation(model, x, None, config, voxel_mm=2.0)}.items():
+        for subject, m in zip(("class 1", "class 0"), maps):
+            assert m[REGION].mean() > 0.5 * m.max() > 0, (name, subject)
+            assert roc_auc_score(region, m.flatten().numpy()) > 0.9, (name, subject)
+
+
 def test_guided_backprop_handles_functional_relu_and_refuses_other_activations():
     module, functional = ContrastNet().eval(), ContrastNet(functional_relu=True).eval()
     functional.load_state_dict(module.state_dict())

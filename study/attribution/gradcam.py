@@ -75,7 +75,13 @@ def place_on_input(cam: torch.Tensor, shape: tuple[int, int, int], start: list[f
 
 
 def gradcam(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
-    """ReLU of the gradient-weighted activations of ``model.gradcam_layer``, on the input grid; [batch, D, H, W]."""
+    """ReLU of the gradient-weighted activations of ``model.gradcam_layer``, on the input grid; [batch, D, H, W].
+
+    For the contrast (``targets`` None) the magnitude instead of the ReLU: the
+    class 1 - class 0 score is positive where the layer sees evidence for class 1
+    and negative where it sees evidence for class 0, and the ReLU would keep only
+    class 1's, leaving a subject the model calls class 0 a map of what it lacks.
+    """
     captured: list[torch.Tensor] = []
     hook = model.gradcam_layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
     try:
@@ -86,6 +92,7 @@ def gradcam(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor | Non
     finally:
         hook.remove()
     weights = grads.float().mean(dim=(2, 3, 4), keepdim=True)
-    cam = F.relu((weights * activations.float()).sum(1, keepdim=True))
+    cam = (weights * activations.float()).sum(1, keepdim=True)
+    cam = cam.abs() if targets is None else F.relu(cam)
     start, jump = feature_geometry(model, model.gradcam_layer)
     return place_on_input(cam, tuple(x.shape[2:]), start, jump)[:, 0].detach()

@@ -7,8 +7,12 @@ batch together, on the device, with no host transfer inside the loop:
     deletion:      min  score(x * m + blur(x) * (1 - m)) + l1 * mean|1 - m| + tv * TV(m)
     preservation:  min -score(x * m + blur(x) * (1 - m)) + l1 * mean|m|     + tv * TV(m)
 
-The score is the softmax probability of the target class (class 1 minus class 0
-probability for the contrast). The map is what the mask says matters: 1 - m
+The score is the softmax probability of the target class. For the contrast it
+is class 1 minus class 0 probability signed by the model's own decision for the
+subject (p1 - p0 where the model favours class 1, p0 - p1 where it favours
+class 0), so every mask deletes (or preserves) the evidence for what the model
+decided: unsigned, the score of a subject called class 0 is already near its
+minimum and its mask stays empty. The map is what the mask says matters: 1 - m
 for deletion, m for preservation.
 """
 
@@ -65,9 +69,9 @@ def _total_variation(mask: torch.Tensor, beta: float) -> torch.Tensor:
     return tv
 
 
-def _probability(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+def _probability(logits: torch.Tensor, targets: torch.Tensor | None, decision: torch.Tensor) -> torch.Tensor:
     p = torch.softmax(logits.float(), dim=1)
-    return p[:, 1] - p[:, 0] if targets is None else p.gather(1, targets[:, None])[:, 0]
+    return decision * (p[:, 1] - p[:, 0]) if targets is None else p.gather(1, targets[:, None])[:, 0]
 
 
 @contextmanager
@@ -95,7 +99,8 @@ def meaningful_perturbation(model: torch.nn.Module, x: torch.Tensor, targets: to
     x : torch.Tensor
         Volumes [batch, 1, D, H, W] on the model's device.
     targets : torch.Tensor or None
-        Class index per subject [batch]; None explains class 1 minus class 0 probability.
+        Class index per subject [batch]; None explains class 1 minus class 0
+        probability, signed by the model's decision for each subject.
     config : Perturbation
         The optimization's settings.
     voxel_mm : float
@@ -123,6 +128,9 @@ def _optimize(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor | N
     optimizer = torch.optim.Adam([mask], lr=config.lr)
     generator = torch.Generator().manual_seed(seed)
     j = config.jitter_voxels
+    with torch.no_grad():  # +1 where the model favours class 1, -1 where class 0 (used for the contrast)
+        logits = model(x)
+        decision = torch.where(logits[:, 1] >= logits[:, 0], 1.0, -1.0)
     with torch.enable_grad():
         for _ in range(config.iterations):
             m = F.interpolate(mask, size=size, mode="trilinear", align_corners=False)
@@ -130,7 +138,7 @@ def _optimize(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor | N
             if j:
                 shifts = torch.randint(-j, j + 1, (3,), generator=generator).tolist()  # CPU, no device sync
                 perturbed = torch.roll(perturbed, shifts=shifts, dims=(2, 3, 4))
-            score = _probability(model(perturbed), targets)
+            score = _probability(model(perturbed), targets, decision)
             area = (1 - mask if deletion else mask).abs().flatten(1).mean(1)
             loss = (score if deletion else -score) + config.l1 * area + config.tv * _total_variation(mask, config.tv_beta)
             optimizer.zero_grad(set_to_none=True)
