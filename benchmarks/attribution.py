@@ -58,7 +58,7 @@ def main() -> None:
         methods = {
             "gradcam": lambda x, t: gradcam(model, x, t),
             "guided_backprop": lambda x, t: guided_backprop(model, x, t),
-            "perturbation": lambda x, t: meaningful_perturbation(model, x, t, config, voxel_mm),
+            "perturbation": lambda x, t: meaningful_perturbation(model, x, t, config, voxel_mm, cohort_mean=x.mean(0)[0]),
         }
         for name in args.methods:
             for batch in (1, args.batch):

@@ -31,6 +31,7 @@ from study.data.volumes import Grid, VolumeError, preprocess_volume
 from study.training.models import model_from_record, model_record
 
 SPEC_FILE = "ensemble.json"
+MEAN_FILE = "cohort_mean.npy"  # Meaningful Perturbations' reference, when the study used the cohort's mean
 NIFTI = re.compile(r"\.nii(\.gz)?$")
 
 
@@ -54,6 +55,9 @@ class Ensemble:
         Meaningful Perturbations' settings, as the study's config gives them.
     classes : Classes
         What the study told apart (the label column and its two classes), which names the output columns.
+    cohort_mean : numpy.ndarray, optional
+        The study cohort's mean volume on the grid: Meaningful Perturbations' reference when its settings say
+        ``reference: cohort_mean`` (a new subject's voxels are deleted towards the cohort the models learned from).
     """
 
     models: dict[int, torch.nn.Module]
@@ -63,10 +67,14 @@ class Ensemble:
     target: str
     perturbation: dict
     classes: Classes = Classes()
+    cohort_mean: np.ndarray | None = None
 
     def save(self, directory: Path) -> Path:
-        """Write ``fold<k>.pt`` (weights and architecture) and ``ensemble.json`` into ``directory``."""
+        """Write ``fold<k>.pt`` (weights and architecture), ``ensemble.json`` and, when there is one, the
+        cohort's mean volume ``cohort_mean.npy`` into ``directory``."""
         directory.mkdir(parents=True, exist_ok=True)
+        if self.cohort_mean is not None:
+            np.save(directory / MEAN_FILE, self.cohort_mean.astype(np.float32))
         for fold, model in self.models.items():
             torch.save(model_record(model), directory / f"fold{fold}.pt")
         spec = {"folds": sorted(self.models), "shape": list(self.grid.shape), "affine": self.grid.affine.tolist(),
@@ -84,8 +92,11 @@ class Ensemble:
             record = torch.load(Path(directory) / f"fold{fold}.pt", map_location="cpu", weights_only=True)
             models[fold] = model_from_record(record)
         classes = Classes(spec.get("label", "sex"), tuple(spec.get("classes", SEX_CLASSES)))  # sex before labels
+        spec["perturbation"].setdefault("reference", "blur")  # saved before MP had a choice of reference
+        mean = Path(directory) / MEAN_FILE
         return cls(models, Grid(tuple(spec["shape"]), np.array(spec["affine"])), spec["normalize"],
-                   tuple(spec["methods"]), spec["target"], spec["perturbation"], classes)
+                   tuple(spec["methods"]), spec["target"], spec["perturbation"], classes,
+                   np.load(mean) if mean.exists() else None)
 
     def preprocess(self, image: Path) -> np.ndarray:
         """One image on the study grid, checked and normalized as the study's were (float16; raises VolumeError)."""
@@ -148,7 +159,7 @@ class Ensemble:
         from study.runtime import Precision
 
         target = "predicted_class" if self.target == "true_class" else self.target
-        explanation = Explanation(self.methods, target, Perturbation(**self.perturbation))
+        explanation = Explanation(self.methods, target, Perturbation(**self.perturbation), self.cohort_mean)
         precision = Precision.choose(torch.device("cpu"))
         x = torch.from_numpy(np.asarray(volume, dtype=np.float32)[None, None])
         sums = {m: np.zeros(self.grid.shape, np.float32) for m in self.methods}

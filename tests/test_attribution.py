@@ -76,7 +76,7 @@ def test_guided_backprop_explains_the_contrast_not_each_class():
 @pytest.mark.parametrize("variant", ["deletion", "preservation"])
 def test_meaningful_perturbation_finds_the_evidence_and_ignores_the_distractor(variant):
     model, x = ContrastNet().eval(), volumes()
-    config = Perturbation(variant=variant, iterations=150, mask_scale=2, blur_sigma_mm=6.0)
+    config = Perturbation(variant=variant, iterations=150, mask_scale=2, reference="blur", blur_sigma_mm=6.0)
     maps = meaningful_perturbation(model, x, None, config, voxel_mm=2.0)
     assert maps.shape == (3, *SHAPE) and maps.min() >= 0 and maps.max() <= 1
     # The mask is coarse and smoothed by its TV term, so the map spills around the region;
@@ -90,7 +90,7 @@ def test_meaningful_perturbation_finds_the_evidence_and_ignores_the_distractor(v
 
 def test_perturbation_masks_are_independent_across_the_batch():
     model, x = ContrastNet().eval(), volumes(4)
-    config = Perturbation(iterations=20, mask_scale=2, jitter_voxels=0)
+    config = Perturbation(iterations=20, mask_scale=2, reference="blur", jitter_voxels=0)
     together = meaningful_perturbation(model, x, torch.tensor([1, 0, 1, 0]), config, voxel_mm=2.0)
     alone = meaningful_perturbation(model, x[2:3], torch.tensor([1]), config, voxel_mm=2.0)
     torch.testing.assert_close(together[2:3], alone, atol=1e-5, rtol=1e-4)
@@ -139,12 +139,38 @@ def test_maps_of_the_contrast_show_the_evidence_for_either_class():
     logits = model(x)
     assert logits[0].argmax() == 1 and logits[1].argmax() == 0
     region = box(REGION).flatten().numpy()
-    config = Perturbation(iterations=150, mask_scale=2, blur_sigma_mm=6.0)
+    config = Perturbation(iterations=150, mask_scale=2, reference="blur", blur_sigma_mm=6.0)
     for name, maps in {"gradcam": gradcam(model, x, None),
                        "perturbation": meaningful_perturbation(model, x, None, config, voxel_mm=2.0)}.items():
         for subject, m in zip(("class 1", "class 0"), maps):
             assert m[REGION].mean() > 0.5 * m.max() > 0, (name, subject)
             assert roc_auc_score(region, m.flatten().numpy()) > 0.9, (name, subject)
+
+
+def test_the_cohort_mean_deletes_evidence_that_blurring_cannot():
+    """A region uniformly brighter or darker than typical stays so when blurred (the blur is narrow next
+    to the region): deleting towards the blur cannot undo either decision, deleting towards the cohort's
+    mean volume can, and its map is the region."""
+    model, x = TwoWayNet().eval(), two_way_volumes()
+    mean = x.mean(0)[0]  # the cohort: one bright, one dark region, mid-grey on average
+    region = box(REGION).flatten().numpy()
+    blur = Perturbation(iterations=150, mask_scale=2, reference="blur", blur_sigma_mm=2.0)
+    cohort_mean = Perturbation(iterations=150, mask_scale=2, reference="cohort_mean")
+
+    def own_class_probability(maps: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """Each subject's probability of its own class once what its map marks is deleted."""
+        with torch.no_grad():
+            p = torch.softmax(model(x * (1 - maps[:, None]) + reference * maps[:, None]), 1)
+        return torch.stack([p[0, 1], p[1, 0]])
+
+    blurred = meaningful_perturbation(model, x, None, blur, voxel_mm=2.0)
+    assert (own_class_probability(blurred, gaussian_blur3d(x, 1.0)) > 0.9).all()
+    to_mean = meaningful_perturbation(model, x, None, cohort_mean, voxel_mm=2.0, cohort_mean=mean)
+    assert (own_class_probability(to_mean, mean) < 0.6).all()
+    for subject in to_mean:
+        assert roc_auc_score(region, subject.flatten().numpy()) > 0.9 and subject[REGION].mean() > 0.5
+    with pytest.raises(ValueError, match="cohort_mean"):
+        meaningful_perturbation(model, x, None, cohort_mean, voxel_mm=2.0)
 
 
 def test_guided_backprop_handles_functional_relu_and_refuses_other_activations():

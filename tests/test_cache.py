@@ -35,6 +35,7 @@ def test_cache_holds_preprocessed_volumes(cohort_dir, preprocess_config):
     brain = expected != 0
     assert abs(float(expected[brain].astype(np.float32).mean())) < 0.01  # z-scored inside the brain
     assert np.isclose(cache.affine[0, 0], 8.0) and cache.affine[0, 3] < 0  # RAS, MNI-centred
+    np.testing.assert_allclose(cache.mean_volume(), np.asarray(cache.volumes, np.float64).mean(0), atol=1e-6)
 
 
 def test_cache_is_reused_and_invalidated_per_subject(cohort_dir, preprocess_config):

@@ -39,7 +39,7 @@ def test_pool_explains_every_subject_once_and_survives_a_killed_actor(tmp_path, 
     ids, labels = cohort.ids, cohort.labels
     jobs = [FoldModel(k, random_checkpoint(tmp_path, cache.shape, k), ids[k::2], labels[k::2]) for k in (0, 1)]
     methods = ("gradcam", "guided_backprop", "perturbation", "guided_gradcam")
-    explanation = Explanation(methods, "true_class", Perturbation(iterations=5))
+    explanation = Explanation(methods, "true_class", Perturbation(iterations=5), cache.mean_volume())
     store = MapStore(tmp_path / "maps", ids, cache.shape, list(methods))
     killed = []
 

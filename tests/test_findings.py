@@ -1,5 +1,5 @@
-"""A demo-sized study on a cohort that is hard like real data: the CNN learns, its maps are scored
-against the planted effect, and a model that learned nothing is said to have learned nothing.
+"""A demo-sized study on a cohort that is hard like real data: the CNN learns, its best map finds the
+planted effect, and a model that learned nothing is said to have learned nothing.
 
 The cohort is the generator's default difficulty (effects near the noise, large
 nuisance variation, a distractor region), stored at mixed voxel sizes and
@@ -22,13 +22,17 @@ from study.data.synth import SyntheticCohort, synthesize_cohort
 from study.pipeline import run_study, study_dir
 from tests.test_study import study_config
 
-# Measured over cohort seeds 21, 22, 23: CNN pooled ROC AUC 1.000, 0.869, 0.880. The linear baseline's
+# Measured over cohort seeds 21, 22, 23: CNN pooled ROC AUC 1.000, 0.858, 0.886. The linear baseline's
 # weight map localizes the planted effect at voxel AUC 0.978, 0.988, 0.985, with 79%, 60%, 62% of its top 1%
-# inside the effect (chance about 1%) and none in the distractor. The CNN's maps do not localize reliably at
-# this size (best method 0.885, 0.932, 0.469; Guided Backprop put 15x chance in the distractor for seed 22):
-# the test asserts that they are scored, not that they find the effect.
+# inside the effect (chance about 1%) and none in the distractor. The CNN's best map (Meaningful Perturbations
+# each time, deleting towards the cohort's mean) at voxel AUC 0.947, 0.896, 0.731, with 23, 34 and 26 times
+# its chance share of top voxels inside the effect; in the distractor none, 11% (seed 22: replacing the
+# distractor by the cohort's mean moves that model's decision 5 times more than a random region of its size,
+# 28 times less than the effect) and none.
 MIN_CNN_AUC = 0.75
-MIN_LOCALIZATION = 0.9
+MIN_LOCALIZATION = 0.9  # the linear map's voxel AUC
+MIN_CNN_LOCALIZATION = 0.65  # the CNN's best map's voxel AUC
+MIN_TOP_SHARE = 10  # the CNN's best map's top 1% inside the effect, in multiples of chance
 
 
 def demo_sized(tmp_path, root, **changes):
@@ -54,7 +58,7 @@ def hard_cohort(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_the_cnn_learns_and_every_map_is_scored_against_the_planted_effect(tmp_path, hard_cohort):
+def test_the_cnn_learns_and_its_best_map_finds_the_planted_effect(tmp_path, hard_cohort):
     config = demo_sized(tmp_path, hard_cohort)
     mlflow.set_tracking_uri(config.tracking.uri)
     run = mlflow.get_run(run_study(config))
@@ -69,6 +73,12 @@ def test_the_cnn_learns_and_every_map_is_scored_against_the_planted_effect(tmp_p
     assert linear.top1pct_in_effect_group > 10 * linear.chance_top1pct, local
     assert linear.top1pct_in_distractor_group <= linear.chance_distractor, local
     assert metrics["localization_roc_auc_linear_baseline"] == pytest.approx(linear.roc_auc_group)
+    # The CNN's best map (most of its top 1% inside the planted effect) finds the effect and not the distractor.
+    cnn = local.drop(index="linear_baseline")
+    best = cnn.loc[cnn.top1pct_in_effect_group.idxmax()]
+    assert best.top1pct_in_effect_group > MIN_TOP_SHARE * best.chance_top1pct, local
+    assert best.roc_auc_group > MIN_CNN_LOCALIZATION, local
+    assert best.top1pct_in_distractor_group < best.top1pct_in_effect_group / 2, local
 
 
 @pytest.mark.slow

@@ -96,6 +96,8 @@ def test_study_predict_writes_the_table_and_maps_and_names_bad_images(finished, 
     assert bad.p_patient == "" and bad.problem != ""
     assert f"0001\t{broken}\t" in err and "11 subjects predicted with models:/dxpred/1" in err
     assert "ground_truth" not in " ".join(table.image)  # a synthetic cohort's answer is not a scan
+    ensemble = study_dir(config) / "latest" / "ensemble"
+    assert np.load(ensemble / "cohort_mean.npy").shape == (23, 27, 23)  # MP's reference travels with the models
     for method in ("gradcam", "guided_backprop", "perturbation"):
         maps = sorted((tmp_path / "maps" / method).glob("*.nii.gz"))
         assert len(maps) == 11

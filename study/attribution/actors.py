@@ -36,6 +36,7 @@ class Explanation:
     methods: tuple[str, ...]
     target: str  # true_class | predicted_class | contrast
     perturbation: Perturbation
+    cohort_mean: np.ndarray | None = None  # [D, H, W]: MP's reference when perturbation.reference is cohort_mean
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,9 @@ def explain_batch(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor,
         if "guided_backprop" in methods or "guided_gradcam" in methods:
             maps["guided_backprop"] = guided_backprop(model, x, targets)
         if "perturbation" in methods:
-            maps["perturbation"] = meaningful_perturbation(model, x, targets, explanation.perturbation, voxel_mm)
+            mean = None if explanation.cohort_mean is None else torch.from_numpy(explanation.cohort_mean).to(x.device)
+            maps["perturbation"] = meaningful_perturbation(model, x, targets, explanation.perturbation, voxel_mm,
+                                                           cohort_mean=mean)
     if "guided_gradcam" in methods:
         maps["guided_gradcam"] = maps["gradcam"] * maps["guided_backprop"]
     return {m: maps[m].float().cpu().numpy().astype(np.float16) for m in methods}

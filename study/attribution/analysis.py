@@ -27,6 +27,7 @@ from study.attribution.sanity import flagged_methods, label_randomization, param
 from study.attribution.stats import PermutationTest, permutation_test
 from study.attribution.store import MapStore
 from study.config import AttributionConfig
+from study.data.cache import VolumeCache
 from study.data.volumes import Grid, resample_to_grid
 from study.state import Study
 from study.storage import join
@@ -118,9 +119,11 @@ def _atlas(attribution: AttributionConfig, grid: Grid) -> tuple[np.ndarray | Non
     return labels, names
 
 
-def explanation_of(attribution: AttributionConfig) -> Explanation:
-    """What the config asks to compute for every subject."""
-    return Explanation(tuple(attribution.methods), attribution.target, attribution.perturbation)
+def explanation_of(attribution: AttributionConfig, cache: VolumeCache) -> Explanation:
+    """What the config asks to compute for every subject (with the cohort's mean volume when MP needs it)."""
+    needs_mean = "perturbation" in attribution.methods and attribution.perturbation.reference == "cohort_mean"
+    mean = cache.mean_volume() if needs_mean else None
+    return Explanation(tuple(attribution.methods), attribution.target, attribution.perturbation, mean)
 
 
 def _sanity(study: Study, first: FoldResult, store: MapStore,
@@ -133,7 +136,7 @@ def _sanity(study: Study, first: FoldResult, store: MapStore,
     whether it could memorize them (a check that cannot fit its data proves little).
     """
     attribution, resources = study.config.attribution, study.config.resources
-    explanation = explanation_of(attribution)
+    explanation = explanation_of(attribution, study.cache)
     subjects = first.predictions.subject_id.tolist()[: attribution.sanity.subjects]
     labels = study.labels(subjects)
     original = {m: store.read(m, subjects) for m in attribution.methods}
@@ -190,7 +193,7 @@ def explain_study(study: Study, results: list[FoldResult], baselines: list[Basel
         actors = 2
     total = len(store.missing([s for job in jobs for s in job.subject_ids]))
     with study.times.stage("attribution"):
-        explain_cohort(jobs, study.cache, store, explanation_of(attribution), attribution.batch_size, actors,
+        explain_cohort(jobs, study.cache, store, explanation_of(attribution, study.cache), attribution.batch_size, actors,
                        gpus_per_actor, on_batch=(lambda done: on_progress(done, total)) if on_progress else None)
 
     with study.times.stage("group statistics"):

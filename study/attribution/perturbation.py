@@ -1,11 +1,19 @@
 """Meaningful Perturbations (Fong & Vedaldi 2017) in 3D, many subjects at once.
 
 A mask at 1/``mask_scale`` of the grid is upsampled trilinearly and blends each
-volume with a Gaussian-blurred copy of itself. Adam optimizes all masks of the
-batch together, on the device, with no host transfer inside the loop:
+volume with a reference, what a deleted voxel becomes. Adam optimizes all masks
+of the batch together, on the device, with no host transfer inside the loop:
 
-    deletion:      min  score(x * m + blur(x) * (1 - m)) + l1 * mean|1 - m| + tv * TV(m)
-    preservation:  min -score(x * m + blur(x) * (1 - m)) + l1 * mean|m|     + tv * TV(m)
+    deletion:      min  score(x * m + r * (1 - m)) + l1 * mean|1 - m| + tv * TV(m)
+    preservation:  min -score(x * m + r * (1 - m)) + l1 * mean|m|     + tv * TV(m)
+
+The reference ``r`` is the paper's Gaussian-blurred copy of the volume
+(``blur``), or the cohort's mean volume (``cohort_mean``). Blurring deletes fine
+structure only: a smooth difference (a region a little larger, or a little
+darker, than typical, as in atrophy) survives it, and a region smaller than
+typical cannot be deleted by blurring at all. On registered images the cohort's
+mean is the volume with no individual difference, so replacing voxels by it
+deletes whatever makes the subject differ there.
 
 The score is the softmax probability of the target class. For the contrast it
 is class 1 minus class 0 probability signed by the model's own decision for the
@@ -32,7 +40,7 @@ from study.params import Params
 
 
 class Perturbation(Params):
-    """Settings of Meaningful Perturbations; the defaults follow the paper."""
+    """Settings of Meaningful Perturbations; the defaults follow the paper, except the reference (module docstring)."""
 
     variant: Literal["deletion", "preservation"] = "deletion"
     iterations: int = Field(300, ge=1)  # Adam steps per batch
@@ -41,7 +49,8 @@ class Perturbation(Params):
     tv: float = Field(0.2, ge=0)  # weight of the total-variation term (3 axes)
     tv_beta: float = Field(3.0, gt=0)
     mask_scale: int = Field(4, ge=1)  # the mask lives at 1/mask_scale of the grid (the paper: a quarter)
-    blur_sigma_mm: float = Field(10.0, gt=0)
+    reference: Literal["cohort_mean", "blur"] = "cohort_mean"  # what a deleted voxel becomes (blur: the paper's)
+    blur_sigma_mm: float = Field(10.0, gt=0)  # the blur reference's width
     jitter_voxels: int = Field(1, ge=0)  # random shift of the perturbed volume at each step
 
 
@@ -88,7 +97,8 @@ def frozen(model: torch.nn.Module) -> Iterator[None]:
 
 
 def meaningful_perturbation(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor | None,
-                            config: Perturbation, voxel_mm: float, seed: int = 0) -> torch.Tensor:
+                            config: Perturbation, voxel_mm: float, seed: int = 0,
+                            cohort_mean: torch.Tensor | None = None) -> torch.Tensor:
     """Optimized perturbation masks, as saliency on the input grid.
 
     Parameters
@@ -107,19 +117,28 @@ def meaningful_perturbation(model: torch.nn.Module, x: torch.Tensor, targets: to
         Voxel size, which turns ``blur_sigma_mm`` into voxels.
     seed : int
         Seed of the jitter.
+    cohort_mean : torch.Tensor, optional
+        The cohort's mean volume [D, H, W] on the same grid and device; required
+        when ``config.reference`` is ``cohort_mean``.
 
     Returns
     -------
     torch.Tensor
         Maps [batch, D, H, W] in [0, 1]: 1 - mask for deletion, the mask for preservation.
     """
+    x = x.detach()
+    if config.reference == "blur":
+        reference = gaussian_blur3d(x, config.blur_sigma_mm / voxel_mm)
+    elif cohort_mean is None:
+        raise ValueError("perturbation.reference cohort_mean needs the cohort's mean volume")
+    else:
+        reference = cohort_mean.to(x.dtype).expand_as(x)
     with frozen(model):
-        return _optimize(model, x.detach(), targets, config, voxel_mm, seed)
+        return _optimize(model, x, reference, targets, config, seed)
 
 
-def _optimize(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor | None, config: Perturbation,
-              voxel_mm: float, seed: int) -> torch.Tensor:
-    blurred = gaussian_blur3d(x, config.blur_sigma_mm / voxel_mm)
+def _optimize(model: torch.nn.Module, x: torch.Tensor, reference: torch.Tensor, targets: torch.Tensor | None,
+              config: Perturbation, seed: int) -> torch.Tensor:
     size = x.shape[2:]
     coarse = [max(1, s // config.mask_scale) for s in size]
     deletion = config.variant == "deletion"
@@ -134,7 +153,7 @@ def _optimize(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor | N
     with torch.enable_grad():
         for _ in range(config.iterations):
             m = F.interpolate(mask, size=size, mode="trilinear", align_corners=False)
-            perturbed = x * m + blurred * (1 - m)
+            perturbed = x * m + reference * (1 - m)
             if j:
                 shifts = torch.randint(-j, j + 1, (3,), generator=generator).tolist()  # CPU, no device sync
                 perturbed = torch.roll(perturbed, shifts=shifts, dims=(2, 3, 4))

@@ -64,6 +64,14 @@ class VolumeCache:
             mask |= np.any(volumes[start:start + 64] != 0, axis=0)
         return mask
 
+    def mean_volume(self) -> np.ndarray:
+        """The voxel-wise mean of every subject's volume, float32 [D, H, W] (summed in float64)."""
+        volumes = self.volumes
+        total = np.zeros(self.shape, dtype=np.float64)
+        for start in range(0, len(volumes), 64):
+            total += volumes[start:start + 64].astype(np.float64).sum(0)
+        return (total / len(volumes)).astype(np.float32)
+
     def brain_volumes_ml(self) -> dict[str, float]:
         """Each subject's brain volume on the study grid (its non-zero voxels), in millilitres."""
         volumes = self.volumes

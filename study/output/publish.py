@@ -25,7 +25,7 @@ import pandas as pd
 import yaml
 
 from study.attribution import METHODS
-from study.attribution.analysis import LINEAR_BASELINE, AttributionResult
+from study.attribution.analysis import LINEAR_BASELINE, AttributionResult, explanation_of
 from study.attribution.sanity import FLAG_SPEARMAN
 from study.config import AttributionConfig, StudyConfig
 from study.data.prepare import PreparedCohort
@@ -406,7 +406,8 @@ class Publisher:
             attribution = self.config.attribution or AttributionConfig()  # maps on request, even if none here
             ensemble = Ensemble({r.fold: load_model(r.checkpoint) for r in results}, study.cache.grid,
                                 self.config.preprocess.normalize, tuple(attribution.methods), attribution.target,
-                                attribution.perturbation.model_dump(), study.cohort.classes)
+                                attribution.perturbation.model_dump(), study.cohort.classes,
+                                explanation_of(attribution, study.cache).cohort_mean)
             with study.times.stage("MLflow model logging"):
                 _, version = self.tracker.log_ensemble(state.parent_run, ensemble.save(study.directory / "ensemble"),
                                                        ensemble.signature(), self.config.name,
