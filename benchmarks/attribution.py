@@ -53,12 +53,13 @@ def main() -> None:
         shape = tuple(int(s) for s in grid.split("x"))
         voxel_mm = 182 / shape[0]
         model = BrainCNN(Architecture(), shape).to(device).eval()
+        mean = torch.zeros(shape, device=device)  # a z-scored cohort's mean, roughly
         if cuda:
             model = model.to(memory_format=torch.channels_last_3d)
         methods = {
             "gradcam": lambda x, t: gradcam(model, x, t),
             "guided_backprop": lambda x, t: guided_backprop(model, x, t),
-            "perturbation": lambda x, t: meaningful_perturbation(model, x, t, config, voxel_mm, cohort_mean=x.mean(0)[0]),
+            "perturbation": lambda x, t: meaningful_perturbation(model, x, t, config, voxel_mm, cohort_mean=mean),
         }
         for name in args.methods:
             for batch in (1, args.batch):

@@ -144,6 +144,15 @@ class Study:
         """Voxels inside the brain of any subject of the cache: where maps and the baseline look."""
         return self.cache.brain()
 
+    @functools.cached_property
+    def cohort_mean(self) -> np.ndarray:
+        """The mean of the two classes' mean volumes, float32 [D, H, W]: what Meaningful Perturbations deletes
+        towards, as far from one class as from the other whatever the classes' sizes."""
+        ids = np.array(self.cohort.ids)
+        labels = self.labels(self.cohort.ids)
+        means = [self.cache.mean_volume(ids[labels == code].tolist()) for code in (0, 1)]
+        return ((means[0] + means[1]) / 2).astype(np.float32)
+
     def labels(self, subject_ids: list[str]) -> np.ndarray:
         """Class indices (e.g. 1 male, 0 female) of the given subjects, in that order."""
         label = dict(zip(self.cohort.ids, self.cohort.labels))

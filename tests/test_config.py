@@ -175,3 +175,11 @@ def test_the_feature_shape_arithmetic_matches_the_network():
             except ValueError:  # the network refuses the grid: some axis ran out
                 built = None
             assert (built is None and min(expected) < 1) or built == expected, (architecture, shape, expected)
+
+
+def test_a_blur_width_without_its_reference_asks_which_reference(tmp_path):
+    path = write(tmp_path, "name: s\ncohort: {root: x}\nattribution: {perturbation: {blur_sigma_mm: 6}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "attribution.perturbation" in str(err.value) and "set reference: blur" in str(err.value)
+    assert load_config(path, ["attribution.perturbation.reference=blur"]).attribution.perturbation.reference == "blur"

@@ -108,6 +108,9 @@ def test_study_explains_all_held_out_subjects_and_finds_the_planted_effect(tmp_p
     assert {"report.html", "agreement.tsv", "localization.tsv", "maps", "sanity", "regions"} <= artifacts
     gradcam_maps = {a.path for a in client.list_artifacts(parent_id, "maps/gradcam")}
     assert "maps/gradcam/gradcam_mean_male.nii.gz" in gradcam_maps and "maps/gradcam/gradcam_p_fwer.nii.gz" in gradcam_maps
+    perturbation_maps = {a.path for a in client.list_artifacts(parent_id, "maps/perturbation")}
+    assert "maps/perturbation/perturbation_mean_male.nii.gz" in perturbation_maps  # each class's own decision:
+    assert not any("p_fwer" in path for path in perturbation_maps)  # no male - female test of those
     for child in children:
         assert client.list_artifacts(child.info.run_id, "maps/perturbation")
     # Every subject was held out once and has every map; at least one method finds the effect.

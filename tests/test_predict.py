@@ -19,8 +19,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from study.attribution import Perturbation
 from study.cli import main
+from study.data.volumes import Grid
 from study.pipeline import run_study, study_dir
+from study.predict import Ensemble
+from study.training.models import Architecture, build_model
 from tests.test_study import study_config
 
 
@@ -121,3 +125,20 @@ def test_study_predict_writes_the_table_and_maps_and_names_bad_images(finished, 
     capsys.readouterr()
     assert main(["predict", "dxpred", "missing.nii.gz", "--tracking-uri", config.tracking.uri]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_an_ensemble_saved_before_the_cohort_mean_reference_still_explains(tmp_path):
+    shape = (12, 14, 12)
+    model = build_model(Architecture(width=2, blocks=1), shape).eval()
+    mean = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    ensemble = Ensemble({0: model}, Grid(shape, np.diag([8.0, 8.0, 8.0, 1.0])), "zscore", ("perturbation",),
+                        "contrast", Perturbation(iterations=2).model_dump(), cohort_mean=mean)
+    directory = ensemble.save(tmp_path / "ensemble")
+    np.testing.assert_array_equal(Ensemble.load(directory).cohort_mean, mean)  # the reference travels along
+    spec = json.loads((directory / "ensemble.json").read_text())  # as saved before there was a choice
+    del spec["perturbation"]["reference"]
+    (directory / "ensemble.json").write_text(json.dumps(spec))
+    (directory / "cohort_mean.npy").unlink()
+    old = Ensemble.load(directory)
+    assert old.perturbation["reference"] == "blur" and old.cohort_mean is None
+    assert old.explain(mean)["perturbation"].shape == shape

@@ -10,7 +10,7 @@ replaced and its batch given to another.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import ray
@@ -36,7 +36,7 @@ class Explanation:
     methods: tuple[str, ...]
     target: str  # true_class | predicted_class | contrast
     perturbation: Perturbation
-    cohort_mean: np.ndarray | None = None  # [D, H, W]: MP's reference when perturbation.reference is cohort_mean
+    cohort_mean: np.ndarray | None = field(default=None, compare=False)  # [D, H, W]: MP's cohort_mean reference
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def explain_batch(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor,
         if "guided_backprop" in methods or "guided_gradcam" in methods:
             maps["guided_backprop"] = guided_backprop(model, x, targets)
         if "perturbation" in methods:
-            mean = None if explanation.cohort_mean is None else torch.from_numpy(explanation.cohort_mean).to(x.device)
+            mean = None if explanation.cohort_mean is None else torch.tensor(explanation.cohort_mean, device=x.device)
             maps["perturbation"] = meaningful_perturbation(model, x, targets, explanation.perturbation, voxel_mm,
                                                            cohort_mean=mean)
     if "guided_gradcam" in methods:

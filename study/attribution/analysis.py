@@ -27,7 +27,6 @@ from study.attribution.sanity import flagged_methods, label_randomization, param
 from study.attribution.stats import PermutationTest, permutation_test
 from study.attribution.store import MapStore
 from study.config import AttributionConfig
-from study.data.cache import VolumeCache
 from study.data.volumes import Grid, resample_to_grid
 from study.state import Study
 from study.storage import join
@@ -38,6 +37,13 @@ from study.training.models import build_model
 
 
 LINEAR_BASELINE = "linear_baseline"  # the baseline's weights, analysed beside the methods' maps
+# No class 1 - class 0 test of these maps even under the contrast: the baseline's weights are one map per fold,
+# and Meaningful Perturbations deletes the evidence for each subject's own decision, so its two classes' maps
+# answer different questions (their difference would be there by construction, as for true_class maps).
+UNTESTED = (LINEAR_BASELINE, "perturbation")
+# Raised when a method computes different maps for the same settings, so that a rerun does not reuse old maps
+# (2: under the contrast, Grad-CAM's magnitude and Meaningful Perturbations signed by each subject's decision).
+MAPS_VERSION = "2"
 
 
 @dataclass
@@ -80,8 +86,9 @@ class AttributionResult:
 
 
 def _store_key(attribution: AttributionConfig, results: list[FoldResult]) -> str:
-    """Maps are only reused for the same models and the same attribution settings."""
-    parts = [attribution.model_dump_json()] + [r.checkpoint.path for r in sorted(results, key=lambda r: r.fold)]
+    """Maps are only reused for the same models, the same attribution settings and the same methods' code."""
+    checkpoints = [r.checkpoint.path for r in sorted(results, key=lambda r: r.fold)]
+    parts = [MAPS_VERSION, attribution.model_dump_json(), *checkpoints]
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
 
 
@@ -119,11 +126,11 @@ def _atlas(attribution: AttributionConfig, grid: Grid) -> tuple[np.ndarray | Non
     return labels, names
 
 
-def explanation_of(attribution: AttributionConfig, cache: VolumeCache) -> Explanation:
-    """What the config asks to compute for every subject (with the cohort's mean volume when MP needs it)."""
+def explanation_of(attribution: AttributionConfig, study: Study) -> Explanation:
+    """What ``attribution`` asks to compute for every subject (with the study's cohort mean when MP needs it)."""
     needs_mean = "perturbation" in attribution.methods and attribution.perturbation.reference == "cohort_mean"
-    mean = cache.mean_volume() if needs_mean else None
-    return Explanation(tuple(attribution.methods), attribution.target, attribution.perturbation, mean)
+    return Explanation(tuple(attribution.methods), attribution.target, attribution.perturbation,
+                       study.cohort_mean if needs_mean else None)
 
 
 def _sanity(study: Study, first: FoldResult, store: MapStore,
@@ -136,7 +143,7 @@ def _sanity(study: Study, first: FoldResult, store: MapStore,
     whether it could memorize them (a check that cannot fit its data proves little).
     """
     attribution, resources = study.config.attribution, study.config.resources
-    explanation = explanation_of(attribution, study.cache)
+    explanation = explanation_of(attribution, study)
     subjects = first.predictions.subject_id.tolist()[: attribution.sanity.subjects]
     labels = study.labels(subjects)
     original = {m: store.read(m, subjects) for m in attribution.methods}
@@ -193,7 +200,7 @@ def explain_study(study: Study, results: list[FoldResult], baselines: list[Basel
         actors = 2
     total = len(store.missing([s for job in jobs for s in job.subject_ids]))
     with study.times.stage("attribution"):
-        explain_cohort(jobs, study.cache, store, explanation_of(attribution, study.cache), attribution.batch_size, actors,
+        explain_cohort(jobs, study.cache, store, explanation_of(attribution, study), attribution.batch_size, actors,
                        gpus_per_actor, on_batch=(lambda done: on_progress(done, total)) if on_progress else None)
 
     with study.times.stage("group statistics"):
@@ -219,7 +226,7 @@ def explain_study(study: Study, results: list[FoldResult], baselines: list[Basel
             per_fold = {job.fold: group_means(maps[fold_of == job.fold], labels[fold_of == job.fold], classes)
                         for job in jobs}
             test = None
-            if attribution.target == "contrast" and method != LINEAR_BASELINE:  # one question for every subject
+            if attribution.target == "contrast" and method not in UNTESTED:  # one question for every subject
                 test = permutation_test(maps, labels, attribution.permutations, fold_of, families,
                                         seed=study.config.cv.seed)
             regions = {}

@@ -34,7 +34,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from study.params import Params
 
@@ -52,6 +52,15 @@ class Perturbation(Params):
     reference: Literal["cohort_mean", "blur"] = "cohort_mean"  # what a deleted voxel becomes (blur: the paper's)
     blur_sigma_mm: float = Field(10.0, gt=0)  # the blur reference's width
     jitter_voxels: int = Field(1, ge=0)  # random shift of the perturbed volume at each step
+
+    @model_validator(mode="after")
+    def _blur_width_needs_the_blur(self) -> "Perturbation":
+        """A config written when blurring was the only reference would silently stop blurring: ask."""
+        if "blur_sigma_mm" in self.model_fields_set and "reference" not in self.model_fields_set:
+            raise ValueError("blur_sigma_mm is the width of the blur reference, and deleted voxels now become the "
+                             "cohort's mean by default: set reference: blur to delete by blurring (the paper's), "
+                             "or drop blur_sigma_mm")
+        return self
 
 
 def gaussian_blur3d(x: torch.Tensor, sigma_voxels: float) -> torch.Tensor:
@@ -129,10 +138,11 @@ def meaningful_perturbation(model: torch.nn.Module, x: torch.Tensor, targets: to
     x = x.detach()
     if config.reference == "blur":
         reference = gaussian_blur3d(x, config.blur_sigma_mm / voxel_mm)
-    elif cohort_mean is None:
-        raise ValueError("perturbation.reference cohort_mean needs the cohort's mean volume")
+    elif cohort_mean is None or tuple(cohort_mean.shape) != tuple(x.shape[2:]):
+        raise ValueError(f"perturbation.reference cohort_mean needs the cohort's mean volume of shape "
+                         f"{tuple(x.shape[2:])}, got {None if cohort_mean is None else tuple(cohort_mean.shape)}")
     else:
-        reference = cohort_mean.to(x.dtype).expand_as(x)
+        reference = cohort_mean.to(x.device, x.dtype).expand_as(x)
     with frozen(model):
         return _optimize(model, x, reference, targets, config, seed)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,28 +57,32 @@ class VolumeCache:
         """The study grid the volumes are on."""
         return Grid(self.shape, self.affine)
 
+    def _chunks(self, rows: np.ndarray | None = None, size: int = 64) -> Iterator[np.ndarray]:
+        """The volumes of ``rows`` (default: every subject), ``size`` subjects at a time (float16)."""
+        volumes = self.volumes
+        rows = np.arange(len(volumes)) if rows is None else np.sort(rows)
+        for start in range(0, len(rows), size):
+            yield volumes[rows[start:start + size]]
+
     def brain(self) -> np.ndarray:
         """Voxels inside the brain of any subject (non-zero after preprocessing), bool [D, H, W]."""
-        volumes = self.volumes
         mask = np.zeros(self.shape, dtype=bool)
-        for start in range(0, len(volumes), 64):
-            mask |= np.any(volumes[start:start + 64] != 0, axis=0)
+        for chunk in self._chunks():
+            mask |= np.any(chunk != 0, axis=0)
         return mask
 
-    def mean_volume(self) -> np.ndarray:
-        """The voxel-wise mean of every subject's volume, float32 [D, H, W] (summed in float64)."""
-        volumes = self.volumes
+    def mean_volume(self, subject_ids: list[str] | None = None) -> np.ndarray:
+        """The voxel-wise mean volume of the given subjects (default: all), float32 [D, H, W] (summed in float64)."""
+        rows = None if subject_ids is None else self.rows(subject_ids)
         total = np.zeros(self.shape, dtype=np.float64)
-        for start in range(0, len(volumes), 64):
-            total += volumes[start:start + 64].astype(np.float64).sum(0)
-        return (total / len(volumes)).astype(np.float32)
+        for chunk in self._chunks(rows):
+            total += chunk.sum(0, dtype=np.float64)
+        return (total / (len(self.subject_ids) if rows is None else len(rows))).astype(np.float32)
 
     def brain_volumes_ml(self) -> dict[str, float]:
         """Each subject's brain volume on the study grid (its non-zero voxels), in millilitres."""
-        volumes = self.volumes
         voxel_ml = abs(float(np.linalg.det(self.affine[:3, :3]))) / 1000
-        counts = np.concatenate([(volumes[s:s + 64] != 0).reshape(len(volumes[s:s + 64]), -1).sum(1)
-                                 for s in range(0, len(volumes), 64)])
+        counts = np.concatenate([(chunk != 0).reshape(len(chunk), -1).sum(1) for chunk in self._chunks()])
         return dict(zip(self.subject_ids, (counts * voxel_ml).tolist()))
 
     def rows(self, subject_ids: list[str]) -> np.ndarray:

@@ -42,7 +42,10 @@ from study.training.loop import load_model
 from study.training.metrics import SUMMARY_METRICS, cross_fold_summary
 
 PACKAGES = ("study", "torch", "ray", "mlflow", "optuna", "nibabel", "nilearn", "numpy")
-TARGETS = {"contrast": "the {contrast} logit", "true_class": "each subject's true {column}'s logit",
+TARGETS = {"contrast": "the {contrast} logit (Grad-CAM and Guided Backprop: its magnitude, evidence for either "
+                       "class; Meaningful Perturbations: what must be deleted to undo the model's decision on each "
+                       "subject, so it has no t map)",
+           "true_class": "each subject's true {column}'s logit",
            "predicted_class": "each subject's predicted {column}'s logit"}  # formatted with the study's Classes
 TITLES = {**METHODS, LINEAR_BASELINE: "Linear baseline weights"}
 TRIAL_METRICS = ("train_", "val_", "best_")  # what a search trial's run shows of each epoch
@@ -407,7 +410,7 @@ class Publisher:
             ensemble = Ensemble({r.fold: load_model(r.checkpoint) for r in results}, study.cache.grid,
                                 self.config.preprocess.normalize, tuple(attribution.methods), attribution.target,
                                 attribution.perturbation.model_dump(), study.cohort.classes,
-                                explanation_of(attribution, study.cache).cohort_mean)
+                                explanation_of(attribution, study).cohort_mean)
             with study.times.stage("MLflow model logging"):
                 _, version = self.tracker.log_ensemble(state.parent_run, ensemble.save(study.directory / "ensemble"),
                                                        ensemble.signature(), self.config.name,
