@@ -25,8 +25,8 @@ from tests.test_study import study_config
 # Measured over cohort seeds 21, 22, 23: CNN pooled ROC AUC 1.000, 0.858, 0.886. The linear baseline's
 # weight map localizes the planted effect at voxel AUC 0.978, 0.988, 0.985, with 79%, 60%, 62% of its top 1%
 # inside the effect (chance about 1%) and none in the distractor. The CNN's best map (Meaningful Perturbations
-# each time, deleting towards the cohort's mean) at voxel AUC 0.947, 0.896, 0.731, with 23, 34 and 26 times
-# its chance share of top voxels inside the effect; in the distractor none, 11% (seed 22: replacing the
+# each time, deleting towards the cohort's mean) at voxel AUC 0.949, 0.905, 0.742, with 23, 35 and 26 times
+# its chance share of top voxels inside the effect; in the distractor none, 8% (seed 22: replacing the
 # distractor by the cohort's mean moves that model's decision 5 times more than a random region of its size,
 # 28 times less than the effect) and none.
 MIN_CNN_AUC = 0.75
