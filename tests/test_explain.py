@@ -119,6 +119,9 @@ def test_study_explains_all_held_out_subjects_and_finds_the_planted_effect(tmp_p
     assert max(localization.values()) > 0.6, localization
     atlas_table = client.download_artifacts(parent_id, "regions/perturbation_atlas.tsv", str(tmp_path))
     assert set(pd.read_csv(atlas_table, sep="\t").region) == {"amygdala L", "putamen R", "cerebellum R", "precuneus L"}
+    report = (study_dir(config) / "latest" / "report.html").read_text()  # each caption says what its maps show
+    assert "Grad-CAM: mean map, male; explains the male - female logit: its magnitude, evidence for either" in report
+    assert "Perturbations: mean map, female; explains the male - female logit: what must be deleted, towards" in report
     subject_maps = study_dir(config) / "latest" / "maps" / "subjects"
     for method in ("gradcam", "guided_backprop", "perturbation"):
         assert len(list((subject_maps / method).glob("sub-*_" + method + ".nii.gz"))) == 30

@@ -42,10 +42,7 @@ from study.training.loop import load_model
 from study.training.metrics import SUMMARY_METRICS, cross_fold_summary
 
 PACKAGES = ("study", "torch", "ray", "mlflow", "optuna", "nibabel", "nilearn", "numpy")
-TARGETS = {"contrast": "the {contrast} logit (Grad-CAM and Guided Backprop: its magnitude, evidence for either "
-                       "class; Meaningful Perturbations: what must be deleted to undo the model's decision on each "
-                       "subject, so it has no t map)",
-           "true_class": "each subject's true {column}'s logit",
+TARGETS = {"contrast": "the {contrast} logit", "true_class": "each subject's true {column}'s logit",
            "predicted_class": "each subject's predicted {column}'s logit"}  # formatted with the study's Classes
 TITLES = {**METHODS, LINEAR_BASELINE: "Linear baseline weights"}
 TRIAL_METRICS = ("train_", "val_", "best_")  # what a search trial's run shows of each epoch
@@ -441,6 +438,17 @@ class Publisher:
         figures, region_tables = [], []
         classes = study.cohort.classes
         target = TARGETS[result.target].format(contrast=classes.contrast, column=classes.column)
+        deletion = {"cohort_mean": "towards the cohort's mean", "blur": "by blurring"}[
+            (self.config.attribution or AttributionConfig()).perturbation.reference]
+
+        def explains(method: str) -> str:
+            """What one method's maps show of the target, for its captions."""
+            if result.target != "contrast":
+                return target
+            if method == "perturbation":
+                return (f"{target}: what must be deleted, {deletion}, to undo the model's decision on each subject "
+                        "(no t map: the two classes' maps answer different questions)")
+            return f"{target}: its magnitude, evidence for either class"
         with tempfile.TemporaryDirectory() as tmp:
             def log_map(run_id: str, values: np.ndarray, name: str, method: str) -> None:
                 path = Path(tmp) / run_id / f"{name}.nii.gz"
@@ -461,10 +469,10 @@ class Publisher:
                     for name, values in group.items():
                         log_map(study.state.fold_runs[fold], values, f"fold{fold}_{method}_{name}", method)
                 figures += [
-                    (f"{title}: mean map, all held-out subjects (top 10% of voxels); explains {target}",
+                    (f"{title}: mean map, all held-out subjects (top 10% of voxels); explains {explains(method)}",
                      brain_figure(self._image(result, maps.group["mean_all"]), f"{title} (n={result.subjects})",
                                   "glass")),
-                    *[(f"{title}: mean map, {name}; explains {target}",
+                    *[(f"{title}: mean map, {name}; explains {explains(method)}",
                        brain_figure(self._image(result, maps.group[f"mean_{name}"]), f"{title}, {name}"))
                       for name in reversed(classes.names) if f"mean_{name}" in maps.group],
                 ]
