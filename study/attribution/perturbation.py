@@ -87,7 +87,7 @@ def _total_variation(mask: torch.Tensor, beta: float) -> torch.Tensor:
     return tv
 
 
-def _probability(logits: torch.Tensor, targets: torch.Tensor | None, decision: torch.Tensor) -> torch.Tensor:
+def _probability(logits: torch.Tensor, targets: torch.Tensor | None, decision: torch.Tensor | None) -> torch.Tensor:
     p = torch.softmax(logits.float(), dim=1)
     return decision * (p[:, 1] - p[:, 0]) if targets is None else p.gather(1, targets[:, None])[:, 0]
 
@@ -157,8 +157,10 @@ def _optimize(model: torch.nn.Module, x: torch.Tensor, reference: torch.Tensor, 
     optimizer = torch.optim.Adam([mask], lr=config.lr)
     generator = torch.Generator().manual_seed(seed)
     j = config.jitter_voxels
-    with torch.no_grad():  # +1 where the model favours class 1, -1 where class 0 (used for the contrast)
-        logits = model(x)
+    decision = None  # for the contrast: +1 where the model favours class 1, -1 where class 0
+    if targets is None:
+        with torch.no_grad():
+            logits = model(x)
         decision = torch.where(logits[:, 1] >= logits[:, 0], 1.0, -1.0)
     with torch.enable_grad():
         for _ in range(config.iterations):
