@@ -56,8 +56,8 @@ class Ensemble:
     classes : Classes
         What the study told apart (the label column and its two classes), which names the output columns.
     cohort_mean : numpy.ndarray, optional
-        The study cohort's mean volume on the grid: Meaningful Perturbations' reference when its settings say
-        ``reference: cohort_mean`` (a new subject's voxels are deleted towards the cohort the models learned from).
+        The mean of the study cohort's two class means on the grid (all its subjects, held-out ones included):
+        Meaningful Perturbations' reference when its settings say ``reference: cohort_mean``.
     """
 
     models: dict[int, torch.nn.Module]
