@@ -6,11 +6,16 @@ from torch import nn
 
 
 class TinyNet(nn.Module):
-    """Two padded convolutions, global average pooling and a linear head: any grid, two logits."""
+    """Two padded convolutions, global average pooling and a linear head: any grid, two logits.
+
+    ``blind`` multiplies the features by zero: logits that ignore the volume, as
+    of a training that collapsed to the class prior.
+    """
 
     def __init__(self, input_shape: tuple[int, int, int], channels: int = 4, activation: str = "relu",
-                 gradcam: bool = True, outputs: int = 2):
+                 gradcam: bool = True, outputs: int = 2, blind: bool = False):
         super().__init__()
+        self.blind = blind
         act = {"relu": nn.ReLU, "elu": nn.ELU}[activation]
         self.features = nn.Sequential(nn.Conv3d(1, channels, 3, padding=1), act(), nn.MaxPool3d(2),
                                       nn.Conv3d(channels, 2 * channels, 3, padding=1), act())
@@ -19,7 +24,8 @@ class TinyNet(nn.Module):
         self.head = nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(2 * channels, outputs))
 
     def forward(self, x):
-        return self.head(self.features(x))
+        features = self.features(x)
+        return self.head(features * 0 if self.blind else features)
 
 
 class ShortcutNet(nn.Module):

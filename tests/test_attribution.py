@@ -275,3 +275,53 @@ def test_sanity_checks_flag_maps_that_do_not_follow_the_model():
         rows += [{"step": step, "method": method, "spearman": rho, "ssim": ssim}
                  for method, (rho, ssim) in compare(original, maps(model), np.ones(shape, bool)).items()]
     assert flagged_methods(pd.DataFrame(rows), pd.DataFrame()) == ["guided_backprop", "input"]
+
+
+class IgnoresInput(nn.Module):
+    """Logits that do not depend on the volume (e.g. a training that collapsed to the class prior)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(1, 2, 1)
+        self.relu = nn.ReLU()
+        self.gradcam_layer = self.relu
+        self.bias = nn.Parameter(torch.tensor([0.2, -0.2]))
+
+    def forward(self, x):
+        return self.bias + 0 * self.relu(self.conv(x)).flatten(1).mean(1, keepdim=True)
+
+
+def test_deleting_what_a_map_marks_undoes_the_decision_and_random_voxels_do_not():
+    # The deletion check: TwoWayNet decides from REGION only. A map marking REGION must weaken every decision
+    # (towards p = 0.5 when the region becomes the mid-grey reference), far more than as many random voxels;
+    # a map marking the distractor box must not; and no map of a model that ignores its input can.
+    import pandas as pd
+
+    from study.attribution.sanity import deletion_drops, deletion_summary, random_voxels, top_voxels
+    from study.runtime import Precision
+
+    torch.manual_seed(0)
+    x = 0.5 + 0.02 * torch.randn(8, 1, *SHAPE)
+    x[(slice(0, 4), 0, *REGION)] = 1.0  # four subjects of class 1 (bright region)
+    x[(slice(4, 8), 0, *REGION)] = 0.0  # four of class 0 (dark region)
+    brain, share_of_region = np.ones(SHAPE, bool), float(box(REGION).float().mean())
+    noise = np.random.default_rng(0).random((8, brain.sum())) * 0.1
+    marks = {"right": box(REGION).numpy().ravel() + noise, "wrong": box(DISTRACTOR).numpy().ravel() + noise}
+    deleted = {m: top_voxels(v, brain, share_of_region) for m, v in marks.items()}
+    deleted["random"] = random_voxels(8, brain, share_of_region)
+    assert np.array_equal(np.sort(deleted["right"][0]), np.flatnonzero(box(REGION).numpy()))
+    cpu, reference = Precision.choose(torch.device("cpu")), torch.full(SHAPE, 0.5)
+
+    def table(model):
+        decided, drops = deletion_drops(model.eval(), x, deleted, reference, cpu)
+        rows = [{"subject_id": f"sub-{i}", "method": m, "p_decision": decided[i], "p_drop": d[i]}
+                for m, d in drops.items() for i in range(8)]
+        return decided, drops, deletion_summary(pd.DataFrame(rows)).set_index("method")
+
+    decided, drops, summary = table(TwoWayNet())
+    assert (decided > 0.95).all() and (drops["right"] > 0.45).all()  # p back to 0.5: the evidence is gone
+    assert np.abs(drops["wrong"]).max() < 0.01 and np.abs(drops["random"]).max() < 0.1, drops  # a few region voxels
+    assert summary.faithful.to_dict() == {"right": True, "wrong": False}
+    assert summary.loc["right", "p_vs_random"] == pytest.approx(1 / 2**8)  # exact: every subject's drop is larger
+    _, drops, summary = table(IgnoresInput())
+    assert all(np.all(d == 0) for d in drops.values()) and not summary.faithful.any()

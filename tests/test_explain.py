@@ -126,4 +126,25 @@ def test_study_explains_all_held_out_subjects_and_finds_the_planted_effect(tmp_p
     for method in ("gradcam", "guided_backprop", "perturbation"):
         assert len(list((subject_maps / method).glob("sub-*_" + method + ".nii.gz"))) == 30
     sanity = {a.path for a in client.list_artifacts(parent_id, "sanity")}
-    assert sanity == {"sanity/parameter_randomization.tsv", "sanity/label_randomization.tsv"}
+    assert sanity == {"sanity/parameter_randomization.tsv", "sanity/label_randomization.tsv", "sanity/deletion.tsv"}
+
+
+@pytest.mark.slow
+def test_maps_of_a_model_that_ignores_its_input_are_flagged(tmp_path, cohort_dir):
+    # Its maps are empty and stay empty when its layers are randomized, so the randomization checks pass them;
+    # deleting what they mark moves its decision no more than deleting random voxels: the deletion check flags all.
+    config = study_config(tmp_path, cohort_dir, model={"class": "tests.networks:TinyNet", "blind": True})
+    config.attribution = AttributionConfig(batch_size=8, actors=1, permutations=10, perturbation={"iterations": 5},
+                                           sanity={"subjects": 2, "label_randomization": False})
+    parent_id = run_study(config)
+    mlflow.set_tracking_uri(config.tracking.uri)
+    run = mlflow.get_run(parent_id)
+    methods = "gradcam,guided_backprop,perturbation"
+    assert run.data.tags["sanity.unfaithful"] == methods and run.data.tags["sanity.flagged"] == "none", run.data.tags
+    assert run.data.metrics["deletion_drop_gradcam"] == run.data.metrics["deletion_drop_random"] == 0
+    drops = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="sanity/deletion.tsv",
+                                                            dst_path=str(tmp_path)), sep="\t")
+    assert len(drops) == 4 * len(load_cohort(config.cohort).subjects)  # every subject: three methods and random
+    report = (study_dir(config) / "latest" / "report.html").read_text()
+    assert "Sanity check: deleting what each map marks" in report
+    assert "is flagged: Grad-CAM, Guided Backprop, Meaningful Perturbations" in report
