@@ -291,37 +291,54 @@ class IgnoresInput(nn.Module):
         return self.bias + 0 * self.relu(self.conv(x)).flatten(1).mean(1, keepdim=True)
 
 
-def test_deleting_what_a_map_marks_undoes_the_decision_and_random_voxels_do_not():
-    # The deletion check: TwoWayNet decides from REGION only. A map marking REGION must weaken every decision
-    # (towards p = 0.5 when the region becomes the mid-grey reference), far more than as many random voxels;
-    # a map marking the distractor box must not; and no map of a model that ignores its input can.
+def test_deleting_what_a_map_marks_undoes_the_decision_and_random_blobs_do_not():
+    # The deletion check: TwoWayNet decides from REGION only. A map marking REGION must move every decision
+    # (back to p = 0.5 when the region becomes the mid-grey reference), far more than random blobs of as many
+    # voxels; a map marking the distractor box must not; and no map of a model that ignores its input can.
     import pandas as pd
 
-    from study.attribution.sanity import deletion_drops, deletion_summary, random_voxels, top_voxels
-    from study.runtime import Precision
+    from study.attribution.sanity import RANDOM, deletion_changes, deletion_summary, random_blobs, top_voxels
 
     torch.manual_seed(0)
     x = 0.5 + 0.02 * torch.randn(8, 1, *SHAPE)
     x[(slice(0, 4), 0, *REGION)] = 1.0  # four subjects of class 1 (bright region)
     x[(slice(4, 8), 0, *REGION)] = 0.0  # four of class 0 (dark region)
     brain, share_of_region = np.ones(SHAPE, bool), float(box(REGION).float().mean())
-    noise = np.random.default_rng(0).random((8, brain.sum())) * 0.1
-    marks = {"right": box(REGION).numpy().ravel() + noise, "wrong": box(DISTRACTOR).numpy().ravel() + noise}
+    marks = {"right": np.tile(box(REGION).numpy().ravel(), (8, 1)), "wrong": np.tile(box(DISTRACTOR, margin=1).numpy().ravel(), (8, 1))}
     deleted = {m: top_voxels(v, brain, share_of_region) for m, v in marks.items()}
-    deleted["random"] = random_voxels(8, brain, share_of_region)
+    deleted[RANDOM] = random_blobs(8, brain, sigma_voxels=1.5, share=share_of_region)
     assert np.array_equal(np.sort(deleted["right"][0]), np.flatnonzero(box(REGION).numpy()))
-    cpu, reference = Precision.choose(torch.device("cpu")), torch.full(SHAPE, 0.5)
 
     def table(model):
-        decided, drops = deletion_drops(model.eval(), x, deleted, reference, cpu)
-        rows = [{"subject_id": f"sub-{i}", "method": m, "p_decision": decided[i], "p_drop": d[i]}
-                for m, d in drops.items() for i in range(8)]
-        return decided, drops, deletion_summary(pd.DataFrame(rows)).set_index("method")
+        decided, changes = deletion_changes(model.eval(), x, deleted, torch.full(SHAPE, 0.5))
+        rows = [{"subject_id": f"sub-{i}", "method": m, "p_decision": decided[i], "p_change": c[i]}
+                for m, c in changes.items() for i in range(8)]
+        return decided, changes, deletion_summary(pd.DataFrame(rows)).set_index("method")
 
-    decided, drops, summary = table(TwoWayNet())
-    assert (decided > 0.95).all() and (drops["right"] > 0.45).all()  # p back to 0.5: the evidence is gone
-    assert np.abs(drops["wrong"]).max() < 0.01 and np.abs(drops["random"]).max() < 0.1, drops  # a few region voxels
-    assert summary.faithful.to_dict() == {"right": True, "wrong": False}
-    assert summary.loc["right", "p_vs_random"] == pytest.approx(1 / 2**8)  # exact: every subject's drop is larger
-    _, drops, summary = table(IgnoresInput())
-    assert all(np.all(d == 0) for d in drops.values()) and not summary.faithful.any()
+    decided, changes, summary = table(TwoWayNet())
+    assert (decided > 0.95).all() and (changes["right"] > 0.45).all()  # p back to 0.5: the evidence is gone
+    assert np.all(changes["wrong"] == 0) and np.abs(changes[RANDOM]).max() < 0.3, changes
+    assert summary.beats_random.to_dict() == {"right": True, "wrong": False}
+    assert summary.loc["right", "p_vs_random"] == pytest.approx(1 / 2**8)  # exact: every subject's change is larger
+    assert summary.loc["right", "share_above_random"] == 1.0
+    _, changes, summary = table(IgnoresInput())
+    assert all(np.all(c == 0) for c in changes.values()) and not summary.beats_random.any()
+
+
+def test_the_deletion_checks_voxels_are_blobs_and_an_empty_map_deletes_no_slab():
+    from scipy import ndimage
+
+    from study.attribution.sanity import random_blobs, top_voxels
+
+    brain = np.zeros((30, 36, 30), bool)
+    brain[3:27, 3:33, 3:27] = True
+    k = int(round(0.05 * brain.sum()))
+    blobs = random_blobs(2, brain, sigma_voxels=2.0, seed=1)
+    assert blobs.shape == (2, k) and brain.ravel()[blobs].all() and len(np.unique(blobs[0])) == k
+    mask = np.zeros(brain.size, bool)
+    mask[blobs[0]] = True
+    _, pieces = ndimage.label(mask.reshape(brain.shape))
+    assert pieces < k / 20  # a few contiguous blobs, not k scattered voxels
+    empty = top_voxels(np.zeros((1, brain.sum())), brain)[0]  # ties broken at random, not by position
+    slices = np.unravel_index(empty, brain.shape)[0]
+    assert len(np.unique(slices)) == 24  # every slice of the brain, not its first few

@@ -79,10 +79,10 @@ def test_the_cnn_learns_and_its_best_map_finds_the_planted_effect(tmp_path, hard
     assert best.top1pct_in_effect_group > MIN_TOP_SHARE * best.chance_top1pct, local
     assert best.roc_auc_group > MIN_CNN_LOCALIZATION, local
     assert best.top1pct_in_distractor_group < best.top1pct_in_effect_group / 2, local
-    # Without the ground truth, the deletion check says the same: deleting that map's top voxels weakens the
-    # model's decisions more than random voxels (seeds 21-23: mean drop of p 0.47, 0.35, 0.31 against 0.002-0.012).
-    assert best.name not in tags["sanity.unfaithful"].split(","), tags
-    assert metrics[f"deletion_drop_{best.name}"] > 10 * metrics["deletion_drop_random"], metrics
+    # Without the ground truth, the deletion check says the same: deleting that map's top voxels moves the
+    # model's decisions more than random blobs of as many voxels do.
+    assert best.name not in tags["sanity.deletion_flagged"].split(","), tags
+    assert metrics[f"deletion_change_{best.name}"] > 3 * metrics["deletion_change_random"], metrics
 
 
 @pytest.mark.slow

@@ -23,8 +23,8 @@ import ray
 from study.attribution.actors import Explanation, FoldModel, explain_cohort
 from study.attribution.gradcam import feature_grid
 from study.attribution.group import group_means, localization, method_agreement, normalize, region_table, unmask
-from study.attribution.sanity import (deletion_check, deletion_summary, flagged_methods, label_randomization,
-                                     parameter_randomization, random_voxels, top_voxels)
+from study.attribution.sanity import (RANDOM, RANDOM_BLOB_MM, deletion_check, deletion_summary, flagged_methods,
+                                     label_randomization, parameter_randomization, random_blobs, top_voxels)
 from study.attribution.stats import PermutationTest, permutation_test
 from study.attribution.store import MapStore
 from study.config import AttributionConfig
@@ -73,7 +73,8 @@ class AttributionResult:
     shuffled: pd.DataFrame  # model trained on shuffled labels: method -> similarity (empty if not run)
     shuffled_fit_accuracy: float  # that model's accuracy on its own shuffled training labels
     flagged: list[str]  # methods whose maps survive randomization
-    deletion: pd.DataFrame  # per (fold, subject, method or random): the decided class's probability and its drop
+    deletion: pd.DataFrame  # per (fold, subject, method or random): p of the decided class and its change
+    deletion_summary: pd.DataFrame  # per method: its deletions against random blobs (sanity.deletion_summary)
     store: MapStore  # every subject's maps
     gradcam_grid: tuple[tuple[int, int, int], float]  # fold 0's Grad-CAM layer: voxels per axis, spacing in mm
 
@@ -87,15 +88,9 @@ class AttributionResult:
         return pd.DataFrame([{"method": m.method, **m.localization} for m in self.maps.values() if m.localization])
 
     @property
-    def deletion_summary(self) -> pd.DataFrame:
-        """One row per method: its deletions' mean drop against random ones (:func:`sanity.deletion_summary`)."""
-        return deletion_summary(self.deletion)
-
-    @property
-    def unfaithful(self) -> list[str]:
-        """Methods whose top voxels weaken the model's decision no more than random voxels do."""
-        summary = self.deletion_summary
-        return summary.loc[~summary.faithful, "method"].tolist()
+    def deletion_flagged(self) -> list[str]:
+        """Methods whose top voxels move the model's decision no more surely than random blobs do."""
+        return self.deletion_summary.loc[~self.deletion_summary.beats_random, "method"].tolist()
 
 
 def _store_key(attribution: AttributionConfig, results: list[FoldResult]) -> str:
@@ -178,13 +173,16 @@ def _sanity(study: Study, first: FoldResult, store: MapStore,
 
 def _deletion(study: Study, jobs: list[FoldModel], store: MapStore, brain: np.ndarray) -> pd.DataFrame:
     """The deletion check on every held-out subject: each fold's model, with its subjects' maps' top voxels and
-    as many random ones replaced by the cohort's mean, one Ray task per fold."""
+    random blobs of as many voxels replaced by the cohort's mean, one Ray task per fold."""
     attribution, resources = study.config.attribution, study.config.resources
     task = ray.remote(num_cpus=1, num_gpus=attribution.gpus_per_actor if resources.use_gpu else 0)(deletion_check)
     reference, refs = ray.put(study.cohort_mean), []
+    sigma = RANDOM_BLOB_MM / study.cache.grid.voxel_mm
     for job in jobs:
-        deleted = {m: top_voxels(store.read(m, job.subject_ids)[:, brain], brain) for m in attribution.methods}
-        deleted["random"] = random_voxels(len(job.subject_ids), brain, seed=study.config.cv.seed + job.fold)
+        seed = study.config.cv.seed + job.fold
+        deleted = {m: top_voxels(store.read(m, job.subject_ids)[:, brain], brain, seed=seed)
+                   for m in attribution.methods}
+        deleted[RANDOM] = random_blobs(len(job.subject_ids), brain, sigma, seed=seed)
         refs.append(task.remote(job.checkpoint, study.cache, job.subject_ids, deleted, reference,
                                 attribution.batch_size))
     return pd.concat([table.assign(fold=job.fold) for job, table in zip(jobs, ray.get(refs))], ignore_index=True)
@@ -270,5 +268,6 @@ def explain_study(study: Study, results: list[FoldResult], baselines: list[Basel
     features, spacing = feature_grid(build_model(results[0].setup.architecture, study.cache.shape).eval(),
                                      study.cache.shape)
     return AttributionResult(analysed, brain, study.cache.affine, len(tested), attribution.target, agreement,
-                             cascade, shuffled, shuffled_fit, flagged_methods(cascade, shuffled), deletion, store,
+                             cascade, shuffled, shuffled_fit, flagged_methods(cascade, shuffled), deletion,
+                             deletion_summary(deletion), store,
                              (features, spacing[0] * study.cache.grid.voxel_mm))

@@ -10,10 +10,10 @@ stay similar is flagged.
 The deletion check asks the converse: does the model's decision rest on the
 voxels a map marks? Each map's top voxels are replaced by the cohort's mean
 volume and the model decides again (the deletion metric of Samek et al. 2017
-and Petsiuk et al. 2018, in one step); a method whose top voxels weaken the
-decision no more than as many random voxels is flagged. This catches maps of
-a model that ignores its input, which randomization cannot (empty before and
-after).
+and Petsiuk et al. 2018, in one step); a method whose top voxels move the
+decision no more than random blobs of as many voxels is flagged. This catches
+maps of a model that ignores its input, which randomization cannot (empty
+before and after).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import ray.train
 import torch
+from scipy.ndimage import gaussian_filter
 from scipy.stats import wilcoxon
 from skimage.metrics import structural_similarity
 from torch import nn
@@ -37,6 +38,8 @@ from study.training.loop import load_model
 FLAG_SPEARMAN = 0.5  # fully randomized maps more similar than this are flagged
 DELETED_SHARE = 0.05  # of the brain's voxels, deleted by the deletion check
 FLAG_DELETION_P = 0.05  # a method whose deletions beat random ones less surely than this is flagged
+RANDOM = "random"  # the deletion check's control: random blobs of brain voxels
+RANDOM_BLOB_MM = 6.0  # the blobs' smoothing (Gaussian sigma)
 
 
 def compare(original: dict[str, np.ndarray], other: dict[str, np.ndarray], brain: np.ndarray) -> dict[str, tuple[float, float]]:
@@ -112,86 +115,101 @@ def flagged_methods(cascade: pd.DataFrame, shuffled: pd.DataFrame) -> list[str]:
     return sorted(flagged)
 
 
-def top_voxels(maps: np.ndarray, brain: np.ndarray, share: float = DELETED_SHARE) -> np.ndarray:
-    """Flat grid indices [subjects, k] of each map's top ``share`` of brain voxels (maps: [subjects, brain voxels])."""
+def top_voxels(maps: np.ndarray, brain: np.ndarray, share: float = DELETED_SHARE, seed: int = 0) -> np.ndarray:
+    """Flat grid indices [subjects, k] (int32) of each map's top ``share`` of brain voxels.
+
+    ``maps`` is [subjects, brain voxels]. Ties (a map's zeros, a saturated mask)
+    are broken at random, not by position, so that an empty map deletes
+    scattered voxels rather than the grid's first slices.
+    """
     k = max(1, int(round(share * maps.shape[1])))
-    return np.flatnonzero(brain)[np.argpartition(-maps.astype(np.float32), k - 1, axis=1)[:, :k]]
+    rng, scores = np.random.default_rng(seed), np.array(maps, dtype=np.float32)
+    scale = np.abs(scores).max(1, keepdims=True)
+    scale[scale == 0] = 1.0
+    scores += rng.random(scores.shape, dtype=np.float32) * scale * 1e-6
+    return np.flatnonzero(brain)[np.argpartition(-scores, k - 1, axis=1)[:, :k]].astype(np.int32)
 
 
-def random_voxels(subjects: int, brain: np.ndarray, share: float = DELETED_SHARE, seed: int = 0) -> np.ndarray:
-    """Flat grid indices [subjects, k] of a random ``share`` of brain voxels per subject: what any map must beat."""
-    rng, inside = np.random.default_rng(seed), np.flatnonzero(brain)
-    k = max(1, int(round(share * len(inside))))
-    return np.stack([rng.choice(inside, k, replace=False) for _ in range(subjects)])
+def random_blobs(subjects: int, brain: np.ndarray, sigma_voxels: float, share: float = DELETED_SHARE,
+                 seed: int = 0) -> np.ndarray:
+    """Flat grid indices [subjects, k] of random blobs covering ``share`` of the brain: the top voxels of
+    Gaussian-smoothed white noise (``sigma_voxels``), contiguous like a map's top voxels, unlike scattered ones."""
+    rng = np.random.default_rng(seed)
+    noise = np.stack([gaussian_filter(rng.standard_normal(brain.shape, dtype=np.float32), sigma_voxels)[brain]
+                      for _ in range(subjects)])
+    return top_voxels(noise, brain, share, seed)
 
 
-def deletion_drops(model: nn.Module, volumes: torch.Tensor, deleted: dict[str, np.ndarray], reference: torch.Tensor,
-                   precision: Precision) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """How much replacing voxels by ``reference`` weakens the model's decision, subject by subject.
+def deletion_changes(model: nn.Module, volumes: torch.Tensor, deleted: dict[str, np.ndarray],
+                     reference: torch.Tensor) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """How much replacing voxels by ``reference`` moves the model's decision, subject by subject.
 
     Parameters
     ----------
     model : nn.Module
-        The fold's model, in eval mode, on ``precision.device``.
+        The fold's model, in eval mode, on the volumes' device; it runs in
+        float32 (bf16 would round the probabilities to steps of about 0.002).
     volumes : torch.Tensor
-        The subjects' volumes [subjects, 1, D, H, W], on the device.
+        The subjects' volumes [subjects, 1, D, H, W].
     deleted : dict of str to np.ndarray
         Per method, the flat grid indices [subjects, k] of the voxels to delete (:func:`top_voxels`).
     reference : torch.Tensor
         What a deleted voxel becomes [D, H, W] (the cohort's mean volume).
-    precision : Precision
-        How the model runs.
 
     Returns
     -------
     decided : np.ndarray
         The probability of the class the model decides on the intact volumes, [subjects].
-    drops : dict of str to np.ndarray
-        Per method, that probability minus the same class's probability after the deletion, [subjects].
+    changes : dict of str to np.ndarray
+        Per method, the absolute change of that class's probability after the deletion, [subjects]: a map
+        of the magnitude (evidence for either class) may mark voxels whose deletion strengthens the decision.
     """
     def probabilities(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), precision.autocast():
+        with torch.no_grad():
             return torch.softmax(model(x).float(), dim=1)
 
     before = probabilities(volumes)
     decision = before.argmax(1, keepdim=True)
     decided = before.gather(1, decision)[:, 0]
     flat_reference = reference.reshape(-1).to(volumes.device, volumes.dtype)
-    drops = {}
+    changes = {}
     for method, voxels in deleted.items():
-        index = torch.as_tensor(voxels, device=volumes.device)
+        index = torch.as_tensor(voxels, dtype=torch.int64, device=volumes.device)
         x = volumes.reshape(len(volumes), -1).clone().scatter_(1, index, flat_reference[index])
         after = probabilities(x.reshape(volumes.shape)).gather(1, decision)[:, 0]
-        drops[method] = (decided - after).cpu().numpy()
-    return decided.cpu().numpy(), drops
+        changes[method] = (decided - after).abs().cpu().numpy()
+    return decided.cpu().numpy(), changes
 
 
 def deletion_check(checkpoint: ray.train.Checkpoint, cache: VolumeCache, subject_ids: list[str],
                    deleted: dict[str, np.ndarray], reference: np.ndarray, batch_size: int) -> pd.DataFrame:
-    """:func:`deletion_drops` for one fold's held-out subjects, in batches: one row per (subject, method)."""
-    precision = Precision.choose(worker_device())
+    """:func:`deletion_changes` for one fold's held-out subjects, in batches: one row per (subject, method)."""
+    precision = Precision.choose(worker_device(), precision="fp32")
     model = precision.model(load_model(checkpoint, precision.device))
     volumes, rows = CachedVolumes(cache, subject_ids, np.zeros(len(subject_ids))), []
+    mean = torch.tensor(reference, device=precision.device)
     for start in range(0, len(subject_ids), batch_size):
         batch = list(range(start, min(start + batch_size, len(subject_ids))))
         x = precision.volumes(volumes.__getitems__(batch)[0])
-        decided, drops = deletion_drops(model, x, {m: v[batch] for m, v in deleted.items()},
-                                        torch.tensor(reference), precision)
-        rows += [{"subject_id": subject_ids[i], "method": m, "p_decision": float(decided[j]), "p_drop": float(d[j])}
-                 for m, d in drops.items() for j, i in enumerate(batch)]
+        decided, changes = deletion_changes(model, x, {m: v[batch] for m, v in deleted.items()}, mean)
+        rows += [{"subject_id": subject_ids[i], "method": m, "p_decision": float(decided[j]),
+                  "p_change": float(c[j])} for m, c in changes.items() for j, i in enumerate(batch)]
     return pd.DataFrame(rows)
 
 
-def deletion_summary(drops: pd.DataFrame) -> pd.DataFrame:
-    """Per method: mean drop of the decided class's probability, the random deletion's, and a paired one-sided
-    Wilcoxon signed-rank p (the method's drop greater than the random one's, over subjects); ``faithful`` when
-    the method's deletions beat random ones (p < FLAG_DELETION_P)."""
-    by = drops.pivot(index="subject_id", columns="method", values="p_drop")
+def deletion_summary(changes: pd.DataFrame) -> pd.DataFrame:
+    """Per method, over subjects: the mean and median change of the decided class's probability, the random
+    blobs' mean, the share of subjects where the method's change is the larger, and a paired one-sided
+    Wilcoxon signed-rank p (scipy; zero differences dropped). ``beats_random`` when p < FLAG_DELETION_P, which
+    needs at least 5 subjects whose two changes differ."""
+    by = changes.pivot(index="subject_id", columns="method", values="p_change")
     rows = []
-    for method in [m for m in drops.method.unique() if m != "random"]:
-        difference = (by[method] - by["random"]).to_numpy()
+    for method in [m for m in changes.method.unique() if m != RANDOM]:
+        difference = (by[method] - by[RANDOM]).to_numpy()
         p = float(wilcoxon(difference, alternative="greater").pvalue) if np.any(difference != 0) else 1.0
-        rows.append({"method": method, "drop_mean": float(by[method].mean()),
-                     "random_drop_mean": float(by["random"].mean()), "p_vs_random": p,
-                     "faithful": bool(p < FLAG_DELETION_P and difference.mean() > 0)})
-    return pd.DataFrame(rows, columns=["method", "drop_mean", "random_drop_mean", "p_vs_random", "faithful"])
+        rows.append({"method": method, "subjects": len(difference), "change_mean": float(by[method].mean()),
+                     "change_median": float(by[method].median()), "random_change_mean": float(by[RANDOM].mean()),
+                     "share_above_random": float((difference > 0).mean()), "p_vs_random": p,
+                     "beats_random": p < FLAG_DELETION_P})
+    return pd.DataFrame(rows, columns=["method", "subjects", "change_mean", "change_median", "random_change_mean",
+                                       "share_above_random", "p_vs_random", "beats_random"])

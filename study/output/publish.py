@@ -26,7 +26,7 @@ import yaml
 
 from study.attribution import METHODS
 from study.attribution.analysis import LINEAR_BASELINE, AttributionResult, explanation_of
-from study.attribution.sanity import DELETED_SHARE, FLAG_SPEARMAN
+from study.attribution.sanity import DELETED_SHARE, FLAG_DELETION_P, FLAG_SPEARMAN, RANDOM_BLOB_MM
 from study.config import AttributionConfig, StudyConfig
 from study.data.prepare import PreparedCohort
 from study.output.figures import agreement_figure, brain_figure, confusion_figure, roc_figure, sanity_figure
@@ -508,12 +508,12 @@ class Publisher:
         if len(result.shuffled):
             tracker.log_table(parent, result.shuffled, "sanity/label_randomization.tsv")
             tracker.log_metrics(parent, {"sanity_shuffled_labels_fit_accuracy": result.shuffled_fit_accuracy})
-        deletion = result.deletion_summary
+        deletions = result.deletion_summary
         tracker.log_table(parent, result.deletion, "sanity/deletion.tsv")
-        tracker.log_metrics(parent, {f"deletion_drop_{row.method}": row.drop_mean for row in deletion.itertuples()}
-                            | {"deletion_drop_random": float(result.deletion.query("method == 'random'").p_drop.mean())})
+        tracker.log_metrics(parent, {f"deletion_change_{row.method}": row.change_mean for row in deletions.itertuples()}
+                            | {"deletion_change_random": float(deletions.random_change_mean.mean())})
         tracker.set_tags(parent, {"sanity.flagged": ",".join(result.flagged) or "none",
-                                  "sanity.unfaithful": ",".join(result.unfaithful) or "none"})
+                                  "sanity.deletion_flagged": ",".join(result.deletion_flagged) or "none"})
 
         report, methods = self.report, list(result.maps)
         tests = [m.test for m in result.maps.values() if m.test is not None]
@@ -555,19 +555,22 @@ class Publisher:
                      f"shuffled-label training): " + ", ".join(TITLES[m] for m in result.flagged)) if result.flagged \
             else "No method flagged: every method's maps change when the model or its labels are randomized."
         report.add_images("Sanity checks", [("Cascading randomization", sanity_figure(result.cascade))], flag_note)
-        shown = deletion.assign(method=[TITLES[m] for m in deletion.method]).rename(columns={
-            "drop_mean": "drop of p(decision), its top voxels", "random_drop_mean": "drop, random voxels",
-            "p_vs_random": "p (top > random)", "faithful": "faithful"})
+        shown = deletions.assign(method=[TITLES[m] for m in deletions.method]).rename(columns={
+            "change_mean": "change of p(decision): mean", "change_median": "median",
+            "random_change_mean": "random blobs: mean", "share_above_random": "subjects above random",
+            "p_vs_random": "p (above random)", "beats_random": f"above random (p < {FLAG_DELETION_P})"})
+        optimized = " Meaningful Perturbations optimizes this very deletion, so its lead here is expected." \
+            if "perturbation" in result.maps and attribution.perturbation.reference == "cohort_mean" else ""
         report.add_table("Sanity check: deleting what each map marks", shown,
                          f"For every held-out subject, the {DELETED_SHARE:.0%} of brain voxels that a method's map "
-                         "ranks highest were replaced by the cohort's mean volume, and the fold's model decided again: "
-                         "the mean drop of the probability of the class it had decided, against deleting as many "
-                         "random brain voxels (paired one-sided Wilcoxon test over subjects). A map that explains the "
-                         "model marks voxels its decision rests on; one that does not (e.g. of a model that ignores "
-                         f"its input) is flagged: {', '.join(TITLES[m] for m in result.unfaithful) or 'none'}. "
-                         "Meaningful Perturbations optimizes this very deletion (towards the mean or by blurring), so "
-                         "it is expected to do well here; the check says whether its maps matter, not that they are "
-                         "complete.")
+                         "ranks highest were replaced by the cohort's mean volume (of all subjects' images) and the "
+                         "fold's model decided again: the change of the probability of the class it had decided, "
+                         f"against random blobs of as many brain voxels (noise smoothed by {RANDOM_BLOB_MM:.0f} mm), "
+                         "in a paired one-sided Wilcoxon test over subjects. A map that explains the model marks "
+                         "voxels its decision rests on. Methods whose maps move it no more surely than random blobs "
+                         f"(e.g. of a model that ignores its input): "
+                         f"{', '.join(TITLES[m] for m in result.deletion_flagged) or 'none'}. The check says whether "
+                         f"a map's top voxels matter to the model, not that the map is complete.{optimized}")
         if len(result.shuffled):
             memorized = ("it memorized them" if result.shuffled_fit_accuracy >= 0.9 else
                          "it did not memorize them, so this check is weak: train longer or wider to make it strong")
@@ -585,8 +588,8 @@ class Publisher:
             say("localization of the planted effect (voxel ROC AUC of the group map):")
             for row in local.itertuples():
                 say(f"  {row.method:>16} {row.roc_auc_group:.3f}")
-        say(f"sanity checks: flagged methods: {', '.join(result.flagged) or 'none'} (randomization), "
-            f"{', '.join(result.unfaithful) or 'none'} (deletion no better than random)")
+        say(f"sanity checks: flagged by randomization: {', '.join(result.flagged) or 'none'}; by deletion (no more "
+            f"than random blobs): {', '.join(result.deletion_flagged) or 'none'}")
 
     def finish(self, study: Study, evaluation: Evaluation) -> None:
         """Stage times, the report, the verdict again, and the end of the study's run."""
