@@ -37,8 +37,26 @@ def finished(tmp_path_factory, synthetic_root):
     table.to_csv(tmp_path / "participants_dx.tsv", sep="\t", index=False)
     config = study_config(tmp_path, synthetic_root, name="dxpred", cohort={
         "participants": str(tmp_path / "participants_dx.tsv"), "label": "diagnosis",
-        "classes": ["control", "patient"], "label_mapping": {"CN": "control"}})
+        "classes": ["control", "patient"], "label_mapping": {"CN": "control"}},
+        attribution={"batch_size": 8, "actors": 1, "permutations": 10, "perturbation": {"iterations": 5},
+                     "sanity": {"subjects": 2, "label_randomization": False}})
     return config, run_study(config)
+
+
+@pytest.mark.slow
+def test_a_diagnosis_study_names_its_classes_in_metrics_maps_and_report(finished):
+    config, run_id = finished
+    client = mlflow.MlflowClient(config.tracking.uri)
+    run = client.get_run(run_id)
+    patients = (pd.read_csv(config.cohort.participants, sep="\t").diagnosis == "Patient").sum()
+    assert run.data.metrics["n_patient"] == patients and "n_male" not in run.data.metrics
+    maps = {Path(a.path).name for a in client.list_artifacts(run_id, "maps/gradcam")}
+    assert {"gradcam_mean_patient.nii.gz", "gradcam_mean_control.nii.gz", "gradcam_t_patient_minus_control.nii.gz",
+            "gradcam_p_fwer.nii.gz"} <= maps, maps
+    report = (study_dir(config) / "latest" / "report.html").read_text()
+    assert "Grad-CAM: mean map, patient; explains the patient - control logit" in report
+    assert "Grad-CAM: patient - control t, FWER p &lt; 0.05" in report or "Grad-CAM: patient - control t, FWER p < 0.05" in report
+    assert " male" not in report and "female" not in report
 
 
 def held_out(config, run_id: str, tmp_path: Path) -> pd.DataFrame:
@@ -64,11 +82,15 @@ def test_registered_ensemble_loads_in_a_fresh_process_and_repeats_the_held_out_p
         f"mlflow.set_tracking_uri({config.tracking.uri!r})\n"
         "model = mlflow.pyfunc.load_model('models:/dxpred/1')\n"
         f"model.predict(pd.DataFrame({{'image': {images!r}}})).to_csv(sys.argv[1], sep='\\t', index=False)\n"
+        "import study; print(study.__file__)\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "p.tsv")], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    # The code that predicted is the copy the model carries, not this checkout (which need not be installed).
+    loaded_from = Path(done.stdout.strip().splitlines()[-1])
+    assert not loaded_from.is_relative_to(Path(__file__).parents[1]) and "code" in loaded_from.parts, loaded_from
     predicted = pd.read_csv(tmp_path / "p.tsv", sep="\t", dtype={"subject_id": str}).set_index("subject_id")
     assert len(predicted) == 12 and predicted.problem.isna().all()
     assert list(predicted.columns) == ["image", "p_patient", "predicted_diagnosis", "p_patient_fold0",
@@ -89,22 +111,30 @@ def test_study_predict_writes_the_table_and_maps_and_names_bad_images(finished, 
     scans = Path(shutil.copytree(config.cohort.root, tmp_path / "new_scans"))
     broken = scans / "sub-0001" / "anat" / "sub-0001_T1w.nii.gz"
     broken.write_bytes(broken.read_bytes()[:500])  # a truncated download
+    moved = scans / "sub-0008" / "anat" / "sub-0008_T1w.nii.gz"
+    image = nib.load(moved)
+    affine = image.affine.copy()
+    affine[:3, 3] += [0, 40, 0]  # not registered to MNI152: a scan straight from the scanner
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj), affine), moved)
 
     # By the study's name (its newest version), a folder of images, the tracking URI given.
     code = main(["predict", "dxpred", str(scans), "--maps", "maps", "--tracking-uri", config.tracking.uri])
     out, err = capsys.readouterr()
-    assert code == 1  # one image could not be predicted
+    assert code == 1  # two images could not be predicted, with the same checks as study validate
     table = pd.read_csv(tmp_path / "predictions.tsv", sep="\t", dtype={"subject_id": str}, keep_default_na=False)
-    assert len(table) == 12 and set(table.predicted_diagnosis[table.subject_id != "0001"]) <= {"patient", "control"}
-    bad = table.set_index("subject_id").loc["0001"]
-    assert bad.p_patient == "" and bad.problem != ""
-    assert f"0001\t{broken}\t" in err and "11 subjects predicted with models:/dxpred/1" in err
+    good = ~table.subject_id.isin(["0001", "0008"])
+    assert len(table) == 12 and set(table.predicted_diagnosis[good]) <= {"patient", "control"}
+    bad = table.set_index("subject_id").loc[["0001", "0008"]]
+    assert (bad.p_patient == "").all() and "overlaps the MNI152 brain mask" in bad.problem["0008"], bad.problem
+    assert "truncated or corrupt gzip" in bad.problem["0001"]
+    assert f"0001\t{broken}\t" in err and f"0008\t{moved}\t" in err
+    assert "10 subjects predicted with models:/dxpred/1" in err
     assert "ground_truth" not in " ".join(table.image)  # a synthetic cohort's answer is not a scan
     ensemble = study_dir(config) / "latest" / "ensemble"
     assert np.load(ensemble / "cohort_mean.npy").shape == (23, 27, 23)  # MP's reference travels with the models
     for method in ("gradcam", "guided_backprop", "perturbation"):
         maps = sorted((tmp_path / "maps" / method).glob("*.nii.gz"))
-        assert len(maps) == 11
+        assert len(maps) == 10
         image = nib.load(maps[0])
         assert image.shape == (23, 27, 23) and abs(image.affine[0, 0]) == 8.0
         assert np.isfinite(image.get_fdata()).all() and image.get_fdata().max() > 0

@@ -91,6 +91,12 @@ def test_ddp_study_logs_the_run_tree_and_trains_on_disjoint_shards(tmp_path, coh
     assert sorted(c.data.tags["study.fold"] for c in children) == ["0", "1"]
     client = mlflow.MlflowClient()
     assert_views_find(client, parent.info.experiment_id, {"study-executions": [parent], "study-folds": children})
+    # The UI opens on training runs (not MLflow 3's GenAI overview); the study says how far it got and where
+    # its time went.
+    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert parent.data.tags["study.progress"] == "finished"
+    times = pd.read_csv(client.download_artifacts(parent_id, "stage_times.tsv", str(tmp_path)), sep="\t")
+    assert {"preprocessing", "training"} <= set(times.stage) and (times.seconds >= 0).all(), times
     for child in children:
         assert child.info.status == "FINISHED"
         assert {"test_roc_auc", "test_accuracy", "val_loss", "train_loss"} <= set(child.data.metrics)
