@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
 
@@ -264,3 +265,50 @@ def test_an_autoscaling_cluster_adds_workers_for_a_study_and_removes_them_when_i
         assert list(cluster.nodes().values()) == ["head"]
     finally:
         cluster.stop()
+
+
+@pytest.mark.slow
+def test_a_study_lost_with_its_head_resumes_when_resubmitted(tmp_path, synthetic_root):
+    # A head restart (no GCS fault tolerance) takes its jobs with it: Ray's job supervisor kills the study's
+    # driver, and Ray forgets the job. The study's state is on disk, so the same `ray job submit` resumes it.
+    config = write_config(tmp_path, synthetic_root, train={"epochs": 30, "batch_size": 4},
+                          tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db"}, output_dir=str(tmp_path / "runs"))
+    ray = str(Path(sys.executable).parent / "ray")
+
+    def submit(cluster: LocalCluster, log: Path) -> subprocess.Popen:
+        env = {k: v for k, v in cluster.env().items() if k != "RAY_ADDRESS"}
+        return subprocess.Popen([ray, "job", "submit", "--address", cluster.dashboard, "--", sys.executable, "-m",
+                                 "study", "run", str(config)], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+    cluster = LocalCluster(("w1",))
+    first_fold = tmp_path / "runs" / "multinode" / "latest" / "folds" / "fold0.json"
+    try:
+        job = submit(cluster, tmp_path / "first.log")
+        deadline = time.time() + 300
+        while not first_fold.exists() and time.time() < deadline:
+            assert job.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
+            time.sleep(0.5)
+        assert first_fold.exists(), (tmp_path / "first.log").read_text()[-4000:]
+        before = first_fold.stat().st_mtime_ns
+    finally:
+        cluster.stop()  # the head goes (and its worker), mid-way through fold 1
+    assert job.wait(timeout=120) != 0  # `ray job submit` lost its job (its log ends where the head went)
+    state = json.loads((tmp_path / "runs" / "multinode" / "latest" / "state.json").read_text())
+    assert not state["finished"]
+    gone = submit(cluster, tmp_path / "gone.log")  # submitting while the head is away says so
+    assert gone.wait(timeout=120) != 0
+    assert f"Failed to connect to Ray at address: {cluster.dashboard}" in (tmp_path / "gone.log").read_text()
+
+    cluster = LocalCluster(("w1",))  # the head is back (here at new ports)
+    try:
+        again = submit(cluster, tmp_path / "again.log")
+        assert again.wait(timeout=600) == 0, (tmp_path / "again.log").read_text()[-4000:]
+    finally:
+        cluster.stop()
+    output = (tmp_path / "again.log").read_text()
+    assert "resuming study multinode" in output, output[-4000:]
+    assert first_fold.stat().st_mtime_ns == before  # the finished fold was not trained again
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    studies = mlflow.search_runs(experiment_names=["multinode"], filter_string="tags.`study.level` = 'study'",
+                                 output_format="list")
+    assert len(studies) == 1 and studies[0].info.status == "FINISHED"
