@@ -555,10 +555,13 @@ class Publisher:
                      f"shuffled-label training): " + ", ".join(TITLES[m] for m in result.flagged)) if result.flagged \
             else "No method flagged: every method's maps change when the model or its labels are randomized."
         report.add_images("Sanity checks", [("Cascading randomization", sanity_figure(result.cascade))], flag_note)
-        shown = deletions.assign(method=[TITLES[m] for m in deletions.method]).rename(columns={
+        shown = deletions.assign(
+            method=[TITLES[m] for m in deletions.method], p_vs_random=[format_p(p) for p in deletions.p_vs_random],
+            beats_random=["yes" if above else "no: flagged" for above in deletions.beats_random],
+        ).rename(columns={
             "change_mean": "change of p(decision): mean", "change_median": "median",
             "random_change_mean": "random blobs: mean", "share_above_random": "subjects above random",
-            "p_vs_random": "p (above random)", "beats_random": f"above random (p < {FLAG_DELETION_P})"})
+            "p_vs_random": "above random", "beats_random": f"above random (p < {FLAG_DELETION_P})"})
         optimized = " Meaningful Perturbations optimizes this very deletion, so its lead here is expected." \
             if "perturbation" in result.maps and attribution.perturbation.reference == "cohort_mean" else ""
         report.add_table("Sanity check: deleting what each map marks", shown,
