@@ -186,7 +186,8 @@ def test_a_local_ray_refuses_callers_without_its_token(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_attribution_says_what_was_kept_and_the_rerun_goes_on(tmp_path, synthetic_root):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl_c", "killed"])
+def test_a_study_stopped_during_attribution_keeps_its_maps_and_the_rerun_goes_on(tmp_path, synthetic_root, stop):
     project = tmp_path / "project"
     project.mkdir()
     (project / "cohort").symlink_to(synthetic_root)
@@ -200,7 +201,9 @@ def test_ctrl_c_during_attribution_says_what_was_kept_and_the_rerun_goes_on(tmp_
         "attribution": {"methods": ["perturbation"], "batch_size": 1, "actors": 1, "permutations": 10,
                         "perturbation": {"iterations": 400}, "sanity": {"subjects": 1, "label_randomization": False}},
     }))
-    env = new_user(tmp_path / "home")
+    # A killed driver cannot stop a Ray it started: that one joins the tests' head (RAY_ADDRESS, the token).
+    env = new_user(tmp_path / "home") if stop == signal.SIGINT else \
+        {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and k != "STUDY_HOME"}
     log = tmp_path / "interrupted.log"
     with log.open("w") as output:
         process = subprocess.Popen([STUDY, "run", "slow maps.yaml", "--set", "cv.seed=0"], cwd=project, env=env,
@@ -213,16 +216,17 @@ def test_ctrl_c_during_attribution_says_what_was_kept_and_the_rerun_goes_on(tmp_
                 break
             time.sleep(0.5)
         assert done and process.poll() is None, log.read_text()[-4000:]
-        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in the terminal reaches the whole process group
+        os.killpg(process.pid, stop)  # Ctrl-C in the terminal reaches the whole process group; or killed
         sent = time.time()
         code = process.wait(timeout=60)
-    output = log.read_text()
-    assert code == 130 and time.time() - sent < 30, output[-4000:]
-    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-4000:]
-    last = output.strip().splitlines()[-1]
-    assert last.startswith("interrupted: finished folds, search trials and maps are kept in") and \
-        last.endswith("resume with: study run 'slow maps.yaml' --set cv.seed=0"), last
     kept = int(np.load(done[0]).sum())
+    output = log.read_text()
+    if stop == signal.SIGINT:
+        assert code == 130 and time.time() - sent < 30, output[-4000:]
+        assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-4000:]
+        last = output.strip().splitlines()[-1]
+        assert last.startswith("interrupted: finished folds, search trials and maps are kept in") and \
+            last.endswith("resume with: study run 'slow maps.yaml' --set cv.seed=0"), last
 
     again = run_as_user(["run", "slow maps.yaml", "--set", "cv.seed=0"], project, env, timeout=600)
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
@@ -230,3 +234,9 @@ def test_ctrl_c_during_attribution_says_what_was_kept_and_the_rerun_goes_on(tmp_
     assert np.load(done[0]).all()
     # The kept subjects were not explained again: the progress bar counted only the rest.
     assert f"explaining: 100%|██████████| {12 - kept}/{12 - kept}" in again.stderr, again.stderr[-2000:]
+    # One study run, continued, with its two fold runs: none duplicated by the rerun.
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")  # the default store, in the project
+    runs = mlflow.search_runs(experiment_names=["maps"], output_format="list")
+    levels = sorted(r.data.tags.get("study.level", "") for r in runs)
+    assert levels.count("study") == 1 and levels.count("fold") == 2, levels
+    assert next(r for r in runs if r.data.tags.get("study.level") == "study").info.status == "FINISHED"

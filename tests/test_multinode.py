@@ -277,8 +277,10 @@ def test_a_study_lost_with_its_head_resumes_when_resubmitted(tmp_path, synthetic
 
     def submit(cluster: LocalCluster, log: Path) -> subprocess.Popen:
         env = {k: v for k, v in cluster.env().items() if k != "RAY_ADDRESS"}
-        return subprocess.Popen([ray, "job", "submit", "--address", cluster.dashboard, "--", sys.executable, "-m",
-                                 "study", "run", str(config)], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        with log.open("w") as output:
+            return subprocess.Popen([ray, "job", "submit", "--address", cluster.dashboard, "--", sys.executable,
+                                     "-m", "study", "run", str(config)], env=env, stdout=output,
+                                    stderr=subprocess.STDOUT)
 
     cluster = LocalCluster(("w1",))
     first_fold = tmp_path / "runs" / "multinode" / "latest" / "folds" / "fold0.json"
@@ -291,8 +293,12 @@ def test_a_study_lost_with_its_head_resumes_when_resubmitted(tmp_path, synthetic
         assert first_fold.exists(), (tmp_path / "first.log").read_text()[-4000:]
         before = first_fold.stat().st_mtime_ns
     finally:
-        cluster.stop()  # the head goes (and its worker), mid-way through fold 1
-    assert job.wait(timeout=120) != 0  # `ray job submit` lost its job (its log ends where the head went)
+        cluster.remove("head")  # the head goes first, mid-way through fold 1 (then its worker)
+        cluster.stop()
+    assert job.wait(timeout=120) != 0
+    lost = (tmp_path / "first.log").read_text()
+    # The job went with the head: `ray job submit` lost its connection; the study never got to say anything.
+    assert "WebSocket closed" in lost and "error: fold" not in lost, lost[-4000:]
     state = json.loads((tmp_path / "runs" / "multinode" / "latest" / "state.json").read_text())
     assert not state["finished"]
     gone = submit(cluster, tmp_path / "gone.log")  # submitting while the head is away says so
