@@ -132,7 +132,7 @@ def test_a_network_of_ones_own_is_built_checked_and_searchable_when_the_config_l
         "cannot be built with input_shape=(23, 27, 23) and {'size': 3}: TypeError: ": config(size=3),
         "attribution: tests.networks:TinyNet: guided backprop needs ReLU activations; this model uses "
         "elu; use nn.ReLU, or leave guided_backprop": config(activation="elu"),
-        "search.space: cannot search 'depth'; searchable keys: activation, channels, gradcam, outputs, "
+        "search.space: cannot search 'depth'; searchable keys: activation, blind, channels, gradcam, outputs, "
         "lr": config({"depth": {"choice": [2, 3]}}),
         "model: give either preset (our CNN) or class": config(preset="mrinet"),
         "tests.networks:ShortcutNet: Grad-CAM would place its 12 feature voxels of axis 0 at input voxels": config(
