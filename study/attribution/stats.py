@@ -30,24 +30,32 @@ class PermutationTest:
     permutations: int
 
 
-def exchangeable_permutation(folds: np.ndarray, families: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A random permutation of subjects that respects the design: ``labels[perm]`` is a permuted labelling.
+class ExchangeabilityBlocks:
+    """The permutations of subjects that respect the design, drawn fast for thousands of permutations.
 
     Within each fold, families of the same size swap places as wholes, and the
     members of each family are shuffled among themselves; no subject leaves its fold.
+    The design is worked out once: each group of same-sized families of one fold is a
+    [families, members] array, and a draw shuffles its rows and then each row.
     """
-    perm = np.arange(len(folds))
-    for fold in np.unique(folds):
-        members: dict[str, np.ndarray] = {}
-        for family in np.unique(families[folds == fold]):
-            members[family] = np.flatnonzero((folds == fold) & (families == family))
-        by_size: dict[int, list[str]] = {}
-        for family, rows in members.items():
-            by_size.setdefault(len(rows), []).append(family)
-        for names in by_size.values():
-            for target, source in zip(names, rng.permutation(names)):
-                perm[members[target]] = rng.permutation(members[source])
-    return perm
+
+    def __init__(self, folds: np.ndarray, families: np.ndarray):
+        folds, families = np.asarray(folds), np.asarray(families)
+        self.subjects = len(folds)
+        self.groups: list[np.ndarray] = []
+        for fold in np.unique(folds):
+            in_fold = np.flatnonzero(folds == fold)
+            _, family_of = np.unique(families[in_fold], return_inverse=True)
+            members = [in_fold[family_of == f] for f in range(family_of.max() + 1)]
+            for size in sorted({len(m) for m in members}):
+                self.groups.append(np.stack([m for m in members if len(m) == size]))
+
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
+        """A random permutation: ``labels[perm]`` is a permuted labelling."""
+        perm = np.arange(self.subjects)
+        for group in self.groups:
+            perm[group] = rng.permuted(group[rng.permutation(len(group))], axis=1)
+        return perm
 
 
 def welch_t(maps: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -102,8 +110,8 @@ def permutation_test(maps: np.ndarray, labels: np.ndarray, permutations: int, fo
     folds = np.zeros(n, dtype=int) if folds is None else np.asarray(folds)
     families = np.arange(n).astype(str) if families is None else np.asarray(families).astype(str)
     rng = np.random.default_rng(seed)
-    labellings = np.stack([labels] + [labels[exchangeable_permutation(folds, families, rng)]
-                                      for _ in range(permutations)])
+    blocks = ExchangeabilityBlocks(folds, families)
+    labellings = np.stack([labels] + [labels[blocks.draw(rng)] for _ in range(permutations)])
     n1, n0 = int(labels.sum()), int(n - labels.sum())
     t = np.full(maps.shape[1], np.nan)
     max_null = torch.zeros(permutations, dtype=torch.float64, device=device)
@@ -132,3 +140,10 @@ def permutation_test(maps: np.ndarray, labels: np.ndarray, permutations: int, fo
         exceed = permutations - np.searchsorted(ordered, np.abs(t[tested]), side="left")
         p[tested] = (exceed + 1) / (permutations + 1)
     return PermutationTest(t, p, constant, permutations)
+
+
+def permutation_test_on_device(maps: np.ndarray, labels: np.ndarray, permutations: int, folds: np.ndarray,
+                               families: np.ndarray, seed: int) -> PermutationTest:
+    """:func:`permutation_test` on this process's GPU when it sees one (a Ray task given a GPU share), else the CPU."""
+    return permutation_test(maps, labels, permutations, folds, families, seed=seed,
+                            device="cuda" if torch.cuda.is_available() else "cpu")
