@@ -25,7 +25,7 @@ from study.attribution.gradcam import feature_grid
 from study.attribution.group import group_means, localization, method_agreement, normalize, region_table, unmask
 from study.attribution.sanity import (RANDOM, RANDOM_BLOB_MM, deletion_check, deletion_summary, flagged_methods,
                                      label_randomization, parameter_randomization, random_blobs, top_voxels)
-from study.attribution.stats import PermutationTest, permutation_test
+from study.attribution.stats import PermutationTest, permutation_test_on_device
 from study.attribution.store import MapStore
 from study.config import AttributionConfig
 from study.data.volumes import Grid, resample_to_grid
@@ -156,8 +156,8 @@ def _sanity(study: Study, first: FoldResult, store: MapStore,
     labels = study.labels(subjects)
     original = {m: store.read(m, subjects) for m in attribution.methods}
     task = ray.remote(num_cpus=1, num_gpus=attribution.gpus_per_actor if resources.use_gpu else 0)
-    cascade = ray.get(task(parameter_randomization).remote(
-        first.checkpoint, study.cache, subjects, labels, original, brain, explanation))
+    cascade = task(parameter_randomization).remote(  # runs while the shuffled model trains
+        first.checkpoint, study.cache, subjects, labels, original, brain, explanation)
     shuffled, fit_accuracy = pd.DataFrame(), float("nan")
     if attribution.sanity.label_randomization:
         train_ids = study.folds[first.fold].train
@@ -168,12 +168,12 @@ def _sanity(study: Study, first: FoldResult, store: MapStore,
         fit_accuracy = float(pd.DataFrame(load_history(result.checkpoint))["fit_accuracy"].dropna().iloc[-1])
         shuffled = ray.get(task(label_randomization).remote(
             result.checkpoint, study.cache, subjects, labels, original, brain, explanation))
-    return cascade, shuffled, fit_accuracy
+    return ray.get(cascade), shuffled, fit_accuracy
 
 
-def _deletion(study: Study, jobs: list[FoldModel], store: MapStore, brain: np.ndarray) -> pd.DataFrame:
+def _deletion(study: Study, jobs: list[FoldModel], store: MapStore, brain: np.ndarray) -> list[ray.ObjectRef]:
     """The deletion check on every held-out subject: each fold's model, with its subjects' maps' top voxels and
-    random blobs of as many voxels replaced by the cohort's mean, one Ray task per fold."""
+    random blobs of as many voxels replaced by the cohort's mean, one Ray task per fold (its table, when done)."""
     attribution, resources = study.config.attribution, study.config.resources
     task = ray.remote(num_cpus=1, num_gpus=attribution.gpus_per_actor if resources.use_gpu else 0)(deletion_check)
     reference, refs = ray.put(study.cohort_mean), []
@@ -185,7 +185,7 @@ def _deletion(study: Study, jobs: list[FoldModel], store: MapStore, brain: np.nd
         deleted[RANDOM] = random_blobs(len(job.subject_ids), brain, sigma, seed=seed)
         refs.append(task.remote(job.checkpoint, study.cache, job.subject_ids, deleted, reference,
                                 attribution.batch_size))
-    return pd.concat([table.assign(fold=job.fold) for job, table in zip(jobs, ray.get(refs))], ignore_index=True)
+    return refs
 
 
 def explain_study(study: Study, results: list[FoldResult], baselines: list[BaselineResult],
@@ -245,15 +245,19 @@ def explain_study(study: Study, results: list[FoldResult], baselines: list[Basel
         for method in [*methods, *([LINEAR_BASELINE] if baselines else [])]:
             raw = np.stack([weights[f] for f in fold_of]) if method == LINEAR_BASELINE \
                 else store.read(method, tested)[:, brain]
-            maps = normalize(raw)
-            normalized[method] = maps
+            normalized[method] = normalize(raw)
+        # One question for every subject: the tests run side by side, each on a GPU share where the study has GPUs.
+        test_task = ray.remote(num_cpus=1, num_gpus=attribution.gpus_per_actor if resources.use_gpu else 0)(
+            permutation_test_on_device)
+        tests = {method: test_task.remote(maps, labels, attribution.permutations, fold_of, families,
+                                          study.config.cv.seed)
+                 for method, maps in normalized.items()
+                 if attribution.target == "contrast" and method not in UNTESTED}
+        for method, maps in normalized.items():
             group = group_means(maps, labels, classes)
             per_fold = {job.fold: group_means(maps[fold_of == job.fold], labels[fold_of == job.fold], classes)
                         for job in jobs}
-            test = None
-            if attribution.target == "contrast" and method not in UNTESTED:  # one question for every subject
-                test = permutation_test(maps, labels, attribution.permutations, fold_of, families,
-                                        seed=study.config.cv.seed)
+            test = ray.get(tests[method]) if method in tests else None
             regions = {}
             if truth is not None:
                 regions["planted"] = region_table(unmask(group["mean_all"], brain), truth.regions, truth.names)
@@ -263,8 +267,10 @@ def explain_study(study: Study, results: list[FoldResult], baselines: list[Basel
             analysed[method] = MethodMaps(method, group, per_fold, test, scores, regions)
         agreement = method_agreement(normalized)
     with study.times.stage("sanity checks"):
+        deleting = _deletion(study, jobs, store, brain)  # runs beside the randomization checks
         cascade, shuffled, shuffled_fit = _sanity(study, results[0], store, brain)
-        deletion = _deletion(study, jobs, store, brain)
+        deletion = pd.concat([table.assign(fold=job.fold) for job, table in zip(jobs, ray.get(deleting))],
+                             ignore_index=True)
     features, spacing = feature_grid(build_model(results[0].setup.architecture, study.cache.shape).eval(),
                                      study.cache.shape)
     return AttributionResult(analysed, brain, study.cache.affine, len(tested), attribution.target, agreement,
