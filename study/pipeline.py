@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from study.attribution.analysis import explain_study
+from study.attribution.analysis import explain_study, start_label_randomization
 from study.config import StudyConfig
 from study.data.prepare import PreparedCohort, StudyError, make_or_load_splits, prepare_cohort
 from study.output.publish import Publisher
@@ -106,10 +106,12 @@ def run_study(config: StudyConfig, restart: bool = False, audit: bool = False) -
         study = open_study(config, prepared, restart, audit, times)
         publisher.start(study, prepared, ray_description)
         with publisher.recording(study):
-            results = []
+            results, shuffled_fit = [], None
             for result in cross_validate(study, publisher.training(study), publisher.searching(study)):
                 publisher.fold(study, result)
                 results.append(result)
+                if result.fold == 0:  # the sanity check's shuffled-label model trains beside the later folds
+                    shuffled_fit = start_label_randomization(study, result)
             results.sort(key=lambda r: r.fold)
             with times.stage("linear baseline"):
                 baselines = fit_baselines(study, study.brain)
@@ -117,8 +119,8 @@ def run_study(config: StudyConfig, restart: bool = False, audit: bool = False) -
             publisher.classification(study, results, baselines, evaluation)
             publisher.ensemble(study, results)
             if config.attribution is not None:
-                publisher.attribution(study, explain_study(study, results, baselines, publisher.explaining(study)),
-                                      evaluation)
+                attribution = explain_study(study, results, baselines, shuffled_fit, publisher.explaining(study))
+                publisher.attribution(study, attribution, evaluation)
             publisher.finish(study, evaluation)
         return study.state.parent_run
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +28,12 @@ from study.attribution.sanity import (RANDOM, RANDOM_BLOB_MM, deletion_check, de
                                      label_randomization, parameter_randomization, random_blobs, top_voxels)
 from study.attribution.stats import PermutationTest, permutation_test_on_device
 from study.attribution.store import MapStore
-from study.config import AttributionConfig
+from study.config import AttributionConfig, ResourcesConfig
 from study.data.volumes import Grid, resample_to_grid
 from study.state import Study
 from study.storage import join
 from study.training.baseline import BaselineResult
-from study.training.crossval import FoldResult, fit
+from study.training.crossval import FoldResult, TrainingSetup, driving_task, fit
 from study.training.loop import TrainingData, load_history
 from study.training.models import build_model
 
@@ -141,14 +142,37 @@ def explanation_of(attribution: AttributionConfig, study: Study) -> Explanation:
                        study.cohort_mean if needs_mean else None)
 
 
-def _sanity(study: Study, first: FoldResult, store: MapStore,
-            brain: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame, float]:
-    """Cascading randomization of the first fold's model, and a model of its architecture trained on shuffled labels.
+def _shuffled_label_fit(setup: TrainingSetup, data: TrainingData, storage: str, resources: ResourcesConfig,
+                        epochs: int) -> tuple[ray.train.Checkpoint, float]:
+    """Train the label-randomized model (a Ray task); its checkpoint and seconds."""
+    started = time.perf_counter()
+    checkpoint = fit(setup, data, "label_randomized", join(storage, "train"), resources, refit_epochs=epochs).checkpoint
+    return checkpoint, time.perf_counter() - started
 
-    The shuffled model trains like the fold's final model (same setup, same
-    subjects, same number of epochs) on labels shuffled across all of them, so
-    it can learn nothing about the label; its accuracy on its own shuffled labels says
-    whether it could memorize them (a check that cannot fit its data proves little).
+
+def start_label_randomization(study: Study, first: FoldResult) -> ray.ObjectRef | None:
+    """Start training the label-randomization check's model, so that it trains while later folds do.
+
+    The shuffled model trains like the first fold's final model (same setup, same
+    subjects, same number of epochs) on labels shuffled across all of them, so it
+    can learn nothing about the label. None when the study does not ask for it.
+    """
+    attribution = study.config.attribution
+    if attribution is None or not attribution.sanity.label_randomization:
+        return None
+    train_ids = study.folds[first.fold].train
+    shuffled_labels = np.random.default_rng(study.config.train.seed).permutation(study.labels(train_ids))
+    data = TrainingData(study.cache, [], shuffled_labels[:0], [], shuffled_labels[:0], train_ids, shuffled_labels)
+    return driving_task(_shuffled_label_fit).remote(first.setup, data, study.storage, study.config.resources,
+                                                    first.final_epochs)
+
+
+def _sanity(study: Study, first: FoldResult, store: MapStore, brain: np.ndarray,
+            shuffled_fit: ray.ObjectRef | None) -> tuple[pd.DataFrame, pd.DataFrame, float]:
+    """Cascading randomization of the first fold's model, and the maps of the model ``shuffled_fit`` trains.
+
+    The shuffled model's accuracy on its own shuffled labels says whether it could
+    memorize them (a check that cannot fit its data proves little).
     """
     attribution, resources = study.config.attribution, study.config.resources
     explanation = explanation_of(attribution, study)
@@ -156,18 +180,15 @@ def _sanity(study: Study, first: FoldResult, store: MapStore,
     labels = study.labels(subjects)
     original = {m: store.read(m, subjects) for m in attribution.methods}
     task = ray.remote(num_cpus=1, num_gpus=attribution.gpus_per_actor if resources.use_gpu else 0)
-    cascade = task(parameter_randomization).remote(  # runs while the shuffled model trains
+    cascade = task(parameter_randomization).remote(
         first.checkpoint, study.cache, subjects, labels, original, brain, explanation)
     shuffled, fit_accuracy = pd.DataFrame(), float("nan")
-    if attribution.sanity.label_randomization:
-        train_ids = study.folds[first.fold].train
-        shuffled_labels = np.random.default_rng(study.config.train.seed).permutation(study.labels(train_ids))
-        data = TrainingData(study.cache, [], shuffled_labels[:0], [], shuffled_labels[:0], train_ids, shuffled_labels)
-        result = fit(first.setup, data, "label_randomized", join(study.storage, "train"), resources,
-                     refit_epochs=first.final_epochs)
-        fit_accuracy = float(pd.DataFrame(load_history(result.checkpoint))["fit_accuracy"].dropna().iloc[-1])
+    if shuffled_fit is not None:
+        checkpoint, seconds = ray.get(shuffled_fit)
+        study.times.add("label-randomized training", seconds)
+        fit_accuracy = float(pd.DataFrame(load_history(checkpoint))["fit_accuracy"].dropna().iloc[-1])
         shuffled = ray.get(task(label_randomization).remote(
-            result.checkpoint, study.cache, subjects, labels, original, brain, explanation))
+            checkpoint, study.cache, subjects, labels, original, brain, explanation))
     return ray.get(cascade), shuffled, fit_accuracy
 
 
@@ -189,6 +210,7 @@ def _deletion(study: Study, jobs: list[FoldModel], store: MapStore, brain: np.nd
 
 
 def explain_study(study: Study, results: list[FoldResult], baselines: list[BaselineResult],
+                  shuffled_fit: ray.ObjectRef | None = None,
                   on_progress: Callable[[int, int], None] | None = None) -> AttributionResult:
     """Explain all held-out subjects with every method and analyse the maps.
 
@@ -201,6 +223,9 @@ def explain_study(study: Study, results: list[FoldResult], baselines: list[Basel
     baselines : list of BaselineResult
         The linear baseline of every fold: its weights are analysed as one more
         map (a subject's map is the weights of the model that held it out).
+    shuffled_fit : ray.ObjectRef, optional
+        The label-randomization check's training, from :func:`start_label_randomization`
+        (without it, no label randomization).
     on_progress : callable, optional
         ``on_progress(done, total)`` after each batch of subjects explained.
 
@@ -268,12 +293,12 @@ def explain_study(study: Study, results: list[FoldResult], baselines: list[Basel
         agreement = method_agreement(normalized)
     with study.times.stage("sanity checks"):
         deleting = _deletion(study, jobs, store, brain)  # runs beside the randomization checks
-        cascade, shuffled, shuffled_fit = _sanity(study, results[0], store, brain)
+        cascade, shuffled, shuffled_accuracy = _sanity(study, results[0], store, brain, shuffled_fit)
         deletion = pd.concat([table.assign(fold=job.fold) for job, table in zip(jobs, ray.get(deleting))],
                              ignore_index=True)
     features, spacing = feature_grid(build_model(results[0].setup.architecture, study.cache.shape).eval(),
                                      study.cache.shape)
     return AttributionResult(analysed, brain, study.cache.affine, len(tested), attribution.target, agreement,
-                             cascade, shuffled, shuffled_fit, flagged_methods(cascade, shuffled), deletion,
+                             cascade, shuffled, shuffled_accuracy, flagged_methods(cascade, shuffled), deletion,
                              deletion_summary(deletion), store,
                              (features, spacing[0] * study.cache.grid.voxel_mm))

@@ -118,7 +118,8 @@ def permutation_test(maps: np.ndarray, labels: np.ndarray, permutations: int, fo
     constant = 0
     rows = torch.as_tensor(labellings, dtype=torch.float64, device=device)
     for start in range(0, maps.shape[1], voxel_chunk):
-        x = torch.as_tensor(np.asarray(maps[:, start:start + voxel_chunk]), dtype=torch.float64, device=device)
+        # a float64 copy (a Ray task's maps are read-only, which torch warns about)
+        x = torch.from_numpy(np.array(maps[:, start:start + voxel_chunk], dtype=np.float64)).to(device)
         centred = x - x.mean(0)
         squares = centred**2
         varies = squares.sum(0) > 0

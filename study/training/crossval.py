@@ -338,6 +338,16 @@ class LiveFiles:
             raise failed[0]
 
 
+def driving_task(function: Callable) -> Any:
+    """``function`` as a Ray task that only drives a training: no resources of its own, on the driver's node.
+
+    A task holding no resources would look idle to an autoscaler, which could remove its node mid-training; the
+    driver's node (the head in a job) is never scaled away.
+    """
+    return ray.remote(num_cpus=0)(function).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False))
+
+
 def cross_validate(study: Study, on_epochs: Callable[[int, list[dict]], None] | None = None,
                    on_trial: Callable[[int, str, str, dict, dict], None] | None = None) -> Iterator[FoldResult]:
     """Search (if configured), train and test every outer fold; yield each result as it is ready.
@@ -361,10 +371,7 @@ def cross_validate(study: Study, on_epochs: Callable[[int, list[dict]], None] | 
         done.add(result.fold)
         yield result
     base = TrainingSetup(config.model, config.train)
-    # A fold's task only drives its training. It holds no resources, so an autoscaler would see its node as idle
-    # and remove it mid-fold: it runs on the driver's node (the head in a job), which is never scaled away.
-    task = ray.remote(num_cpus=0)(train_and_test).options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False))
+    task = driving_task(train_and_test)
     live = LiveFiles(study.directory / "live")
     pending: dict[ray.ObjectRef, int] = {}  # a training in flight -> its fold
     queue = [f for f in study.folds if f.fold not in done]
