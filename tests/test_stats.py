@@ -8,7 +8,8 @@ import scipy.stats
 from skimage.metrics import structural_similarity
 from sklearn.metrics import roc_auc_score
 
-from study.attribution.group import dice_top, localization, spearman_rows, unmask
+from study.attribution import group
+from study.attribution.group import dice_top, localization, method_agreement, spearman_rows, unmask
 from study.attribution.sanity import compare
 from study.attribution.stats import ExchangeabilityBlocks, permutation_test, welch_t
 
@@ -132,12 +133,33 @@ def test_ssim_is_scikit_images_windowed_ssim():
     assert compare(original, original, brain)["m"] == pytest.approx((1.0, 1.0))
 
 
-def test_localization_auc_is_scikit_learns():
+def test_localization_auc_is_scikit_learns(monkeypatch):
     rng = np.random.default_rng(9)
     truth = np.zeros(300, dtype=bool)
     truth[:30] = True
-    maps = rng.random((4, 300)) + truth * 0.3
+    maps = rng.random((7, 300)) + truth * 0.3
+    maps[:, ::3] = 0  # ties, as in maps clipped at zero
+    maps[2, 100:] = np.round(maps[2, 100:], 1)  # ties below the top voxels, whose order is then unambiguous
+    monkeypatch.setattr(group, "SUBJECT_CHUNK", 3)  # chunk boundaries inside the 7 subjects
     scores = localization(maps, truth)
     assert scores["roc_auc_group"] == pytest.approx(roc_auc_score(truth, maps.mean(0)))
-    assert scores["roc_auc_subject_mean"] == pytest.approx(np.mean([roc_auc_score(truth, m) for m in maps]))
+    assert scores["roc_auc_subject_mean"] == pytest.approx(np.mean([roc_auc_score(truth, m) for m in maps]),
+                                                           rel=1e-12)
+    top = [truth[np.argsort(-m)[:3]].mean() for m in maps]  # top 1% of 300 voxels
+    assert scores["top1pct_in_effect_subject_mean"] == pytest.approx(np.mean(top))
     assert scores["chance_top1pct"] == pytest.approx(0.1)
+
+
+def test_method_agreement_is_pairwise_spearman_and_dice(monkeypatch):
+    rng = np.random.default_rng(10)
+    maps = {m: rng.random((7, 200)) for m in "abc"}
+    maps["b"] += maps["a"]
+    monkeypatch.setattr(group, "SUBJECT_CHUNK", 3)
+    table = method_agreement(maps).set_index(["method_a", "method_b"])
+    for a, b in [("a", "b"), ("a", "c"), ("b", "c")]:
+        rho = [scipy.stats.spearmanr(x, y).statistic for x, y in zip(maps[a], maps[b])]
+        dice = [len(set(np.argsort(-x)[:10]) & set(np.argsort(-y)[:10])) / 10 for x, y in zip(maps[a], maps[b])]
+        assert table.loc[(a, b), "spearman_subject_mean"] == pytest.approx(np.mean(rho))
+        assert table.loc[(a, b), "spearman_subject_std"] == pytest.approx(np.std(rho))
+        assert table.loc[(a, b), "dice_top5%_subject_mean"] == pytest.approx(np.mean(dice))
+    assert table.loc[("a", "b"), "spearman_subject_mean"] > 0.5 > abs(table.loc[("a", "c"), "spearman_subject_mean"])

@@ -601,8 +601,11 @@ class Publisher:
         tracker.log_table(parent, times, "stage_times.tsv")
         tracker.log_metrics(parent, {"time_" + re.sub(r"\W+", "_", row.stage).strip("_") + "_s": row.seconds
                                      for row in times.itertuples()})
-        self.report.add_table("Where the time went", times,
-                              "Seconds per stage; fold stages are summed over folds, which may run at once.")
+        shown = times.assign(seconds=times.seconds.map("{:.1f}".format), share=times.share.map("{:.1%}".format))
+        self.report.add_table("Where the time went", shown,
+                              "Seconds per stage. Fold stages are summed over folds, which train side by side, and the "
+                              "label-randomized model trains beside them: the rows can add up to more than the wall "
+                              "time.")
         report_path = study.directory / "report.html"
         html = self.report.html()
         replace_atomically(report_path, lambda tmp: tmp.write_text(html))
@@ -611,7 +614,7 @@ class Publisher:
         tracker.end(parent)
         study.state.finished = True
         study.save_state()
-        say("time per stage (seconds; fold stages summed over folds):")
+        say("time per stage (seconds; fold stages summed over folds, which train side by side):")
         for row in times.itertuples():
             say(f"  {row.stage:<24} {row.seconds:>8.1f}  {row.share:>6.1%}")
         say(evaluation.verdict)
