@@ -43,10 +43,12 @@ def main() -> None:
     from ray.util.queue import Queue
 
     storage = tempfile.mkdtemp(prefix="ray-train-setup-")
+    queue = Queue()  # the loops tell when their first line ran; started (and answering) before any timing
+    queue.size()
     print(f"Ray: {ray.cluster_resources().get('CPU', 0):g} CPU; one worker per fit")
     for name, loop in [("plain loop", plain), ("study's imports", with_study_imports)]:
         for repeat in range(args.repeats):
-            queue, t0 = Queue(), time.time()
+            t0 = time.time()
             TorchTrainer(loop, train_loop_config={"t0": t0, "queue": queue},
                          scaling_config=ScalingConfig(num_workers=1),
                          run_config=RunConfig(storage_path=storage, name=f"{loop.__name__}{repeat}")).fit()

@@ -7,10 +7,11 @@ the study's own per-stage table (the one every study logs to MLflow as
 ``stage_times.tsv``) with the ratios that say where time is lost:
 
 - training throughput through the real data path against pure compute
-  (``benchmarks/training.py``'s loop, same device, threads, width and batch);
+  (``benchmarks/training.py``'s loop, same device, threads, width and batch;
+  on a GPU against the device's share that each of the concurrent folds has);
 - Ray Train set-up (start of workers, reports, checkpoints) against training;
 - attribution throughput (subject-maps per second, all methods together);
-- permutations per second of the group test;
+- the group statistics' seconds (tests, group maps, agreement, localization);
 - the study's wall time against the sum of its stages (what running folds and
   actors side by side buys).
 
@@ -82,9 +83,13 @@ def report(config: StudyConfig, seconds: pd.Series, wall: float, subjects: int, 
     gpu = torch.cuda.is_available()
     trained = subjects * (folds - 1) / folds * args.epochs * folds  # volumes seen in training
     per_fold = trained / seconds["training"]  # training seconds are summed over folds
+    threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(config.resources.cpus_per_worker)))  # as a training worker has them
     compute = throughput(config.preprocess.grid.shape, config.train.batch_size, bf16=gpu, channels_last=gpu,
                          steps=10, width=args.width)
+    torch.set_num_threads(threads)
+    if gpu:  # concurrent folds share the device
+        compute /= args.concurrent_folds
     maps = subjects * len(config.attribution.methods)
     stages = seconds.drop("whole study (wall)").sum()
     print(f"device: {torch.cuda.get_device_name() if gpu else 'CPU'}")
@@ -97,7 +102,8 @@ def report(config: StudyConfig, seconds: pd.Series, wall: float, subjects: int, 
            "subject-maps/s": maps / seconds.get("attribution", float("nan")),
            "sum of stages / wall": stages / seconds["whole study (wall)"]}
     print(f"training, real data path:               {per_fold:.1f} volumes/s per fold "
-          f"(pure compute, same device and threads: {compute:.1f}; ratio {per_fold / compute:.2f})")
+          f"(pure compute on a fold's threads or device share: {compute:.1f}; ratio {per_fold / compute:.2f}; "
+          "the real path also scores the training subjects after the last epoch)")
     print(f"Ray Train set-up / training:            {row['Ray Train set-up / training']:.2f}")
     print(f"attribution throughput (all methods):   {row['subject-maps/s']:.2f} subject-maps/s")
     if "group statistics" in seconds:
@@ -105,7 +111,7 @@ def report(config: StudyConfig, seconds: pd.Series, wall: float, subjects: int, 
               f"({args.permutations} permutations per tested method)")
     print(f"sum of stages / study wall time:        {row['sum of stages / wall']:.2f}"
           f"  (above 1: folds and stages overlapped)")
-    print(f"study wall time, Ray start included:    {wall:.0f} s")
+    print(f"study wall time:                        {wall:.0f} s (with Ray's start in the first study of a run)")
     return row
 
 

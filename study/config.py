@@ -96,6 +96,8 @@ class ResourcesConfig(_Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(1, gt=0)
+    # Outer folds trained at once; above 1, the label-randomization check's model trains beside them too
+    # (one more training at once, as resources allow), else after the folds.
     concurrent_folds: int = Field(1, ge=1)
     num_cpus: int | None = Field(None, ge=1)  # a local Ray's CPUs (ignored on a cluster)
     # Restarts of a training run from its last checkpoint after a worker or node is lost

@@ -110,9 +110,11 @@ def run_study(config: StudyConfig, restart: bool = False, audit: bool = False) -
             for result in cross_validate(study, publisher.training(study), publisher.searching(study)):
                 publisher.fold(study, result)
                 results.append(result)
-                if result.fold == 0:  # the sanity check's shuffled-label model trains beside the later folds
+                if result.fold == 0 and config.resources.concurrent_folds > 1:  # it trains beside later folds
                     shuffled_fit = start_label_randomization(study, result)
             results.sort(key=lambda r: r.fold)
+            if shuffled_fit is None:  # one training at a time: it starts after the folds
+                shuffled_fit = start_label_randomization(study, results[0])
             with times.stage("linear baseline"):
                 baselines = fit_baselines(study, study.brain)
             evaluation = evaluate_folds(study, results, baselines)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import collections
+import itertools
+
 import numpy as np
 import pytest
 import scipy.stats
@@ -88,6 +91,21 @@ def test_permutations_keep_folds_and_exchange_whole_families():
         for family in np.unique(families):
             sources = set(families[perm[families == family]])
             assert len(sources) == 1  # a family's labels all come from one family (of the same size)
+
+
+def test_draws_are_exactly_the_permutations_the_design_allows():
+    # Fold 0: two sibling pairs and a singleton; fold 1: two singletons. Allowed: the pairs swap or not, each pair's
+    # members in either order, the singletons of fold 1 swap or not: 2 * 2 * 2 * 2 = 16 permutations.
+    folds = np.array([0, 0, 0, 0, 0, 1, 1])
+    families = np.array(["b", "b", "a", "a", "c", "d", "e"])
+    allowed = {perm for perm in itertools.permutations(range(7))
+               if (folds[list(perm)] == folds).all()
+               and all(len(set(families[list(perm)][families == f])) == 1 for f in set(families))}
+    assert len(allowed) == 16
+    blocks, rng = ExchangeabilityBlocks(folds, families), np.random.default_rng(0)
+    drawn = collections.Counter(tuple(blocks.draw(rng)) for _ in range(3200))
+    assert set(drawn) == allowed  # every allowed permutation, nothing else
+    assert min(drawn.values()) > 120  # and about equally often (200 expected each)
 
 
 @pytest.mark.parametrize("blocked", [False, True])

@@ -143,8 +143,10 @@ def permutation_test(maps: np.ndarray, labels: np.ndarray, permutations: int, fo
     return PermutationTest(t, p, constant, permutations)
 
 
+
 def permutation_test_on_device(maps: np.ndarray, labels: np.ndarray, permutations: int, folds: np.ndarray,
                                families: np.ndarray, seed: int) -> PermutationTest:
-    """:func:`permutation_test` on this process's GPU when it sees one (a Ray task given a GPU share), else the CPU."""
-    return permutation_test(maps, labels, permutations, folds, families, seed=seed,
-                            device="cuda" if torch.cuda.is_available() else "cpu")
+    """:func:`permutation_test` on the GPU that Ray gave this task, else the CPU."""
+    from study.runtime import worker_device
+
+    return permutation_test(maps, labels, permutations, folds, families, seed=seed, device=str(worker_device()))

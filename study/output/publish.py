@@ -603,9 +603,8 @@ class Publisher:
                                      for row in times.itertuples()})
         shown = times.assign(seconds=times.seconds.map("{:.1f}".format), share=times.share.map("{:.1%}".format))
         self.report.add_table("Where the time went", shown,
-                              "Seconds per stage. Fold stages are summed over folds, which train side by side, and the "
-                              "label-randomized model trains beside them: the rows can add up to more than the wall "
-                              "time.")
+                              "Seconds per stage. Fold stages are summed over folds, which may train side by side, "
+                              "and some stages run beside others: the rows can add up to more than the wall time.")
         report_path = study.directory / "report.html"
         html = self.report.html()
         replace_atomically(report_path, lambda tmp: tmp.write_text(html))
