@@ -94,6 +94,7 @@ def test_study_explains_all_held_out_subjects_and_finds_the_planted_effect(tmp_p
     config = study_config(
         tmp_path, root, preprocess={"voxel_size": 6.0}, model={"width": 8},
         train={"epochs": 10, "batch_size": 4, "patience": 10},
+        resources={"concurrent_folds": 2},  # the label-randomized model trains beside fold 1
     )
     (tmp_path / "atlas.tsv").write_text("label\tname\n1\tamygdala L\n2\tputamen R\n3\tcerebellum R\n4\tprecuneus L\n")
     config.attribution = AttributionConfig(
@@ -127,6 +128,8 @@ def test_study_explains_all_held_out_subjects_and_finds_the_planted_effect(tmp_p
         assert len(list((subject_maps / method).glob("sub-*_" + method + ".nii.gz"))) == 30
     sanity = {a.path for a in client.list_artifacts(parent_id, "sanity")}
     assert sanity == {"sanity/parameter_randomization.tsv", "sanity/label_randomization.tsv", "sanity/deletion.tsv"}
+    times = pd.read_csv(client.download_artifacts(parent_id, "stage_times.tsv", str(tmp_path)), sep="\t")
+    assert {"attribution", "group statistics", "label-randomized training", "sanity checks"} <= set(times.stage), times
 
 
 @pytest.mark.slow
