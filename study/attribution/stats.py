@@ -143,7 +143,6 @@ def permutation_test(maps: np.ndarray, labels: np.ndarray, permutations: int, fo
     return PermutationTest(t, p, constant, permutations)
 
 
-
 def permutation_test_on_device(maps: np.ndarray, labels: np.ndarray, permutations: int, folds: np.ndarray,
                                families: np.ndarray, seed: int) -> PermutationTest:
     """:func:`permutation_test` on the GPU that Ray gave this task, else the CPU."""
