@@ -100,15 +100,18 @@ def wait_for_job_agent(timeout: float = 120) -> None:
 
 
 def stop_processes_of(temp_dir: str) -> None:
-    """Stop the Ray processes whose command line names ``temp_dir`` (those of one ``ray start``)."""
-    import psutil
+    """Stop the Ray processes whose command line names ``temp_dir`` (those of one ``ray start``).
+
+    A head's GCS and raylet outlive SIGTERM by 20 s or more, so what is left after 5 s is killed.
+    """
+    import psutil  # Ray puts its own copy on the path
 
     mine = []
     for process in psutil.process_iter(["cmdline"]):
         if temp_dir in " ".join(process.info["cmdline"] or []):
             mine.append(process)
             process.terminate()
-    _, alive = psutil.wait_procs(mine, timeout=20)
+    _, alive = psutil.wait_procs(mine, timeout=5)
     for process in alive:
         process.kill()
 

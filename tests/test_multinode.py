@@ -45,9 +45,13 @@ class LocalCluster:
             config.write_text(json.dumps(autoscaling))
             head.append(f"--autoscaling-config={config}")
             extra_env = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
-        self._start("head", *head, extra_env=extra_env)
-        for zone in workers:
-            self.add(zone)
+        try:
+            self._start("head", *head, extra_env=extra_env)
+            for zone in workers:
+                self.add(zone)
+        except BaseException:  # no half-started cluster left running beside the next tests
+            self.stop()
+            raise
 
     def add(self, zone: str) -> None:
         """A worker node with 1 CPU, labelled ``zone``."""
@@ -57,10 +61,10 @@ class LocalCluster:
         temp_dir = tempfile.mkdtemp(prefix=f"ray-{name}-", dir="/tmp")
         ports = ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
                  "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port())]
+        self.temp_dirs[name] = temp_dir  # before it starts: stop() also stops a node that failed to start
         started = ray_cli("start", *args, "--node-ip-address", "127.0.0.1", "--temp-dir", temp_dir, *ports,
                           "--disable-usage-stats", env={**self.env(), **(extra_env or {})})
-        assert started.returncode == 0, started.stdout + started.stderr
-        self.temp_dirs[name] = temp_dir
+        assert started.returncode == 0, f"`ray start` of {name} failed:\n{started.stdout}{started.stderr}"
 
     def env(self) -> dict[str, str]:
         """A driver's environment for this cluster (as `ray job submit` gives a job)."""
@@ -133,18 +137,23 @@ def interrupt_the_training(cluster: LocalCluster, project: Path, lose: str = "no
     with log.open("w") as output:
         process = subprocess.Popen([STUDY, "run", "study.yaml"], cwd=project, env=cluster.env(), stdout=output,
                                    stderr=subprocess.STDOUT)
-        storage = project / "study_data" / "runs" / "multinode" / "latest" / "ray"
-        deadline = time.time() + 300
-        while not list(storage.glob("train/fold0/checkpoint_*/checkpoint.pt")) and time.time() < deadline:
-            assert process.poll() is None, log.read_text()[-4000:]
-            time.sleep(0.2)
-        (training,) = [a for a in cluster.actors("RayTrainWorker") if a["state"] == "ALIVE"]
-        lost = cluster.nodes()[training["node_id"]]
-        if lose == "node":
-            cluster.remove(lost)
-        else:
-            os.kill(training["pid"], signal.SIGKILL)
-        code = process.wait(timeout=600)
+        try:
+            storage = project / "study_data" / "runs" / "multinode" / "latest" / "ray"
+            deadline = time.time() + 300
+            while not list(storage.glob("train/fold0/checkpoint_*/checkpoint.pt")) and time.time() < deadline:
+                assert process.poll() is None, log.read_text()[-4000:]
+                time.sleep(0.2)
+            (training,) = [a for a in cluster.actors("RayTrainWorker") if a["state"] == "ALIVE"]
+            lost = cluster.nodes()[training["node_id"]]
+            if lose == "node":
+                cluster.remove(lost)
+            else:
+                os.kill(training["pid"], signal.SIGKILL)
+            code = process.wait(timeout=600)
+        finally:  # a study left training would take the cluster's CPUs from the next test
+            if process.poll() is None:
+                process.kill()
+                process.wait()
     return lost, code, log.read_text()
 
 
@@ -254,7 +263,7 @@ def test_an_autoscaling_cluster_adds_workers_for_a_study_and_removes_them_when_i
             while job.poll() is None:
                 status = ray_cli("status", "--address", cluster.address, env=cluster.env()).stdout
                 added |= set(re.findall(r"^\s*\d+ (worker\.\w+)", status.split("Pending:")[0], re.MULTILINE))
-                time.sleep(1)
+                time.sleep(4)  # each `ray status` takes most of a core for a second: the study needs the cores
             log.seek(0)
             output = log.read()
         assert job.returncode == 0, output[-4000:]

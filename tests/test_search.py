@@ -155,14 +155,22 @@ def test_interrupted_search_study_resumes_without_duplicates(tmp_path, cohort_di
     with log.open("w") as output:
         process = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, stdout=output,
                                    stderr=subprocess.STDOUT)
-        first_fold = study_dir(config) / "latest" / "folds" / "fold0.json"
-        deadline = time.time() + 600
-        while not first_fold.exists() and process.poll() is None and time.time() < deadline:
-            time.sleep(1)
-        assert first_fold.exists(), "the first fold never finished:\n" + log.read_text()[-3000:]
-        before = first_fold.stat().st_mtime_ns
-        os.killpg(process.pid, stop)  # Ctrl-C, or a killed driver, during the second fold's search
-        code = process.wait(timeout=180)
+        try:
+            first_fold = study_dir(config) / "latest" / "folds" / "fold0.json"
+            deadline = time.time() + 600
+            while not first_fold.exists() and process.poll() is None and time.time() < deadline:
+                time.sleep(1)
+            assert first_fold.exists(), "the first fold never finished:\n" + log.read_text()[-3000:]
+            before = first_fold.stat().st_mtime_ns
+            os.killpg(process.pid, stop)  # Ctrl-C, or a killed driver, during the second fold's search
+            try:
+                code = process.wait(timeout=180)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the study went on for 180 s after {stop.name}:\n" + log.read_text()[-5000:])
+        finally:  # a driver left running would hold the test head's CPUs, and every later study would wait
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
     assert code != 0, f"the study ignored {stop.name} (exit {code}):\n" + log.read_text()[-5000:]
 
     state = json.loads((study_dir(config) / "latest" / "state.json").read_text())
