@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import ray
 
 from study.attribution.analysis import explain_study, start_label_randomization
 from study.config import StudyConfig
@@ -107,23 +108,27 @@ def run_study(config: StudyConfig, restart: bool = False, audit: bool = False) -
         publisher.start(study, prepared, ray_description)
         with publisher.recording(study):
             results, shuffled_fit = [], None
-            for result in cross_validate(study, publisher.training(study), publisher.searching(study)):
-                publisher.fold(study, result)
-                results.append(result)
-                if result.fold == 0 and config.resources.concurrent_folds > 1:  # it trains beside later folds
-                    shuffled_fit = start_label_randomization(study, result)
-            results.sort(key=lambda r: r.fold)
-            if shuffled_fit is None:  # one training at a time: it starts after the folds
-                shuffled_fit = start_label_randomization(study, results[0])
-            with times.stage("linear baseline"):
-                baselines = fit_baselines(study, study.brain)
-            evaluation = evaluate_folds(study, results, baselines)
-            publisher.classification(study, results, baselines, evaluation)
-            publisher.ensemble(study, results)
-            if config.attribution is not None:
-                attribution = explain_study(study, results, baselines, shuffled_fit, publisher.explaining(study))
-                publisher.attribution(study, attribution, evaluation)
-            publisher.finish(study, evaluation)
+            try:
+                for result in cross_validate(study, publisher.training(study), publisher.searching(study)):
+                    publisher.fold(study, result)
+                    results.append(result)
+                    if result.fold == 0 and config.resources.concurrent_folds > 1:  # it trains beside later folds
+                        shuffled_fit = start_label_randomization(study, result)
+                results.sort(key=lambda r: r.fold)
+                if shuffled_fit is None:  # one training at a time: it starts after the folds
+                    shuffled_fit = start_label_randomization(study, results[0])
+                with times.stage("linear baseline"):
+                    baselines = fit_baselines(study, study.brain)
+                evaluation = evaluate_folds(study, results, baselines)
+                publisher.classification(study, results, baselines, evaluation)
+                publisher.ensemble(study, results)
+                if config.attribution is not None:
+                    attribution = explain_study(study, results, baselines, shuffled_fit, publisher.explaining(study))
+                    publisher.attribution(study, attribution, evaluation)
+                publisher.finish(study, evaluation)
+            finally:  # a study that failed stops the label-randomized training; a finished one has its result
+                if shuffled_fit is not None:
+                    ray.cancel(shuffled_fit, force=True)
         return study.state.parent_run
     finally:
         release_shared()

@@ -43,3 +43,26 @@ class ShortcutNet(nn.Module):
 
     def forward(self, x):
         return self.head(self.main(x) + self.shortcut(x))
+
+
+class FailsInOneRun(TinyNet):
+    """TinyNet whose training fails in the Ray Train run named ``fails_in`` (``fold1``: that fold fails)."""
+
+    def __init__(self, input_shape: tuple[int, int, int], fails_in: str = "fold1"):
+        super().__init__(input_shape)
+        self.fails_in = fails_in
+
+    def forward(self, x):
+        if self.training and _train_run_name() == self.fails_in:
+            raise RuntimeError(f"{self.fails_in} fails, as the test asks")
+        return super().forward(x)
+
+
+def _train_run_name() -> str | None:
+    """The name of the Ray Train run this process trains in; None outside a training worker."""
+    import ray.train
+
+    try:
+        return ray.train.get_context().get_experiment_name()
+    except Exception:  # not a training worker (the config check builds the network in the driver)
+        return None

@@ -203,6 +203,22 @@ def test_fold_curves_reach_mlflow_while_the_fold_trains(tmp_path, cohort_dir, mo
 
 
 @pytest.mark.slow
+def test_a_failed_fold_stops_the_training_beside_it(tmp_path, cohort_dir):
+    from ray.util.state import list_actors
+
+    # Two folds at once; fold 1 fails at its first batch while fold 0 has thousands of epochs to go.
+    config = study_config(tmp_path, cohort_dir, model={"class": "tests.networks:FailsInOneRun"},
+                          train={"epochs": 5000}, resources={"concurrent_folds": 2})
+    with pytest.raises(StudyError, match="fold 1's training failed: RuntimeError: fold1 fails, as the test asks"):
+        run_study(config)
+    training = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+    deadline = time.time() + 30  # this process, the study's driver, lives on: fold 0 must not train on in it
+    while (alive := list_actors(filters=training)) and time.time() < deadline:
+        time.sleep(1)
+    assert not alive, alive
+
+
+@pytest.mark.slow
 def test_concurrent_folds_share_one_sqlite_store_and_every_execution_is_kept(tmp_path, cohort_dir, capsys):
     config = study_config(tmp_path, cohort_dir, resources={"concurrent_folds": 2}, cv={"outer_folds": 3})
     parent_id = run_study(config)

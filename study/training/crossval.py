@@ -375,39 +375,43 @@ def cross_validate(study: Study, on_epochs: Callable[[int, list[dict]], None] | 
     live = LiveFiles(study.directory / "live")
     pending: dict[ray.ObjectRef, int] = {}  # a training in flight -> its fold
     queue = [f for f in study.folds if f.fold not in done]
-    while queue or pending:
-        while queue and len(pending) < config.resources.concurrent_folds:
-            fold = queue.pop(0)
-            data = training_data(study, fold.validation.train, fold.validation.test, fold.train)
-            search = None
-            if config.search:
-                started = time.perf_counter()
-                audit_root = study.directory / "audit" / f"fold{fold.fold}_search" if study.audit else None
-                trial_events = functools.partial(on_trial, fold.fold) if on_trial else None
-                with live.delivered(on_epochs):  # the folds in flight keep their curves live during this search
-                    search = search_fold(config.search, base, data.selection_only(), join(study.storage, "search"),
-                                         fold.fold, config.resources, audit_root, trial_events)
-                study.times.add("search", time.perf_counter() - started)
-            audit_dir = study.directory / "audit" / f"fold{fold.fold}" if study.audit else None
-            if audit_dir:
-                audit_dir.mkdir(parents=True, exist_ok=True)
-            setup = base.with_params(search.best) if search else base
-            ref = task.remote(fold.fold, setup, data, fold.test, study.labels(fold.test), study.cohort.classes,
-                              join(study.storage, "train"), config.resources, audit_dir, search,
-                              live.start(fold.fold))
-            pending[ref] = fold.fold
-        ready = []
-        while not ready:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=LIVE_POLL_S)
-            if on_epochs:
-                for fold_number, records in live.new_records().items():
-                    on_epochs(fold_number, records)
-        fold_number = pending.pop(ready[0])
-        live.stop(fold_number)  # its last lines were read above, after it finished
-        try:
-            result: FoldResult = ray.get(ready[0])
-        except ray.exceptions.RayError as err:
-            raise StudyError(_failure_message(fold_number, err, config.resources.max_failures)) from None
-        replace_atomically(finished / f"fold{result.fold}.json", lambda tmp: tmp.write_text(result.to_json()))
-        yield result
+    try:
+        while queue or pending:
+            while queue and len(pending) < config.resources.concurrent_folds:
+                fold = queue.pop(0)
+                data = training_data(study, fold.validation.train, fold.validation.test, fold.train)
+                search = None
+                if config.search:
+                    started = time.perf_counter()
+                    audit_root = study.directory / "audit" / f"fold{fold.fold}_search" if study.audit else None
+                    trial_events = functools.partial(on_trial, fold.fold) if on_trial else None
+                    with live.delivered(on_epochs):  # the folds in flight keep their curves live during it
+                        search = search_fold(config.search, base, data.selection_only(), join(study.storage, "search"),
+                                             fold.fold, config.resources, audit_root, trial_events)
+                    study.times.add("search", time.perf_counter() - started)
+                audit_dir = study.directory / "audit" / f"fold{fold.fold}" if study.audit else None
+                if audit_dir:
+                    audit_dir.mkdir(parents=True, exist_ok=True)
+                setup = base.with_params(search.best) if search else base
+                ref = task.remote(fold.fold, setup, data, fold.test, study.labels(fold.test), study.cohort.classes,
+                                  join(study.storage, "train"), config.resources, audit_dir, search,
+                                  live.start(fold.fold))
+                pending[ref] = fold.fold
+            ready = []
+            while not ready:
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=LIVE_POLL_S)
+                if on_epochs:
+                    for fold_number, records in live.new_records().items():
+                        on_epochs(fold_number, records)
+            fold_number = pending.pop(ready[0])
+            live.stop(fold_number)  # its last lines were read above, after it finished
+            try:
+                result: FoldResult = ray.get(ready[0])
+            except ray.exceptions.RayError as err:
+                raise StudyError(_failure_message(fold_number, err, config.resources.max_failures)) from None
+            replace_atomically(finished / f"fold{result.fold}.json", lambda tmp: tmp.write_text(result.to_json()))
+            yield result
+    finally:  # a failed fold or Ctrl-C stops the trainings in flight; else they ran on until the driver exits
+        for ref in pending:
+            ray.cancel(ref, force=True)
 
