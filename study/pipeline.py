@@ -101,36 +101,35 @@ def run_study(config: StudyConfig, restart: bool = False, audit: bool = False) -
     _check_resources(config)
     _check_writable("output_dir", config.output_dir)  # a finished cache may be read-only: its writes say so
     times = StageTimes()
+    shuffled_fit = None  # the label-randomization check's training, once started
     try:  # the cache stays marked in use (prepare_cohort) until the study ends
         with times.stage("preprocessing"):
             prepared = prepare_cohort(config.cohort, config.preprocess)
         study = open_study(config, prepared, restart, audit, times)
         publisher.start(study, prepared, ray_description)
         with publisher.recording(study):
-            results, shuffled_fit = [], None
-            try:
-                for result in cross_validate(study, publisher.training(study), publisher.searching(study)):
-                    publisher.fold(study, result)
-                    results.append(result)
-                    if result.fold == 0 and config.resources.concurrent_folds > 1:  # it trains beside later folds
-                        shuffled_fit = start_label_randomization(study, result)
-                results.sort(key=lambda r: r.fold)
-                if shuffled_fit is None:  # one training at a time: it starts after the folds
-                    shuffled_fit = start_label_randomization(study, results[0])
-                with times.stage("linear baseline"):
-                    baselines = fit_baselines(study, study.brain)
-                evaluation = evaluate_folds(study, results, baselines)
-                publisher.classification(study, results, baselines, evaluation)
-                publisher.ensemble(study, results)
-                if config.attribution is not None:
-                    attribution = explain_study(study, results, baselines, shuffled_fit, publisher.explaining(study))
-                    publisher.attribution(study, attribution, evaluation)
-                publisher.finish(study, evaluation)
-            finally:  # a study that failed stops the label-randomized training; a finished one has its result
-                if shuffled_fit is not None:
-                    ray.cancel(shuffled_fit, force=True)
+            results = []
+            for result in cross_validate(study, publisher.training(study), publisher.searching(study)):
+                publisher.fold(study, result)
+                results.append(result)
+                if result.fold == 0 and config.resources.concurrent_folds > 1:  # it trains beside later folds
+                    shuffled_fit = start_label_randomization(study, result)
+            results.sort(key=lambda r: r.fold)
+            if shuffled_fit is None:  # one training at a time: it starts after the folds
+                shuffled_fit = start_label_randomization(study, results[0])
+            with times.stage("linear baseline"):
+                baselines = fit_baselines(study, study.brain)
+            evaluation = evaluate_folds(study, results, baselines)
+            publisher.classification(study, results, baselines, evaluation)
+            publisher.ensemble(study, results)
+            if config.attribution is not None:
+                attribution = explain_study(study, results, baselines, shuffled_fit, publisher.explaining(study))
+                publisher.attribution(study, attribution, evaluation)
+            publisher.finish(study, evaluation)
         return study.state.parent_run
     finally:
+        if shuffled_fit is not None:  # a study that failed stops it; one that finished has its result
+            ray.cancel(shuffled_fit, force=True)
         release_shared()
 
 

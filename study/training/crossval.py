@@ -32,6 +32,7 @@ from study.config import SEARCHABLE_TRAIN_KEYS, ResourcesConfig, TrainConfig
 from study.data.cache import CachedVolumes
 from study.data.cohort import Classes
 from study.data.prepare import StudyError
+from study.data.splits import OuterFold
 from study.runtime import Precision, environment, worker_device
 from study.state import Study
 from study.storage import join, replace_atomically
@@ -373,30 +374,33 @@ def cross_validate(study: Study, on_epochs: Callable[[int, list[dict]], None] | 
     base = TrainingSetup(config.model, config.train)
     task = driving_task(train_and_test)
     live = LiveFiles(study.directory / "live")
+
+    def start(fold: OuterFold) -> ray.ObjectRef:
+        """Search ``fold`` (if configured) in this process, then start its training as a Ray task."""
+        data = training_data(study, fold.validation.train, fold.validation.test, fold.train)
+        search = None
+        if config.search:
+            started = time.perf_counter()
+            audit_root = study.directory / "audit" / f"fold{fold.fold}_search" if study.audit else None
+            trial_events = functools.partial(on_trial, fold.fold) if on_trial else None
+            with live.delivered(on_epochs):  # the folds in flight keep their curves live during this search
+                search = search_fold(config.search, base, data.selection_only(), join(study.storage, "search"),
+                                     fold.fold, config.resources, audit_root, trial_events)
+            study.times.add("search", time.perf_counter() - started)
+        audit_dir = study.directory / "audit" / f"fold{fold.fold}" if study.audit else None
+        if audit_dir:
+            audit_dir.mkdir(parents=True, exist_ok=True)
+        setup = base.with_params(search.best) if search else base
+        return task.remote(fold.fold, setup, data, fold.test, study.labels(fold.test), study.cohort.classes,
+                           join(study.storage, "train"), config.resources, audit_dir, search, live.start(fold.fold))
+
     pending: dict[ray.ObjectRef, int] = {}  # a training in flight -> its fold
     queue = [f for f in study.folds if f.fold not in done]
     try:
         while queue or pending:
             while queue and len(pending) < config.resources.concurrent_folds:
                 fold = queue.pop(0)
-                data = training_data(study, fold.validation.train, fold.validation.test, fold.train)
-                search = None
-                if config.search:
-                    started = time.perf_counter()
-                    audit_root = study.directory / "audit" / f"fold{fold.fold}_search" if study.audit else None
-                    trial_events = functools.partial(on_trial, fold.fold) if on_trial else None
-                    with live.delivered(on_epochs):  # the folds in flight keep their curves live during it
-                        search = search_fold(config.search, base, data.selection_only(), join(study.storage, "search"),
-                                             fold.fold, config.resources, audit_root, trial_events)
-                    study.times.add("search", time.perf_counter() - started)
-                audit_dir = study.directory / "audit" / f"fold{fold.fold}" if study.audit else None
-                if audit_dir:
-                    audit_dir.mkdir(parents=True, exist_ok=True)
-                setup = base.with_params(search.best) if search else base
-                ref = task.remote(fold.fold, setup, data, fold.test, study.labels(fold.test), study.cohort.classes,
-                                  join(study.storage, "train"), config.resources, audit_dir, search,
-                                  live.start(fold.fold))
-                pending[ref] = fold.fold
+                pending[start(fold)] = fold.fold
             ready = []
             while not ready:
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=LIVE_POLL_S)
