@@ -28,6 +28,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 
+from study.runtime import environment
 from study.storage import project_dir
 
 SAVED_VIEW_TAG = "mlflow.sharedViewState."  # the experiment tag prefix of the MLflow UI's saved views
@@ -233,8 +234,10 @@ class Tracker:
                                              "one ensemble, with its preprocessing. Apply it to new images: "
                                              f"study predict models:/{registered_name}/VERSION IMAGES...")
         # The artifact location, not models:/<id>: MLflow resolves the latter through the global tracking URI.
-        registered = self.client.create_model_version(registered_name, logged.artifact_location, run_id=run_id,
-                                                      model_id=logged.model_id)
+        # Registering copies the model's files, with a progress bar that only clutters the study's console.
+        with environment(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):
+            registered = self.client.create_model_version(registered_name, logged.artifact_location, run_id=run_id,
+                                                          model_id=logged.model_id)
         return logged.model_id, registered.version
 
     def reopen(self, run_id: str) -> None:
