@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import ray
 import torch
 import yaml
 
@@ -216,6 +217,42 @@ def test_a_failed_fold_stops_the_training_beside_it(tmp_path, cohort_dir):
     while (alive := list_actors(filters=training)) and time.time() < deadline:
         time.sleep(1)
     assert not alive, alive
+
+
+def _controller_timeouts() -> int:
+    """How often Ray Train's controllers on this Ray gave up waiting for a training's CPUs (their logs)."""
+    from ray.util.state import get_log, list_logs
+
+    node = ray.get_runtime_context().get_node_id()
+    logs = list_logs(node_id=node, glob_filter="train/ray-train-sys-controller-*")
+    files = [f for group in logs.values() for f in group]
+    return sum(line.count("WorkerGroupStartupTimeoutError") for f in files
+               for line in get_log(filename=f, node_id=node, tail=-1))
+
+
+class HoldsCpus:
+    def ready(self) -> bool:
+        return True
+
+
+@pytest.mark.slow
+def test_a_training_waits_quietly_while_other_work_holds_the_cpus(tmp_path, cohort_dir):
+    # More trainings than the cluster holds at once (concurrent folds beside the label-randomized model, or an
+    # autoscaler adding a node) wait for CPUs. Ray Train's own limit gave up the wait after 60 s, printed a
+    # traceback and asked again, every minute: the study must wait without that.
+    config = study_config(tmp_path, cohort_dir)
+    prepare_cohort(config.cohort, config.preprocess)  # the cache first: the study's only wait is its training's
+    before = _controller_timeouts()
+    holder = ray.remote(num_cpus=2)(HoldsCpus).remote()  # every CPU of the test head, for 75 s
+    ray.get(holder.ready.remote())
+    release = threading.Timer(75, ray.kill, args=[holder])
+    release.start()
+    try:
+        run_study(config)
+    finally:
+        release.cancel()
+        ray.kill(holder)
+    assert _controller_timeouts() == before
 
 
 @pytest.mark.slow

@@ -158,6 +158,11 @@ def training_data(study: Study, train_ids: list[str], val_ids: list[str],
 # epoch (a search trial: ASHA decides on epochs) paid up to 2 s an epoch (benchmarks/report_wait.py). A poll
 # is a small RPC; a worker that misses one is declared dead only after 10 minutes, as before.
 CONTROLLER_POLL_S = 0.1
+# How long a training may wait for its CPUs or GPUs (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by default):
+# more trainings at once than the cluster holds (concurrent folds, the label-randomized model beside them) or
+# an autoscaler adding a node. Ray Train's default gives up after 60 s, prints a traceback and asks again, for
+# ever; a day of quiet waiting behaves the same without the tracebacks on the console.
+RESOURCES_WAIT_S = 86400.0
 
 
 def fit(setup: TrainingSetup, data: TrainingData, name: str, storage_path: str, resources: ResourcesConfig,
@@ -186,9 +191,10 @@ def fit(setup: TrainingSetup, data: TrainingData, name: str, storage_path: str, 
             logging_config=LoggingConfig(log_level="WARNING"),  # not every epoch's report on the console
         ),
     )
-    with environment(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
-                                                                       str(CONTROLLER_POLL_S))):
-        result = trainer.fit()  # the controller reads it from this process's environment as it starts
+    defaults = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": CONTROLLER_POLL_S,
+                "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": RESOURCES_WAIT_S}  # a value the user set wins
+    with environment(**{key: os.environ.get(key, str(value)) for key, value in defaults.items()}):
+        result = trainer.fit()  # the controller reads them from this process's environment as it starts
     if result.checkpoint is None:
         raise RuntimeError(f"training {name} reported no checkpoint; see {join(storage_path, name)}")
     return result
