@@ -25,7 +25,8 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND for at most SECONDS, its o
     local started=$SECONDS
     timeout "$limit" "$@" > >(tee "$out/$name.log") 2>&1
     echo "== $name: exit $? after $((SECONDS - started)) s"
-    pkill -9 -f /tmp/site/ray/ 2>/dev/null  # a step cut at its limit leaves its Ray running
+    # A step cut at its limit leaves its Ray running. Every Ray process goes: a device machine runs nothing else.
+    pkill -9 -f "/tmp/site/ray/|^ray::" 2>/dev/null
     sleep 1
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/device.txt"
