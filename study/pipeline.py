@@ -20,7 +20,7 @@ from study.attribution.analysis import explain_study, start_label_randomization
 from study.config import StudyConfig
 from study.data.prepare import PreparedCohort, StudyError, make_or_load_splits, prepare_cohort
 from study.output.publish import Publisher
-from study.runtime import start_ray, unsatisfiable
+from study.runtime import interrupts_kept, start_ray, unsatisfiable
 from study.state import StageTimes, Study, resume_or_start
 from study.storage import join, release_shared
 from study.training.baseline import BaselineResult, fit_baselines
@@ -74,6 +74,7 @@ def _check_writable(key: str, folder: Path) -> None:
                          f"path, or choose another folder (e.g. --set {key}=...).") from None
 
 
+@interrupts_kept()  # a Ctrl-C that lands in a garbage collector's callback stops the study all the same
 def run_study(config: StudyConfig, restart: bool = False, audit: bool = False) -> str:
     """Carry out a study, or continue an unfinished execution of it.
 

@@ -9,9 +9,12 @@ nothing about studies, configs or MLflow.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import os
 import socket
+import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -233,3 +236,30 @@ def environment(**variables: str) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def interrupts_kept() -> Iterator[None]:
+    """Ctrl-C stops the block even when it lands in a garbage-collection callback.
+
+    CPython cannot raise from a weakref callback or ``__del__`` (SQLAlchemy's run when MLflow's objects are
+    collected): it hands the ``KeyboardInterrupt`` to ``sys.unraisablehook``, prints "Exception ignored in
+    ...", and goes on, so a study went on after that Ctrl-C. Inside this block such an interrupt is raised
+    again in the main thread 50 ms later, once the callback has returned (raised at once, it would be raised in
+    the callback again).
+    """
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if issubclass(unraisable.exc_type, KeyboardInterrupt):
+            again = threading.Timer(0.05, _thread.interrupt_main)
+            again.daemon = True
+            again.start()
+        else:
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
