@@ -21,7 +21,7 @@ from ray.tune.search.optuna import OptunaSearch
 from study.config import ConfigError, SearchConfig, parse_config
 from study.output.publish import Publisher
 from study.pipeline import run_study, study_dir
-from study.runtime import interrupts_kept
+from study.runtime import environment, interrupts_kept
 from study.training.search import DefineByRun, _restorable
 from tests.test_study import assert_views_find, runs_of, study_config
 
@@ -55,16 +55,18 @@ def _loss(config):
     tune.report({"loss": config["x"]})
 
 
-def _two_trial_search(storage):
+def _two_trial_search(storage) -> tune.ResultGrid:
     searcher = OptunaSearch(space={"x": tune.uniform(0, 1)}, metric="loss", mode="min")
-    return tune.Tuner(_loss, tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=1),
-                                                         num_samples=2, metric="loss", mode="min"),
-                      run_config=tune.RunConfig(name="fold1", storage_path=str(storage), verbose=0))
+    tuner = tune.Tuner(_loss, tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=1),
+                                                          num_samples=2, metric="loss", mode="min"),
+                       run_config=tune.RunConfig(name="fold1", storage_path=str(storage), verbose=0))
+    with environment(TUNE_DISABLE_SIGINT_HANDLER="1"):  # as the study runs Tune: else Tune's Ctrl-C handler stays
+        return tuner.fit()
 
 
 def test_search_stopped_before_tune_saved_its_trials_starts_over_with_all_trials(tmp_path):
     path = tmp_path / "fold1"
-    _two_trial_search(tmp_path).fit()
+    _two_trial_search(tmp_path)
     assert _restorable(str(path))  # a search that saved its trials continues
     # What Ctrl-C leaves when it lands before Tune's first save: the tuner's file and a searcher
     # checkpoint that counts trials, but no experiment state. Restored, it ran 1 trial of 2.
@@ -74,7 +76,7 @@ def test_search_stopped_before_tune_saved_its_trials_starts_over_with_all_trials
     assert (path / "tuner.pkl").exists()
     assert not _restorable(str(path))
     assert not any(path.iterdir())
-    assert len(_two_trial_search(tmp_path).fit()) == 2
+    assert len(_two_trial_search(tmp_path)) == 2
 
 
 def search_config(tmp_path, cohort_dir):
@@ -151,13 +153,17 @@ def test_a_ctrl_c_that_lands_in_a_garbage_collector_callback_still_stops_the_stu
     def interrupted_while_running(ref: weakref.ref) -> None:  # as if Ctrl-C arrived during this callback
         raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        with interrupts_kept():
-            collected = Collected()
-            ref = weakref.ref(collected, interrupted_while_running)
-            del collected  # the callback runs and its exception is unraisable
-            for _ in range(100):  # the study's next lines: the interrupt must reach them
-                time.sleep(0.01)
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's, as a study's driver has it
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_kept():
+                collected = Collected()
+                ref = weakref.ref(collected, interrupted_while_running)
+                del collected  # the callback runs and its exception is unraisable
+                for _ in range(100):  # the study's next lines: the interrupt must reach them
+                    time.sleep(0.01)
+    finally:
+        signal.signal(signal.SIGINT, handler)
     assert ref() is None
 
 
