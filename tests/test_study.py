@@ -199,8 +199,16 @@ def test_fold_curves_reach_mlflow_while_the_fold_trains(tmp_path, cohort_dir, mo
         assert {status for _, _, status in calls} == {"RUNNING"}
     _, children = runs_of(config, parent_id)
     for child in children:  # the fold's end logs what was missing, not the curves again
-        steps = [m.step for m in client.get_metric_history(child.info.run_id, "refit_train_loss")]
-        assert sorted(steps) == list(range(40))
+        points = sorted(client.get_metric_history(child.info.run_id, "refit_train_loss"), key=lambda m: m.step)
+        assert [m.step for m in points] == list(range(40))
+        # Each point has the time its epoch ended: inside the fold's run, in order, spread over the training
+        # (MLflow's wall-time axes read them; a constant timestamp put every point at 1970).
+        times = [m.timestamp for m in points]
+        assert child.info.start_time <= times[0] and times[-1] <= child.info.end_time, (child.info, times)
+        assert times == sorted(times)
+        seconds = [m.value for m in sorted(client.get_metric_history(child.info.run_id, "refit_epoch_seconds"),
+                                           key=lambda m: m.step)]
+        assert times[-1] - times[0] >= 0.9 * 1000 * sum(seconds[1:]), (times, seconds)
 
 
 @pytest.mark.slow

@@ -31,6 +31,7 @@ from mlflow.tracking import MlflowClient
 from study.runtime import environment
 from study.storage import project_dir
 
+WALL_TIME = "wall_time"  # a history column: when the row's epoch ended, seconds since 1970 (the points' timestamps)
 SAVED_VIEW_TAG = "mlflow.sharedViewState."  # the experiment tag prefix of the MLflow UI's saved views
 # What a study's ensemble needs where it is loaded (pinned to the versions that saved it).
 ENSEMBLE_REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "scipy", "nibabel", "nilearn", "pydantic", "pyyaml",
@@ -39,6 +40,11 @@ ENSEMBLE_REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "scipy", "nibabel
 
 class TrackingError(RuntimeError):
     """MLflow cannot be used (server unreachable, bad URI); the message says what to do."""
+
+
+def now_ms() -> int:
+    """The wall clock in milliseconds, as MLflow timestamps its metrics."""
+    return int(time.time() * 1000)
 
 
 def default_uri() -> str:
@@ -146,21 +152,27 @@ class Tracker:
     def log_history(self, run_id: str, history: pd.DataFrame, step: str = "epoch", only_new: bool = False) -> None:
         """Per-epoch curves: every numeric column, one MLflow step per value of column ``step``.
 
+        Each point carries the time its epoch ended (column ``wall_time``, seconds since the epoch, as the
+        training loop records it; now when a row has none), so MLflow's wall-time axes show when it trained.
         ``only_new`` leaves out the points the run already has (curves logged live as a fold trained).
         """
-        columns = [k for k in history.columns if k != step]
+        columns = [k for k in history.columns if k not in (step, WALL_TIME)]
         logged = {k: {m.step for m in self.client.get_metric_history(run_id, k)} for k in columns} if only_new else {}
-        metrics = []
+        metrics, now = [], now_ms()
         for _, row in history.iterrows():
-            for key, value in row.items():
-                if key != step and isinstance(value, (int, float, np.number)) and np.isfinite(value) \
+            wall = row.get(WALL_TIME)
+            timestamp = int(wall * 1000) if isinstance(wall, (int, float, np.number)) and np.isfinite(wall) else now
+            for key in columns:
+                value = row[key]
+                if isinstance(value, (int, float, np.number)) and np.isfinite(value) \
                         and int(row[step]) not in logged.get(key, ()):
-                    metrics.append(Metric(key, float(value), 0, int(row[step])))
+                    metrics.append(Metric(key, float(value), timestamp, int(row[step])))
         for start in range(0, len(metrics), 900):
             self.client.log_batch(run_id, metrics=metrics[start:start + 900])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], prefix: str = "") -> None:
-        finite = [Metric(prefix + k, float(v), 0, 0) for k, v in metrics.items() if np.isfinite(v)]
+        timestamp = now_ms()
+        finite = [Metric(prefix + k, float(v), timestamp, 0) for k, v in metrics.items() if np.isfinite(v)]
         self.client.log_batch(run_id, metrics=finite)
 
     def log_params(self, run_id: str, params: dict[str, Any], prefix: str = "") -> None:

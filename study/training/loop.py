@@ -268,7 +268,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if final:
                 current.bare.load_state_dict(best_state)
                 metrics |= _scores(current.model, current.dataset, train.batch_size, precision, "fit")
-            metrics |= {"best_val_loss": best, "epoch_seconds": time.perf_counter() - started}
+            metrics |= {"best_val_loss": best, "epoch_seconds": time.perf_counter() - started, "wall_time": time.time()}
             history.append({"phase": "select", **metrics})
             _live(live_path, history[-1], rank)
             if last and data.refit_ids:  # what a resumed run needs to start the refit
@@ -296,7 +296,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics = {"refit_epoch": epoch, **{f"refit_{k}": v for k, v in metrics.items()}}
             if epoch == refit_epochs - 1:
                 metrics |= _scores(current.model, current.dataset, train.batch_size, precision, "fit")
-            metrics["refit_epoch_seconds"] = time.perf_counter() - started
+            metrics |= {"refit_epoch_seconds": time.perf_counter() - started, "wall_time": time.time()}
             history.append({"phase": "refit", **metrics})
             _live(live_path, history[-1], rank)
             if epoch == refit_epochs - 1 or _report_due(last_report, checkpoint_every_s, precision.device):
