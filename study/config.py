@@ -203,7 +203,16 @@ class SearchDimension(_Section):
         return Condition.parse(self.when) if self.when else None
 
 
-SEARCHABLE_TRAIN_KEYS = ("lr", "weight_decay", "batch_size")
+# Recipe keys a search may set beside the architecture's; augment_strength is train.augment.strength.
+SEARCHABLE_TRAIN_KEYS = ("lr", "weight_decay", "batch_size", "epochs", "warmup_epochs", "augment_strength")
+
+
+def train_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The searched recipe keys of ``params`` as TrainConfig fields (``augment_strength`` -> augment.strength)."""
+    train = {k: v for k, v in params.items() if k in SEARCHABLE_TRAIN_KEYS and k != "augment_strength"}
+    if "augment_strength" in params:
+        train["augment"] = {"strength": params["augment_strength"]}
+    return train
 
 
 def _check_space(space: dict[str, SearchDimension], model: Architecture | Network | None) -> None:
@@ -232,10 +241,12 @@ def _check_space(space: dict[str, SearchDimension], model: Architecture | Networ
                 and kinds[0] in ("uniform", "loguniform") and isinstance(model, Architecture):
             problems.append(f"{key}: an integer; search it with choice or int_range")
         elif key in SEARCHABLE_TRAIN_KEYS or isinstance(model, Architecture):  # a user network's types are its own
-            owner = TrainConfig if key in SEARCHABLE_TRAIN_KEYS else Architecture
             for value in dim.values:
                 try:
-                    owner.model_validate({key: value})
+                    if key in SEARCHABLE_TRAIN_KEYS:
+                        TrainConfig.model_validate(train_params({key: value}))
+                    else:
+                        Architecture.model_validate({key: value})
                 except ValidationError as err:
                     problems.append(f"{key}: value {value!r} is not valid: {err.errors()[0]['msg']}")
         if dim.when is not None:

@@ -86,14 +86,14 @@ def test_storage_locations_join_paths_and_cloud_uris():
 
 def test_every_error_of_a_config_at_once_and_overrides_named(tmp_path):
     path = write(tmp_path, "name: 'has space'\ncohort: {root: x}\ncv: {outer_folds: 1}\n"
-                           "search: {num_samples: 0, space: {epochs: {choice: [1, 2]}}}\n")
+                           "search: {num_samples: 0, space: {patience: {choice: [1, 2]}}}\n")
     with pytest.raises(ConfigError) as err:
         load_config(path, ["train.batch_size=0", "model.width=wide"])
     message = str(err.value)
     assert "(6 problems)" in message  # not in rounds: the name and the search space along with the rest
     assert "name: name must be non-empty, without spaces or slashes" in message
     assert "cv.outer_folds" in message and "search.num_samples" in message
-    assert "search.space: cannot search 'epochs'; searchable keys: blocks, width" in message
+    assert "search.space: cannot search 'patience'; searchable keys: blocks, width" in message
     assert "train.batch_size: Input should be greater than or equal to 1 (got 0)  [--set train.batch_size=0]" in message
     assert "model.width" in message and "[--set model.width=wide]" in message
     assert f"[{path}]" in message.split("cv.outer_folds")[1].splitlines()[0]

@@ -30,6 +30,8 @@ SPACE = {
     "blocks": {"choice": [2, 3]},
     "kernel_size": {"choice": [1, 3], "when": "blocks > 2"},  # any choice fits the 8 mm test grid
     "lr": {"loguniform": [0.0005, 0.005]},
+    "epochs": {"choice": [2, 3]},  # recipe keys beside the architecture's: the inner CV chooses them too
+    "augment_strength": {"uniform": [0.5, 1.5]},
 }
 
 
@@ -43,9 +45,24 @@ def test_space_is_define_by_run_with_conditionals():
         assert 0.0005 <= trial.params["lr"] <= 0.005 and trial.params["width"] in (2, 4)
 
 
+def test_recipe_keys_of_a_search_set_the_training_recipe():
+    from study.config import TrainConfig
+    from study.training.crossval import TrainingSetup
+    from study.training.models import Architecture
+
+    setup = TrainingSetup(Architecture(), TrainConfig()).with_params(
+        {"width": 4, "lr": 0.01, "weight_decay": 0.1, "epochs": 7, "augment_strength": 0.5})
+    assert setup.architecture.width == 4 and setup.train.lr == 0.01 and setup.train.weight_decay == 0.1
+    assert setup.train.epochs == 7 and setup.train.augment.strength == 0.5
+    assert setup.train.augment.rotation_deg == TrainConfig().augment.rotation_deg  # the rest of the recipe stays
+    with pytest.raises(ConfigError, match="augment_strength: value -1.0 is not valid"):
+        parse_config({"name": "s", "cohort": {"root": "x"},
+                      "search": {"space": {"augment_strength": {"uniform": [-1, 1]}}}})
+
+
 def test_unsearchable_keys_are_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match=r"search.space: cannot search 'epochs'; searchable keys: blocks, width"):
-        parse_config({"name": "s", "cohort": {"root": "x"}, "search": {"space": {"epochs": {"choice": [1, 2]}}}})
+    with pytest.raises(ConfigError, match=r"search.space: cannot search 'patience'; searchable keys: blocks, width"):
+        parse_config({"name": "s", "cohort": {"root": "x"}, "search": {"space": {"patience": {"choice": [1, 2]}}}})
     with pytest.raises(ConfigError, match="exactly one of choice"):
         parse_config({"name": "s", "cohort": {"root": "x"},
                       "search": {"space": {"lr": {"choice": [1], "uniform": [0, 1]}}}})
@@ -135,7 +152,10 @@ def test_search_never_reads_held_out_subjects_and_logs_trials(tmp_path, cohort_d
             steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")]
             assert len(steps) == len(set(steps)) == len([s for s in seen if s[1] == run.data.tags["study.trial"]])
         assert all(r.data.tags["study.trial_status"] in {"completed", "stopped_early"} for r in runs)
-        assert all({"width", "blocks", "lr"} <= set(r.data.params) for r in runs)
+        assert all({"width", "blocks", "lr", "epochs", "augment_strength"} <= set(r.data.params) for r in runs)
+        for run in runs:  # each trial trained for its own sampled number of epochs at most
+            points = client.get_metric_history(run.info.run_id, "val_loss")
+            assert 1 <= len(points) <= int(run.data.params["epochs"]), run.data.params
     parent, folds = runs_of(config, parent_id)
     assert all(any(k.startswith("best.") for k in f.data.params) for f in folds)
     trials = [run for runs in by_fold.values() for run in runs]

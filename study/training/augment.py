@@ -19,13 +19,15 @@ from study.params import Params
 
 class Augmentation(Params):
     """Random transforms of each training volume. Left-right flips are off by default:
-    they would erase lateralized effects."""
+    they would erase lateralized effects. ``strength`` scales the four magnitudes together (0: none), so
+    a search can tune augmentation with one key (``augment_strength``)."""
 
     rotation_deg: float = Field(3.0, ge=0)
     translation_mm: float = Field(3.0, ge=0)
     scaling: float = Field(0.03, ge=0)  # relative size change
     intensity: float = Field(0.1, ge=0)  # gain and offset jitter
     flip_lr: bool = False
+    strength: float = Field(1.0, ge=0)
 
 
 def random_affine(batch: int, augmentation: Augmentation, voxel_mm: float, extent_vox: torch.Tensor,
@@ -34,16 +36,17 @@ def random_affine(batch: int, augmentation: Augmentation, voxel_mm: float, exten
     def uniform(*shape: int, scale: float) -> torch.Tensor:
         return (torch.rand(*shape, generator=generator) * 2 - 1) * scale
 
-    angles = uniform(batch, 3, scale=math.radians(augmentation.rotation_deg))
+    k = augmentation.strength
+    angles = uniform(batch, 3, scale=math.radians(augmentation.rotation_deg * k))
     cos, sin = angles.cos(), angles.sin()
     one, zero = torch.ones(batch), torch.zeros(batch)
     rx = torch.stack([one, zero, zero, zero, cos[:, 0], -sin[:, 0], zero, sin[:, 0], cos[:, 0]], 1)
     ry = torch.stack([cos[:, 1], zero, sin[:, 1], zero, one, zero, -sin[:, 1], zero, cos[:, 1]], 1)
     rz = torch.stack([cos[:, 2], -sin[:, 2], zero, sin[:, 2], cos[:, 2], zero, zero, zero, one], 1)
     rotation = rx.view(-1, 3, 3) @ ry.view(-1, 3, 3) @ rz.view(-1, 3, 3)
-    scale = 1 + uniform(batch, 1, 1, scale=augmentation.scaling)
+    scale = 1 + uniform(batch, 1, 1, scale=augmentation.scaling * k)
     # Normalized coordinates span 2 units over the grid's extent along each axis.
-    shift = uniform(batch, 3, scale=augmentation.translation_mm) / voxel_mm * 2 / extent_vox
+    shift = uniform(batch, 3, scale=augmentation.translation_mm * k) / voxel_mm * 2 / extent_vox
     matrix = torch.cat([rotation * scale, shift.unsqueeze(-1)], dim=2)
     return matrix.to(device)
 
@@ -56,8 +59,9 @@ def augment(x: torch.Tensor, augmentation: Augmentation, voxel_mm: float, genera
     theta = random_affine(batch, augmentation, voxel_mm, extent, generator, x.device).to(x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    gain = 1 + (torch.rand(batch, 1, 1, 1, 1, generator=generator) * 2 - 1) * augmentation.intensity
-    bias = (torch.rand(batch, 1, 1, 1, 1, generator=generator) * 2 - 1) * augmentation.intensity
+    intensity = augmentation.intensity * augmentation.strength
+    gain = 1 + (torch.rand(batch, 1, 1, 1, 1, generator=generator) * 2 - 1) * intensity
+    bias = (torch.rand(batch, 1, 1, 1, 1, generator=generator) * 2 - 1) * intensity
     out = out * gain.to(x.device, x.dtype) + bias.to(x.device, x.dtype) * (out != 0)
     if augmentation.flip_lr:
         flip = torch.rand(batch, generator=generator) < 0.5

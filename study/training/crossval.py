@@ -28,7 +28,7 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from study.config import SEARCHABLE_TRAIN_KEYS, ResourcesConfig, TrainConfig
+from study.config import SEARCHABLE_TRAIN_KEYS, ResourcesConfig, TrainConfig, train_params
 from study.data.cache import CachedVolumes
 from study.data.cohort import Classes
 from study.data.prepare import StudyError
@@ -51,9 +51,11 @@ class TrainingSetup:
     def with_params(self, params: dict[str, Any]) -> "TrainingSetup":
         """This setup with searched keys applied; each side is validated as a whole."""
         arch = {k: v for k, v in params.items() if k not in SEARCHABLE_TRAIN_KEYS}
-        train = {k: v for k, v in params.items() if k in SEARCHABLE_TRAIN_KEYS}
+        recipe = self.train.model_dump()
+        for key, value in train_params(params).items():
+            recipe[key] = {**recipe[key], **value} if key == "augment" else value
         return TrainingSetup(architecture_of({**self.architecture.model_dump(), **arch}),
-                             TrainConfig.model_validate({**self.train.model_dump(), **train}))
+                             TrainConfig.model_validate(recipe))
 
 
 @dataclass

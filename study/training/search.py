@@ -134,7 +134,7 @@ def _tuner(search: SearchConfig, base: TrainingSetup, data: TrainingData, storag
         OptunaSearch(space=DefineByRun(search.space), metric=search.metric, mode=search.mode, sampler=sampler),
         max_concurrent=search.max_concurrent,
     )
-    scheduler = (ASHAScheduler(max_t=base.train.epochs, grace_period=search.grace_period)
+    scheduler = (ASHAScheduler(max_t=_most_epochs(search, base), grace_period=search.grace_period)
                  if search.scheduler == "asha" else FIFOScheduler())
     return tune.Tuner(
         trainable,
@@ -142,6 +142,11 @@ def _tuner(search: SearchConfig, base: TrainingSetup, data: TrainingData, storag
                                     metric=search.metric, mode=search.mode),
         run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1, callbacks=[_TrialEvents(path)]),
     )
+
+
+def _most_epochs(search: SearchConfig, base: TrainingSetup) -> int:
+    """The longest training a trial may have: the recipe's epochs, or the largest searched ``epochs``."""
+    return int(max(search.space["epochs"].values)) if "epochs" in search.space else base.train.epochs
 
 
 def _trial_id(result: tune.Result) -> str:
@@ -197,7 +202,8 @@ def search_fold(search: SearchConfig, base: TrainingSetup, data: TrainingData, s
         if result.error is not None or history.empty:
             status, score = "errored", float("nan")
         else:
-            status = "completed" if len(history) >= base.train.epochs else "stopped_early"
+            epochs = int(result.config.get("epochs", base.train.epochs))
+            status = "completed" if len(history) >= epochs else "stopped_early"
             column = history[search.metric]
             score = float(column.min() if search.mode == "min" else column.max())
         trials.append(Trial(_trial_id(result), dict(result.config), history, status, score))
