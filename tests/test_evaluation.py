@@ -67,7 +67,12 @@ def test_chance_and_real_classifiers_get_the_right_verdict():
     assert evaluate(labels, noise, folds, permutations=999).finding == "none"
     assert evaluate(labels, learned, folds, noise, permutations=999).finding == "yes"
     assert evaluate(labels, noise * 0.1 + learned * 0.05 + rng.random(150), folds, learned,
-                    permutations=999).finding in {"none", "below_baseline"}
+                    permutations=999).finding in {"baseline_only", "below_baseline"}
+    # a CNN at chance beside a baseline that learned: the verdict names the baseline's finding
+    only_linear = evaluate(labels, noise, folds, learned, permutations=999)
+    assert only_linear.finding == "baseline_only" and only_linear.baseline_p < 0.05
+    assert "linear baseline learned the task, the CNN did not" in only_linear.verdict
+    assert evaluate(labels, noise, folds, rng.random(150), permutations=999).finding == "none"
     behind = evaluate(labels, 0.6 * learned + 0.9 * rng.random(150), folds, learned, permutations=999)
     assert behind.cnn_p < 0.05 and behind.finding == "below_baseline" and "below the linear baseline" in behind.verdict
     ci = auc_with_ci(labels, learned)

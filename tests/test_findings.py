@@ -97,5 +97,31 @@ def test_a_model_trained_on_shuffled_labels_is_said_to_have_learned_nothing(tmp_
     assert run.data.tags["study.finding"] == "none", run.data.metrics
     assert run.data.metrics["pooled_roc_auc_p_vs_chance"] >= 0.05
     report = (study_dir(config) / "latest" / "report.html").read_text()
-    assert 'class="banner warning">No finding: the CNN did not learn the task' in report
-    assert "No finding: the CNN did not learn the task" in capsys.readouterr().out
+    assert 'class="banner warning">No finding: neither the CNN nor the linear baseline learned the task' in report
+    assert "No finding: neither the CNN nor the linear baseline learned the task" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_cnn_that_cannot_learn_beside_a_baseline_that_did_gets_the_baseline_verdict(tmp_path, hard_cohort, capsys):
+    """One epoch at a learning rate that moves nothing: only the linear baseline learns. The verdict says so, the
+    fit check names the folds, and the baseline's map gets the CNN maps' treatment (test, deletion, regions)."""
+    config = demo_sized(tmp_path, hard_cohort, train={"epochs": 1, "lr": 1e-9, "warmup_epochs": 0},
+                        attribution={"methods": ["gradcam"], "batch_size": 8, "actors": 2, "permutations": 99,
+                                     "sanity": {"subjects": 2, "label_randomization": False}})
+    mlflow.set_tracking_uri(config.tracking.uri)
+    run = mlflow.get_run(run_study(config))
+    metrics, tags = run.data.metrics, run.data.tags
+    assert tags["study.finding"] == "baseline_only" and tags["study.fit"] == "underfit", metrics
+    assert metrics["baseline_pooled_roc_auc_p_vs_chance"] < 0.05 <= metrics["pooled_roc_auc_p_vs_chance"]
+    out = capsys.readouterr().out
+    assert "The linear baseline learned the task, the CNN did not" in out
+    assert "did not fit its own training subjects in 3 of 3 folds" in out
+    report = (study_dir(config) / "latest" / "report.html").read_text()
+    assert 'class="banner warning">The linear baseline learned the task' in report
+    assert report.index("The finding: the linear baseline&#x27;s weights") < report.index("Where the network looks")
+    # the weights' own test finds voxels, and deleting the baseline's top voxels moves its decisions
+    assert metrics["test_voxels_fwer05_linear_baseline"] > 0, metrics
+    assert "linear_baseline" not in tags["sanity.deletion_flagged"].split(","), tags
+    assert metrics["deletion_change_linear_baseline"] > 3 * metrics["deletion_change_random"], metrics
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "maps/linear_baseline")}
+    assert "maps/linear_baseline/linear_baseline_weights_male_minus_female.nii.gz" in artifacts, artifacts

@@ -181,3 +181,59 @@ def test_method_agreement_is_pairwise_spearman_and_dice(monkeypatch):
         assert table.loc[(a, b), "spearman_subject_std"] == pytest.approx(np.std(rho))
         assert table.loc[(a, b), "dice_top5%_subject_mean"] == pytest.approx(np.mean(dice))
     assert table.loc[("a", "b"), "spearman_subject_mean"] > 0.5 > abs(table.loc[("a", "c"), "spearman_subject_mean"])
+
+
+@pytest.mark.parametrize("C", [1e-3, 0.1, 10.0])
+def test_the_linear_weights_are_scikit_learns_logistic_regression(C):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from study.attribution.linear import weight_test
+
+    rng = np.random.default_rng(8)
+    labels = (rng.random(50) < 0.45).astype(int)
+    voxels = rng.normal(size=(50, 300)) * rng.uniform(0.5, 3, size=300) + 100
+    voxels[labels == 1, :10] += 1.0
+    voxels[:, 20] = 7.0  # a constant voxel: left out, as StandardScaler leaves it at 0
+    reference = LogisticRegression(C=C, max_iter=20000, tol=1e-12).fit(StandardScaler().fit_transform(voxels), labels)
+    result = weight_test(voxels, labels, C, permutations=0)
+    expected = np.delete(reference.coef_[0], 20)
+    # to scikit-learn's own tolerance (lbfgs stops short of the exact optimum that Newton's method reaches)
+    np.testing.assert_allclose(np.delete(result.t, 20), expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+    assert np.isnan(result.t[20]) and result.constant == 1
+
+
+def test_linear_weight_p_values_equal_a_brute_force_count():
+    from sklearn.linear_model import LogisticRegression
+
+    from study.attribution.linear import standardize, weight_test
+
+    rng = np.random.default_rng(9)
+    labels, _, families = design(15, seed=9)
+    voxels = rng.normal(size=(len(labels), 40))
+    voxels[labels == 1, :2] += 1.5
+    permutations, seed, C = 19, 3, 0.5
+    result = weight_test(voxels, labels, C, permutations, families, seed=seed, chunk=6)
+    x, draws = standardize(voxels), np.random.default_rng(seed)
+    blocks = ExchangeabilityBlocks(np.zeros(len(labels), dtype=int), families)
+    fit = lambda y: LogisticRegression(C=C, max_iter=20000, tol=1e-12).fit(x, y).coef_[0]  # noqa: E731
+    max_null = [np.abs(fit(labels[blocks.draw(draws)])).max() for _ in range(permutations)]
+    observed = fit(labels)
+    expected = [(1 + sum(m >= abs(w) - 1e-6 for m in max_null)) / (permutations + 1) for w in observed]
+    np.testing.assert_allclose(result.t, observed, rtol=1e-4, atol=1e-6 * np.abs(observed).max())
+    np.testing.assert_allclose(result.p, expected)
+
+
+def test_linear_weight_test_family_wise_error_rate_under_the_null_is_five_percent():
+    # No effect; siblings share part of their voxels. The weights' max-statistic test keeps FWER at 5%.
+    from study.attribution.linear import weight_test
+
+    rng = np.random.default_rng(10)
+    draws, hits = 300, 0
+    for draw in range(draws):
+        labels, _, families = design(24, seed=2000 + draw)
+        _, family_index = np.unique(families, return_inverse=True)
+        shared = rng.normal(size=(family_index.max() + 1, 30))[family_index]
+        voxels = rng.normal(size=(len(labels), 30)) + shared
+        hits += bool((weight_test(voxels, labels, 0.1, 99, families, seed=draw).p <= 0.05).any())
+    assert 0.02 <= hits / draws <= 0.085, hits / draws

@@ -24,9 +24,11 @@ import ray
 from study.attribution.actors import Explanation, FoldModel, explain_cohort
 from study.attribution.gradcam import feature_grid
 from study.attribution.group import group_means, localization, method_agreement, normalize, region_table, unmask
+from study.attribution.linear import LinearVoxelModel, weight_test
 from study.attribution.sanity import (RANDOM, RANDOM_BLOB_MM, deletion_check, deletion_summary, flagged_methods,
                                      label_randomization, parameter_randomization, random_blobs, top_voxels)
 from study.attribution.stats import PermutationTest, permutation_test_on_device
+from study.runtime import worker_device
 from study.attribution.store import MapStore
 from study.config import AttributionConfig, ResourcesConfig
 from study.data.volumes import Grid, resample_to_grid
@@ -39,9 +41,10 @@ from study.training.models import build_model
 
 
 LINEAR_BASELINE = "linear_baseline"  # the baseline's weights, analysed beside the methods' maps
-# No class 1 - class 0 test of these maps even under the contrast: the baseline's weights are one map per fold,
-# and Meaningful Perturbations deletes the evidence for each subject's own decision, so its two classes' maps
-# answer different questions (their difference would be there by construction, as for true_class maps).
+# No class 1 - class 0 test of these maps even under the contrast: the baseline's weights are one map per fold
+# (they get a permutation test of their own, study.attribution.linear), and Meaningful Perturbations deletes the
+# evidence for each subject's own decision, so its two classes' maps answer different questions (their
+# difference would be there by construction, as for true_class maps).
 UNTESTED = (LINEAR_BASELINE, "perturbation")
 # Raised when a method computes different maps for the same settings, so that a rerun does not reuse old maps
 # (2: under the contrast, Grad-CAM's magnitude and Meaningful Perturbations signed by each subject's decision).
@@ -195,21 +198,36 @@ def _sanity(study: Study, first: FoldResult, store: MapStore, brain: np.ndarray,
     return ray.get(cascade), shuffled, fit_accuracy
 
 
-def _deletion(study: Study, jobs: list[FoldModel], store: MapStore, brain: np.ndarray) -> list[ray.ObjectRef]:
+def _deletion(study: Study, jobs: list[FoldModel], baselines: list[BaselineResult], store: MapStore,
+              brain: np.ndarray) -> tuple[list[ray.ObjectRef], list[ray.ObjectRef]]:
     """The deletion check on every held-out subject: each fold's model, with its subjects' maps' top voxels and
-    random blobs of as many voxels replaced by the cohort's mean, one Ray task per fold (its table, when done)."""
+    random blobs of as many voxels replaced by the cohort's mean, one Ray task per fold (its table, when done);
+    and the same for each fold's linear baseline with its own weights' top voxels (the second list)."""
     attribution, resources = study.config.attribution, study.config.resources
     task = ray.remote(num_cpus=1, num_gpus=attribution.gpus_per_actor if resources.use_gpu else 0)(deletion_check)
-    reference, refs = ray.put(study.cohort_mean), []
+    reference, refs, linear = ray.put(study.cohort_mean), [], []
     sigma = RANDOM_BLOB_MM / study.cache.grid.voxel_mm
+    baseline_of = {b.fold: b for b in baselines}
     for job in jobs:
         seed = study.config.cv.seed + job.fold
         deleted = {m: top_voxels(store.read(m, job.subject_ids)[:, brain], brain, seed=seed)
                    for m in attribution.methods}
-        deleted[RANDOM] = random_blobs(len(job.subject_ids), brain, sigma, seed=seed)
+        blobs = deleted[RANDOM] = random_blobs(len(job.subject_ids), brain, sigma, seed=seed)
         refs.append(task.remote(job.checkpoint, study.cache, job.subject_ids, deleted, reference,
                                 attribution.batch_size))
-    return refs
+        if (baseline := baseline_of.get(job.fold)) is not None:
+            weights = np.broadcast_to(np.abs(baseline.weights), (len(job.subject_ids), len(baseline.weights)))
+            linear.append(task.remote(LinearVoxelModel(baseline, brain).eval(), study.cache, job.subject_ids,
+                                      {LINEAR_BASELINE: top_voxels(weights, brain, seed=seed), RANDOM: blobs},
+                                      reference, attribution.batch_size))
+    return refs, linear
+
+
+def _brain_voxels(study: Study, subject_ids: list[str], brain: np.ndarray) -> np.ndarray:
+    """[subjects, brain voxels] float32 of the cache, read 64 subjects at a time."""
+    volumes = study.cache.volumes
+    rows = study.cache.rows(subject_ids)
+    return np.concatenate([volumes[rows[s:s + 64]][:, brain].astype(np.float32) for s in range(0, len(rows), 64)])
 
 
 def explain_study(study: Study, results: list[FoldResult], baselines: list[BaselineResult],
@@ -284,6 +302,11 @@ def explain_study(study: Study, results: list[FoldResult], baselines: list[Basel
             tests = dict(zip(arguments, ray.get([task.remote(*a) for a in arguments.values()])))
         else:
             tests = {method: permutation_test_on_device(*a) for method, a in arguments.items()}
+        if baselines:  # the linear model's weights, refitted on all subjects and on permuted labels
+            C = float(np.median([b.C for b in baselines]))
+            tests[LINEAR_BASELINE] = weight_test(_brain_voxels(study, tested, brain), labels, C,
+                                                 attribution.permutations, families, study.config.cv.seed,
+                                                 str(worker_device()))
         for method, maps in normalized.items():
             group = group_means(maps, labels, classes)
             per_fold = {job.fold: group_means(maps[fold_of == job.fold], labels[fold_of == job.fold], classes)
@@ -298,13 +321,19 @@ def explain_study(study: Study, results: list[FoldResult], baselines: list[Basel
             analysed[method] = MethodMaps(method, group, per_fold, test, scores, regions)
         agreement = method_agreement(normalized)
     with study.times.stage("sanity checks"):
-        deleting = _deletion(study, jobs, store, brain)  # runs beside the randomization checks
+        deleting, deleting_linear = _deletion(study, jobs, baselines, store, brain)  # beside the randomization
         cascade, shuffled, shuffled_accuracy = _sanity(study, results[0], store, brain, shuffled_fit)
-        deletion = pd.concat([table.assign(fold=job.fold) for job, table in zip(jobs, ray.get(deleting))],
+        deletion = pd.concat([table.assign(fold=job.fold, model="cnn") for job, table in zip(jobs, ray.get(deleting))],
                              ignore_index=True)
+        summary = deletion_summary(deletion)
+        if deleting_linear:  # the linear model's own random blobs are its control
+            linear = pd.concat([table.assign(fold=job.fold, model="linear")
+                                for job, table in zip(jobs, ray.get(deleting_linear))], ignore_index=True)
+            summary = pd.concat([summary, deletion_summary(linear)], ignore_index=True)
+            deletion = pd.concat([deletion, linear], ignore_index=True)
     features, spacing = feature_grid(build_model(results[0].setup.architecture, study.cache.shape).eval(),
                                      study.cache.shape)
     return AttributionResult(analysed, brain, study.cache.affine, len(tested), attribution.target, agreement,
                              cascade, shuffled, shuffled_accuracy, flagged_methods(cascade, shuffled), deletion,
-                             deletion_summary(deletion), store,
+                             summary, store,
                              (features, spacing[0] * study.cache.grid.voxel_mm))

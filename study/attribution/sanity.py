@@ -181,11 +181,14 @@ def deletion_changes(model: nn.Module, volumes: torch.Tensor, deleted: dict[str,
     return decided.cpu().numpy(), changes
 
 
-def deletion_check(checkpoint: ray.train.Checkpoint, cache: VolumeCache, subject_ids: list[str],
+def deletion_check(model: ray.train.Checkpoint | nn.Module, cache: VolumeCache, subject_ids: list[str],
                    deleted: dict[str, np.ndarray], reference: np.ndarray, batch_size: int) -> pd.DataFrame:
-    """:func:`deletion_changes` for one fold's held-out subjects, in batches: one row per (subject, method)."""
+    """:func:`deletion_changes` for one fold's held-out subjects, in batches: one row per (subject, method).
+
+    ``model`` is the fold's CNN checkpoint, or a network in eval mode (the linear baseline's)."""
     precision = Precision.choose(worker_device(), precision="fp32")
-    model = precision.model(load_model(checkpoint, precision.device))
+    model = precision.model(load_model(model, precision.device) if isinstance(model, ray.train.Checkpoint)
+                            else model)
     volumes, rows = CachedVolumes(cache, subject_ids, np.zeros(len(subject_ids))), []
     mean = torch.tensor(reference, device=precision.device)
     for start in range(0, len(subject_ids), batch_size):

@@ -15,7 +15,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,21 +23,24 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import yaml
+from matplotlib.figure import Figure
 
 from study.attribution import METHODS
 from study.attribution.analysis import LINEAR_BASELINE, AttributionResult, explanation_of
+from study.attribution.stats import PermutationTest
 from study.attribution.sanity import DELETED_SHARE, FLAG_DELETION_P, FLAG_SPEARMAN, RANDOM_BLOB_MM
 from study.config import AttributionConfig, StudyConfig
+from study.data.cohort import Classes
 from study.data.prepare import PreparedCohort
 from study.output.figures import agreement_figure, brain_figure, confusion_figure, roc_figure, sanity_figure
 from study.output.report import Report
-from study.output.tracking import Tracker, TrackingError, is_tracking_failure, tracking_uri
+from study.output.tracking import WALL_TIME, Tracker, TrackingError, is_tracking_failure, tracking_uri
 from study.predict import Ensemble
 from study.state import Study
 from study.storage import replace_atomically
 from study.training.baseline import BaselineResult
 from study.training.crossval import FoldResult, SearchResult
-from study.training.evaluation import Evaluation, format_p
+from study.training.evaluation import Evaluation, fit_check, format_p
 from study.training.loop import load_model
 from study.training.metrics import SUMMARY_METRICS, cross_fold_summary
 
@@ -115,6 +118,7 @@ class Publisher:
         self.tracker = Tracker(tracking_uri(config.tracking.uri), config.tracking.experiment or config.name)
         self.report = Report(f"study {config.name}: {config.cohort.task.column} classification from T1w MRI")
         self.started = time.perf_counter()
+        self.underfit: str | None = None  # what classification found of folds that did not fit their subjects
         for view_id, (name, level, columns, order_by, ascending) in self.views().items():
             self.tracker.save_view(view_id, name, f"tags.`study.level` = '{level}'", columns, order_by, ascending)
 
@@ -297,7 +301,7 @@ class Publisher:
             run_id = self._trial_run(fold, fold_run, trial.trial_id, trial.params, children)
             if not trial.history.empty:
                 tracker.log_history(run_id, trial.history[[c for c in trial.history.columns
-                                                           if c.startswith(TRIAL_METRICS) or c == "epoch"]],
+                                                           if c.startswith(TRIAL_METRICS) or c in ("epoch", WALL_TIME)]],
                                     only_new=True)
             tracker.set_tags(run_id, {"study.trial_status": trial.status})
             if trial.score == trial.score:  # not NaN
@@ -316,7 +320,8 @@ class Publisher:
         tracker.log_metrics(parent, summary)
         tracker.log_metrics(parent, {k.replace("test_", "baseline_test_", 1): v for k, v in linear.items()})
         tracker.log_metrics(parent, self._evaluation_metrics(evaluation))
-        tracker.set_tags(parent, {"study.finding": evaluation.finding})
+        fit, underfit = fit_check({r.fold: r.fit_accuracy for r in results})
+        tracker.set_tags(parent, {"study.finding": evaluation.finding, "study.fit": fit})
         for baseline in baselines:
             if baseline.fold in state.baseline_runs:
                 continue
@@ -344,9 +349,13 @@ class Publisher:
         say(f"{'all':>6} {summary['test_roc_auc_mean']:>6.3f} ± {summary['test_roc_auc_std']:.3f} "
             f"{linear['test_roc_auc_mean']:>5.3f} ± {linear['test_roc_auc_std']:.3f}")
         say(evaluation.verdict)
+        if underfit:
+            say(underfit)
+        self.underfit = underfit  # said again at the end, beside the verdict
 
         report = self.report
-        report.banner = ("finding" if evaluation.finding == "yes" else "warning", evaluation.verdict)
+        report.banner = ("finding" if evaluation.finding == "yes" else "warning",
+                         evaluation.verdict + (f" {underfit}" if underfit else ""))
         report.summary = [
             ("subjects", f"{len(study.cohort.subjects)} ({int(study.cohort.labels.sum())} {classes.positive})"),
             ("outer folds", str(len(results))),
@@ -436,6 +445,7 @@ class Publisher:
         if attribution.subject_nifti:
             self._subject_maps(result, study.directory / "maps" / "subjects")
         figures, region_tables = [], []
+        beside: dict[str, tuple[str, Figure]] = {}  # each method's main map, for the CNN-beside-linear section
         classes = study.cohort.classes
         target = TARGETS[result.target].format(contrast=classes.contrast, column=classes.column)
         deletion = {"cohort_mean": "towards the cohort's mean", "blur": "by blurring"}[
@@ -462,6 +472,12 @@ class Publisher:
                     log_map(parent, maps.group["mean_all"], f"{method}_mean_all", method)
                     figures.append((f"{title}: |weights| on standardized voxels, mean over folds (top 10% of voxels)",
                                     brain_figure(self._image(result, maps.group["mean_all"]), title, "glass")))
+                    if maps.test is not None:
+                        figures.append(self._weight_test(parent, maps.test, result, classes, log_map))
+                        beside[method] = figures[-1]
+                    for kind, table in maps.regions.items():
+                        tracker.log_table(parent, table, f"regions/{method}_{kind}.tsv")
+                        region_tables.append((f"{title}: regions ({kind})", table.head(15)))
                     continue
                 for name, values in maps.group.items():
                     log_map(parent, values, f"{method}_{name}", method)
@@ -476,6 +492,7 @@ class Publisher:
                        brain_figure(self._image(result, maps.group[f"mean_{name}"]), f"{title}, {name}"))
                       for name in reversed(classes.names) if f"mean_{name}" in maps.group],
                 ]
+                beside[method] = next(f for f in figures if f[0].startswith(f"{title}: mean map, all held-out"))
                 if maps.test is not None:
                     test = maps.test
                     log_map(parent, np.nan_to_num(test.t), f"{method}_t_{'_minus_'.join(reversed(classes.names))}",
@@ -511,12 +528,13 @@ class Publisher:
         deletions = result.deletion_summary
         tracker.log_table(parent, result.deletion, "sanity/deletion.tsv")
         tracker.log_metrics(parent, {f"deletion_change_{row.method}": row.change_mean for row in deletions.itertuples()}
-                            | {"deletion_change_random": float(deletions.random_change_mean.mean())})
+                            | {"deletion_change_random": float(
+                                deletions.random_change_mean[deletions.method != LINEAR_BASELINE].mean())})
         tracker.set_tags(parent, {"sanity.flagged": ",".join(result.flagged) or "none",
                                   "sanity.deletion_flagged": ",".join(result.deletion_flagged) or "none"})
 
         report, methods = self.report, list(result.maps)
-        tests = [m.test for m in result.maps.values() if m.test is not None]
+        tests = [m.test for name, m in result.maps.items() if m.test is not None and name != LINEAR_BASELINE]
         if tests:
             how = (f"The t maps show voxels where the maps of {classes.names[1]} and {classes.names[0]} differ "
                    f"(Welch t), FWER-corrected by the maximum statistic over {tests[0].permutations} label "
@@ -525,13 +543,22 @@ class Publisher:
         else:
             how = (f"No {classes.contrast} test: with target {result.target} the maps of each class explain different "
                    "scores, so their difference would be there by construction; set attribution.target: contrast.")
-        heading = "Where the network looks" if evaluation.finding == "yes" else \
-            "Where the network looks: explaining a model that did not learn the task (no finding)"
+        heading = "Where the network looks" if evaluation.finding in ("yes", "below_baseline") else \
+            "Where the network looks: explaining a model that did not learn the task"
         if "gradcam" in result.maps:
             (d, h, w), spacing = result.gradcam_grid
             network = "fold 0's network" if study.config.search else "the network"
             how += (f" Grad-CAM shows no detail finer than {network}'s last feature map: {d}x{h}x{w} voxels, one "
                     f"every {spacing:.0f} mm on this grid.")
+        if LINEAR_BASELINE in beside and len(beside) > 1:
+            linear = beside.pop(LINEAR_BASELINE)
+            if evaluation.finding == "baseline_only":  # the finding to read comes first
+                report.add_images("The finding: the linear baseline's weights", [linear],
+                                  "Only the linear baseline learned the task (see the banner): its weight map is the "
+                                  "finding. The CNN's maps further down explain a model that learned nothing.")
+            else:
+                report.add_images("The CNN's maps beside the linear baseline's", [*beside.values(), linear],
+                                  f"Where both models look. {evaluation.verdict}")
         report.add_images(heading, figures,
                           f"Every map explains {target}. Normalized maps (each subject scaled to its 99.5th "
                           "percentile) averaged over held-out subjects, over the MNI152 template. " + how)
@@ -617,6 +644,8 @@ class Publisher:
         for row in times.itertuples():
             say(f"  {row.stage:<24} {row.seconds:>8.1f}  {row.share:>6.1%}")
         say(evaluation.verdict)
+        if self.underfit:
+            say(self.underfit)
         say(f"report: {report_path}")
         say(f"MLflow: run {parent}; {tracker.run_url(parent)}")
 
@@ -647,6 +676,26 @@ class Publisher:
             raise
 
     # -- helpers -------------------------------------------------------------------------------------------------
+
+    def _weight_test(self, parent: str, test: PermutationTest, result: AttributionResult, classes: Classes,
+                     log_map: Callable[[str, np.ndarray, str, str], None]) -> tuple[str, Figure]:
+        """The linear baseline's weight test: its maps and metrics logged, its figure (caption, figure)."""
+        method = LINEAR_BASELINE
+        contrast = "_minus_".join(reversed(classes.names))
+        log_map(parent, np.nan_to_num(test.t), f"{method}_weights_{contrast}", method)
+        significant = np.nan_to_num(test.t)
+        if test.permutations:
+            log_map(parent, np.nan_to_num(test.p, nan=1.0), f"{method}_weights_p_fwer", method)
+            tested = ~np.isnan(test.p)
+            self.tracker.log_metrics(parent, {f"test_voxels_fwer05_{method}": float((test.p[tested] < 0.05).sum())})
+            significant = np.where(test.p < 0.05, significant, 0)
+        caption = (f"{TITLES[method]}: {classes.contrast}, the weights of one l2 logistic regression on all "
+                   f"subjects (positive: a higher standardized intensity points to {classes.names[1]}), FWER p < 0.05 "
+                   f"by refitting on {test.permutations} label permutations within families (maximum statistic); "
+                   f"{int((test.p < 0.05).sum()) if test.permutations else 0} voxels significant")
+        return caption, brain_figure(self._image(result, significant),
+                                     f"{TITLES[method]}: {classes.contrast} (weights, p_FWER<0.05)", "glass",
+                                     symmetric=True)
 
     @staticmethod
     def _image(result: AttributionResult, values: np.ndarray) -> nib.Nifti1Image:

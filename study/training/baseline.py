@@ -41,6 +41,9 @@ class BaselineResult:
     predictions: pd.DataFrame  # subject_id, the true class, P(class 1), predicted (Classes.predictions)
     weights: np.ndarray  # [brain voxels] on standardized voxels
     seconds: float
+    intercept: float = 0.0
+    voxel_mean: np.ndarray | None = None  # [brain voxels]: the standardization of the fold's training subjects
+    voxel_scale: np.ndarray | None = None
 
 
 def _voxels(cache: VolumeCache, subject_ids: list[str], brain: np.ndarray) -> np.ndarray:
@@ -66,8 +69,11 @@ def fit_linear(cache: VolumeCache, brain: np.ndarray, fold: OuterFold, labels: d
     model, C = search.best_estimator_, float(search.best_params_["logisticregression__C"])
     test_labels = np.array([labels[s] for s in fold.test])
     p = model.predict_proba(_voxels(cache, fold.test, brain))[:, 1]
+    scaler, linear = model[0], model[-1]
     return BaselineResult(fold.fold, C, classification_metrics(test_labels, p),
-                          classes.predictions(fold.test, test_labels, p), model[-1].coef_[0].astype(np.float32), time.perf_counter() - started)
+                          classes.predictions(fold.test, test_labels, p), linear.coef_[0].astype(np.float32),
+                          time.perf_counter() - started, float(linear.intercept_[0]),
+                          scaler.mean_.astype(np.float32), scaler.scale_.astype(np.float32))
 
 
 def fit_baselines(study: Study, brain: np.ndarray) -> list[BaselineResult]:

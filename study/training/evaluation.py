@@ -5,9 +5,9 @@ tested exactly once). The AUC gets a DeLong confidence interval (DeLong et al.
 1988, with the fast midrank algorithm of Sun & Xu 2014) and a label-permutation
 test against chance (labels permuted within outer folds, so that each fold's
 model keeps its own subjects); the CNN-minus-baseline difference gets DeLong's
-paired test, both models having predicted the same subjects. A study has no
-finding when the CNN is not significantly above chance, or is significantly
-below the linear baseline.
+paired test, both models having predicted the same subjects. The verdict says
+which model learned the task: the CNN, the CNN but less than the baseline,
+only the baseline (then its weight map is the finding), or neither.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import scipy.stats
 from sklearn.metrics import roc_auc_score
 
 ALPHA = 0.05
+UNDERFIT_ACCURACY = 0.6  # a final model below this accuracy on its own training subjects never fitted them
 
 
 def _midranks(x: np.ndarray) -> np.ndarray:
@@ -116,9 +117,10 @@ class Evaluation:
 
     @property
     def finding(self) -> str:
-        """``none`` (not above chance), ``below_baseline`` (significantly below the linear model) or ``yes``."""
+        """What was learned: ``yes`` (the CNN, not significantly below the linear baseline), ``below_baseline``
+        (the CNN, significantly below the baseline), ``baseline_only`` (not the CNN, but the baseline) or ``none``."""
         if self.cnn_p >= ALPHA:
-            return "none"
+            return "baseline_only" if self.baseline_p is not None and self.baseline_p < ALPHA else "none"
         if self.difference is not None and self.difference_p < ALPHA and self.difference.auc < 0:
             return "below_baseline"
         return "yes"
@@ -126,19 +128,35 @@ class Evaluation:
     @property
     def verdict(self) -> str:
         """The finding in plain words, for the console, MLflow and the report."""
+        linear = (f"the linear baseline's {self.baseline} (permutation {format_p(self.baseline_p)})"
+                  if self.baseline is not None else "")
         if self.finding == "none":
-            return (f"No finding: the CNN did not learn the task. Its held-out ROC AUC {self.cnn} is not significantly "
-                    f"above chance (permutation {format_p(self.cnn_p)}); its maps explain a model that learned nothing "
+            return (f"No finding: neither the CNN nor the linear baseline learned the task. The CNN's held-out ROC AUC "
+                    f"{self.cnn} is not significantly above chance (permutation {format_p(self.cnn_p)})"
+                    + (f", nor is {linear}" if linear else "") + "; the maps explain models that learned nothing "
                     "about the label.")
+        if self.finding == "baseline_only":
+            return (f"The linear baseline learned the task, the CNN did not. Linear baseline: held-out ROC AUC "
+                    f"{self.baseline}, above chance (permutation {format_p(self.baseline_p)}); CNN: {self.cnn}, not "
+                    f"significantly above chance (permutation {format_p(self.cnn_p)}). The finding to read is the "
+                    "linear baseline's weight map and its test; the CNN's maps explain a model that learned "
+                    "nothing about the label.")
         if self.finding == "below_baseline":
-            return (f"No finding beyond a linear model: the CNN's held-out ROC AUC {self.cnn} is significantly below "
-                    f"the linear baseline's {self.baseline} (difference {self.difference}, DeLong "
-                    f"{format_p(self.difference_p)}); its maps explain a model that learned less than a linear model on "
-                    "the same voxels.")
-        versus = (f"; linear baseline {self.baseline}, difference {self.difference} (DeLong "
-                  f"{format_p(self.difference_p)})") if self.baseline is not None else ""
+            return (f"The CNN learned less than a linear model: its held-out ROC AUC {self.cnn} is above chance "
+                    f"(permutation {format_p(self.cnn_p)}) but significantly below {linear} (difference "
+                    f"{self.difference}, DeLong {format_p(self.difference_p)}). Read the linear baseline's weight map "
+                    "beside the CNN's maps.")
+        if self.baseline is None:
+            return (f"The CNN learned the task: held-out ROC AUC {self.cnn}, above chance (permutation "
+                    f"{format_p(self.cnn_p)}).")
+        if self.difference_p < ALPHA:
+            versus = f"significantly better than {linear} (difference {self.difference}, DeLong " \
+                     f"{format_p(self.difference_p)})"
+        else:
+            versus = f"not significantly different from {linear} (difference {self.difference}, DeLong " \
+                     f"{format_p(self.difference_p)}); compare their maps"
         return (f"The CNN learned the task: held-out ROC AUC {self.cnn}, above chance (permutation "
-                f"{format_p(self.cnn_p)}){versus}.")
+                f"{format_p(self.cnn_p)}), {versus}.")
 
 
 def evaluate(labels: np.ndarray, cnn: np.ndarray, folds: np.ndarray, baseline: np.ndarray | None = None,
@@ -170,3 +188,23 @@ def evaluate(labels: np.ndarray, cnn: np.ndarray, folds: np.ndarray, baseline: n
         result.baseline_p = auc_permutation_p(labels, baseline, folds, permutations, seed + 1)
         result.difference, result.difference_p = paired_delong(labels, cnn, baseline)
     return result
+
+
+def fit_check(fit_accuracy: dict[int, float]) -> tuple[str, str | None]:
+    """Did every fold's final CNN fit its own training subjects? ``(study.fit tag, message or None)``.
+
+    ``fit_accuracy`` maps each outer fold to its final model's accuracy on its own
+    training subjects (eval mode, no augmentation). Below :data:`UNDERFIT_ACCURACY`
+    the training failed to optimize (not overfitting), and held-out results say
+    nothing about what a CNN could learn from these images.
+    """
+    under = {fold: a for fold, a in sorted(fit_accuracy.items()) if not a >= UNDERFIT_ACCURACY}
+    if not under:
+        return "fits", None
+    listing = ", ".join(f"fold {fold} ({a:.2f})" for fold, a in under.items())
+    return "underfit", (
+        f"The CNN did not fit its own training subjects in {len(under)} of {len(fit_accuracy)} folds: training "
+        f"accuracy {listing}, below {UNDERFIT_ACCURACY}. That is a failure to optimize, not overfitting. Try more "
+        "epochs (train.epochs), another learning rate (train.lr), weaker augmentation (train.augment.strength) or "
+        "less dropout (model.dropout), or let the inner CV choose them (search.space: lr, epochs, "
+        "augment_strength, dropout; see tune_configs/demo_search.yaml).")
