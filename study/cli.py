@@ -107,10 +107,10 @@ def _parser() -> argparse.ArgumentParser:
 
     synth = commands.add_parser(
         "synth", help="write a synthetic cohort with planted sex effects (from the MNI152 template)",
-        description="Write a BIDS-like synthetic cohort from the MNI152 template: participants.tsv, "
-        "sub-*/anat/*_T1w.nii.gz (brain-extracted, registered to MNI152, stored at mixed voxel sizes and "
-        "orientations like real images) and ground_truth/ (planted effect map, region labels, planted.json). "
-        "Deterministic for a seed.",
+        description="Write a synthetic BIDS dataset from the MNI152 template: participants.tsv (and .json), "
+        "dataset_description.json, README, sub-*/anat/*_T1w.nii.gz (brain-extracted, registered to MNI152, "
+        "stored at mixed voxel sizes and orientations like real images) and derivatives/ground_truth/ (planted "
+        "effect map, region labels, planted.json). Deterministic for a seed.",
     )
     synth.add_argument("out", type=Path, help="output folder")
     synth.add_argument("--subjects", type=int, default=_default(SyntheticCohort, "subjects"),

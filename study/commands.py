@@ -10,7 +10,7 @@ from pathlib import Path
 from study.config import ConfigError, load_config
 from study.data.cohort import CohortConfig, CohortError, Problem, check_images, load_cohort
 from study.data.prepare import StudyError
-from study.data.synth import SyntheticCohort, synthesize_cohort
+from study.data.synth import SyntheticCohort, ground_truth_dir, synthesize_cohort
 from study.data.volumes import VolumeError
 from study.output.tracking import TrackingError, tracking_uri
 from study.predict import ModelNotFoundError
@@ -169,5 +169,5 @@ def synth(args: argparse.Namespace) -> int:
                            regions=args.regions, distractor=args.distractor, confound=args.confound, seed=args.seed)
     start_ray()
     table = synthesize_cohort(args.out, spec)
-    print(f"wrote {spec.subjects} subjects: {table}; ground truth in {args.out / 'ground_truth'}")
+    print(f"wrote {spec.subjects} subjects (a BIDS dataset): {table}; ground truth in {ground_truth_dir(args.out)}")
     return 0

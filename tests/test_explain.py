@@ -100,7 +100,7 @@ def test_study_explains_all_held_out_subjects_and_finds_the_planted_effect(tmp_p
     config.attribution = AttributionConfig(
         batch_size=8, actors=2, permutations=50, perturbation={"iterations": 40, "mask_scale": 2},
         sanity={"subjects": 2, "label_randomization": True}, subject_nifti=True,
-        atlas=root / "ground_truth/regions.nii.gz", atlas_names=tmp_path / "atlas.tsv",
+        atlas=root / "derivatives/ground_truth/regions.nii.gz", atlas_names=tmp_path / "atlas.tsv",
     )
     parent_id = run_study(config)
     parent, children = runs_of(config, parent_id)

@@ -32,9 +32,9 @@ def test_images_are_stored_like_real_ones_and_carry_the_planted_effect(tmp_path)
     root = tmp_path / "c"
     assert main(["synth", str(root), "--subjects", "24", "--voxel-size", "5", "6", "--effect-size", "0.4",
                  "--regions", "2", "--seed", "11"]) == 0
-    planted = json.loads((root / "ground_truth/planted.json").read_text())
+    planted = json.loads((root / "derivatives/ground_truth/planted.json").read_text())
     assert planted["spec"]["effect_size"] == 0.4 and len(planted["regions"]) == 2
-    regions = nib.load(root / "ground_truth/regions.nii.gz")
+    regions = nib.load(root / "derivatives/ground_truth/regions.nii.gz")
     assert set(np.unique(np.asarray(regions.dataobj))) == {0, 1, 2, 3}  # two effects and the distractor
 
     cohort = load_cohort(CohortConfig(root=root))
@@ -59,7 +59,7 @@ def test_regions_are_not_fixed(tmp_path):
     for seed in (1, 2):
         assert main(["synth", str(tmp_path / str(seed)), "--subjects", "4", "--voxel-size", "8",
                      "--seed", str(seed)]) == 0
-    centres = [[r["centre_mm"] for r in json.loads((tmp_path / s / "ground_truth/planted.json").read_text())["regions"]]
+    centres = [[r["centre_mm"] for r in json.loads((tmp_path / s / "derivatives/ground_truth/planted.json").read_text())["regions"]]
                for s in ("1", "2")]
     assert centres[0] != centres[1]
 
@@ -94,3 +94,33 @@ def test_every_subject_of_the_demo_cohort_passes_the_input_check(tmp_path):
                 for path in (tmp_path / "demo").glob("sub-*/anat/*_T1w.nii.gz")}
     assert len(overlaps) == config.cohort.synthetic.subjects
     assert min(overlaps.values()) > MNI_OVERLAP_MIN, sorted(overlaps.items(), key=lambda item: item[1])[:3]
+
+
+def test_a_synthetic_cohort_is_a_valid_bids_dataset_that_pybids_reads(tmp_path):
+    """The official bids-validator (npm, installed by .ci/run) finds no error, and pybids indexes the subjects."""
+    import os
+    import shutil
+    import subprocess
+
+    import bids
+
+    root = tmp_path / "bids"
+    assert main(["synth", str(root), "--subjects", "6", "--voxel-size", "6", "8", "--seed", "4"]) == 0
+    validator = shutil.which("bids-validator") or shutil.which(
+        "bids-validator", path=str(Path(__file__).resolve().parents[1] / ".ci/node/node_modules/.bin"))
+    if validator is None:
+        if os.environ.get("CI"):
+            pytest.fail("bids-validator is missing: .ci/run installs it (npm install bids-validator@1.15.0)")
+        pytest.skip("bids-validator not installed (npm install -g bids-validator@1.15.0)")
+    done = subprocess.run([validator, str(root), "--json"], capture_output=True, text=True, timeout=300)
+    issues = json.loads(done.stdout)["issues"]
+    assert issues["errors"] == [], [(e["key"], e["reason"]) for e in issues["errors"]]
+    # Mixed voxel sizes are what the cohort is for; nothing else is left to warn about.
+    assert {w["key"] for w in issues["warnings"]} <= {"INCONSISTENT_PARAMETERS"}, issues["warnings"]
+
+    layout = bids.BIDSLayout(root)
+    assert sorted(layout.get_subjects()) == [f"{i:04d}" for i in range(1, 7)]
+    assert len(layout.get(suffix="T1w", extension=".nii.gz")) == 6
+    assert set(layout.get_dataset_description()) >= {"Name", "BIDSVersion"}
+    truth = bids.BIDSLayout(root / "derivatives/ground_truth", validate=False, is_derivative=True)
+    assert truth.get_dataset_description()["DatasetType"] == "derivative"

@@ -31,6 +31,7 @@ from study.attribution.stats import PermutationTest, permutation_test_on_device
 from study.runtime import worker_device
 from study.attribution.store import MapStore
 from study.config import AttributionConfig, ResourcesConfig
+from study.data.synth import ground_truth_dir
 from study.data.volumes import Grid, resample_to_grid
 from study.state import Study
 from study.storage import join
@@ -116,7 +117,7 @@ class GroundTruth:
 
 def _ground_truth(root: Path, grid: Grid) -> GroundTruth | None:
     """The planted effect, distractor and region labels on the study grid, for a synthetic cohort."""
-    truth_dir = root / "ground_truth"
+    truth_dir = ground_truth_dir(root)
     if not (truth_dir / "planted.json").exists():
         return None
     planted = json.loads((truth_dir / "planted.json").read_text())

@@ -27,7 +27,9 @@ from scipy import ndimage
 
 from study.data.volumes import Grid, resample_to_grid
 from study.params import Params
+from study.storage import replace_atomically
 
+GROUND_TRUTH = Path("derivatives/ground_truth")  # the planted answer: a BIDS derivative of the cohort
 MALE_FRACTION = 507 / 1113  # as in the HCP young-adult cohort
 # Voxel orders images arrive in: RAS (FSL/ANTs outputs), LAS (radiological), and axis-permuted ones.
 ORIENTATIONS = (("R", "A", "S"), ("L", "A", "S"), ("A", "S", "R"), ("P", "I", "R"))
@@ -179,14 +181,20 @@ def _subject_volume(fields: _Fields, spec: SyntheticCohort, male: bool, seed: in
 def _stored(volume: np.ndarray, grid: Grid, rng: np.random.Generator, mixed: bool) -> nib.Nifti1Image:
     """The image as a scanner or pipeline might store it: padded (shifted origin) and reoriented."""
     if not mixed:
-        return nib.Nifti1Image(volume, grid.affine)
+        return _in_mm(nib.Nifti1Image(volume, grid.affine))
     before = rng.integers(0, 9, size=3)
     padded = np.pad(volume, [(int(b), int(a)) for b, a in zip(before, rng.integers(0, 9, size=3))])
     affine = grid.affine.copy()
     affine[:3, 3] -= affine[:3, :3] @ before
     target = ORIENTATIONS[rng.integers(len(ORIENTATIONS))]
     ornt = ornt_transform(axcodes2ornt(("R", "A", "S")), axcodes2ornt(target))
-    return nib.Nifti1Image(apply_orientation(padded, ornt), affine @ inv_ornt_aff(ornt, padded.shape))
+    return _in_mm(nib.Nifti1Image(apply_orientation(padded, ornt), affine @ inv_ornt_aff(ornt, padded.shape)))
+
+
+def _in_mm(image: nib.Nifti1Image) -> nib.Nifti1Image:
+    """The image with its spatial unit (mm) in the header, as scanners' converters write it."""
+    image.header.set_xyzt_units("mm")
+    return image
 
 
 def _write_subject(fields: _Fields, spec: SyntheticCohort, path: Path, male: bool, seed: int, family_seed: int) -> None:
@@ -211,10 +219,12 @@ def synthesize_cohort(out: Path, spec: SyntheticCohort, sibling_fraction: float 
     -------
     Path
         ``out/participants.tsv`` (participant_id, sex, family_id, age). Images are
-        ``sub-XXXX/anat/sub-XXXX_T1w.nii.gz``; ``ground_truth/`` holds the planted
-        effect (``effect_map.nii.gz``), the regions (``regions.nii.gz``, effect
-        regions 1..n, the distractor n+1) and ``planted.json``. Subjects are
-        written by Ray tasks.
+        ``sub-XXXX/anat/sub-XXXX_T1w.nii.gz``, with ``dataset_description.json``,
+        ``README`` and ``participants.json`` (a valid BIDS dataset);
+        ``derivatives/ground_truth/`` holds the planted effect
+        (``effect_map.nii.gz``), the regions (``regions.nii.gz``, effect regions
+        1..n, the distractor n+1) and ``planted.json``. Subjects are written by
+        Ray tasks; the participants table is written last.
     """
     import ray  # here, not at the top: the command line reads SyntheticCohort's defaults without Ray
 
@@ -246,8 +256,10 @@ def synthesize_cohort(out: Path, spec: SyntheticCohort, sibling_fraction: float 
     rows = ["participant_id\tsex\tfamily_id\tage"] + [
         f"sub-{sid}\t{'M' if sexes[i] else 'F'}\t{families[i]}\t{ages[i]}" for i, sid in enumerate(ids)
     ]
-    (out / "participants.tsv").write_text("\n".join(rows) + "\n")
-    _write_ground_truth(out / "ground_truth", Grid.mni(min(spec.voxel_sizes)), effects, distractor, spec)
+    _write_bids_metadata(out, spec)
+    _write_ground_truth(out / GROUND_TRUTH, Grid.mni(min(spec.voxel_sizes)), effects, distractor, spec)
+    # The table is what says the cohort is complete (prepare_cohort generates a cohort without one): last, whole.
+    replace_atomically(out / "participants.tsv", lambda tmp: tmp.write_text("\n".join(rows) + "\n"))
     return out / "participants.tsv"
 
 
@@ -260,17 +272,48 @@ def _families(rng: np.random.Generator, subjects: int, sibling_fraction: float) 
     return families
 
 
+def ground_truth_dir(root: Path) -> Path:
+    """Where a synthetic cohort keeps its planted answer (``ground_truth/`` in cohorts written before BIDS)."""
+    return root / GROUND_TRUTH if (root / GROUND_TRUTH).is_dir() else root / "ground_truth"
+
+
+def _description(name: str, dataset_type: str) -> str:
+    from importlib.metadata import version
+
+    return json.dumps({"Name": name, "BIDSVersion": "1.9.0", "DatasetType": dataset_type,
+                       # the generator, and the authors of the template every image is made from
+                       "Authors": ["study synth", "Vladimir Fonov", "Alan C. Evans", "D. Louis Collins"],
+                       "GeneratedBy": [{"Name": "study synth", "Version": version("study")}]}, indent=1)
+
+
+def _write_bids_metadata(out: Path, spec: SyntheticCohort) -> None:
+    """What makes the folder a valid BIDS dataset: its description, a README, and the columns' meanings."""
+    (out / "dataset_description.json").write_text(_description(f"study synthetic cohort (seed {spec.seed})", "raw"))
+    (out / "README").write_text(
+        f"A synthetic T1w cohort written by `study synth`: {spec.subjects} subjects made from the MNI152 template "
+        "under random deformations, size changes, bias fields and noise, with sex effects planted in a few regions "
+        "and a distractor region. Images are stored at mixed voxel sizes and orientations, registered to MNI152 "
+        "in world space and brain-extracted. The planted answer is in derivatives/ground_truth/.\n")
+    (out / "participants.json").write_text(json.dumps({
+        "sex": {"Description": "sex of the participant", "Levels": {"M": "male", "F": "female"}},
+        "family_id": {"Description": "family; siblings share part of their anatomy and stay in one fold"},
+        "age": {"Description": "age of the participant", "Units": "year"},
+    }, indent=1))
+
+
 def _write_ground_truth(directory: Path, grid: Grid, effects: list[PlantedRegion], distractor: PlantedRegion,
                         spec: SyntheticCohort) -> None:
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / "dataset_description.json").write_text(_description("planted sex effects of the synthetic cohort",
+                                                                     "derivative"))
     regions = [*effects, distractor]
     profiles = np.stack([np.abs(_profiles(grid, [r])[0]) for r in regions])
     effect = (profiles[: len(effects)].max(0) * spec.effect_size).astype(np.float32)
-    nib.save(nib.Nifti1Image(effect, grid.affine), str(directory / "effect_map.nii.gz"))
+    nib.save(_in_mm(nib.Nifti1Image(effect, grid.affine)), str(directory / "effect_map.nii.gz"))
     labels = np.zeros(grid.shape, dtype=np.int16)
     for index, region in enumerate(regions):
         labels[(profiles[index] > 0.5) & (profiles[index] >= profiles.max(0))] = region.label
-    nib.save(nib.Nifti1Image(labels, grid.affine), str(directory / "regions.nii.gz"))
+    nib.save(_in_mm(nib.Nifti1Image(labels, grid.affine)), str(directory / "regions.nii.gz"))
     planted = {
         "spec": spec.model_dump(mode="json"),
         "regions": [vars(r) for r in effects],
