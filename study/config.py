@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo, field_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from study.attribution import METHODS
 from study.attribution.perturbation import Perturbation
@@ -109,6 +110,14 @@ class ResourcesConfig(_Section):
     # node can run yet. Off: a request no node has is refused at start (an autoscaler v2 cluster's node types
     # count as nodes; a v1 cluster, as `ray up` starts by default, publishes none).
     wait_for_nodes: bool = False
+
+    @model_validator(mode="after")
+    def _one_gpu_per_ddp_rank(self) -> "ResourcesConfig":
+        if self.use_gpu and self.num_workers > 1 and self.gpus_per_worker < 1:
+            raise ValueError(f"gpus_per_worker {self.gpus_per_worker:g} with num_workers {self.num_workers}: Ray may "
+                             "put two DDP ranks on one GPU, which NCCL refuses; give each worker a whole GPU "
+                             "(gpus_per_worker: 1) or train with num_workers: 1")
+        return self
 
     @property
     def worker_bundle(self) -> dict[str, float]:

@@ -212,6 +212,16 @@ class Precision:
         """The autocast context for forward passes."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
+    @contextlib.contextmanager
+    def exact(self) -> Iterator[None]:
+        """float32 as a CPU computes it: no autocast (even inside one), and no TF32 in cuDNN's convolutions
+        (on by default on GPUs). For every number the study reports from a model: probabilities, the deletion
+        check."""
+        cudnn = torch.backends.cudnn
+        with torch.autocast(self.device.type, enabled=False), cudnn.flags(
+                enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False):
+            yield
+
     def volumes(self, x: torch.Tensor) -> torch.Tensor:
         """A batch [batch, 1, D, H, W] on the device, in the memory format."""
         x = x.to(self.device, non_blocking=True)

@@ -64,18 +64,20 @@ class Perturbation(Params):
 
 
 def gaussian_blur3d(x: torch.Tensor, sigma_voxels: float) -> torch.Tensor:
-    """Separable Gaussian blur of [batch, 1, D, H, W] volumes (three 1D convolutions)."""
+    """Separable Gaussian blur of [batch, 1, D, H, W] volumes (three 1D convolutions), in float32 even
+    under autocast (a bf16 kernel no longer sums to 1)."""
     radius = max(1, int(math.ceil(3 * sigma_voxels)))
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
     kernel = torch.exp(-0.5 * (t / sigma_voxels) ** 2)
-    kernel = (kernel / kernel.sum()).to(x.dtype)
-    out = x
-    for axis in range(3):
-        shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = kernel.numel()
-        padding = [0, 0, 0]
-        padding[axis] = radius
-        out = F.conv3d(out, kernel.view(shape), padding=tuple(padding))
+    kernel = kernel / kernel.sum()
+    out = x.float()
+    with torch.autocast(x.device.type, enabled=False):
+        for axis in range(3):
+            shape = [1, 1, 1, 1, 1]
+            shape[2 + axis] = kernel.numel()
+            padding = [0, 0, 0]
+            padding[axis] = radius
+            out = F.conv3d(out, kernel.view(shape), padding=tuple(padding))
     return out
 
 

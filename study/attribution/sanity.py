@@ -194,7 +194,8 @@ def deletion_check(model: ray.train.Checkpoint | nn.Module, cache: VolumeCache, 
     for start in range(0, len(subject_ids), batch_size):
         batch = list(range(start, min(start + batch_size, len(subject_ids))))
         x = precision.volumes(volumes.__getitems__(batch)[0])
-        decided, changes = deletion_changes(model, x, {m: v[batch] for m, v in deleted.items()}, mean)
+        with precision.exact():  # p changes of a few thousandths are compared: no TF32 on a GPU either
+            decided, changes = deletion_changes(model, x, {m: v[batch] for m, v in deleted.items()}, mean)
         rows += [{"subject_id": subject_ids[i], "method": m, "p_decision": float(decided[j]),
                   "p_change": float(c[j])} for m, c in changes.items() for j, i in enumerate(batch)]
     return pd.DataFrame(rows)

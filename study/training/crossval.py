@@ -202,6 +202,16 @@ def fit(setup: TrainingSetup, data: TrainingData, name: str, storage_path: str, 
     return result
 
 
+def predict_task(resources: ResourcesConfig) -> ray.remote_function.RemoteFunction:
+    """The Ray task that tests a fold's model, on a training worker's share of a node.
+
+    Its GPUs are given to ``ray.remote`` itself, which then ends the task's process after it (max_calls 1):
+    through ``.options()`` the process would keep its CUDA context and its GPU for the next task it runs.
+    """
+    gpus = resources.gpus_per_worker if resources.use_gpu else 0
+    return ray.remote(num_cpus=resources.cpus_per_worker, num_gpus=gpus)(_predict_checkpoint)
+
+
 def _predict_checkpoint(checkpoint: ray.train.Checkpoint, dataset: CachedVolumes, train: TrainConfig) -> np.ndarray:
     precision = Precision.choose(worker_device(), train.precision, train.channels_last)
     return predict(load_model(checkpoint, precision.device), dataset, train.batch_size, precision)
@@ -234,11 +244,7 @@ def train_and_test(fold: int, setup: TrainingSetup, data: TrainingData, test_ids
         history = pd.concat([search.best_trial.history.assign(phase="select"), history], ignore_index=True)
     fitted = time.perf_counter()
     test_set = CachedVolumes(data.cache, test_ids, test_labels)
-    p = ray.get(
-        ray.remote(_predict_checkpoint)
-        .options(num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker if resources.use_gpu else 0)
-        .remote(checkpoint, test_set, setup.train)
-    )
+    p = ray.get(predict_task(resources).remote(checkpoint, test_set, setup.train))
     trained_here = history[history["phase"] == "refit"] if selected_by_search else history
     training = float(trained_here.filter(like="epoch_seconds").sum().sum())
     predictions = classes.predictions(test_ids, test_labels, p)
