@@ -180,3 +180,24 @@ def test_two_studies_building_one_cache_together_compute_each_subject_once(cohor
     results = sorted((json.loads(out.strip().splitlines()[-1]) for out, _ in outputs), key=lambda r: r["computed"])
     assert results == [{"computed": 0, "subjects": 12}, {"computed": 12, "subjects": 12}]  # one built, one reused
     assert len(list(directory.glob("index-*.json"))) == 1
+
+
+def test_a_corrected_table_gives_each_subject_its_own_image_again(tmp_path, cohort_dir, preprocess_config):
+    """A column-layout table maps A to X and B to Y; corrected to B -> X, A -> Y (same rows, ids swapped), the
+    cache must follow the table. Before, it served A's old image: the cohort key hashed the images only."""
+    images = sorted(cohort_dir.glob("sub-*/anat/*_T1w.nii.gz"))[:4]
+    table = tmp_path / "subjects.tsv"
+
+    def cohort_of(ids: list[str]):
+        rows = [f"{sid}\t{'M' if i % 2 else 'F'}\tf{sid}\t{image}" for i, (sid, image) in enumerate(zip(ids, images))]
+        table.write_text("participant_id\tsex\tfamily_id\tpath\n" + "\n".join(rows) + "\n")
+        return load_cohort(CohortConfig(root=cohort_dir, participants=table, path_column="path"))
+
+    first = cache_for(cohort_of(["A", "B", "C", "D"]), preprocess_config).cache
+    assert np.array_equal(first.volumes[first.rows(["A"])[0]], preprocess_volume(images[0], preprocess_config.grid))
+    corrected = cache_for(cohort_of(["B", "A", "C", "D"]), preprocess_config)
+    assert corrected.computed == []  # every image was preprocessed before: rows are reused by image
+    cache = corrected.cache
+    for sid, image in (("A", images[1]), ("B", images[0])):
+        np.testing.assert_array_equal(cache.volumes[cache.rows([sid])[0]],
+                                      preprocess_volume(image, preprocess_config.grid))

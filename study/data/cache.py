@@ -163,10 +163,15 @@ def _build(cohort: Cohort, grid: Grid, normalize: str, directory: Path) -> Cache
     """:func:`build_cache` inside its lock."""
     staging = directory / "staging"
     keys = [s.source_key() for s in cohort.subjects]
-    cohort_key = hashlib.sha1("".join(keys).encode()).hexdigest()[:12]
+    # Which subject has which image is part of the key: a corrected table (A and B's images swapped) is a new
+    # cohort, whose rows are reused by image, each under the subject the table now gives it.
+    cohort_key = hashlib.sha1("".join(f"{s.subject_id}|{k};" for s, k in zip(cohort.subjects, keys))
+                              .encode()).hexdigest()[:12]
     index_path = directory / f"index-{cohort_key}.json"
     if index_path.exists():
-        return CacheBuild(_open_cache(index_path), [], [])
+        index = json.loads(index_path.read_text())
+        if index["subject_ids"] == cohort.ids and index["source_keys"] == keys:  # never trusted on its name alone
+            return CacheBuild(_open_cache(index_path), [], [])
 
     previous = _previous_rows(directory)
     todo = [i for i, k in enumerate(keys) if k not in previous and not (staging / f"{k}.npy").exists()]
