@@ -20,7 +20,7 @@ import ray
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from study.training.crossval import CONTROLLER_POLL_S
+from study.training.trainer import CONTROLLER_POLL_S
 
 
 def plain(config: dict) -> None:

@@ -6,7 +6,7 @@ report waits for it. A search trial reports every epoch (ASHA decides on
 epochs), so short epochs pay up to the poll interval each. This runs the same
 TorchTrainer (one CPU worker, ``--epochs`` epochs of ``--epoch-s`` seconds of
 work, one report each) under Ray's default poll and under the study's
-(:data:`study.training.crossval.CONTROLLER_POLL_S`), side by side in one run.
+(:data:`study.training.trainer.CONTROLLER_POLL_S`), side by side in one run.
 
     python benchmarks/report_wait.py --epochs 20 --epoch-s 0.5
 """
@@ -22,7 +22,7 @@ from ray.train import LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from study.runtime import environment
-from study.training.crossval import CONTROLLER_POLL_S
+from study.training.trainer import CONTROLLER_POLL_S
 
 
 def _epochs(config: dict) -> None:

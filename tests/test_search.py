@@ -47,7 +47,7 @@ def test_space_is_define_by_run_with_conditionals():
 
 def test_recipe_keys_of_a_search_set_the_training_recipe():
     from study.config import TrainConfig
-    from study.training.crossval import TrainingSetup
+    from study.training.trainer import TrainingSetup
     from study.training.models import Architecture
 
     setup = TrainingSetup(Architecture(), TrainConfig()).with_params(

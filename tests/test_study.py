@@ -376,7 +376,9 @@ def test_a_finished_fold_is_kept_as_json_that_reads_back_whole(tmp_path):
     from ray.train import Checkpoint
 
     from study.config import TrainConfig
-    from study.training.crossval import FoldResult, SearchResult, Trial, TrainingSetup
+    from study.training.crossval import FoldResult
+    from study.training.trainer import TrainingSetup
+    from study.training.trials import SearchResult, Trial
     from study.training.models import Architecture
 
     history = pd.DataFrame({"phase": ["select", "refit"], "epoch": [0.0, np.nan], "val_loss": [0.7, np.nan]})

@@ -36,9 +36,10 @@ from study.data.volumes import Grid, resample_to_grid
 from study.state import Study
 from study.storage import join
 from study.training.baseline import BaselineResult
-from study.training.crossval import FoldResult, TrainingSetup, driving_task, fit
+from study.training.crossval import FoldResult, driving_task
 from study.training.loop import TrainingData, load_history
 from study.training.models import build_model
+from study.training.trainer import TrainingSetup, fit
 
 
 LINEAR_BASELINE = "linear_baseline"  # the baseline's weights, analysed beside the methods' maps

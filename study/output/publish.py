@@ -39,10 +39,11 @@ from study.predict import Ensemble
 from study.state import Study
 from study.storage import replace_atomically
 from study.training.baseline import BaselineResult
-from study.training.crossval import FoldResult, SearchResult
+from study.training.crossval import FoldResult
 from study.training.evaluation import Evaluation, fit_check, format_p
 from study.training.loop import load_model
 from study.training.metrics import SUMMARY_METRICS, cross_fold_summary
+from study.training.trials import SearchResult
 
 PACKAGES = ("study", "torch", "ray", "mlflow", "optuna", "nibabel", "nilearn", "numpy")
 TARGETS = {"contrast": "the {contrast} logit", "true_class": "each subject's true {column}'s logit",

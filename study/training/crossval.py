@@ -24,72 +24,21 @@ import pandas as pd
 import pyarrow.fs
 import ray
 import ray.train
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from study.config import SEARCHABLE_TRAIN_KEYS, ResourcesConfig, TrainConfig, train_params
+from study.config import ResourcesConfig, TrainConfig
 from study.data.cache import CachedVolumes
 from study.data.cohort import Classes
 from study.data.prepare import StudyError
 from study.data.splits import OuterFold
-from study.runtime import Precision, environment, worker_device
+from study.runtime import Precision, worker_device
 from study.state import Study
 from study.storage import join, replace_atomically
-from study.training.loop import TrainingData, load_history, load_model, predict, train_loop_per_worker
+from study.training.loop import TrainingData, load_history, load_model, predict
 from study.training.metrics import classification_metrics
-from study.training.models import Architecture, Network, architecture_of
-
-
-@dataclass(frozen=True)
-class TrainingSetup:
-    """What one training uses: the architecture and the training recipe, both validated."""
-
-    architecture: Architecture | Network
-    train: TrainConfig
-
-    def with_params(self, params: dict[str, Any]) -> "TrainingSetup":
-        """This setup with searched keys applied; each side is validated as a whole."""
-        arch = {k: v for k, v in params.items() if k not in SEARCHABLE_TRAIN_KEYS}
-        recipe = self.train.model_dump()
-        for key, value in train_params(params).items():
-            recipe[key] = {**recipe[key], **value} if key == "augment" else value
-        return TrainingSetup(architecture_of({**self.architecture.model_dump(), **arch}),
-                             TrainConfig.model_validate(recipe))
-
-
-@dataclass
-class Trial:
-    """One finished (or stopped, or failed) trial of a search."""
-
-    trial_id: str
-    params: dict[str, Any]
-    history: pd.DataFrame
-    status: str  # completed | stopped_early | errored
-    score: float
-
-
-@dataclass
-class SearchResult:
-    """A fold's search: every trial, and the best sampled params under ``metric``."""
-
-    metric: str
-    best: dict[str, Any]
-    trials: list[Trial]
-
-    @property
-    def best_trial(self) -> Trial:
-        return next(t for t in self.trials if t.params == self.best)
-
-    @property
-    def best_score(self) -> float:
-        return self.best_trial.score
-
-    @property
-    def best_epoch(self) -> int:
-        """The epoch (0-based) of the best trial's lowest validation loss: what a refit trains up to."""
-        history = self.best_trial.history
-        return int(history.loc[history["val_loss"].idxmin(), "epoch"])
+from study.training.models import architecture_of
+from study.training.trainer import TrainingSetup, fit
+from study.training.trials import SearchResult, Trial
 
 
 @dataclass
@@ -153,53 +102,6 @@ def training_data(study: Study, train_ids: list[str], val_ids: list[str],
     refit_ids = refit_ids or []
     return TrainingData(study.cache, train_ids, study.labels(train_ids), val_ids, study.labels(val_ids),
                         refit_ids, study.labels(refit_ids))
-
-
-# How often Ray Train's controller polls its workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default). It
-# takes one report per worker per poll and a worker's next report waits for it, so a training that reports every
-# epoch (a search trial: ASHA decides on epochs) paid up to 2 s an epoch (benchmarks/report_wait.py). A poll
-# is a small RPC; a worker that misses one is declared dead only after 10 minutes, as before.
-CONTROLLER_POLL_S = 0.1
-# How long a training may wait for its CPUs or GPUs (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by default):
-# more trainings at once than the cluster holds (concurrent folds, the label-randomized model beside them) or
-# an autoscaler adding a node. Ray Train's default gives up after 60 s, prints a traceback and asks again, for
-# ever; a day of quiet waiting behaves the same without the tracebacks on the console.
-RESOURCES_WAIT_S = 86400.0
-
-
-def fit(setup: TrainingSetup, data: TrainingData, name: str, storage_path: str, resources: ResourcesConfig,
-        audit_dir: Path | None = None, callbacks: list | None = None, refit_epochs: int | None = None,
-        live_path: Path | None = None) -> ray.train.Result:
-    """Train one model with a TorchTrainer (DDP over ``resources.num_workers``).
-
-    ``name`` is its stable run name in ``storage_path`` (a path or a cloud URI):
-    a rerun of the same name continues from its last checkpoint, as does a run
-    that lost a worker (up to ``resources.max_failures`` times). ``refit_epochs``
-    sets the refit's length when ``data`` has no selection split; ``live_path``
-    gets every epoch's metrics as they are computed (see :func:`train_loop_per_worker`).
-    """
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"architecture": setup.architecture, "train": setup.train, "data": data,
-                           "refit_epochs": refit_epochs, "audit_dir": str(audit_dir) if audit_dir else None,
-                           "live_path": str(live_path) if live_path else None,
-                           "checkpoint_every_s": resources.checkpoint_every_s},
-        scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
-                                     resources_per_worker=resources.worker_bundle),
-        run_config=RunConfig(
-            name=name, storage_path=storage_path, callbacks=callbacks,
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-            failure_config=FailureConfig(max_failures=resources.max_failures),
-            logging_config=LoggingConfig(log_level="WARNING"),  # not every epoch's report on the console
-        ),
-    )
-    defaults = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": CONTROLLER_POLL_S,
-                "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": RESOURCES_WAIT_S}  # a value the user set wins
-    with environment(**{key: os.environ.get(key, str(value)) for key, value in defaults.items()}):
-        result = trainer.fit()  # the controller reads them from this process's environment as it starts
-    if result.checkpoint is None:
-        raise RuntimeError(f"training {name} reported no checkpoint; see {join(storage_path, name)}")
-    return result
 
 
 def predict_task(resources: ResourcesConfig) -> ray.remote_function.RemoteFunction:

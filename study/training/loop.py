@@ -205,7 +205,7 @@ def _report_due(last_report: float, every_s: float, device: torch.device) -> boo
     """True when ``every_s`` seconds have passed on any worker: all of them must report together.
 
     Each report waits for Ray Train's controller to take it (one per poll; see
-    :data:`study.training.crossval.CONTROLLER_POLL_S`) and a checkpoint costs a save and an upload, so the
+    :data:`study.training.trainer.CONTROLLER_POLL_S`) and a checkpoint costs a save and an upload, so the
     final fit reports (with a checkpoint, for restarts) every ``resources.checkpoint_every_s`` and at its end;
     the selection phase reports every epoch, which Tune's schedulers need.
     """

@@ -28,8 +28,9 @@ from ray.tune.search.optuna import OptunaSearch
 from study.config import ResourcesConfig, SearchConfig, SearchDimension
 from study.runtime import environment
 from study.storage import join
-from study.training.crossval import SearchResult, Trial, TrainingSetup, fit
 from study.training.loop import TrainingData
+from study.training.trainer import TrainingSetup, fit
+from study.training.trials import SearchResult, Trial
 
 
 def _suggest(trial: optuna.Trial, key: str, dim: SearchDimension) -> Any:
