@@ -684,19 +684,20 @@ class Publisher:
         method = LINEAR_BASELINE
         contrast = "_minus_".join(reversed(classes.names))
         log_map(parent, np.nan_to_num(test.t), f"{method}_weights_{contrast}", method)
-        significant = np.nan_to_num(test.t)
+        weights = np.nan_to_num(test.t)
+        found = int((test.p < 0.05).sum()) if test.permutations else 0
         if test.permutations:
             log_map(parent, np.nan_to_num(test.p, nan=1.0), f"{method}_weights_p_fwer", method)
-            tested = ~np.isnan(test.p)
-            self.tracker.log_metrics(parent, {f"test_voxels_fwer05_{method}": float((test.p[tested] < 0.05).sum())})
-            significant = np.where(test.p < 0.05, significant, 0)
+            self.tracker.log_metrics(parent, {f"test_voxels_fwer05_{method}": float(found)})
         caption = (f"{TITLES[method]}: {classes.contrast}, the weights of one l2 logistic regression on all "
-                   f"subjects (positive: a higher standardized intensity points to {classes.names[1]}), FWER p < 0.05 "
-                   f"by refitting on {test.permutations} label permutations within families (maximum statistic); "
-                   f"{int((test.p < 0.05).sum()) if test.permutations else 0} voxels significant")
-        return caption, brain_figure(self._image(result, significant),
-                                     f"{TITLES[method]}: {classes.contrast} (weights, p_FWER<0.05)", "glass",
-                                     symmetric=True)
+                   f"subjects (positive: a higher standardized intensity points to {classes.names[1]}), tested by "
+                   f"refitting on {test.permutations} label permutations within families (FWER by the maximum "
+                   f"statistic): {found} voxels at p < 0.05" + ("" if found else "; none survive, so the weights are "
+                                                                  "shown unthresholded (top 10% of voxels)"))
+        strongest = np.abs(weights) >= np.percentile(np.abs(weights), 90)
+        shown = np.where(test.p < 0.05 if found else strongest, weights, 0)
+        title = f"{TITLES[method]}: {classes.contrast} (weights{', p_FWER<0.05' if found else ''})"
+        return caption, brain_figure(self._image(result, shown), title, "glass", symmetric=True)
 
     @staticmethod
     def _image(result: AttributionResult, values: np.ndarray) -> nib.Nifti1Image:

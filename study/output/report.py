@@ -67,7 +67,7 @@ section{{overflow-x:auto;background:#fff;margin:14px 28px;padding:14px 20px;bord
 h2{{font-size:17px;margin:4px 0 10px}} p{{font-size:13px;color:#3a4356;max-width:70em}}
 .table{{border-collapse:collapse;font-size:13px}} .table th,.table td{{padding:4px 10px;border-bottom:1px solid #e3e6ec;text-align:right}}
 .table th{{background:#f0f2f6}} .table td:first-child,.table th:first-child{{text-align:left}}
-.figs{{display:flex;flex-wrap:wrap;gap:12px}} figure{{margin:0}} figure img{{width:620px;max-width:100%;border:1px solid #e3e6ec}}
+.figs{{display:flex;flex-wrap:wrap;gap:12px}} figure{{margin:0;width:620px;max-width:100%}} figure img{{width:100%;border:1px solid #e3e6ec}}
 figcaption{{font-size:12px;color:#5a6478}}
 </style></head><body>
 <header><h1>{html.escape(self.title)}</h1><p>made {made} by study</p></header>
