@@ -229,7 +229,10 @@ class Tracker:
         requirements = [f"{p}=={version(p).split('+')[0]}" for p in ENSEMBLE_REQUIREMENTS]
         logged = self.client.create_logged_model(self.experiment_id, name="ensemble", source_run_id=run_id,
                                                  model_type="study-ensemble")
-        with tempfile.TemporaryDirectory() as tmp, _quiet("mlflow"):
+        # Saving, uploading and registering copy the model's files with progress bars that only clutter the
+        # study's console (in a log file, one long line of carriage returns).
+        with environment(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"), tempfile.TemporaryDirectory() as tmp, \
+                _quiet("mlflow"):
             mlflow.pyfunc.save_model(Path(tmp) / "ensemble", python_model=predict.StudyEnsemble(),
                                      artifacts={"ensemble": str(ensemble)},
                                      code_paths=[str(Path(predict.__file__).parent)],
@@ -246,7 +249,6 @@ class Tracker:
                                              "one ensemble, with its preprocessing. Apply it to new images: "
                                              f"study predict models:/{registered_name}/VERSION IMAGES...")
         # The artifact location, not models:/<id>: MLflow resolves the latter through the global tracking URI.
-        # Registering copies the model's files, with a progress bar that only clutters the study's console.
         with environment(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):
             registered = self.client.create_model_version(registered_name, logged.artifact_location, run_id=run_id,
                                                           model_id=logged.model_id)
