@@ -77,3 +77,13 @@ def test_chance_and_real_classifiers_get_the_right_verdict():
     assert behind.cnn_p < 0.05 and behind.finding == "below_baseline" and "below the linear baseline" in behind.verdict
     ci = auc_with_ci(labels, learned)
     assert ci.low < ci.auc < ci.high
+
+
+def test_folds_whose_cnn_did_not_fit_its_training_subjects_are_named():
+    from study.training.evaluation import fit_check
+
+    assert fit_check({0: 0.98, 1: 0.6, 2: 1.0}) == ("fits", None)
+    tag, message = fit_check({0: 0.98, 1: 0.52, 2: float("nan")})
+    assert tag == "underfit"
+    assert "in 2 of 3 folds: training accuracy fold 1 (0.52), fold 2 (nan)" in message
+    assert "train.epochs" in message and "search.space" in message

@@ -28,9 +28,12 @@ class Architecture(Params):
     """A VGG-like 3D CNN: ``blocks`` x ([Conv3d + norm + ReLU] x ``convs_per_block``, MaxPool3d(2)), then a head.
 
     The defaults are the paper's MriNet: 3 blocks of Conv3d k3 without padding,
-    BatchNorm, ReLU and max pooling, 32/64/128 channels, dropout 0.5 and a linear
-    layer on the flattened features. ``head='gap'`` averages the last feature map
-    globally first (fewer parameters, any grid).
+    BatchNorm, ReLU and max pooling, 32/64/128 channels and a linear layer on the
+    flattened features; but no dropout before that layer, where the paper had 0.5:
+    on weak effects dropout 0.5 kept the network from fitting its training subjects
+    (README, "Weak effects"), and augmentation already regularizes. ``head='gap'``
+    averages the last feature map globally first (fewer parameters, any grid; it
+    loses where in the brain a feature is, and learned nothing on weak effects).
     """
 
     blocks: int = Field(3, ge=1)
@@ -39,7 +42,7 @@ class Architecture(Params):
     kernel_size: int = Field(3, ge=1)
     convs_per_block: int = Field(1, ge=1)
     norm: Literal["batch", "instance", "group", "none"] = "batch"
-    dropout: float = Field(0.5, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1)  # the paper: 0.5
     head: Literal["flatten", "gap"] = "flatten"
     padding: int = Field(0, ge=0)
 
