@@ -28,6 +28,14 @@ def design(n_families: int = 30, seed: int = 0) -> tuple[np.ndarray, np.ndarray,
     return labels, folds, families
 
 
+def null_maps(rng: np.random.Generator, seed: int, voxels: int) -> tuple[np.ndarray, ...]:
+    """A design of 24 families (:func:`design`) and maps with no effect, siblings sharing part of theirs."""
+    labels, folds, families = design(24, seed=seed)
+    _, family_index = np.unique(families, return_inverse=True)
+    shared = rng.normal(size=(family_index.max() + 1, voxels))[family_index]
+    return labels, folds, families, rng.normal(size=(len(labels), voxels)) + shared
+
+
 def test_welch_t_is_scipys():
     rng = np.random.default_rng(1)
     maps = rng.normal(size=(40, 30)) * rng.uniform(0.5, 2, size=30)
@@ -115,10 +123,8 @@ def test_family_wise_error_rate_under_the_null_is_five_percent(blocked):
     rng = np.random.default_rng(6)
     draws, hits = 300, 0
     for draw in range(draws):
-        labels, folds, families = design(24, seed=1000 + draw)
-        _, family_index = np.unique(families, return_inverse=True)
-        shared = rng.normal(size=(family_index.max() + 1, 40))[family_index]
-        maps = rng.normal(size=(len(labels), 40)) + shared + rng.normal(size=(3, 40))[folds]
+        labels, folds, families, maps = null_maps(rng, 1000 + draw, 40)
+        maps += rng.normal(size=(3, 40))[folds]
         result = permutation_test(maps, labels, 99, folds if blocked else None, families if blocked else None,
                                   seed=draw)
         hits += bool((result.p <= 0.05).any())  # with 99 permutations p is k/100: p <= 0.05 is the 5% level
@@ -231,9 +237,6 @@ def test_linear_weight_test_family_wise_error_rate_under_the_null_is_five_percen
     rng = np.random.default_rng(10)
     draws, hits = 300, 0
     for draw in range(draws):
-        labels, _, families = design(24, seed=2000 + draw)
-        _, family_index = np.unique(families, return_inverse=True)
-        shared = rng.normal(size=(family_index.max() + 1, 30))[family_index]
-        voxels = rng.normal(size=(len(labels), 30)) + shared
+        labels, _, families, voxels = null_maps(rng, 2000 + draw, 30)
         hits += bool((weight_test(voxels, labels, 0.1, 99, families, seed=draw).p <= 0.05).any())
     assert 0.02 <= hits / draws <= 0.085, hits / draws
