@@ -31,10 +31,11 @@ class LinearVoxelModel(nn.Module):
 
     def __init__(self, baseline: BaselineResult, brain: np.ndarray):
         super().__init__()
-        self.register_buffer("voxels", torch.from_numpy(np.flatnonzero(brain)))
-        self.register_buffer("mean", torch.from_numpy(np.asarray(baseline.voxel_mean, dtype=np.float32)))
-        self.register_buffer("scale", torch.from_numpy(np.asarray(baseline.voxel_scale, dtype=np.float32)))
-        self.register_buffer("weights", torch.from_numpy(np.asarray(baseline.weights, dtype=np.float32)))
+        # copies: a Ray task's arrays are read-only, which torch warns about on the console
+        self.register_buffer("voxels", torch.tensor(np.flatnonzero(brain)))
+        self.register_buffer("mean", torch.tensor(baseline.voxel_mean, dtype=torch.float32))
+        self.register_buffer("scale", torch.tensor(baseline.voxel_scale, dtype=torch.float32))
+        self.register_buffer("weights", torch.tensor(baseline.weights, dtype=torch.float32))
         self.intercept = float(baseline.intercept)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
