@@ -28,7 +28,6 @@ from study.attribution.linear import LinearVoxelModel, weight_test
 from study.attribution.sanity import (RANDOM, RANDOM_BLOB_MM, deletion_check, deletion_summary, flagged_methods,
                                      label_randomization, parameter_randomization, random_blobs, top_voxels)
 from study.attribution.stats import PermutationTest, permutation_test_on_device
-from study.runtime import worker_device
 from study.attribution.store import MapStore
 from study.config import AttributionConfig, ResourcesConfig
 from study.data.synth import ground_truth_dir
@@ -201,13 +200,13 @@ def _sanity(study: Study, first: FoldResult, store: MapStore, brain: np.ndarray,
 
 
 def _deletion(study: Study, jobs: list[FoldModel], baselines: list[BaselineResult], store: MapStore,
-              brain: np.ndarray) -> tuple[list[ray.ObjectRef], list[ray.ObjectRef]]:
+              brain: np.ndarray) -> tuple[list[ray.ObjectRef], dict[int, ray.ObjectRef]]:
     """The deletion check on every held-out subject: each fold's model, with its subjects' maps' top voxels and
     random blobs of as many voxels replaced by the cohort's mean, one Ray task per fold (its table, when done);
-    and the same for each fold's linear baseline with its own weights' top voxels (the second list)."""
+    and the same for each fold's linear baseline with its own weights' top voxels (by fold)."""
     attribution, resources = study.config.attribution, study.config.resources
     task = ray.remote(num_cpus=1, num_gpus=attribution.gpus_per_actor if resources.use_gpu else 0)(deletion_check)
-    reference, refs, linear = ray.put(study.cohort_mean), [], []
+    reference, refs, linear = ray.put(study.cohort_mean), [], {}
     sigma = RANDOM_BLOB_MM / study.cache.grid.voxel_mm
     baseline_of = {b.fold: b for b in baselines}
     for job in jobs:
@@ -219,9 +218,9 @@ def _deletion(study: Study, jobs: list[FoldModel], baselines: list[BaselineResul
                                 attribution.batch_size))
         if (baseline := baseline_of.get(job.fold)) is not None:
             weights = np.broadcast_to(np.abs(baseline.weights), (len(job.subject_ids), len(baseline.weights)))
-            linear.append(task.remote(LinearVoxelModel(baseline, brain).eval(), study.cache, job.subject_ids,
-                                      {LINEAR_BASELINE: top_voxels(weights, brain, seed=seed), RANDOM: blobs},
-                                      reference, attribution.batch_size))
+            linear[job.fold] = task.remote(LinearVoxelModel(baseline, brain).eval(), study.cache, job.subject_ids,
+                                           {LINEAR_BASELINE: top_voxels(weights, brain, seed=seed), RANDOM: blobs},
+                                           reference, attribution.batch_size)
     return refs, linear
 
 
@@ -307,8 +306,7 @@ def explain_study(study: Study, results: list[FoldResult], baselines: list[Basel
         if baselines:  # the linear model's weights, refitted on all subjects and on permuted labels
             C = float(np.median([b.C for b in baselines]))
             tests[LINEAR_BASELINE] = weight_test(_brain_voxels(study, tested, brain), labels, C,
-                                                 attribution.permutations, families, study.config.cv.seed,
-                                                 str(worker_device()))
+                                                 attribution.permutations, families, study.config.cv.seed)
         for method, maps in normalized.items():
             group = group_means(maps, labels, classes)
             per_fold = {job.fold: group_means(maps[fold_of == job.fold], labels[fold_of == job.fold], classes)
@@ -325,12 +323,13 @@ def explain_study(study: Study, results: list[FoldResult], baselines: list[Basel
     with study.times.stage("sanity checks"):
         deleting, deleting_linear = _deletion(study, jobs, baselines, store, brain)  # beside the randomization
         cascade, shuffled, shuffled_accuracy = _sanity(study, results[0], store, brain, shuffled_fit)
-        deletion = pd.concat([table.assign(fold=job.fold, model="cnn") for job, table in zip(jobs, ray.get(deleting))],
-                             ignore_index=True)
+        deletion = pd.concat([table.assign(fold=job.fold, model="cnn")
+                              for job, table in zip(jobs, ray.get(deleting))], ignore_index=True)
         summary = deletion_summary(deletion)
         if deleting_linear:  # the linear model's own random blobs are its control
-            linear = pd.concat([table.assign(fold=job.fold, model="linear")
-                                for job, table in zip(jobs, ray.get(deleting_linear))], ignore_index=True)
+            linear = pd.concat([table.assign(fold=fold, model="linear")
+                                for fold, table in zip(deleting_linear, ray.get(list(deleting_linear.values())))],
+                               ignore_index=True)
             summary = pd.concat([summary, deletion_summary(linear)], ignore_index=True)
             deletion = pd.concat([deletion, linear], ignore_index=True)
     features, spacing = feature_grid(build_model(results[0].setup.architecture, study.cache.shape).eval(),
