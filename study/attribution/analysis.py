@@ -34,7 +34,7 @@ from study.data.synth import ground_truth_dir
 from study.data.volumes import Grid, resample_to_grid
 from study.state import Study
 from study.storage import join
-from study.training.baseline import BaselineResult
+from study.training.baseline import BaselineResult, brain_voxels
 from study.training.crossval import FoldResult, driving_task
 from study.training.loop import TrainingData, load_history
 from study.training.models import build_model
@@ -224,13 +224,6 @@ def _deletion(study: Study, jobs: list[FoldModel], baselines: list[BaselineResul
     return refs, linear
 
 
-def _brain_voxels(study: Study, subject_ids: list[str], brain: np.ndarray) -> np.ndarray:
-    """[subjects, brain voxels] float32 of the cache, read 64 subjects at a time."""
-    volumes = study.cache.volumes
-    rows = study.cache.rows(subject_ids)
-    return np.concatenate([volumes[rows[s:s + 64]][:, brain].astype(np.float32) for s in range(0, len(rows), 64)])
-
-
 def explain_study(study: Study, results: list[FoldResult], baselines: list[BaselineResult],
                   shuffled_fit: ray.ObjectRef | None = None,
                   on_progress: Callable[[int, int], None] | None = None) -> AttributionResult:
@@ -305,7 +298,7 @@ def explain_study(study: Study, results: list[FoldResult], baselines: list[Basel
             tests = {method: permutation_test_on_device(*a) for method, a in arguments.items()}
         if baselines:  # the linear model's weights, refitted on all subjects and on permuted labels
             C = float(np.median([b.C for b in baselines]))
-            tests[LINEAR_BASELINE] = weight_test(_brain_voxels(study, tested, brain), labels, C,
+            tests[LINEAR_BASELINE] = weight_test(brain_voxels(study.cache, tested, brain), labels, C,
                                                  attribution.permutations, families, study.config.cv.seed)
         for method, maps in normalized.items():
             group = group_means(maps, labels, classes)

@@ -46,7 +46,7 @@ class BaselineResult:
     voxel_scale: np.ndarray | None = None
 
 
-def _voxels(cache: VolumeCache, subject_ids: list[str], brain: np.ndarray) -> np.ndarray:
+def brain_voxels(cache: VolumeCache, subject_ids: list[str], brain: np.ndarray) -> np.ndarray:
     """[subjects, brain voxels] float32, read 64 subjects at a time."""
     dataset = CachedVolumes(cache, subject_ids, np.zeros(len(subject_ids)))
     return np.concatenate([dataset.__getitems__(list(range(s, min(s + 64, len(subject_ids)))))[0].numpy()[:, 0][:, brain]
@@ -58,7 +58,7 @@ def fit_linear(cache: VolumeCache, brain: np.ndarray, fold: OuterFold, labels: d
     """Fit, choose C on ``fold``'s inner splits, refit on its training side, test on its held-out side."""
     started = time.perf_counter()
     train = fold.train
-    x, y = _voxels(cache, train, brain), np.array([labels[s] for s in train])
+    x, y = brain_voxels(cache, train, brain), np.array([labels[s] for s in train])
     position = {s: i for i, s in enumerate(train)}
     inner = [(np.array([position[s] for s in split.train]), np.array([position[s] for s in split.test]))
              for split in fold.inner]
@@ -68,7 +68,7 @@ def fit_linear(cache: VolumeCache, brain: np.ndarray, fold: OuterFold, labels: d
     search.fit(x, y)
     model, C = search.best_estimator_, float(search.best_params_["logisticregression__C"])
     test_labels = np.array([labels[s] for s in fold.test])
-    p = model.predict_proba(_voxels(cache, fold.test, brain))[:, 1]
+    p = model.predict_proba(brain_voxels(cache, fold.test, brain))[:, 1]
     scaler, linear = model[0], model[-1]
     return BaselineResult(fold.fold, C, classification_metrics(test_labels, p),
                           classes.predictions(fold.test, test_labels, p), linear.coef_[0].astype(np.float32),
