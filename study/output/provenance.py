@@ -1,0 +1,52 @@
+"""Where a study's runs came from: package versions, the git commit, who ran what command, the resolved config."""
+
+from __future__ import annotations
+
+import getpass
+import sys
+from pathlib import Path
+
+import yaml
+
+from study.config import StudyConfig
+
+PACKAGES = ("study", "torch", "ray", "mlflow", "optuna", "nibabel", "nilearn", "numpy")
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in PACKAGES:
+        try:
+            found[f"version.{package}"] = version(package)
+        except PackageNotFoundError:
+            found[f"version.{package}"] = "not installed"
+    return found
+
+
+def git_commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def source_tags(commit: str) -> dict[str, str]:
+    """MLflow's own tags for who ran the study and from what, shown in its run list (User, Source)."""
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except (KeyError, OSError):  # a container user without a name
+        pass
+    return tags
+
+
+def config_yaml(config: StudyConfig) -> str:
+    """The resolved config as YAML, as a researcher would write it."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
