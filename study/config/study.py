@@ -1,0 +1,108 @@
+"""The root of a study YAML: every section, and the checks that need more than one of them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator
+
+from study.attribution.gradcam import check_placement
+from study.attribution.guided_backprop import check_relu_only
+from study.config.search import SearchConfig, unfit_choices
+from study.config.sections import (AttributionConfig, CVConfig, PreprocessConfig, ResourcesConfig, Section,
+                                   TrackingConfig, TrainConfig)
+from study.data.cohort import CohortConfig
+from study.training.models import PRESETS, Architecture, Network, check_network
+
+
+def _model_kind(value: Any) -> str:
+    """Which kind of ``model`` section: ``class`` (a user's network) or ``preset`` (our CNN)."""
+    return "class" if isinstance(value, Network) or (isinstance(value, dict) and "class" in value) else "preset"
+
+
+class StudyConfig(Section):
+    """A whole study: the root of the YAML file."""
+
+    name: str
+    cohort: CohortConfig
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    cv: CVConfig = Field(default_factory=CVConfig)
+    # `preset: mrinet` plus any key to override, or a network of your own: `class: package.module:Name` plus its
+    # keyword arguments (see study.training.models.Network)
+    model: Annotated[Annotated[Architecture, Tag("preset")] | Annotated[Network, Tag("class")],
+                     Discriminator(_model_kind)] = Field(default_factory=Architecture)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    search: SearchConfig | None = None  # null: train the model section's architecture as it is
+    attribution: AttributionConfig | None = Field(default_factory=AttributionConfig)  # null: no maps
+    output_dir: Path = Path("study_data/runs")  # splits, state, maps, report; shared by every node
+    # Ray Train/Tune checkpoints: default <output_dir>/<name>/ray; s3://bucket/prefix on a cloud cluster
+    storage_path: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_usable(cls, name: str) -> str:
+        if not name or any(c in name for c in "/\\ "):
+            raise ValueError("name must be non-empty, without spaces or slashes")
+        return name
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _preset(cls, value: Any, info: ValidationInfo) -> Any:
+        """``{preset: mrinet, width: 8}``: the preset's architecture with the keys given overridden;
+        ``{class: ...}``: a user's network, as it is."""
+        if not isinstance(value, dict):
+            return value
+        if "class" in value:
+            if info.context is not None:
+                info.context["model"] = "class"  # replaced by the network once it is valid (_network_fits)
+            if "preset" in value:
+                raise ValueError("give either preset (our CNN) or class (your own network), not both")
+            return value
+        preset = value.get("preset") or "mrinet"
+        if preset not in PRESETS:
+            raise ValueError(f"unknown model preset {preset!r}; presets: {', '.join(PRESETS)}")
+        return {**PRESETS[preset].model_dump(), **{k: v for k, v in value.items() if k != "preset"}}
+
+    @field_validator("model")
+    @classmethod
+    def _network_fits(cls, model: Architecture | Network, info: ValidationInfo) -> Architecture | Network:
+        """A user's network is built and run on one volume of the study grid now, not on a worker later."""
+        if isinstance(model, Network) and "preprocess" in info.data:
+            shape = info.data["preprocess"].grid.shape
+            built = check_network(model, shape)
+            check_placement(built, shape, model.factory)
+            if info.context is not None:  # the search space checks its keys against the network's;
+                info.context.update(model=model, network=built)  # attribution's check reuses the build
+        return model
+
+    @field_validator("search")
+    @classmethod
+    def _space_fits_the_grid(cls, search: SearchConfig | None, info: ValidationInfo) -> SearchConfig | None:
+        """Every network the search may sample fits the study grid (a trial that cannot be built is lost)."""
+        model, preprocess = info.data.get("model"), info.data.get("preprocess")
+        if search is not None and isinstance(model, Architecture) and preprocess is not None:
+            shape = preprocess.grid.shape
+            unfit = unfit_choices(search.space, model, shape)
+            if unfit:
+                raise ValueError(f"space: {'; '.join(unfit[:3])}{' and more' if len(unfit) > 3 else ''} would leave "
+                                 f"the last block no voxel of the study grid {shape} (preprocess.voxel_size "
+                                 f"{preprocess.voxel_size} mm): such trials fail. Leave them out of the space (e.g. "
+                                 "with when:) or choose a finer grid")
+        return search
+
+    @field_validator("attribution")
+    @classmethod
+    def _network_is_explainable(cls, attribution: AttributionConfig | None,
+                                info: ValidationInfo) -> AttributionConfig | None:
+        """Guided Backpropagation of a user's network: ReLU activations only, checked now."""
+        model, preprocess = info.data.get("model"), info.data.get("preprocess")
+        guided = attribution is not None and {"guided_backprop", "guided_gradcam"} & set(attribution.methods)
+        if isinstance(model, Network) and preprocess is not None and guided:
+            built = (info.context or {}).get("network")
+            if built is None:  # validated without parse_config's context
+                built = check_network(model, preprocess.grid.shape)
+            check_relu_only(built, preprocess.grid.shape, model.factory)
+        return attribution
