@@ -127,7 +127,12 @@ def test_a_network_of_ones_own_is_built_checked_and_searchable_when_the_config_l
     problems = {
         "model: cannot import tests.nonets:Net: ModuleNotFoundError: No module named 'tests.nonets'. Install its package, or put "
         "tests/nonets.py in the project directory": config(**{"class": "tests.nonets:Net"}),
-        "without a gradcam_layer: set self.gradcam_layer": config(gradcam=False),
+        "without a gradcam_layer: name the module Grad-CAM should explain in the config (model.gradcam_layer": config(
+            gradcam=False),
+        "model: tests.networks:TinyNet has no module 'features.9' (gradcam_layer); its top-level modules: features, "
+        "gradcam_layer, head": config(gradcam_layer="features.9"),
+        # a function may do anything with the config's arguments (torch.hub.load runs a folder's hubconf.py)
+        "model: torch.hub:load is a function, not a torch.nn.Module subclass": config(**{"class": "torch.hub:load"}),
         "returns (1, 3) for one volume; a study needs logits [batch, 2]": config(outputs=3),
         "cannot be built with input_shape=(23, 27, 23) and {'size': 3}: TypeError: ": config(size=3),
         "attribution: tests.networks:TinyNet: guided backprop needs ReLU activations; this model uses "
@@ -142,6 +147,9 @@ def test_a_network_of_ones_own_is_built_checked_and_searchable_when_the_config_l
         with pytest.raises(ConfigError, match=re.escape(expected)):
             parse_config(data)
     assert parse_config(config(activation="elu", methods=["gradcam"])).model.kwargs == {"activation": "elu"}
+    named = parse_config(config(gradcam=False, gradcam_layer="features.4")).model  # the layer named in the config
+    assert named.gradcam_layer == "features.4" and named.kwargs == {"gradcam": False}
+    assert parse_config(parsed.model_dump(mode="json") | {"model": named.model_dump()}).model == named
     assert parse_config(config(**{"class": "tests.networks:ShortcutNet", "shortcut_first": False})).model
 
 
@@ -183,3 +191,23 @@ def test_a_blur_width_without_its_reference_asks_which_reference(tmp_path):
         load_config(path)
     assert "attribution.perturbation" in str(err.value) and "set reference: blur" in str(err.value)
     assert load_config(path, ["attribution.perturbation.reference=blur"]).attribution.perturbation.reference == "blur"
+
+
+def test_a_monai_network_is_explained_at_the_layer_the_config_names():
+    """MONAI's networks take no input_shape and have no gradcam_layer attribute: the config names the layer."""
+    pytest.importorskip("monai")
+    from study.attribution import gradcam, guided_backprop
+    from study.training.models import build_model
+
+    data = {"name": "s", "cohort": {"root": "x"}, "preprocess": {"voxel_size": 8.0},
+            "model": {"class": "monai.networks.nets:DenseNet", "gradcam_layer": "class_layers.relu", "spatial_dims": 3,
+                      "in_channels": 1, "out_channels": 2, "init_features": 8, "growth_rate": 4,
+                      "block_config": [2, 2]}}
+    config = parse_config(data)  # built, run on one volume, Grad-CAM placement and ReLUs checked
+    model = build_model(config.model, config.preprocess.grid.shape).eval()
+    x = torch.randn(2, 1, *config.preprocess.grid.shape)
+    for method in (gradcam, guided_backprop):
+        maps = method(model, x, None)
+        assert maps.shape == (2, *config.preprocess.grid.shape) and torch.isfinite(maps).all() and maps.max() > 0
+    with pytest.raises(ConfigError, match="monai.networks.nets:DenseNet has no module 'layer4' \\(gradcam_layer\\)"):
+        parse_config({**data, "model": {**data["model"], "gradcam_layer": "layer4"}})

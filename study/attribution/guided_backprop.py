@@ -61,3 +61,13 @@ def guided_backprop(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tens
         score = class_score(logits, targets).sum()
     (grad,) = torch.autograd.grad(score, x)
     return grad[:, 0].abs().float()
+
+
+def check_relu_only(model: torch.nn.Module, input_shape: tuple[int, int, int], name: str) -> None:
+    """Guided Backpropagation of ``model`` on one volume: ReLU activations only. Raises ValueError saying what
+    to change; ``name`` (the network's ``class``) is what it names."""
+    try:
+        guided_backprop(model, torch.zeros(1, 1, *input_shape), None)
+    except AttributionError as err:
+        raise ValueError(f"{name}: {err}; use nn.ReLU, or leave guided_backprop and guided_gradcam out of "
+                         "attribution.methods") from None

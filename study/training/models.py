@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
-from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -115,40 +114,49 @@ class BrainCNN(nn.Module):
 
 
 class Network(Params):
-    """A researcher's own network: ``class`` (``package.module:Name``), built as ``Name(input_shape=(D, H, W),
-    **kwargs)``.
+    """A researcher's own network: ``class`` (``package.module:Name``), a ``torch.nn.Module`` subclass built as
+    ``Name(**kwargs)``, with ``input_shape=(D, H, W)`` too when its constructor takes that argument.
 
     In the config, ``model: {class: mynets:ResNet3d, depth: 18}``: every key but
-    ``class`` is a keyword argument, and a search can search them by name. What
-    it builds must be a ``torch.nn.Module`` that maps volumes [batch, 1, D, H, W]
-    to logits [batch, 2] (class 0, class 1) and has an attribute ``gradcam_layer``:
-    the module whose output Grad-CAM weighs, usually the last convolutional
-    block's activation. Grad-CAM places its map by the convolutions and poolings
-    met before that layer in module registration order, so register modules in
-    the order they run (as ``nn.Sequential`` does). Guided Backpropagation needs
-    ReLU activations only. The module is imported where the study runs: an
-    installed package, or a ``.py`` file in the project directory.
+    ``class`` and ``gradcam_layer`` is a keyword argument, and a search can
+    search them by name. The module must map volumes [batch, 1, D, H, W] to
+    logits [batch, 2] (class 0, class 1). Grad-CAM weighs the output of its
+    ``gradcam_layer``: the module the config's ``gradcam_layer`` names (a dotted
+    submodule name, as MONAI's CAM takes it, e.g. ``class_layers.relu`` of
+    MONAI's DenseNet), else the network's own ``gradcam_layer`` attribute;
+    usually the last convolutional block's activation. Grad-CAM places its map
+    by the convolutions and poolings met before that layer in module
+    registration order, so register modules in the order they run (as
+    ``nn.Sequential`` does). Guided Backpropagation needs ReLU activations
+    only. The module is imported where the study runs: an installed package, or
+    a ``.py`` file in the project directory. Importing it runs its code: a
+    config, like a Python script, is something to trust before running it.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     factory: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")  # the config's `class`
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    gradcam_layer: str | None = Field(None, pattern=r"^[A-Za-z_0-9][\w.]*$")  # a submodule's dotted name
 
     @model_validator(mode="before")
     @classmethod
     def _from_config(cls, data: Any) -> Any:
         """``{class: NAME, **kwargs}`` as the config writes it."""
         if isinstance(data, dict) and "class" in data:
-            return {"factory": data["class"], "kwargs": {k: v for k, v in data.items() if k != "class"}}
+            reserved = ("class", "gradcam_layer")
+            return {"factory": data["class"], "gradcam_layer": data.get("gradcam_layer"),
+                    "kwargs": {k: v for k, v in data.items() if k not in reserved}}
         return data
 
     @model_serializer
     def _to_config(self) -> dict[str, Any]:
-        return {"class": self.factory, **self.kwargs}
+        layer = {"gradcam_layer": self.gradcam_layer} if self.gradcam_layer else {}
+        return {"class": self.factory, **layer, **self.kwargs}
 
-    def import_factory(self) -> Callable[..., nn.Module]:
-        """The class or function that ``class`` names (the project directory importable, as for Ray's workers)."""
+    def import_factory(self) -> type[nn.Module]:
+        """The ``torch.nn.Module`` subclass that ``class`` names (the project directory importable, as for Ray's
+        workers). Anything else is refused: a function could do anything with the config's arguments."""
         module_name, _, name = self.factory.partition(":")
         if str(project_dir()) not in sys.path:
             sys.path.append(str(project_dir()))
@@ -160,7 +168,14 @@ class Network(Params):
             file = module_name.replace(".", "/") + ".py"
             raise ValueError(f"cannot import {self.factory}: {type(err).__name__}: {err}. Install its package, or "
                              f"put {file} in the project directory ({project_dir()})") from None
+        if not (isinstance(target, type) and issubclass(target, nn.Module)):
+            raise ValueError(f"{self.factory} is a {type(target).__name__}, not a torch.nn.Module subclass: a study "
+                             "builds only network classes; name the network's class")
         return target
+
+    def takes_input_shape(self) -> bool:
+        """Whether the constructor takes ``input_shape`` by name (ours do; MONAI's networks do not)."""
+        return "input_shape" in inspect.signature(self.import_factory()).parameters
 
     def keyword_names(self) -> set[str] | None:
         """The keyword arguments the factory takes (those a search may set); None when it takes any."""
@@ -179,22 +194,36 @@ class UserNetwork(nn.Module):
         self.architecture = architecture
         self.input_shape = tuple(input_shape)
         factory = architecture.import_factory()
+        shape = {"input_shape": self.input_shape} if architecture.takes_input_shape() else {}
         try:
-            self.net = factory(input_shape=self.input_shape, **architecture.kwargs)
+            self.net = factory(**shape, **architecture.kwargs)
         except Exception as err:  # noqa: BLE001 - whatever the constructor raises is reported with its arguments
-            raise ValueError(f"{architecture.factory} cannot be built with input_shape={self.input_shape} and "
-                             f"{architecture.kwargs}: {type(err).__name__}: {err}") from None
-        if not isinstance(self.net, nn.Module):
-            raise ValueError(f"{architecture.factory} returned a {type(self.net).__name__}, not a torch.nn.Module")
+            given = f"input_shape={self.input_shape} and " if shape else ""
+            raise ValueError(f"{architecture.factory} cannot be built with {given}{architecture.kwargs}: "
+                             f"{type(err).__name__}: {err}") from None
+        self._find_gradcam_layer()  # checked now, with what to change
+
+    def _find_gradcam_layer(self) -> nn.Module:
+        """The module the config's ``gradcam_layer`` names, else the network's own attribute."""
+        name, factory = self.architecture.gradcam_layer, self.architecture.factory
+        if name is not None:
+            try:
+                return self.net.get_submodule(name)
+            except AttributeError:
+                children = ", ".join(n for n, _ in self.net.named_children())
+                raise ValueError(f"{factory} has no module {name!r} (gradcam_layer); its top-level modules: "
+                                 f"{children} (a dotted name reaches inside them, e.g. features.denseblock4)") from None
         layer = getattr(self.net, "gradcam_layer", None)
         if not isinstance(layer, nn.Module) or not any(m is layer for m in self.net.modules()):
-            raise ValueError(f"{architecture.factory} builds a {type(self.net).__name__} without a gradcam_layer: "
-                             "set self.gradcam_layer to the module Grad-CAM should explain (one of the network's "
-                             "modules, e.g. the last convolutional block's ReLU)")
+            raise ValueError(f"{factory} builds a {type(self.net).__name__} without a gradcam_layer: name the module "
+                             "Grad-CAM should explain in the config (model.gradcam_layer: a dotted module name) or set "
+                             "self.gradcam_layer to it (one of the network's modules, e.g. the last convolutional "
+                             "block's ReLU)")
+        return layer
 
     @property
     def gradcam_layer(self) -> nn.Module:
-        return self.net.gradcam_layer
+        return self._find_gradcam_layer()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [batch, 2] (class 0, class 1) for volumes [batch, 1, D, H, W]."""
@@ -216,10 +245,10 @@ def architecture_of(data: dict[str, Any]) -> Architecture | Network:
 def check_network(architecture: Network, input_shape: tuple[int, int, int]) -> UserNetwork:
     """Build the network and run one volume of the study grid through it; returns it (eval mode).
 
-    It must give logits [1, 2], and its ``gradcam_layer``'s voxels must fall on
-    the grid where Grad-CAM places them (the convolutions and poolings registered
-    before that layer, in registration order: a parallel branch registered first
-    would count its stride twice). Raises ValueError saying what to change.
+    It must give logits [1, 2]. Raises ValueError saying what to change. Whether
+    the attribution methods can explain it is theirs to check
+    (:func:`study.attribution.gradcam.check_placement`,
+    :func:`study.attribution.guided_backprop.check_relu_only`).
     """
     model = UserNetwork(architecture, input_shape).eval()
     x = torch.zeros(1, 1, *input_shape)
@@ -233,30 +262,7 @@ def check_network(architecture: Network, input_shape: tuple[int, int, int]) -> U
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"{architecture.factory} returns {got} for one volume; a study needs logits [batch, 2] "
                          "(class 0, class 1)")
-    from study.attribution.gradcam import feature_geometry, feature_grid  # attribution imports this module
-
-    sizes, _ = feature_grid(model, tuple(input_shape))
-    start, jump = feature_geometry(model, model.gradcam_layer)
-    for axis, (n, size) in enumerate(zip(sizes, input_shape)):
-        last = start[axis] + jump[axis] * (n - 1)
-        if start[axis] < -jump[axis] or last > size - 1 + jump[axis]:
-            raise ValueError(f"{architecture.factory}: Grad-CAM would place its {n} feature voxels of axis {axis} at "
-                             f"input voxels {start[axis]:.0f} to {last:.0f} of a grid of {size}: the convolutions and "
-                             "poolings registered before gradcam_layer are not the ones that run before it, in that "
-                             "order (a parallel shortcut registered first?). Register modules in the order they run")
     return model
-
-
-def check_relu_only(model: UserNetwork, input_shape: tuple[int, int, int]) -> None:
-    """Guided Backpropagation of ``model`` (a :func:`check_network` result) on one volume: ReLU activations
-    only. Raises ValueError saying what to change."""
-    from study.attribution import AttributionError, guided_backprop  # attribution imports this module
-
-    try:
-        guided_backprop(model, torch.zeros(1, 1, *input_shape), None)
-    except AttributionError as err:
-        raise ValueError(f"{model.architecture.factory}: {err}; use nn.ReLU, or leave guided_backprop and "
-                         "guided_gradcam out of attribution.methods") from None
 
 
 def model_record(model: BrainCNN | UserNetwork, weights: dict[str, torch.Tensor] | None = None) -> dict:
