@@ -20,10 +20,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from study.data.synth import SyntheticCohort, synthesize_cohort
+from study.data.synth import SyntheticCohort, synthesize_cohort, with_skull
 from study.data.volumes import MNI_OVERLAP_MIN, Grid, load_volume, mni_overlap, resample_to_grid
 from study.runtime import start_ray
 
@@ -31,18 +30,6 @@ from study.runtime import start_ray
 def moved(image: nib.Nifti1Image, transform: np.ndarray) -> nib.Nifti1Image:
     """The same voxels with a world transform applied to the header (what a missing registration looks like)."""
     return nib.Nifti1Image(np.asarray(image.dataobj), transform @ image.affine)
-
-
-def with_skull(image: nib.Nifti1Image) -> nib.Nifti1Image:
-    """The image with a head around its brain, as a T1w before brain extraction looks: a dark band of
-    CSF and bone (4 to 9 mm from the brain) inside bright scalp, fat and muscle (out to 20 mm)."""
-    data = np.asarray(image.dataobj, dtype=np.float32)
-    brain = data > 0
-    distance_mm = ndimage.distance_transform_edt(~brain, sampling=image.header.get_zooms()[:3])
-    tissue = (distance_mm > 0) & (distance_mm <= 20) & ~((distance_mm > 4) & (distance_mm <= 9))
-    head = data.copy()
-    head[tissue] = 0.7 * np.median(data[brain])
-    return nib.Nifti1Image(head, image.affine)
 
 
 def main() -> None:

@@ -71,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
                          help="also write each subject's maps (the study's methods, mean over fold models) as "
                               "DIR/<method>/sub-<id>_<method>.nii.gz in MNI152 space")
     predict.add_argument("--tracking-uri", help="MLflow of the study (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    predict.add_argument("--trust-code", action="store_true",
+                         help="allow a model whose fold networks are its author's own class (model.class): loading "
+                              "it imports and runs that code. The study's own CNN needs no trust: only its weights "
+                              "and JSON are read, never a pickle")
 
     clean = commands.add_parser(
         "clean", help="list a study's executions and delete all but the newest (with --yes)",
@@ -94,9 +98,21 @@ def _parser() -> argparse.ArgumentParser:
         "validate", help="check a cohort: every problem at once, one line each (subject, file, problem)",
         description="Check a cohort's participants table and every image. Exit code 0 only when clean.",
     )
-    validate.add_argument("cohort", type=Path, help="cohort folder (BIDS or HCP layout) or a study YAML")
+    validate.add_argument("cohort", type=Path,
+                          help="cohort folder (BIDS, fMRIPrep derivatives, ClinicaDL CAPS or HCP) or a study YAML")
     validate.add_argument("--participants", type=Path, help="participants table (default: COHORT/participants.tsv)")
-    validate.add_argument("--layout", choices=["auto", "bids", "hcp", "column"], default=_default(CohortConfig, "layout"))
+    validate.add_argument("--layout", choices=["auto", "bids", "fmriprep", "caps", "hcp", "column"],
+                          default=_default(CohortConfig, "layout"),
+                          help="auto: fMRIPrep's dataset_description.json or derivatives/fmriprep, CAPS's subjects/, "
+                               "BIDS's sub-*, else HCP (default %(default)s)")
+    validate.add_argument("--space", help="fMRIPrep: the space- entity to read (default: the one MNI152 space present)")
+    validate.add_argument("--resolution", help="fMRIPrep: the res- entity to read (default: images without one)")
+    validate.add_argument("--session", help="first, last or ses-LABEL (default: the table's session column, else "
+                                            "the first session)")
+    validate.add_argument("--brain-mask", default=_default(CohortConfig, "brain_mask"),
+                          help="auto (fMRIPrep's desc-brain_mask; mni152 for CAPS; none otherwise), none, mni152, or "
+                               "a mask path per subject relative to COHORT with {subject} and {session} "
+                               "(default %(default)s)")
     validate.add_argument("--subject-column", default=_default(CohortConfig, "subject_column"))
     validate.add_argument("--label", default=_default(CohortConfig, "label"),
                           help="column to classify (default %(default)s)")

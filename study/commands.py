@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from collections import Counter
 from pathlib import Path
 
 from study.config import ConfigError, load_config
@@ -13,11 +14,12 @@ from study.data.prepare import StudyError
 from study.data.synth import SyntheticCohort, ground_truth_dir, synthesize_cohort
 from study.data.volumes import VolumeError
 from study.output.tracking import TrackingError, tracking_uri
-from study.predict import ModelNotFoundError
+from study.predict import ModelNotFoundError, UntrustedCodeError
 from study.runtime import RayStartError, start_ray
 from study.storage import HOME_VARIABLE, WriteError, join, project_dir, remove_tree, submitted_job_id
 
-UserError = (ConfigError, CohortError, VolumeError, StudyError, TrackingError, RayStartError, ModelNotFoundError)
+UserError = (ConfigError, CohortError, VolumeError, StudyError, TrackingError, RayStartError, ModelNotFoundError,
+             UntrustedCodeError)
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -57,29 +59,40 @@ def write_failure(err: Exception, again: str) -> StudyError | None:
 
 
 def predict(args: argparse.Namespace) -> int:
-    import mlflow.pyfunc
+    import tempfile
+
+    import mlflow
     from tqdm.auto import tqdm
 
-    from study.predict import find_images, resolve_model, save_maps
+    from study.predict import download_ensemble, find_images, maps_name, resolve_model, save_maps
 
     images, problems = find_images(args.images)
     if images.empty:
         raise CohortError("no images to predict: " + "; ".join(p.message + f" ({p.file})" for p in problems))
     uri = tracking_uri(args.tracking_uri)
-    mlflow.set_tracking_uri(uri)
     model_uri = resolve_model(args.model, mlflow.MlflowClient(uri))
-    model = mlflow.pyfunc.load_model(model_uri)
-    table = model.predict(images)
+    with tempfile.TemporaryDirectory() as tmp:
+        ensemble = download_ensemble(model_uri, uri, Path(tmp), args.trust_code)
+    table = ensemble.predict(images)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, sep="\t" if args.out.suffix != ".csv" else ",", index=False)
     predicted = table[table.problem == ""]
     problems += [Problem(r.subject_id, r.image, r.problem) for r in table[table.problem != ""].itertuples()]
     print(predicted[table.columns[[0, 2, 3]]].to_string(index=False, float_format="%.3f"))
     if args.maps is not None and len(predicted):
-        ensemble = model.unwrap_python_model().ensemble
-        for row in tqdm(predicted.itertuples(), total=len(predicted), desc="explaining", unit="subject"):
-            save_maps(ensemble.explain(ensemble.preprocess(Path(row.image))), ensemble.grid, args.maps, row.subject_id)
-        print(f"maps of {len(predicted)} subjects ({', '.join(ensemble.methods)}) in {args.maps}")
+        masks = dict(zip(images.image, images.brain_mask))
+        named: dict[str, str] = {}  # map file stem -> the image that writes it
+        for row in predicted.itertuples():
+            name = maps_name(Path(row.image), row.subject_id)
+            if name in named:  # one subject's two images, or an id found twice: refused, never overwritten
+                problems.append(Problem(row.subject_id, row.image, f"its maps would overwrite those of {named[name]} "
+                                        f"({name}); give the files distinct sub-/ses- names and predict it again"))
+            else:
+                named[name] = row.image
+        for name, image in tqdm(named.items(), desc="explaining", unit="subject"):
+            save_maps(ensemble.explain(ensemble.preprocess(Path(image), masks.get(image))), ensemble.grid, args.maps,
+                      name)
+        print(f"maps of {len(named)} images ({', '.join(ensemble.methods)}) in {args.maps}")
     for problem in problems:
         print(problem, file=sys.stderr)
     print(f"{len(predicted)} subjects predicted with {model_uri}, {len(problems)} problems; table: {args.out}",
@@ -149,7 +162,8 @@ def validate(args: argparse.Namespace) -> int:
         cohort_config = CohortConfig(
             root=args.cohort.resolve(), participants=args.participants.resolve() if args.participants else None,
             layout=args.layout, subject_column=args.subject_column, label=args.label, classes=tuple(args.classes),
-            family_column=args.family_column, path_column=args.path_column,
+            family_column=args.family_column, path_column=args.path_column, space=args.space,
+            resolution=args.resolution, session=args.session, brain_mask=args.brain_mask,
         )
     cohort = load_cohort(cohort_config)
     for warning in cohort.warnings:
@@ -160,6 +174,9 @@ def validate(args: argparse.Namespace) -> int:
         print(problem)
     bad = {p.subject for p in problems}
     n_ok = sum(1 for s in cohort.subjects if s.subject_id not in bad)
+    sessions = Counter(f"ses-{s.session}" for s in cohort.subjects if s.session)
+    if sessions:  # which session each subject contributes: the images are listed by `study run`'s cohort table
+        print("sessions: " + ", ".join(f"{k} ({n})" for k, n in sorted(sessions.items())), file=sys.stderr)
     print(f"{n_ok} subjects OK, {len(problems)} problems in {len(bad)} subjects", file=sys.stderr)
     return 1 if problems else 0
 

@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow.artifacts
 import mlflow.pyfunc
 import nibabel as nib
 import numpy as np
@@ -84,12 +85,21 @@ class Ensemble:
         return directory
 
     @classmethod
-    def load(cls, directory: Path) -> "Ensemble":
-        """The ensemble saved by :meth:`save` (CPU, eval mode)."""
+    def load(cls, directory: Path, trust_code: bool = False) -> "Ensemble":
+        """The ensemble saved by :meth:`save` (CPU, eval mode): weights and JSON, no pickle.
+
+        A fold whose network is a researcher's own class (``model.class``) is
+        rebuilt by importing that class's module, which runs its code: refused
+        unless ``trust_code``. The study's own CNN needs no code but this package's.
+        """
         spec = json.loads((Path(directory) / SPEC_FILE).read_text())
         models = {}
         for fold in spec["folds"]:
             record = torch.load(Path(directory) / f"fold{fold}.pt", map_location="cpu", weights_only=True)
+            if "class" in record["arch"] and not trust_code:
+                raise UntrustedCodeError(
+                    f"fold {fold}'s network is {record['arch']['class']}, a class of the study author's code: "
+                    "loading it imports that module, which runs its code. Pass --trust-code if you trust them")
             models[fold] = model_from_record(record)
         classes = Classes(spec.get("label", "sex"), tuple(spec.get("classes", SEX_CLASSES)))  # sex before labels
         spec["perturbation"].setdefault("reference", "blur")  # saved before MP had a choice of reference
@@ -98,9 +108,10 @@ class Ensemble:
                    tuple(spec["methods"]), spec["target"], spec["perturbation"], classes,
                    np.load(mean) if mean.exists() else None)
 
-    def preprocess(self, image: Path) -> np.ndarray:
-        """One image on the study grid, checked and normalized as the study's were (float16; raises VolumeError)."""
-        return preprocess_volume(Path(image), self.grid, self.normalize)
+    def preprocess(self, image: Path, mask: Path | str | None = None) -> np.ndarray:
+        """One image on the study grid, masked (a mask file, "mni152" or None), checked and normalized as the
+        study's were (float16; raises VolumeError)."""
+        return preprocess_volume(Path(image), self.grid, self.normalize, mask or None)
 
     @torch.no_grad()
     def probabilities(self, volumes: np.ndarray) -> np.ndarray:
@@ -116,12 +127,14 @@ class Ensemble:
 
     def signature(self) -> ModelSignature:
         """The pyfunc's input and output columns."""
-        inputs = Schema([ColSpec("string", "image"), ColSpec("string", "subject_id", required=False)])
+        inputs = Schema([ColSpec("string", "image"), ColSpec("string", "subject_id", required=False),
+                         ColSpec("string", "brain_mask", required=False)])
         kinds = {c: "double" if c.startswith(self.classes.p) else "string" for c in self.columns}
         return ModelSignature(inputs, Schema([ColSpec(kind, column) for column, kind in kinds.items()]))
 
     def predict(self, images: pd.DataFrame, batch_size: int = 8) -> pd.DataFrame:
-        """Predict every image of a table with columns ``image`` (a NIfTI path) and ``subject_id`` (optional).
+        """Predict every image of a table with columns ``image`` (a NIfTI path), and optionally ``subject_id`` and
+        ``brain_mask`` (a mask file, or ``mni152``, for images with the skull on).
 
         Returns one row per image (:attr:`columns`): ``subject_id``, ``image``,
         ``p_<class 1>`` (the ensemble's mean, e.g. ``p_male``), ``predicted_<label>``,
@@ -133,13 +146,14 @@ class Ensemble:
         columns = self.columns
         p, predicted, folds = columns[2], columns[3], columns[4:-1]
         paths = [str(p) for p in images["image"]]
+        masks = images["brain_mask"].fillna("").astype(str).tolist() if "brain_mask" in images else [""] * len(paths)
         rows = [{"subject_id": sid, "image": path, "problem": ""} for sid, path in zip(ids, paths)]
         for start in tqdm(range(0, len(rows), batch_size), desc="predicting", unit="batch",
                           disable=len(rows) <= batch_size):
             ready, volumes = [], []
-            for row in rows[start:start + batch_size]:
+            for row, mask in zip(rows[start:start + batch_size], masks[start:start + batch_size]):
                 try:
-                    volumes.append(self.preprocess(Path(row["image"])))
+                    volumes.append(self.preprocess(Path(row["image"]), mask))
                     ready.append(row)
                 except VolumeError as err:
                     row["problem"] = str(err)
@@ -172,9 +186,21 @@ class Ensemble:
 
 
 def subject_id_of(image: Path) -> str:
-    """A subject id from an image's name: the BIDS ``sub-<label>`` entity, else the name without extension."""
-    match = re.search(r"sub-([A-Za-z0-9]+)", str(image))
-    return match.group(1) if match else NIFTI.sub("", image.name)
+    """A subject id from an image's name: the BIDS ``sub-<label>`` entity of the file name, else of the nearest
+    folder (``sub-01/anat/T1w.nii.gz``), else the file name without extension."""
+    for part in [image.name, *reversed(image.parent.parts)]:
+        match = re.match(r"sub-([A-Za-z0-9]+)", part)
+        if match:
+            return match.group(1)
+    return NIFTI.sub("", image.name)
+
+
+def maps_name(image: Path, subject_id: str) -> str:
+    """The stem of an image's map files: ``sub-<id>``, with ``_ses-<label>`` when the file name or its folder has
+    one, so that two sessions of one subject do not write the same maps."""
+    session = re.search(r"(?:^|_)ses-([A-Za-z0-9]+)", image.name) or next(
+        (m for m in (re.fullmatch(r"ses-([A-Za-z0-9]+)", p) for p in reversed(image.parent.parts)) if m), None)
+    return f"sub-{subject_id}" + (f"_ses-{session.group(1)}" if session else "")
 
 
 def find_images(sources: list[Path]) -> tuple[pd.DataFrame, list[Problem]]:
@@ -182,7 +208,8 @@ def find_images(sources: list[Path]) -> tuple[pd.DataFrame, list[Problem]]:
 
     Each source is a NIfTI file, a folder (its ``*.nii[.gz]`` files at any depth,
     leaving out a synthetic cohort's ``ground_truth/``), or a participants table
-    (TSV/CSV) of a cohort in any layout ``study validate`` knows; new subjects
+    (TSV/CSV) of a cohort in any layout ``study validate`` knows, with each
+    image's brain mask as that layout has it (fMRIPrep's, CAPS's); new subjects
     need no label column.
     """
     from study.data.cohort import CohortConfig, load_cohort
@@ -194,32 +221,50 @@ def find_images(sources: list[Path]) -> tuple[pd.DataFrame, list[Problem]]:
             problems.append(Problem("-", str(source), "no such file or folder"))
         elif source.suffix in {".tsv", ".csv"} and source.is_file():
             cohort = load_cohort(CohortConfig(root=source.parent, participants=source), labelled=False)
-            rows += [{"subject_id": s.subject_id, "image": str(s.image)} for s in cohort.subjects]
+            rows += [{"subject_id": s.subject_id, "image": str(s.image), "brain_mask": str(s.brain_mask or "")}
+                     for s in cohort.subjects]
             problems += cohort.problems
         elif source.is_dir():
             found = sorted(p for p in source.rglob("*.nii*") if NIFTI.search(p.name) and "ground_truth" not in p.parts)
-            rows += [{"subject_id": subject_id_of(p), "image": str(p)} for p in found]
+            rows += [{"subject_id": subject_id_of(p), "image": str(p), "brain_mask": ""} for p in found]
             if not found:
                 problems.append(Problem("-", str(source), "no .nii or .nii.gz file in this folder"))
         elif NIFTI.search(source.name):
-            rows.append({"subject_id": subject_id_of(source), "image": str(source)})
+            rows.append({"subject_id": subject_id_of(source), "image": str(source), "brain_mask": ""})
         else:
             problems.append(Problem("-", str(source), "not a NIfTI file, a folder or a participants table (.tsv/.csv)"))
-    return pd.DataFrame(rows, columns=["subject_id", "image"]), problems
+    return pd.DataFrame(rows, columns=["subject_id", "image", "brain_mask"]), problems
 
 
-def save_maps(maps: dict[str, np.ndarray], grid: Grid, out: Path, subject_id: str) -> list[Path]:
-    """A subject's maps as ``<out>/<method>/sub-<id>_<method>.nii.gz`` on the study grid (MNI152 space)."""
+def save_maps(maps: dict[str, np.ndarray], grid: Grid, out: Path, name: str) -> list[Path]:
+    """An image's maps as ``<out>/<method>/<name>_<method>.nii.gz`` on the study grid (MNI152 space); ``name`` is
+    its :func:`maps_name`."""
     paths = []
     for method, values in maps.items():
         (out / method).mkdir(parents=True, exist_ok=True)
-        paths.append(out / method / f"sub-{subject_id}_{method}.nii.gz")
+        paths.append(out / method / f"{name}_{method}.nii.gz")
         nib.save(nib.Nifti1Image(values.astype(np.float32), grid.affine), paths[-1])
     return paths
 
 
+class UntrustedCodeError(PermissionError):
+    """A model that can be loaded only by running code it names; the message says which and how to allow it."""
+
+
 class ModelNotFoundError(LookupError):
     """No study model under the name or URI given; the message lists what there is."""
+
+
+def download_ensemble(model_uri: str, tracking_uri: str, directory: Path, trust_code: bool = False) -> Ensemble:
+    """A registered or logged study model's :class:`Ensemble`, read from its files into ``directory``.
+
+    Only the ensemble's weights (``weights_only``) and JSON are read: the
+    pyfunc's pickle and code, which ``mlflow.pyfunc.load_model`` would run, are
+    not (MLflow serving still loads the pyfunc).
+    """
+    mlflow.set_tracking_uri(tracking_uri)  # a models:/ URI is resolved through the global registry
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(directory)))
+    return Ensemble.load(local / "artifacts" / "ensemble", trust_code)
 
 
 def resolve_model(name: str, client: "mlflow.MlflowClient") -> str:
@@ -256,7 +301,8 @@ class StudyEnsemble(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context) -> None:
-        self.ensemble = Ensemble.load(Path(context.artifacts["ensemble"]))
+        # Loading a pyfunc has already run its pickle and code: whoever loads it this way trusts the model's code.
+        self.ensemble = Ensemble.load(Path(context.artifacts["ensemble"]), trust_code=True)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         return self.ensemble.predict(model_input)

@@ -116,25 +116,40 @@ def test_study_predict_writes_the_table_and_maps_and_names_bad_images(finished, 
     affine = image.affine.copy()
     affine[:3, 3] += [0, 40, 0]  # not registered to MNI152: a scan straight from the scanner
     nib.save(nib.Nifti1Image(np.asarray(image.dataobj), affine), moved)
+    second = scans / "sub-0002" / "ses-2" / "anat" / "sub-0002_ses-2_T1w.nii.gz"  # a subject's second session
+    twin = scans / "sub-batch7" / "sub-0002_T1w.nii.gz"  # the same name elsewhere: its maps would overwrite
+    for path in (second, twin):
+        path.parent.mkdir(parents=True)
+        shutil.copy(scans / "sub-0002" / "anat" / "sub-0002_T1w.nii.gz", path)
+    # The model's pickle is never run: study predict reads the ensemble's weights and JSON only.
+    (version,) = mlflow.MlflowClient(config.tracking.uri).search_model_versions("name = 'dxpred'")
+    source = version.source
+    pickle = Path(source.removeprefix("file://")) / "python_model.pkl"
+    saved = pickle.read_bytes()
+    pickle.write_bytes(b"not a pickle: loading it would fail")
 
     # By the study's name (its newest version), a folder of images, the tracking URI given.
-    code = main(["predict", "dxpred", str(scans), "--maps", "maps", "--tracking-uri", config.tracking.uri])
+    try:
+        code = main(["predict", "dxpred", str(scans), "--maps", "maps", "--tracking-uri", config.tracking.uri])
+    finally:
+        pickle.write_bytes(saved)
     out, err = capsys.readouterr()
     assert code == 1  # two images could not be predicted, with the same checks as study validate
     table = pd.read_csv(tmp_path / "predictions.tsv", sep="\t", dtype={"subject_id": str}, keep_default_na=False)
     good = ~table.subject_id.isin(["0001", "0008"])
-    assert len(table) == 12 and set(table.predicted_diagnosis[good]) <= {"patient", "control"}
+    assert len(table) == 14 and set(table.predicted_diagnosis[good]) <= {"patient", "control"}
     bad = table.set_index("subject_id").loc[["0001", "0008"]]
     assert (bad.p_patient == "").all() and "overlaps the MNI152 brain mask" in bad.problem["0008"], bad.problem
     assert "truncated or corrupt gzip" in bad.problem["0001"]
     assert f"0001\t{broken}\t" in err and f"0008\t{moved}\t" in err
-    assert "10 subjects predicted with models:/dxpred/1" in err
+    assert "12 subjects predicted with models:/dxpred/1" in err
+    assert f"0002\t{twin}\tits maps would overwrite those of " in err
     assert "ground_truth" not in " ".join(table.image)  # a synthetic cohort's answer is not a scan
     ensemble = study_dir(config) / "latest" / "ensemble"
     assert np.load(ensemble / "cohort_mean.npy").shape == (23, 27, 23)  # MP's reference travels with the models
     for method in ("gradcam", "guided_backprop", "perturbation"):
         maps = sorted((tmp_path / "maps" / method).glob("*.nii.gz"))
-        assert len(maps) == 10
+        assert len(maps) == 11 and tmp_path / "maps" / method / f"sub-0002_ses-2_{method}.nii.gz" in maps
         image = nib.load(maps[0])
         assert image.shape == (23, 27, 23) and abs(image.affine[0, 0]) == 8.0
         assert np.isfinite(image.get_fdata()).all() and image.get_fdata().max() > 0
@@ -172,3 +187,21 @@ def test_an_ensemble_saved_before_the_cohort_mean_reference_still_explains(tmp_p
     old = Ensemble.load(directory)
     assert old.perturbation["reference"] == "blur" and old.cohort_mean is None
     assert old.explain(mean)["perturbation"].shape == shape
+
+
+def test_an_ensemble_of_a_researchers_own_network_loads_only_when_its_code_is_trusted(tmp_path):
+    from study.predict import UntrustedCodeError, maps_name, subject_id_of
+    from study.training.models import Network
+
+    shape = (12, 14, 12)
+    model = build_model(Network.model_validate({"class": "tests.networks:TinyNet", "channels": 2}), shape).eval()
+    directory = Ensemble({0: model}, Grid(shape, np.diag([8.0, 8.0, 8.0, 1.0])), "zscore", ("gradcam",), "contrast",
+                         Perturbation().model_dump()).save(tmp_path / "ensemble")
+    with pytest.raises(UntrustedCodeError, match="fold 0's network is tests.networks:TinyNet, a class of the study "
+                                                 "author's code: .* Pass --trust-code"):
+        Ensemble.load(directory)
+    assert isinstance(Ensemble.load(directory, trust_code=True).models[0], type(model))
+    # Map names come from the file name, not from any sub- folder above it.
+    for path, expected in {"sub-batch7/sub-01_ses-2_T1w.nii.gz": ("01", "sub-01_ses-2"),
+                           "sub-02/ses-1/anat/T1w.nii.gz": ("02", "sub-02_ses-1"), "scans/x.nii.gz": ("x", "sub-x")}.items():
+        assert (subject_id_of(Path(path)), maps_name(Path(path), subject_id_of(Path(path)))) == expected

@@ -176,7 +176,7 @@ def _build(cohort: Cohort, grid: Grid, normalize: str, directory: Path) -> Cache
     previous = _previous_rows(directory)
     todo = [i for i, k in enumerate(keys) if k not in previous and not (staging / f"{k}.npy").exists()]
     problems, computed = [], []
-    args = [(cohort.subjects[i].image, grid, normalize) for i in todo]
+    args = [(cohort.subjects[i].image, grid, normalize, cohort.subjects[i].brain_mask) for i in todo]
     for j, volume, error in map_tasks(preprocess_volume, args, desc="preprocessing"):
         subject = cohort.subjects[todo[j]]
         if error is not None:

@@ -1,8 +1,10 @@
 """Cohorts: a participants table plus one T1-weighted image per subject.
 
-:func:`load_cohort` reads the table, finds the images (BIDS, HCP, or an
-explicit path column) and checks everything that can be checked without
-opening an image; :func:`check_images` opens every image in parallel. Each
+:func:`load_cohort` reads the table (:mod:`.participants`), finds the images
+(BIDS, fMRIPrep, CAPS, HCP: :mod:`.layouts`; or an explicit path column),
+picks one session per subject and its brain mask, and checks everything that
+can be checked without opening an image; :func:`check_images` opens every
+image in parallel. Each
 problem is a :class:`Problem` naming the subject, the file and the fix, and all
 of them are reported at once.
 """
@@ -14,24 +16,23 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from study.data.layouts import (SESSION_CHOICE, Found, LayoutError, bids_images, caps_images, choose_session,
+                                detect_layout, expected_image, fmriprep_images, hcp_images)
+from study.data.participants import CohortError, bare_id, family_warnings, read_participants
 from study.data.synth import SyntheticCohort
-from study.data.volumes import Grid, preprocess_volume
+from study.data.volumes import MNI152_MASK, Grid, preprocess_volume
 
 SEX_CLASSES = ("female", "male")
 KNOWN_SEX_VALUES = {"m": "male", "f": "female"}  # besides the class names themselves
 RESERVED_COLUMNS = ("subject_id", "image", "predicted", "fold", "problem")  # columns of prediction tables
 CLASS_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")  # a class name becomes a column name (p_<class>) and a metric name
-HCP_IMAGES = {
-    "acpc": "T1w/T1w_acpc_dc_restore_brain.nii.gz",
-    "mni": "MNINonLinear/T1w_restore_brain.nii.gz",
-}
+SESSION_COLUMNS = ("session", "session_id")  # BIDS participants tables; ClinicaDL's (one row per session)
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,16 @@ class CohortConfig(BaseModel):
     # The participants table (default: ROOT/participants.tsv), or several merged on the subject column:
     # HCP keeps Gender in its unrestricted table and Family_ID in its restricted one.
     participants: Path | list[Path] | None = None
-    layout: Literal["auto", "bids", "hcp", "column"] = "auto"
+    layout: Literal["auto", "bids", "fmriprep", "caps", "hcp", "column"] = "auto"
     hcp_image: Literal["acpc", "mni"] = "mni"
+    space: str | None = None  # fMRIPrep's space- entity; default: the one MNI152 space present
+    resolution: str | None = None  # fMRIPrep's res- entity; default: the images without one
+    # Which session a subject contributes: first | last | ses-<label>; default: the table's session column, else first
+    session: str | None = Field(None, pattern=SESSION_CHOICE.pattern)
+    # auto: fMRIPrep's desc-brain_mask, mni152 for CAPS (t1-linear keeps the skull), none for BIDS, HCP and column;
+    # none: the images are brain-extracted; mni152: nilearn's MNI152 brain mask; else a mask file per subject,
+    # relative to root, with {subject} and {session}, e.g. masks/sub-{subject}_mask.nii.gz
+    brain_mask: str = "auto"
     subject_column: str = "participant_id"
     # The column to classify: any column with two classes (sex, diagnosis, site), sex by default.
     label: str = "sex"
@@ -128,10 +137,6 @@ class CohortConfig(BaseModel):
         return list(self.participants) if isinstance(self.participants, list) else [self.participants]
 
 
-class CohortError(ValueError):
-    """A cohort that cannot be used at all (no table, no subject column, ...)."""
-
-
 @dataclass(frozen=True)
 class Problem:
     """One defect in a cohort, named by subject and file, with what to do about it."""
@@ -155,11 +160,16 @@ class Subject:
     session: str | None = None
     age: float | None = None
     site: str | None = None
+    brain_mask: Path | str | None = None  # applied before the checks: a mask file, "mni152", or None
 
     def source_key(self) -> str:
-        """Identity of the image file as it is now (path, size, mtime)."""
-        stat = self.image.stat()
-        return hashlib.sha1(f"{self.image.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        """Identity of the image file and its brain mask as they are now (path, size, mtime)."""
+        parts = []
+        for path in [self.image, *([Path(self.brain_mask)] if self.brain_mask not in (None, MNI152_MASK) else [])]:
+            stat = path.stat()
+            parts.append(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}")
+        mask = f"|mask:{MNI152_MASK}" if self.brain_mask == MNI152_MASK else ""
+        return hashlib.sha1(("|".join(parts) + mask).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -192,67 +202,27 @@ class Cohort:
         return hashlib.sha1(json.dumps(rows).encode()).hexdigest()[:12]
 
 
-def _bare_id(value: str) -> str:
-    return value[4:] if value.startswith("sub-") else value
-
-
-def read_table(path: Path) -> pd.DataFrame:
-    """Read a BIDS ``participants.tsv`` or a CSV, every column as text."""
-    if not path.exists():
-        raise CohortError(f"participants table not found: {path}; set cohort.participants")
-    sep = "\t" if path.suffix.lower() in {".tsv", ".txt"} else ","
+def _images(config: CohortConfig) -> tuple[str, dict[str, list[Found]]]:
+    """The cohort's layout, and each subject's images in it (none for the column layout: the table names them)."""
+    layout, root = (config.layout, config.root) if config.layout != "auto" else \
+        ("column", config.root) if config.path_column else detect_layout(config.root)
+    if layout == "fmriprep" and config.layout != "auto" and (config.root / "derivatives" / "fmriprep").is_dir():
+        root = config.root / "derivatives" / "fmriprep"
     try:
-        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise CohortError(f"participants table {path} cannot be parsed: {err}") from None
+        return layout, {"column": lambda: {}, "bids": lambda: bids_images(root),
+                        "fmriprep": lambda: fmriprep_images(root, config.space, config.resolution),
+                        "caps": lambda: caps_images(root), "hcp": lambda: hcp_images(root, config.hcp_image)}[layout]()
+    except LayoutError as err:
+        raise CohortError(str(err)) from None
 
 
-def read_participants(paths: list[Path], subject_column: str) -> pd.DataFrame:
-    """One table of the subjects of the first table, with the columns of every table (merged on the subject).
-
-    A column that two tables share keeps the first table's values.
-    """
-    merged = None
-    for path in paths:
-        table = read_table(path)
-        if subject_column not in table.columns:
-            raise CohortError(f"{path}: no column {subject_column!r}; columns are {list(table.columns)}. "
-                              "Set cohort.subject_column; every participants table needs it.")
-        table[subject_column] = table[subject_column].str.strip()
-        if merged is None:
-            merged = table
-            continue
-        extra = [c for c in table.columns if c not in merged.columns]
-        merged = merged.merge(table[[subject_column, *extra]].drop_duplicates(subject_column), on=subject_column,
-                              how="left").fillna("")
-    return merged
-
-
-def _bids_images(root: Path) -> dict[str, list[tuple[str | None, Path]]]:
-    """Subject -> [(session, T1w path)] for ``sub-*/[ses-*/]anat/*_T1w.nii[.gz]``."""
-    found: dict[str, list[tuple[str | None, Path]]] = {}
-    for path in sorted(root.glob("sub-*/**/anat/*_T1w.nii*")):
-        if not re.search(r"\.nii(\.gz)?$", path.name):
-            continue
-        subject = _bare_id(path.relative_to(root).parts[0])
-        session = next((p[4:] for p in path.relative_to(root).parts if p.startswith("ses-")), None)
-        found.setdefault(subject, []).append((session, path))
-    return found
-
-
-def _hcp_images(root: Path, which: str) -> dict[str, list[tuple[str | None, Path]]]:
-    relative = HCP_IMAGES[which]
-    return {d.name: [(None, d / relative)] for d in sorted(root.iterdir()) if (d / relative).exists()}
-
-
-def _detect_layout(config: CohortConfig) -> str:
-    if config.layout != "auto":
-        return config.layout
-    if config.path_column:
-        return "column"
-    if any(config.root.glob("sub-*")):
-        return "bids"
-    return "hcp"
+def _brain_mask(config: CohortConfig, layout: str, found: Found, subject: str) -> Path | str | None:
+    """The brain mask of one subject's image, as ``cohort.brain_mask`` asks (see :class:`CohortConfig`)."""
+    if config.brain_mask == "auto":
+        return found.mask if layout == "fmriprep" else MNI152_MASK if layout == "caps" else None
+    if config.brain_mask in ("none", MNI152_MASK):
+        return None if config.brain_mask == "none" else MNI152_MASK
+    return config.root / config.brain_mask.format(subject=subject, session=found.session or "")
 
 
 def _parse_label(value: str, config: CohortConfig) -> int | None:
@@ -287,22 +257,40 @@ def load_cohort(config: CohortConfig, labelled: bool = True) -> Cohort:
                    if column == config.family_column else ".")
             )
     family_column = config.family_column or ("family_id" if "family_id" in table.columns else None)
-    layout = _detect_layout(config)
-    images = {} if layout == "column" else (
-        _bids_images(config.root) if layout == "bids" else _hcp_images(config.root, config.hcp_image)
-    )
+    layout, images = _images(config)
+    session_column = next((c for c in SESSION_COLUMNS if c in table.columns), None)
     problems: list[Problem] = []
     subjects: list[Subject] = []
-    seen: set[str] = set()
+    rows: dict[str, list[pd.Series]] = {}
     for _, row in table.iterrows():
-        sid = _bare_id(row[config.subject_column].strip())
+        sid = bare_id(row[config.subject_column].strip())
         if not sid:
             problems.append(Problem("(blank)", table_name, "row without a subject id; fill or delete it"))
+        elif sid in rows and (session_column is None or row[session_column] in {r[session_column] for r in rows[sid]}):
+            problems.append(Problem(sid, table_name, "duplicate subject id; keep one row per subject" + (
+                f" (or per session, in column {session_column!r})" if session_column else "")))
+        else:
+            rows.setdefault(sid, []).append(row)
+    for sid, subject_rows in rows.items():
+        if layout == "column":
+            path = Path(subject_rows[0][config.path_column].strip())
+            candidates = [Found(None, path if path.is_absolute() else config.root / path)]
+        else:
+            candidates = images.get(sid, [])
+            listed = {r[session_column].removeprefix("ses-") for r in subject_rows} if len(subject_rows) > 1 else set()
+            candidates = [f for f in candidates if f.session in listed] if listed else candidates
+        if not candidates:
+            problems.append(Problem(sid, str(config.root / expected_image(layout, sid, config.hcp_image)),
+                                    "no T1w image found for this subject; add it or drop the row"))
             continue
-        if sid in seen:
-            problems.append(Problem(sid, table_name, "duplicate subject id; keep one row per subject"))
+        try:
+            found = choose_session(candidates, config.session,
+                                   subject_rows[0][session_column] if session_column and len(subject_rows) == 1 else "")
+        except LookupError as err:
+            problems.append(Problem(sid, str(candidates[0].image.parent), f"{err}; choose another or drop the row"))
             continue
-        seen.add(sid)
+        row = next((r for r in subject_rows if r[session_column].removeprefix("ses-") == found.session), subject_rows[0]) \
+            if len(subject_rows) > 1 else subject_rows[0]
         raw = row[config.label].strip() if labelled else "-"
         label = _parse_label(raw, config) if labelled else -1
         if not raw:
@@ -316,47 +304,25 @@ def load_cohort(config: CohortConfig, labelled: bool = True) -> Cohort:
             problems.append(Problem(sid, table_name, f"unknown label {raw!r} in column {config.label!r}; use "
                                                      f"{known}, or {fix}"))
             continue
-        if layout == "column":
-            path = Path(row[config.path_column].strip())
-            candidates = [(None, path if path.is_absolute() else config.root / path)]
-        else:
-            candidates = images.get(sid, [])
-        if not candidates:
-            expected = f"sub-{sid}/[ses-*/]anat/*_T1w.nii[.gz]" if layout == "bids" else f"{sid}/{HCP_IMAGES[config.hcp_image]}"
-            problems.append(Problem(sid, str(config.root / expected), "no T1w image found for this subject; add it or drop the row"))
+        mask = _brain_mask(config, layout, found, sid)
+        if isinstance(mask, Path) and not mask.exists():
+            problems.append(Problem(sid, str(mask), "no brain mask for this image (cohort.brain_mask); add it, or set "
+                                                    "cohort.brain_mask to mni152 or none"))
             continue
-        session, image = _choose_session(candidates, row.get("session", ""))
         family = (row.get(family_column, "") if family_column else "").strip() or f"self:{sid}"
         subjects.append(Subject(
-            subject_id=sid, label=label, family_id=family, image=image,
-            session=session, age=_float_or_none(row.get("age", "")), site=row.get("site") or None,
+            subject_id=sid, label=label, family_id=family, image=found.image, session=found.session,
+            age=_float_or_none(row.get("age", "")), site=row.get("site") or None, brain_mask=mask,
         ))
     for sid, found in images.items():
-        if labelled and sid not in seen:
-            problems.append(Problem(sid, str(found[0][1]), f"image without a row in {table_name}; add the subject or remove the image"))
-    return Cohort(subjects, problems, _family_warnings(subjects, family_column, where), config.task)
-
-
-def _family_warnings(subjects: list[Subject], family_column: str | None, where: str) -> list[str]:
-    """What to know about families: none declared, or a declared column in which nobody has a relative."""
-    if len(subjects) < 2:
-        return []
-    if family_column is None:
-        return [f"no family column in {where}: subjects are split as if unrelated; set cohort.family_column "
-                "if the cohort has twins or siblings (HCP: Family_ID)"]
-    sizes = pd.Series([s.family_id for s in subjects]).value_counts()
-    if (sizes == 1).all():
-        return [f"every one of the {len(subjects)} subjects is alone in its family in column {family_column!r} of "
-                f"{where}: no twins or siblings are kept together; check the column"]
-    return []
-
-
-def _choose_session(candidates: list[tuple[str | None, Path]], wanted: str) -> tuple[str | None, Path]:
-    """The image of the session named in the table, else the first session."""
-    for session, path in candidates:
-        if wanted and session == wanted.removeprefix("ses-"):
-            return session, path
-    return candidates[0]
+        if labelled and sid not in rows:
+            problems.append(Problem(sid, str(found[0].image), f"image without a row in {table_name}; add the subject or remove the image"))
+    warnings = family_warnings([s.family_id for s in subjects], family_column, where)
+    if any(s.brain_mask == MNI152_MASK for s in subjects):
+        warnings.append("brain mask mni152: the MNI152 brain mask shapes every image like a brain in MNI space, so "
+                        "the check that an image is registered to MNI152 catches only gross errors (a wrong "
+                        "orientation); check the registration (ClinicaDL's quality check) before the study")
+    return Cohort(subjects, problems, warnings, config.task)
 
 
 def _float_or_none(value: str) -> float | None:
@@ -366,9 +332,9 @@ def _float_or_none(value: str) -> float | None:
         return None
 
 
-def _check_one(path: Path) -> None:
+def _check_one(path: Path, mask: Path | str | None) -> None:
     """Every check of ``study run``'s preprocessing (readable, 3D, finite, sane affine, in MNI space), on a 4 mm grid."""
-    preprocess_volume(path, Grid.mni(4.0))
+    preprocess_volume(path, Grid.mni(4.0), mask=mask)
 
 
 def check_images(cohort: Cohort) -> list[Problem]:
@@ -376,7 +342,7 @@ def check_images(cohort: Cohort) -> list[Problem]:
     from study.runtime import map_tasks  # here, not at the top: the command line reads CohortConfig without Ray
 
     problems = []
-    args = [(s.image,) for s in cohort.subjects]
+    args = [(s.image, s.brain_mask) for s in cohort.subjects]
     for index, _, error in map_tasks(_check_one, args, desc="checking images"):
         if error is not None:
             subject = cohort.subjects[index]

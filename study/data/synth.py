@@ -272,6 +272,19 @@ def _families(rng: np.random.Generator, subjects: int, sibling_fraction: float) 
     return families
 
 
+def with_skull(image: nib.Nifti1Image) -> nib.Nifti1Image:
+    """A brain-extracted image with a head around its brain, as a T1w before brain extraction looks (as fMRIPrep's
+    and ClinicaDL's outputs are, for tests and benchmarks): a dark band of CSF and bone (4 to 9 mm from the
+    brain) inside bright scalp, fat and muscle (out to 20 mm)."""
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    brain = data > 0
+    distance_mm = ndimage.distance_transform_edt(~brain, sampling=image.header.get_zooms()[:3])
+    tissue = (distance_mm > 0) & (distance_mm <= 20) & ~((distance_mm > 4) & (distance_mm <= 9))
+    head = data.copy()
+    head[tissue] = 0.7 * np.median(data[brain])
+    return nib.Nifti1Image(head, image.affine)
+
+
 def ground_truth_dir(root: Path) -> Path:
     """Where a synthetic cohort keeps its planted answer (``ground_truth/`` in cohorts written before BIDS)."""
     return root / GROUND_TRUTH if (root / GROUND_TRUTH).is_dir() else root / "ground_truth"

@@ -23,6 +23,10 @@ MNI_BOX_CENTRE_MM = (0.0, -18.0, 18.0)
 # The least Dice overlap between an image's brain and the MNI152 brain mask, after resampling, that
 # passes as "registered to MNI152 and brain-extracted" (how it was chosen: README, "The input contract").
 MNI_OVERLAP_MIN = 0.8
+# The most voxels an image may declare: 512^3, 0.5 GB as float32 (a 0.5 mm whole head is 57 million). A header is
+# read before its data, so a small crafted file declaring billions of voxels is refused instead of filling memory.
+MAX_VOXELS = 512 ** 3
+MNI152_MASK = "mni152"  # a brain mask: nilearn's MNI152 brain mask, for images registered to MNI152 with the skull on
 
 
 class VolumeError(ValueError):
@@ -68,7 +72,16 @@ def load_volume(path: Path) -> nib.Nifti1Image:
         raise VolumeError(f"file not found: {path}; fix the path or the participants table")
     try:
         img = nib.load(str(path))
+        voxels = int(np.prod(img.shape, dtype=np.float64))
+        if voxels > MAX_VOXELS:
+            raise VolumeError(f"its header declares {img.shape} = {voxels:.3g} voxels, more than the {MAX_VOXELS:.3g} "
+                              f"a brain image has (study.data.volumes.MAX_VOXELS); check or re-export {path.name}")
         data = np.asarray(img.dataobj, dtype=np.float32)
+    except VolumeError:
+        raise
+    except MemoryError:
+        raise VolumeError(f"not enough memory to read {path.name} ({img.shape}); free memory or use fewer "
+                          "parallel tasks") from None
     except (EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise VolumeError(f"truncated or corrupt gzip ({err}); re-copy or re-export {path.name}") from None
     except (nib.filebasedimages.ImageFileError, ValueError, OSError) as err:
@@ -148,26 +161,49 @@ def zscore_in_brain(volume: np.ndarray) -> np.ndarray:
     return out
 
 
-def preprocess_volume(path: Path, grid: Grid, normalize: str = "zscore") -> np.ndarray:
-    """Read, check, resample and normalize one image; float16 on the study grid.
+def apply_brain_mask(volume: np.ndarray, grid: Grid, mask: Path | str | None) -> np.ndarray:
+    """``volume`` (on ``grid``) with everything outside a brain mask set to 0.
+
+    ``mask`` is a mask file in the image's space (e.g. fMRIPrep's
+    ``desc-brain_mask``, resampled by nearest neighbour), ``"mni152"`` for
+    nilearn's MNI152 brain mask, or None for no masking (brain-extracted input).
+    """
+    if mask is None:
+        return volume
+    if mask == MNI152_MASK:
+        inside = _mni_brain(grid.shape, np.ascontiguousarray(grid.affine, dtype=np.float64).tobytes())
+    else:
+        try:
+            inside = resample_to_grid(load_volume(Path(mask)), grid, order=0) > 0
+        except VolumeError as err:
+            raise VolumeError(f"its brain mask {mask}: {err}") from None
+    return np.where(inside, volume, 0).astype(np.float32)
+
+
+def preprocess_volume(path: Path, grid: Grid, normalize: str = "zscore", mask: Path | str | None = None) -> np.ndarray:
+    """Read, check, resample, mask and normalize one image; float16 on the study grid.
 
     Parameters
     ----------
     path : Path
-        A 3D T1w NIfTI, registered to MNI space and brain-extracted.
+        A 3D T1w NIfTI registered to MNI space: brain-extracted, or with the skull on and a ``mask``.
     grid : Grid
         The study grid to resample onto (trilinear).
     normalize : {"zscore", "none"}
         ``zscore``: intensities z-scored inside the brain, zero outside.
+    mask : Path, "mni152" or None
+        The brain mask applied before the check that the image's brain is in
+        MNI space (see :func:`apply_brain_mask`).
     """
-    volume = resample_to_grid(load_volume(path), grid)
+    volume = apply_brain_mask(resample_to_grid(load_volume(path), grid), grid, mask)
     overlap = mni_overlap(volume, grid)
     if overlap < MNI_OVERLAP_MIN:
         raise VolumeError(
             f"its brain overlaps the MNI152 brain mask by {overlap:.2f} (Dice) after resampling, below "
             f"{MNI_OVERLAP_MIN}: give images registered to MNI152 and brain-extracted (e.g. HCP's "
-            "MNINonLinear/T1w_restore_brain, fMRIPrep's MNI152 T1w with its brain mask applied, ClinicaDL's "
-            "t1-linear). A native-space image, a skull left on or a wrong orientation in the header all do this"
+            "MNINonLinear/T1w_restore_brain), or with the skull on and a brain mask (cohort.brain_mask; fMRIPrep's "
+            "desc-brain_mask and mni152 for ClinicaDL's t1-linear are the defaults of those layouts). A "
+            "native-space image, a skull left on or a wrong orientation in the header all do this"
         )
     if normalize == "zscore":
         volume = zscore_in_brain(volume)
