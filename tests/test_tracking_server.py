@@ -100,3 +100,18 @@ def test_study_logs_through_a_server_and_survives_its_outage(tmp_path, cohort_di
     (version,) = client.search_model_versions(f"name = '{config.name}'")  # registered through the server
     assert version.run_id == studies[0].info.run_id
     assert any((tmp_path / "artifacts").rglob("report.html"))  # stored by the server, not by the study
+
+
+def test_credentials_in_a_tracking_uri_are_never_logged(monkeypatch):
+    """A URI with user:password@ would be a param, a line of config.yaml, the run's source tag and console text."""
+    from study.config import parse_config
+    from study.output.provenance import config_yaml, source_tags
+    from study.output.tracking import without_credentials
+
+    uri = "http://alice:s3cret@mlflow.lab:5000"
+    config = parse_config({"name": "s", "cohort": {"root": "x"}, "tracking": {"uri": uri}})
+    monkeypatch.setattr("sys.argv", ["study", "run", "s.yaml", "--set", f"tracking.uri={uri}"])
+    logged = [config_yaml(config), source_tags("unknown")["mlflow.source.name"],
+              str(without_credentials(config.model_dump(mode="json")))]
+    assert all("s3cret" not in text and "alice" not in text and "http://mlflow.lab:5000" in text for text in logged)
+    assert without_credentials("sqlite:////home/a/mlflow.db") == "sqlite:////home/a/mlflow.db"

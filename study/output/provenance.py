@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from study.config import StudyConfig
+from study.output.tracking import without_credentials
 
 PACKAGES = ("study", "torch", "ray", "mlflow", "optuna", "nibabel", "nilearn", "numpy")
 
@@ -37,7 +38,8 @@ def git_commit() -> str:
 
 def source_tags(commit: str) -> dict[str, str]:
     """MLflow's own tags for who ran the study and from what, shown in its run list (User, Source)."""
-    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": without_credentials(
+        " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))}
     if commit != "unknown":
         tags["mlflow.source.git.commit"] = commit
     try:
@@ -49,4 +51,4 @@ def source_tags(commit: str) -> dict[str, str]:
 
 def config_yaml(config: StudyConfig) -> str:
     """The resolved config as YAML, as a researcher would write it."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(without_credentials(config.model_dump(mode="json")), sort_keys=False)

@@ -26,7 +26,7 @@ from study.output.console import say
 from study.output.figures import confusion_figure, roc_figure
 from study.output.provenance import config_yaml, git_commit, source_tags, versions
 from study.output.report import Report
-from study.output.tracking import Tracker, TrackingError, is_tracking_failure, tracking_uri
+from study.output.tracking import Tracker, TrackingError, is_tracking_failure, tracking_uri, without_credentials
 from study.output.trials import publish_search, trial_callback
 from study.predict import Ensemble
 from study.state import Study
@@ -100,7 +100,7 @@ class Publisher:
             tags = {"study.name": config.name, "study.cohort": study.cohort.fingerprint(), "study.level": "study",
                     "study.execution": state.execution, "study.directory": str(study.directory), "git.commit": commit, **versions(), **source_tags(commit)}
             state.parent_run = tracker.start_run(config.name, tags)
-            tracker.log_params(state.parent_run, config.model_dump(mode="json"))
+            tracker.log_params(state.parent_run, without_credentials(config.model_dump(mode="json")))
             tracker.log_text(state.parent_run, config_yaml(config), "config.yaml")
         else:
             tracker.reopen(state.parent_run)
@@ -126,7 +126,7 @@ class Publisher:
         done = len(list((study.directory / "folds").glob("fold*.json")))
         say(f"study {config.name}: {len(study.cohort.subjects)} subjects, {len(study.folds)} outer folds "
             f"({done} already done); execution {state.execution} in {study.directory}; MLflow run {parent} at "
-            f"{tracker.uri}" + (f"; Ray storage {study.storage}" if config.storage_path else ""))
+            f"{without_credentials(tracker.uri)}" + (f"; Ray storage {study.storage}" if config.storage_path else ""))
 
     def fold(self, study: Study, result: FoldResult) -> None:
         """Log a finished fold (unless MLflow has it already) and end its run."""
@@ -265,7 +265,7 @@ class Publisher:
         except BaseException as err:
             if is_tracking_failure(err):
                 raise TrackingError(
-                    f"MLflow at {self.tracker.uri} stopped answering or refused a request: {err}\n"
+                    f"MLflow at {without_credentials(self.tracker.uri)} stopped answering or refused a request: {err}\n"
                     f"Nothing computed is lost: finished folds are in {study.directory / 'folds'}, checkpoints in "
                     f"{study.storage}, maps in {study.directory / 'maps'}. Start the tracking server again and rerun "
                     "the same command: the study logs what it has and goes on."

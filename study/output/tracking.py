@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from importlib.metadata import version
@@ -50,6 +51,22 @@ def now_ms() -> int:
 def default_uri() -> str:
     """``mlflow.db`` (SQLite) in the project directory: the current one, or ``$STUDY_HOME``."""
     return f"sqlite:///{project_dir() / 'mlflow.db'}"
+
+
+CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")  # user:password@ in a URI
+
+
+def without_credentials(value: Any) -> Any:
+    """``value`` (a string, or a config's dump) with every URI's ``user:password@`` removed: a run's params, tags
+    and console are read by everyone with access to the tracking server. Give MLflow credentials as
+    MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead."""
+    if isinstance(value, str):
+        return CREDENTIALS.sub("", value)
+    if isinstance(value, dict):
+        return {k: without_credentials(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_credentials(v) for v in value]
+    return value
 
 
 def tracking_uri(configured: str | None) -> str:
@@ -263,7 +280,7 @@ class Tracker:
 
     def run_url(self, run_id: str) -> str:
         if self.uri.startswith("http"):
-            return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+            return f"{without_credentials(self.uri).rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
         return f"mlflow ui --backend-store-uri {self.uri}  (then open http://127.0.0.1:5000)"
 
 
