@@ -106,7 +106,7 @@ def _megabytes(directory: Path) -> float:
 
 def clean(args: argparse.Namespace) -> int:
     from study.pipeline import study_dir
-    from study.state import LATEST, config_hash, list_executions
+    from study.state import LATEST, config_hash, list_executions, running
 
     if args.keep < 1:
         raise StudyError(f"--keep {args.keep}: keep at least the newest execution (--keep 1)")
@@ -119,6 +119,8 @@ def clean(args: argparse.Namespace) -> int:
     latest = (directory / LATEST).resolve()
 
     def verdict(index: int, path: Path, finished: bool) -> str:
+        if (holder := running(path)) is not None:
+            return f"keep (running now: {holder})"
         if index >= len(executions) - args.keep:
             return "keep"
         if path.resolve() == latest:
@@ -146,7 +148,7 @@ def clean(args: argparse.Namespace) -> int:
         return 0
     for path, state in doomed:
         if config.storage_path:  # Ray storage in a bucket, outside the execution's directory
-            remove_tree(join(config.storage_path, config.name, state.execution))
+            remove_tree(join(config.storage_path, config.name, path.name))  # the folder's own name, never the file's
         remove_tree(path)
     print(f"deleted {len(doomed)} execution(s), {total:.1f} MB. Their MLflow runs, logged models and registered "
           f"versions are kept (delete them in the MLflow UI); the preprocessing cache in "

@@ -22,7 +22,7 @@ from study.data.prepare import PreparedCohort, StudyError, make_or_load_splits, 
 from study.output.publish import Publisher
 from study.runtime import interrupts_kept, start_ray, unsatisfiable
 from study.state import StageTimes, Study, resume_or_start
-from study.storage import join, release_shared
+from study.storage import join, release_held
 from study.training.baseline import BaselineResult, fit_baselines
 from study.training.crossval import FoldResult, cross_validate
 from study.training.evaluation import Evaluation, evaluate
@@ -39,7 +39,7 @@ def open_study(config: StudyConfig, prepared: PreparedCohort, restart: bool = Fa
     state, directory, resumed = resume_or_start(config, study_dir(config), restart)
     folds = make_or_load_splits(config.cv, prepared.cohort, directory / "splits.json")
     # Each execution has its own Ray storage: a resume finds its checkpoints, a fresh start meets none of old.
-    storage = join(config.storage_path, config.name, state.execution) if config.storage_path \
+    storage = join(config.storage_path, config.name, directory.name) if config.storage_path \
         else str(directory / "ray")
     return Study(config, prepared.cohort, prepared.cache, prepared.excluded, folds, state, resumed, directory,
                  storage, audit, times or StageTimes())
@@ -131,7 +131,7 @@ def run_study(config: StudyConfig, restart: bool = False, audit: bool = False) -
     finally:
         if shuffled_fit is not None:  # a study that failed stops it; one that finished has its result
             ray.cancel(shuffled_fit, force=True)
-        release_shared()
+        release_held()
 
 
 def evaluate_folds(study: Study, results: list[FoldResult], baselines: list[BaselineResult]) -> Evaluation:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,8 +27,11 @@ import numpy as np
 from study.config import StudyConfig
 from study.data.cache import VolumeCache
 from study.data.cohort import Cohort, Problem
+from study.data.prepare import StudyError
 from study.data.splits import OuterFold
-from study.storage import replace_atomically
+from study.storage import hold_exclusive, in_use, replace_atomically, submitted_job_id
+
+LOCK_FILE = "running.lock"  # held by the driver that runs an execution, for as long as it runs
 
 
 def config_hash(config: StudyConfig) -> str:
@@ -59,10 +64,21 @@ class StudyState:
 
     @classmethod
     def load(cls, directory: Path) -> "StudyState":
-        data = json.loads(cls.path(directory).read_text())
-        for runs in ("fold_runs", "baseline_runs"):
-            data[runs] = {int(k): v for k, v in data.get(runs, {}).items()}
-        return cls(**data)
+        """The state in ``directory``; an unreadable file, or one that names another execution, is a
+        :class:`StudyError` naming it (a state decides what a rerun continues and what ``study clean`` deletes)."""
+        path = cls.path(directory)
+        try:
+            data = json.loads(path.read_text())
+            for runs in ("fold_runs", "baseline_runs"):
+                data[runs] = {int(k): v for k, v in data.get(runs, {}).items()}
+            state = cls(**data)
+        except (OSError, ValueError, TypeError, AttributeError) as err:
+            raise StudyError(f"{path}: unreadable execution state ({type(err).__name__}: {err}); move that "
+                             f"execution's folder {directory} aside (its results stay there) and run again") from None
+        if state.execution != directory.name:
+            raise StudyError(f"{path} names execution {state.execution!r}, not its folder {directory.name!r}: not "
+                             "this folder's state; restore it or move the folder aside")
+        return state
 
     def save(self, directory: Path) -> None:
         replace_atomically(self.path(directory), lambda tmp: tmp.write_text(json.dumps(asdict(self), indent=1)))
@@ -72,8 +88,24 @@ LATEST = "latest"  # <study dir>/latest: a link to the execution run or resumed 
 
 
 def new_execution_id() -> str:
-    """A new execution's name: when it started, in UTC (sorts by time anywhere), and a few random characters."""
-    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:4]
+    """A new execution's name: when it started, in UTC, to the millisecond (sorts by time anywhere, also two
+    started in one second), and a random character."""
+    now = time.time_ns()
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime(now / 1e9)) + f"-{now // 1_000_000 % 1000:03d}" + \
+        uuid.uuid4().hex[0]
+
+
+def _holder() -> str:
+    """Who runs an execution, for the message a second driver gets: process, host, Ray job, since when."""
+    job = submitted_job_id()
+    return (f"pid {os.getpid()} on {socket.gethostname()}" + (f", Ray job {job}" if job else "")
+            + f", since {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
+
+
+def running(directory: Path) -> str | None:
+    """Who runs the execution in ``directory`` now (see :func:`resume_or_start`), or None."""
+    lock = directory / LOCK_FILE
+    return (lock.read_text().strip() or "another process") if in_use(lock) else None
 
 
 def list_executions(study_directory: Path) -> list[tuple[Path, StudyState]]:
@@ -98,6 +130,13 @@ def resume_or_start(config: StudyConfig, study_directory: Path, restart: bool) -
         state = StudyState(config_hash(config), new_execution_id())
         directory = study_directory / state.execution
         directory.mkdir(parents=True)
+    holder = hold_exclusive(directory / LOCK_FILE, _holder())
+    if holder is not None:
+        raise StudyError(f"execution {directory.name} of study {config.name} is being run by another driver "
+                         f"({holder}): two drivers would write the same folds, state and MLflow runs. Wait for it "
+                         "to end, or stop it (a submitted job: ray job stop ID) and run again; --restart starts "
+                         "a new execution beside it")
+    if not resumable:
         state.save(directory)
     link = study_directory / LATEST
     replace_atomically(link, lambda tmp: tmp.symlink_to(directory.name, target_is_directory=True))

@@ -66,12 +66,23 @@ def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
         write(tmp)
+        if not tmp.is_symlink():  # on disk before its name: a power cut leaves the old file, not an empty one
+            _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)  # the rename itself
     except BaseException as err:  # a full disk, an unwritable folder, Ctrl-C: leave no half-written file behind
         tmp.unlink(missing_ok=True)
         if isinstance(err, OSError):  # numpy's short writes have no errno nor file name: say which file
             raise WriteError(err.errno, err.strerror or str(err), str(path)) from err
         raise
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -90,7 +101,7 @@ def exclusive(lock: Path, what: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-_HELD: list = []  # files this process holds a shared lock on, until release_shared or its end
+_HELD: list = []  # files this process holds a lock on, until release_held or its end
 
 
 def hold_shared(path: Path) -> None:
@@ -100,14 +111,35 @@ def hold_shared(path: Path) -> None:
     _HELD.append(f)
 
 
-def release_shared() -> None:
-    """Let go of every file this process holds with :func:`hold_shared` (a study in a notebook has ended)."""
+def hold_exclusive(path: Path, holder: str) -> str | None:
+    """Hold ``path`` (created) exclusively until :func:`release_held` or this process's end, writing ``holder``
+    into it; returns None, or when another process holds it, what that one wrote (who and since when)."""
+    if any(held.name == str(path) for held in _HELD):  # this process holds it already
+        return None
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        who = f.read().strip() or "another process"
+        f.close()
+        return who
+    f.truncate(0)
+    f.write(holder)
+    f.flush()
+    _HELD.append(f)
+    return None
+
+
+def release_held() -> None:
+    """Let go of every file this process holds with :func:`hold_shared` or :func:`hold_exclusive` (a study in a
+    notebook has ended)."""
     while _HELD:
         _HELD.pop().close()
 
 
 def in_use(path: Path) -> bool:
-    """True when another process (or this one) holds ``path`` with :func:`hold_shared`."""
+    """True when another process (or this one) holds ``path`` with :func:`hold_shared` or :func:`hold_exclusive`."""
     try:
         with open(path, "rb") as f:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

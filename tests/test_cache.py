@@ -65,6 +65,14 @@ def test_cache_is_reused_and_invalidated_per_subject(cohort_dir, preprocess_conf
     cache_for(load_cohort(CohortConfig(root=cohort_dir)), preprocess_config)
     assert not first.path.exists() and not changed.cache.path.exists()  # superseded ones go once nobody uses them
 
+    # An index file read back names the volumes it deletes only through its own name: a forged one deletes nothing else.
+    kept = cache_for(load_cohort(CohortConfig(root=cohort_dir)), preprocess_config).cache.path
+    victim = cohort_dir / "participants.tsv"
+    (kept.parent / "index-0000forged.json").write_text(json.dumps({"volumes": str(victim), "source_keys": []}))
+    os.utime(image, ns=(3, 3))
+    cache_for(load_cohort(CohortConfig(root=cohort_dir)), preprocess_config)
+    assert victim.exists() and not (kept.parent / "index-0000forged.json").exists()
+
     finer = preprocess_config.model_copy(update={"voxel_size": 6.0})
     other = cache_for(load_cohort(CohortConfig(root=cohort_dir)), finer)
     assert other.cache.volumes.shape[1:] == (30, 36, 30) and len(other.computed) == 12

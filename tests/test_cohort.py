@@ -163,6 +163,14 @@ def test_hcp_layout_and_path_column(cohort_dir, tmp_path):
     assert column.subjects[0].image.exists() and not column.problems
     (missing,) = check_images(column)
     assert (missing.subject, missing.file) == ("B", str(hcp / "gone.nii")) and "file not found" in missing.message
+    # Ids name files; one scan under two ids could be in a fold's training and test subjects.
+    (hcp / "bad.csv").write_text("id,sex,path\n../../x,F,100307/MNINonLinear/T1w_restore_brain.nii.gz\n"
+                                 "C,F,100307/MNINonLinear/T1w_restore_brain.nii.gz\n"
+                                 "D,M,100307/MNINonLinear/../MNINonLinear/T1w_restore_brain.nii.gz\n")
+    bad = load_cohort(CohortConfig(root=hcp, participants=hcp / "bad.csv", subject_column="id", path_column="path"))
+    assert bad.ids == ["C"] and [(p.subject, p.message.split(";")[0]) for p in bad.problems] == [
+        ("../../x", "a subject id of letters, digits, '.', '_' or '-' only, starting with a letter or digit (ids name "
+                    "map files)"), ("D", "the same image as subject C")]
 
 
 def test_unusable_table_is_a_clear_error(cohort_dir):

@@ -91,7 +91,7 @@ def test_every_error_of_a_config_at_once_and_overrides_named(tmp_path):
         load_config(path, ["train.batch_size=0", "model.width=wide"])
     message = str(err.value)
     assert "(6 problems)" in message  # not in rounds: the name and the search space along with the rest
-    assert "name: name must be non-empty, without spaces or slashes" in message
+    assert "name: letters, digits, '.', '_' or '-', starting with a letter or digit" in message
     assert "cv.outer_folds" in message and "search.num_samples" in message
     assert "search.space: cannot search 'patience'; searchable keys: blocks, width" in message
     assert "train.batch_size: Input should be greater than or equal to 1 (got 0)  [--set train.batch_size=0]" in message
@@ -211,3 +211,19 @@ def test_a_monai_network_is_explained_at_the_layer_the_config_names():
         assert maps.shape == (2, *config.preprocess.grid.shape) and torch.isfinite(maps).all() and maps.max() > 0
     with pytest.raises(ConfigError, match="monai.networks.nets:DenseNet has no module 'layer4' \\(gradcam_layer\\)"):
         parse_config({**data, "model": {**data["model"], "gradcam_layer": "layer4"}})
+
+
+def test_names_and_paths_are_checked_when_the_config_loads(tmp_path, monkeypatch):
+    """A name of '..' put the study outside output_dir; '~' became a folder named '~'; a missing atlas was
+    found missing only after training."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    base = {"name": "s", "cohort": {"root": "x"}}
+    for name in ("..", ".hidden", "a/b", "a b", ""):
+        with pytest.raises(ConfigError, match="name: letters, digits"):
+            parse_config({**base, "name": name})
+    config = parse_config({**base, "output_dir": "~/runs", "cohort": {"root": "~/cohort"}}, base_dir=tmp_path / "p")
+    assert config.output_dir == tmp_path / "runs" and config.cohort.root == tmp_path / "cohort"
+    with pytest.raises(ConfigError, match=f"attribution.atlas: no file {tmp_path / 'p' / 'atlas.nii.gz'}"):
+        parse_config({**base, "attribution": {"atlas": "atlas.nii.gz"}}, base_dir=tmp_path / "p")
+    with pytest.raises(ConfigError, match=r"cohort.brain_mask: auto, none, mni152, or a path with \{subject\}"):
+        parse_config({**base, "cohort": {"root": "x", "brain_mask": "masks/{sub}.nii.gz"}})

@@ -99,8 +99,13 @@ def parse_config(data: dict[str, Any], source: str = "config", base_dir: Path | 
 
 
 def _resolve_paths(config: StudyConfig, base_dir: Path) -> StudyConfig:
+    """Every path of the config absolute: ``~`` expanded, relative ones taken from ``base_dir``; the atlas and
+    its names must exist now, not when the maps are made after hours of training."""
     def resolve(p: Path | None) -> Path | None:
-        return None if p is None or p.is_absolute() else (base_dir / p)
+        if p is None:
+            return None
+        p = p.expanduser()
+        return p if p.is_absolute() else base_dir / p
 
     cohort = config.cohort
     cohort.root = resolve(cohort.root) or cohort.root
@@ -110,6 +115,12 @@ def _resolve_paths(config: StudyConfig, base_dir: Path) -> StudyConfig:
         cohort.participants = resolve(cohort.participants) or cohort.participants
     config.preprocess.cache_dir = resolve(config.preprocess.cache_dir) or config.preprocess.cache_dir
     config.output_dir = resolve(config.output_dir) or config.output_dir
+    if config.attribution is not None:
+        for key in ("atlas", "atlas_names"):
+            path = resolve(getattr(config.attribution, key))
+            if path is not None and not path.is_file():
+                raise ConfigError(f"attribution.{key}: no file {path}; fix the path or leave the key out")
+            setattr(config.attribution, key, path)
     return config
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -44,8 +46,11 @@ class StudyConfig(Section):
     @field_validator("name")
     @classmethod
     def _name_is_usable(cls, name: str) -> str:
-        if not name or any(c in name for c in "/\\ "):
-            raise ValueError("name must be non-empty, without spaces or slashes")
+        """A folder under output_dir, an MLflow experiment and a registered model: letters, digits, . _ -, not
+        starting with a dot (``..`` would put the study outside output_dir)."""
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            raise ValueError("letters, digits, '.', '_' or '-', starting with a letter or digit (it names "
+                             "the study's folder under output_dir, its MLflow experiment and its registered model)")
         return name
 
     @field_validator("model", mode="before")

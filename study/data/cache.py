@@ -104,12 +104,18 @@ def _open_memmap(path: Path, n: int, shape: tuple[int, ...], mode: str) -> np.nd
     return np.memmap(path, dtype=np.float16, mode=mode, shape=(n, *shape))
 
 
+def _volumes_of(index_path: Path) -> Path:
+    """The volumes file of a cache index: named after the index's own file name, never after what it says
+    (a forged ``volumes`` entry would make the clean-up delete any file)."""
+    return index_path.with_name(f"volumes-{index_path.stem.removeprefix('index-')}.f16")
+
+
 def _previous_rows(directory: Path) -> dict[str, tuple[Path, int, dict]]:
     """Source key -> (volumes file, row, index) for every finished cache in ``directory``."""
     rows: dict[str, tuple[Path, int, dict]] = {}
     for index_path in directory.glob("index-*.json"):
         index = json.loads(index_path.read_text())
-        volumes = directory / index["volumes"]
+        volumes = _volumes_of(index_path)
         if volumes.exists():
             for row, key in enumerate(index["source_keys"]):
                 rows[key] = (volumes, row, index)
@@ -229,7 +235,7 @@ def _remove_superseded(directory: Path, keep: Path) -> None:
     (:func:`study.storage.hold_shared` on their volumes; a later build removes them)."""
     for index_path in directory.glob("index-*.json"):
         if index_path != keep:
-            volumes = directory / json.loads(index_path.read_text())["volumes"]
+            volumes = _volumes_of(index_path)
             if in_use(volumes):
                 continue
             index_path.unlink(missing_ok=True)
@@ -239,7 +245,7 @@ def _remove_superseded(directory: Path, keep: Path) -> None:
 def _open_cache(index_path: Path) -> VolumeCache:
     index = json.loads(index_path.read_text())
     return VolumeCache(
-        index_path.parent / index["volumes"], index["subject_ids"], tuple(index["shape"]), np.asarray(index["affine"])
+        _volumes_of(index_path), index["subject_ids"], tuple(index["shape"]), np.asarray(index["affine"])
     )
 
 

@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from study.data.layouts import (SESSION_CHOICE, Found, LayoutError, bids_images, caps_images, choose_session,
-                                detect_layout, expected_image, fmriprep_images, hcp_images)
+from study.data.layouts import (SESSION_CHOICE, Found, LayoutError, brain_mask_of, choose_session, expected_image,
+                                find_images)
 from study.data.participants import CohortError, bare_id, family_warnings, read_participants
 from study.data.synth import SyntheticCohort
 from study.data.volumes import MNI152_MASK, Grid, preprocess_volume
@@ -32,6 +32,7 @@ SEX_CLASSES = ("female", "male")
 KNOWN_SEX_VALUES = {"m": "male", "f": "female"}  # besides the class names themselves
 RESERVED_COLUMNS = ("subject_id", "image", "predicted", "fold", "problem")  # columns of prediction tables
 CLASS_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")  # a class name becomes a column name (p_<class>) and a metric name
+SUBJECT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # ids name files: no path separators, no ..
 SESSION_COLUMNS = ("session", "session_id")  # BIDS participants tables; ClinicaDL's (one row per session)
 
 
@@ -107,6 +108,15 @@ class CohortConfig(BaseModel):
             raise ValueError("two class names that differ in more than case, of letters, digits, _ or -, starting "
                              "with a letter, not 'all'; e.g. [control, patient]")
         return classes
+
+    @field_validator("brain_mask")
+    @classmethod
+    def _mask_pattern_formats(cls, value: str) -> str:
+        try:
+            value.format(subject="01", session="1")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"auto, none, mni152, or a path with {{subject}} and {{session}} only ({err!r})") from None
+        return value
 
     @field_validator("label")
     @classmethod
@@ -202,29 +212,6 @@ class Cohort:
         return hashlib.sha1(json.dumps(rows).encode()).hexdigest()[:12]
 
 
-def _images(config: CohortConfig) -> tuple[str, dict[str, list[Found]]]:
-    """The cohort's layout, and each subject's images in it (none for the column layout: the table names them)."""
-    layout, root = (config.layout, config.root) if config.layout != "auto" else \
-        ("column", config.root) if config.path_column else detect_layout(config.root)
-    if layout == "fmriprep" and config.layout != "auto" and (config.root / "derivatives" / "fmriprep").is_dir():
-        root = config.root / "derivatives" / "fmriprep"
-    try:
-        return layout, {"column": lambda: {}, "bids": lambda: bids_images(root),
-                        "fmriprep": lambda: fmriprep_images(root, config.space, config.resolution),
-                        "caps": lambda: caps_images(root), "hcp": lambda: hcp_images(root, config.hcp_image)}[layout]()
-    except LayoutError as err:
-        raise CohortError(str(err)) from None
-
-
-def _brain_mask(config: CohortConfig, layout: str, found: Found, subject: str) -> Path | str | None:
-    """The brain mask of one subject's image, as ``cohort.brain_mask`` asks (see :class:`CohortConfig`)."""
-    if config.brain_mask == "auto":
-        return found.mask if layout == "fmriprep" else MNI152_MASK if layout == "caps" else None
-    if config.brain_mask in ("none", MNI152_MASK):
-        return None if config.brain_mask == "none" else MNI152_MASK
-    return config.root / config.brain_mask.format(subject=subject, session=found.session or "")
-
-
 def _parse_label(value: str, config: CohortConfig) -> int | None:
     """The class index of a table value: declared in label_mapping, a class name (any case), or M/F for sex."""
     known = {name.lower(): name for name in config.classes}
@@ -257,15 +244,23 @@ def load_cohort(config: CohortConfig, labelled: bool = True) -> Cohort:
                    if column == config.family_column else ".")
             )
     family_column = config.family_column or ("family_id" if "family_id" in table.columns else None)
-    layout, images = _images(config)
+    try:
+        layout, images = find_images(config.root, config.layout, config.path_column is not None, config.space,
+                                     config.resolution, config.hcp_image)
+    except LayoutError as err:
+        raise CohortError(str(err)) from None
     session_column = next((c for c in SESSION_COLUMNS if c in table.columns), None)
     problems: list[Problem] = []
     subjects: list[Subject] = []
     rows: dict[str, list[pd.Series]] = {}
+    owners: dict[Path, str] = {}  # image -> the subject it belongs to
     for _, row in table.iterrows():
         sid = bare_id(row[config.subject_column].strip())
         if not sid:
             problems.append(Problem("(blank)", table_name, "row without a subject id; fill or delete it"))
+        elif not SUBJECT_ID.fullmatch(sid):
+            problems.append(Problem(sid, table_name, "a subject id of letters, digits, '.', '_' or '-' only, starting "
+                                                     "with a letter or digit (ids name map files); rename it"))
         elif sid in rows and (session_column is None or row[session_column] in {r[session_column] for r in rows[sid]}):
             problems.append(Problem(sid, table_name, "duplicate subject id; keep one row per subject" + (
                 f" (or per session, in column {session_column!r})" if session_column else "")))
@@ -304,7 +299,11 @@ def load_cohort(config: CohortConfig, labelled: bool = True) -> Cohort:
             problems.append(Problem(sid, table_name, f"unknown label {raw!r} in column {config.label!r}; use "
                                                      f"{known}, or {fix}"))
             continue
-        mask = _brain_mask(config, layout, found, sid)
+        if (same := owners.setdefault(found.image.resolve(), sid)) != sid:  # train and test could both get it
+            problems.append(Problem(sid, str(found.image), f"the same image as subject {same}; one scan is one "
+                                                           "subject: fix the table's path or drop one row"))
+            continue
+        mask = brain_mask_of(found, config.brain_mask, layout, config.root, sid)
         if isinstance(mask, Path) and not mask.exists():
             problems.append(Problem(sid, str(mask), "no brain mask for this image (cohort.brain_mask); add it, or set "
                                                     "cohort.brain_mask to mni152 or none"))

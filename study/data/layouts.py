@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from study.data.volumes import MNI152_MASK
+
 NIFTI = re.compile(r"\.nii(\.gz)?$")
 HCP_IMAGES = {
     "mni": "MNINonLinear/T1w_restore_brain.nii.gz",  # registered to MNI152, brain-extracted
@@ -145,6 +147,31 @@ def detect_layout(root: Path) -> tuple[str, Path]:
     if any(root.glob("sub-*")):
         return "bids", root
     return "hcp", root
+
+
+def find_images(root: Path, layout: str, path_column: bool, space: str | None, resolution: str | None,
+                hcp_image: str) -> tuple[str, dict[str, list[Found]]]:
+    """The layout of a cohort folder (``auto`` detected, see :func:`detect_layout`) and each subject's images in
+    it; none for the column layout (``path_column``: the table names them). Raises LayoutError."""
+    if layout == "auto":
+        layout, root = ("column", root) if path_column else detect_layout(root)
+    elif layout == "fmriprep" and (root / "derivatives" / "fmriprep").is_dir():
+        root = root / "derivatives" / "fmriprep"
+    finders = {"column": lambda: {}, "bids": lambda: bids_images(root),
+               "fmriprep": lambda: fmriprep_images(root, space, resolution), "caps": lambda: caps_images(root),
+               "hcp": lambda: hcp_images(root, hcp_image)}
+    return layout, finders[layout]()
+
+
+def brain_mask_of(found: Found, setting: str, layout: str, root: Path, subject: str) -> Path | str | None:
+    """The brain mask of one image as ``cohort.brain_mask`` (``setting``) asks: ``auto`` (fMRIPrep's own mask,
+    the MNI152 mask for CAPS, none otherwise), ``none``, ``mni152``, or a path under ``root`` with
+    ``{subject}`` and ``{session}``."""
+    if setting == "auto":
+        return found.mask if layout == "fmriprep" else MNI152_MASK if layout == "caps" else None
+    if setting in ("none", MNI152_MASK):
+        return None if setting == "none" else MNI152_MASK
+    return root / setting.format(subject=subject, session=found.session or "")
 
 
 def choose_session(candidates: list[Found], wanted: str | None, table_session: str) -> Found:
