@@ -6,6 +6,7 @@ schema (what `ray up` runs first), so a typo fails here rather than on AWS.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -92,6 +93,24 @@ def test_cluster_yaml_passes_ray_autoscaler_validation():
         assert "RAY_AUTH_MODE=token" in " ".join(commands)
     assert "mlflow server --host 127.0.0.1" in " ".join(config["head_start_ray_commands"])
     assert not re.search(r"AKIA|aws_secret|SecretAccessKey", (Path(__file__).parents[1] / "cluster.yaml").read_text())
+    # Least privilege: no node has Ray's default profile (EC2 and S3 full access), no container is privileged.
+    profiles = {k: v["node_config"]["IamInstanceProfile"]["Name"] for k, v in config["available_node_types"].items()}
+    assert profiles == {"head.cpu": "study-head", "worker.gpu1": "study-worker", "worker.gpu4": "study-worker"}
+    assert not any("--privileged" in option for option in config["docker"]["run_options"])
+    assert any("mount -t nfs4" in c for c in config["initialization_commands"])  # EFS on the host
+
+
+def test_the_instance_profiles_allow_the_study_bucket_and_this_cluster_only():
+    root = Path(__file__).parents[1] / "iam"
+    worker, head = (json.loads((root / f"{name}-policy.json").read_text())["Statement"] for name in ("worker", "head"))
+    assert {a for s in worker for a in s["Action"]} == {"s3:GetObject", "s3:PutObject", "s3:DeleteObject",
+                                                         "s3:ListBucket"}
+    assert all(s["Resource"].startswith("arn:aws:s3:::STUDY_BUCKET") for s in worker)
+    assert not any("*" in a for s in head for a in s["Action"])  # no wildcard action
+    stops = next(s for s in head if "ec2:TerminateInstances" in s["Action"])
+    assert stops["Condition"] == {"StringEquals": {"ec2:ResourceTag/ray-cluster-name": cluster_config()["cluster_name"]}}
+    passes = next(s for s in head if "iam:PassRole" in s["Action"])
+    assert all(r.endswith("/study-worker") for r in passes["Resource"])
 
 
 def test_cluster_yaml_typos_fail_validation():

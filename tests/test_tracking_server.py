@@ -115,3 +115,18 @@ def test_credentials_in_a_tracking_uri_are_never_logged(monkeypatch):
               str(without_credentials(config.model_dump(mode="json")))]
     assert all("s3cret" not in text and "alice" not in text and "http://mlflow.lab:5000" in text for text in logged)
     assert without_credentials("sqlite:////home/a/mlflow.db") == "sqlite:////home/a/mlflow.db"
+
+
+def test_paths_in_the_project_are_logged_relative_to_it(tmp_path, monkeypatch):
+    """Params and config.yaml showed /home/<user>/... of whoever ran the study."""
+    from study.config import load_config
+    from study.output.provenance import config_yaml, shareable
+
+    monkeypatch.setenv("STUDY_HOME", str(tmp_path))
+    (tmp_path / "s.yaml").write_text("name: s\ncohort: {root: cohorts/hcp}\n")
+    config = load_config(tmp_path / "s.yaml")
+    assert config.cohort.root == tmp_path / "cohorts/hcp"  # the study itself uses absolute paths
+    logged = shareable(config.model_dump(mode="json"))
+    assert logged["cohort"]["root"] == "cohorts/hcp" and logged["output_dir"] == "study_data/runs"
+    assert str(tmp_path) not in config_yaml(config)
+    assert shareable("/elsewhere/cohort") == "/elsewhere/cohort"  # outside the project: as it is

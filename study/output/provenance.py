@@ -5,11 +5,13 @@ from __future__ import annotations
 import getpass
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from study.config import StudyConfig
 from study.output.tracking import without_credentials
+from study.storage import project_dir
 
 PACKAGES = ("study", "torch", "ray", "mlflow", "optuna", "nibabel", "nilearn", "numpy")
 
@@ -49,6 +51,21 @@ def source_tags(commit: str) -> dict[str, str]:
     return tags
 
 
+def shareable(value: Any) -> Any:
+    """``value`` (a path, text, or a config's dump) as a run may show it to everyone who reads the tracking
+    server: no URI credentials, and paths inside the project directory relative to it (a home directory
+    says who ran the study and where)."""
+    value = without_credentials(value)
+    if isinstance(value, dict):
+        return {k: shareable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [shareable(v) for v in value]
+    if isinstance(value, str) and value.startswith("/"):
+        path, project = Path(value), project_dir()
+        return str(path.relative_to(project)) if path.is_relative_to(project) else value
+    return value
+
+
 def config_yaml(config: StudyConfig) -> str:
-    """The resolved config as YAML, as a researcher would write it."""
-    return yaml.safe_dump(without_credentials(config.model_dump(mode="json")), sort_keys=False)
+    """The resolved config as YAML, as a researcher would write it (:func:`shareable`: relative to the project)."""
+    return yaml.safe_dump(shareable(config.model_dump(mode="json")), sort_keys=False)

@@ -24,7 +24,7 @@ from study.output.attribution import publish_attribution
 from study.output.classification import publish_classification
 from study.output.console import say
 from study.output.figures import confusion_figure, roc_figure
-from study.output.provenance import config_yaml, git_commit, source_tags, versions
+from study.output.provenance import config_yaml, git_commit, shareable, source_tags, versions
 from study.output.report import Report
 from study.output.tracking import Tracker, TrackingError, is_tracking_failure, tracking_uri, without_credentials
 from study.output.trials import publish_search, trial_callback
@@ -98,9 +98,9 @@ class Publisher:
         if state.parent_run is None:
             commit = git_commit()
             tags = {"study.name": config.name, "study.cohort": study.cohort.fingerprint(), "study.level": "study",
-                    "study.execution": state.execution, "study.directory": str(study.directory), "git.commit": commit, **versions(), **source_tags(commit)}
+                    "study.execution": state.execution, "study.directory": shareable(str(study.directory)), "git.commit": commit, **versions(), **source_tags(commit)}
             state.parent_run = tracker.start_run(config.name, tags)
-            tracker.log_params(state.parent_run, without_credentials(config.model_dump(mode="json")))
+            tracker.log_params(state.parent_run, shareable(config.model_dump(mode="json")))
             tracker.log_text(state.parent_run, config_yaml(config), "config.yaml")
         else:
             tracker.reopen(state.parent_run)
