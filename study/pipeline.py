@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import ray
+import torch
 
 from study.attribution.analysis import explain_study, start_label_randomization
 from study.config import StudyConfig
 from study.data.prepare import PreparedCohort, StudyError, make_or_load_splits, prepare_cohort
+from study.memory import MemoryEstimate, estimate_memory, memory_problems
 from study.output.publish import Publisher
 from study.runtime import interrupts_kept, start_ray, unsatisfiable
 from study.state import StageTimes, Study, resume_or_start
@@ -26,6 +28,7 @@ from study.storage import join, release_held
 from study.training.baseline import BaselineResult, fit_baselines
 from study.training.crossval import FoldResult, cross_validate
 from study.training.evaluation import Evaluation, evaluate
+from study.training.models import build_model
 
 
 def study_dir(config: StudyConfig) -> Path:
@@ -60,6 +63,23 @@ def _check_resources(config: StudyConfig) -> None:
         raise StudyError("; ".join(problems) + ". Lower the request, set resources.use_gpu=false, or run where "
                                                "such a node exists (on an autoscaling cluster that adds it: "
                                                "resources.wait_for_nodes=true).")
+
+
+def _memory_needs(study: Study) -> MemoryEstimate:
+    """What the study will hold in memory; refused at once when this machine cannot (see :mod:`study.memory`)."""
+    config = study.config
+    attribution, grid = config.attribution, study.cache.grid
+    needs = estimate_memory(build_model(config.model, grid.shape), grid.shape, config.train.batch_size,
+                            attribution.batch_size if attribution else None,
+                            len(attribution.methods) + 1 if attribution else 1, len(study.cohort.subjects),
+                            int(study.brain.sum()), config.resources.use_gpu,
+                            attribution.gpus_per_actor if attribution else 1.0)
+    gpu = torch.cuda.get_device_properties(0).total_memory if config.resources.use_gpu and \
+        torch.cuda.is_available() else None
+    problems = memory_problems(needs, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), gpu)
+    if problems:
+        raise StudyError(f"{needs.describe()}. Too much: " + "; ".join(problems) + ".")
+    return needs
 
 
 def _check_writable(key: str, folder: Path) -> None:
@@ -107,7 +127,8 @@ def run_study(config: StudyConfig, restart: bool = False, audit: bool = False) -
         with times.stage("preprocessing"):
             prepared = prepare_cohort(config.cohort, config.preprocess)
         study = open_study(config, prepared, restart, audit, times)
-        publisher.start(study, prepared, ray_description)
+        needs = _memory_needs(study)
+        publisher.start(study, prepared, ray_description, needs.describe())
         with publisher.recording(study):
             results = []
             for result in cross_validate(study, publisher.training(study), publisher.searching(study)):

@@ -82,8 +82,9 @@ class Publisher:
 
     # -- the run tree ------------------------------------------------------------------------------------------
 
-    def start(self, study: Study, prepared: PreparedCohort, ray_description: str) -> None:
-        """Open (or reopen) the study's runs; log the cohort, its exclusions and the splits."""
+    def start(self, study: Study, prepared: PreparedCohort, ray_description: str, memory: str) -> None:
+        """Open (or reopen) the study's runs; log the cohort, its exclusions and the splits; say what the study
+        will hold in memory."""
         config, state, tracker = self.config, study.state, self.tracker
         say(ray_description)
         if prepared.synthesized:
@@ -95,6 +96,7 @@ class Publisher:
             say(f"excluded: {problem}")
         for warning in prepared.cohort.warnings:
             say(f"warning: {warning}")
+        say(memory)
         if state.parent_run is None:
             commit = git_commit()
             tags = {"study.name": config.name, "study.cohort": study.cohort.fingerprint(), "study.level": "study",
