@@ -262,8 +262,11 @@ def download_ensemble(model_uri: str, tracking_uri: str, directory: Path, trust_
     pyfunc's pickle and code, which ``mlflow.pyfunc.load_model`` would run, are
     not (MLflow serving still loads the pyfunc).
     """
+    from study.runtime import environment
+
     mlflow.set_tracking_uri(tracking_uri)  # a models:/ URI is resolved through the global registry
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(directory)))
+    with environment(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):  # a bar per file, over the table it prints
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(directory)))
     return Ensemble.load(local / "artifacts" / "ensemble", trust_code)
 
 

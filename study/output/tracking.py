@@ -223,7 +223,8 @@ class Tracker:
         example = np.zeros((2, 1, *input_shape), dtype=np.float32)  # batch 2: a free batch dimension
         requirements = [f"torch=={version('torch').split('+')[0]}", f"numpy=={version('numpy')}"]
         logged = self.client.create_logged_model(self.experiment_id, name=name, source_run_id=run_id)
-        with tempfile.TemporaryDirectory() as tmp, _quiet("mlflow.pytorch"):
+        with environment(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"), tempfile.TemporaryDirectory() as tmp, \
+                _quiet("mlflow.pytorch"):
             mlflow.pytorch.save_model(model.cpu(), Path(tmp) / name, input_example=example,
                                       serialization_format="pickle", pip_requirements=requirements,
                                       metadata={"model_id": logged.model_id})
