@@ -75,7 +75,7 @@ def publish_classification(tracker: Tracker, report: Report, study: Study, resul
         ("MLflow run", parent[:12]),
     ]
     table = pd.DataFrame([{"fold": r.fold, "test subjects": len(r.predictions),
-                           "epochs (inner split)": r.epochs("select"), "epochs (refit)": r.epochs("refit"),
+                           "epochs (inner split)": r.epochs("select") or "-", "epochs (refit)": r.epochs("refit") or "-",
                            "CNN training accuracy": r.fit_accuracy,
                            **{f"CNN {m}": r.test_metrics[m] for m in SUMMARY_METRICS},
                            "linear ROC AUC": b.test_metrics["roc_auc"],
