@@ -75,3 +75,32 @@ def test_a_forged_or_broken_state_file_is_named_and_deletes_nothing(config_file,
     assert main(["clean", str(path)]) == 2
     err = capsys.readouterr().err
     assert f"{StudyState.path(directory)}: unreadable execution state" in err and "Traceback" not in err
+
+
+def test_a_finished_folds_checkpoint_of_another_network_class_is_refused(tmp_path, synthetic_root):
+    """A checkpoint names the class its network is built from: a forged one would import code on resume."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+    import torch
+    from ray.train import Checkpoint
+
+    from study.training.crossval import FoldResult, cross_validate
+    from study.training.loop import CHECKPOINT_FILE
+    from study.training.models import Network, build_model, model_record
+    from study.training.trainer import TrainingSetup
+
+    config = study_config(tmp_path, synthetic_root)  # the study's CNN
+    checkpoint = tmp_path / "ray" / "checkpoint_000001"
+    checkpoint.mkdir(parents=True)
+    other = Network.model_validate({"class": "tests.networks:TinyNet"})
+    torch.save(model_record(build_model(other, (23, 27, 23))), checkpoint / CHECKPOINT_FILE)
+    fold = FoldResult(0, TrainingSetup(config.model, config.train), pd.DataFrame({"epoch": [0]}),
+                      Checkpoint(str(checkpoint)), {"roc_auc": 0.5}, pd.DataFrame({"subject_id": ["0001"]}),
+                      {"training": 1.0}, None)
+    (tmp_path / "folds").mkdir()
+    (tmp_path / "folds" / "fold0.json").write_text(fold.to_json())
+    study = SimpleNamespace(config=config, directory=tmp_path, storage=str(tmp_path / "ray"))
+    with pytest.raises(StudyError, match="its checkpoint's network is tests.networks:TinyNet, the config's the "
+                                         "study CNN: loading it would import code"):
+        next(cross_validate(study))

@@ -33,7 +33,7 @@ from study.data.splits import OuterFold
 from study.runtime import Precision, worker_device
 from study.state import Study
 from study.storage import join, replace_atomically
-from study.training.loop import TrainingData, load_history, load_model, predict
+from study.training.loop import TrainingData, load_history, load_model, network_class, predict
 from study.training.metrics import classification_metrics
 from study.training.models import architecture_of
 from study.training.trainer import TrainingSetup, fit
@@ -284,6 +284,10 @@ def cross_validate(study: Study, on_epochs: Callable[[int, list[dict]], None] | 
     done = set()
     for path in sorted(finished.glob("fold*.json")):
         result = FoldResult.from_json(path.read_text(), pyarrow.fs.FileSystem.from_uri(study.storage)[0])
+        if (found := network_class(result.checkpoint)) != getattr(config.model, "factory", None):
+            raise StudyError(f"{path}: its checkpoint's network is {found or 'the study CNN'}, the config's "
+                             f"{getattr(config.model, 'factory', None) or 'the study CNN'}: loading it would import "
+                             "code the config does not name. Move this execution aside, or run with --restart")
         done.add(result.fold)
         yield result
     base = TrainingSetup(config.model, config.train)

@@ -116,6 +116,14 @@ def load_model(checkpoint: ray.train.Checkpoint | Path, device: torch.device | s
     return model_from_record(record).to(device)
 
 
+def network_class(checkpoint: ray.train.Checkpoint) -> str | None:
+    """The ``model.class`` a checkpoint's network is built from (None: the study's own CNN), read without
+    building it: building imports that class's module."""
+    with checkpoint.as_directory() as directory:
+        record = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    return record["arch"].get("class")
+
+
 def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
