@@ -66,17 +66,23 @@ def fmriprep_images(root: Path, space: str | None, resolution: str | None) -> di
     ``res-`` variants are left out unless ``resolution`` names one.
     """
     images = [p for p in sorted(root.glob("sub-*/**/anat/*_desc-preproc_T1w.nii*")) if NIFTI.search(p.name)]
-    spaces = sorted({entities(p.name).get("space") for p in images} - {None})
+    # The spaces at the asked resolution: fMRIPrep's common extra MNI152NLin6Asym comes as res-2 only.
+    spaces = sorted({entities(p.name).get("space") for p in images if entities(p.name).get("res") == resolution}
+                    - {None})
     if space is None:
         mni = [s for s in spaces if s.startswith("MNI152")]
         if len(mni) != 1:
             raise LayoutError(f"{root}: fMRIPrep images in {len(mni)} MNI152 spaces ({', '.join(mni) or 'none'}; all "
-                              f"spaces: {', '.join(spaces) or 'none'}); set cohort.space to the one to use"
+                              f"spaces at resolution {resolution or '(none)'}: {', '.join(spaces) or 'none'}); set "
+                              "cohort.space to the one to use (and cohort.resolution for a res- variant)"
                               + ("" if mni else ", or run fMRIPrep with --output-spaces MNI152NLin2009cAsym"))
         space = mni[0]
     elif space not in spaces:
-        raise LayoutError(f"{root}: no fMRIPrep image in space {space!r} (cohort.space); spaces present: "
-                          f"{', '.join(spaces) or 'none'}")
+        variants = sorted({f"{entities(p.name).get('space')} res-{entities(p.name).get('res')}" for p in images
+                           if "res" in entities(p.name)})
+        raise LayoutError(f"{root}: no fMRIPrep image in space {space!r} at resolution {resolution or '(none)'} "
+                          f"(cohort.space, cohort.resolution); spaces present: {', '.join(spaces) or 'none'}"
+                          + (f"; res- variants: {', '.join(variants)}" if variants else ""))
     found: dict[str, list[Found]] = {}
     for path in images:
         named = entities(path.name)
@@ -84,11 +90,6 @@ def fmriprep_images(root: Path, space: str | None, resolution: str | None) -> di
             continue
         mask = path.with_name(path.name.replace("_desc-preproc_T1w", "_desc-brain_mask"))
         found.setdefault(named["sub"], []).append(Found(_session_of(path, root), path, mask))
-    if not found and resolution is None and images:
-        variants = sorted({entities(p.name).get("res") for p in images if entities(p.name).get("space") == space}
-                          - {None})
-        raise LayoutError(f"{root}: space {space} has only res- variants ({', '.join(variants)}); set cohort.resolution "
-                          "to one of them")
     return found
 
 
