@@ -69,7 +69,8 @@ def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
         if not tmp.is_symlink():  # on disk before its name: a power cut leaves the old file, not an empty one
             _fsync(tmp)
         os.replace(tmp, path)
-        _fsync(path.parent)  # the rename itself
+        with contextlib.suppress(OSError):  # the rename itself; best effort (some network file systems refuse)
+            _fsync(path.parent)
     except BaseException as err:  # a full disk, an unwritable folder, Ctrl-C: leave no half-written file behind
         tmp.unlink(missing_ok=True)
         if isinstance(err, OSError):  # numpy's short writes have no errno nor file name: say which file
