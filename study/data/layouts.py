@@ -65,10 +65,10 @@ def fmriprep_images(root: Path, space: str | None, resolution: str | None) -> di
     choices when there are several); native-space images (no ``space-``) and
     ``res-`` variants are left out unless ``resolution`` names one.
     """
-    images = [p for p in sorted(root.glob("sub-*/**/anat/*_desc-preproc_T1w.nii*")) if NIFTI.search(p.name)]
+    images = {p: entities(p.name) for p in sorted(root.glob("sub-*/**/anat/*_desc-preproc_T1w.nii*"))
+              if NIFTI.search(p.name)}
     # The spaces at the asked resolution: fMRIPrep's common extra MNI152NLin6Asym comes as res-2 only.
-    spaces = sorted({entities(p.name).get("space") for p in images if entities(p.name).get("res") == resolution}
-                    - {None})
+    spaces = sorted({e.get("space") for e in images.values() if e.get("res") == resolution} - {None})
     if space is None:
         mni = [s for s in spaces if s.startswith("MNI152")]
         if len(mni) != 1:
@@ -78,14 +78,12 @@ def fmriprep_images(root: Path, space: str | None, resolution: str | None) -> di
                               + ("" if mni else ", or run fMRIPrep with --output-spaces MNI152NLin2009cAsym"))
         space = mni[0]
     elif space not in spaces:
-        variants = sorted({f"{entities(p.name).get('space')} res-{entities(p.name).get('res')}" for p in images
-                           if "res" in entities(p.name)})
+        variants = sorted({f"{e.get('space')} res-{e['res']}" for e in images.values() if "res" in e})
         raise LayoutError(f"{root}: no fMRIPrep image in space {space!r} at resolution {resolution or '(none)'} "
                           f"(cohort.space, cohort.resolution); spaces present: {', '.join(spaces) or 'none'}"
                           + (f"; res- variants: {', '.join(variants)}" if variants else ""))
     found: dict[str, list[Found]] = {}
-    for path in images:
-        named = entities(path.name)
+    for path, named in images.items():
         if named.get("space") != space or named.get("res") != resolution:
             continue
         mask = path.with_name(path.name.replace("_desc-preproc_T1w", "_desc-brain_mask"))
