@@ -75,6 +75,9 @@ def test_registered_ensemble_loads_in_a_fresh_process_and_repeats_the_held_out_p
     assert version.run_id == run_id == logged.source_run_id and version.source == logged.artifact_location
     state = json.loads((study_dir(config) / "latest" / "state.json").read_text())
     assert state["ensemble"] == "models:/dxpred/1"
+    # A shared model does not say where it was made: no path of the study's machine in its MLmodel.
+    mlmodel = Path(mlflow.artifacts.download_artifacts(f"{logged.artifact_location}/MLmodel", dst_path=str(tmp_path)))
+    assert "artifacts/ensemble" in mlmodel.read_text() and str(config.output_dir) not in mlmodel.read_text()
 
     images = sorted(str(p) for p in config.cohort.root.glob("sub-*/anat/*_T1w.nii.gz"))
     script = (

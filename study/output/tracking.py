@@ -26,7 +26,8 @@ import pandas as pd
 import requests
 from mlflow.entities import LoggedModelOutput, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
+from mlflow.models import Model, ModelSignature
+from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.tracking import MlflowClient
 
 from study.runtime import environment
@@ -256,6 +257,7 @@ class Tracker:
                                      code_paths=[str(Path(predict.__file__).parent)],
                                      signature=signature, input_example=example,
                                      pip_requirements=requirements, metadata={"model_id": logged.model_id})
+            _forget_artifact_sources(Path(tmp) / "ensemble")
             self.client.log_model_artifacts(logged.model_id, str(Path(tmp) / "ensemble"))
         self.client.finalize_logged_model(logged.model_id, "READY")
         self.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
@@ -283,6 +285,19 @@ class Tracker:
         if self.uri.startswith("http"):
             return f"{without_credentials(self.uri).rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
         return f"mlflow ui --backend-store-uri {self.uri}  (then open http://127.0.0.1:5000)"
+
+
+def _forget_artifact_sources(model_dir: Path) -> None:
+    """Replace each pyfunc artifact's source ``uri`` in ``model_dir``'s MLmodel by its path inside the model.
+
+    MLflow records where an artifact was copied from (here the study folder, a home
+    directory on most machines) in every copy of the model; loading reads only
+    ``path``, so the shared model need not say where it was made.
+    """
+    model = Model.load(model_dir / MLMODEL_FILE_NAME)
+    for artifact in model.flavors["python_function"].get("artifacts", {}).values():
+        artifact["uri"] = artifact["path"]
+    model.save(model_dir / MLMODEL_FILE_NAME)
 
 
 class _quiet:
