@@ -222,6 +222,12 @@ class Precision:
                 enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False):
             yield
 
+    @property
+    def pinned(self) -> bool:
+        """Whether data loaders should hand out batches in page-locked memory: on a GPU, so that
+        :meth:`volumes`' non-blocking copy is asynchronous (from pageable memory it waits for the copy)."""
+        return self.device.type == "cuda"
+
     def volumes(self, x: torch.Tensor) -> torch.Tensor:
         """A batch [batch, 1, D, H, W] on the device, in the memory format."""
         x = x.to(self.device, non_blocking=True)

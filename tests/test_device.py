@@ -3,16 +3,21 @@ autocast, no TF32 where float32 is promised, GPU tasks give their GPU back, no t
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 from study.attribution.perturbation import gaussian_blur3d
 from study.config import ConfigError, ResourcesConfig, parse_config
+from study.config.sections import TrainConfig
+from study.data.cohort import CohortConfig, load_cohort
 from study.runtime import Precision
 from study.training.crossval import predict_task
-from study.training.loop import predict
+from study.training.loop import TrainingData, _Phase, predict
 from study.training.models import Architecture, BrainCNN
+from tests.conftest import cache_for
 
 
 class Volumes(torch.utils.data.Dataset):
@@ -72,3 +77,38 @@ def test_two_ddp_ranks_may_not_share_a_gpu():
                       "resources": {"use_gpu": True, "num_workers": 2, "gpus_per_worker": 0.5}})
     assert parse_config({"name": "s", "cohort": {"root": "x"},
                          "resources": {"use_gpu": True, "num_workers": 1, "gpus_per_worker": 0.5}})
+
+
+def test_an_epoch_reads_its_loss_and_accuracy_from_the_device_once_not_at_every_step(
+        cohort_dir, preprocess_config, monkeypatch):
+    """On a GPU each ``.item()`` waits for the step's kernels: the host could not read the next batch meanwhile."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cohort = load_cohort(CohortConfig(root=cohort_dir))
+    cache = cache_for(cohort, preprocess_config).cache
+    ids, labels = list(cohort.ids), cohort.labels
+    data = TrainingData(cache, ids, labels, [], labels[:0])
+    train = TrainConfig(batch_size=4, epochs=1)
+    reads, seen = [], []
+    item = torch.Tensor.item
+
+    def counted(tensor: torch.Tensor) -> float:  # the loop's own reads (AdamW reads its step counts on the host)
+        if sys._getframe(1).f_code.co_filename.endswith("loop.py"):
+            reads.append(tuple(tensor.shape))
+        return item(tensor)
+
+    def one_epoch(_: dict) -> None:  # in this process: Ray Train's local mode (no workers)
+        phase = _Phase(Architecture(width=4, blocks=2), train, data, ids, labels, 1, Precision.choose(torch.device("cpu")))
+        monkeypatch.setattr(torch.Tensor, "item", counted)
+        metrics, subjects = phase.epoch(0)
+        monkeypatch.undo()
+        seen.append((metrics, subjects))
+
+    TorchTrainer(one_epoch, scaling_config=ScalingConfig(num_workers=0)).fit()
+    (metrics, subjects), = seen
+    assert sorted(subjects) == sorted(ids) and len(ids) > 2 * train.batch_size  # three steps at least
+    assert reads == [(), ()]  # the summed loss and the count of correct subjects, once each
+    correct = metrics["train_accuracy"] * len(ids)
+    assert correct == pytest.approx(round(correct)) and 0 <= correct <= len(ids)
+    assert 0 < metrics["train_loss"] < 5

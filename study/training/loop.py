@@ -76,7 +76,7 @@ def predict(model: torch.nn.Module, dataset: CachedVolumes, batch_size: int, pre
     probabilities to steps of up to 0.03 and tie subjects in the ROC curve.
     """
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, pin_memory=precision.pinned)
     probs = []
     for x, _ in loader:
         with precision.exact():
@@ -156,7 +156,8 @@ class _Phase:
         self.ids, self.train, self.precision = ids, train, precision
         self.dataset = CachedVolumes(data.cache, ids, labels)
         self.sampler = DistributedSampler(self.dataset, num_replicas=world, rank=rank, shuffle=True, seed=train.seed)
-        self.loader = DataLoader(self.dataset, batch_size=train.batch_size, sampler=self.sampler, collate_fn=collate)
+        self.loader = DataLoader(self.dataset, batch_size=train.batch_size, sampler=self.sampler, collate_fn=collate,
+                                 pin_memory=precision.pinned)
         self.model = ray.train.torch.prepare_model(precision.model(build_model(architecture, data.cache.shape)))
         self.bare: torch.nn.Module = getattr(self.model, "module", self.model)
         self.step = torch.compile(self.model) if train.compile else self.model
@@ -179,7 +180,11 @@ class _Phase:
         """One pass over this rank's shard; returns the mean training loss/accuracy and the subjects read."""
         self.sampler.set_epoch(epoch)
         self.model.train()
-        total_loss, correct, lr = 0.0, 0, self.optimizer.param_groups[0]["lr"]
+        lr = self.optimizer.param_groups[0]["lr"]
+        # Summed on the device and read once per epoch: a read per step (``.item()``) would make the host wait
+        # for each step's GPU work before it reads the next batch from the cache.
+        total_loss = torch.zeros((), device=self.precision.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.precision.device)
         for x, y in self.loader:
             x, y = self.precision.volumes(x), y.to(self.precision.device)
             x = augment(x, self.train.augment, self.voxel_mm, self.generator)
@@ -192,11 +197,11 @@ class _Phase:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train.clip_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
-            total_loss += loss.item() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
+            total_loss += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
         seen = [self.ids[i] for i in self.sampler]
         n = max(len(seen), 1)
-        return {"train_loss": total_loss / n, "train_accuracy": correct / n, "lr": lr}, seen
+        return {"train_loss": total_loss.item() / n, "train_accuracy": correct.item() / n, "lr": lr}, seen
 
 
 def _report(metrics: dict, checkpoint_state: dict | None, model: torch.nn.Module, rank: int, **progress: Any) -> None:
