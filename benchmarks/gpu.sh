@@ -14,16 +14,27 @@
 #             instead of 40 and 4 folds at once: the stage table, real path against pure compute, Ray Train
 #             set-up per fold (a fixed cost: scale training by 8 for the paper's 40 epochs, not the set-up)
 # With a GPU machine of several minutes more, run the study step alone with the paper's 40 epochs.
+#
+# The whole script ends within GPU_SECONDS (default 540) of its start, whatever a step does: a step gets
+# the smaller of its own limit and what is left (less 10 s to hand the logs back), so the device call
+# (600 s at most, the bundle's unpacking included) never times out with the logs lost.
 set -u
 out=${OUT:-gpu-logs}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+budget=${GPU_SECONDS:-540}
 step() {  # step NAME SECONDS COMMAND...: run COMMAND for at most SECONDS, its output to the console and the log
     local name=$1 limit=$2
     shift 2
+    local left=$((budget - SECONDS - 10))
+    if ((left < 20)); then
+        echo "== $name: skipped, $left s of the $budget s budget left" | tee "$out/$name.log"
+        return
+    fi
+    ((limit > left)) && limit=$left
     echo "== $name (at most $limit s): $*"
     local started=$SECONDS
-    timeout "$limit" "$@" > >(tee "$out/$name.log") 2>&1
+    timeout -k 5 "$limit" "$@" > >(tee "$out/$name.log") 2>&1
     echo "== $name: exit $? after $((SECONDS - started)) s"
     # A step cut at its limit leaves its Ray running. Every Ray process goes: a device machine runs nothing else.
     pkill -9 -f "/tmp/site/ray/|^ray::" 2>/dev/null
