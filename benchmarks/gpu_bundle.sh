@@ -12,7 +12,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-bash ../shared/tools/gpu-bundle "$work/bundle" "mlflow>=3,<4" "nilearn>=0.11" "scikit-image>=0.22" "pydantic>=2.6"
+# The versions this checkout's tests ran with (its .venv), so the device runs what CI ran, not what PyPI
+# holds that day; without a .venv, the project's ranges.
+pinned=()
+if [[ -x .venv/bin/python ]]; then
+    mapfile -t pinned < <(.venv/bin/python -c 'from importlib.metadata import version
+for p in ("mlflow", "mlflow-skinny", "optuna", "nibabel", "nilearn", "scikit-image", "pydantic"):
+    print(f"{p}=={version(p)}")')
+else
+    pinned=("mlflow>=3,<4" "nilearn>=0.11" "scikit-image>=0.22" "pydantic>=2.6")
+fi
+echo "bundling ${pinned[*]}"
+bash ../shared/tools/gpu-bundle "$work/bundle" "${pinned[@]}"
 mkdir "$work/site"
 tar -xJf "$work/bundle/site.tar.xz" -C "$work/site"
 rm -rf "$work"/site/mlflow/server/js "$work"/site/skimage/data/*.{png,jpg,tif,npz,npy}
