@@ -17,6 +17,7 @@ import time
 import torch
 
 from study.attribution import Perturbation, gradcam, guided_backprop, meaningful_perturbation
+from study.runtime import Precision
 from study.training.models import Architecture, BrainCNN
 
 HCP_SUBJECTS = 1113
@@ -47,7 +48,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; torch {torch.__version__}; "
-          f"bf16 autocast and channels_last_3d: {cuda}")
+          f"float32 (no TF32), channels_last_3d: {cuda}")
     config = Perturbation(iterations=args.iterations)
     for grid in args.grids:
         shape = tuple(int(s) for s in grid.split("x"))
@@ -68,8 +69,8 @@ def main() -> None:
                     x = x.contiguous(memory_format=torch.channels_last_3d)
                 targets = torch.randint(0, 2, (batch,), device=device)
 
-                def run():
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                def run():  # in float32, as the study explains (Precision.exact)
+                    with Precision.choose(device).exact():
                         methods[name](x, targets)
 
                 repeats = 1 if name == "perturbation" else args.repeats

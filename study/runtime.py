@@ -192,9 +192,9 @@ def worker_device() -> torch.device:
 class Precision:
     """How tensors run on a device: bf16 autocast and the channels-last 3D memory format.
 
-    The one rule, for training, testing and attribution alike: on a GPU both are
-    on (channels_last_3d is what makes 3D convolutions fast there), on a CPU both off,
-    unless asked otherwise.
+    On a GPU both are on (channels_last_3d is what makes 3D convolutions fast there), on a CPU both off,
+    unless asked otherwise. bf16 autocast is for training steps only: every number the study reports
+    (probabilities, maps, the deletion check) is computed under :meth:`exact`.
     """
 
     device: torch.device

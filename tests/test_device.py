@@ -112,3 +112,22 @@ def test_an_epoch_reads_its_loss_and_accuracy_from_the_device_once_not_at_every_
     correct = metrics["train_accuracy"] * len(ids)
     assert correct == pytest.approx(round(correct)) and 0 <= correct <= len(ids)
     assert 0 < metrics["train_loss"] < 5
+
+
+def test_maps_are_the_float32_maps_when_training_runs_in_bf16():
+    """Under bf16 autocast a Meaningful Perturbations mask moved by up to half its maximum: not a study's number."""
+    from study.attribution import Perturbation
+    from study.attribution.actors import Explanation, explain_batch
+
+    shape = (20, 24, 20)
+    torch.manual_seed(0)
+    model = BrainCNN(Architecture(width=4, blocks=2), shape).eval()
+    x = Volumes(2, shape).x
+    labels = torch.tensor([0, 1])
+    explanation = Explanation(("gradcam", "guided_backprop", "perturbation"), "true_class", Perturbation(iterations=5),
+                              np.zeros(shape, dtype=np.float32))
+    cpu = torch.device("cpu")
+    fp32 = explain_batch(model, x, labels, explanation, 6.0, Precision(cpu, bf16=False, channels_last=False))
+    bf16 = explain_batch(model, x, labels, explanation, 6.0, Precision(cpu, bf16=True, channels_last=False))
+    for method, maps in fp32.items():
+        np.testing.assert_array_equal(bf16[method], maps, err_msg=method)

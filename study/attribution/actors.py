@@ -51,12 +51,17 @@ class FoldModel:
 
 def explain_batch(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, explanation: Explanation,
                   voxel_mm: float, precision: Precision) -> dict[str, np.ndarray]:
-    """Every method's maps for one batch (``x`` already on the device), as float16 [batch, D, H, W]."""
+    """Every method's maps for one batch (``x`` already on the device), as float16 [batch, D, H, W].
+
+    In float32 on every device (``Precision.exact``): under bf16 autocast a GPU's Meaningful Perturbations
+    masks differed from the CPU's by up to half their maximum, and the explained class of a subject near the
+    decision boundary could differ from the one its reported probability gives.
+    """
     methods = explanation.methods
-    with torch.no_grad(), precision.autocast():
+    with torch.no_grad(), precision.exact():
         targets = select_targets(explanation.target, labels, model(x))
     maps: dict[str, torch.Tensor] = {}
-    with precision.autocast():
+    with precision.exact():
         if "gradcam" in methods or "guided_gradcam" in methods:
             maps["gradcam"] = gradcam(model, x, targets)
         if "guided_backprop" in methods or "guided_gradcam" in methods:
