@@ -131,3 +131,39 @@ def test_maps_are_the_float32_maps_when_training_runs_in_bf16():
     bf16 = explain_batch(model, x, labels, explanation, 6.0, Precision(cpu, bf16=True, channels_last=False))
     for method, maps in fp32.items():
         np.testing.assert_array_equal(bf16[method], maps, err_msg=method)
+
+
+def test_augmentation_copies_its_draws_to_the_device_without_waiting_for_it():
+    """A blocking copy to a GPU waits for every step queued before it: each draw goes non-blocking."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from study.training.augment import Augmentation, augment
+
+    class BlockingCopies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and args[0].device.type == "cpu" \
+                    and kwargs.get("device") not in (None, torch.device("cpu")) and not kwargs.get("non_blocking"):
+                self.seen.append(str(func))
+            return func(*args, **kwargs)
+
+    x = torch.empty(4, 1, 10, 12, 10, device="meta")  # a device that is not the host, with no data
+    with BlockingCopies() as mode:
+        out = augment(x, Augmentation(flip_lr=True), 2.0, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.device == x.device
+    assert mode.seen == []
+
+
+def test_a_left_right_flip_mirrors_the_flipped_subjects_only():
+    from study.training.augment import Augmentation, augment
+
+    x = torch.rand(8, 1, 6, 8, 6, generator=torch.Generator().manual_seed(2)) + 0.5
+    still = Augmentation(rotation_deg=0, translation_mm=0, scaling=0, intensity=0, flip_lr=True)
+    out = augment(x, still, 2.0, torch.Generator().manual_seed(0))
+    flipped = torch.tensor([torch.allclose(o, v.flip(1), atol=1e-5) for o, v in zip(out, x)])
+    kept = torch.tensor([torch.allclose(o, v, atol=1e-5) for o, v in zip(out, x)])
+    assert (flipped ^ kept).all() and flipped.any() and kept.any()

@@ -48,7 +48,7 @@ def random_affine(batch: int, augmentation: Augmentation, voxel_mm: float, exten
     # Normalized coordinates span 2 units over the grid's extent along each axis.
     shift = uniform(batch, 3, scale=augmentation.translation_mm * k) / voxel_mm * 2 / extent_vox
     matrix = torch.cat([rotation * scale, shift.unsqueeze(-1)], dim=2)
-    return matrix.to(device)
+    return matrix.to(device, non_blocking=True)
 
 
 def augment(x: torch.Tensor, augmentation: Augmentation, voxel_mm: float, generator: torch.Generator) -> torch.Tensor:
@@ -62,8 +62,11 @@ def augment(x: torch.Tensor, augmentation: Augmentation, voxel_mm: float, genera
     intensity = augmentation.intensity * augmentation.strength
     gain = 1 + (torch.rand(batch, 1, 1, 1, 1, generator=generator) * 2 - 1) * intensity
     bias = (torch.rand(batch, 1, 1, 1, 1, generator=generator) * 2 - 1) * intensity
-    out = out * gain.to(x.device, x.dtype) + bias.to(x.device, x.dtype) * (out != 0)
+    # Drawn on the host (the same draws on every device); non_blocking: a blocking copy to a GPU waits for
+    # every step queued before it.
+    gain, bias = (v.to(x.device, x.dtype, non_blocking=True) for v in (gain, bias))
+    out = out * gain + bias * (out != 0)
     if augmentation.flip_lr:
-        flip = torch.rand(batch, generator=generator) < 0.5
-        out[flip] = out[flip].flip(2)  # axis 0 of the RAS grid is left-right
+        flip = (torch.rand(batch, generator=generator) < 0.5).to(x.device, non_blocking=True)
+        out = torch.where(flip.view(-1, 1, 1, 1, 1), out.flip(2), out)  # axis 0 of the RAS grid is left-right
     return out

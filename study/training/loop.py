@@ -112,7 +112,8 @@ def load_model(checkpoint: ray.train.Checkpoint | Path, device: torch.device | s
     if isinstance(checkpoint, ray.train.Checkpoint):
         with checkpoint.as_directory() as directory:
             return load_model(Path(directory), device)
-    record = torch.load(Path(checkpoint) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+    # Read to the host: the model is built there, then moved once.
+    record = torch.load(Path(checkpoint) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
     return model_from_record(record).to(device)
 
 
@@ -186,7 +187,7 @@ class _Phase:
         total_loss = torch.zeros((), device=self.precision.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.precision.device)
         for x, y in self.loader:
-            x, y = self.precision.volumes(x), y.to(self.precision.device)
+            x, y = self.precision.volumes(x), y.to(self.precision.device, non_blocking=True)
             x = augment(x, self.train.augment, self.voxel_mm, self.generator)
             with self.precision.autocast():
                 logits = self.step(x)
