@@ -22,6 +22,7 @@ import mlflow
 import pytest
 import yaml
 
+from study.state import running
 from study.training.crossval import FoldResult
 from tests.conftest import VOXEL_MM, free_port, ray_cli, stop_processes_of
 
@@ -313,6 +314,13 @@ def test_a_study_lost_with_its_head_resumes_when_resubmitted(tmp_path, synthetic
     gone = submit(cluster, tmp_path / "gone.log")  # submitting while the head is away says so
     assert gone.wait(timeout=120) != 0
     assert f"Failed to connect to Ray at address: {cluster.dashboard}" in (tmp_path / "gone.log").read_text()
+    # A driver whose supervisor was killed outright lives on until Ray's GCS reconnect timeout (60 s) ends it,
+    # and holds its execution until then: a resubmission meanwhile is refused, by design (issue 30). It must end.
+    execution = (tmp_path / "runs" / "multinode" / "latest").resolve()
+    deadline = time.time() + 120
+    while running(execution) and time.time() < deadline:
+        time.sleep(1)
+    assert running(execution) is None, "the lost head's driver still holds its execution"
 
     cluster = LocalCluster(("w1",))  # the head is back (here at new ports)
     try:
