@@ -250,6 +250,32 @@ def test_gradcam_resolution_is_the_last_feature_map():
     assert feature_grid(model, (30, 36, 30)) == ((4, 5, 4), [4.0] * 3)
 
 
+def test_gradcam_keeps_nothing_for_backward_before_its_layer_and_gives_the_plain_map():
+    # Grad-CAM needs gradients of the layer's activations only. With the parameters' flags on, autograd kept every
+    # earlier layer's input for weight gradients nobody uses (the volume itself, the first convolution's output).
+    from study.attribution.gradcam import feature_geometry, place_on_input
+    from study.training.models import Architecture, BrainCNN
+
+    shape = (30, 36, 30)
+    torch.manual_seed(0)
+    model = BrainCNN(Architecture(width=2), shape).eval()
+    x, targets = torch.randn(2, 1, *shape), torch.tensor([0, 1])
+    layer_out: list[torch.Tensor] = []
+    hook = model.gradcam_layer.register_forward_hook(lambda _m, _i, out: layer_out.append(out))
+    logits = model(x)  # the plain computation, parameters' flags on
+    grads = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), layer_out[0])[0]
+    cam = F.relu((grads.mean(dim=(2, 3, 4), keepdim=True) * layer_out[0]).sum(1, keepdim=True))
+    plain = place_on_input(cam, shape, *feature_geometry(model, model.gradcam_layer))[:, 0].detach()
+
+    saved: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        maps = gradcam(model, x, targets)
+    hook.remove()
+    torch.testing.assert_close(maps, plain)
+    assert max(saved) <= layer_out[-1].numel() < x.numel()
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_sanity_checks_flag_maps_that_do_not_follow_the_model():
     # Adebayo et al. 2018: a map that only reflects the input (here the input itself, as an edge detector's
     # would) looks plausible and survives randomizing every layer; the cascade must flag it. Guided Backprop

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from study.attribution.targets import class_score
+from study.attribution.targets import class_score, frozen
 
 
 def _triple(value: int | tuple[int, ...]) -> tuple[int, int, int]:
@@ -99,19 +99,27 @@ def gradcam(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor | Non
     For the contrast (``targets`` None) the magnitude instead of the ReLU: the
     class 1 - class 0 score is positive where the layer sees evidence for class 1
     and negative where it sees evidence for class 0, and the ReLU would keep only
-    class 1's, leaving a subject the model calls class 0 a map of what it lacks.
+    class 1's, leaving a subject the model calls class 0 a map of what it lacks. ``model``'s parameters'
+    ``requires_grad`` flags are restored afterwards.
     """
     captured: list[torch.Tensor] = []
-    hook = model.gradcam_layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
+
+    def capture(_module: nn.Module, _inputs: tuple, out: torch.Tensor) -> None:
+        # With the parameters frozen the layers before this one keep nothing for a backward pass: only the
+        # layer's activations and what follows them need a gradient.
+        captured.append(out if out.requires_grad else out.requires_grad_())
+
+    hook = model.gradcam_layer.register_forward_hook(capture)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), frozen(model):
             logits = model(x)
             activations = captured[0]
             grads = torch.autograd.grad(class_score(logits, targets).sum(), activations)[0]
     finally:
         hook.remove()
-    weights = grads.float().mean(dim=(2, 3, 4), keepdim=True)
-    cam = (weights * activations.float()).sum(1, keepdim=True)
-    cam = cam.abs() if targets is None else F.relu(cam)
-    start, jump = feature_geometry(model, model.gradcam_layer)
-    return place_on_input(cam, tuple(x.shape[2:]), start, jump)[:, 0].detach()
+    with torch.no_grad():
+        weights = grads.float().mean(dim=(2, 3, 4), keepdim=True)
+        cam = (weights * activations.float()).sum(1, keepdim=True)
+        cam = cam.abs() if targets is None else F.relu(cam)
+        start, jump = feature_geometry(model, model.gradcam_layer)
+        return place_on_input(cam, tuple(x.shape[2:]), start, jump)[:, 0]

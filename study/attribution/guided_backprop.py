@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from study.attribution.targets import class_score
+from study.attribution.targets import class_score, frozen
 
 _RELUS = {F.relu, torch.relu, torch.Tensor.relu, F.relu_, torch.relu_, torch.Tensor.relu_}
 _OTHER_ACTIVATIONS = {
@@ -54,9 +54,11 @@ class _GuidedMode(TorchFunctionMode):
 
 
 def guided_backprop(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
-    """Absolute guided gradient of the target class score w.r.t. the input; [batch, D, H, W]."""
+    """Absolute guided gradient of the target class score w.r.t. the input; [batch, D, H, W].
+
+    ``model``'s parameters' ``requires_grad`` flags are restored afterwards."""
     x = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad(), _GuidedMode():
+    with torch.enable_grad(), frozen(model), _GuidedMode():
         logits = model(x)
         score = class_score(logits, targets).sum()
     (grad,) = torch.autograd.grad(score, x)

@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import math
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
+from study.attribution.targets import frozen
 from study.params import Params
 
 
@@ -92,19 +91,6 @@ def _total_variation(mask: torch.Tensor, beta: float) -> torch.Tensor:
 def _probability(logits: torch.Tensor, targets: torch.Tensor | None, decision: torch.Tensor | None) -> torch.Tensor:
     p = torch.softmax(logits.float(), dim=1)
     return decision * (p[:, 1] - p[:, 0]) if targets is None else p.gather(1, targets[:, None])[:, 0]
-
-
-@contextmanager
-def frozen(model: torch.nn.Module) -> Iterator[None]:
-    """No gradients for ``model``'s parameters inside the block; their flags restored after."""
-    flags = [p.requires_grad for p in model.parameters()]
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
 
 
 def meaningful_perturbation(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor | None,

@@ -1,6 +1,10 @@
-"""Which class score a map explains: the true class, the predicted class, or class 1 minus class 0."""
+"""What every method shares: which class score a map explains (the true class, the predicted class, or class 1
+minus class 0), and a model whose parameters need no gradient while it is explained."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -21,3 +25,20 @@ def class_score(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Ten
     if targets is None:
         return logits[:, 1] - logits[:, 0]
     return logits.gather(1, targets[:, None])[:, 0]
+
+
+@contextmanager
+def frozen(model: torch.nn.Module) -> Iterator[None]:
+    """No gradients for ``model``'s parameters inside the block; their flags restored after.
+
+    A map needs gradients with respect to the input or a layer's activations only; with the parameters' flags
+    on, autograd would also keep every activation that a weight's gradient needs, doubling a pass's memory.
+    """
+    flags = [p.requires_grad for p in model.parameters()]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
