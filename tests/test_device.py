@@ -167,3 +167,57 @@ def test_a_left_right_flip_mirrors_the_flipped_subjects_only():
     flipped = torch.tensor([torch.allclose(o, v.flip(1), atol=1e-5) for o, v in zip(out, x)])
     kept = torch.tensor([torch.allclose(o, v, atol=1e-5) for o, v in zip(out, x)])
     assert (flipped ^ kept).all() and flipped.any() and kept.any()
+
+
+def test_sanity_re_explanations_run_in_attribution_batches(cohort_dir, preprocess_config):
+    """The randomized models' maps of all sanity subjects were one batch, past what the memory check allowed."""
+    from study.attribution import Perturbation
+    from study.attribution.actors import Explanation, explain_subjects
+
+    cohort = load_cohort(CohortConfig(root=cohort_dir))
+    cache = cache_for(cohort, preprocess_config).cache
+    ids, labels = list(cohort.ids)[:5], cohort.labels[:5]
+    torch.manual_seed(0)
+    model = BrainCNN(Architecture(width=4, blocks=2), cache.shape).eval()
+    batches: list[int] = []
+    model.register_forward_pre_hook(lambda _m, inputs: batches.append(len(inputs[0])))
+    explanation = Explanation(("gradcam", "guided_backprop", "perturbation"), "true_class",
+                              Perturbation(iterations=3, reference="blur"))
+    precision = Precision.choose(torch.device("cpu"))
+    chunked = explain_subjects(model, cache, ids, labels, explanation, precision, batch_size=2)
+    assert batches and max(batches) == 2
+    batches.clear()
+    whole = explain_subjects(model, cache, ids, labels, explanation, precision, batch_size=len(ids))
+    assert max(batches) == len(ids)
+    for method, maps in whole.items():
+        assert chunked[method].shape == (len(ids), *cache.shape)
+        np.testing.assert_allclose(chunked[method].astype(np.float32), maps.astype(np.float32), atol=2e-3,
+                                   err_msg=method)
+
+
+def test_the_cascade_randomizes_on_the_host_from_its_own_seed():
+    """On a GPU ``reset_parameters`` drew from CUDA's generator: other weights than a CPU run of the same seed."""
+    from study.attribution.sanity import cascade_steps, randomized_cascade
+
+    torch.manual_seed(0)
+    model = BrainCNN(Architecture(width=4, blocks=2), (20, 24, 20)).eval()
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def weights(draw_between: bool) -> list[dict[str, torch.Tensor]]:
+        steps = []
+        for _, randomized in randomized_cascade(model, seed=3):
+            steps.append({k: v.clone() for k, v in randomized.state_dict().items()})
+            assert all(p.device.type == "cpu" for p in randomized.parameters()) and not randomized.training
+            if draw_between:
+                torch.rand(1000)  # e.g. a method's own draws: they must not change the next step's weights
+        return steps
+
+    first, second = weights(False), weights(True)
+    assert len(first) == len(cascade_steps(model)) >= 3
+    for a, b in zip(first, second):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    for key, value in model.state_dict().items():  # the trained model is left as it was
+        assert torch.equal(value, trained[key])
+    changed = [[k for k in step if not torch.equal(step[k], trained[k])] for step in first]
+    assert all(len(a) < len(b) for a, b in zip(changed, changed[1:]))  # each step randomizes more layers
+

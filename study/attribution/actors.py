@@ -76,11 +76,15 @@ def explain_batch(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor,
 
 
 def explain_subjects(model: torch.nn.Module, cache: VolumeCache, subject_ids: list[str], labels: np.ndarray,
-                     explanation: Explanation, precision: Precision) -> dict[str, np.ndarray]:
-    """Every method's maps of the given cached subjects, in one batch."""
-    x, y = CachedVolumes(cache, subject_ids, labels).__getitems__(list(range(len(subject_ids))))
-    return explain_batch(model, precision.volumes(x), y.to(precision.device), explanation, cache.grid.voxel_mm,
-                         precision)
+                     explanation: Explanation, precision: Precision, batch_size: int) -> dict[str, np.ndarray]:
+    """Every method's maps of the given cached subjects, ``batch_size`` subjects at a time (what the memory
+    estimate allows a device to hold)."""
+    volumes, batches = CachedVolumes(cache, subject_ids, labels), []
+    for start in range(0, len(subject_ids), batch_size):
+        x, y = volumes.__getitems__(list(range(start, min(start + batch_size, len(subject_ids)))))
+        batches.append(explain_batch(model, precision.volumes(x), y.to(precision.device), explanation,
+                                     cache.grid.voxel_mm, precision))
+    return {m: np.concatenate([b[m] for b in batches]) for m in explanation.methods}
 
 
 class Explainer:
@@ -97,7 +101,7 @@ class Explainer:
             self.model = self.precision.model(load_model(job.checkpoint))
             self.fold = job.fold
         return subject_ids, explain_subjects(self.model, self.cache, subject_ids, labels, self.explanation,
-                                             self.precision)
+                                             self.precision, len(subject_ids))
 
 
 def _start_actor(explanation: Explanation, cache: VolumeCache, gpus_per_actor: float, name: str):

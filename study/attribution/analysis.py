@@ -185,7 +185,7 @@ def _sanity(study: Study, first: FoldResult, store: MapStore, brain: np.ndarray,
     original = {m: store.read(m, subjects) for m in attribution.methods}
     task = ray.remote(num_cpus=1, num_gpus=attribution.gpus_per_actor if resources.use_gpu else 0)
     cascade = task(parameter_randomization).remote(
-        first.checkpoint, study.cache, subjects, labels, original, brain, explanation)
+        first.checkpoint, study.cache, subjects, labels, original, brain, explanation, attribution.batch_size)
     shuffled, fit_accuracy = pd.DataFrame(), float("nan")
     if shuffled_fit is not None:
         checkpoint, seconds = ray.get(shuffled_fit)
@@ -195,7 +195,7 @@ def _sanity(study: Study, first: FoldResult, store: MapStore, brain: np.ndarray,
         study.times.add("Ray Train set-up", max(seconds - training, 0.0))
         fit_accuracy = float(history["fit_accuracy"].dropna().iloc[-1])
         shuffled = ray.get(task(label_randomization).remote(
-            checkpoint, study.cache, subjects, labels, original, brain, explanation))
+            checkpoint, study.cache, subjects, labels, original, brain, explanation, attribution.batch_size))
     return ray.get(cascade), shuffled, fit_accuracy
 
 

@@ -19,6 +19,7 @@ before and after).
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -77,18 +78,35 @@ def cascade_steps(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
     return [step for step in steps if step[1]]
 
 
+def randomized_cascade(model: nn.Module, seed: int = 0) -> Iterator[tuple[str, nn.Module]]:
+    """Copies of ``model`` with its layers randomized down to each step of :func:`cascade_steps`, in eval mode.
+
+    The layers are re-initialized on the host, whatever device the maps are computed on: on a GPU,
+    ``reset_parameters`` would draw from CUDA's generator and randomize other weights than a CPU run of the same
+    seed. The draws come from a generator of ``seed`` of their own, whatever else draws between two steps;
+    ``model`` itself is left as it is.
+    """
+    model, generator = copy.deepcopy(model).cpu(), torch.Generator().manual_seed(seed)
+    for name, modules in cascade_steps(model):
+        with torch.random.fork_rng(devices=[]):  # reset_parameters draws from the global generator: lend it ours
+            torch.set_rng_state(generator.get_state())
+            for module in modules:
+                module.reset_parameters()
+            generator.set_state(torch.get_rng_state())
+        yield name, copy.deepcopy(model).eval()
+
+
 def parameter_randomization(checkpoint: ray.train.Checkpoint, cache: VolumeCache, subject_ids: list[str],
                             labels: np.ndarray, original: dict[str, np.ndarray], brain: np.ndarray,
-                            explanation: Explanation, seed: int = 0) -> pd.DataFrame:
-    """Cascading randomization: one row per (step, method) with Spearman and SSIM to the original."""
+                            explanation: Explanation, batch_size: int, seed: int = 0) -> pd.DataFrame:
+    """Cascading randomization: one row per (step, method) with Spearman and SSIM to the original.
+
+    Explained as the original maps were: on this task's device, ``batch_size`` subjects at a time."""
     precision = Precision.choose(worker_device())
-    model = load_model(checkpoint, precision.device)
-    torch.manual_seed(seed)
     rows = []
-    for step, (name, modules) in enumerate(cascade_steps(model), start=1):
-        for module in modules:
-            module.reset_parameters()
-        maps = explain_subjects(copy.deepcopy(model).eval(), cache, subject_ids, labels, explanation, precision)
+    for step, (name, model) in enumerate(randomized_cascade(load_model(checkpoint), seed), start=1):
+        maps = explain_subjects(precision.model(model), cache, subject_ids, labels, explanation, precision,
+                                batch_size)
         for method, (rho, ssim) in compare(original, maps, brain).items():
             rows.append({"step": step, "randomized_down_to": name, "method": method, "spearman": rho, "ssim": ssim})
     return pd.DataFrame(rows)
@@ -96,11 +114,11 @@ def parameter_randomization(checkpoint: ray.train.Checkpoint, cache: VolumeCache
 
 def label_randomization(checkpoint: ray.train.Checkpoint, cache: VolumeCache, subject_ids: list[str],
                         labels: np.ndarray, original: dict[str, np.ndarray], brain: np.ndarray,
-                        explanation: Explanation) -> pd.DataFrame:
+                        explanation: Explanation, batch_size: int) -> pd.DataFrame:
     """Maps of a model trained on shuffled labels, compared with the original maps."""
     precision = Precision.choose(worker_device())
-    maps = explain_subjects(load_model(checkpoint, precision.device), cache, subject_ids, labels, explanation,
-                            precision)
+    maps = explain_subjects(precision.model(load_model(checkpoint)), cache, subject_ids, labels, explanation,
+                            precision, batch_size)
     return pd.DataFrame([{"method": m, "spearman": rho, "ssim": ssim}
                          for m, (rho, ssim) in compare(original, maps, brain).items()])
 
@@ -187,7 +205,7 @@ def deletion_check(model: ray.train.Checkpoint | nn.Module, cache: VolumeCache, 
 
     ``model`` is the fold's CNN checkpoint, or a network in eval mode (the linear baseline's)."""
     precision = Precision.choose(worker_device(), precision="fp32")
-    model = precision.model(load_model(model, precision.device) if isinstance(model, ray.train.Checkpoint)
+    model = precision.model(load_model(model) if isinstance(model, ray.train.Checkpoint)
                             else model)
     volumes, rows = CachedVolumes(cache, subject_ids, np.zeros(len(subject_ids))), []
     mean = torch.tensor(reference, device=precision.device)

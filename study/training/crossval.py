@@ -115,7 +115,7 @@ def predict_task(resources: ResourcesConfig) -> ray.remote_function.RemoteFuncti
 
 def _predict_checkpoint(checkpoint: ray.train.Checkpoint, dataset: CachedVolumes, train: TrainConfig) -> np.ndarray:
     precision = Precision.choose(worker_device(), train.precision, train.channels_last)
-    return predict(load_model(checkpoint, precision.device), dataset, train.batch_size, precision)
+    return predict(precision.model(load_model(checkpoint)), dataset, train.batch_size, precision)
 
 
 def train_and_test(fold: int, setup: TrainingSetup, data: TrainingData, test_ids: list[str], test_labels: np.ndarray,

@@ -107,14 +107,14 @@ def load_history(checkpoint: ray.train.Checkpoint) -> list[dict[str, float]]:
         return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)["history"]
 
 
-def load_model(checkpoint: ray.train.Checkpoint | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The trained model of a checkpoint (directory or Ray Checkpoint), in eval mode."""
+def load_model(checkpoint: ray.train.Checkpoint | Path) -> torch.nn.Module:
+    """The trained model of a checkpoint (directory or Ray Checkpoint), in eval mode, on the host
+    (``Precision.model`` moves it to a device, in its memory format)."""
     if isinstance(checkpoint, ray.train.Checkpoint):
         with checkpoint.as_directory() as directory:
-            return load_model(Path(directory), device)
-    # Read to the host: the model is built there, then moved once.
+            return load_model(Path(directory))
     record = torch.load(Path(checkpoint) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-    return model_from_record(record).to(device)
+    return model_from_record(record)
 
 
 def network_class(checkpoint: ray.train.Checkpoint) -> str | None:
