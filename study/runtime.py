@@ -212,6 +212,11 @@ class Precision:
         """The autocast context for forward passes."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
+    def training(self) -> contextlib.AbstractContextManager:
+        """The context of whole training steps, backward passes included: without bf16 (``precision: fp32``),
+        float32 as in :meth:`exact`, not cuDNN's default TF32 convolutions (a 10-bit mantissa)."""
+        return contextlib.nullcontext() if self.bf16 else self.exact()
+
     @contextlib.contextmanager
     def exact(self) -> Iterator[None]:
         """float32 as a CPU computes it: no autocast (even inside one), and no TF32 in cuDNN's convolutions

@@ -169,6 +169,31 @@ def test_a_left_right_flip_mirrors_the_flipped_subjects_only():
     assert (flipped ^ kept).all() and flipped.any() and kept.any()
 
 
+def test_fp32_training_steps_run_without_tf32_forward_and_backward(cohort_dir, preprocess_config):
+    """``train.precision: fp32`` promised float32; on a GPU cuDNN's convolutions default to TF32 (10-bit mantissa)."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cohort = load_cohort(CohortConfig(root=cohort_dir))
+    ids, labels = list(cohort.ids), cohort.labels
+    data = TrainingData(cache_for(cohort, preprocess_config).cache, ids, labels, [], labels[:0])
+    flags: list[tuple[str, bool]] = []
+
+    def one_epoch(_: dict) -> None:
+        precision = Precision.choose(torch.device("cpu"), "fp32")
+        phase = _Phase(Architecture(width=4, blocks=2), TrainConfig(batch_size=6, epochs=1), data, ids, labels, 1,
+                       precision)
+        conv = next(m for m in phase.bare.modules() if isinstance(m, torch.nn.Conv3d))
+        conv.register_forward_hook(lambda *_: flags.append(("forward", torch.backends.cudnn.allow_tf32)))
+        conv.register_full_backward_hook(lambda *_: flags.append(("backward", torch.backends.cudnn.allow_tf32)))
+        phase.epoch(0)
+
+    assert torch.backends.cudnn.allow_tf32  # PyTorch's default, which a GPU's training used
+    TorchTrainer(one_epoch, scaling_config=ScalingConfig(num_workers=0)).fit()
+    assert {"forward", "backward"} == {what for what, _ in flags}
+    assert not any(tf32 for _, tf32 in flags)
+
+
 def test_sanity_re_explanations_run_in_attribution_batches(cohort_dir, preprocess_config):
     """The randomized models' maps of all sanity subjects were one batch, past what the memory check allowed."""
     from study.attribution import Perturbation

@@ -66,7 +66,7 @@ class TrainConfig(Section):
     schedule: Literal["constant", "cosine"] = "constant"  # after the warm-up (cosine: decay to 0 at the last epoch)
     clip_grad_norm: float | None = Field(1.0, gt=0)  # None: no clipping
     patience: int = Field(15, ge=1)  # early stopping: epochs without a better validation loss before stopping
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; fp32: no TF32 either
     channels_last: bool | None = None  # None: on GPU only (4x faster for 3D convs there)
     compile: bool = False
     augment: Augmentation = Field(default_factory=Augmentation)

@@ -188,12 +188,13 @@ class _Phase:
         correct = torch.zeros((), dtype=torch.int64, device=self.precision.device)
         for x, y in self.loader:
             x, y = self.precision.volumes(x), y.to(self.precision.device, non_blocking=True)
-            x = augment(x, self.train.augment, self.voxel_mm, self.generator)
-            with self.precision.autocast():
-                logits = self.step(x)
-            loss = F.cross_entropy(logits.float(), y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            with self.precision.training():
+                x = augment(x, self.train.augment, self.voxel_mm, self.generator)
+                with self.precision.autocast():
+                    logits = self.step(x)
+                loss = F.cross_entropy(logits.float(), y)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
             if self.train.clip_grad_norm:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train.clip_grad_norm)
             self.optimizer.step()
@@ -257,7 +258,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     resumed = None
     if (checkpoint := ray.train.get_checkpoint()) is not None:
         with checkpoint.as_directory() as directory:
-            resumed = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=precision.device, weights_only=True)
+            # To the host: restoring copies the weights and the optimizer's state into the phase's own tensors.
+            resumed = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
     history = resumed["history"] if resumed else []
     phase = resumed["phase"] if resumed else ("select" if data.val_ids else "refit")
     best_epoch = resumed.get("best_epoch") if resumed else None
@@ -302,6 +304,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     if phase == "refit" and data.refit_ids:
         refit_epochs = resumed["refit_epochs"] if resumed else refit_epochs
+        current = None  # the selection's model, optimizer and DDP buffers go before the refit's are built
         current = _Phase(architecture, train, data, data.refit_ids, data.refit_labels, refit_epochs, precision)
         start, last_report = 0, time.monotonic()
         if resumed and resumed["epoch"] >= 0:  # -1: the selection ended, the refit had not started
