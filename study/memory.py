@@ -107,7 +107,7 @@ def estimate_memory(model: torch.nn.Module, input_shape: tuple[int, int, int], b
 
 def memory_problems(estimate: MemoryEstimate, host_bytes: int, device_bytes: int | None) -> list[str]:
     """What this machine cannot hold, each with the keys that lower it; ``device_bytes``: one GPU's memory
-    (None without a local GPU: the workers' GPUs are then not checked here)."""
+    (None when no GPU answered: the GPUs are then not checked)."""
     problems = []
     if estimate.analysis > 0.9 * host_bytes:
         problems.append(f"the group analysis needs {estimate.analysis / GIB:.1f} GiB, more than 90% of this "

@@ -15,14 +15,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import ray
-import torch
 
 from study.attribution.analysis import explain_study, start_label_randomization
 from study.config import StudyConfig
 from study.data.prepare import PreparedCohort, StudyError, make_or_load_splits, prepare_cohort
 from study.memory import MemoryEstimate, estimate_memory, memory_problems
 from study.output.publish import Publisher
-from study.runtime import interrupts_kept, start_ray, unsatisfiable
+from study.runtime import gpu_memory, interrupts_kept, start_ray, unsatisfiable
 from study.state import StageTimes, Study, resume_or_start
 from study.storage import join, release_held
 from study.training.baseline import BaselineResult, fit_baselines
@@ -74,8 +73,7 @@ def _memory_needs(study: Study) -> MemoryEstimate:
                             len(attribution.methods) + 1 if attribution else 1, len(study.cohort.subjects),
                             int(study.brain.sum()), config.resources.use_gpu,
                             attribution.gpus_per_actor if attribution else 1.0)
-    gpu = torch.cuda.get_device_properties(0).total_memory if config.resources.use_gpu and \
-        torch.cuda.is_available() else None
+    gpu = gpu_memory() if config.resources.use_gpu else None
     problems = memory_problems(needs, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), gpu)
     if problems:
         raise StudyError(f"{needs.describe()}. Too much: " + "; ".join(problems) + ".")

@@ -182,6 +182,25 @@ def _capture(fn: Callable[..., Any], *args: Any) -> tuple[Any, Exception | None]
         return None, err
 
 
+def gpu_memory(timeout_s: float = 60.0) -> int | None:
+    """Bytes of memory of a GPU as Ray gives one to a task; None when none is free within ``timeout_s``.
+
+    Asked of a one-GPU task, not read in the driver: the driver's machine may have no GPU, or another one
+    than the workers', and reading it there would keep a CUDA context, and its memory, on GPU 0 for the whole
+    study. A GPU that does not come in time (all busy, an autoscaler still adding one) leaves it unknown.
+    """
+    ref = ray.remote(num_cpus=0, num_gpus=1)(_gpu_memory).remote()
+    ready, _ = ray.wait([ref], timeout=timeout_s)
+    if not ready:
+        ray.cancel(ref, force=True)
+        return None
+    return ray.get(ref)
+
+
+def _gpu_memory() -> int | None:
+    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+
+
 def worker_device() -> torch.device:
     """The device of this Ray task or actor: its GPU when Ray gave it one, else the CPU."""
     on_gpu = ray.is_initialized() and bool(ray.get_gpu_ids()) and torch.cuda.is_available()

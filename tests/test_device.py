@@ -246,3 +246,26 @@ def test_the_cascade_randomizes_on_the_host_from_its_own_seed():
     changed = [[k for k in step if not torch.equal(step[k], trained[k])] for step in first]
     assert all(len(a) < len(b) for a, b in zip(changed, changed[1:]))  # each step randomizes more layers
 
+
+def test_the_gpu_memory_is_unknown_when_no_gpu_comes_in_time():
+    """Asked of a one-GPU task, not of the driver's GPU 0; on a Ray without a free GPU it gives up, cancelled."""
+    import time
+
+    import ray
+
+    from study.runtime import gpu_memory
+
+    assert ray.cluster_resources().get("GPU", 0) == 0  # the tests' Ray: CPUs only
+    started = time.monotonic()
+    assert gpu_memory(timeout_s=2) is None
+    assert time.monotonic() - started < 30
+    from ray.util.state import list_tasks
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        waiting = [t for t in list_tasks(filters=[("func_or_class_name", "=", "_gpu_memory")])
+                   if t.state not in ("FINISHED", "FAILED")]
+        if not waiting:
+            break
+        time.sleep(1)
+    assert not waiting  # the task is cancelled, not left waiting for a GPU
