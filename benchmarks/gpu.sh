@@ -8,6 +8,8 @@
 # the later ones their time:
 #   smoke     a 40-subject study with the GPU (fractional GPUs for two folds and for the attribution actors):
 #             the study's GPU path, run end to end; when it fails, read this log first
+#   agreement the same model's maps of 4 subjects on the CPU and on the GPU (Spearman, max difference): every
+#             map is float32 on both, so they may differ by rounding order only
 #   training  pure compute: MriNet at the paper's width and grid, batch 8 (the study's default) and 32
 #   group     the permutation test at the paper's size (1,113 subjects, 5,000 permutations), CPU and GPU
 #   study     the paper's cohort and folds (1,113 subjects, 10 folds, 300 perturbation iterations), 5 epochs
@@ -44,6 +46,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 git log --oneline -1 2>/dev/null | tee -a "$out/device.txt"
 step smoke 150 python3 benchmarks/whole_study.py --subjects 40 --folds 2 --epochs 2 --width 8 --voxel-size 6 \
     --iterations 10 --permutations 100 --cohort /tmp/bench_cohort
+step agreement 60 python3 benchmarks/agreement.py --iterations 30
 for batch in 8 32; do
     step "training_batch$batch" 45 python3 benchmarks/training.py --grids 58x70x58 --batch "$batch" --steps 20
 done
