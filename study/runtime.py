@@ -238,13 +238,19 @@ class Precision:
 
     @contextlib.contextmanager
     def exact(self) -> Iterator[None]:
-        """float32 as a CPU computes it: no autocast (even inside one), and no TF32 in cuDNN's convolutions
-        (on by default on GPUs). For every number the study reports from a model: probabilities, the deletion
-        check."""
-        cudnn = torch.backends.cudnn
-        with torch.autocast(self.device.type, enabled=False), cudnn.flags(
-                enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False):
-            yield
+        """float32 as a CPU computes it: no autocast (even inside one), no TF32 in cuDNN's convolutions (on by
+        default on GPUs) nor in matrix products (off by default, on after a user's module calls
+        ``torch.set_float32_matmul_precision("high")``). For every number the study reports from a model:
+        probabilities, maps, the deletion check."""
+        cudnn, matmul = torch.backends.cudnn, torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            with torch.autocast(self.device.type, enabled=False), cudnn.flags(
+                    enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                    allow_tf32=False):
+                yield
+        finally:
+            torch.set_float32_matmul_precision(matmul)
 
     @property
     def pinned(self) -> bool:

@@ -48,13 +48,20 @@ def test_test_probabilities_are_float32_when_training_runs_in_bf16():
 def test_exact_turns_off_autocast_inside_one_and_tf32_then_restores_both():
     precision = Precision(torch.device("cpu"), bf16=True, channels_last=False)
     tf32 = torch.backends.cudnn.allow_tf32
-    with precision.autocast():
-        assert torch.is_autocast_enabled("cpu")
-        with precision.exact():
-            assert not torch.is_autocast_enabled("cpu") and not torch.backends.cudnn.allow_tf32
-            assert torch.nn.Linear(3, 2)(torch.ones(1, 3)).dtype == torch.float32
-        assert torch.is_autocast_enabled("cpu")
-    assert torch.backends.cudnn.allow_tf32 == tf32
+    matmul = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # as a user's network module may (TF32 matrix products)
+    try:
+        with precision.autocast():
+            assert torch.is_autocast_enabled("cpu")
+            with precision.exact():
+                assert not torch.is_autocast_enabled("cpu") and not torch.backends.cudnn.allow_tf32
+                assert torch.get_float32_matmul_precision() == "highest"
+                assert torch.nn.Linear(3, 2)(torch.ones(1, 3)).dtype == torch.float32
+            assert torch.is_autocast_enabled("cpu")
+        assert torch.backends.cudnn.allow_tf32 == tf32
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(matmul)
 
 
 def test_the_blurred_reference_is_float32_under_autocast():
