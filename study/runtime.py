@@ -213,7 +213,9 @@ class Precision:
 
     On a GPU both are on (channels_last_3d is what makes 3D convolutions fast there), on a CPU both off,
     unless asked otherwise. bf16 autocast is for training steps only: every number the study reports
-    (probabilities, maps, the deletion check) is computed under :meth:`exact`.
+    (probabilities, maps, the deletion check) is computed under :meth:`exact`. Bit-for-bit repeatable GPU
+    runs are not on offer: ``torch.use_deterministic_algorithms`` raises there, in the backward passes of
+    adaptive average pooling and trilinear interpolation (``model.head: gap``, Meaningful Perturbations' mask).
     """
 
     device: torch.device
