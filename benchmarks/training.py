@@ -22,11 +22,6 @@ def throughput(shape: tuple[int, ...], batch: int, bf16: bool, channels_last: bo
                width: int = 32, cudnn_benchmark: bool = False) -> float:
     """Volumes per second of MriNet (``width`` channels in its first block) training on random volumes;
     ``cudnn_benchmark``: cuDNN times its convolution algorithms first (the study leaves it off)."""
-    with torch.backends.cudnn.flags(enabled=True, benchmark=cudnn_benchmark, deterministic=False, allow_tf32=True):
-        return _throughput(shape, batch, bf16, channels_last, steps, width)
-
-
-def _throughput(shape: tuple[int, ...], batch: int, bf16: bool, channels_last: bool, steps: int, width: int) -> float:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = BrainCNN(Architecture(width=width), shape).to(device)
     if channels_last:
@@ -44,16 +39,17 @@ def _throughput(shape: tuple[int, ...], batch: int, bf16: bool, channels_last: b
         loss.backward()
         optimizer.step()
 
-    for _ in range(3):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * batch / (time.perf_counter() - start)
+    with torch.backends.cudnn.flags(enabled=True, benchmark=cudnn_benchmark, deterministic=False, allow_tf32=True):
+        for _ in range(3):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return steps * batch / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -69,7 +65,7 @@ def main() -> None:
             rate = throughput(shape, args.batch, bf16, channels_last, args.steps)
             print(f"{grid:>10} batch {args.batch}: {'bf16' if bf16 else 'fp32'} "
                   f"{'channels_last_3d' if channels_last else 'contiguous':>16}: {rate:8.1f} volumes/s", flush=True)
-        if torch.cuda.is_available():  # whether the study should turn cudnn.benchmark on (issue 29)
+        if torch.cuda.is_available():  # whether the study should turn cudnn.benchmark on
             rate = throughput(shape, args.batch, True, True, args.steps, cudnn_benchmark=True)
             print(f"{grid:>10} batch {args.batch}: bf16 channels_last_3d, cudnn.benchmark: {rate:8.1f} volumes/s",
                   flush=True)

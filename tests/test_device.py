@@ -1,5 +1,7 @@
 """What runs differently on a GPU, checked on the CPU: numbers the study reports stay float32 under bf16
-autocast, no TF32 where float32 is promised, GPU tasks give their GPU back, no two DDP ranks on one GPU."""
+autocast, no TF32 where float32 is promised, GPU tasks give their GPU back, no two DDP ranks on one GPU, no
+host sync or blocking copy in a training step, sanity checks explained in attribution batches from host-drawn
+weights, and the GPU's memory asked of a GPU task."""
 
 from __future__ import annotations
 
