@@ -29,13 +29,20 @@ from study.training.models import Architecture, BrainCNN
 METHODS = ("gradcam", "guided_backprop", "perturbation")
 
 
-def maps_on(device: torch.device, model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor,
-            explanation: Explanation, voxel_mm: float) -> tuple[dict[str, np.ndarray], float]:
+def maps_on(
+    device: torch.device,
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    explanation: Explanation,
+    voxel_mm: float,
+) -> tuple[dict[str, np.ndarray], float]:
     """Each method's maps [subjects, D, H, W] on ``device`` as the study computes them, and the seconds taken."""
     precision = Precision.choose(device)
     started = time.perf_counter()
-    maps = explain_batch(precision.model(copy.deepcopy(model)), precision.volumes(x), labels.to(device),
-                         explanation, voxel_mm, precision)
+    maps = explain_batch(
+        precision.model(copy.deepcopy(model)), precision.volumes(x), labels.to(device), explanation, voxel_mm, precision
+    )
     return maps, time.perf_counter() - started
 
 
@@ -56,8 +63,10 @@ def main() -> None:
     labels = torch.arange(args.subjects) % 2
     explanation = Explanation(METHODS, "true_class", Perturbation(iterations=args.iterations, reference="blur"))
     gpu = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    print(f"{args.subjects} subjects, grid {args.grid}, MP {args.iterations} iterations; CPU against "
-          f"{torch.cuda.get_device_name() if gpu.type == 'cuda' else 'the CPU (no GPU here)'}; torch {torch.__version__}")
+    print(
+        f"{args.subjects} subjects, grid {args.grid}, MP {args.iterations} iterations; CPU against "
+        f"{torch.cuda.get_device_name() if gpu.type == 'cuda' else 'the CPU (no GPU here)'}; torch {torch.__version__}"
+    )
     cpu_maps, cpu_s = maps_on(torch.device("cpu"), model, x, labels, explanation, voxel_mm)
     gpu_maps, gpu_s = maps_on(gpu, model, x, labels, explanation, voxel_mm)
     print(f"seconds: CPU {cpu_s:.1f}, {gpu.type.upper()} {gpu_s:.1f}")

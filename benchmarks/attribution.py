@@ -47,8 +47,10 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
-    print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; torch {torch.__version__}; "
-          f"float32 (no TF32), channels_last_3d: {cuda}")
+    print(
+        f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; torch {torch.__version__}; "
+        f"float32 (no TF32), channels_last_3d: {cuda}"
+    )
     config = Perturbation(iterations=args.iterations)
     for grid in args.grids:
         shape = tuple(int(s) for s in grid.split("x"))
@@ -76,9 +78,11 @@ def main() -> None:
                 repeats = 1 if name == "perturbation" else args.repeats
                 seconds = timed(run, repeats)
                 rate = batch / seconds
-                print(f"{grid:>10} {name:>16} batch {batch:>3}: {rate:9.2f} subjects/s  "
-                      f"({seconds / batch:.4f} s/subject; {HCP_SUBJECTS} subjects in {HCP_SUBJECTS / rate:8.1f} s)",
-                      flush=True)
+                print(
+                    f"{grid:>10} {name:>16} batch {batch:>3}: {rate:9.2f} subjects/s  "
+                    f"({seconds / batch:.4f} s/subject; {HCP_SUBJECTS} subjects in {HCP_SUBJECTS / rate:8.1f} s)",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,12 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, default=1113)
     parser.add_argument("--folds", type=int, default=10)
     parser.add_argument("--permutations", type=int, default=5000)
-    parser.add_argument("--voxel-size", type=float, default=None,
-                        help="study grid in mm (default: the paper's 58 x 70 x 58 at 3.1379 mm)")
+    parser.add_argument(
+        "--voxel-size",
+        type=float,
+        default=None,
+        help="study grid in mm (default: the paper's 58 x 70 x 58 at 3.1379 mm)",
+    )
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     grid = Grid.mni(args.voxel_size) if args.voxel_size else Grid.mni(3.1379, (58, 70, 58))
@@ -48,8 +52,10 @@ def main() -> None:
     labels, folds, families = cohort(args.subjects, args.folds, rng)
     maps = rng.standard_normal((args.subjects, voxels), dtype=np.float32)
     maps[labels == 1, : voxels // 20] += 0.3  # an effect in 5% of the voxels
-    print(f"{args.subjects} subjects in {len(set(families))} families, {args.folds} folds; "
-          f"{voxels} brain voxels of the {'x'.join(map(str, grid.shape))} grid; {args.permutations} permutations")
+    print(
+        f"{args.subjects} subjects in {len(set(families))} families, {args.folds} folds; "
+        f"{voxels} brain voxels of the {'x'.join(map(str, grid.shape))} grid; {args.permutations} permutations"
+    )
 
     start = time.perf_counter()
     blocks = ExchangeabilityBlocks(folds, families)
@@ -65,8 +71,10 @@ def main() -> None:
         test = permutation_test(maps, labels, args.permutations, folds, families, device=device)
         seconds = time.perf_counter() - start
         significant = int((test.p <= 0.05).sum())
-        print(f"{name:>32}: {seconds:7.1f} s, {args.permutations / seconds:8.1f} permutations/s "
-              f"({significant} voxels at FWER p <= 0.05; {voxels // 20} carry the effect)")
+        print(
+            f"{name:>32}: {seconds:7.1f} s, {args.permutations / seconds:8.1f} permutations/s "
+            f"({significant} voxels at FWER p <= 0.05; {voxels // 20} carry the effect)"
+        )
 
 
 if __name__ == "__main__":

@@ -46,12 +46,15 @@ def main() -> None:
     for path in args.configs:
         config = load_config(path)
         shape = config.preprocess.grid.shape
-        needs = estimate_memory(build_model(config.model, shape), shape, config.train.batch_size, None, 1, 1, 1,
-                                on_gpu=False)
+        needs = estimate_memory(
+            build_model(config.model, shape), shape, config.train.batch_size, None, 1, 1, 1, on_gpu=False
+        )
         out = subprocess.run([sys.executable, "-c", STEP, path], capture_output=True, text=True, check=True)
         measured = json.loads(out.stdout.strip().splitlines()[-1])["measured"]
-        print(f"{path:<28} {'x'.join(map(str, shape)):<14} {config.train.batch_size:>5} "
-              f"{needs.training / GIB:>12.2f} {measured / GIB:>12.2f} {measured / needs.training:>6.2f}")
+        print(
+            f"{path:<28} {'x'.join(map(str, shape)):<14} {config.train.batch_size:>5} "
+            f"{needs.training / GIB:>12.2f} {measured / GIB:>12.2f} {measured / needs.training:>6.2f}"
+        )
     print(f"(this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB peak)")
 
 

@@ -42,21 +42,28 @@ def main() -> None:
     rotate = np.eye(4)
     rotate[:3, :3] = Rotation.from_euler("x", 15, degrees=True).as_matrix()
     flip = np.diag([1.0, -1.0, 1.0, 1.0])
-    cases = {"registered, brain-extracted": lambda i: i, "skull left on": with_skull,
-             "native space: shifted 20 mm": lambda i: moved(i, shift),
-             "native space: rotated 15 deg": lambda i: moved(i, rotate),
-             "header: front and back swapped": lambda i: moved(i, flip)}
+    cases = {
+        "registered, brain-extracted": lambda i: i,
+        "skull left on": with_skull,
+        "native space: shifted 20 mm": lambda i: moved(i, shift),
+        "native space: rotated 15 deg": lambda i: moved(i, rotate),
+        "header: front and back swapped": lambda i: moved(i, flip),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         synthesize_cohort(Path(tmp), SyntheticCohort(subjects=args.subjects, seed=7))
         images = [load_volume(p) for p in sorted(Path(tmp).glob("sub-*/anat/*.nii.gz"))]
-        print(f"Dice overlap with the MNI152 brain mask ({args.subjects} synthetic subjects; threshold "
-              f"{MNI_OVERLAP_MIN})")
+        print(
+            f"Dice overlap with the MNI152 brain mask ({args.subjects} synthetic subjects; threshold {MNI_OVERLAP_MIN})"
+        )
         for voxel in (2.0, 4.0, 8.0):
             grid = Grid.mni(voxel)
             for name, broken in cases.items():
                 dice = np.array([mni_overlap(resample_to_grid(broken(i), grid), grid) for i in images])
-                print(f"  {voxel:.0f} mm grid  {name:<32} min {dice.min():.3f}  median {np.median(dice):.3f}  "
-                      f"max {dice.max():.3f}", flush=True)
+                print(
+                    f"  {voxel:.0f} mm grid  {name:<32} min {dice.min():.3f}  median {np.median(dice):.3f}  "
+                    f"max {dice.max():.3f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -49,8 +49,10 @@ def main() -> None:
         synthesize_cohort(tmp / "cohort", SyntheticCohort(subjects=args.subjects, voxel_size=1.0))
         one = preprocess_rate(tmp / "cohort", tmp / "cache1", 1)
         many = preprocess_rate(tmp / "cohort", tmp / "cacheN", args.cpus)
-    print(f"preprocess 1 mm -> 2 mm: 1 CPU {one:.2f} subjects/s, {args.cpus} CPUs {many:.2f} subjects/s, "
-          f"speed-up {many / one:.2f}x (ideal {args.cpus}x)")
+    print(
+        f"preprocess 1 mm -> 2 mm: 1 CPU {one:.2f} subjects/s, {args.cpus} CPUs {many:.2f} subjects/s, "
+        f"speed-up {many / one:.2f}x (ideal {args.cpus}x)"
+    )
 
 
 if __name__ == "__main__":

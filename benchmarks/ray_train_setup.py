@@ -49,9 +49,12 @@ def main() -> None:
     for name, loop in [("plain loop", plain), ("study's imports", with_study_imports)]:
         for repeat in range(args.repeats):
             t0 = time.time()
-            TorchTrainer(loop, train_loop_config={"t0": t0, "queue": queue},
-                         scaling_config=ScalingConfig(num_workers=1),
-                         run_config=RunConfig(storage_path=storage, name=f"{loop.__name__}{repeat}")).fit()
+            TorchTrainer(
+                loop,
+                train_loop_config={"t0": t0, "queue": queue},
+                scaling_config=ScalingConfig(num_workers=1),
+                run_config=RunConfig(storage_path=storage, name=f"{loop.__name__}{repeat}"),
+            ).fit()
             print(f"{name:>16}: loop's first line {queue.get():5.1f} s after fit(), fit() {time.time() - t0:5.1f} s")
 
 

@@ -45,12 +45,13 @@ def scores(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[fl
     """ROC AUC and accuracy (threshold 0.5) of ``model`` in eval mode."""
     model.eval()
     with torch.no_grad():
-        p = torch.cat([torch.softmax(model(x[i:i + 32]), 1)[:, 1] for i in range(0, len(x), 32)]).numpy()
+        p = torch.cat([torch.softmax(model(x[i : i + 32]), 1)[:, 1] for i in range(0, len(x), 32)]).numpy()
     return float(roc_auc_score(y.numpy(), p)), float(((p > 0.5) == y.numpy()).mean())
 
 
-def train(changes: dict, train_set: CachedVolumes, test_set: CachedVolumes, shape: tuple[int, int, int],
-          voxel_mm: float) -> dict:
+def train(
+    changes: dict, train_set: CachedVolumes, test_set: CachedVolumes, shape: tuple[int, int, int], voxel_mm: float
+) -> dict:
     """Train one recipe on the fold; print its curve; its last scores."""
     recipe = {"width": 8, "every": 5, "seed": 0, "label_smoothing": 0.0, **changes}
     train_keys = {k: v for k, v in recipe.items() if k in TrainConfig.model_fields}
@@ -70,7 +71,7 @@ def train(changes: dict, train_set: CachedVolumes, test_set: CachedVolumes, shap
         model.train()
         order, loss_sum = torch.randperm(len(train_set), generator=generator), 0.0
         for start in range(0, len(order), config.batch_size):
-            batch = order[start:start + config.batch_size]
+            batch = order[start : start + config.batch_size]
             x = augment(x_train[batch], config.augment, voxel_mm, generator)
             loss = F.cross_entropy(model(x), y_train[batch], label_smoothing=recipe["label_smoothing"])
             optimizer.zero_grad()
@@ -83,9 +84,12 @@ def train(changes: dict, train_set: CachedVolumes, test_set: CachedVolumes, shap
         if (epoch + 1) % recipe["every"] == 0 or epoch == config.epochs - 1:
             fit_auc, fit_accuracy = scores(model, x_train, y_train)
             test_auc, _ = scores(model, x_test, y_test)
-            print(f"  epoch {epoch + 1:3d}: training loss {loss_sum / len(order):.3f}, fit ROC AUC {fit_auc:.3f}, "
-                  f"fit accuracy {fit_accuracy:.2f}, held-out ROC AUC {test_auc:.3f} "
-                  f"[{time.perf_counter() - started:.0f} s]", flush=True)
+            print(
+                f"  epoch {epoch + 1:3d}: training loss {loss_sum / len(order):.3f}, fit ROC AUC {fit_auc:.3f}, "
+                f"fit accuracy {fit_accuracy:.2f}, held-out ROC AUC {test_auc:.3f} "
+                f"[{time.perf_counter() - started:.0f} s]",
+                flush=True,
+            )
     return {"recipe": changes, "fit_accuracy": fit_accuracy, "test_roc_auc": test_auc}
 
 
@@ -111,8 +115,10 @@ def main() -> None:
     label = dict(zip(ids, labels.tolist()))
     train_set = CachedVolumes(cache, fold.train, np.array([label[s] for s in fold.train]))
     test_set = CachedVolumes(cache, fold.test, np.array([label[s] for s in fold.test]))
-    print(f"{args.cohort}: fold {args.fold}, {len(fold.train)} training and {len(fold.test)} held-out subjects, "
-          f"{args.voxel_size:g} mm grid {cache.shape}")
+    print(
+        f"{args.cohort}: fold {args.fold}, {len(fold.train)} training and {len(fold.test)} held-out subjects, "
+        f"{args.voxel_size:g} mm grid {cache.shape}"
+    )
     if args.linear:
         result = fit_linear(cache, cache.brain(), fold, label, cohort.classes)
         print(f"linear baseline: held-out ROC AUC {result.test_metrics['roc_auc']:.3f} (C {result.C:g})", flush=True)

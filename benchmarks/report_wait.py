@@ -35,10 +35,14 @@ def _epochs(config: dict) -> None:
 
 def wall(poll_s: float, epochs: int, epoch_s: float, storage: str) -> float:
     """Seconds from the trainer's start to its end, its controller polling every ``poll_s``."""
-    trainer = TorchTrainer(_epochs, train_loop_config={"epochs": epochs, "epoch_s": epoch_s},
-                           scaling_config=ScalingConfig(num_workers=1),
-                           run_config=RunConfig(name=f"poll{poll_s}", storage_path=storage,
-                                                logging_config=LoggingConfig(log_level="WARNING")))
+    trainer = TorchTrainer(
+        _epochs,
+        train_loop_config={"epochs": epochs, "epoch_s": epoch_s},
+        scaling_config=ScalingConfig(num_workers=1),
+        run_config=RunConfig(
+            name=f"poll{poll_s}", storage_path=storage, logging_config=LoggingConfig(log_level="WARNING")
+        ),
+    )
     started = time.perf_counter()
     with environment(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=str(poll_s)):
         trainer.fit()
@@ -59,8 +63,10 @@ def main() -> None:
     walls = {}
     for poll_s in (2.0, CONTROLLER_POLL_S):
         walls[poll_s] = wall(poll_s, args.epochs, args.epoch_s, args.storage)
-        print(f"{poll_s:>16} {walls[poll_s]:>8.1f} {walls[poll_s] - work:>14.1f} "
-              f"{(walls[poll_s] - work) / args.epochs:>12.2f}")
+        print(
+            f"{poll_s:>16} {walls[poll_s]:>8.1f} {walls[poll_s] - work:>14.1f} "
+            f"{(walls[poll_s] - work) / args.epochs:>12.2f}"
+        )
     print(f"ratio of walls (Ray's default / the study's): {walls[2.0] / walls[CONTROLLER_POLL_S]:.2f}")
 
 

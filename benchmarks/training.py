@@ -18,8 +18,15 @@ import torch.nn.functional as F
 from study.training.models import Architecture, BrainCNN
 
 
-def throughput(shape: tuple[int, ...], batch: int, bf16: bool, channels_last: bool, steps: int,
-               width: int = 32, cudnn_benchmark: bool = False) -> float:
+def throughput(
+    shape: tuple[int, ...],
+    batch: int,
+    bf16: bool,
+    channels_last: bool,
+    steps: int,
+    width: int = 32,
+    cudnn_benchmark: bool = False,
+) -> float:
     """Volumes per second of MriNet (``width`` channels in its first block) training on random volumes;
     ``cudnn_benchmark``: cuDNN times its convolution algorithms first (the study leaves it off)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -63,12 +70,17 @@ def main() -> None:
         shape = tuple(int(s) for s in grid.split("x"))
         for bf16, channels_last in ((False, False), (True, False), (False, True), (True, True)):
             rate = throughput(shape, args.batch, bf16, channels_last, args.steps)
-            print(f"{grid:>10} batch {args.batch}: {'bf16' if bf16 else 'fp32'} "
-                  f"{'channels_last_3d' if channels_last else 'contiguous':>16}: {rate:8.1f} volumes/s", flush=True)
+            print(
+                f"{grid:>10} batch {args.batch}: {'bf16' if bf16 else 'fp32'} "
+                f"{'channels_last_3d' if channels_last else 'contiguous':>16}: {rate:8.1f} volumes/s",
+                flush=True,
+            )
         if torch.cuda.is_available():  # whether the study should turn cudnn.benchmark on
             rate = throughput(shape, args.batch, True, True, args.steps, cudnn_benchmark=True)
-            print(f"{grid:>10} batch {args.batch}: bf16 channels_last_3d, cudnn.benchmark: {rate:8.1f} volumes/s",
-                  flush=True)
+            print(
+                f"{grid:>10} batch {args.batch}: bf16 channels_last_3d, cudnn.benchmark: {rate:8.1f} volumes/s",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

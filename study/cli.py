@@ -15,6 +15,7 @@ def _default(schema: type, key: str):
     """A key's default as the config schema declares it (the one source of defaults)."""
     return schema.model_fields[key].default
 
+
 EPILOG = """\
 examples:
   study synth study_data/synth --subjects 60 --voxel-size 4     # a synthetic cohort
@@ -47,37 +48,64 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run a study end to end from its YAML config")
     run.add_argument("config", type=Path, help="study YAML, e.g. tune_configs/demo.yaml")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key (dotted path, YAML value); repeatable")
-    run.add_argument("--restart", action="store_true",
-                     help="start a new execution; by default an interrupted run of the same config resumes "
-                          "(finished folds and trials are kept, MLflow runs continued). Earlier executions are "
-                          "never deleted (see `study clean`)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (dotted path, YAML value); repeatable",
+    )
+    run.add_argument(
+        "--restart",
+        action="store_true",
+        help="start a new execution; by default an interrupted run of the same config resumes "
+        "(finished folds and trials are kept, MLflow runs continued). Earlier executions are "
+        "never deleted (see `study clean`)",
+    )
 
     predict = commands.add_parser(
-        "predict", help="apply a finished study's fold models (an ensemble) to new images",
+        "predict",
+        help="apply a finished study's fold models (an ensemble) to new images",
         description="Predict the study's label (sex, unless its config set cohort.label) for new T1w images with "
         "its outer-fold models as an ensemble (mean probability of class 1, and each fold's), preprocessed exactly as "
         "the study's images were (read from the model, not retyped). Images get the same checks as `study "
         "validate`; a bad one is reported and skipped. Writes a table (for a sex study: subject_id, image, p_male, "
         "predicted_sex, p_male_fold<k>, problem); exit code 1 when any image could not be predicted.",
     )
-    predict.add_argument("model", help="models:/NAME/VERSION (printed at the end of `study run`), a study name "
-                                       "(its newest registered version) or a study's MLflow run id")
-    predict.add_argument("images", type=Path, nargs="+",
-                         help="NIfTI files, folders (searched for *.nii[.gz]) or participants tables (.tsv/.csv)")
-    predict.add_argument("--out", type=Path, default=Path("predictions.tsv"), help="table to write (default %(default)s)")
-    predict.add_argument("--maps", type=Path, metavar="DIR",
-                         help="also write each subject's maps (the study's methods, mean over fold models) as "
-                              "DIR/<method>/sub-<id>_<method>.nii.gz in MNI152 space")
+    predict.add_argument(
+        "model",
+        help="models:/NAME/VERSION (printed at the end of `study run`), a study name "
+        "(its newest registered version) or a study's MLflow run id",
+    )
+    predict.add_argument(
+        "images",
+        type=Path,
+        nargs="+",
+        help="NIfTI files, folders (searched for *.nii[.gz]) or participants tables (.tsv/.csv)",
+    )
+    predict.add_argument(
+        "--out", type=Path, default=Path("predictions.tsv"), help="table to write (default %(default)s)"
+    )
+    predict.add_argument(
+        "--maps",
+        type=Path,
+        metavar="DIR",
+        help="also write each subject's maps (the study's methods, mean over fold models) as "
+        "DIR/<method>/sub-<id>_<method>.nii.gz in MNI152 space",
+    )
     predict.add_argument("--tracking-uri", help="MLflow of the study (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
-    predict.add_argument("--trust-code", action="store_true",
-                         help="allow a model whose fold networks are its author's own class (model.class): loading "
-                              "it imports and runs that code. The study's own CNN needs no trust: only its weights "
-                              "and JSON are read, never a pickle")
+    predict.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="allow a model whose fold networks are its author's own class (model.class): loading "
+        "it imports and runs that code. The study's own CNN needs no trust: only its weights "
+        "and JSON are read, never a pickle",
+    )
 
     clean = commands.add_parser(
-        "clean", help="list a study's executions and delete all but the newest (with --yes)",
+        "clean",
+        help="list a study's executions and delete all but the newest (with --yes)",
         description="Every `study run` that starts afresh (a changed --set, --restart, a rerun of a finished "
         "study) is a new execution in output_dir/<name>/<execution>/ with its own checkpoints, maps and report; "
         "nothing deletes an earlier one. `study clean CONFIG` lists them (status, config, size, MLflow run) and "
@@ -86,62 +114,114 @@ def _parser() -> argparse.ArgumentParser:
         "the preprocessing cache are kept. Do not clean a study while it runs.",
     )
     clean.add_argument("config", type=Path, help="the study's YAML (with the same --set values as its run)")
-    clean.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key, as for `study run` (name and output_dir find the study)")
-    clean.add_argument("--keep", type=int, default=1, metavar="N",
-                       help="keep the newest N executions (default %(default)s)")
-    clean.add_argument("--unfinished", action="store_true",
-                       help="also delete older unfinished executions (kept by default: a rerun resumes them)")
+    clean.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, as for `study run` (name and output_dir find the study)",
+    )
+    clean.add_argument(
+        "--keep", type=int, default=1, metavar="N", help="keep the newest N executions (default %(default)s)"
+    )
+    clean.add_argument(
+        "--unfinished",
+        action="store_true",
+        help="also delete older unfinished executions (kept by default: a rerun resumes them)",
+    )
     clean.add_argument("--yes", action="store_true", help="delete; without it, only list what would be deleted")
 
     validate = commands.add_parser(
-        "validate", help="check a cohort: every problem at once, one line each (subject, file, problem)",
+        "validate",
+        help="check a cohort: every problem at once, one line each (subject, file, problem)",
         description="Check a cohort's participants table and every image. Exit code 0 only when clean.",
     )
-    validate.add_argument("cohort", type=Path,
-                          help="cohort folder (BIDS, fMRIPrep derivatives, ClinicaDL CAPS or HCP) or a study YAML")
+    validate.add_argument(
+        "cohort", type=Path, help="cohort folder (BIDS, fMRIPrep derivatives, ClinicaDL CAPS or HCP) or a study YAML"
+    )
     validate.add_argument("--participants", type=Path, help="participants table (default: COHORT/participants.tsv)")
-    validate.add_argument("--layout", choices=["auto", "bids", "fmriprep", "caps", "hcp", "column"],
-                          default=_default(CohortConfig, "layout"),
-                          help="auto: fMRIPrep's dataset_description.json or derivatives/fmriprep, CAPS's subjects/, "
-                               "BIDS's sub-*, else HCP (default %(default)s)")
+    validate.add_argument(
+        "--layout",
+        choices=["auto", "bids", "fmriprep", "caps", "hcp", "column"],
+        default=_default(CohortConfig, "layout"),
+        help="auto: fMRIPrep's dataset_description.json or derivatives/fmriprep, CAPS's subjects/, "
+        "BIDS's sub-*, else HCP (default %(default)s)",
+    )
     validate.add_argument("--space", help="fMRIPrep: the space- entity to read (default: the one MNI152 space present)")
     validate.add_argument("--resolution", help="fMRIPrep: the res- entity to read (default: images without one)")
-    validate.add_argument("--session", help="first, last or ses-LABEL (default: the table's session column, else "
-                                            "the first session)")
-    validate.add_argument("--brain-mask", default=_default(CohortConfig, "brain_mask"),
-                          help="auto (fMRIPrep's desc-brain_mask; mni152 for CAPS; none otherwise), none, mni152, or "
-                               "a mask path per subject relative to COHORT with {subject} and {session} "
-                               "(default %(default)s)")
+    validate.add_argument(
+        "--session", help="first, last or ses-LABEL (default: the table's session column, else the first session)"
+    )
+    validate.add_argument(
+        "--brain-mask",
+        default=_default(CohortConfig, "brain_mask"),
+        help="auto (fMRIPrep's desc-brain_mask; mni152 for CAPS; none otherwise), none, mni152, or "
+        "a mask path per subject relative to COHORT with {subject} and {session} "
+        "(default %(default)s)",
+    )
     validate.add_argument("--subject-column", default=_default(CohortConfig, "subject_column"))
-    validate.add_argument("--label", default=_default(CohortConfig, "label"),
-                          help="column to classify (default %(default)s)")
-    validate.add_argument("--classes", nargs=2, metavar=("CLASS0", "CLASS1"), default=_default(CohortConfig, "classes"),
-                          help="its two classes; values are matched to them in any case (default %(default)s)")
+    validate.add_argument(
+        "--label", default=_default(CohortConfig, "label"), help="column to classify (default %(default)s)"
+    )
+    validate.add_argument(
+        "--classes",
+        nargs=2,
+        metavar=("CLASS0", "CLASS1"),
+        default=_default(CohortConfig, "classes"),
+        help="its two classes; values are matched to them in any case (default %(default)s)",
+    )
     validate.add_argument("--family-column", default=_default(CohortConfig, "family_column"))
     validate.add_argument("--path-column", help="column with each subject's image path (layout 'column')")
 
     synth = commands.add_parser(
-        "synth", help="write a synthetic cohort with planted sex effects (from the MNI152 template)",
+        "synth",
+        help="write a synthetic cohort with planted sex effects (from the MNI152 template)",
         description="Write a synthetic BIDS dataset from the MNI152 template: participants.tsv (and .json), "
         "dataset_description.json, README, sub-*/anat/*_T1w.nii.gz (brain-extracted, registered to MNI152, "
         "stored at mixed voxel sizes and orientations like real images) and derivatives/ground_truth/ (planted "
         "effect map, region labels, planted.json). Deterministic for a seed.",
     )
     synth.add_argument("out", type=Path, help="output folder")
-    synth.add_argument("--subjects", type=int, default=_default(SyntheticCohort, "subjects"),
-                       help="number of subjects (default %(default)s)")
-    synth.add_argument("--voxel-size", dest="voxel_sizes", type=float, nargs="+",
-                       default=_default(SyntheticCohort, "voxel_sizes"), metavar="MM",
-                       help="isotropic voxel sizes in mm; each image gets one of them (default %(default)s)")
-    synth.add_argument("--effect-size", type=float, default=_default(SyntheticCohort, "effect_size"),
-                       help="relative volume and intensity change in males in the planted regions (default %(default)s)")
-    synth.add_argument("--regions", type=int, default=_default(SyntheticCohort, "regions"),
-                       help="planted regions, placed at random inside the brain (default %(default)s)")
-    synth.add_argument("--distractor", type=float, default=_default(SyntheticCohort, "distractor"),
-                       help="sd over subjects of a sex-independent change in one more region (default %(default)s)")
-    synth.add_argument("--confound", type=float, default=_default(SyntheticCohort, "confound"),
-                       help="males' brains larger overall by this fraction (default %(default)s)")
+    synth.add_argument(
+        "--subjects",
+        type=int,
+        default=_default(SyntheticCohort, "subjects"),
+        help="number of subjects (default %(default)s)",
+    )
+    synth.add_argument(
+        "--voxel-size",
+        dest="voxel_sizes",
+        type=float,
+        nargs="+",
+        default=_default(SyntheticCohort, "voxel_sizes"),
+        metavar="MM",
+        help="isotropic voxel sizes in mm; each image gets one of them (default %(default)s)",
+    )
+    synth.add_argument(
+        "--effect-size",
+        type=float,
+        default=_default(SyntheticCohort, "effect_size"),
+        help="relative volume and intensity change in males in the planted regions (default %(default)s)",
+    )
+    synth.add_argument(
+        "--regions",
+        type=int,
+        default=_default(SyntheticCohort, "regions"),
+        help="planted regions, placed at random inside the brain (default %(default)s)",
+    )
+    synth.add_argument(
+        "--distractor",
+        type=float,
+        default=_default(SyntheticCohort, "distractor"),
+        help="sd over subjects of a sex-independent change in one more region (default %(default)s)",
+    )
+    synth.add_argument(
+        "--confound",
+        type=float,
+        default=_default(SyntheticCohort, "confound"),
+        help="males' brains larger overall by this fraction (default %(default)s)",
+    )
     synth.add_argument("--seed", type=int, default=_default(SyntheticCohort, "seed"))
     return parser
 

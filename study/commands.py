@@ -18,8 +18,16 @@ from study.predict import ModelNotFoundError, UntrustedCodeError
 from study.runtime import RayStartError, start_ray
 from study.storage import HOME_VARIABLE, WriteError, join, project_dir, remove_tree, submitted_job_id
 
-UserError = (ConfigError, CohortError, VolumeError, StudyError, TrackingError, RayStartError, ModelNotFoundError,
-             UntrustedCodeError)
+UserError = (
+    ConfigError,
+    CohortError,
+    VolumeError,
+    StudyError,
+    TrackingError,
+    RayStartError,
+    ModelNotFoundError,
+    UntrustedCodeError,
+)
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -31,15 +39,20 @@ def run(args: argparse.Namespace) -> int:
     from study.pipeline import run_study, study_dir
 
     if (job := submitted_job_id()) is not None:
-        print(f"Ray job {job}: relative paths in {args.config} resolve under {project_dir()} "
-              f"(${HOME_VARIABLE}), not in the job's temporary working directory")
+        print(
+            f"Ray job {job}: relative paths in {args.config} resolve under {project_dir()} "
+            f"(${HOME_VARIABLE}), not in the job's temporary working directory"
+        )
     config = load_config(args.config, args.overrides)
     again = shlex.join(["study", "run", str(args.config), *[part for o in args.overrides for part in ("--set", o)]])
     try:
         run_study(config, restart=args.restart)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished folds, search trials and maps are kept in {study_dir(config)}; "
-              f"resume with: {again}", file=sys.stderr)
+        print(
+            f"\ninterrupted: finished folds, search trials and maps are kept in {study_dir(config)}; "
+            f"resume with: {again}",
+            file=sys.stderr,
+        )
         return 130
     except Exception as err:
         if (problem := write_failure(err, again)) is None:
@@ -53,9 +66,11 @@ def write_failure(err: Exception, again: str) -> StudyError | None:
     cause = getattr(err, "cause", None) or err
     if not isinstance(cause, WriteError):
         return None
-    return StudyError(f"could not write {cause.filename}: {cause.strerror}. Free space or fix the permissions "
-                      "there (or choose another output_dir / preprocess.cache_dir); finished folds, cached subjects "
-                      f"and maps are kept, and no file was left half-written. Resume with: {again}")
+    return StudyError(
+        f"could not write {cause.filename}: {cause.strerror}. Free space or fix the permissions "
+        "there (or choose another output_dir / preprocess.cache_dir); finished folds, cached subjects "
+        f"and maps are kept, and no file was left half-written. Resume with: {again}"
+    )
 
 
 def predict(args: argparse.Namespace) -> int:
@@ -85,18 +100,27 @@ def predict(args: argparse.Namespace) -> int:
         for row in predicted.itertuples():
             name = maps_name(Path(row.image), row.subject_id)
             if name in named:  # one subject's two images, or an id found twice: refused, never overwritten
-                problems.append(Problem(row.subject_id, row.image, f"its maps would overwrite those of {named[name]} "
-                                        f"({name}); give the files distinct sub-/ses- names and predict it again"))
+                problems.append(
+                    Problem(
+                        row.subject_id,
+                        row.image,
+                        f"its maps would overwrite those of {named[name]} "
+                        f"({name}); give the files distinct sub-/ses- names and predict it again",
+                    )
+                )
             else:
                 named[name] = row.image
         for name, image in tqdm(named.items(), desc="explaining", unit="subject"):
-            save_maps(ensemble.explain(ensemble.preprocess(Path(image), masks.get(image))), ensemble.grid, args.maps,
-                      name)
+            save_maps(
+                ensemble.explain(ensemble.preprocess(Path(image), masks.get(image))), ensemble.grid, args.maps, name
+            )
         print(f"maps of {len(named)} images ({', '.join(ensemble.methods)}) in {args.maps}")
     for problem in problems:
         print(problem, file=sys.stderr)
-    print(f"{len(predicted)} subjects predicted with {model_uri}, {len(problems)} problems; table: {args.out}",
-          file=sys.stderr)
+    print(
+        f"{len(predicted)} subjects predicted with {model_uri}, {len(problems)} problems; table: {args.out}",
+        file=sys.stderr,
+    )
     return 1 if problems else 0
 
 
@@ -131,10 +155,17 @@ def clean(args: argparse.Namespace) -> int:
     doomed = [execution for execution, v in zip(executions, verdicts) if v == "delete"]
     this_config = config_hash(config)
     size = {path: _megabytes(path) for path, _ in executions}
-    rows = [(path.name, "finished" if state.finished else "unfinished",
-             "this config" if state.config_hash == this_config else "other config",
-             f"{size[path]:.1f} MB", state.parent_run or "-", v)
-            for (path, state), v in zip(executions, verdicts)]
+    rows = [
+        (
+            path.name,
+            "finished" if state.finished else "unfinished",
+            "this config" if state.config_hash == this_config else "other config",
+            f"{size[path]:.1f} MB",
+            state.parent_run or "-",
+            v,
+        )
+        for (path, state), v in zip(executions, verdicts)
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     print(f"executions of study {config.name} in {directory} (oldest first; MLflow run of each):")
     for row in rows:
@@ -146,13 +177,15 @@ def clean(args: argparse.Namespace) -> int:
     if not args.yes:
         print(f"would delete {len(doomed)} execution(s), {total:.1f} MB; run again with --yes to delete them")
         return 0
-    for path, state in doomed:
+    for path, _ in doomed:
         if config.storage_path:  # Ray storage in a bucket, outside the execution's directory
             remove_tree(join(config.storage_path, config.name, path.name))  # the folder's own name, never the file's
         remove_tree(path)
-    print(f"deleted {len(doomed)} execution(s), {total:.1f} MB. Their MLflow runs, logged models and registered "
-          f"versions are kept (delete them in the MLflow UI); the preprocessing cache in "
-          f"{config.preprocess.cache_dir} is shared by studies of the cohort and kept")
+    print(
+        f"deleted {len(doomed)} execution(s), {total:.1f} MB. Their MLflow runs, logged models and registered "
+        f"versions are kept (delete them in the MLflow UI); the preprocessing cache in "
+        f"{config.preprocess.cache_dir} is shared by studies of the cohort and kept"
+    )
     return 0
 
 
@@ -162,10 +195,18 @@ def validate(args: argparse.Namespace) -> int:
     else:
         # Paths on the command line are relative to the current directory; Ray workers run elsewhere.
         cohort_config = CohortConfig(
-            root=args.cohort.resolve(), participants=args.participants.resolve() if args.participants else None,
-            layout=args.layout, subject_column=args.subject_column, label=args.label, classes=tuple(args.classes),
-            family_column=args.family_column, path_column=args.path_column, space=args.space,
-            resolution=args.resolution, session=args.session, brain_mask=args.brain_mask,
+            root=args.cohort.resolve(),
+            participants=args.participants.resolve() if args.participants else None,
+            layout=args.layout,
+            subject_column=args.subject_column,
+            label=args.label,
+            classes=tuple(args.classes),
+            family_column=args.family_column,
+            path_column=args.path_column,
+            space=args.space,
+            resolution=args.resolution,
+            session=args.session,
+            brain_mask=args.brain_mask,
         )
     cohort = load_cohort(cohort_config)
     for warning in cohort.warnings:
@@ -184,8 +225,15 @@ def validate(args: argparse.Namespace) -> int:
 
 
 def synth(args: argparse.Namespace) -> int:
-    spec = SyntheticCohort(subjects=args.subjects, voxel_sizes=tuple(args.voxel_sizes), effect_size=args.effect_size,
-                           regions=args.regions, distractor=args.distractor, confound=args.confound, seed=args.seed)
+    spec = SyntheticCohort(
+        subjects=args.subjects,
+        voxel_sizes=tuple(args.voxel_sizes),
+        effect_size=args.effect_size,
+        regions=args.regions,
+        distractor=args.distractor,
+        confound=args.confound,
+        seed=args.seed,
+    )
     start_ray()
     table = synthesize_cohort(args.out, spec)
     print(f"wrote {spec.subjects} subjects (a BIDS dataset): {table}; ground truth in {ground_truth_dir(args.out)}")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-GIB = 2 ** 30
+GIB = 2**30
 CUDA_CONTEXT_BYTES = GIB  # the CUDA context, cuDNN workspaces and the caching allocator's slack, per process
 MASK_STATE_PER_VOXEL = 6  # Meaningful Perturbations: mask, its gradient, Adam's two moments, reference, blend
 
@@ -62,16 +62,29 @@ class MemoryEstimate:
     def describe(self) -> str:
         """One line for the console."""
         device = "GPU" if self.on_gpu else "memory"
-        shared = f" ({self.actors_per_device} per GPU: {self.attribution * self.actors_per_device / GIB:.1f} GiB)" \
-            if self.on_gpu and self.actors_per_device > 1 else ""
-        return (f"memory (estimated): a training worker {self.training / GIB:.1f} GiB of {device}, an attribution "
-                f"actor {self.attribution / GIB:.1f} GiB{shared}, the group analysis {self.analysis / GIB:.1f} GiB "
-                "of the driver's memory")
+        shared = (
+            f" ({self.actors_per_device} per GPU: {self.attribution * self.actors_per_device / GIB:.1f} GiB)"
+            if self.on_gpu and self.actors_per_device > 1
+            else ""
+        )
+        return (
+            f"memory (estimated): a training worker {self.training / GIB:.1f} GiB of {device}, an attribution "
+            f"actor {self.attribution / GIB:.1f} GiB{shared}, the group analysis {self.analysis / GIB:.1f} GiB "
+            "of the driver's memory"
+        )
 
 
-def estimate_memory(model: torch.nn.Module, input_shape: tuple[int, int, int], batch_size: int,
-                    attribution_batch: int | None, methods: int, subjects: int, brain_voxels: int, on_gpu: bool,
-                    gpus_per_actor: float = 1.0) -> MemoryEstimate:
+def estimate_memory(
+    model: torch.nn.Module,
+    input_shape: tuple[int, int, int],
+    batch_size: int,
+    attribution_batch: int | None,
+    methods: int,
+    subjects: int,
+    brain_voxels: int,
+    on_gpu: bool,
+    gpus_per_actor: float = 1.0,
+) -> MemoryEstimate:
     """What a study of ``model`` on ``input_shape`` needs.
 
     Parameters
@@ -99,8 +112,12 @@ def estimate_memory(model: torch.nn.Module, input_shape: tuple[int, int, int], b
     training = 4 * weights + saved_activation_bytes(model, input_shape, batch_size) + batch_size * voxels * 4 + context
     attribution = 0
     if attribution_batch:
-        attribution = (weights + saved_activation_bytes(model, input_shape, attribution_batch)
-                       + attribution_batch * voxels * 4 * (1 + MASK_STATE_PER_VOXEL) + context)
+        attribution = (
+            weights
+            + saved_activation_bytes(model, input_shape, attribution_batch)
+            + attribution_batch * voxels * 4 * (1 + MASK_STATE_PER_VOXEL)
+            + context
+        )
     analysis = subjects * brain_voxels * (4 * methods + 2 * 8) if attribution_batch else subjects * brain_voxels * 16
     return MemoryEstimate(training, attribution, max(1, int(round(1 / gpus_per_actor))), analysis, on_gpu)
 
@@ -110,17 +127,23 @@ def memory_problems(estimate: MemoryEstimate, host_bytes: int, device_bytes: int
     (None when no GPU answered: the GPUs are then not checked)."""
     problems = []
     if estimate.analysis > 0.9 * host_bytes:
-        problems.append(f"the group analysis needs {estimate.analysis / GIB:.1f} GiB, more than 90% of this "
-                        f"machine's {host_bytes / GIB:.1f} GiB: use a coarser grid (preprocess.voxel_size) or "
-                        "fewer attribution.methods, or run the driver on a larger node")
+        problems.append(
+            f"the group analysis needs {estimate.analysis / GIB:.1f} GiB, more than 90% of this "
+            f"machine's {host_bytes / GIB:.1f} GiB: use a coarser grid (preprocess.voxel_size) or "
+            "fewer attribution.methods, or run the driver on a larger node"
+        )
     if device_bytes is not None and estimate.on_gpu:
         if estimate.training > 0.9 * device_bytes:
-            problems.append(f"a training worker needs {estimate.training / GIB:.1f} GiB of its GPU's "
-                            f"{device_bytes / GIB:.1f} GiB: lower train.batch_size or model.width, or use a coarser "
-                            "preprocess.voxel_size")
+            problems.append(
+                f"a training worker needs {estimate.training / GIB:.1f} GiB of its GPU's "
+                f"{device_bytes / GIB:.1f} GiB: lower train.batch_size or model.width, or use a coarser "
+                "preprocess.voxel_size"
+            )
         if estimate.attribution * estimate.actors_per_device > 0.9 * device_bytes:
-            problems.append(f"{estimate.actors_per_device} attribution actors per GPU need "
-                            f"{estimate.attribution * estimate.actors_per_device / GIB:.1f} GiB of its "
-                            f"{device_bytes / GIB:.1f} GiB: lower attribution.batch_size, or raise "
-                            "attribution.gpus_per_actor")
+            problems.append(
+                f"{estimate.actors_per_device} attribution actors per GPU need "
+                f"{estimate.attribution * estimate.actors_per_device / GIB:.1f} GiB of its "
+                f"{device_bytes / GIB:.1f} GiB: lower attribution.batch_size, or raise "
+                "attribution.gpus_per_actor"
+            )
     return problems

@@ -35,16 +35,31 @@ def study_dir(config: StudyConfig) -> Path:
     return config.output_dir.resolve() / config.name
 
 
-def open_study(config: StudyConfig, prepared: PreparedCohort, restart: bool = False, audit: bool = False,
-               times: StageTimes | None = None) -> Study:
+def open_study(
+    config: StudyConfig,
+    prepared: PreparedCohort,
+    restart: bool = False,
+    audit: bool = False,
+    times: StageTimes | None = None,
+) -> Study:
     """The :class:`Study` of this execution: an unfinished execution resumed, else a new one; its splits."""
     state, directory, resumed = resume_or_start(config, study_dir(config), restart)
     folds = make_or_load_splits(config.cv, prepared.cohort, directory / "splits.json")
     # Each execution has its own Ray storage: a resume finds its checkpoints, a fresh start meets none of old.
-    storage = join(config.storage_path, config.name, directory.name) if config.storage_path \
-        else str(directory / "ray")
-    return Study(config, prepared.cohort, prepared.cache, prepared.excluded, folds, state, resumed, directory,
-                 storage, audit, times or StageTimes())
+    storage = join(config.storage_path, config.name, directory.name) if config.storage_path else str(directory / "ray")
+    return Study(
+        config,
+        prepared.cohort,
+        prepared.cache,
+        prepared.excluded,
+        folds,
+        state,
+        resumed,
+        directory,
+        storage,
+        audit,
+        times or StageTimes(),
+    )
 
 
 def _check_resources(config: StudyConfig) -> None:
@@ -52,27 +67,42 @@ def _check_resources(config: StudyConfig) -> None:
     resources = config.resources
     if resources.wait_for_nodes:
         return
-    problems = [unsatisfiable(resources.worker_bundle, "a training worker (resources.cpus_per_worker, "
-                                                       "gpus_per_worker, use_gpu)")]
+    problems = [
+        unsatisfiable(
+            resources.worker_bundle, "a training worker (resources.cpus_per_worker, gpus_per_worker, use_gpu)"
+        )
+    ]
     if config.attribution is not None and resources.use_gpu:
-        problems.append(unsatisfiable({"CPU": 1, "GPU": config.attribution.gpus_per_actor},
-                                      "an attribution actor (attribution.gpus_per_actor)"))
+        problems.append(
+            unsatisfiable(
+                {"CPU": 1, "GPU": config.attribution.gpus_per_actor},
+                "an attribution actor (attribution.gpus_per_actor)",
+            )
+        )
     problems = [p for p in problems if p]
     if problems:
-        raise StudyError("; ".join(problems) + ". Lower the request, set resources.use_gpu=false, or run where "
-                                               "such a node exists (on an autoscaling cluster that adds it: "
-                                               "resources.wait_for_nodes=true).")
+        raise StudyError(
+            "; ".join(problems) + ". Lower the request, set resources.use_gpu=false, or run where "
+            "such a node exists (on an autoscaling cluster that adds it: "
+            "resources.wait_for_nodes=true)."
+        )
 
 
 def _memory_needs(study: Study) -> MemoryEstimate:
     """What the study will hold in memory; refused at once when this machine cannot (see :mod:`study.memory`)."""
     config = study.config
     attribution, grid = config.attribution, study.cache.grid
-    needs = estimate_memory(build_model(config.model, grid.shape), grid.shape, config.train.batch_size,
-                            attribution.batch_size if attribution else None,
-                            len(attribution.methods) + 1 if attribution else 1, len(study.cohort.subjects),
-                            int(study.brain.sum()), config.resources.use_gpu,
-                            attribution.gpus_per_actor if attribution else 1.0)
+    needs = estimate_memory(
+        build_model(config.model, grid.shape),
+        grid.shape,
+        config.train.batch_size,
+        attribution.batch_size if attribution else None,
+        len(attribution.methods) + 1 if attribution else 1,
+        len(study.cohort.subjects),
+        int(study.brain.sum()),
+        config.resources.use_gpu,
+        attribution.gpus_per_actor if attribution else 1.0,
+    )
     gpu = gpu_memory() if config.resources.use_gpu else None
     problems = memory_problems(needs, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), gpu)
     if problems:
@@ -88,8 +118,10 @@ def _check_writable(key: str, folder: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise StudyError(f"cannot write {key} ({folder}): {err.strerror or err}. Fix the permissions, free the "
-                         f"path, or choose another folder (e.g. --set {key}=...).") from None
+        raise StudyError(
+            f"cannot write {key} ({folder}): {err.strerror or err}. Fix the permissions, free the "
+            f"path, or choose another folder (e.g. --set {key}=...)."
+        ) from None
 
 
 @interrupts_kept()  # a Ctrl-C that lands in a garbage collector's callback stops the study all the same
@@ -159,6 +191,11 @@ def evaluate_folds(study: Study, results: list[FoldResult], baselines: list[Base
     linear = pd.concat([b.predictions for b in baselines], ignore_index=True).set_index("subject_id")
     volumes = study.cache.brain_volumes_ml()
     p = study.cohort.classes.p
-    return evaluate(study.labels(cnn.subject_id.tolist()), cnn[p].to_numpy(), cnn.fold.to_numpy(),
-                    linear.loc[cnn.subject_id, p].to_numpy() if len(linear) else None,
-                    np.array([volumes[s] for s in cnn.subject_id]), seed=study.config.cv.seed)
+    return evaluate(
+        study.labels(cnn.subject_id.tolist()),
+        cnn[p].to_numpy(),
+        cnn.fold.to_numpy(),
+        linear.loc[cnn.subject_id, p].to_numpy() if len(linear) else None,
+        np.array([volumes[s] for s in cnn.subject_id]),
+        seed=study.config.cv.seed,
+    )

@@ -78,14 +78,22 @@ class Ensemble:
             np.save(directory / MEAN_FILE, self.cohort_mean.astype(np.float32))
         for fold, model in self.models.items():
             torch.save(model_record(model), directory / f"fold{fold}.pt")
-        spec = {"folds": sorted(self.models), "shape": list(self.grid.shape), "affine": self.grid.affine.tolist(),
-                "normalize": self.normalize, "methods": list(self.methods), "target": self.target,
-                "perturbation": self.perturbation, "label": self.classes.column, "classes": list(self.classes.names)}
+        spec = {
+            "folds": sorted(self.models),
+            "shape": list(self.grid.shape),
+            "affine": self.grid.affine.tolist(),
+            "normalize": self.normalize,
+            "methods": list(self.methods),
+            "target": self.target,
+            "perturbation": self.perturbation,
+            "label": self.classes.column,
+            "classes": list(self.classes.names),
+        }
         (directory / SPEC_FILE).write_text(json.dumps(spec, indent=1))
         return directory
 
     @classmethod
-    def load(cls, directory: Path, trust_code: bool = False) -> "Ensemble":
+    def load(cls, directory: Path, trust_code: bool = False) -> Ensemble:
         """The ensemble saved by :meth:`save` (CPU, eval mode): weights and JSON, no pickle.
 
         A fold whose network is a researcher's own class (``model.class``) is
@@ -99,14 +107,22 @@ class Ensemble:
             if "class" in record["arch"] and not trust_code:
                 raise UntrustedCodeError(
                     f"fold {fold}'s network is {record['arch']['class']}, a class of the study author's code: "
-                    "loading it imports that module, which runs its code. Pass --trust-code if you trust them")
+                    "loading it imports that module, which runs its code. Pass --trust-code if you trust them"
+                )
             models[fold] = model_from_record(record)
         classes = Classes(spec.get("label", "sex"), tuple(spec.get("classes", SEX_CLASSES)))  # sex before labels
         spec["perturbation"].setdefault("reference", "blur")  # saved before MP had a choice of reference
         mean = Path(directory) / MEAN_FILE
-        return cls(models, Grid(tuple(spec["shape"]), np.array(spec["affine"])), spec["normalize"],
-                   tuple(spec["methods"]), spec["target"], spec["perturbation"], classes,
-                   np.load(mean) if mean.exists() else None)
+        return cls(
+            models,
+            Grid(tuple(spec["shape"]), np.array(spec["affine"])),
+            spec["normalize"],
+            tuple(spec["methods"]),
+            spec["target"],
+            spec["perturbation"],
+            classes,
+            np.load(mean) if mean.exists() else None,
+        )
 
     def preprocess(self, image: Path, mask: Path | str | None = None) -> np.ndarray:
         """One image on the study grid, masked (a mask file, "mni152" or None), checked and normalized as the
@@ -127,8 +143,13 @@ class Ensemble:
 
     def signature(self) -> ModelSignature:
         """The pyfunc's input and output columns."""
-        inputs = Schema([ColSpec("string", "image"), ColSpec("string", "subject_id", required=False),
-                         ColSpec("string", "brain_mask", required=False)])
+        inputs = Schema(
+            [
+                ColSpec("string", "image"),
+                ColSpec("string", "subject_id", required=False),
+                ColSpec("string", "brain_mask", required=False),
+            ]
+        )
         kinds = {c: "double" if c.startswith(self.classes.p) else "string" for c in self.columns}
         return ModelSignature(inputs, Schema([ColSpec(kind, column) for column, kind in kinds.items()]))
 
@@ -141,17 +162,21 @@ class Ensemble:
         ``p_<class 1>_fold<k>`` for each fold, and ``problem``: empty, or why the
         image was not predicted (then the probabilities are NaN).
         """
-        ids = images["subject_id"].astype(str).tolist() if "subject_id" in images else \
-            [subject_id_of(Path(p)) for p in images["image"]]
+        ids = (
+            images["subject_id"].astype(str).tolist()
+            if "subject_id" in images
+            else [subject_id_of(Path(p)) for p in images["image"]]
+        )
         columns = self.columns
         p, predicted, folds = columns[2], columns[3], columns[4:-1]
         paths = [str(p) for p in images["image"]]
         masks = images["brain_mask"].fillna("").astype(str).tolist() if "brain_mask" in images else [""] * len(paths)
         rows = [{"subject_id": sid, "image": path, "problem": ""} for sid, path in zip(ids, paths)]
-        for start in tqdm(range(0, len(rows), batch_size), desc="predicting", unit="batch",
-                          disable=len(rows) <= batch_size):
+        for start in tqdm(
+            range(0, len(rows), batch_size), desc="predicting", unit="batch", disable=len(rows) <= batch_size
+        ):
             ready, volumes = [], []
-            for row, mask in zip(rows[start:start + batch_size], masks[start:start + batch_size]):
+            for row, mask in zip(rows[start : start + batch_size], masks[start : start + batch_size]):
                 try:
                     volumes.append(self.preprocess(Path(row["image"]), mask))
                     ready.append(row)
@@ -159,8 +184,11 @@ class Ensemble:
                     row["problem"] = str(err)
             if volumes:
                 for row, p_folds in zip(ready, self.probabilities(np.stack(volumes))):
-                    row |= {p: float(p_folds.mean()), predicted: self.classes.names[int(p_folds.mean() >= 0.5)],
-                            **dict(zip(folds, map(float, p_folds)))}
+                    row |= {
+                        p: float(p_folds.mean()),
+                        predicted: self.classes.names[int(p_folds.mean() >= 0.5)],
+                        **dict(zip(folds, map(float, p_folds))),
+                    }
         return pd.DataFrame(rows, columns=columns)
 
     def explain(self, volume: np.ndarray) -> dict[str, np.ndarray]:
@@ -178,8 +206,7 @@ class Ensemble:
         x = torch.from_numpy(np.asarray(volume, dtype=np.float32)[None, None])
         sums = {m: np.zeros(self.grid.shape, np.float32) for m in self.methods}
         for model in self.models.values():
-            maps = explain_batch(model, x, torch.zeros(1, dtype=torch.long), explanation, self.grid.voxel_mm,
-                                 precision)
+            maps = explain_batch(model, x, torch.zeros(1, dtype=torch.long), explanation, self.grid.voxel_mm, precision)
             for method, values in maps.items():
                 sums[method] += normalize(values.astype(np.float32).reshape(1, -1))[0].reshape(self.grid.shape)
         return {m: s / len(self.models) for m, s in sums.items()}
@@ -199,7 +226,8 @@ def maps_name(image: Path, subject_id: str) -> str:
     """The stem of an image's map files: ``sub-<id>``, with ``_ses-<label>`` when the file name or its folder has
     one, so that two sessions of one subject do not write the same maps."""
     session = re.search(r"(?:^|_)ses-([A-Za-z0-9]+)", image.name) or next(
-        (m for m in (re.fullmatch(r"ses-([A-Za-z0-9]+)", p) for p in reversed(image.parent.parts)) if m), None)
+        (m for m in (re.fullmatch(r"ses-([A-Za-z0-9]+)", p) for p in reversed(image.parent.parts)) if m), None
+    )
     return f"sub-{subject_id}" + (f"_ses-{session.group(1)}" if session else "")
 
 
@@ -221,8 +249,10 @@ def find_images(sources: list[Path]) -> tuple[pd.DataFrame, list[Problem]]:
             problems.append(Problem("-", str(source), "no such file or folder"))
         elif source.suffix in {".tsv", ".csv"} and source.is_file():
             cohort = load_cohort(CohortConfig(root=source.parent, participants=source), labelled=False)
-            rows += [{"subject_id": s.subject_id, "image": str(s.image), "brain_mask": str(s.brain_mask or "")}
-                     for s in cohort.subjects]
+            rows += [
+                {"subject_id": s.subject_id, "image": str(s.image), "brain_mask": str(s.brain_mask or "")}
+                for s in cohort.subjects
+            ]
             problems += cohort.problems
         elif source.is_dir():
             found = sorted(p for p in source.rglob("*.nii*") if NIFTI.search(p.name) and "ground_truth" not in p.parts)
@@ -270,7 +300,7 @@ def download_ensemble(model_uri: str, tracking_uri: str, directory: Path, trust_
     return Ensemble.load(local / "artifacts" / "ensemble", trust_code)
 
 
-def resolve_model(name: str, client: "mlflow.MlflowClient") -> str:
+def resolve_model(name: str, client: mlflow.MlflowClient) -> str:
     """A model URI for ``name``: a ``models:/`` or ``runs:/`` URI as given, a registered study name (its newest
     version), or a study's MLflow run id (the ensemble it logged)."""
     if name.startswith(("models:/", "runs:/")):
@@ -292,7 +322,8 @@ def resolve_model(name: str, client: "mlflow.MlflowClient") -> str:
     raise ModelNotFoundError(
         f"no study model {name!r} in {client.tracking_uri}: give models:/NAME/VERSION, a study name "
         f"({', '.join(known) or 'none registered yet: run a study first'}) or a study's run id; set --tracking-uri "
-        "(or MLFLOW_TRACKING_URI) if the study logged elsewhere")
+        "(or MLFLOW_TRACKING_URI) if the study logged elsewhere"
+    )
 
 
 class StudyEnsemble(mlflow.pyfunc.PythonModel):
@@ -309,4 +340,3 @@ class StudyEnsemble(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         return self.ensemble.predict(model_input)
-

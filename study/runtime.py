@@ -223,7 +223,7 @@ class Precision:
     channels_last: bool
 
     @classmethod
-    def choose(cls, device: torch.device, precision: str = "auto", channels_last: bool | None = None) -> "Precision":
+    def choose(cls, device: torch.device, precision: str = "auto", channels_last: bool | None = None) -> Precision:
         """``precision`` is ``auto`` (bf16 on GPU), ``bf16`` or ``fp32``; ``channels_last`` None follows the device."""
         gpu = device.type == "cuda"
         bf16 = precision == "bf16" or (precision == "auto" and gpu)
@@ -247,9 +247,15 @@ class Precision:
         cudnn, matmul = torch.backends.cudnn, torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision("highest")
         try:
-            with torch.autocast(self.device.type, enabled=False), cudnn.flags(
-                    enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
-                    allow_tf32=False):
+            with (
+                torch.autocast(self.device.type, enabled=False),
+                cudnn.flags(
+                    enabled=cudnn.enabled,
+                    benchmark=cudnn.benchmark,
+                    deterministic=cudnn.deterministic,
+                    allow_tf32=False,
+                ),
+            ):
                 yield
         finally:
             torch.set_float32_matmul_precision(matmul)

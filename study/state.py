@@ -63,7 +63,7 @@ class StudyState:
         return directory / "state.json"
 
     @classmethod
-    def load(cls, directory: Path) -> "StudyState":
+    def load(cls, directory: Path) -> StudyState:
         """The state in ``directory``; an unreadable file, or one that names another execution, is a
         :class:`StudyError` naming it (a state decides what a rerun continues and what ``study clean`` deletes)."""
         path = cls.path(directory)
@@ -73,11 +73,15 @@ class StudyState:
                 data[runs] = {int(k): v for k, v in data.get(runs, {}).items()}
             state = cls(**data)
         except (OSError, ValueError, TypeError, AttributeError) as err:
-            raise StudyError(f"{path}: unreadable execution state ({type(err).__name__}: {err}); move that "
-                             f"execution's folder {directory} aside (its results stay there) and run again") from None
+            raise StudyError(
+                f"{path}: unreadable execution state ({type(err).__name__}: {err}); move that "
+                f"execution's folder {directory} aside (its results stay there) and run again"
+            ) from None
         if state.execution != directory.name:
-            raise StudyError(f"{path} names execution {state.execution!r}, not its folder {directory.name!r}: not "
-                             "this folder's state; restore it or move the folder aside")
+            raise StudyError(
+                f"{path} names execution {state.execution!r}, not its folder {directory.name!r}: not "
+                "this folder's state; restore it or move the folder aside"
+            )
         return state
 
     def save(self, directory: Path) -> None:
@@ -91,15 +95,19 @@ def new_execution_id() -> str:
     """A new execution's name: when it started, in UTC, to the millisecond (sorts by time anywhere, also two
     started in one second), and a random character."""
     now = time.time_ns()
-    return time.strftime("%Y%m%d-%H%M%S", time.gmtime(now / 1e9)) + f"-{now // 1_000_000 % 1000:03d}" + \
-        uuid.uuid4().hex[0]
+    return (
+        time.strftime("%Y%m%d-%H%M%S", time.gmtime(now / 1e9)) + f"-{now // 1_000_000 % 1000:03d}" + uuid.uuid4().hex[0]
+    )
 
 
 def _holder() -> str:
     """Who runs an execution, for the message a second driver gets: process, host, Ray job, since when."""
     job = submitted_job_id()
-    return (f"pid {os.getpid()} on {socket.gethostname()}" + (f", Ray job {job}" if job else "")
-            + f", since {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
+    return (
+        f"pid {os.getpid()} on {socket.gethostname()}"
+        + (f", Ray job {job}" if job else "")
+        + f", since {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}"
+    )
 
 
 def running(directory: Path) -> str | None:
@@ -115,15 +123,23 @@ def list_executions(study_directory: Path) -> list[tuple[Path, StudyState]]:
 
 
 def resume_or_start(config: StudyConfig, study_directory: Path, restart: bool) -> tuple[StudyState, Path, bool]:
-    """The newest unfinished execution of this very config, else a fresh one: its state, directory, and whether it resumes.
+    """The newest unfinished execution of this very config, else a fresh one: its state, directory, and
+    whether it resumes.
 
     Each execution has a directory of its own under ``study_directory``, so a
     fresh start (``--restart``, changed ``--set`` values, or a rerun of a
     finished study) never touches an earlier execution's results;
     ``study clean`` removes old executions when asked.
     """
-    resumable = [] if restart else [(d, s) for d, s in list_executions(study_directory)
-                                    if s.config_hash == config_hash(config) and not s.finished]
+    resumable = (
+        []
+        if restart
+        else [
+            (d, s)
+            for d, s in list_executions(study_directory)
+            if s.config_hash == config_hash(config) and not s.finished
+        ]
+    )
     if resumable:
         directory, state = resumable[-1]
     else:
@@ -132,10 +148,12 @@ def resume_or_start(config: StudyConfig, study_directory: Path, restart: bool) -
         directory.mkdir(parents=True)
     holder = hold_exclusive(directory / LOCK_FILE, _holder())
     if holder is not None:
-        raise StudyError(f"execution {directory.name} of study {config.name} is being run by another driver "
-                         f"({holder}): two drivers would write the same folds, state and MLflow runs. Wait for it "
-                         "to end, or stop it (a submitted job: ray job stop ID) and run again; --restart starts "
-                         "a new execution beside it")
+        raise StudyError(
+            f"execution {directory.name} of study {config.name} is being run by another driver "
+            f"({holder}): two drivers would write the same folds, state and MLflow runs. Wait for it "
+            "to end, or stop it (a submitted job: ray job stop ID) and run again; --restart starts "
+            "a new execution beside it"
+        )
     if not resumable:
         state.save(directory)
     link = study_directory / LATEST

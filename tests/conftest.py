@@ -45,8 +45,9 @@ def free_port() -> int:
 def ray_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run this environment's ``ray`` command line; the result keeps its output."""
     ray_bin = str(Path(sys.executable).parent / "ray")
-    return subprocess.run([ray_bin, *args], env=env or os.environ.copy(), capture_output=True, text=True,
-                           timeout=timeout)
+    return subprocess.run(
+        [ray_bin, *args], env=env or os.environ.copy(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -67,11 +68,34 @@ def ray_head() -> Iterator[RayHead]:
     temp_dir = tempfile.mkdtemp(prefix="ray-tests-", dir="/tmp")  # short: Ray's socket paths have a length limit
     # Every port its own, so that a Ray a researcher runs on this machine keeps its defaults (a second
     # dashboard agent on the default port fails to start, and jobs then have no agent to run them).
-    agent_ports = ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-                   "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port())]
-    started = ray_cli("start", "--head", "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
-                      "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
-                      *agent_ports, "--temp-dir", temp_dir, "--disable-usage-stats")
+    agent_ports = [
+        "--dashboard-agent-listen-port",
+        str(free_port()),
+        "--dashboard-agent-grpc-port",
+        str(free_port()),
+        "--metrics-export-port",
+        str(free_port()),
+        "--runtime-env-agent-port",
+        str(free_port()),
+    ]
+    started = ray_cli(
+        "start",
+        "--head",
+        "--num-cpus",
+        "2",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dashboard_port),
+        *agent_ports,
+        "--temp-dir",
+        temp_dir,
+        "--disable-usage-stats",
+    )
     assert started.returncode == 0, started.stdout + started.stderr
     head = RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}")
     os.environ["RAY_ADDRESS"] = head.address

@@ -12,13 +12,25 @@ class TinyNet(nn.Module):
     of a training that collapsed to the class prior.
     """
 
-    def __init__(self, input_shape: tuple[int, int, int], channels: int = 4, activation: str = "relu",
-                 gradcam: bool = True, outputs: int = 2, blind: bool = False):
+    def __init__(
+        self,
+        input_shape: tuple[int, int, int],
+        channels: int = 4,
+        activation: str = "relu",
+        gradcam: bool = True,
+        outputs: int = 2,
+        blind: bool = False,
+    ):
         super().__init__()
         self.blind = blind
         act = {"relu": nn.ReLU, "elu": nn.ELU}[activation]
-        self.features = nn.Sequential(nn.Conv3d(1, channels, 3, padding=1), act(), nn.MaxPool3d(2),
-                                      nn.Conv3d(channels, 2 * channels, 3, padding=1), act())
+        self.features = nn.Sequential(
+            nn.Conv3d(1, channels, 3, padding=1),
+            act(),
+            nn.MaxPool3d(2),
+            nn.Conv3d(channels, 2 * channels, 3, padding=1),
+            act(),
+        )
         if gradcam:
             self.gradcam_layer = self.features[-1]
         self.head = nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(2 * channels, outputs))

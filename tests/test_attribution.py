@@ -140,8 +140,10 @@ def test_maps_of_the_contrast_show_the_evidence_for_either_class():
     assert logits[0].argmax() == 1 and logits[1].argmax() == 0
     region = box(REGION).flatten().numpy()
     config = Perturbation(iterations=150, mask_scale=2, reference="blur", blur_sigma_mm=6.0)
-    for name, maps in {"gradcam": gradcam(model, x, None),
-                       "perturbation": meaningful_perturbation(model, x, None, config, voxel_mm=2.0)}.items():
+    for name, maps in {
+        "gradcam": gradcam(model, x, None),
+        "perturbation": meaningful_perturbation(model, x, None, config, voxel_mm=2.0),
+    }.items():
         for subject, m in zip(("class 1", "class 0"), maps):
             assert m[REGION].mean() > 0.5 * m.max() > 0, (name, subject)
             assert roc_auc_score(region, m.flatten().numpy()) > 0.9, (name, subject)
@@ -216,10 +218,13 @@ def brightness_detector(architecture, shape):
     return model
 
 
-@pytest.mark.parametrize(("architecture", "shape", "feature"), [
-    ({}, (46, 55, 46), (7, 9, 2)),  # MriNet: no padding, floor pooling; feature j sits at input 4j + 8.5
-    ({"blocks": 2, "padding": 1, "kernel_size": 3}, (45, 53, 47), (19, 3, 11)),  # a searched one with padding
-])
+@pytest.mark.parametrize(
+    ("architecture", "shape", "feature"),
+    [
+        ({}, (46, 55, 46), (7, 9, 2)),  # MriNet: no padding, floor pooling; feature j sits at input 4j + 8.5
+        ({"blocks": 2, "padding": 1, "kernel_size": 3}, (45, 53, 47), (19, 3, 11)),  # a searched one with padding
+    ],
+)
 def test_gradcam_peaks_where_the_network_looks(architecture, shape, feature):
     from study.attribution.gradcam import feature_geometry
     from study.training.models import Architecture
@@ -291,15 +296,20 @@ def test_sanity_checks_flag_maps_that_do_not_follow_the_model():
     x = F.avg_pool3d(torch.randn(4, 1, *shape), 5, stride=1, padding=2)
 
     def maps(m):
-        return {"input": x.abs()[:, 0].numpy(), "gradcam": gradcam(m, x, None).numpy(),
-                "guided_backprop": guided_backprop(m, x, None).numpy()}
+        return {
+            "input": x.abs()[:, 0].numpy(),
+            "gradcam": gradcam(m, x, None).numpy(),
+            "guided_backprop": guided_backprop(m, x, None).numpy(),
+        }
 
     original, rows = maps(model), []
     for step, (_, modules) in enumerate(cascade_steps(model), start=1):
         for module in modules:
             module.reset_parameters()
-        rows += [{"step": step, "method": method, "spearman": rho, "ssim": ssim}
-                 for method, (rho, ssim) in compare(original, maps(model), np.ones(shape, bool)).items()]
+        rows += [
+            {"step": step, "method": method, "spearman": rho, "ssim": ssim}
+            for method, (rho, ssim) in compare(original, maps(model), np.ones(shape, bool)).items()
+        ]
     assert flagged_methods(pd.DataFrame(rows), pd.DataFrame()) == ["guided_backprop", "input"]
 
 
@@ -330,15 +340,21 @@ def test_deleting_what_a_map_marks_undoes_the_decision_and_random_blobs_do_not()
     x[(slice(0, 4), 0, *REGION)] = 1.0  # four subjects of class 1 (bright region)
     x[(slice(4, 8), 0, *REGION)] = 0.0  # four of class 0 (dark region)
     brain, share_of_region = np.ones(SHAPE, bool), float(box(REGION).float().mean())
-    marks = {"right": np.tile(box(REGION).numpy().ravel(), (8, 1)), "wrong": np.tile(box(DISTRACTOR, margin=1).numpy().ravel(), (8, 1))}
+    marks = {
+        "right": np.tile(box(REGION).numpy().ravel(), (8, 1)),
+        "wrong": np.tile(box(DISTRACTOR, margin=1).numpy().ravel(), (8, 1)),
+    }
     deleted = {m: top_voxels(v, brain, share_of_region) for m, v in marks.items()}
     deleted[RANDOM] = random_blobs(8, brain, sigma_voxels=1.5, share=share_of_region)
     assert np.array_equal(np.sort(deleted["right"][0]), np.flatnonzero(box(REGION).numpy()))
 
     def table(model):
         decided, changes = deletion_changes(model.eval(), x, deleted, torch.full(SHAPE, 0.5))
-        rows = [{"subject_id": f"sub-{i}", "method": m, "p_decision": decided[i], "p_change": c[i]}
-                for m, c in changes.items() for i in range(8)]
+        rows = [
+            {"subject_id": f"sub-{i}", "method": m, "p_decision": decided[i], "p_change": c[i]}
+            for m, c in changes.items()
+            for i in range(8)
+        ]
         return decided, changes, deletion_summary(pd.DataFrame(rows)).set_index("method")
 
     decided, changes, summary = table(TwoWayNet())

@@ -51,9 +51,17 @@ def test_cache_is_reused_and_invalidated_per_subject(cohort_dir, preprocess_conf
     nib.save(nib.Nifti1Image((data * (1 + (data > np.median(data[data > 0])))).astype(np.int16), img.affine), image)
     os.utime(image, ns=(1, 1))  # make sure the mtime differs
     # A study still running on the first cache (another process) keeps it; the next new build removes it.
-    holder = subprocess.Popen([sys.executable, "-c", "import sys; from study.storage import hold_shared; "
-                               f"hold_shared({str(first.path)!r}); print('held', flush=True); sys.stdin.read()"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from study.storage import hold_shared; "
+            f"hold_shared({str(first.path)!r}); print('held', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     changed = cache_for(load_cohort(CohortConfig(root=cohort_dir)), preprocess_config)
     assert changed.computed == [cohort.subjects[2].subject_id]
@@ -111,7 +119,7 @@ def test_dataset_reads_whole_batches(cohort_dir, preprocess_config):
 def test_a_node_without_the_cache_says_which_node_and_why(tmp_path):
     cache = VolumeCache(tmp_path / "elsewhere" / "volumes.f16", ["sub-01"], (4, 4, 4), np.eye(4))
     with pytest.raises(FileNotFoundError, match=rf"not on node {socket.gethostname()}: .*shared file system"):
-        cache.volumes
+        _ = cache.volumes
 
 
 def test_a_full_disk_leaves_no_half_written_cache_or_map(tmp_path):
@@ -136,7 +144,9 @@ for write in (lambda: MapStore(out / "maps", [f"{i:04d}" for i in range(12)], (2
 """
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
     # The map store's memmap fails with EFBIG; numpy's save, a short write without errno, names its file.
-    assert result.stdout.split("\n")[:2] == [f"failed {errno.EFBIG}", "failed None"], result.stdout + result.stderr[-2000:]
+    assert result.stdout.split("\n")[:2] == [f"failed {errno.EFBIG}", "failed None"], (
+        result.stdout + result.stderr[-2000:]
+    )
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["maps"]  # nothing half-written
     # With room again, the same store starts whole: every subject still to explain.
     store = MapStore(tmp_path / "maps", [f"{i:04d}" for i in range(12)], (20, 20, 20), ["gradcam"])
@@ -149,7 +159,7 @@ def test_a_full_disk_during_a_study_is_one_line_that_says_what_to_do(tmp_path):
     from study.commands import write_failure
 
     def write(tmp: Path) -> None:  # half a file written, then a real ENOSPC
-        tmp.write_text("{\"fold\": 0, ")
+        tmp.write_text('{"fold": 0, ')
         with open("/dev/full", "w") as f:
             f.write("x")
 
@@ -169,7 +179,8 @@ def test_two_studies_building_one_cache_together_compute_each_subject_once(cohor
         "import json, sys; from pathlib import Path; from study.data.cache import build_cache; "
         "from study.data.cohort import CohortConfig, load_cohort; from study.config import PreprocessConfig; "
         "from study.runtime import start_ray; start_ray(); "
-        f"p = PreprocessConfig(voxel_size={preprocess_config.voxel_size}, cache_dir={str(preprocess_config.cache_dir)!r}); "
+        f"p = PreprocessConfig(voxel_size={preprocess_config.voxel_size}, "
+        f"cache_dir={str(preprocess_config.cache_dir)!r}); "
         f"b = build_cache(load_cohort(CohortConfig(root=Path({str(cohort_dir)!r}))), p.grid, p.cache_dir); "
         "print(json.dumps({'computed': len(b.computed), 'subjects': len(b.cache.subject_ids)}))"
     )
@@ -177,8 +188,10 @@ def test_two_studies_building_one_cache_together_compute_each_subject_once(cohor
     directory.mkdir(parents=True)
     with open(directory / ".build.lock", "w") as held:  # both start while a build holds the folder
         fcntl.flock(held, fcntl.LOCK_EX)
-        runs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True) for _ in range(2)]
+        runs = [
+            subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)
+        ]
         for run in runs:
             line = run.stdout.readline()
             assert "is being written by another study; waiting for it" in line, (line, run.stderr.read()[-2000:])
@@ -207,5 +220,6 @@ def test_a_corrected_table_gives_each_subject_its_own_image_again(tmp_path, coho
     assert corrected.computed == []  # every image was preprocessed before: rows are reused by image
     cache = corrected.cache
     for sid, image in (("A", images[1]), ("B", images[0])):
-        np.testing.assert_array_equal(cache.volumes[cache.rows([sid])[0]],
-                                      preprocess_volume(image, preprocess_config.grid))
+        np.testing.assert_array_equal(
+            cache.volumes[cache.rows([sid])[0]], preprocess_volume(image, preprocess_config.grid)
+        )

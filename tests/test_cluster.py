@@ -27,8 +27,18 @@ from tests.test_study import study_config
 def submit(ray_head, job_dir: Path, *entrypoint: str, env: dict[str, str] | None = None):
     """``ray job submit --working-dir job_dir -- entrypoint`` from outside the cluster; waits for the end."""
     env = {k: v for k, v in (env or os.environ).items() if k != "RAY_ADDRESS"}
-    return ray_cli("job", "submit", "--address", ray_head.dashboard, "--working-dir", str(job_dir), "--",
-                   *entrypoint, env=env, timeout=900)
+    return ray_cli(
+        "job",
+        "submit",
+        "--address",
+        ray_head.dashboard,
+        "--working-dir",
+        str(job_dir),
+        "--",
+        *entrypoint,
+        env=env,
+        timeout=900,
+    )
 
 
 def test_job_api_refuses_requests_without_the_token(ray_head, tmp_path):
@@ -103,12 +113,18 @@ def test_cluster_yaml_passes_ray_autoscaler_validation():
 def test_the_instance_profiles_allow_the_study_bucket_and_this_cluster_only():
     root = Path(__file__).parents[1] / "iam"
     worker, head = (json.loads((root / f"{name}-policy.json").read_text())["Statement"] for name in ("worker", "head"))
-    assert {a for s in worker for a in s["Action"]} == {"s3:GetObject", "s3:PutObject", "s3:DeleteObject",
-                                                         "s3:ListBucket"}
+    assert {a for s in worker for a in s["Action"]} == {
+        "s3:GetObject",
+        "s3:PutObject",
+        "s3:DeleteObject",
+        "s3:ListBucket",
+    }
     assert all(s["Resource"].startswith("arn:aws:s3:::STUDY_BUCKET") for s in worker)
     assert not any("*" in a for s in head for a in s["Action"])  # no wildcard action
     stops = next(s for s in head if "ec2:TerminateInstances" in s["Action"])
-    assert stops["Condition"] == {"StringEquals": {"ec2:ResourceTag/ray-cluster-name": cluster_config()["cluster_name"]}}
+    assert stops["Condition"] == {
+        "StringEquals": {"ec2:ResourceTag/ray-cluster-name": cluster_config()["cluster_name"]}
+    }
     passes = next(s for s in head if "iam:PassRole" in s["Action"])
     assert all(r.endswith("/study-worker") for r in passes["Resource"])
 

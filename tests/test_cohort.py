@@ -89,7 +89,7 @@ def test_every_problem_is_reported_at_once(cohort_dir, capsys):
     }
     assert set(by_subject) == set(expect)
     for subject, (file, message) in expect.items():
-        (got_file, got_message), = by_subject[subject]
+        ((got_file, got_message),) = by_subject[subject]
         assert got_file.endswith(file) and message in got_message, (subject, got_file, got_message)
 
 
@@ -110,7 +110,7 @@ def test_single_volume_4d_is_accepted(cohort_dir):
 
 
 def test_numeric_sex_needs_a_declared_mapping(cohort_dir):
-    edit_table(cohort_dir, lambda lines: [l.replace("\tM\t", "\t1\t").replace("\tF\t", "\t0\t") for l in lines])
+    edit_table(cohort_dir, lambda lines: [line.replace("\tM\t", "\t1\t").replace("\tF\t", "\t0\t") for line in lines])
     unmapped = load_cohort(CohortConfig(root=cohort_dir))
     assert len(unmapped.problems) == 12 and "cohort.label_mapping" in unmapped.problems[0].message
     mapped = load_cohort(CohortConfig(root=cohort_dir, label_mapping={"1": "male", "0": "female"}))
@@ -119,13 +119,18 @@ def test_numeric_sex_needs_a_declared_mapping(cohort_dir):
 
 def test_any_two_class_column_is_a_label(cohort_dir):
     """A diagnosis column: its own class names (any case, or mapped); M/F mean nothing there."""
-    edit_table(cohort_dir, lambda lines: [lines[0] + "\tdiagnosis"] + [
-        line + ("\tPatient" if "\tM\t" in line else "\tCN") for line in lines[1:]])
+    edit_table(
+        cohort_dir,
+        lambda lines: (
+            [lines[0] + "\tdiagnosis"] + [line + ("\tPatient" if "\tM\t" in line else "\tCN") for line in lines[1:]]
+        ),
+    )
     config = dict(root=cohort_dir, label="diagnosis", classes=("control", "patient"))
     unmapped = load_cohort(CohortConfig(**config))
     assert {p.message for p in unmapped.problems} == {
         "unknown label 'CN' in column 'diagnosis'; use control/patient, or declare cohort.label_mapping "
-        "(e.g. {'CN': patient})"}
+        "(e.g. {'CN': patient})"
+    }
     cohort = load_cohort(CohortConfig(**config, label_mapping={"CN": "control"}))
     sexes = load_cohort(CohortConfig(root=cohort_dir)).labels
     assert not cohort.problems and cohort.labels.tolist() == sexes.tolist()
@@ -151,26 +156,35 @@ def test_hcp_layout_and_path_column(cohort_dir, tmp_path):
         target.write_bytes(image_of(cohort_dir, "0001").read_bytes())
         rows.append(f"{sid},{'M' if sid.endswith('7') else 'F'},fam1")
     (hcp / "subjects.csv").write_text("\n".join(rows))
-    config = CohortConfig(root=hcp, participants=hcp / "subjects.csv", subject_column="Subject",
-                          label="Gender", family_column="Family_ID")
+    config = CohortConfig(
+        root=hcp, participants=hcp / "subjects.csv", subject_column="Subject", label="Gender", family_column="Family_ID"
+    )
     cohort = load_cohort(config)
     assert cohort.ids == ["100307", "100408"] and cohort.labels.tolist() == [1, 0]
     assert cohort.subjects[0].family_id == cohort.subjects[1].family_id == "fam1"
 
     (hcp / "paths.csv").write_text("id,sex,path\nA,F,100307/MNINonLinear/T1w_restore_brain.nii.gz\nB,M,gone.nii\n")
-    column = load_cohort(CohortConfig(root=hcp, participants=hcp / "paths.csv", subject_column="id",
-                                      path_column="path"))
+    column = load_cohort(
+        CohortConfig(root=hcp, participants=hcp / "paths.csv", subject_column="id", path_column="path")
+    )
     assert column.subjects[0].image.exists() and not column.problems
     (missing,) = check_images(column)
     assert (missing.subject, missing.file) == ("B", str(hcp / "gone.nii")) and "file not found" in missing.message
     # Ids name files; one scan under two ids could be in a fold's training and test subjects.
-    (hcp / "bad.csv").write_text("id,sex,path\n../../x,F,100307/MNINonLinear/T1w_restore_brain.nii.gz\n"
-                                 "C,F,100307/MNINonLinear/T1w_restore_brain.nii.gz\n"
-                                 "D,M,100307/MNINonLinear/../MNINonLinear/T1w_restore_brain.nii.gz\n")
+    (hcp / "bad.csv").write_text(
+        "id,sex,path\n../../x,F,100307/MNINonLinear/T1w_restore_brain.nii.gz\n"
+        "C,F,100307/MNINonLinear/T1w_restore_brain.nii.gz\n"
+        "D,M,100307/MNINonLinear/../MNINonLinear/T1w_restore_brain.nii.gz\n"
+    )
     bad = load_cohort(CohortConfig(root=hcp, participants=hcp / "bad.csv", subject_column="id", path_column="path"))
     assert bad.ids == ["C"] and [(p.subject, p.message.split(";")[0]) for p in bad.problems] == [
-        ("../../x", "a subject id of letters, digits, '.', '_' or '-' only, starting with a letter or digit (ids name "
-                    "map files)"), ("D", "the same image as subject C")]
+        (
+            "../../x",
+            "a subject id of letters, digits, '.', '_' or '-' only, starting with a letter or digit (ids name "
+            "map files)",
+        ),
+        ("D", "the same image as subject C"),
+    ]
 
 
 def test_unusable_table_is_a_clear_error(cohort_dir):
@@ -185,11 +199,14 @@ def test_families_cannot_silently_vanish(cohort_dir, tmp_path):
     with pytest.raises(CohortError, match=r"participants.tsv: no column 'Family_ID'.*restricted table"):
         load_cohort(CohortConfig(root=cohort_dir, family_column="Family_ID"))
     # A declared column in which nobody has a relative is a warning with the count.
-    edit_table(cohort_dir, lambda lines: [lines[0]] + [l.replace("\tfam", f"\tsolo{i}-fam") for i, l in enumerate(lines[1:])])
+    edit_table(
+        cohort_dir,
+        lambda lines: [lines[0]] + [line.replace("\tfam", f"\tsolo{i}-fam") for i, line in enumerate(lines[1:])],
+    )
     (warning,) = load_cohort(CohortConfig(root=cohort_dir, family_column="family_id")).warnings
     assert "every one of the 12 subjects is alone in its family in column 'family_id'" in warning
     # No family column at all: said once, with what to set.
-    edit_table(cohort_dir, lambda lines: ["\t".join(l.split("\t")[:2] + l.split("\t")[3:]) for l in lines])
+    edit_table(cohort_dir, lambda lines: ["\t".join(line.split("\t")[:2] + line.split("\t")[3:]) for line in lines])
     (warning,) = load_cohort(CohortConfig(root=cohort_dir)).warnings
     assert "no family column" in warning and "Family_ID" in warning
 
@@ -201,10 +218,18 @@ def test_hcp_tables_merge_on_the_subject(cohort_dir, tmp_path):
         target.parent.mkdir(parents=True)
         target.write_bytes(image_of(cohort_dir, "0001").read_bytes())
     (hcp / "unrestricted.csv").write_text("Subject,Gender,Age\n100307,M,22-25\n100408,F,26-30\n101006,F,26-30\n")
-    (hcp / "RESTRICTED.csv").write_text("Subject,Family_ID,Age_in_Yrs\n101006,51488_81352,29\n100307,51488_81352,23\n"
-                                        "100408,56037_85858,27\n")
-    cohort = load_cohort(CohortConfig(root=hcp, participants=[hcp / "unrestricted.csv", hcp / "RESTRICTED.csv"],
-                                      subject_column="Subject", label="Gender", family_column="Family_ID"))
+    (hcp / "RESTRICTED.csv").write_text(
+        "Subject,Family_ID,Age_in_Yrs\n101006,51488_81352,29\n100307,51488_81352,23\n100408,56037_85858,27\n"
+    )
+    cohort = load_cohort(
+        CohortConfig(
+            root=hcp,
+            participants=[hcp / "unrestricted.csv", hcp / "RESTRICTED.csv"],
+            subject_column="Subject",
+            label="Gender",
+            family_column="Family_ID",
+        )
+    )
     assert not cohort.problems and not cohort.warnings
     family = {s.subject_id: s.family_id for s in cohort.subjects}
     assert family["100307"] == family["101006"] != family["100408"]

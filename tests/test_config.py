@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from study.config import ConfigError, load_config, parse_config
+from study.output.tracking import default_uri
 from study.storage import join
 from study.training.models import Architecture, BrainCNN
-from study.output.tracking import default_uri
 
 
 def write(tmp_path, text):
@@ -85,8 +85,11 @@ def test_storage_locations_join_paths_and_cloud_uris():
 
 
 def test_every_error_of_a_config_at_once_and_overrides_named(tmp_path):
-    path = write(tmp_path, "name: 'has space'\ncohort: {root: x}\ncv: {outer_folds: 1}\n"
-                           "search: {num_samples: 0, space: {patience: {choice: [1, 2]}}}\n")
+    path = write(
+        tmp_path,
+        "name: 'has space'\ncohort: {root: x}\ncv: {outer_folds: 1}\n"
+        "search: {num_samples: 0, space: {patience: {choice: [1, 2]}}}\n",
+    )
     with pytest.raises(ConfigError) as err:
         load_config(path, ["train.batch_size=0", "model.width=wide"])
     message = str(err.value)
@@ -116,19 +119,25 @@ def test_search_conditions_are_checked_when_the_config_loads(tmp_path):
 
 def test_a_network_of_ones_own_is_built_checked_and_searchable_when_the_config_loads():
     def config(search=None, methods=("gradcam", "guided_backprop"), **model):
-        return {"name": "s", "cohort": {"root": "x"}, "preprocess": {"voxel_size": 8.0},
-                "model": {"class": "tests.networks:TinyNet", **model}, "attribution": {"methods": list(methods)},
-                **({"search": {"space": search}} if search else {})}
+        return {
+            "name": "s",
+            "cohort": {"root": "x"},
+            "preprocess": {"voxel_size": 8.0},
+            "model": {"class": "tests.networks:TinyNet", **model},
+            "attribution": {"methods": list(methods)},
+            **({"search": {"space": search}} if search else {}),
+        }
 
     parsed = parse_config(config({"channels": {"choice": [2, 4]}, "lr": {"loguniform": [1e-4, 1e-2]}}, channels=2))
     assert parsed.model.factory == "tests.networks:TinyNet" and parsed.model.kwargs == {"channels": 2}
     assert parsed.model.model_dump() == {"class": "tests.networks:TinyNet", "channels": 2}  # as the config wrote it
     assert parse_config(parsed.model_dump(mode="json")) == parsed  # a logged config reads back
     problems = {
-        "model: cannot import tests.nonets:Net: ModuleNotFoundError: No module named 'tests.nonets'. Install its package, or put "
-        "tests/nonets.py in the project directory": config(**{"class": "tests.nonets:Net"}),
+        "model: cannot import tests.nonets:Net: ModuleNotFoundError: No module named 'tests.nonets'. Install its "
+        "package, or put tests/nonets.py in the project directory": config(**{"class": "tests.nonets:Net"}),
         "without a gradcam_layer: name the module Grad-CAM should explain in the config (model.gradcam_layer": config(
-            gradcam=False),
+            gradcam=False
+        ),
         "model: tests.networks:TinyNet has no module 'features.9' (gradcam_layer); its top-level modules: features, "
         "gradcam_layer, head": config(gradcam_layer="features.9"),
         # a function may do anything with the config's arguments (torch.hub.load runs a folder's hubconf.py)
@@ -141,7 +150,8 @@ def test_a_network_of_ones_own_is_built_checked_and_searchable_when_the_config_l
         "lr": config({"depth": {"choice": [2, 3]}}),
         "model: give either preset (our CNN) or class": config(preset="mrinet"),
         "tests.networks:ShortcutNet: Grad-CAM would place its 12 feature voxels of axis 0 at input voxels": config(
-            **{"class": "tests.networks:ShortcutNet"}),
+            **{"class": "tests.networks:ShortcutNet"}
+        ),
     }
     for expected, data in problems.items():
         with pytest.raises(ConfigError, match=re.escape(expected)):
@@ -155,12 +165,17 @@ def test_a_network_of_ones_own_is_built_checked_and_searchable_when_the_config_l
 
 def test_a_search_space_whose_networks_cannot_fit_the_grid_is_refused_when_the_config_loads():
     """The demo's search lost 3 of 8 trials to blocks=3 with kernel_size=5 on its 6 mm grid (30x36x30)."""
+
     def config(**space):
         return {"name": "s", "cohort": {"root": "x"}, "preprocess": {"voxel_size": 6.0}, "search": {"space": space}}
 
     unfit = dict(blocks={"choice": [2, 3]}, kernel_size={"choice": [3, 5], "when": "blocks > 2"})
-    with pytest.raises(ConfigError, match=re.escape("search: space: blocks=3, kernel_size=5 would leave the last "
-                                                    "block no voxel of the study grid (30, 36, 30)")):
+    with pytest.raises(
+        ConfigError,
+        match=re.escape(
+            "search: space: blocks=3, kernel_size=5 would leave the last block no voxel of the study grid (30, 36, 30)"
+        ),
+    ):
         parse_config(config(**unfit))
     parse_config(config(blocks={"choice": [2, 3]}, kernel_size={"choice": [3, 5], "when": "blocks < 3"}))
     with pytest.raises(ConfigError, match=re.escape("convs_per_block=2, blocks=3")):  # an unconditional key too
@@ -169,8 +184,13 @@ def test_a_search_space_whose_networks_cannot_fit_the_grid_is_refused_when_the_c
     with pytest.raises(ConfigError, match="blocks: an integer; search it with choice or int_range"):
         parse_config(config(blocks={"uniform": [2, 3]}))
     # A condition on a conditional key: kernel_size is sampled only with padding, which only 3 blocks sample.
-    parse_config(config(blocks={"choice": [2, 3]}, padding={"choice": [1], "when": "blocks > 2"},
-                        kernel_size={"choice": [3, 5], "when": "padding > 0"}))
+    parse_config(
+        config(
+            blocks={"choice": [2, 3]},
+            padding={"choice": [1], "when": "blocks > 2"},
+            kernel_size={"choice": [3, 5], "when": "padding > 0"},
+        )
+    )
 
 
 def test_the_feature_shape_arithmetic_matches_the_network():
@@ -199,10 +219,21 @@ def test_a_monai_network_is_explained_at_the_layer_the_config_names():
     from study.attribution import gradcam, guided_backprop
     from study.training.models import build_model
 
-    data = {"name": "s", "cohort": {"root": "x"}, "preprocess": {"voxel_size": 8.0},
-            "model": {"class": "monai.networks.nets:DenseNet", "gradcam_layer": "class_layers.relu", "spatial_dims": 3,
-                      "in_channels": 1, "out_channels": 2, "init_features": 8, "growth_rate": 4,
-                      "block_config": [2, 2]}}
+    data = {
+        "name": "s",
+        "cohort": {"root": "x"},
+        "preprocess": {"voxel_size": 8.0},
+        "model": {
+            "class": "monai.networks.nets:DenseNet",
+            "gradcam_layer": "class_layers.relu",
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "out_channels": 2,
+            "init_features": 8,
+            "growth_rate": 4,
+            "block_config": [2, 2],
+        },
+    }
     config = parse_config(data)  # built, run on one volume, Grad-CAM placement and ReLUs checked
     model = build_model(config.model, config.preprocess.grid.shape).eval()
     x = torch.randn(2, 1, *config.preprocess.grid.shape)

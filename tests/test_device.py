@@ -82,14 +82,21 @@ def test_a_gpu_test_task_ends_its_process_and_a_cpu_one_is_reused():
 
 def test_two_ddp_ranks_may_not_share_a_gpu():
     with pytest.raises(ConfigError, match="Ray may put two DDP ranks on one GPU"):
-        parse_config({"name": "s", "cohort": {"root": "x"},
-                      "resources": {"use_gpu": True, "num_workers": 2, "gpus_per_worker": 0.5}})
-    assert parse_config({"name": "s", "cohort": {"root": "x"},
-                         "resources": {"use_gpu": True, "num_workers": 1, "gpus_per_worker": 0.5}})
+        parse_config(
+            {
+                "name": "s",
+                "cohort": {"root": "x"},
+                "resources": {"use_gpu": True, "num_workers": 2, "gpus_per_worker": 0.5},
+            }
+        )
+    assert parse_config(
+        {"name": "s", "cohort": {"root": "x"}, "resources": {"use_gpu": True, "num_workers": 1, "gpus_per_worker": 0.5}}
+    )
 
 
 def test_an_epoch_reads_its_loss_and_accuracy_from_the_device_once_not_at_every_step(
-        cohort_dir, preprocess_config, monkeypatch):
+    cohort_dir, preprocess_config, monkeypatch
+):
     """On a GPU each ``.item()`` waits for the step's kernels: the host could not read the next batch meanwhile."""
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -108,14 +115,16 @@ def test_an_epoch_reads_its_loss_and_accuracy_from_the_device_once_not_at_every_
         return item(tensor)
 
     def one_epoch(_: dict) -> None:  # in this process: Ray Train's local mode (no workers)
-        phase = _Phase(Architecture(width=4, blocks=2), train, data, ids, labels, 1, Precision.choose(torch.device("cpu")))
+        phase = _Phase(
+            Architecture(width=4, blocks=2), train, data, ids, labels, 1, Precision.choose(torch.device("cpu"))
+        )
         monkeypatch.setattr(torch.Tensor, "item", counted)
         metrics, subjects = phase.epoch(0)
         monkeypatch.undo()
         seen.append((metrics, subjects))
 
     TorchTrainer(one_epoch, scaling_config=ScalingConfig(num_workers=0)).fit()
-    (metrics, subjects), = seen
+    ((metrics, subjects),) = seen
     assert sorted(subjects) == sorted(ids) and len(ids) > 2 * train.batch_size  # three steps at least
     assert reads == [(), ()]  # the summed loss and the count of correct subjects, once each
     correct = metrics["train_accuracy"] * len(ids)
@@ -133,8 +142,12 @@ def test_maps_are_the_float32_maps_when_training_runs_in_bf16():
     model = BrainCNN(Architecture(width=4, blocks=2), shape).eval()
     x = Volumes(2, shape).x
     labels = torch.tensor([0, 1])
-    explanation = Explanation(("gradcam", "guided_backprop", "perturbation"), "true_class", Perturbation(iterations=5),
-                              np.zeros(shape, dtype=np.float32))
+    explanation = Explanation(
+        ("gradcam", "guided_backprop", "perturbation"),
+        "true_class",
+        Perturbation(iterations=5),
+        np.zeros(shape, dtype=np.float32),
+    )
     cpu = torch.device("cpu")
     fp32 = explain_batch(model, x, labels, explanation, 6.0, Precision(cpu, bf16=False, channels_last=False))
     bf16 = explain_batch(model, x, labels, explanation, 6.0, Precision(cpu, bf16=True, channels_last=False))
@@ -155,8 +168,12 @@ def test_augmentation_copies_its_draws_to_the_device_without_waiting_for_it():
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
-            if func is torch.ops.aten._to_copy.default and args[0].device.type == "cpu" \
-                    and kwargs.get("device") not in (None, torch.device("cpu")) and not kwargs.get("non_blocking"):
+            if (
+                func is torch.ops.aten._to_copy.default
+                and args[0].device.type == "cpu"
+                and kwargs.get("device") not in (None, torch.device("cpu"))
+                and not kwargs.get("non_blocking")
+            ):
                 self.seen.append(str(func))
             return func(*args, **kwargs)
 
@@ -190,8 +207,9 @@ def test_fp32_training_steps_run_without_tf32_forward_and_backward(cohort_dir, p
 
     def one_epoch(_: dict) -> None:
         precision = Precision.choose(torch.device("cpu"), "fp32")
-        phase = _Phase(Architecture(width=4, blocks=2), TrainConfig(batch_size=6, epochs=1), data, ids, labels, 1,
-                       precision)
+        phase = _Phase(
+            Architecture(width=4, blocks=2), TrainConfig(batch_size=6, epochs=1), data, ids, labels, 1, precision
+        )
         conv = next(m for m in phase.bare.modules() if isinstance(m, torch.nn.Conv3d))
         conv.register_forward_hook(lambda *_: flags.append(("forward", torch.backends.cudnn.allow_tf32)))
         conv.register_full_backward_hook(lambda *_: flags.append(("backward", torch.backends.cudnn.allow_tf32)))
@@ -215,8 +233,9 @@ def test_sanity_re_explanations_run_in_attribution_batches(cohort_dir, preproces
     model = BrainCNN(Architecture(width=4, blocks=2), cache.shape).eval()
     batches: list[int] = []
     model.register_forward_pre_hook(lambda _m, inputs: batches.append(len(inputs[0])))
-    explanation = Explanation(("gradcam", "guided_backprop", "perturbation"), "true_class",
-                              Perturbation(iterations=3, reference="blur"))
+    explanation = Explanation(
+        ("gradcam", "guided_backprop", "perturbation"), "true_class", Perturbation(iterations=3, reference="blur")
+    )
     precision = Precision.choose(torch.device("cpu"))
     chunked = explain_subjects(model, cache, ids, labels, explanation, precision, batch_size=2)
     assert batches and max(batches) == 2
@@ -225,8 +244,9 @@ def test_sanity_re_explanations_run_in_attribution_batches(cohort_dir, preproces
     assert max(batches) == len(ids)
     for method, maps in whole.items():
         assert chunked[method].shape == (len(ids), *cache.shape)
-        np.testing.assert_allclose(chunked[method].astype(np.float32), maps.astype(np.float32), atol=2e-3,
-                                   err_msg=method)
+        np.testing.assert_allclose(
+            chunked[method].astype(np.float32), maps.astype(np.float32), atol=2e-3, err_msg=method
+        )
 
 
 def test_the_cascade_randomizes_on_the_host_from_its_own_seed():
@@ -272,8 +292,11 @@ def test_the_gpu_memory_is_unknown_when_no_gpu_comes_in_time():
 
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        waiting = [t for t in list_tasks(filters=[("func_or_class_name", "=", "_gpu_memory")])
-                   if t.state not in ("FINISHED", "FAILED")]
+        waiting = [
+            t
+            for t in list_tasks(filters=[("func_or_class_name", "=", "_gpu_memory")])
+            if t.state not in ("FINISHED", "FAILED")
+        ]
         if not waiting:
             break
         time.sleep(1)

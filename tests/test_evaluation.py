@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from study.training.evaluation import (auc_permutation_p, auc_with_ci, delong_components, delong_variance, evaluate,
-                                       paired_delong)
+from study.training.evaluation import (
+    auc_permutation_p,
+    auc_with_ci,
+    delong_components,
+    delong_variance,
+    evaluate,
+    paired_delong,
+)
 
 
 def brute_force_components(labels, scores):
@@ -66,8 +72,9 @@ def test_chance_and_real_classifiers_get_the_right_verdict():
     learned = 1 / (1 + np.exp(-(rng.normal(size=150) + 2.0 * (labels - 0.5) * 2)))
     assert evaluate(labels, noise, folds, permutations=999).finding == "none"
     assert evaluate(labels, learned, folds, noise, permutations=999).finding == "yes"
-    assert evaluate(labels, noise * 0.1 + learned * 0.05 + rng.random(150), folds, learned,
-                    permutations=999).finding in {"baseline_only", "below_baseline"}
+    assert evaluate(
+        labels, noise * 0.1 + learned * 0.05 + rng.random(150), folds, learned, permutations=999
+    ).finding in {"baseline_only", "below_baseline"}
     # a CNN at chance beside a baseline that learned: the verdict names the baseline's finding
     only_linear = evaluate(labels, noise, folds, learned, permutations=999)
     assert only_linear.finding == "baseline_only" and only_linear.baseline_p < 0.05

@@ -13,9 +13,8 @@ import torch
 from study.attribution import Perturbation
 from study.attribution.actors import Explanation, FoldModel, explain_cohort
 from study.attribution.store import MapStore
-from study.data.cohort import load_cohort
 from study.config import AttributionConfig
-from study.data.cohort import CohortConfig
+from study.data.cohort import CohortConfig, load_cohort
 from study.data.synth import SyntheticCohort, synthesize_cohort
 from study.pipeline import run_study, study_dir
 from study.training.loop import save_checkpoint
@@ -56,8 +55,9 @@ def test_pool_explains_every_subject_once_and_survives_a_killed_actor(tmp_path, 
         assert np.isfinite(maps).all() and (maps >= 0).all()
         if method == "perturbation":  # gradient maps of a random net may be all zero; masks move
             assert (maps.reshape(12, -1).max(1) > 0).all()  # every subject really has a map
-    np.testing.assert_allclose(store.read("guided_gradcam"), store.read("gradcam") * store.read("guided_backprop"),
-                               rtol=0.01, atol=1e-3)
+    np.testing.assert_allclose(
+        store.read("guided_gradcam"), store.read("gradcam") * store.read("guided_backprop"), rtol=0.01, atol=1e-3
+    )
     assert explain_cohort(jobs, cache, store, explanation, batch_size=2, actors=2) == 0  # a rerun skips what exists
 
 
@@ -92,15 +92,23 @@ def test_study_explains_all_held_out_subjects_and_finds_the_planted_effect(tmp_p
     root = tmp_path / "cohort"
     synthesize_cohort(root, SyntheticCohort(subjects=30, voxel_sizes=(6.0,), effect_size=0.4, seed=5))
     config = study_config(
-        tmp_path, root, preprocess={"voxel_size": 6.0}, model={"width": 8},
+        tmp_path,
+        root,
+        preprocess={"voxel_size": 6.0},
+        model={"width": 8},
         train={"epochs": 10, "batch_size": 4, "patience": 10},
         resources={"concurrent_folds": 2},  # the label-randomized model trains beside fold 1
     )
     (tmp_path / "atlas.tsv").write_text("label\tname\n1\tamygdala L\n2\tputamen R\n3\tcerebellum R\n4\tprecuneus L\n")
     config.attribution = AttributionConfig(
-        batch_size=8, actors=2, permutations=50, perturbation={"iterations": 40, "mask_scale": 2},
-        sanity={"subjects": 2, "label_randomization": True}, subject_nifti=True,
-        atlas=root / "derivatives/ground_truth/regions.nii.gz", atlas_names=tmp_path / "atlas.tsv",
+        batch_size=8,
+        actors=2,
+        permutations=50,
+        perturbation={"iterations": 40, "mask_scale": 2},
+        sanity={"subjects": 2, "label_randomization": True},
+        subject_nifti=True,
+        atlas=root / "derivatives/ground_truth/regions.nii.gz",
+        atlas_names=tmp_path / "atlas.tsv",
     )
     parent_id = run_study(config)
     parent, children = runs_of(config, parent_id)
@@ -108,7 +116,9 @@ def test_study_explains_all_held_out_subjects_and_finds_the_planted_effect(tmp_p
     artifacts = {a.path for a in client.list_artifacts(parent_id)}
     assert {"report.html", "agreement.tsv", "localization.tsv", "maps", "sanity", "regions"} <= artifacts
     gradcam_maps = {a.path for a in client.list_artifacts(parent_id, "maps/gradcam")}
-    assert "maps/gradcam/gradcam_mean_male.nii.gz" in gradcam_maps and "maps/gradcam/gradcam_p_fwer.nii.gz" in gradcam_maps
+    assert (
+        "maps/gradcam/gradcam_mean_male.nii.gz" in gradcam_maps and "maps/gradcam/gradcam_p_fwer.nii.gz" in gradcam_maps
+    )
     perturbation_maps = {a.path for a in client.list_artifacts(parent_id, "maps/perturbation")}
     assert "maps/perturbation/perturbation_mean_male.nii.gz" in perturbation_maps  # each class's own decision:
     assert not any("p_fwer" in path for path in perturbation_maps)  # no male - female test of those
@@ -137,8 +147,13 @@ def test_maps_of_a_model_that_ignores_its_input_are_flagged(tmp_path, cohort_dir
     # Its maps are empty and stay empty when its layers are randomized, so the randomization checks pass them;
     # deleting what they mark moves its decision no more than random blobs: the deletion check flags them all.
     config = study_config(tmp_path, cohort_dir, model={"class": "tests.networks:TinyNet", "blind": True})
-    config.attribution = AttributionConfig(batch_size=8, actors=1, permutations=10, perturbation={"iterations": 5},
-                                           sanity={"subjects": 2, "label_randomization": False})
+    config.attribution = AttributionConfig(
+        batch_size=8,
+        actors=1,
+        permutations=10,
+        perturbation={"iterations": 5},
+        sanity={"subjects": 2, "label_randomization": False},
+    )
     parent_id = run_study(config)
     mlflow.set_tracking_uri(config.tracking.uri)
     run = mlflow.get_run(parent_id)
@@ -147,11 +162,17 @@ def test_maps_of_a_model_that_ignores_its_input_are_flagged(tmp_path, cohort_dir
     flagged = set(tags["sanity.deletion_flagged"].split(",")) - {"linear_baseline"}
     assert flagged == {"gradcam", "guided_backprop", "perturbation"} and tags["sanity.flagged"] == "none"
     assert metrics["deletion_change_gradcam"] == metrics["deletion_change_random"] == 0, metrics
-    changes = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent_id, artifact_path="sanity/deletion.tsv",
-                                                              dst_path=str(tmp_path)), sep="\t")
+    changes = pd.read_csv(
+        mlflow.artifacts.download_artifacts(
+            run_id=parent_id, artifact_path="sanity/deletion.tsv", dst_path=str(tmp_path)
+        ),
+        sep="\t",
+    )
     subjects = len(load_cohort(config.cohort).subjects)
     assert (changes.model == "cnn").sum() == 4 * subjects  # every subject: three methods and random
     assert (changes.model == "linear").sum() == 2 * subjects  # the baseline's weights and its own random blobs
     report = (study_dir(config) / "latest" / "report.html").read_text()
     assert "Sanity check: deleting what each map marks" in report
-    assert "no more surely than random blobs (e.g. of a model that ignores its input): Grad-CAM, Guided Backprop" in report
+    assert (
+        "no more surely than random blobs (e.g. of a model that ignores its input): Grad-CAM, Guided Backprop" in report
+    )

@@ -37,17 +37,27 @@ MIN_TOP_SHARE = 10  # the CNN's best map's top 1% inside the effect, in multiple
 
 def demo_sized(tmp_path, root, **changes):
     """The demo's study (6 mm, 3 folds, MriNet width 8, the default recipe) with quick attribution settings."""
-    return study_config(tmp_path, root, **{
-        "name": "hard",
-        "preprocess": {"voxel_size": 6.0},
-        "cv": {"outer_folds": 3, "inner_folds": 3},
-        "model": {"width": 8},
-        "train": {"epochs": 40, "batch_size": 8, "patience": 15},
-        "resources": {"concurrent_folds": 2},
-        "attribution": {"methods": ["gradcam", "guided_backprop", "perturbation"], "batch_size": 8, "actors": 2,
-                        "perturbation": {"iterations": 60}, "permutations": 200,
-                        "sanity": {"subjects": 2, "label_randomization": False}},
-        **changes})
+    return study_config(
+        tmp_path,
+        root,
+        **{
+            "name": "hard",
+            "preprocess": {"voxel_size": 6.0},
+            "cv": {"outer_folds": 3, "inner_folds": 3},
+            "model": {"width": 8},
+            "train": {"epochs": 40, "batch_size": 8, "patience": 15},
+            "resources": {"concurrent_folds": 2},
+            "attribution": {
+                "methods": ["gradcam", "guided_backprop", "perturbation"],
+                "batch_size": 8,
+                "actors": 2,
+                "perturbation": {"iterations": 60},
+                "permutations": 200,
+                "sanity": {"subjects": 2, "label_randomization": False},
+            },
+            **changes,
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +74,12 @@ def test_the_cnn_learns_and_its_best_map_finds_the_planted_effect(tmp_path, hard
     run = mlflow.get_run(run_study(config))
     metrics, tags = run.data.metrics, run.data.tags
     assert metrics["pooled_roc_auc"] > MIN_CNN_AUC and tags["study.finding"] == "yes", metrics
-    local = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="localization.tsv",
-                                                            dst_path=str(tmp_path)), sep="\t").set_index("method")
+    local = pd.read_csv(
+        mlflow.artifacts.download_artifacts(
+            run_id=run.info.run_id, artifact_path="localization.tsv", dst_path=str(tmp_path)
+        ),
+        sep="\t",
+    ).set_index("method")
     assert set(local.index) == {"gradcam", "guided_backprop", "perturbation", "linear_baseline"}
     # The map path (store, group maps, MNI grid, ground truth) is right: the map that does localize, does.
     linear = local.loc["linear_baseline"]
@@ -105,9 +119,18 @@ def test_a_model_trained_on_shuffled_labels_is_said_to_have_learned_nothing(tmp_
 def test_a_cnn_that_cannot_learn_beside_a_baseline_that_did_gets_the_baseline_verdict(tmp_path, hard_cohort, capsys):
     """One epoch at a learning rate that moves nothing: only the linear baseline learns. The verdict says so, the
     fit check names the folds, and the baseline's map gets the CNN maps' treatment (test, deletion, regions)."""
-    config = demo_sized(tmp_path, hard_cohort, train={"epochs": 1, "lr": 1e-9, "warmup_epochs": 0},
-                        attribution={"methods": ["gradcam"], "batch_size": 8, "actors": 2, "permutations": 99,
-                                     "sanity": {"subjects": 2, "label_randomization": False}})
+    config = demo_sized(
+        tmp_path,
+        hard_cohort,
+        train={"epochs": 1, "lr": 1e-9, "warmup_epochs": 0},
+        attribution={
+            "methods": ["gradcam"],
+            "batch_size": 8,
+            "actors": 2,
+            "permutations": 99,
+            "sanity": {"subjects": 2, "label_randomization": False},
+        },
+    )
     mlflow.set_tracking_uri(config.tracking.uri)
     run = mlflow.get_run(run_study(config))
     metrics, tags = run.data.metrics, run.data.tags

@@ -28,10 +28,17 @@ STUDY = str(Path(sys.executable).parent / "study")
 def new_user(home: Path, **extra: str) -> dict[str, str]:
     """The environment of a fresh shell: a new HOME, this venv on PATH, nothing of Ray or MLflow."""
     home.mkdir(parents=True, exist_ok=True)
-    keep = {k: v for k, v in os.environ.items()
-            if k in {"PATH", "LANG", "LC_ALL", "TMPDIR"} and not k.startswith(("RAY_", "MLFLOW_"))}
-    return {**keep, "HOME": str(home), "PATH": f"{Path(sys.executable).parent}:{keep.get('PATH', '/usr/bin:/bin')}",
-            **extra}
+    keep = {
+        k: v
+        for k, v in os.environ.items()
+        if k in {"PATH", "LANG", "LC_ALL", "TMPDIR"} and not k.startswith(("RAY_", "MLFLOW_"))
+    }
+    return {
+        **keep,
+        "HOME": str(home),
+        "PATH": f"{Path(sys.executable).parent}:{keep.get('PATH', '/usr/bin:/bin')}",
+        **extra,
+    }
 
 
 def run_as_user(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -42,7 +49,8 @@ LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
 
 def listening_sockets(root: int) -> set[tuple[str, int, str]]:
-    """(address, port, process name) of every TCP socket listening in process ``root`` or its descendants (Linux /proc)."""
+    """(address, port, process name) of every TCP socket listening in process ``root`` or its descendants
+    (Linux /proc)."""
     parents = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -71,7 +79,7 @@ def listening_sockets(root: int) -> set[tuple[str, int, str]]:
                 continue
             address, port = fields[1].split(":")
             raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
-            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
             found.add((socket.inet_ntop(family, raw), int(port, 16), owner[fields[9]]))
     return found
 
@@ -81,19 +89,29 @@ def test_study_run_works_for_a_new_user(tmp_path, synthetic_root):
     project = tmp_path / "project"
     project.mkdir()
     (project / "cohort").symlink_to(synthetic_root)
-    (project / "tiny.yaml").write_text(yaml.safe_dump({
-        "name": "tiny",
-        "cohort": {"root": "cohort"},  # relative, as in the shipped configs
-        "preprocess": {"voxel_size": VOXEL_MM},
-        "cv": {"outer_folds": 2, "inner_folds": 2},
-        "model": {"preset": "mrinet", "width": 4},
-        "train": {"epochs": 2, "batch_size": 4, "patience": 2},
-        "attribution": None,
-    }))
+    (project / "tiny.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny",
+                "cohort": {"root": "cohort"},  # relative, as in the shipped configs
+                "preprocess": {"voxel_size": VOXEL_MM},
+                "cv": {"outer_folds": 2, "inner_folds": 2},
+                "model": {"preset": "mrinet", "width": 4},
+                "train": {"epochs": 2, "batch_size": 4, "patience": 2},
+                "attribution": None,
+            }
+        )
+    )
     home = tmp_path / "home"
     with (tmp_path / "study.log").open("w+") as log:
-        study = subprocess.Popen([STUDY, "run", "tiny.yaml"], cwd=project, env=new_user(home), stdout=log,
-                                 stderr=subprocess.STDOUT, text=True)
+        study = subprocess.Popen(
+            [STUDY, "run", "tiny.yaml"],
+            cwd=project,
+            env=new_user(home),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         sockets = set()  # every listening socket of the study and the Ray it starts, while it runs
         while study.poll() is None:
             sockets |= listening_sockets(study.pid)
@@ -160,9 +178,17 @@ def test_a_cluster_that_wants_its_token_is_one_error_line(tmp_path, ray_head):
 
 def test_resources_no_node_has_are_refused_at_once(tmp_path, ray_head, synthetic_root):
     config = tmp_path / "s.yaml"
-    config.write_text(yaml.safe_dump({"name": "s", "cohort": {"root": str(synthetic_root)},
-                                      "resources": {"use_gpu": True}, "attribution": None,
-                                      "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "s",
+                "cohort": {"root": str(synthetic_root)},
+                "resources": {"use_gpu": True},
+                "attribution": None,
+                "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"},
+            }
+        )
+    )
     env = {**os.environ, "RAY_ADDRESS": ray_head.address}  # the tests' token-holding environment
     result = run_as_user(["run", str(config)], tmp_path, env, timeout=120)
     assert result.returncode == 2
@@ -179,8 +205,9 @@ def test_a_local_ray_refuses_callers_without_its_token(tmp_path):
         "print('anonymous', requests.get(url + '/api/jobs/', timeout=10).status_code)"
     )
     env = new_user(tmp_path / "home")
-    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "started a local Ray" in result.stdout and "anonymous 401" in result.stdout
 
@@ -191,23 +218,42 @@ def test_a_study_stopped_during_attribution_keeps_its_maps_and_the_rerun_goes_on
     project = tmp_path / "project"
     project.mkdir()
     (project / "cohort").symlink_to(synthetic_root)
-    (project / "slow maps.yaml").write_text(yaml.safe_dump({
-        "name": "maps",
-        "cohort": {"root": "cohort"},
-        "preprocess": {"voxel_size": VOXEL_MM},
-        "cv": {"outer_folds": 2, "inner_folds": 2},
-        "model": {"preset": "mrinet", "width": 4},
-        "train": {"epochs": 2, "batch_size": 4},
-        "attribution": {"methods": ["perturbation"], "batch_size": 1, "actors": 1, "permutations": 10,
-                        "perturbation": {"iterations": 400}, "sanity": {"subjects": 1, "label_randomization": False}},
-    }))
+    (project / "slow maps.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "maps",
+                "cohort": {"root": "cohort"},
+                "preprocess": {"voxel_size": VOXEL_MM},
+                "cv": {"outer_folds": 2, "inner_folds": 2},
+                "model": {"preset": "mrinet", "width": 4},
+                "train": {"epochs": 2, "batch_size": 4},
+                "attribution": {
+                    "methods": ["perturbation"],
+                    "batch_size": 1,
+                    "actors": 1,
+                    "permutations": 10,
+                    "perturbation": {"iterations": 400},
+                    "sanity": {"subjects": 1, "label_randomization": False},
+                },
+            }
+        )
+    )
     # A killed driver cannot stop a Ray it started: that one joins the tests' head (RAY_ADDRESS, the token).
-    env = new_user(tmp_path / "home") if stop == signal.SIGINT else \
-        {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and k != "STUDY_HOME"}
+    env = (
+        new_user(tmp_path / "home")
+        if stop == signal.SIGINT
+        else {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and k != "STUDY_HOME"}
+    )
     log = tmp_path / "interrupted.log"
     with log.open("w") as output:
-        process = subprocess.Popen([STUDY, "run", "slow maps.yaml", "--set", "cv.seed=0"], cwd=project, env=env,
-                                   stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            [STUDY, "run", "slow maps.yaml", "--set", "cv.seed=0"],
+            cwd=project,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         done = []
         deadline = time.time() + 400
         while time.time() < deadline and process.poll() is None:
@@ -225,8 +271,9 @@ def test_a_study_stopped_during_attribution_keeps_its_maps_and_the_rerun_goes_on
         assert code == 130 and time.time() - sent < 30, output[-4000:]
         assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-4000:]
         last = output.strip().splitlines()[-1]
-        assert last.startswith("interrupted: finished folds, search trials and maps are kept in") and \
-            last.endswith("resume with: study run 'slow maps.yaml' --set cv.seed=0"), last
+        assert last.startswith("interrupted: finished folds, search trials and maps are kept in") and last.endswith(
+            "resume with: study run 'slow maps.yaml' --set cv.seed=0"
+        ), last
 
     again = run_as_user(["run", "slow maps.yaml", "--set", "cv.seed=0"], project, env, timeout=600)
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]

@@ -45,9 +45,16 @@ def fmriprep_folder(cohort: Path, out: Path, spaces: tuple[str, ...] = (MNI,)) -
             mask = nib.Nifti1Image((np.asarray(brain.dataobj) > 0).astype(np.uint8), brain.affine)
             nib.save(mask, anat / f"sub-{sid}_space-{space}_desc-brain_mask.nii.gz")
             nib.save(with_skull(native(brain)), anat / f"sub-{sid}_space-{space}_res-2_desc-preproc_T1w.nii.gz")
-    (out / "dataset_description.json").write_text(json.dumps({
-        "Name": "fMRIPrep outputs", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
-        "GeneratedBy": [{"Name": "fMRIPrep", "Version": "24.1.0"}]}))
+    (out / "dataset_description.json").write_text(
+        json.dumps(
+            {
+                "Name": "fMRIPrep outputs",
+                "BIDSVersion": "1.9.0",
+                "DatasetType": "derivative",
+                "GeneratedBy": [{"Name": "fMRIPrep", "Version": "24.1.0"}],
+            }
+        )
+    )
     shutil.copy(cohort / "participants.tsv", out / "participants.tsv")
     return out
 
@@ -56,7 +63,9 @@ def caps_folder(cohort: Path, out: Path) -> Path:
     """ClinicaDL's t1-linear in a CAPS: two sessions per subject, skull on, and its one-row-per-session table.
     Session M012 of each subject is a 4D file, so that reading it fails."""
     rows = ["participant_id\tsession_id\tsex"]
-    sexes = {line.split("\t")[0]: line.split("\t")[1] for line in (cohort / "participants.tsv").read_text().splitlines()[1:]}
+    sexes = {
+        line.split("\t")[0]: line.split("\t")[1] for line in (cohort / "participants.tsv").read_text().splitlines()[1:]
+    }
     for sid in subjects_of(cohort):
         brain = nib.load(image_of(cohort, sid))
         skull = with_skull(brain)
@@ -94,33 +103,50 @@ def test_fmriprep_derivatives_are_read_with_their_mni_image_and_brain_mask(synth
     # Raw dataset with derivatives/fmriprep: auto reads the derivatives; the raw images are not it.
     raw = Path(shutil.copytree(synthetic_root, tmp_path / "raw"))
     shutil.move(str(root), raw / "derivatives" / "fmriprep")
-    assert all(s.image.is_relative_to(raw / "derivatives" / "fmriprep") and s.brain_mask
-               for s in load_cohort(CohortConfig(root=raw)).subjects)
+    assert all(
+        s.image.is_relative_to(raw / "derivatives" / "fmriprep") and s.brain_mask
+        for s in load_cohort(CohortConfig(root=raw)).subjects
+    )
 
 
 def test_fmriprep_spaces_and_resolutions_are_chosen_by_name(synthetic_root, tmp_path):
-    cohort = Path(shutil.copytree(synthetic_root, tmp_path / "cohort", ignore=lambda folder, names: [
-        n for n in names if Path(folder) == synthetic_root and n.startswith("sub-") and n not in ("sub-0001", "sub-0002")]))
+    cohort = Path(
+        shutil.copytree(
+            synthetic_root,
+            tmp_path / "cohort",
+            ignore=lambda folder, names: [
+                n
+                for n in names
+                if Path(folder) == synthetic_root and n.startswith("sub-") and n not in ("sub-0001", "sub-0002")
+            ],
+        )
+    )
     (cohort / "participants.tsv").write_text("\n".join((cohort / "participants.tsv").read_text().splitlines()[:3]))
     root = fmriprep_folder(cohort, tmp_path / "fmriprep", spaces=(MNI, "MNI152NLin6Asym"))
-    with pytest.raises(CohortError, match="fMRIPrep images in 2 MNI152 spaces \\(MNI152NLin2009cAsym, "
-                                          "MNI152NLin6Asym; .*set cohort.space"):
+    with pytest.raises(
+        CohortError,
+        match="fMRIPrep images in 2 MNI152 spaces \\(MNI152NLin2009cAsym, MNI152NLin6Asym; .*set cohort.space",
+    ):
         load_cohort(CohortConfig(root=root))
     chosen = load_cohort(CohortConfig(root=root, space="MNI152NLin6Asym"))
     assert all("space-MNI152NLin6Asym_desc-preproc" in s.image.name for s in chosen.subjects)
     resolution = load_cohort(CohortConfig(root=root, space=MNI, resolution="2"))
     assert all("_res-2_" in s.image.name for s in resolution.subjects)
     assert [p.subject for p in resolution.problems] == ["0001", "0002"]  # fMRIPrep writes no res-2 mask here
-    with pytest.raises(CohortError, match="no fMRIPrep image in space 'T1w' at resolution \\(none\\) "
-                                          "\\(cohort.space, cohort.resolution\\); .*res- variants: MNI152NLin2009cAsym res-2"):
+    with pytest.raises(
+        CohortError,
+        match="no fMRIPrep image in space 'T1w' at resolution \\(none\\) "
+        "\\(cohort.space, cohort.resolution\\); .*res- variants: MNI152NLin2009cAsym res-2",
+    ):
         load_cohort(CohortConfig(root=root, space="T1w"))
     for extra in root.glob("sub-*/anat/*_space-MNI152NLin6Asym_desc-*"):  # as fMRIPrep often writes it: res-2 only
         extra.unlink()
     assert all(f"space-{MNI}_desc-preproc" in s.image.name for s in load_cohort(CohortConfig(root=root)).subjects)
 
 
-def test_caps_t1_linear_is_brain_extracted_with_the_mni152_mask_and_sessions_are_chosen(synthetic_root, tmp_path,
-                                                                                       capsys):
+def test_caps_t1_linear_is_brain_extracted_with_the_mni152_mask_and_sessions_are_chosen(
+    synthetic_root, tmp_path, capsys
+):
     root = caps_folder(synthetic_root, tmp_path / "caps")
     cohort = load_cohort(CohortConfig(root=root))  # one row per session in the table; the first session by default
     assert len(cohort.subjects) == 12 and not cohort.problems
@@ -132,8 +158,10 @@ def test_caps_t1_linear_is_brain_extracted_with_the_mni152_mask_and_sessions_are
     assert code == 1 and len(lines) == 12 and "ses-M012" in lines[0] and "expected a 3D T1w volume" in lines[0]
     assert "sessions: ses-M012 (12)" in err and "the MNI152 brain mask shapes every image" in err
     missing = load_cohort(CohortConfig(root=root, session="ses-M024"))
-    assert len(missing.problems) == 12 and "no session ses-M024 (cohort.session); sessions: ses-M000, ses-M012" in \
-        missing.problems[0].message
+    assert (
+        len(missing.problems) == 12
+        and "no session ses-M024 (cohort.session); sessions: ses-M000, ses-M012" in missing.problems[0].message
+    )
     code, lines, _ = validate([str(root), "--brain-mask", "none"], capsys)  # skull on, as ClinicaDL writes it
     assert code == 1 and len(lines) == 12
 
@@ -141,11 +169,17 @@ def test_caps_t1_linear_is_brain_extracted_with_the_mni152_mask_and_sessions_are
 @pytest.mark.slow
 def test_a_study_runs_on_fmriprep_outputs_as_they_are(synthetic_root, tmp_path, capsys):
     root = fmriprep_folder(synthetic_root, tmp_path / "fmriprep")
-    config = {"name": "fmriprep", "cohort": {"root": str(root), "layout": "fmriprep"},
-              "preprocess": {"voxel_size": 8.0, "cache_dir": str(tmp_path / "cache")},
-              "cv": {"outer_folds": 2, "inner_folds": 2}, "model": {"preset": "mrinet", "width": 4},
-              "train": {"epochs": 2, "batch_size": 2}, "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"},
-              "output_dir": str(tmp_path / "runs"), "attribution": None}
+    config = {
+        "name": "fmriprep",
+        "cohort": {"root": str(root), "layout": "fmriprep"},
+        "preprocess": {"voxel_size": 8.0, "cache_dir": str(tmp_path / "cache")},
+        "cv": {"outer_folds": 2, "inner_folds": 2},
+        "model": {"preset": "mrinet", "width": 4},
+        "train": {"epochs": 2, "batch_size": 2},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"},
+        "output_dir": str(tmp_path / "runs"),
+        "attribution": None,
+    }
     path = tmp_path / "fmriprep.yaml"
     path.write_text(yaml.safe_dump(config))
     assert main(["run", str(path)]) == 0

@@ -26,8 +26,14 @@ def kept_by_a_cpu_pass(model: torch.nn.Module, batch: int) -> int:
     return kept + logits.numel() * logits.element_size()
 
 
-@pytest.mark.parametrize("architecture", [Architecture(width=4), Architecture(width=8, blocks=3, norm="instance"),
-                                          Network.model_validate({"class": "tests.networks:TinyNet"})])
+@pytest.mark.parametrize(
+    "architecture",
+    [
+        Architecture(width=4),
+        Architecture(width=8, blocks=3, norm="instance"),
+        Network.model_validate({"class": "tests.networks:TinyNet"}),
+    ],
+)
 def test_the_meta_device_count_is_what_a_cpu_pass_keeps(architecture):
     model = build_model(architecture, GRID)
     for batch in (1, 3):
@@ -37,8 +43,17 @@ def test_the_meta_device_count_is_what_a_cpu_pass_keeps(architecture):
 
 def test_a_study_that_cannot_fit_is_refused_with_the_keys_to_lower():
     model = build_model(Architecture(width=8), (91, 109, 91))  # the paper's 2 mm grid
-    needs = estimate_memory(model, (91, 109, 91), batch_size=8, attribution_batch=8, methods=5, subjects=1113,
-                            brain_voxels=230_000, on_gpu=True, gpus_per_actor=0.25)
+    needs = estimate_memory(
+        model,
+        (91, 109, 91),
+        batch_size=8,
+        attribution_batch=8,
+        methods=5,
+        subjects=1113,
+        brain_voxels=230_000,
+        on_gpu=True,
+        gpus_per_actor=0.25,
+    )
     assert 1 * GIB < needs.training < 8 * GIB and needs.actors_per_device == 4
     assert needs.analysis == 1113 * 230_000 * (4 * 5 + 16)
     assert memory_problems(needs, host_bytes=128 * GIB, device_bytes=80 * GIB) == []

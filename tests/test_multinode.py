@@ -37,8 +37,17 @@ class LocalCluster:
         port, self.dashboard_port = free_port(), free_port()
         self.address = f"127.0.0.1:{port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
-        head = ["--head", "--num-cpus", "0", "--port", str(port), "--dashboard-host", "127.0.0.1",
-                "--dashboard-port", str(self.dashboard_port)]
+        head = [
+            "--head",
+            "--num-cpus",
+            "0",
+            "--port",
+            str(port),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(self.dashboard_port),
+        ]
         extra_env = {}
         if autoscaling is not None:  # Ray's fake provider: the autoscaler adds worker nodes as local raylets
             config = Path(tempfile.mkdtemp(prefix="ray-autoscaling-", dir="/tmp")) / "cluster.json"
@@ -60,11 +69,28 @@ class LocalCluster:
 
     def _start(self, name: str, *args: str, extra_env: dict[str, str] | None = None) -> None:
         temp_dir = tempfile.mkdtemp(prefix=f"ray-{name}-", dir="/tmp")
-        ports = ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-                 "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port())]
+        ports = [
+            "--dashboard-agent-listen-port",
+            str(free_port()),
+            "--dashboard-agent-grpc-port",
+            str(free_port()),
+            "--metrics-export-port",
+            str(free_port()),
+            "--runtime-env-agent-port",
+            str(free_port()),
+        ]
         self.temp_dirs[name] = temp_dir  # before it starts: stop() also stops a node that failed to start
-        started = ray_cli("start", *args, "--node-ip-address", "127.0.0.1", "--temp-dir", temp_dir, *ports,
-                          "--disable-usage-stats", env={**self.env(), **(extra_env or {})})
+        started = ray_cli(
+            "start",
+            *args,
+            "--node-ip-address",
+            "127.0.0.1",
+            "--temp-dir",
+            temp_dir,
+            *ports,
+            "--disable-usage-stats",
+            env={**self.env(), **(extra_env or {})},
+        )
         assert started.returncode == 0, f"`ray start` of {name} failed:\n{started.stdout}{started.stderr}"
 
     def env(self) -> dict[str, str]:
@@ -74,15 +100,27 @@ class LocalCluster:
 
     def _state(self, *args: str) -> list[dict]:
         """``ray list ...`` of this cluster (a subprocess: this test process is connected to another Ray)."""
-        listed = ray_cli("list", *args, "--address", self.dashboard, "--format", "json", "--detail", "--limit", "1000",
-                         env=self.env())
+        listed = ray_cli(
+            "list",
+            *args,
+            "--address",
+            self.dashboard,
+            "--format",
+            "json",
+            "--detail",
+            "--limit",
+            "1000",
+            env=self.env(),
+        )
         assert listed.returncode == 0, listed.stderr
         return json.loads(listed.stdout)
 
     def nodes(self) -> dict[str, str]:
         """Node id -> ``head`` or the worker's zone, of the nodes alive."""
-        return {n["node_id"]: "head" if n["is_head_node"] else n["labels"].get("zone", "autoscaled")
-                for n in self._state("nodes", "--filter", "state=ALIVE")}
+        return {
+            n["node_id"]: "head" if n["is_head_node"] else n["labels"].get("zone", "autoscaled")
+            for n in self._state("nodes", "--filter", "state=ALIVE")
+        }
 
     def actors(self, class_name: str) -> list[dict]:
         return self._state("actors", "--filter", f"class_name={class_name}")
@@ -106,9 +144,16 @@ def cluster():
 
 
 def write_config(project: Path, root: Path, **sections) -> Path:
-    config = {"name": "multinode", "cohort": {"root": str(root)}, "preprocess": {"voxel_size": VOXEL_MM},
-              "cv": {"outer_folds": 2, "inner_folds": 2}, "model": {"preset": "mrinet", "width": 4},
-              "train": {"epochs": 3, "batch_size": 4}, "attribution": None, **sections}
+    config = {
+        "name": "multinode",
+        "cohort": {"root": str(root)},
+        "preprocess": {"voxel_size": VOXEL_MM},
+        "cv": {"outer_folds": 2, "inner_folds": 2},
+        "model": {"preset": "mrinet", "width": 4},
+        "train": {"epochs": 3, "batch_size": 4},
+        "attribution": None,
+        **sections,
+    }
     path = project / "study.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -116,10 +161,19 @@ def write_config(project: Path, root: Path, **sections) -> Path:
 
 @pytest.mark.slow
 def test_trainings_and_actors_run_on_the_worker_nodes(cluster, tmp_path, synthetic_root):
-    write_config(tmp_path, synthetic_root, attribution={
-        "methods": ["gradcam"], "actors": 1, "permutations": 10, "sanity": {"subjects": 1, "label_randomization": False}})
-    done = subprocess.run([STUDY, "run", "study.yaml"], cwd=tmp_path, env=cluster.env(), capture_output=True,
-                          text=True, timeout=600)
+    write_config(
+        tmp_path,
+        synthetic_root,
+        attribution={
+            "methods": ["gradcam"],
+            "actors": 1,
+            "permutations": 10,
+            "sanity": {"subjects": 1, "label_randomization": False},
+        },
+    )
+    done = subprocess.run(
+        [STUDY, "run", "study.yaml"], cwd=tmp_path, env=cluster.env(), capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert f"joined the Ray cluster at {cluster.address}" in done.stdout
     nodes = cluster.nodes()
@@ -136,8 +190,9 @@ def interrupt_the_training(cluster: LocalCluster, project: Path, lose: str = "no
     code and its output."""
     log = project / "study.log"
     with log.open("w") as output:
-        process = subprocess.Popen([STUDY, "run", "study.yaml"], cwd=project, env=cluster.env(), stdout=output,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [STUDY, "run", "study.yaml"], cwd=project, env=cluster.env(), stdout=output, stderr=subprocess.STDOUT
+        )
         try:
             storage = project / "study_data" / "runs" / "multinode" / "latest" / "ray"
             deadline = time.time() + 300
@@ -160,11 +215,16 @@ def interrupt_the_training(cluster: LocalCluster, project: Path, lose: str = "no
 
 @pytest.mark.slow
 @pytest.mark.parametrize("lose", ["worker", "node"])  # the worker first: the node test leaves one worker node
-def test_a_worker_or_node_lost_mid_fold_costs_only_the_epochs_since_its_checkpoint(cluster, tmp_path, synthetic_root,
-                                                                                    lose):
+def test_a_worker_or_node_lost_mid_fold_costs_only_the_epochs_since_its_checkpoint(
+    cluster, tmp_path, synthetic_root, lose
+):
     epochs = 600
-    write_config(tmp_path, synthetic_root, train={"epochs": epochs, "batch_size": 4},
-                 resources={"max_failures": 1, "checkpoint_every_s": 1.0})
+    write_config(
+        tmp_path,
+        synthetic_root,
+        train={"epochs": epochs, "batch_size": 4},
+        resources={"max_failures": 1, "checkpoint_every_s": 1.0},
+    )
     lost, code, output = interrupt_the_training(cluster, tmp_path, lose)
     assert code == 0, output[-4000:]
     folds = tmp_path / "study_data" / "runs" / "multinode" / "latest" / "folds"
@@ -175,16 +235,21 @@ def test_a_worker_or_node_lost_mid_fold_costs_only_the_epochs_since_its_checkpoi
         survivor = {"w1": "w2", "w2": "w1"}[lost]
         alive = cluster.nodes()
         assert survivor in {alive.get(a["node_id"]) for a in cluster.actors("RayTrainWorker")}  # went on elsewhere
-    live = [json.loads(l) for l in (folds.parent / "live" / "fold0.jsonl").read_text().splitlines()]
+    live = [json.loads(line) for line in (folds.parent / "live" / "fold0.jsonl").read_text().splitlines()]
     repeated = len(live) - epochs  # epochs trained twice: those after the last checkpoint before the loss
     assert 0 <= repeated < epochs / 2, repeated
 
 
 @pytest.mark.slow
-def test_without_restarts_a_lost_node_stops_the_study_with_what_to_do_and_the_rerun_resumes(cluster, tmp_path,
-                                                                                            synthetic_root):
-    write_config(tmp_path, synthetic_root, train={"epochs": 600, "batch_size": 4},
-                 resources={"max_failures": 0, "checkpoint_every_s": 1.0})
+def test_without_restarts_a_lost_node_stops_the_study_with_what_to_do_and_the_rerun_resumes(
+    cluster, tmp_path, synthetic_root
+):
+    write_config(
+        tmp_path,
+        synthetic_root,
+        train={"epochs": 600, "batch_size": 4},
+        resources={"max_failures": 0, "checkpoint_every_s": 1.0},
+    )
     _, code, output = interrupt_the_training(cluster, tmp_path)
     assert code == 2, output[-4000:]
     # One line of the study's own (Ray's controller may log the crash it saw, prefixed with its pid).
@@ -194,8 +259,9 @@ def test_without_restarts_a_lost_node_stops_the_study_with_what_to_do_and_the_re
     assert "run the same command again to resume" in last
 
     cluster.add("w3")  # a new node joins; the same command goes on
-    again = subprocess.run([STUDY, "run", "study.yaml"], cwd=tmp_path, env=cluster.env(), capture_output=True,
-                           text=True, timeout=600)
+    again = subprocess.run(
+        [STUDY, "run", "study.yaml"], cwd=tmp_path, env=cluster.env(), capture_output=True, text=True, timeout=600
+    )
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert "resuming study multinode" in again.stdout
     history = FoldResult.from_json((tmp_path / "study_data/runs/multinode/latest/folds/fold0.json").read_text()).history
@@ -213,7 +279,9 @@ def test_a_lost_worker_is_told_apart_from_a_failing_training_by_the_errors_ray_r
         group = ray.train.WorkerGroupError("Training failed due to worker errors:", {0: worker_failure})
         return ray.exceptions.RayTaskError("fold", "traceback", group).as_instanceof_cause()
 
-    lost = _failure_message(2, task_error(WorkerHealthCheckFailedError("health check", ray.exceptions.ActorDiedError())), 1)
+    lost = _failure_message(
+        2, task_error(WorkerHealthCheckFailedError("health check", ray.exceptions.ActorDiedError())), 1
+    )
     assert lost.startswith("fold 2's training failed (a worker or its node was lost) after 1 restart(s)")
     failed = _failure_message(2, task_error(ValueError("input grid too small")), 1)
     assert failed.startswith("fold 2's training failed: ValueError: input grid too small. Finished folds are kept")
@@ -227,20 +295,51 @@ FAKE_RESOURCES = {"worker.gpu1": {"CPU": 1, "GPU": 1}, "worker.gpu4": {"CPU": 2,
 def fake_autoscaling(cluster_yaml: Path) -> dict:
     """cluster.yaml's worker types, min 0, for Ray's fake multi-node provider (workers are local raylets)."""
     spec = yaml.safe_load(cluster_yaml.read_text())
-    workers = {name: {"resources": {**FAKE_RESOURCES[name], "object_store_memory": 100_000_000}, "node_config": {},
-                      "min_workers": 0, "max_workers": 1}
-               for name in spec["available_node_types"] if name != spec["head_node_type"]}
-    return {"cluster_name": "fake", "max_workers": 2, "upscaling_speed": spec["upscaling_speed"],
-            "idle_timeout_minutes": 0.1,  # cluster.yaml: 10
-            "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
-                         "disable_launch_config_check": True},
-            "available_node_types": {"ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
-                                     **workers},
-            "head_node_type": "ray.head.default", "auth": {}, "docker": {}, "file_mounts": {},
-            **{key: [] for key in ("initialization_commands", "setup_commands", "head_setup_commands",
-                                   "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands",
-                                   "cluster_synced_files", "rsync_exclude", "rsync_filter")},
-            "file_mounts_sync_continuously": False}
+    workers = {
+        name: {
+            "resources": {**FAKE_RESOURCES[name], "object_store_memory": 100_000_000},
+            "node_config": {},
+            "min_workers": 0,
+            "max_workers": 1,
+        }
+        for name in spec["available_node_types"]
+        if name != spec["head_node_type"]
+    }
+    return {
+        "cluster_name": "fake",
+        "max_workers": 2,
+        "upscaling_speed": spec["upscaling_speed"],
+        "idle_timeout_minutes": 0.1,  # cluster.yaml: 10
+        "provider": {
+            "type": "fake_multinode",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+        },
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            **workers,
+        },
+        "head_node_type": "ray.head.default",
+        "auth": {},
+        "docker": {},
+        "file_mounts": {},
+        **{
+            key: []
+            for key in (
+                "initialization_commands",
+                "setup_commands",
+                "head_setup_commands",
+                "worker_setup_commands",
+                "head_start_ray_commands",
+                "worker_start_ray_commands",
+                "cluster_synced_files",
+                "rsync_exclude",
+                "rsync_filter",
+            )
+        },
+        "file_mounts_sync_continuously": False,
+    }
 
 
 @pytest.mark.slow
@@ -257,9 +356,24 @@ def test_an_autoscaling_cluster_adds_workers_for_a_study_and_removes_them_when_i
         with (tmp_path / "job.log").open("w+") as log:
             # No --working-dir: the fake nodes share the head's session folder, where a removed node's runtime env
             # would delete the package that the others run in (on a real cluster each node has its own disk).
-            job = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "job", "submit", "--address",
-                                    cluster.dashboard, "--", sys.executable, "-m", "study", "run",
-                                    str(tmp_path / "study.yaml")], env=env, stdout=log, stderr=subprocess.STDOUT)
+            job = subprocess.Popen(
+                [
+                    str(Path(sys.executable).parent / "ray"),
+                    "job",
+                    "submit",
+                    "--address",
+                    cluster.dashboard,
+                    "--",
+                    sys.executable,
+                    "-m",
+                    "study",
+                    "run",
+                    str(tmp_path / "study.yaml"),
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
             added = set()
             while job.poll() is None:
                 status = ray_cli("status", "--address", cluster.address, env=cluster.env()).stdout
@@ -281,16 +395,36 @@ def test_an_autoscaling_cluster_adds_workers_for_a_study_and_removes_them_when_i
 def test_a_study_lost_with_its_head_resumes_when_resubmitted(tmp_path, synthetic_root):
     # A head restart (no GCS fault tolerance) takes its jobs with it: Ray's job supervisor kills the study's
     # driver, and Ray forgets the job. The study's state is on disk, so the same `ray job submit` resumes it.
-    config = write_config(tmp_path, synthetic_root, train={"epochs": 30, "batch_size": 4},
-                          tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db"}, output_dir=str(tmp_path / "runs"))
+    config = write_config(
+        tmp_path,
+        synthetic_root,
+        train={"epochs": 30, "batch_size": 4},
+        tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db"},
+        output_dir=str(tmp_path / "runs"),
+    )
     ray = str(Path(sys.executable).parent / "ray")
 
     def submit(cluster: LocalCluster, log: Path) -> subprocess.Popen:
         env = {k: v for k, v in cluster.env().items() if k != "RAY_ADDRESS"}
         with log.open("w") as output:
-            return subprocess.Popen([ray, "job", "submit", "--address", cluster.dashboard, "--", sys.executable,
-                                     "-m", "study", "run", str(config)], env=env, stdout=output,
-                                    stderr=subprocess.STDOUT)
+            return subprocess.Popen(
+                [
+                    ray,
+                    "job",
+                    "submit",
+                    "--address",
+                    cluster.dashboard,
+                    "--",
+                    sys.executable,
+                    "-m",
+                    "study",
+                    "run",
+                    str(config),
+                ],
+                env=env,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
 
     cluster = LocalCluster(("w1",))
     first_fold = tmp_path / "runs" / "multinode" / "latest" / "folds" / "fold0.json"
@@ -332,6 +466,7 @@ def test_a_study_lost_with_its_head_resumes_when_resubmitted(tmp_path, synthetic
     assert "resuming study multinode" in output, output[-4000:]
     assert first_fold.stat().st_mtime_ns == before  # the finished fold was not trained again
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    studies = mlflow.search_runs(experiment_names=["multinode"], filter_string="tags.`study.level` = 'study'",
-                                 output_format="list")
+    studies = mlflow.search_runs(
+        experiment_names=["multinode"], filter_string="tags.`study.level` = 'study'", output_format="list"
+    )
     assert len(studies) == 1 and studies[0].info.status == "FINISHED"

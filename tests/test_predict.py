@@ -35,11 +35,24 @@ def finished(tmp_path_factory, synthetic_root):
     table = pd.read_csv(synthetic_root / "participants.tsv", sep="\t", dtype=str)
     table["diagnosis"] = np.where(table.sex == "M", "Patient", "CN")  # the planted effect, as a diagnosis
     table.to_csv(tmp_path / "participants_dx.tsv", sep="\t", index=False)
-    config = study_config(tmp_path, synthetic_root, name="dxpred", cohort={
-        "participants": str(tmp_path / "participants_dx.tsv"), "label": "diagnosis",
-        "classes": ["control", "patient"], "label_mapping": {"CN": "control"}},
-        attribution={"batch_size": 8, "actors": 1, "permutations": 10, "perturbation": {"iterations": 5},
-                     "sanity": {"subjects": 2, "label_randomization": False}})
+    config = study_config(
+        tmp_path,
+        synthetic_root,
+        name="dxpred",
+        cohort={
+            "participants": str(tmp_path / "participants_dx.tsv"),
+            "label": "diagnosis",
+            "classes": ["control", "patient"],
+            "label_mapping": {"CN": "control"},
+        },
+        attribution={
+            "batch_size": 8,
+            "actors": 1,
+            "permutations": 10,
+            "perturbation": {"iterations": 5},
+            "sanity": {"subjects": 2, "label_randomization": False},
+        },
+    )
     return config, run_study(config)
 
 
@@ -51,11 +64,18 @@ def test_a_diagnosis_study_names_its_classes_in_metrics_maps_and_report(finished
     patients = (pd.read_csv(config.cohort.participants, sep="\t").diagnosis == "Patient").sum()
     assert run.data.metrics["n_patient"] == patients and "n_male" not in run.data.metrics
     maps = {Path(a.path).name for a in client.list_artifacts(run_id, "maps/gradcam")}
-    assert {"gradcam_mean_patient.nii.gz", "gradcam_mean_control.nii.gz", "gradcam_t_patient_minus_control.nii.gz",
-            "gradcam_p_fwer.nii.gz"} <= maps, maps
+    assert {
+        "gradcam_mean_patient.nii.gz",
+        "gradcam_mean_control.nii.gz",
+        "gradcam_t_patient_minus_control.nii.gz",
+        "gradcam_p_fwer.nii.gz",
+    } <= maps, maps
     report = (study_dir(config) / "latest" / "report.html").read_text()
     assert "Grad-CAM: mean map, patient; explains the patient - control logit" in report
-    assert "Grad-CAM: patient - control t, FWER p &lt; 0.05" in report or "Grad-CAM: patient - control t, FWER p < 0.05" in report
+    assert (
+        "Grad-CAM: patient - control t, FWER p &lt; 0.05" in report
+        or "Grad-CAM: patient - control t, FWER p < 0.05" in report
+    )
     assert " male" not in report and "female" not in report
 
 
@@ -88,23 +108,36 @@ def test_registered_ensemble_loads_in_a_fresh_process_and_repeats_the_held_out_p
         "import study; print(study.__file__)\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "p.tsv")], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "p.tsv")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     # The code that predicted is the copy the model carries, not this checkout (which need not be installed).
     loaded_from = Path(done.stdout.strip().splitlines()[-1])
     assert not loaded_from.is_relative_to(Path(__file__).parents[1]) and "code" in loaded_from.parts, loaded_from
     predicted = pd.read_csv(tmp_path / "p.tsv", sep="\t", dtype={"subject_id": str}).set_index("subject_id")
     assert len(predicted) == 12 and predicted.problem.isna().all()
-    assert list(predicted.columns) == ["image", "p_patient", "predicted_diagnosis", "p_patient_fold0",
-                                       "p_patient_fold1", "problem"]
+    assert list(predicted.columns) == [
+        "image",
+        "p_patient",
+        "predicted_diagnosis",
+        "p_patient_fold0",
+        "p_patient_fold1",
+        "problem",
+    ]
     # Each fold's model gives its held-out subjects the probability the study logged for them.
     study = held_out(config, run_id, tmp_path)
     assert len(study) == 12 and set(study.diagnosis) == {"control", "patient"}
     for row in study.itertuples():
         assert predicted.loc[row.subject_id, f"p_patient_fold{row.fold}"] == pytest.approx(row.p_patient, abs=1e-5)
-    np.testing.assert_allclose(predicted.p_patient, predicted[["p_patient_fold0", "p_patient_fold1"]].mean(1),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        predicted.p_patient, predicted[["p_patient_fold0", "p_patient_fold1"]].mean(1), atol=1e-6
+    )
 
 
 @pytest.mark.slow
@@ -167,9 +200,14 @@ def test_study_predict_writes_the_table_and_maps_and_names_bad_images(finished, 
     assert "error: no study model 'nosuchstudy'" in err and "(dxpred)" in err
     # A participants table of new subjects: whom to predict, no diagnosis column needed.
     (scans / "new.tsv").write_text("participant_id\nsub-0002\nsub-0003\n")
-    assert main(["predict", "dxpred", str(scans / "new.tsv"), "--out", "new.tsv", "--tracking-uri",
-                 config.tracking.uri]) == 0
-    assert pd.read_csv(tmp_path / "new.tsv", sep="\t", dtype={"subject_id": str}).subject_id.tolist() == ["0002", "0003"]
+    assert (
+        main(["predict", "dxpred", str(scans / "new.tsv"), "--out", "new.tsv", "--tracking-uri", config.tracking.uri])
+        == 0
+    )
+    assert pd.read_csv(tmp_path / "new.tsv", sep="\t", dtype={"subject_id": str}).subject_id.tolist() == [
+        "0002",
+        "0003",
+    ]
     capsys.readouterr()
     assert main(["predict", "dxpred", "missing.nii.gz", "--tracking-uri", config.tracking.uri]) == 2
     assert "no such file or folder" in capsys.readouterr().err
@@ -179,8 +217,15 @@ def test_an_ensemble_saved_before_the_cohort_mean_reference_still_explains(tmp_p
     shape = (12, 14, 12)
     model = build_model(Architecture(width=2, blocks=1), shape).eval()
     mean = np.random.default_rng(0).normal(size=shape).astype(np.float32)
-    ensemble = Ensemble({0: model}, Grid(shape, np.diag([8.0, 8.0, 8.0, 1.0])), "zscore", ("perturbation",),
-                        "contrast", Perturbation(iterations=2).model_dump(), cohort_mean=mean)
+    ensemble = Ensemble(
+        {0: model},
+        Grid(shape, np.diag([8.0, 8.0, 8.0, 1.0])),
+        "zscore",
+        ("perturbation",),
+        "contrast",
+        Perturbation(iterations=2).model_dump(),
+        cohort_mean=mean,
+    )
     directory = ensemble.save(tmp_path / "ensemble")
     np.testing.assert_array_equal(Ensemble.load(directory).cohort_mean, mean)  # the reference travels along
     spec = json.loads((directory / "ensemble.json").read_text())  # as saved before there was a choice
@@ -198,13 +243,24 @@ def test_an_ensemble_of_a_researchers_own_network_loads_only_when_its_code_is_tr
 
     shape = (12, 14, 12)
     model = build_model(Network.model_validate({"class": "tests.networks:TinyNet", "channels": 2}), shape).eval()
-    directory = Ensemble({0: model}, Grid(shape, np.diag([8.0, 8.0, 8.0, 1.0])), "zscore", ("gradcam",), "contrast",
-                         Perturbation().model_dump()).save(tmp_path / "ensemble")
-    with pytest.raises(UntrustedCodeError, match="fold 0's network is tests.networks:TinyNet, a class of the study "
-                                                 "author's code: .* Pass --trust-code"):
+    directory = Ensemble(
+        {0: model},
+        Grid(shape, np.diag([8.0, 8.0, 8.0, 1.0])),
+        "zscore",
+        ("gradcam",),
+        "contrast",
+        Perturbation().model_dump(),
+    ).save(tmp_path / "ensemble")
+    with pytest.raises(
+        UntrustedCodeError,
+        match="fold 0's network is tests.networks:TinyNet, a class of the study author's code: .* Pass --trust-code",
+    ):
         Ensemble.load(directory)
     assert isinstance(Ensemble.load(directory, trust_code=True).models[0], type(model))
     # Map names come from the file name, not from any sub- folder above it.
-    for path, expected in {"sub-batch7/sub-01_ses-2_T1w.nii.gz": ("01", "sub-01_ses-2"),
-                           "sub-02/ses-1/anat/T1w.nii.gz": ("02", "sub-02_ses-1"), "scans/x.nii.gz": ("x", "sub-x")}.items():
+    for path, expected in {
+        "sub-batch7/sub-01_ses-2_T1w.nii.gz": ("01", "sub-01_ses-2"),
+        "sub-02/ses-1/anat/T1w.nii.gz": ("02", "sub-02_ses-1"),
+        "scans/x.nii.gz": ("x", "sub-x"),
+    }.items():
         assert (subject_id_of(Path(path)), maps_name(Path(path), subject_id_of(Path(path)))) == expected

@@ -6,13 +6,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_ci_runs_the_readme_test_command():
-    ci = [l for l in (ROOT / ".ci/run").read_text().splitlines() if l.startswith("python3 -m venv")]
+    ci = [line for line in (ROOT / ".ci/run").read_text().splitlines() if line.startswith("python3 -m venv")]
     assert len(ci) == 1
     assert ci[0] in (ROOT / "README.md").read_text()
 
 
 def test_readme_demo_command_runs_the_demo_config():
     readme = (ROOT / "README.md").read_text()
-    demo = [l for l in readme.splitlines() if l.startswith("python3 -m venv") and "study run" in l]
+    demo = [line for line in readme.splitlines() if line.startswith("python3 -m venv") and "study run" in line]
     assert len(demo) == 1 and "pip install torch==2.13.0 && " in demo[0]
     assert "tune_configs/demo.yaml" in demo[0] and (ROOT / "tune_configs/demo.yaml").exists()

@@ -47,25 +47,28 @@ def test_space_is_define_by_run_with_conditionals():
 
 def test_recipe_keys_of_a_search_set_the_training_recipe():
     from study.config import TrainConfig
-    from study.training.trainer import TrainingSetup
     from study.training.models import Architecture
+    from study.training.trainer import TrainingSetup
 
     setup = TrainingSetup(Architecture(), TrainConfig()).with_params(
-        {"width": 4, "lr": 0.01, "weight_decay": 0.1, "epochs": 7, "augment_strength": 0.5})
+        {"width": 4, "lr": 0.01, "weight_decay": 0.1, "epochs": 7, "augment_strength": 0.5}
+    )
     assert setup.architecture.width == 4 and setup.train.lr == 0.01 and setup.train.weight_decay == 0.1
     assert setup.train.epochs == 7 and setup.train.augment.strength == 0.5
     assert setup.train.augment.rotation_deg == TrainConfig().augment.rotation_deg  # the rest of the recipe stays
     with pytest.raises(ConfigError, match="augment_strength: value -1.0 is not valid"):
-        parse_config({"name": "s", "cohort": {"root": "x"},
-                      "search": {"space": {"augment_strength": {"uniform": [-1, 1]}}}})
+        parse_config(
+            {"name": "s", "cohort": {"root": "x"}, "search": {"space": {"augment_strength": {"uniform": [-1, 1]}}}}
+        )
 
 
 def test_unsearchable_keys_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"search.space: cannot search 'patience'; searchable keys: blocks, width"):
         parse_config({"name": "s", "cohort": {"root": "x"}, "search": {"space": {"patience": {"choice": [1, 2]}}}})
     with pytest.raises(ConfigError, match="exactly one of choice"):
-        parse_config({"name": "s", "cohort": {"root": "x"},
-                      "search": {"space": {"lr": {"choice": [1], "uniform": [0, 1]}}}})
+        parse_config(
+            {"name": "s", "cohort": {"root": "x"}, "search": {"space": {"lr": {"choice": [1], "uniform": [0, 1]}}}}
+        )
 
 
 def _loss(config):
@@ -74,9 +77,13 @@ def _loss(config):
 
 def _two_trial_search(storage) -> tune.ResultGrid:
     searcher = OptunaSearch(space={"x": tune.uniform(0, 1)}, metric="loss", mode="min")
-    tuner = tune.Tuner(_loss, tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=1),
-                                                          num_samples=2, metric="loss", mode="min"),
-                       run_config=tune.RunConfig(name="fold1", storage_path=str(storage), verbose=0))
+    tuner = tune.Tuner(
+        _loss,
+        tune_config=tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=1), num_samples=2, metric="loss", mode="min"
+        ),
+        run_config=tune.RunConfig(name="fold1", storage_path=str(storage), verbose=0),
+    )
     with environment(TUNE_DISABLE_SIGINT_HANDLER="1"):  # as the study runs Tune: else Tune's Ctrl-C handler stays
         return tuner.fit()
 
@@ -97,16 +104,22 @@ def test_search_stopped_before_tune_saved_its_trials_starts_over_with_all_trials
 
 
 def search_config(tmp_path, cohort_dir):
-    return study_config(tmp_path, cohort_dir, train={"epochs": 3, "patience": 3},
-                        search={"space": SPACE, "num_samples": 2, "max_concurrent": 1, "grace_period": 1})
+    return study_config(
+        tmp_path,
+        cohort_dir,
+        train={"epochs": 3, "patience": 3},
+        search={"space": SPACE, "num_samples": 2, "max_concurrent": 1, "grace_period": 1},
+    )
 
 
 def trial_runs(config, parent_id):
     _, folds = runs_of(config, parent_id)
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name(config.name).experiment_id
-    return {f.data.tags["study.fold"]: client.search_runs([experiment], f"tags.mlflow.parentRunId = '{f.info.run_id}'")
-            for f in folds}
+    return {
+        f.data.tags["study.fold"]: client.search_runs([experiment], f"tags.mlflow.parentRunId = '{f.info.run_id}'")
+        for f in folds
+    }
 
 
 @pytest.mark.slow
@@ -122,10 +135,13 @@ def test_search_never_reads_held_out_subjects_and_logs_trials(tmp_path, cohort_d
         def event(fold, kind, trial_id, params, result):
             log(fold, kind, trial_id, params, result)
             if kind == "result":
-                (run,) = client.search_runs([client.get_experiment_by_name(config.name).experiment_id],
-                                            f"tags.`study.trial` = '{trial_id}'")
-                seen.append((fold, trial_id, run.info.status,
-                             len(client.get_metric_history(run.info.run_id, "val_loss"))))
+                (run,) = client.search_runs(
+                    [client.get_experiment_by_name(config.name).experiment_id], f"tags.`study.trial` = '{trial_id}'"
+                )
+                seen.append(
+                    (fold, trial_id, run.info.status, len(client.get_metric_history(run.info.run_id, "val_loss")))
+                )
+
         return event
 
     monkeypatch.setattr(Publisher, "searching", watched)
@@ -136,8 +152,11 @@ def test_search_never_reads_held_out_subjects_and_logs_trials(tmp_path, cohort_d
         trials = list(audit.iterdir())
         assert len(trials) == 2
         for trial in trials:
-            read = {s for line in (trial / "rank0.jsonl").read_text().splitlines()
-                    for s in json.loads(line).get("subjects", [])}
+            read = {
+                s
+                for line in (trial / "rank0.jsonl").read_text().splitlines()
+                for s in json.loads(line).get("subjects", [])
+            }
             assert read and not read & set(fold["test"])  # the search never saw the test fold
             assert read <= set(fold["train"])
     by_fold = trial_runs(config, parent_id)
@@ -200,8 +219,9 @@ def test_interrupted_search_study_resumes_without_duplicates(tmp_path, cohort_di
     # would, so that killing it leaves the cluster (and its dashboard, which Ray Train needs) running.
     log = tmp_path / "interrupted.log"  # the interrupted study's output, so that a failure explains itself
     with log.open("w") as output:
-        process = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, stdout=output,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-c", script], start_new_session=True, stdout=output, stderr=subprocess.STDOUT
+        )
         try:
             first_fold = study_dir(config) / "latest" / "folds" / "fold0.json"
             deadline = time.time() + 600
@@ -227,8 +247,9 @@ def test_interrupted_search_study_resumes_without_duplicates(tmp_path, cohort_di
     assert first_fold.stat().st_mtime_ns == before  # the finished fold was not redone
     parent, folds = runs_of(config, parent_id)
     assert parent.info.status == "FINISHED" and len(folds) == 2
-    studies = mlflow.search_runs(experiment_names=[config.name], filter_string="tags.`study.level` = 'study'",
-                                 output_format="list")
+    studies = mlflow.search_runs(
+        experiment_names=[config.name], filter_string="tags.`study.level` = 'study'", output_format="list"
+    )
     assert len(studies) == 1
     for fold, runs in trial_runs(config, parent_id).items():
         ids = [r.data.tags["study.trial"] for r in runs]

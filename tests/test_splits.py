@@ -26,7 +26,7 @@ def random_cohort(seed: int):
 def within_one_of_ideal(subsets, ids, labels, k):
     label = dict(zip(ids, labels))
     for c in (0, 1):
-        ideal = sum(1 for l in labels if l == c) / k
+        ideal = sum(1 for label_ in labels if label_ == c) / k
         for s in subsets:
             assert abs(sum(1 for sid in s if label[sid] == c) - ideal) < 1 + 1e-9
 
@@ -59,7 +59,9 @@ def test_deterministic_and_saved(tmp_path):
 
 
 def test_too_few_families_is_an_error():
-    with pytest.raises(ValueError, match="5 female subjects in 3 families for 5 folds.*lower cv.outer_folds to at most 3"):
+    with pytest.raises(
+        ValueError, match="5 female subjects in 3 families for 5 folds.*lower cv.outer_folds to at most 3"
+    ):
         make_splits(list("abcdefghij"), np.array([0, 1] * 5), list("xxxxyyyzzz"), 5, 2, seed=0)
 
 
@@ -70,8 +72,13 @@ def cohorts(draw):
     for f in range(draw(st.integers(1, 40))):
         size = draw(st.integers(1, 6))
         kind = draw(st.sampled_from(["female", "male", "mixed"]))
-        sexes = [0] * size if kind == "female" else [1] * size if kind == "male" else \
-            draw(st.lists(st.integers(0, 1), min_size=size, max_size=size))
+        sexes = (
+            [0] * size
+            if kind == "female"
+            else [1] * size
+            if kind == "male"
+            else draw(st.lists(st.integers(0, 1), min_size=size, max_size=size))
+        )
         families += [f"fam{f}"] * size
         labels += sexes
     ids = [f"sub-{i:03d}" for i in range(len(labels))]

@@ -17,9 +17,11 @@ from study.state import LOCK_FILE, StudyState, list_executions, resume_or_start
 from study.storage import release_held
 from tests.test_study import study_config
 
-HOLD = ("import sys, time; from pathlib import Path; from study.storage import hold_exclusive; "
-        "assert hold_exclusive(Path(sys.argv[1]), 'pid 999 on the other host, since noon') is None; "
-        "print('held', flush=True); time.sleep(120)")
+HOLD = (
+    "import sys, time; from pathlib import Path; from study.storage import hold_exclusive; "
+    "assert hold_exclusive(Path(sys.argv[1]), 'pid 999 on the other host, since noon') is None; "
+    "print('held', flush=True); time.sleep(120)"
+)
 
 
 @pytest.fixture
@@ -43,8 +45,11 @@ def test_a_second_driver_is_refused_and_clean_keeps_the_running_execution(config
     release_held()  # this driver ended; another one runs the older execution now
     other = held_elsewhere(older_dir / LOCK_FILE)
     try:
-        with pytest.raises(StudyError, match=f"execution {older.execution} of study tiny is being run by another "
-                                             r"driver \(pid 999 on the other host, since noon\)"):
+        with pytest.raises(
+            StudyError,
+            match=f"execution {older.execution} of study tiny is being run by another "
+            r"driver \(pid 999 on the other host, since noon\)",
+        ):
             resume_or_start(config, study_dir(config), restart=False)
         newer, _, resumed = resume_or_start(config, study_dir(config), restart=True)  # beside it: allowed
         assert not resumed and newer.execution != older.execution
@@ -95,12 +100,22 @@ def test_a_finished_folds_checkpoint_of_another_network_class_is_refused(tmp_pat
     checkpoint.mkdir(parents=True)
     other = Network.model_validate({"class": "tests.networks:TinyNet"})
     torch.save(model_record(build_model(other, (23, 27, 23))), checkpoint / CHECKPOINT_FILE)
-    fold = FoldResult(0, TrainingSetup(config.model, config.train), pd.DataFrame({"epoch": [0]}),
-                      Checkpoint(str(checkpoint)), {"roc_auc": 0.5}, pd.DataFrame({"subject_id": ["0001"]}),
-                      {"training": 1.0}, None)
+    fold = FoldResult(
+        0,
+        TrainingSetup(config.model, config.train),
+        pd.DataFrame({"epoch": [0]}),
+        Checkpoint(str(checkpoint)),
+        {"roc_auc": 0.5},
+        pd.DataFrame({"subject_id": ["0001"]}),
+        {"training": 1.0},
+        None,
+    )
     (tmp_path / "folds").mkdir()
     (tmp_path / "folds" / "fold0.json").write_text(fold.to_json())
     study = SimpleNamespace(config=config, directory=tmp_path, storage=str(tmp_path / "ray"))
-    with pytest.raises(StudyError, match="its checkpoint's network is tests.networks:TinyNet, the config's the "
-                                         "study CNN: loading it would import code"):
+    with pytest.raises(
+        StudyError,
+        match="its checkpoint's network is tests.networks:TinyNet, the config's the "
+        "study CNN: loading it would import code",
+    ):
         next(cross_validate(study))

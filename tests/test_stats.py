@@ -51,8 +51,9 @@ def test_t_is_right_for_data_far_from_zero():
     rng = np.random.default_rng(2)
     labels = np.repeat([0, 1], 25)
     maps = (1e4 + rng.normal(0, 1e-2, size=(50, 20)) + 5e-3 * labels[:, None]).astype(np.float32)
-    expected = scipy.stats.ttest_ind(maps[labels == 1].astype(np.float64), maps[labels == 0].astype(np.float64),
-                                     equal_var=False).statistic
+    expected = scipy.stats.ttest_ind(
+        maps[labels == 1].astype(np.float64), maps[labels == 0].astype(np.float64), equal_var=False
+    ).statistic
     np.testing.assert_allclose(permutation_test(maps, labels, 0).t, expected, rtol=1e-6)
 
 
@@ -75,8 +76,9 @@ def test_fwer_p_values_equal_a_brute_force_count():
     maps = rng.normal(size=(len(labels), 60))
     maps[labels == 1, :3] += 1.2
     permutations, seed = 99, 7
-    result = permutation_test(maps, labels, permutations, folds, families, seed=seed, voxel_chunk=17,
-                              permutation_chunk=10)
+    result = permutation_test(
+        maps, labels, permutations, folds, families, seed=seed, voxel_chunk=17, permutation_chunk=10
+    )
     draws = np.random.default_rng(seed)
     max_null = []
     for _ in range(permutations):
@@ -106,9 +108,12 @@ def test_draws_are_exactly_the_permutations_the_design_allows():
     # members in either order, the singletons of fold 1 swap or not: 2 * 2 * 2 * 2 = 16 permutations.
     folds = np.array([0, 0, 0, 0, 0, 1, 1])
     families = np.array(["b", "b", "a", "a", "c", "d", "e"])
-    allowed = {perm for perm in itertools.permutations(range(7))
-               if (folds[list(perm)] == folds).all()
-               and all(len(set(families[list(perm)][families == f])) == 1 for f in set(families))}
+    allowed = {
+        perm
+        for perm in itertools.permutations(range(7))
+        if (folds[list(perm)] == folds).all()
+        and all(len(set(families[list(perm)][families == f])) == 1 for f in set(families))
+    }
     assert len(allowed) == 16
     blocks, rng = ExchangeabilityBlocks(folds, families), np.random.default_rng(0)
     drawn = collections.Counter(tuple(blocks.draw(rng)) for _ in range(3200))
@@ -125,8 +130,9 @@ def test_family_wise_error_rate_under_the_null_is_five_percent(blocked):
     for draw in range(draws):
         labels, folds, families, maps = null_maps(rng, 1000 + draw, 40)
         maps += rng.normal(size=(3, 40))[folds]
-        result = permutation_test(maps, labels, 99, folds if blocked else None, families if blocked else None,
-                                  seed=draw)
+        result = permutation_test(
+            maps, labels, 99, folds if blocked else None, families if blocked else None, seed=draw
+        )
         hits += bool((result.p <= 0.05).any())  # with 99 permutations p is k/100: p <= 0.05 is the 5% level
     assert 0.02 <= hits / draws <= 0.085, hits / draws
 
@@ -152,7 +158,9 @@ def test_ssim_is_scikit_images_windowed_ssim():
     from study.attribution.group import normalize
 
     a, b = normalize(original["m"][:, brain]), normalize(other["m"][:, brain])
-    expected = np.mean([structural_similarity(unmask(x, brain), unmask(y, brain), data_range=1.0) for x, y in zip(a, b)])
+    expected = np.mean(
+        [structural_similarity(unmask(x, brain), unmask(y, brain), data_range=1.0) for x, y in zip(a, b)]
+    )
     assert ssim == pytest.approx(expected) and 0 < ssim < 1
     assert compare(original, original, brain)["m"] == pytest.approx((1.0, 1.0))
 
@@ -167,8 +175,7 @@ def test_localization_auc_is_scikit_learns(monkeypatch):
     monkeypatch.setattr(group, "SUBJECT_CHUNK", 3)  # chunk boundaries inside the 7 subjects
     scores = localization(maps, truth)
     assert scores["roc_auc_group"] == pytest.approx(roc_auc_score(truth, maps.mean(0)))
-    assert scores["roc_auc_subject_mean"] == pytest.approx(np.mean([roc_auc_score(truth, m) for m in maps]),
-                                                           rel=1e-12)
+    assert scores["roc_auc_subject_mean"] == pytest.approx(np.mean([roc_auc_score(truth, m) for m in maps]), rel=1e-12)
     top = [truth[np.argsort(-m)[:3]].mean() for m in maps]  # top 1% of 300 voxels
     assert scores["top1pct_in_effect_subject_mean"] == pytest.approx(np.mean(top))
     assert scores["chance_top1pct"] == pytest.approx(0.1)

@@ -16,10 +16,10 @@ import ray
 import torch
 import yaml
 
-from study.data.cache import CachedVolumes
 from study.cli import main
-from study.data.cohort import load_cohort
 from study.config import parse_config
+from study.data.cache import CachedVolumes
+from study.data.cohort import load_cohort
 from study.data.prepare import StudyError, prepare_cohort
 from study.output.publish import Publisher
 from study.output.tracking import TrackingError
@@ -52,8 +52,11 @@ def assert_views_find(client, experiment_id: str, runs_of_view: dict[str, list])
     """The MLflow UI's saved views of the experiment: each view's filter finds exactly its runs, and each column
     it shows (and sorts by) is on at least one of them (a conditional search key is not on every trial)."""
     tags = client.get_experiment(experiment_id).tags
-    views = {k.removeprefix("mlflow.sharedViewState."): json.loads(v) for k, v in tags.items()
-             if k.startswith("mlflow.sharedViewState.")}
+    views = {
+        k.removeprefix("mlflow.sharedViewState."): json.loads(v)
+        for k, v in tags.items()
+        if k.startswith("mlflow.sharedViewState.")
+    }
     assert {v["name"] for v in views.values()} == {"study: executions", "study: outer folds", "study: search trials"}
     for view_id, runs in runs_of_view.items():
         state = json.loads(views[view_id]["state"])
@@ -70,8 +73,11 @@ def runs_of(config, parent_id, level="fold"):
     mlflow.set_tracking_uri(config.tracking.uri)
     runs = mlflow.search_runs(experiment_names=[config.name], output_format="list")
     parent = next(r for r in runs if r.info.run_id == parent_id)
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id
-                and r.data.tags.get("study.level") == level]
+    children = [
+        r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == parent_id and r.data.tags.get("study.level") == level
+    ]
     return parent, children
 
 
@@ -82,8 +88,15 @@ def test_ddp_study_logs_the_run_tree_and_trains_on_disjoint_shards(tmp_path, coh
 
     parent, children = runs_of(config, parent_id)
     assert parent.info.status == "FINISHED"
-    assert {"test_roc_auc_mean", "test_roc_auc_std", "test_balanced_accuracy_mean", "pooled_roc_auc",
-            "pooled_roc_auc_p_vs_chance", "baseline_pooled_roc_auc", "cnn_minus_baseline_p"} <= set(parent.data.metrics)
+    assert {
+        "test_roc_auc_mean",
+        "test_roc_auc_std",
+        "test_balanced_accuracy_mean",
+        "pooled_roc_auc",
+        "pooled_roc_auc_p_vs_chance",
+        "baseline_pooled_roc_auc",
+        "cnn_minus_baseline_p",
+    } <= set(parent.data.metrics)
     assert parent.data.tags["study.finding"] in {"yes", "none", "below_baseline"}
     _, baselines = runs_of(config, parent_id, "baseline")  # the linear baseline, one run per fold, comparable
     assert sorted(b.data.tags["study.fold"] for b in baselines) == ["0", "1"]
@@ -108,13 +121,23 @@ def test_ddp_study_logs_the_run_tree_and_trains_on_disjoint_shards(tmp_path, coh
     # The logged model loads and gives the predictions that were logged.
     cohort = load_cohort(config.cohort)
     cache = cache_for(cohort, config.preprocess).cache
-    models = [m for m in mlflow.search_logged_models(experiment_ids=[parent.info.experiment_id], output_format="list")
-              if m.name == "model"]  # each fold's (the study's ensemble has tests of its own)
+    models = [
+        m
+        for m in mlflow.search_logged_models(experiment_ids=[parent.info.experiment_id], output_format="list")
+        if m.name == "model"
+    ]  # each fold's (the study's ensemble has tests of its own)
     assert len(models) == 2
     for logged in models:
         fold_run = next(c for c in children if c.info.run_id == logged.source_run_id)
-        table = pd.read_csv(mlflow.artifacts.download_artifacts(
-            run_id=fold_run.info.run_id, artifact_path="predictions.tsv", dst_path=str(tmp_path / fold_run.info.run_id)), sep="\t", dtype={"subject_id": str})
+        table = pd.read_csv(
+            mlflow.artifacts.download_artifacts(
+                run_id=fold_run.info.run_id,
+                artifact_path="predictions.tsv",
+                dst_path=str(tmp_path / fold_run.info.run_id),
+            ),
+            sep="\t",
+            dtype={"subject_id": str},
+        )
         model = mlflow.pytorch.load_model(f"models:/{logged.model_id}").eval()
         data = CachedVolumes(cache, list(table.subject_id), np.zeros(len(table)))
         with torch.no_grad():
@@ -126,13 +149,16 @@ def test_ddp_study_logs_the_run_tree_and_trains_on_disjoint_shards(tmp_path, coh
     splits = json.loads((study_dir(config) / "latest" / "splits.json").read_text())["folds"]
     for fold in splits:
         audit = study_dir(config) / "latest" / "audit" / f"fold{fold['fold']}"
-        ranks = [[json.loads(l) for l in (audit / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+        ranks = [[json.loads(line) for line in (audit / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
         phases = {"select": fold["inner"][0]["train"], "refit": fold["train"]}
         val_ids = fold["inner"][0]["test"]
         assert {r["phase"] for r in ranks[0][:-1]} == {"select", "refit"}
         for epoch0, epoch1 in zip(ranks[0][:-1], ranks[1][:-1]):
             train_ids = phases[epoch0["phase"]]
-            shard0, shard1 = [s for s in epoch0["subjects"] if s not in val_ids], [s for s in epoch1["subjects"] if s not in val_ids]
+            shard0, shard1 = (
+                [s for s in epoch0["subjects"] if s not in val_ids],
+                [s for s in epoch1["subjects"] if s not in val_ids],
+            )
             if epoch0["phase"] == "refit":
                 shard0, shard1 = epoch0["subjects"], epoch1["subjects"]
             assert len(shard0) == len(shard1) == (len(train_ids) + 1) // 2
@@ -185,8 +211,15 @@ def test_fold_curves_reach_mlflow_while_the_fold_trains(tmp_path, cohort_dir, mo
         def epochs(fold, records):
             log(fold, records)
             run_id = study.state.fold_runs[fold]
-            seen.append((fold, len(records), len(client.get_metric_history(run_id, "refit_train_loss")),
-                         client.get_run(run_id).info.status))
+            seen.append(
+                (
+                    fold,
+                    len(records),
+                    len(client.get_metric_history(run_id, "refit_train_loss")),
+                    client.get_run(run_id).info.status,
+                )
+            )
+
         return epochs
 
     monkeypatch.setattr(Publisher, "training", watched)
@@ -206,8 +239,10 @@ def test_fold_curves_reach_mlflow_while_the_fold_trains(tmp_path, cohort_dir, mo
         times = [m.timestamp for m in points]
         assert child.info.start_time <= times[0] and times[-1] <= child.info.end_time, (child.info, times)
         assert times == sorted(times)
-        seconds = [m.value for m in sorted(client.get_metric_history(child.info.run_id, "refit_epoch_seconds"),
-                                           key=lambda m: m.step)]
+        seconds = [
+            m.value
+            for m in sorted(client.get_metric_history(child.info.run_id, "refit_epoch_seconds"), key=lambda m: m.step)
+        ]
         assert times[-1] - times[0] >= 0.9 * 1000 * sum(seconds[1:]), (times, seconds)
 
 
@@ -216,8 +251,13 @@ def test_a_failed_fold_stops_the_training_beside_it(tmp_path, cohort_dir):
     from ray.util.state import list_actors
 
     # Two folds at once; fold 1 fails at its first batch while fold 0 has thousands of epochs to go.
-    config = study_config(tmp_path, cohort_dir, model={"class": "tests.networks:FailsInOneRun"},
-                          train={"epochs": 5000}, resources={"concurrent_folds": 2})
+    config = study_config(
+        tmp_path,
+        cohort_dir,
+        model={"class": "tests.networks:FailsInOneRun"},
+        train={"epochs": 5000},
+        resources={"concurrent_folds": 2},
+    )
     with pytest.raises(StudyError, match="fold 1's training failed: RuntimeError: fold1 fails, as the test asks"):
         run_study(config)
     training = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
@@ -234,8 +274,11 @@ def _controller_timeouts() -> int:
     node = ray.get_runtime_context().get_node_id()
     logs = list_logs(node_id=node, glob_filter="train/ray-train-sys-controller-*")
     files = [f for group in logs.values() for f in group]
-    return sum(line.count("WorkerGroupStartupTimeoutError") for f in files
-               for line in get_log(filename=f, node_id=node, tail=-1))
+    return sum(
+        line.count("WorkerGroupStartupTimeoutError")
+        for f in files
+        for line in get_log(filename=f, node_id=node, tail=-1)
+    )
 
 
 class HoldsCpus:
@@ -300,10 +343,17 @@ def test_concurrent_folds_share_one_sqlite_store_and_every_execution_is_kept(tmp
 @pytest.mark.slow
 def test_a_network_of_ones_own_is_searched_trained_explained_and_predicts(tmp_path, cohort_dir):
     config = study_config(
-        tmp_path, cohort_dir, model={"class": "tests.networks:TinyNet", "channels": 2},
+        tmp_path,
+        cohort_dir,
+        model={"class": "tests.networks:TinyNet", "channels": 2},
         search={"space": {"channels": {"choice": [2, 3]}}, "num_samples": 2, "scheduler": "none"},
-        attribution={"methods": ["gradcam", "guided_backprop"], "permutations": 0, "batch_size": 4,
-                     "sanity": {"subjects": 2, "label_randomization": False}})
+        attribution={
+            "methods": ["gradcam", "guided_backprop"],
+            "permutations": 0,
+            "batch_size": 4,
+            "sanity": {"subjects": 2, "label_randomization": False},
+        },
+    )
     parent_id = run_study(config)
     parent, children = runs_of(config, parent_id)
     assert parent.info.status == "FINISHED" and len(children) == 2
@@ -314,7 +364,9 @@ def test_a_network_of_ones_own_is_searched_trained_explained_and_predicts(tmp_pa
         assert result.setup.architecture.factory == "tests.networks:TinyNet"
         assert result.setup.architecture.kwargs["channels"] in (2, 3)  # what the fold's search chose
     client = mlflow.MlflowClient(config.tracking.uri)
-    assert {"maps/gradcam/gradcam_mean_all.nii.gz"} <= {a.path for a in client.list_artifacts(parent_id, "maps/gradcam")}
+    assert {"maps/gradcam/gradcam_mean_all.nii.gz"} <= {
+        a.path for a in client.list_artifacts(parent_id, "maps/gradcam")
+    }
     # The ensemble rebuilds the network from its class and keyword arguments (no pickle) and predicts.
     ensemble = Ensemble.load(latest / "ensemble", trust_code=True)  # the test wrote TinyNet
     image = next(cohort_dir.glob("sub-*/anat/*_T1w.nii.gz"))
@@ -377,16 +429,22 @@ def test_a_finished_fold_is_kept_as_json_that_reads_back_whole(tmp_path):
 
     from study.config import TrainConfig
     from study.training.crossval import FoldResult
+    from study.training.models import Architecture
     from study.training.trainer import TrainingSetup
     from study.training.trials import SearchResult, Trial
-    from study.training.models import Architecture
 
     history = pd.DataFrame({"phase": ["select", "refit"], "epoch": [0.0, np.nan], "val_loss": [0.7, np.nan]})
     trial = Trial("t1", {"width": 8, "lr": 1e-3}, history, "stopped_early", 0.61)
-    fold = FoldResult(3, TrainingSetup(Architecture(width=8), TrainConfig(epochs=5)), history,
-                      Checkpoint(str(tmp_path / "checkpoint_000001")), {"roc_auc": 0.8, "accuracy": np.float64(0.75)},
-                      pd.DataFrame({"subject_id": ["0003", "0010"], "sex": ["M", "F"], "p_male": [0.9, 0.2]}),
-                      {"training": 12.5}, SearchResult("val_loss", {"width": 8, "lr": 1e-3}, [trial]))
+    fold = FoldResult(
+        3,
+        TrainingSetup(Architecture(width=8), TrainConfig(epochs=5)),
+        history,
+        Checkpoint(str(tmp_path / "checkpoint_000001")),
+        {"roc_auc": 0.8, "accuracy": np.float64(0.75)},
+        pd.DataFrame({"subject_id": ["0003", "0010"], "sex": ["M", "F"], "p_male": [0.9, 0.2]}),
+        {"training": 12.5},
+        SearchResult("val_loss", {"width": 8, "lr": 1e-3}, [trial]),
+    )
     text = fold.to_json()
     assert "pickle" not in text and json.loads(text)["fold"] == 3  # plain JSON, readable by anyone
     back = FoldResult.from_json(text)

@@ -30,8 +30,26 @@ def test_same_seed_same_cohort(tmp_path, synthetic_root):
 
 def test_images_are_stored_like_real_ones_and_carry_the_planted_effect(tmp_path):
     root = tmp_path / "c"
-    assert main(["synth", str(root), "--subjects", "24", "--voxel-size", "5", "6", "--effect-size", "0.4",
-                 "--regions", "2", "--seed", "11"]) == 0
+    assert (
+        main(
+            [
+                "synth",
+                str(root),
+                "--subjects",
+                "24",
+                "--voxel-size",
+                "5",
+                "6",
+                "--effect-size",
+                "0.4",
+                "--regions",
+                "2",
+                "--seed",
+                "11",
+            ]
+        )
+        == 0
+    )
     planted = json.loads((root / "derivatives/ground_truth/planted.json").read_text())
     assert planted["spec"]["effect_size"] == 0.4 and len(planted["regions"]) == 2
     regions = nib.load(root / "derivatives/ground_truth/regions.nii.gz")
@@ -57,10 +75,16 @@ def test_images_are_stored_like_real_ones_and_carry_the_planted_effect(tmp_path)
 
 def test_regions_are_not_fixed(tmp_path):
     for seed in (1, 2):
-        assert main(["synth", str(tmp_path / str(seed)), "--subjects", "4", "--voxel-size", "8",
-                     "--seed", str(seed)]) == 0
-    centres = [[r["centre_mm"] for r in json.loads((tmp_path / s / "derivatives/ground_truth/planted.json").read_text())["regions"]]
-               for s in ("1", "2")]
+        assert (
+            main(["synth", str(tmp_path / str(seed)), "--subjects", "4", "--voxel-size", "8", "--seed", str(seed)]) == 0
+        )
+    centres = [
+        [
+            r["centre_mm"]
+            for r in json.loads((tmp_path / s / "derivatives/ground_truth/planted.json").read_text())["regions"]
+        ]
+        for s in ("1", "2")
+    ]
     assert centres[0] != centres[1]
 
 
@@ -73,8 +97,9 @@ def test_a_planted_confound_shows_in_brain_volume(tmp_path, preprocess_config):
     auc = {}
     for confound in (0.0, 0.05):  # males 5% larger in each direction, little other size variation
         root = tmp_path / str(confound)
-        synthesize_cohort(root, SyntheticCohort(subjects=30, voxel_sizes=(4.0,), confound=confound, scale_sd=0.01,
-                                                seed=5))
+        synthesize_cohort(
+            root, SyntheticCohort(subjects=30, voxel_sizes=(4.0,), confound=confound, scale_sd=0.01, seed=5)
+        )
         cohort = load_cohort(CohortConfig(root=root))
         build = cache_for(cohort, preprocess_config.model_copy(update={"cache_dir": tmp_path / f"cache{confound}"}))
         assert not build.problems  # still registered-looking: every brain overlaps MNI152's
@@ -90,8 +115,10 @@ def test_every_subject_of_the_demo_cohort_passes_the_input_check(tmp_path):
     config = load_config(Path(__file__).parents[1] / "tune_configs/demo.yaml")
     synthesize_cohort(tmp_path / "demo", config.cohort.synthetic)
     grid = Grid.mni(config.preprocess.voxel_size)
-    overlaps = {path.name: mni_overlap(resample_to_grid(load_volume(path), grid), grid)
-                for path in (tmp_path / "demo").glob("sub-*/anat/*_T1w.nii.gz")}
+    overlaps = {
+        path.name: mni_overlap(resample_to_grid(load_volume(path), grid), grid)
+        for path in (tmp_path / "demo").glob("sub-*/anat/*_T1w.nii.gz")
+    }
     assert len(overlaps) == config.cohort.synthetic.subjects
     assert min(overlaps.values()) > MNI_OVERLAP_MIN, sorted(overlaps.items(), key=lambda item: item[1])[:3]
 
@@ -107,7 +134,8 @@ def test_a_synthetic_cohort_is_a_valid_bids_dataset_that_pybids_reads(tmp_path):
     root = tmp_path / "bids"
     assert main(["synth", str(root), "--subjects", "6", "--voxel-size", "6", "8", "--seed", "4"]) == 0
     validator = shutil.which("bids-validator") or shutil.which(
-        "bids-validator", path=str(Path(__file__).resolve().parents[1] / ".ci/node/node_modules/.bin"))
+        "bids-validator", path=str(Path(__file__).resolve().parents[1] / ".ci/node/node_modules/.bin")
+    )
     if validator is None:
         if os.environ.get("CI"):
             pytest.fail("bids-validator is missing: .ci/run installs it (npm install bids-validator@1.15.0)")

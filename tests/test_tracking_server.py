@@ -28,9 +28,20 @@ class TrackingServer:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        command = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-                   "--port", str(self.port), "--backend-store-uri", f"sqlite:///{self.root}/server.db",
-                   "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"]
+        command = [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--backend-store-uri",
+            f"sqlite:///{self.root}/server.db",
+            "--artifacts-destination",
+            str(self.root / "artifacts"),
+            "--workers",
+            "1",
+        ]
         log = (self.root / "server.log").open("a")
         self.process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
         deadline = time.time() + 120
@@ -91,7 +102,9 @@ def test_study_logs_through_a_server_and_survives_its_outage(tmp_path, cohort_di
     assert len(studies) == 1 and len(folds) == 2
     assert all(r.info.status == "FINISHED" for r in runs)
     assert "test_roc_auc_mean" in studies[0].data.metrics
-    assert {"report.html", "predictions.tsv", "roc.png"} <= {a.path for a in client.list_artifacts(studies[0].info.run_id)}
+    assert {"report.html", "predictions.tsv", "roc.png"} <= {
+        a.path for a in client.list_artifacts(studies[0].info.run_id)
+    }
     for fold in folds:
         assert "test_roc_auc" in fold.data.metrics
         assert {"predictions.tsv", "roc.png"} <= {a.path for a in client.list_artifacts(fold.info.run_id)}
@@ -111,8 +124,11 @@ def test_credentials_in_a_tracking_uri_are_never_logged(monkeypatch):
     uri = "http://alice:s3cret@mlflow.lab:5000"
     config = parse_config({"name": "s", "cohort": {"root": "x"}, "tracking": {"uri": uri}})
     monkeypatch.setattr("sys.argv", ["study", "run", "s.yaml", "--set", f"tracking.uri={uri}"])
-    logged = [config_yaml(config), source_tags("unknown")["mlflow.source.name"],
-              str(without_credentials(config.model_dump(mode="json")))]
+    logged = [
+        config_yaml(config),
+        source_tags("unknown")["mlflow.source.name"],
+        str(without_credentials(config.model_dump(mode="json"))),
+    ]
     assert all("s3cret" not in text and "alice" not in text and "http://mlflow.lab:5000" in text for text in logged)
     assert without_credentials("sqlite:////home/a/mlflow.db") == "sqlite:////home/a/mlflow.db"
 

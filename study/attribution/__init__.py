@@ -25,5 +25,12 @@ METHODS = {
     "guided_gradcam": "Guided Grad-CAM",
 }
 
-__all__ = ["METHODS", "AttributionError", "Perturbation", "gradcam", "guided_backprop", "meaningful_perturbation",
-           "select_targets"]
+__all__ = [
+    "METHODS",
+    "AttributionError",
+    "Perturbation",
+    "gradcam",
+    "guided_backprop",
+    "meaningful_perturbation",
+    "select_targets",
+]

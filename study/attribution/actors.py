@@ -49,8 +49,14 @@ class FoldModel:
     labels: np.ndarray
 
 
-def explain_batch(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, explanation: Explanation,
-                  voxel_mm: float, precision: Precision) -> dict[str, np.ndarray]:
+def explain_batch(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    explanation: Explanation,
+    voxel_mm: float,
+    precision: Precision,
+) -> dict[str, np.ndarray]:
     """Every method's maps for one batch (``x`` already on the device), as float16 [batch, D, H, W].
 
     In float32 on every device (``Precision.exact``): under bf16 autocast a GPU's Meaningful Perturbations
@@ -68,22 +74,33 @@ def explain_batch(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor,
             maps["guided_backprop"] = guided_backprop(model, x, targets)
         if "perturbation" in methods:
             mean = None if explanation.cohort_mean is None else torch.tensor(explanation.cohort_mean, device=x.device)
-            maps["perturbation"] = meaningful_perturbation(model, x, targets, explanation.perturbation, voxel_mm,
-                                                           cohort_mean=mean)
+            maps["perturbation"] = meaningful_perturbation(
+                model, x, targets, explanation.perturbation, voxel_mm, cohort_mean=mean
+            )
     if "guided_gradcam" in methods:
         maps["guided_gradcam"] = maps["gradcam"] * maps["guided_backprop"]
     return {m: maps[m].float().cpu().numpy().astype(np.float16) for m in methods}
 
 
-def explain_subjects(model: torch.nn.Module, cache: VolumeCache, subject_ids: list[str], labels: np.ndarray,
-                     explanation: Explanation, precision: Precision, batch_size: int) -> dict[str, np.ndarray]:
+def explain_subjects(
+    model: torch.nn.Module,
+    cache: VolumeCache,
+    subject_ids: list[str],
+    labels: np.ndarray,
+    explanation: Explanation,
+    precision: Precision,
+    batch_size: int,
+) -> dict[str, np.ndarray]:
     """Every method's maps of the given cached subjects, ``batch_size`` subjects at a time (what the memory
     estimate allows a device to hold)."""
     volumes, batches = CachedVolumes(cache, subject_ids, labels), []
     for start in range(0, len(subject_ids), batch_size):
         x, y = volumes.__getitems__(list(range(start, min(start + batch_size, len(subject_ids)))))
-        batches.append(explain_batch(model, precision.volumes(x), y.to(precision.device), explanation,
-                                     cache.grid.voxel_mm, precision))
+        batches.append(
+            explain_batch(
+                model, precision.volumes(x), y.to(precision.device), explanation, cache.grid.voxel_mm, precision
+            )
+        )
     return {m: np.concatenate([b[m] for b in batches]) for m in explanation.methods}
 
 
@@ -100,8 +117,9 @@ class Explainer:
         if self.fold != job.fold:
             self.model = self.precision.model(load_model(job.checkpoint))
             self.fold = job.fold
-        return subject_ids, explain_subjects(self.model, self.cache, subject_ids, labels, self.explanation,
-                                             self.precision, len(subject_ids))
+        return subject_ids, explain_subjects(
+            self.model, self.cache, subject_ids, labels, self.explanation, self.precision, len(subject_ids)
+        )
 
 
 def _start_actor(explanation: Explanation, cache: VolumeCache, gpus_per_actor: float, name: str):
@@ -109,9 +127,16 @@ def _start_actor(explanation: Explanation, cache: VolumeCache, gpus_per_actor: f
     return ray.remote(Explainer).options(**options).remote(explanation, cache)
 
 
-def explain_cohort(jobs: list[FoldModel], cache: VolumeCache, store: MapStore, explanation: Explanation,
-                   batch_size: int, actors: int, gpus_per_actor: float = 0,
-                   on_batch: Callable[[int], None] | None = None) -> int:
+def explain_cohort(
+    jobs: list[FoldModel],
+    cache: VolumeCache,
+    store: MapStore,
+    explanation: Explanation,
+    batch_size: int,
+    actors: int,
+    gpus_per_actor: float = 0,
+    on_batch: Callable[[int], None] | None = None,
+) -> int:
     """Explain every subject of ``jobs`` not yet in ``store``; returns how many were explained.
 
     Parameters
@@ -138,7 +163,7 @@ def explain_cohort(jobs: list[FoldModel], cache: VolumeCache, store: MapStore, e
         todo = store.missing(job.subject_ids)
         label = dict(zip(job.subject_ids, job.labels))
         for start in range(0, len(todo), batch_size):
-            ids = todo[start:start + batch_size]
+            ids = todo[start : start + batch_size]
             queue.append((job, ids, np.array([label[s] for s in ids])))
     total = sum(len(ids) for _, ids, _ in queue)
     if not queue:
@@ -154,8 +179,17 @@ def explain_cohort(jobs: list[FoldModel], cache: VolumeCache, store: MapStore, e
     return total
 
 
-def _run_pool(pool: list, generation: list[int], queue: list, total: int, store: MapStore, explanation: Explanation,
-              cache: VolumeCache, gpus_per_actor: float, on_batch: Callable[[int], None] | None) -> None:
+def _run_pool(
+    pool: list,
+    generation: list[int],
+    queue: list,
+    total: int,
+    store: MapStore,
+    explanation: Explanation,
+    cache: VolumeCache,
+    gpus_per_actor: float,
+    on_batch: Callable[[int], None] | None,
+) -> None:
     """Feed the queue of batches to the pool, replacing an actor that dies, until every batch is stored."""
     in_flight: dict[ray.ObjectRef, tuple[int, tuple]] = {}
     explained = 0

@@ -25,8 +25,17 @@ from study.attribution.actors import Explanation, FoldModel, explain_cohort
 from study.attribution.gradcam import feature_grid
 from study.attribution.group import group_means, localization, method_agreement, normalize, region_table, unmask
 from study.attribution.linear import LinearVoxelModel, weight_test
-from study.attribution.sanity import (RANDOM, RANDOM_BLOB_MM, deletion_check, deletion_summary, flagged_methods,
-                                     label_randomization, parameter_randomization, random_blobs, top_voxels)
+from study.attribution.sanity import (
+    RANDOM,
+    RANDOM_BLOB_MM,
+    deletion_check,
+    deletion_summary,
+    flagged_methods,
+    label_randomization,
+    parameter_randomization,
+    random_blobs,
+    top_voxels,
+)
 from study.attribution.stats import PermutationTest, permutation_test_on_device
 from study.attribution.store import MapStore
 from study.config import AttributionConfig, ResourcesConfig
@@ -39,7 +48,6 @@ from study.training.crossval import FoldResult, driving_task
 from study.training.loop import TrainingData, load_history
 from study.training.models import build_model
 from study.training.trainer import TrainingSetup, fit
-
 
 LINEAR_BASELINE = "linear_baseline"  # the baseline's weights, analysed beside the methods' maps
 # No class 1 - class 0 test of these maps even under the contrast: the baseline's weights are one map per fold
@@ -142,12 +150,17 @@ def _atlas(attribution: AttributionConfig, grid: Grid) -> tuple[np.ndarray | Non
 def explanation_of(attribution: AttributionConfig, study: Study) -> Explanation:
     """What ``attribution`` asks to compute for every subject (with the study's cohort mean when MP needs it)."""
     needs_mean = "perturbation" in attribution.methods and attribution.perturbation.reference == "cohort_mean"
-    return Explanation(tuple(attribution.methods), attribution.target, attribution.perturbation,
-                       study.cohort_mean if needs_mean else None)
+    return Explanation(
+        tuple(attribution.methods),
+        attribution.target,
+        attribution.perturbation,
+        study.cohort_mean if needs_mean else None,
+    )
 
 
-def _shuffled_label_fit(setup: TrainingSetup, data: TrainingData, storage: str, resources: ResourcesConfig,
-                        epochs: int) -> tuple[ray.train.Checkpoint, float]:
+def _shuffled_label_fit(
+    setup: TrainingSetup, data: TrainingData, storage: str, resources: ResourcesConfig, epochs: int
+) -> tuple[ray.train.Checkpoint, float]:
     """Train the label-randomized model (a Ray task); its checkpoint and wall seconds (waiting included)."""
     started = time.perf_counter()
     checkpoint = fit(setup, data, "label_randomized", join(storage, "train"), resources, refit_epochs=epochs).checkpoint
@@ -167,12 +180,14 @@ def start_label_randomization(study: Study, first: FoldResult) -> ray.ObjectRef 
     train_ids = study.folds[first.fold].train
     shuffled_labels = np.random.default_rng(study.config.train.seed).permutation(study.labels(train_ids))
     data = TrainingData(study.cache, [], shuffled_labels[:0], [], shuffled_labels[:0], train_ids, shuffled_labels)
-    return driving_task(_shuffled_label_fit).remote(first.setup, data, study.storage, study.config.resources,
-                                                    first.final_epochs)
+    return driving_task(_shuffled_label_fit).remote(
+        first.setup, data, study.storage, study.config.resources, first.final_epochs
+    )
 
 
-def _sanity(study: Study, first: FoldResult, store: MapStore, brain: np.ndarray,
-            shuffled_fit: ray.ObjectRef | None) -> tuple[pd.DataFrame, pd.DataFrame, float]:
+def _sanity(
+    study: Study, first: FoldResult, store: MapStore, brain: np.ndarray, shuffled_fit: ray.ObjectRef | None
+) -> tuple[pd.DataFrame, pd.DataFrame, float]:
     """Cascading randomization of the first fold's model, and the maps of the model ``shuffled_fit`` trains.
 
     The shuffled model's accuracy on its own shuffled labels says whether it could
@@ -185,7 +200,8 @@ def _sanity(study: Study, first: FoldResult, store: MapStore, brain: np.ndarray,
     original = {m: store.read(m, subjects) for m in attribution.methods}
     task = ray.remote(num_cpus=1, num_gpus=attribution.gpus_per_actor if resources.use_gpu else 0)
     cascade = task(parameter_randomization).remote(
-        first.checkpoint, study.cache, subjects, labels, original, brain, explanation, attribution.batch_size)
+        first.checkpoint, study.cache, subjects, labels, original, brain, explanation, attribution.batch_size
+    )
     shuffled, fit_accuracy = pd.DataFrame(), float("nan")
     if shuffled_fit is not None:
         checkpoint, seconds = ray.get(shuffled_fit)
@@ -194,13 +210,17 @@ def _sanity(study: Study, first: FoldResult, store: MapStore, brain: np.ndarray,
         study.times.add("label-randomized training", training)  # the rest, as for a fold, is Ray Train set-up
         study.times.add("Ray Train set-up", max(seconds - training, 0.0))
         fit_accuracy = float(history["fit_accuracy"].dropna().iloc[-1])
-        shuffled = ray.get(task(label_randomization).remote(
-            checkpoint, study.cache, subjects, labels, original, brain, explanation, attribution.batch_size))
+        shuffled = ray.get(
+            task(label_randomization).remote(
+                checkpoint, study.cache, subjects, labels, original, brain, explanation, attribution.batch_size
+            )
+        )
     return ray.get(cascade), shuffled, fit_accuracy
 
 
-def _deletion(study: Study, jobs: list[FoldModel], baselines: list[BaselineResult], store: MapStore,
-              brain: np.ndarray) -> tuple[list[ray.ObjectRef], dict[int, ray.ObjectRef]]:
+def _deletion(
+    study: Study, jobs: list[FoldModel], baselines: list[BaselineResult], store: MapStore, brain: np.ndarray
+) -> tuple[list[ray.ObjectRef], dict[int, ray.ObjectRef]]:
     """The deletion check on every held-out subject: each fold's model, with its subjects' maps' top voxels and
     random blobs of as many voxels replaced by the cohort's mean, one Ray task per fold (its table, when done);
     and the same for each fold's linear baseline with its own weights' top voxels (by fold)."""
@@ -211,22 +231,33 @@ def _deletion(study: Study, jobs: list[FoldModel], baselines: list[BaselineResul
     baseline_of = {b.fold: b for b in baselines}
     for job in jobs:
         seed = study.config.cv.seed + job.fold
-        deleted = {m: top_voxels(store.read(m, job.subject_ids)[:, brain], brain, seed=seed)
-                   for m in attribution.methods}
+        deleted = {
+            m: top_voxels(store.read(m, job.subject_ids)[:, brain], brain, seed=seed) for m in attribution.methods
+        }
         blobs = deleted[RANDOM] = random_blobs(len(job.subject_ids), brain, sigma, seed=seed)
-        refs.append(task.remote(job.checkpoint, study.cache, job.subject_ids, deleted, reference,
-                                attribution.batch_size))
+        refs.append(
+            task.remote(job.checkpoint, study.cache, job.subject_ids, deleted, reference, attribution.batch_size)
+        )
         if (baseline := baseline_of.get(job.fold)) is not None:
             weights = np.broadcast_to(np.abs(baseline.weights), (len(job.subject_ids), len(baseline.weights)))
-            linear[job.fold] = task.remote(LinearVoxelModel(baseline, brain).eval(), study.cache, job.subject_ids,
-                                           {LINEAR_BASELINE: top_voxels(weights, brain, seed=seed), RANDOM: blobs},
-                                           reference, attribution.batch_size)
+            linear[job.fold] = task.remote(
+                LinearVoxelModel(baseline, brain).eval(),
+                study.cache,
+                job.subject_ids,
+                {LINEAR_BASELINE: top_voxels(weights, brain, seed=seed), RANDOM: blobs},
+                reference,
+                attribution.batch_size,
+            )
     return refs, linear
 
 
-def explain_study(study: Study, results: list[FoldResult], baselines: list[BaselineResult],
-                  shuffled_fit: ray.ObjectRef | None = None,
-                  on_progress: Callable[[int, int], None] | None = None) -> AttributionResult:
+def explain_study(
+    study: Study,
+    results: list[FoldResult],
+    baselines: list[BaselineResult],
+    shuffled_fit: ray.ObjectRef | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> AttributionResult:
     """Explain all held-out subjects with every method and analyse the maps.
 
     Parameters
@@ -252,10 +283,15 @@ def explain_study(study: Study, results: list[FoldResult], baselines: list[Basel
     """
     attribution, resources = study.config.attribution, study.config.resources
     methods = list(attribution.methods)
-    jobs = [FoldModel(r.fold, r.checkpoint, r.predictions.subject_id.tolist(),
-                      study.labels(r.predictions.subject_id.tolist())) for r in results]
-    store = MapStore(study.directory / "maps" / _store_key(attribution, results), study.cohort.ids,
-                     study.cache.shape, methods)
+    jobs = [
+        FoldModel(
+            r.fold, r.checkpoint, r.predictions.subject_id.tolist(), study.labels(r.predictions.subject_id.tolist())
+        )
+        for r in results
+    ]
+    store = MapStore(
+        study.directory / "maps" / _store_key(attribution, results), study.cohort.ids, study.cache.shape, methods
+    )
     gpus_per_actor = attribution.gpus_per_actor if resources.use_gpu else 0
     if attribution.actors:
         actors = attribution.actors
@@ -265,8 +301,16 @@ def explain_study(study: Study, results: list[FoldResult], baselines: list[Basel
         actors = 2
     total = len(store.missing([s for job in jobs for s in job.subject_ids]))
     with study.times.stage("attribution"):
-        explain_cohort(jobs, study.cache, store, explanation_of(attribution, study), attribution.batch_size, actors,
-                       gpus_per_actor, on_batch=(lambda done: on_progress(done, total)) if on_progress else None)
+        explain_cohort(
+            jobs,
+            study.cache,
+            store,
+            explanation_of(attribution, study),
+            attribution.batch_size,
+            actors,
+            gpus_per_actor,
+            on_batch=(lambda done: on_progress(done, total)) if on_progress else None,
+        )
 
     with study.times.stage("group statistics"):
         grid = study.cache.grid
@@ -283,14 +327,19 @@ def explain_study(study: Study, results: list[FoldResult], baselines: list[Basel
         analysed: dict[str, MethodMaps] = {}
         weights = {b.fold: np.abs(b.weights) for b in baselines}
         for method in [*methods, *([LINEAR_BASELINE] if baselines else [])]:
-            raw = np.stack([weights[f] for f in fold_of]) if method == LINEAR_BASELINE \
+            raw = (
+                np.stack([weights[f] for f in fold_of])
+                if method == LINEAR_BASELINE
                 else store.read(method, tested)[:, brain]
+            )
             normalized[method] = normalize(raw)
         # One question for every subject: with GPUs, the tests run side by side, each on a GPU share; on CPUs in
         # this process, whose threads all work on each test's sums.
-        arguments = {method: (maps, labels, attribution.permutations, fold_of, families, study.config.cv.seed)
-                     for method, maps in normalized.items()
-                     if attribution.target == "contrast" and method not in UNTESTED}
+        arguments = {
+            method: (maps, labels, attribution.permutations, fold_of, families, study.config.cv.seed)
+            for method, maps in normalized.items()
+            if attribution.target == "contrast" and method not in UNTESTED
+        }
         if resources.use_gpu:
             task = ray.remote(num_cpus=1, num_gpus=attribution.gpus_per_actor)(permutation_test_on_device)
             tests = dict(zip(arguments, ray.get([task.remote(*a) for a in arguments.values()])))
@@ -298,12 +347,19 @@ def explain_study(study: Study, results: list[FoldResult], baselines: list[Basel
             tests = {method: permutation_test_on_device(*a) for method, a in arguments.items()}
         if baselines:  # the linear model's weights, refitted on all subjects and on permuted labels
             C = float(np.median([b.C for b in baselines]))
-            tests[LINEAR_BASELINE] = weight_test(brain_voxels(study.cache, tested, brain), labels, C,
-                                                 attribution.permutations, families, study.config.cv.seed)
+            tests[LINEAR_BASELINE] = weight_test(
+                brain_voxels(study.cache, tested, brain),
+                labels,
+                C,
+                attribution.permutations,
+                families,
+                study.config.cv.seed,
+            )
         for method, maps in normalized.items():
             group = group_means(maps, labels, classes)
-            per_fold = {job.fold: group_means(maps[fold_of == job.fold], labels[fold_of == job.fold], classes)
-                        for job in jobs}
+            per_fold = {
+                job.fold: group_means(maps[fold_of == job.fold], labels[fold_of == job.fold], classes) for job in jobs
+            }
             test = tests.get(method)
             regions = {}
             if truth is not None:
@@ -316,18 +372,36 @@ def explain_study(study: Study, results: list[FoldResult], baselines: list[Basel
     with study.times.stage("sanity checks"):
         deleting, deleting_linear = _deletion(study, jobs, baselines, store, brain)  # beside the randomization
         cascade, shuffled, shuffled_accuracy = _sanity(study, results[0], store, brain, shuffled_fit)
-        deletion = pd.concat([table.assign(fold=job.fold, model="cnn")
-                              for job, table in zip(jobs, ray.get(deleting))], ignore_index=True)
+        deletion = pd.concat(
+            [table.assign(fold=job.fold, model="cnn") for job, table in zip(jobs, ray.get(deleting))], ignore_index=True
+        )
         summary = deletion_summary(deletion)
         if deleting_linear:  # the linear model's own random blobs are its control
-            linear = pd.concat([table.assign(fold=fold, model="linear")
-                                for fold, table in zip(deleting_linear, ray.get(list(deleting_linear.values())))],
-                               ignore_index=True)
+            linear = pd.concat(
+                [
+                    table.assign(fold=fold, model="linear")
+                    for fold, table in zip(deleting_linear, ray.get(list(deleting_linear.values())))
+                ],
+                ignore_index=True,
+            )
             summary = pd.concat([summary, deletion_summary(linear)], ignore_index=True)
             deletion = pd.concat([deletion, linear], ignore_index=True)
-    features, spacing = feature_grid(build_model(results[0].setup.architecture, study.cache.shape).eval(),
-                                     study.cache.shape)
-    return AttributionResult(analysed, brain, study.cache.affine, len(tested), attribution.target, agreement,
-                             cascade, shuffled, shuffled_accuracy, flagged_methods(cascade, shuffled), deletion,
-                             summary, store,
-                             (features, spacing[0] * study.cache.grid.voxel_mm))
+    features, spacing = feature_grid(
+        build_model(results[0].setup.architecture, study.cache.shape).eval(), study.cache.shape
+    )
+    return AttributionResult(
+        analysed,
+        brain,
+        study.cache.affine,
+        len(tested),
+        attribution.target,
+        agreement,
+        cascade,
+        shuffled,
+        shuffled_accuracy,
+        flagged_methods(cascade, shuffled),
+        deletion,
+        summary,
+        store,
+        (features, spacing[0] * study.cache.grid.voxel_mm),
+    )

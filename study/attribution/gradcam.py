@@ -70,13 +70,17 @@ def check_placement(model: nn.Module, input_shape: tuple[int, int, int], name: s
     for axis, (n, size) in enumerate(zip(sizes, input_shape)):
         last = start[axis] + jump[axis] * (n - 1)
         if start[axis] < -jump[axis] or last > size - 1 + jump[axis]:
-            raise ValueError(f"{name}: Grad-CAM would place its {n} feature voxels of axis {axis} at "
-                             f"input voxels {start[axis]:.0f} to {last:.0f} of a grid of {size}: the convolutions and "
-                             "poolings registered before gradcam_layer are not the ones that run before it, in that "
-                             "order (a parallel shortcut registered first?). Register modules in the order they run")
+            raise ValueError(
+                f"{name}: Grad-CAM would place its {n} feature voxels of axis {axis} at "
+                f"input voxels {start[axis]:.0f} to {last:.0f} of a grid of {size}: the convolutions and "
+                "poolings registered before gradcam_layer are not the ones that run before it, in that "
+                "order (a parallel shortcut registered first?). Register modules in the order they run"
+            )
 
 
-def place_on_input(cam: torch.Tensor, shape: tuple[int, int, int], start: list[float], jump: list[float]) -> torch.Tensor:
+def place_on_input(
+    cam: torch.Tensor, shape: tuple[int, int, int], start: list[float], jump: list[float]
+) -> torch.Tensor:
     """Resample feature-grid maps [batch, 1, d, h, w] onto the input grid ``shape`` by the geometry.
 
     Input voxel ``i`` takes the value at feature coordinate ``(i - start) / jump``

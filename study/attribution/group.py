@@ -88,7 +88,7 @@ def method_agreement(maps: dict[str, np.ndarray], top_fraction: float = 0.05) ->
     rho: dict[tuple[str, str], list[np.ndarray]] = {pair: [] for pair in pairs}
     dice: dict[tuple[str, str], list[np.ndarray]] = {pair: [] for pair in pairs}
     for start in range(0, subjects, SUBJECT_CHUNK):
-        chunk = {m: maps[m][start:start + SUBJECT_CHUNK] for m in names}
+        chunk = {m: maps[m][start : start + SUBJECT_CHUNK] for m in names}
         ranks = {m: rankdata(x, axis=1) for m, x in chunk.items()}
         tops = {m: _top_mask(x, k) for m, x in chunk.items()}
         for a, b in pairs:
@@ -98,18 +98,23 @@ def method_agreement(maps: dict[str, np.ndarray], top_fraction: float = 0.05) ->
     for a, b in pairs:
         subject_rho, subject_dice = np.concatenate(rho[a, b]), np.concatenate(dice[a, b])
         pooled_a, pooled_b = maps[a].mean(0), maps[b].mean(0)
-        rows.append({
-            "method_a": a, "method_b": b,
-            "spearman_subject_mean": float(subject_rho.mean()), "spearman_subject_std": float(subject_rho.std()),
-            f"dice_top{top_fraction:.0%}_subject_mean": float(subject_dice.mean()),
-            "spearman_pooled": float(spearman_rows(pooled_a, pooled_b)[0]),
-            f"dice_top{top_fraction:.0%}_pooled": float(dice_top(pooled_a, pooled_b, top_fraction)[0]),
-        })
+        rows.append(
+            {
+                "method_a": a,
+                "method_b": b,
+                "spearman_subject_mean": float(subject_rho.mean()),
+                "spearman_subject_std": float(subject_rho.std()),
+                f"dice_top{top_fraction:.0%}_subject_mean": float(subject_dice.mean()),
+                "spearman_pooled": float(spearman_rows(pooled_a, pooled_b)[0]),
+                f"dice_top{top_fraction:.0%}_pooled": float(dice_top(pooled_a, pooled_b, top_fraction)[0]),
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def localization(maps: np.ndarray, truth: np.ndarray, distractor: np.ndarray | None = None,
-                 top_fraction: float = 0.01) -> dict[str, float]:
+def localization(
+    maps: np.ndarray, truth: np.ndarray, distractor: np.ndarray | None = None, top_fraction: float = 0.01
+) -> dict[str, float]:
     """How well maps find a known effect, and how little they point at a known distractor.
 
     Voxel ROC AUC against ``truth`` (bool [voxels]) and the share of each map's
@@ -123,7 +128,7 @@ def localization(maps: np.ndarray, truth: np.ndarray, distractor: np.ndarray | N
     inside, outside = int(truth.sum()), int((~truth).sum())
     auc, top_share = [], []
     for start in range(0, len(maps), SUBJECT_CHUNK):
-        chunk = maps[start:start + SUBJECT_CHUNK]
+        chunk = maps[start : start + SUBJECT_CHUNK]
         auc.append((rankdata(chunk, axis=1)[:, truth].sum(1) - inside * (inside + 1) / 2) / (inside * outside))
         top_share.append(_top_mask(chunk, k)[:, truth].sum(1) / k)
     group = maps.mean(0, keepdims=True)
@@ -136,15 +141,24 @@ def localization(maps: np.ndarray, truth: np.ndarray, distractor: np.ndarray | N
         "chance_top1pct": float(truth.mean()),
     }
     if distractor is not None:
-        scores |= {"top1pct_in_distractor_group": float(distractor[group_top].mean()),
-                   "chance_distractor": float(distractor.mean())}
+        scores |= {
+            "top1pct_in_distractor_group": float(distractor[group_top].mean()),
+            "chance_distractor": float(distractor.mean()),
+        }
     return scores
 
 
 def region_table(mean_map: np.ndarray, labels: np.ndarray, names: dict[int, str]) -> pd.DataFrame:
     """Regions ranked by mean attribution inside them (labels and map on the same voxels)."""
-    rows = [{"label": int(l), "region": names.get(int(l), f"label {int(l)}"),
-             "mean_attribution": float(mean_map[labels == l].mean()), "voxels": int((labels == l).sum())}
-            for l in np.unique(labels) if l != 0]
+    rows = [
+        {
+            "label": int(label),
+            "region": names.get(int(label), f"label {int(label)}"),
+            "mean_attribution": float(mean_map[labels == label].mean()),
+            "voxels": int((labels == label).sum()),
+        }
+        for label in np.unique(labels)
+        if label != 0
+    ]
     table = pd.DataFrame(rows, columns=["label", "region", "mean_attribution", "voxels"])
     return table.sort_values("mean_attribution", ascending=False).reset_index(drop=True)

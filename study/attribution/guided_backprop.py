@@ -17,8 +17,15 @@ from study.attribution.targets import class_score, frozen
 
 _RELUS = {F.relu, torch.relu, torch.Tensor.relu, F.relu_, torch.relu_, torch.Tensor.relu_}
 _OTHER_ACTIVATIONS = {
-    F.leaky_relu: "leaky_relu", F.elu: "elu", F.gelu: "gelu", F.silu: "silu", F.selu: "selu",
-    F.softplus: "softplus", F.mish: "mish", F.hardswish: "hardswish", F.prelu: "prelu",
+    F.leaky_relu: "leaky_relu",
+    F.elu: "elu",
+    F.gelu: "gelu",
+    F.silu: "silu",
+    F.selu: "selu",
+    F.softplus: "softplus",
+    F.mish: "mish",
+    F.hardswish: "hardswish",
+    F.prelu: "prelu",
 }
 
 
@@ -71,5 +78,6 @@ def check_relu_only(model: torch.nn.Module, input_shape: tuple[int, int, int], n
     try:
         guided_backprop(model, torch.zeros(1, 1, *input_shape), None)
     except AttributionError as err:
-        raise ValueError(f"{name}: {err}; use nn.ReLU, or leave guided_backprop and guided_gradcam out of "
-                         "attribution.methods") from None
+        raise ValueError(
+            f"{name}: {err}; use nn.ReLU, or leave guided_backprop and guided_gradcam out of attribution.methods"
+        ) from None

@@ -52,8 +52,9 @@ def standardize(x: np.ndarray) -> np.ndarray:
     return (x - x.mean(0)) / np.where(sd > 0, sd, 1.0)
 
 
-def logistic_dual(kernel: torch.Tensor, labels: torch.Tensor, C: float, iterations: int = 50,
-                  tol: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
+def logistic_dual(
+    kernel: torch.Tensor, labels: torch.Tensor, C: float, iterations: int = 50, tol: float = 1e-10
+) -> tuple[torch.Tensor, torch.Tensor]:
     """l2 logistic regression fitted in the subjects' space, for many labellings at once.
 
     Minimizes ``C * sum(log-loss) + |w|^2 / 2`` with ``w = X.T @ alpha`` and an
@@ -95,9 +96,16 @@ def logistic_dual(kernel: torch.Tensor, labels: torch.Tensor, C: float, iteratio
     return alpha, intercept
 
 
-def weight_test(voxels: np.ndarray, labels: np.ndarray, C: float, permutations: int,
-                families: np.ndarray | None = None, seed: int = 0, device: str = "cpu",
-                chunk: int = 64) -> PermutationTest:
+def weight_test(
+    voxels: np.ndarray,
+    labels: np.ndarray,
+    C: float,
+    permutations: int,
+    families: np.ndarray | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    chunk: int = 64,
+) -> PermutationTest:
     """The weights of an l2 logistic regression on all subjects, and their FWER-corrected p (max statistic).
 
     Parameters
@@ -138,7 +146,7 @@ def weight_test(voxels: np.ndarray, labels: np.ndarray, C: float, permutations: 
     rows = torch.as_tensor(labellings, dtype=torch.float64, device=device)
     maxima = []
     for start in range(0, len(rows), chunk):
-        alpha, _ = logistic_dual(kernel, rows[start:start + chunk], C)
+        alpha, _ = logistic_dual(kernel, rows[start : start + chunk], C)
         weights = alpha @ xt
         if start == 0:
             observed = weights[0].cpu().numpy()

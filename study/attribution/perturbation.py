@@ -27,7 +27,6 @@ for deletion, m for preservation.
 from __future__ import annotations
 
 import math
-
 from typing import Literal
 
 import torch
@@ -53,12 +52,14 @@ class Perturbation(Params):
     jitter_voxels: int = Field(1, ge=0)  # random shift of the perturbed volume at each step
 
     @model_validator(mode="after")
-    def _blur_width_needs_the_blur(self) -> "Perturbation":
+    def _blur_width_needs_the_blur(self) -> Perturbation:
         """A config written when blurring was the only reference would silently stop blurring: ask."""
         if "blur_sigma_mm" in self.model_fields_set and "reference" not in self.model_fields_set:
-            raise ValueError("blur_sigma_mm is the width of the blur reference, and deleted voxels now become the "
-                             "cohort's mean by default: set reference: blur to delete by blurring (the paper's), "
-                             "or drop blur_sigma_mm")
+            raise ValueError(
+                "blur_sigma_mm is the width of the blur reference, and deleted voxels now become the "
+                "cohort's mean by default: set reference: blur to delete by blurring (the paper's), "
+                "or drop blur_sigma_mm"
+            )
         return self
 
 
@@ -93,9 +94,15 @@ def _probability(logits: torch.Tensor, targets: torch.Tensor | None, decision: t
     return decision * (p[:, 1] - p[:, 0]) if targets is None else p.gather(1, targets[:, None])[:, 0]
 
 
-def meaningful_perturbation(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor | None,
-                            config: Perturbation, voxel_mm: float, seed: int = 0,
-                            cohort_mean: torch.Tensor | None = None) -> torch.Tensor:
+def meaningful_perturbation(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    targets: torch.Tensor | None,
+    config: Perturbation,
+    voxel_mm: float,
+    seed: int = 0,
+    cohort_mean: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Optimized perturbation masks, as saliency on the input grid.
 
     Parameters
@@ -127,21 +134,28 @@ def meaningful_perturbation(model: torch.nn.Module, x: torch.Tensor, targets: to
     if config.reference == "blur":
         reference = gaussian_blur3d(x, config.blur_sigma_mm / voxel_mm)
     elif cohort_mean is None or tuple(cohort_mean.shape) != tuple(x.shape[2:]):
-        raise ValueError(f"perturbation.reference cohort_mean needs the cohort's mean volume of shape "
-                         f"{tuple(x.shape[2:])}, got {None if cohort_mean is None else tuple(cohort_mean.shape)}")
+        raise ValueError(
+            f"perturbation.reference cohort_mean needs the cohort's mean volume of shape "
+            f"{tuple(x.shape[2:])}, got {None if cohort_mean is None else tuple(cohort_mean.shape)}"
+        )
     else:
         reference = cohort_mean.to(x.device, x.dtype).expand_as(x)
     with frozen(model):
         return _optimize(model, x, reference, targets, config, seed)
 
 
-def _optimize(model: torch.nn.Module, x: torch.Tensor, reference: torch.Tensor, targets: torch.Tensor | None,
-              config: Perturbation, seed: int) -> torch.Tensor:
+def _optimize(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    reference: torch.Tensor,
+    targets: torch.Tensor | None,
+    config: Perturbation,
+    seed: int,
+) -> torch.Tensor:
     size = x.shape[2:]
     coarse = [max(1, s // config.mask_scale) for s in size]
     deletion = config.variant == "deletion"
-    mask = torch.full((x.shape[0], 1, *coarse), 1.0 if deletion else 0.0, device=x.device,
-                      requires_grad=True)
+    mask = torch.full((x.shape[0], 1, *coarse), 1.0 if deletion else 0.0, device=x.device, requires_grad=True)
     optimizer = torch.optim.Adam([mask], lr=config.lr)
     generator = torch.Generator().manual_seed(seed)
     j = config.jitter_voxels
@@ -159,7 +173,9 @@ def _optimize(model: torch.nn.Module, x: torch.Tensor, reference: torch.Tensor, 
                 perturbed = torch.roll(perturbed, shifts=shifts, dims=(2, 3, 4))
             score = _probability(model(perturbed), targets, decision)
             area = (1 - mask if deletion else mask).abs().flatten(1).mean(1)
-            loss = (score if deletion else -score) + config.l1 * area + config.tv * _total_variation(mask, config.tv_beta)
+            loss = (
+                (score if deletion else -score) + config.l1 * area + config.tv * _total_variation(mask, config.tv_beta)
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.sum().backward()
             optimizer.step()

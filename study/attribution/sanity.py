@@ -43,7 +43,9 @@ RANDOM = "random"  # the deletion check's control: random blobs of brain voxels
 RANDOM_BLOB_MM = 6.0  # the blobs' smoothing (Gaussian sigma)
 
 
-def compare(original: dict[str, np.ndarray], other: dict[str, np.ndarray], brain: np.ndarray) -> dict[str, tuple[float, float]]:
+def compare(
+    original: dict[str, np.ndarray], other: dict[str, np.ndarray], brain: np.ndarray
+) -> dict[str, tuple[float, float]]:
     """Per method: (mean Spearman over brain voxels, mean windowed SSIM of the volumes) between two sets of
     maps of the same subjects, each normalized to [0, 1].
 
@@ -72,9 +74,13 @@ def cascade_steps(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
     steps = [("classifier", [m for m in leaves if isinstance(m, nn.Linear)])]
     convs = [i for i, m in enumerate(leaves) if isinstance(m, nn.Conv3d)]
     for n, i in enumerate(reversed(convs)):
-        norm = leaves[i + 1:i + 2]
-        steps.append((f"conv{len(convs) - n}",
-                       [leaves[i]] + [m for m in norm if isinstance(m, NORMS) and hasattr(m, "reset_parameters")]))
+        norm = leaves[i + 1 : i + 2]
+        steps.append(
+            (
+                f"conv{len(convs) - n}",
+                [leaves[i]] + [m for m in norm if isinstance(m, NORMS) and hasattr(m, "reset_parameters")],
+            )
+        )
     return [step for step in steps if step[1]]
 
 
@@ -96,31 +102,47 @@ def randomized_cascade(model: nn.Module, seed: int = 0) -> Iterator[tuple[str, n
         yield name, copy.deepcopy(model).eval()
 
 
-def parameter_randomization(checkpoint: ray.train.Checkpoint, cache: VolumeCache, subject_ids: list[str],
-                            labels: np.ndarray, original: dict[str, np.ndarray], brain: np.ndarray,
-                            explanation: Explanation, batch_size: int, seed: int = 0) -> pd.DataFrame:
+def parameter_randomization(
+    checkpoint: ray.train.Checkpoint,
+    cache: VolumeCache,
+    subject_ids: list[str],
+    labels: np.ndarray,
+    original: dict[str, np.ndarray],
+    brain: np.ndarray,
+    explanation: Explanation,
+    batch_size: int,
+    seed: int = 0,
+) -> pd.DataFrame:
     """Cascading randomization: one row per (step, method) with Spearman and SSIM to the original.
 
     Explained as the original maps were: on this task's device, ``batch_size`` subjects at a time."""
     precision = Precision.choose(worker_device())
     rows = []
     for step, (name, model) in enumerate(randomized_cascade(load_model(checkpoint), seed), start=1):
-        maps = explain_subjects(precision.model(model), cache, subject_ids, labels, explanation, precision,
-                                batch_size)
+        maps = explain_subjects(precision.model(model), cache, subject_ids, labels, explanation, precision, batch_size)
         for method, (rho, ssim) in compare(original, maps, brain).items():
             rows.append({"step": step, "randomized_down_to": name, "method": method, "spearman": rho, "ssim": ssim})
     return pd.DataFrame(rows)
 
 
-def label_randomization(checkpoint: ray.train.Checkpoint, cache: VolumeCache, subject_ids: list[str],
-                        labels: np.ndarray, original: dict[str, np.ndarray], brain: np.ndarray,
-                        explanation: Explanation, batch_size: int) -> pd.DataFrame:
+def label_randomization(
+    checkpoint: ray.train.Checkpoint,
+    cache: VolumeCache,
+    subject_ids: list[str],
+    labels: np.ndarray,
+    original: dict[str, np.ndarray],
+    brain: np.ndarray,
+    explanation: Explanation,
+    batch_size: int,
+) -> pd.DataFrame:
     """Maps of a model trained on shuffled labels, compared with the original maps."""
     precision = Precision.choose(worker_device())
-    maps = explain_subjects(precision.model(load_model(checkpoint)), cache, subject_ids, labels, explanation,
-                            precision, batch_size)
-    return pd.DataFrame([{"method": m, "spearman": rho, "ssim": ssim}
-                         for m, (rho, ssim) in compare(original, maps, brain).items()])
+    maps = explain_subjects(
+        precision.model(load_model(checkpoint)), cache, subject_ids, labels, explanation, precision, batch_size
+    )
+    return pd.DataFrame(
+        [{"method": m, "spearman": rho, "ssim": ssim} for m, (rho, ssim) in compare(original, maps, brain).items()]
+    )
 
 
 def flagged_methods(cascade: pd.DataFrame, shuffled: pd.DataFrame) -> list[str]:
@@ -148,18 +170,24 @@ def top_voxels(maps: np.ndarray, brain: np.ndarray, share: float = DELETED_SHARE
     return np.flatnonzero(brain)[np.argpartition(-scores, k - 1, axis=1)[:, :k]].astype(np.int32)
 
 
-def random_blobs(subjects: int, brain: np.ndarray, sigma_voxels: float, share: float = DELETED_SHARE,
-                 seed: int = 0) -> np.ndarray:
+def random_blobs(
+    subjects: int, brain: np.ndarray, sigma_voxels: float, share: float = DELETED_SHARE, seed: int = 0
+) -> np.ndarray:
     """Flat grid indices [subjects, k] of random blobs covering ``share`` of the brain: the top voxels of
     Gaussian-smoothed white noise (``sigma_voxels``), contiguous like a map's top voxels, unlike scattered ones."""
     rng = np.random.default_rng(seed)
-    noise = np.stack([gaussian_filter(rng.standard_normal(brain.shape, dtype=np.float32), sigma_voxels)[brain]
-                      for _ in range(subjects)])
+    noise = np.stack(
+        [
+            gaussian_filter(rng.standard_normal(brain.shape, dtype=np.float32), sigma_voxels)[brain]
+            for _ in range(subjects)
+        ]
+    )
     return top_voxels(noise, brain, share, seed)
 
 
-def deletion_changes(model: nn.Module, volumes: torch.Tensor, deleted: dict[str, np.ndarray],
-                     reference: torch.Tensor) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def deletion_changes(
+    model: nn.Module, volumes: torch.Tensor, deleted: dict[str, np.ndarray], reference: torch.Tensor
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """How much replacing voxels by ``reference`` moves the model's decision, subject by subject.
 
     Parameters
@@ -182,6 +210,7 @@ def deletion_changes(model: nn.Module, volumes: torch.Tensor, deleted: dict[str,
         Per method, the absolute change of that class's probability after the deletion, [subjects]: a map
         of the magnitude (evidence for either class) may mark voxels whose deletion strengthens the decision.
     """
+
     def probabilities(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return torch.softmax(model(x).float(), dim=1)
@@ -199,14 +228,19 @@ def deletion_changes(model: nn.Module, volumes: torch.Tensor, deleted: dict[str,
     return decided.cpu().numpy(), changes
 
 
-def deletion_check(model: ray.train.Checkpoint | nn.Module, cache: VolumeCache, subject_ids: list[str],
-                   deleted: dict[str, np.ndarray], reference: np.ndarray, batch_size: int) -> pd.DataFrame:
+def deletion_check(
+    model: ray.train.Checkpoint | nn.Module,
+    cache: VolumeCache,
+    subject_ids: list[str],
+    deleted: dict[str, np.ndarray],
+    reference: np.ndarray,
+    batch_size: int,
+) -> pd.DataFrame:
     """:func:`deletion_changes` for one fold's held-out subjects, in batches: one row per (subject, method).
 
     ``model`` is the fold's CNN checkpoint, or a network in eval mode (the linear baseline's)."""
     precision = Precision.choose(worker_device(), precision="fp32")
-    model = precision.model(load_model(model) if isinstance(model, ray.train.Checkpoint)
-                            else model)
+    model = precision.model(load_model(model) if isinstance(model, ray.train.Checkpoint) else model)
     volumes, rows = CachedVolumes(cache, subject_ids, np.zeros(len(subject_ids))), []
     mean = torch.tensor(reference, device=precision.device)
     for start in range(0, len(subject_ids), batch_size):
@@ -214,8 +248,11 @@ def deletion_check(model: ray.train.Checkpoint | nn.Module, cache: VolumeCache, 
         x = precision.volumes(volumes.__getitems__(batch)[0])
         with precision.exact():  # p changes of a few thousandths are compared: no TF32 on a GPU either
             decided, changes = deletion_changes(model, x, {m: v[batch] for m, v in deleted.items()}, mean)
-        rows += [{"subject_id": subject_ids[i], "method": m, "p_decision": float(decided[j]),
-                  "p_change": float(c[j])} for m, c in changes.items() for j, i in enumerate(batch)]
+        rows += [
+            {"subject_id": subject_ids[i], "method": m, "p_decision": float(decided[j]), "p_change": float(c[j])}
+            for m, c in changes.items()
+            for j, i in enumerate(batch)
+        ]
     return pd.DataFrame(rows)
 
 
@@ -229,9 +266,28 @@ def deletion_summary(changes: pd.DataFrame) -> pd.DataFrame:
     for method in [m for m in changes.method.unique() if m != RANDOM]:
         difference = (by[method] - by[RANDOM]).to_numpy()
         p = float(wilcoxon(difference, alternative="greater").pvalue) if np.any(difference != 0) else 1.0
-        rows.append({"method": method, "subjects": len(difference), "change_mean": float(by[method].mean()),
-                     "change_median": float(by[method].median()), "random_change_mean": float(by[RANDOM].mean()),
-                     "share_above_random": float((difference > 0).mean()), "p_vs_random": p,
-                     "beats_random": p < FLAG_DELETION_P})
-    return pd.DataFrame(rows, columns=["method", "subjects", "change_mean", "change_median", "random_change_mean",
-                                       "share_above_random", "p_vs_random", "beats_random"])
+        rows.append(
+            {
+                "method": method,
+                "subjects": len(difference),
+                "change_mean": float(by[method].mean()),
+                "change_median": float(by[method].median()),
+                "random_change_mean": float(by[RANDOM].mean()),
+                "share_above_random": float((difference > 0).mean()),
+                "p_vs_random": p,
+                "beats_random": p < FLAG_DELETION_P,
+            }
+        )
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "method",
+            "subjects",
+            "change_mean",
+            "change_median",
+            "random_change_mean",
+            "share_above_random",
+            "p_vs_random",
+            "beats_random",
+        ],
+    )

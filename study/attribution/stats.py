@@ -67,8 +67,9 @@ def welch_t(maps: np.ndarray, labels: np.ndarray) -> np.ndarray:
         return (a.mean(0) - b.mean(0)) / se
 
 
-def _t_of(labels: torch.Tensor, centred: torch.Tensor, squares: torch.Tensor, n1: int, n0: int,
-          floor: torch.Tensor) -> torch.Tensor:
+def _t_of(
+    labels: torch.Tensor, centred: torch.Tensor, squares: torch.Tensor, n1: int, n0: int, floor: torch.Tensor
+) -> torch.Tensor:
     """Welch t for many labellings at once: ``labels`` [p, subjects] of 0/1 over centred voxels [subjects, v]."""
     sum1 = labels @ centred  # the centred data sum to 0 per voxel: group 0's sum is -sum1
     square1 = labels @ squares
@@ -79,9 +80,17 @@ def _t_of(labels: torch.Tensor, centred: torch.Tensor, squares: torch.Tensor, n1
     return (mean1 - mean0) / torch.maximum(se, floor)
 
 
-def permutation_test(maps: np.ndarray, labels: np.ndarray, permutations: int, folds: np.ndarray | None = None,
-                     families: np.ndarray | None = None, seed: int = 0, device: str = "cpu",
-                     voxel_chunk: int = 20000, permutation_chunk: int = 256) -> PermutationTest:
+def permutation_test(
+    maps: np.ndarray,
+    labels: np.ndarray,
+    permutations: int,
+    folds: np.ndarray | None = None,
+    families: np.ndarray | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    voxel_chunk: int = 20000,
+    permutation_chunk: int = 256,
+) -> PermutationTest:
     """Voxel-wise class 1 minus class 0 Welch t and its FWER-corrected p value (max statistic).
 
     Parameters
@@ -119,7 +128,7 @@ def permutation_test(maps: np.ndarray, labels: np.ndarray, permutations: int, fo
     rows = torch.as_tensor(labellings, dtype=torch.float64, device=device)
     for start in range(0, maps.shape[1], voxel_chunk):
         # a float64 copy (a Ray task's maps are read-only, which torch warns about)
-        x = torch.from_numpy(np.array(maps[:, start:start + voxel_chunk], dtype=np.float64)).to(device)
+        x = torch.from_numpy(np.array(maps[:, start : start + voxel_chunk], dtype=np.float64)).to(device)
         centred = x - x.mean(0)
         squares = centred**2
         varies = squares.sum(0) > 0
@@ -129,11 +138,12 @@ def permutation_test(maps: np.ndarray, labels: np.ndarray, permutations: int, fo
         observed = _t_of(rows[:1], centred, squares, n1, n0, floor)[0]
         t[start + np.flatnonzero(varies.cpu().numpy())] = observed.cpu().numpy()
         for first in range(1, permutations + 1, permutation_chunk):
-            null = _t_of(rows[first:first + permutation_chunk], centred, squares, n1, n0, floor)
+            null = _t_of(rows[first : first + permutation_chunk], centred, squares, n1, n0, floor)
             if null.shape[1]:
                 chunk_max = null.abs().max(1).values
-                max_null[first - 1:first - 1 + len(chunk_max)] = torch.maximum(
-                    max_null[first - 1:first - 1 + len(chunk_max)], chunk_max)
+                max_null[first - 1 : first - 1 + len(chunk_max)] = torch.maximum(
+                    max_null[first - 1 : first - 1 + len(chunk_max)], chunk_max
+                )
     p = np.full_like(t, np.nan)
     if permutations:
         ordered = np.sort(max_null.cpu().numpy())
@@ -143,8 +153,9 @@ def permutation_test(maps: np.ndarray, labels: np.ndarray, permutations: int, fo
     return PermutationTest(t, p, constant, permutations)
 
 
-def permutation_test_on_device(maps: np.ndarray, labels: np.ndarray, permutations: int, folds: np.ndarray,
-                               families: np.ndarray, seed: int) -> PermutationTest:
+def permutation_test_on_device(
+    maps: np.ndarray, labels: np.ndarray, permutations: int, folds: np.ndarray, families: np.ndarray, seed: int
+) -> PermutationTest:
     """:func:`permutation_test` on the GPU that Ray gave this task, else the CPU."""
     from study.runtime import worker_device
 

@@ -27,10 +27,13 @@ class MapStore:
         for method in self.methods:
             if not self._done_path(method).exists():  # written last: it exists only beside a whole maps file
                 # Disk space reserved now: a full disk fails here, not with a SIGBUS when a map is written.
-                replace_atomically(self._maps_path(method), lambda tmp: allocate(
-                    tmp, int(np.prod(self._full_shape)) * np.dtype(np.float16).itemsize))
-                replace_atomically(self._done_path(method),
-                                   lambda tmp: np.save(tmp, np.zeros(len(self.subject_ids), dtype=bool)))
+                replace_atomically(
+                    self._maps_path(method),
+                    lambda tmp: allocate(tmp, int(np.prod(self._full_shape)) * np.dtype(np.float16).itemsize),
+                )
+                replace_atomically(
+                    self._done_path(method), lambda tmp: np.save(tmp, np.zeros(len(self.subject_ids), dtype=bool))
+                )
 
     @property
     def _full_shape(self) -> tuple[int, ...]:

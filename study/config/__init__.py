@@ -18,10 +18,32 @@ values with no translation and no import circle.
 
 from study.config.loading import load_config, parse_config
 from study.config.search import SEARCHABLE_TRAIN_KEYS, SearchConfig, SearchDimension, train_params
-from study.config.sections import (AttributionConfig, ConfigError, CVConfig, PreprocessConfig, ResourcesConfig,
-                                   SanityConfig, TrackingConfig, TrainConfig)
+from study.config.sections import (
+    AttributionConfig,
+    ConfigError,
+    CVConfig,
+    PreprocessConfig,
+    ResourcesConfig,
+    SanityConfig,
+    TrackingConfig,
+    TrainConfig,
+)
 from study.config.study import StudyConfig
 
-__all__ = ["AttributionConfig", "CVConfig", "ConfigError", "PreprocessConfig", "ResourcesConfig", "SEARCHABLE_TRAIN_KEYS",
-           "SanityConfig", "SearchConfig", "SearchDimension", "StudyConfig", "TrackingConfig", "TrainConfig",
-           "load_config", "parse_config", "train_params"]
+__all__ = [
+    "AttributionConfig",
+    "CVConfig",
+    "ConfigError",
+    "PreprocessConfig",
+    "ResourcesConfig",
+    "SEARCHABLE_TRAIN_KEYS",
+    "SanityConfig",
+    "SearchConfig",
+    "SearchDimension",
+    "StudyConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "load_config",
+    "parse_config",
+    "train_params",
+]

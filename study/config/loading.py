@@ -47,13 +47,21 @@ def _format_errors(err: ValidationError, source: str, overrides: dict[tuple[str,
             e["loc"] = e["loc"][:1] + e["loc"][2:]
         loc = tuple(str(p) for p in e["loc"])
         key = ".".join(loc) or "(top level)"
-        origin = next((f"--set {assignment}" for path, assignment in overrides.items()
-                       if loc[:len(path)] == path or path[:len(loc)] == loc), source)
+        origin = next(
+            (
+                f"--set {assignment}"
+                for path, assignment in overrides.items()
+                if loc[: len(path)] == path or path[: len(loc)] == loc
+            ),
+            source,
+        )
         if e["type"] == "extra_forbidden":
             valid = ", ".join(_valid_keys(StudyConfig, e["loc"][:-1]))
             renamed = RENAMED.get(key)
-            lines.append(f"  {key}: unknown key{f' (renamed: use {renamed})' if renamed else ''}; valid keys here: "
-                         f"{valid}  [{origin}]")
+            lines.append(
+                f"  {key}: unknown key{f' (renamed: use {renamed})' if renamed else ''}; valid keys here: "
+                f"{valid}  [{origin}]"
+            )
         elif e["type"] == "missing":
             lines.append(f"  {key}: required key is missing  [{origin}]")
         else:
@@ -81,8 +89,12 @@ def _apply_override(data: dict[str, Any], assignment: str) -> tuple[str, ...]:
     return tuple(parts)
 
 
-def parse_config(data: dict[str, Any], source: str = "config", base_dir: Path | None = None,
-                 overrides: dict[tuple[str, ...], str] | None = None) -> StudyConfig:
+def parse_config(
+    data: dict[str, Any],
+    source: str = "config",
+    base_dir: Path | None = None,
+    overrides: dict[tuple[str, ...], str] | None = None,
+) -> StudyConfig:
     """Validate a config mapping; relative paths are taken from ``base_dir`` if given.
 
     Every error is reported at once; ``overrides`` (key path -> ``--set`` text)
@@ -101,6 +113,7 @@ def parse_config(data: dict[str, Any], source: str = "config", base_dir: Path | 
 def _resolve_paths(config: StudyConfig, base_dir: Path) -> StudyConfig:
     """Every path of the config absolute: ``~`` expanded, relative ones taken from ``base_dir``; the atlas and
     its names must exist now, not when the maps are made after hours of training."""
+
     def resolve(p: Path | None) -> Path | None:
         if p is None:
             return None

@@ -14,10 +14,15 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from study.config.sections import Section, TrainConfig
 from study.training.models import Architecture, Network
 
-
 _CONDITION = re.compile(r"^\s*(\w+)\s*(==|!=|>=|<=|>|<)\s*([^<>=!\s].*?)\s*$")
-_OPERATORS = {"==": operator.eq, "!=": operator.ne, ">=": operator.ge, "<=": operator.le,
-              ">": operator.gt, "<": operator.lt}
+_OPERATORS = {
+    "==": operator.eq,
+    "!=": operator.ne,
+    ">=": operator.ge,
+    "<=": operator.le,
+    ">": operator.gt,
+    "<": operator.lt,
+}
 
 
 @dataclass(frozen=True)
@@ -29,14 +34,15 @@ class Condition:
     value: Any
 
     @classmethod
-    def parse(cls, text: str) -> "Condition":
+    def parse(cls, text: str) -> Condition:
         match = _CONDITION.match(text)
         try:
             key, op, raw = match.groups()
             return cls(key, op, yaml.safe_load(raw))
         except (AttributeError, yaml.YAMLError):
-            raise ValueError(f"condition {text!r}: expected 'KEY OP VALUE' with OP one of "
-                             f"{' '.join(_OPERATORS)}, e.g. 'blocks > 2'") from None
+            raise ValueError(
+                f"condition {text!r}: expected 'KEY OP VALUE' with OP one of {' '.join(_OPERATORS)}, e.g. 'blocks > 2'"
+            ) from None
 
     def holds(self, sampled: dict[str, Any]) -> bool:
         """True when the key was sampled and its value satisfies the condition."""
@@ -96,12 +102,17 @@ def check_space(space: dict[str, SearchDimension], model: Architecture | Network
         kinds = [k for k in ("choice", "uniform", "loguniform", "int_range") if getattr(dim, k) is not None]
         searchable = key in SEARCHABLE_TRAIN_KEYS or model is None or model_keys is None or key in model_keys
         if not searchable:
-            problems.append(f"cannot search {key!r}; searchable keys: "
-                            f"{', '.join([*model_keys, *SEARCHABLE_TRAIN_KEYS])}")
+            problems.append(
+                f"cannot search {key!r}; searchable keys: {', '.join([*model_keys, *SEARCHABLE_TRAIN_KEYS])}"
+            )
         elif len(kinds) != 1:
             problems.append(f"{key}: give exactly one of choice, uniform, loguniform, int_range")
-        elif key in Architecture.model_fields and Architecture.model_fields[key].annotation is int \
-                and kinds[0] in ("uniform", "loguniform") and isinstance(model, Architecture):
+        elif (
+            key in Architecture.model_fields
+            and Architecture.model_fields[key].annotation is int
+            and kinds[0] in ("uniform", "loguniform")
+            and isinstance(model, Architecture)
+        ):
             problems.append(f"{key}: an integer; search it with choice or int_range")
         elif key in SEARCHABLE_TRAIN_KEYS or isinstance(model, Architecture):  # a user network's types are its own
             for value in dim.values:
@@ -119,8 +130,10 @@ def check_space(space: dict[str, SearchDimension], model: Architecture | Network
                 problems.append(f"{key}.when: {err}")
             else:
                 if condition.key not in earlier:
-                    problems.append(f"{key}.when: {condition.key!r} is not a key listed before {key!r} in the "
-                                    f"space ({', '.join(earlier) or 'none'}); a condition can only use those")
+                    problems.append(
+                        f"{key}.when: {condition.key!r} is not a key listed before {key!r} in the "
+                        f"space ({', '.join(earlier) or 'none'}); a condition can only use those"
+                    )
         earlier.append(key)
     if problems:
         raise ValueError("; ".join(problems))
@@ -139,8 +152,13 @@ def unfit_choices(space: dict[str, SearchDimension], model: Architecture, shape:
     options: list[list[tuple[str, Any]]] = []
     for key, dim in space.items():
         if key in GEOMETRY_KEYS:
-            values = dim.choice if dim.choice is not None else \
-                list(range(dim.int_range[0], dim.int_range[1] + 1)) if dim.int_range is not None else []
+            values = (
+                dim.choice
+                if dim.choice is not None
+                else list(range(dim.int_range[0], dim.int_range[1] + 1))
+                if dim.int_range is not None
+                else []
+            )
             options.append([(key, v) for v in values] + ([(key, None)] if dim.when else []))  # None: not sampled
     if not options:
         return []
@@ -178,7 +196,9 @@ class SearchConfig(Section):
 
     @field_validator("space")
     @classmethod
-    def _space_is_searchable(cls, space: dict[str, SearchDimension], info: ValidationInfo) -> dict[str, SearchDimension]:
+    def _space_is_searchable(
+        cls, space: dict[str, SearchDimension], info: ValidationInfo
+    ) -> dict[str, SearchDimension]:
         # The study's model, validated before the search (StudyConfig puts it in the validation context);
         # none there, our CNN; "class" marks a user's network that is itself invalid; no context (a config
         # validated without parse_config): the training keys only.

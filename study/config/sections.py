@@ -95,11 +95,13 @@ class ResourcesConfig(Section):
     wait_for_nodes: bool = False
 
     @model_validator(mode="after")
-    def _one_gpu_per_ddp_rank(self) -> "ResourcesConfig":
+    def _one_gpu_per_ddp_rank(self) -> ResourcesConfig:
         if self.use_gpu and self.num_workers > 1 and self.gpus_per_worker < 1:
-            raise ValueError(f"gpus_per_worker {self.gpus_per_worker:g} with num_workers {self.num_workers}: Ray may "
-                             "put two DDP ranks on one GPU, which NCCL refuses; give each worker a whole GPU "
-                             "(gpus_per_worker: 1) or train with num_workers: 1")
+            raise ValueError(
+                f"gpus_per_worker {self.gpus_per_worker:g} with num_workers {self.num_workers}: Ray may "
+                "put two DDP ranks on one GPU, which NCCL refuses; give each worker a whole GPU "
+                "(gpus_per_worker: 1) or train with num_workers: 1"
+            )
         return self
 
     @property

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,8 +11,15 @@ from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator
 from study.attribution.gradcam import check_placement
 from study.attribution.guided_backprop import check_relu_only
 from study.config.search import SearchConfig, unfit_choices
-from study.config.sections import (AttributionConfig, CVConfig, PreprocessConfig, ResourcesConfig, Section,
-                                   TrackingConfig, TrainConfig)
+from study.config.sections import (
+    AttributionConfig,
+    CVConfig,
+    PreprocessConfig,
+    ResourcesConfig,
+    Section,
+    TrackingConfig,
+    TrainConfig,
+)
 from study.data.cohort import CohortConfig
 from study.training.models import PRESETS, Architecture, Network, check_network
 
@@ -32,8 +38,9 @@ class StudyConfig(Section):
     cv: CVConfig = Field(default_factory=CVConfig)
     # `preset: mrinet` plus any key to override, or a network of your own: `class: package.module:Name` plus its
     # keyword arguments (see study.training.models.Network)
-    model: Annotated[Annotated[Architecture, Tag("preset")] | Annotated[Network, Tag("class")],
-                     Discriminator(_model_kind)] = Field(default_factory=Architecture)
+    model: Annotated[
+        Annotated[Architecture, Tag("preset")] | Annotated[Network, Tag("class")], Discriminator(_model_kind)
+    ] = Field(default_factory=Architecture)
     train: TrainConfig = Field(default_factory=TrainConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -49,8 +56,10 @@ class StudyConfig(Section):
         """A folder under output_dir, an MLflow experiment and a registered model: letters, digits, . _ -, not
         starting with a dot (``..`` would put the study outside output_dir)."""
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-            raise ValueError("letters, digits, '.', '_' or '-', starting with a letter or digit (it names "
-                             "the study's folder under output_dir, its MLflow experiment and its registered model)")
+            raise ValueError(
+                "letters, digits, '.', '_' or '-', starting with a letter or digit (it names "
+                "the study's folder under output_dir, its MLflow experiment and its registered model)"
+            )
         return name
 
     @field_validator("model", mode="before")
@@ -92,16 +101,19 @@ class StudyConfig(Section):
             shape = preprocess.grid.shape
             unfit = unfit_choices(search.space, model, shape)
             if unfit:
-                raise ValueError(f"space: {'; '.join(unfit[:3])}{' and more' if len(unfit) > 3 else ''} would leave "
-                                 f"the last block no voxel of the study grid {shape} (preprocess.voxel_size "
-                                 f"{preprocess.voxel_size} mm): such trials fail. Leave them out of the space (e.g. "
-                                 "with when:) or choose a finer grid")
+                raise ValueError(
+                    f"space: {'; '.join(unfit[:3])}{' and more' if len(unfit) > 3 else ''} would leave "
+                    f"the last block no voxel of the study grid {shape} (preprocess.voxel_size "
+                    f"{preprocess.voxel_size} mm): such trials fail. Leave them out of the space (e.g. "
+                    "with when:) or choose a finer grid"
+                )
         return search
 
     @field_validator("attribution")
     @classmethod
-    def _network_is_explainable(cls, attribution: AttributionConfig | None,
-                                info: ValidationInfo) -> AttributionConfig | None:
+    def _network_is_explainable(
+        cls, attribution: AttributionConfig | None, info: ValidationInfo
+    ) -> AttributionConfig | None:
         """Guided Backpropagation of a user's network: ReLU activations only, checked now."""
         model, preprocess = info.data.get("model"), info.data.get("preprocess")
         guided = attribution is not None and {"guided_backprop", "guided_gradcam"} & set(attribution.methods)

@@ -62,7 +62,7 @@ class VolumeCache:
         volumes = self.volumes
         rows = np.arange(len(volumes)) if rows is None else np.sort(rows)
         for start in range(0, len(rows), size):
-            yield volumes[rows[start:start + size]]
+            yield volumes[rows[start : start + size]]
 
     def brain(self) -> np.ndarray:
         """Voxels inside the brain of any subject (non-zero after preprocessing), bool [D, H, W]."""
@@ -131,8 +131,9 @@ class CacheBuild:
     computed: list[str]  # subjects preprocessed by this build (the rest were reused)
 
 
-def build_cache(cohort: Cohort, grid: Grid, cache_dir: Path, normalize: str = "zscore",
-                hold: bool = False) -> CacheBuild:
+def build_cache(
+    cohort: Cohort, grid: Grid, cache_dir: Path, normalize: str = "zscore", hold: bool = False
+) -> CacheBuild:
     """Preprocess every subject of ``cohort`` into the cache (Ray tasks, progress bar).
 
     Subjects whose image is unchanged since an earlier build are reused. When
@@ -171,8 +172,9 @@ def _build(cohort: Cohort, grid: Grid, normalize: str, directory: Path) -> Cache
     keys = [s.source_key() for s in cohort.subjects]
     # Which subject has which image is part of the key: a corrected table (A and B's images swapped) is a new
     # cohort, whose rows are reused by image, each under the subject the table now gives it.
-    cohort_key = hashlib.sha1("".join(f"{s.subject_id}|{k};" for s, k in zip(cohort.subjects, keys))
-                              .encode()).hexdigest()[:12]
+    cohort_key = hashlib.sha1(
+        "".join(f"{s.subject_id}|{k};" for s, k in zip(cohort.subjects, keys)).encode()
+    ).hexdigest()[:12]
     index_path = directory / f"index-{cohort_key}.json"
     if index_path.exists():
         index = json.loads(index_path.read_text())
@@ -209,7 +211,9 @@ def _assemble(
         for row, key in enumerate(keys):
             if key in previous:
                 src_path, src_row, src_index = previous[key]
-                out[row] = _open_memmap(src_path, len(src_index["source_keys"]), tuple(src_index["shape"]), "r")[src_row]
+                out[row] = _open_memmap(src_path, len(src_index["source_keys"]), tuple(src_index["shape"]), "r")[
+                    src_row
+                ]
             else:
                 out[row] = np.load(staged[key])
         out.flush()

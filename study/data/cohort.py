@@ -22,8 +22,15 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from study.data.layouts import (SESSION_CHOICE, Found, LayoutError, brain_mask_of, choose_session, expected_image,
-                                find_images)
+from study.data.layouts import (
+    SESSION_CHOICE,
+    Found,
+    LayoutError,
+    brain_mask_of,
+    choose_session,
+    expected_image,
+    find_images,
+)
 from study.data.participants import CohortError, bare_id, family_warnings, read_participants
 from study.data.synth import SyntheticCohort
 from study.data.volumes import MNI152_MASK, Grid, preprocess_volume
@@ -64,8 +71,14 @@ class Classes:
     def predictions(self, subject_ids: list[str], labels: np.ndarray, p: np.ndarray) -> pd.DataFrame:
         """A held-out prediction table: subject_id, the true class, P(class 1), the predicted class."""
         names = np.array(self.names)
-        return pd.DataFrame({"subject_id": subject_ids, self.column: names[np.asarray(labels, int)], self.p: p,
-                             "predicted": names[(np.asarray(p) >= 0.5).astype(int)]})
+        return pd.DataFrame(
+            {
+                "subject_id": subject_ids,
+                self.column: names[np.asarray(labels, int)],
+                self.p: p,
+                "predicted": names[(np.asarray(p) >= 0.5).astype(int)],
+            }
+        )
 
 
 class CohortConfig(BaseModel):
@@ -103,10 +116,15 @@ class CohortConfig(BaseModel):
     @classmethod
     def _classes_are_names(cls, classes: tuple[str, str]) -> tuple[str, str]:
         # Values match class names in any case; "all" names the group map of everyone (mean_all).
-        if classes[0].casefold() == classes[1].casefold() or not all(CLASS_NAME.match(name) for name in classes) \
-                or "all" in (c.casefold() for c in classes):
-            raise ValueError("two class names that differ in more than case, of letters, digits, _ or -, starting "
-                             "with a letter, not 'all'; e.g. [control, patient]")
+        if (
+            classes[0].casefold() == classes[1].casefold()
+            or not all(CLASS_NAME.match(name) for name in classes)
+            or "all" in (c.casefold() for c in classes)
+        ):
+            raise ValueError(
+                "two class names that differ in more than case, of letters, digits, _ or -, starting "
+                "with a letter, not 'all'; e.g. [control, patient]"
+            )
         return classes
 
     @field_validator("brain_mask")
@@ -122,16 +140,20 @@ class CohortConfig(BaseModel):
     @classmethod
     def _label_is_not_a_study_column(cls, label: str) -> str:
         if label in RESERVED_COLUMNS:
-            raise ValueError(f"{label!r} names a column of the study's own tables ({', '.join(RESERVED_COLUMNS)}); "
-                             "rename it in the participants table")
+            raise ValueError(
+                f"{label!r} names a column of the study's own tables ({', '.join(RESERVED_COLUMNS)}); "
+                "rename it in the participants table"
+            )
         return label
 
     @model_validator(mode="after")
-    def _mapping_names_classes(self) -> "CohortConfig":
+    def _mapping_names_classes(self) -> CohortConfig:
         unknown = sorted({v for v in self.label_mapping.values() if v not in self.classes})
         if unknown:
-            raise ValueError(f"label_mapping maps to {', '.join(unknown)}, which are not among the classes "
-                             f"{list(self.classes)}; map each value of column {self.label!r} to one of them")
+            raise ValueError(
+                f"label_mapping maps to {', '.join(unknown)}, which are not among the classes "
+                f"{list(self.classes)}; map each value of column {self.label!r} to one of them"
+            )
         return self
 
     @property
@@ -200,11 +222,12 @@ class Cohort:
     def ids(self) -> list[str]:
         return [s.subject_id for s in self.subjects]
 
-    def exclude(self, problems: list[Problem]) -> "Cohort":
+    def exclude(self, problems: list[Problem]) -> Cohort:
         """The cohort without the subjects that ``problems`` name, problems appended."""
         bad = {p.subject for p in problems}
-        return Cohort([s for s in self.subjects if s.subject_id not in bad], self.problems + problems, self.warnings,
-                      self.classes)
+        return Cohort(
+            [s for s in self.subjects if s.subject_id not in bad], self.problems + problems, self.warnings, self.classes
+        )
 
     def fingerprint(self) -> str:
         """A hash of who is in the cohort, their labels and their image files."""
@@ -240,13 +263,22 @@ def load_cohort(config: CohortConfig, labelled: bool = True) -> Cohort:
             raise CohortError(
                 f"{where}: no column {column!r}; columns are {list(table.columns)}. "
                 "Set cohort.label / family_column / path_column"
-                + (" (HCP: Family_ID is in the restricted table; list both tables under cohort.participants)."
-                   if column == config.family_column else ".")
+                + (
+                    " (HCP: Family_ID is in the restricted table; list both tables under cohort.participants)."
+                    if column == config.family_column
+                    else "."
+                )
             )
     family_column = config.family_column or ("family_id" if "family_id" in table.columns else None)
     try:
-        layout, images = find_images(config.root, config.layout, config.path_column is not None, config.space,
-                                     config.resolution, config.hcp_image)
+        layout, images = find_images(
+            config.root,
+            config.layout,
+            config.path_column is not None,
+            config.space,
+            config.resolution,
+            config.hcp_image,
+        )
     except LayoutError as err:
         raise CohortError(str(err)) from None
     session_column = next((c for c in SESSION_COLUMNS if c in table.columns), None)
@@ -259,11 +291,23 @@ def load_cohort(config: CohortConfig, labelled: bool = True) -> Cohort:
         if not sid:
             problems.append(Problem("(blank)", table_name, "row without a subject id; fill or delete it"))
         elif not SUBJECT_ID.fullmatch(sid):
-            problems.append(Problem(sid, table_name, "a subject id of letters, digits, '.', '_' or '-' only, starting "
-                                                     "with a letter or digit (ids name map files); rename it"))
+            problems.append(
+                Problem(
+                    sid,
+                    table_name,
+                    "a subject id of letters, digits, '.', '_' or '-' only, starting "
+                    "with a letter or digit (ids name map files); rename it",
+                )
+            )
         elif sid in rows and (session_column is None or row[session_column] in {r[session_column] for r in rows[sid]}):
-            problems.append(Problem(sid, table_name, "duplicate subject id; keep one row per subject" + (
-                f" (or per session, in column {session_column!r})" if session_column else "")))
+            problems.append(
+                Problem(
+                    sid,
+                    table_name,
+                    "duplicate subject id; keep one row per subject"
+                    + (f" (or per session, in column {session_column!r})" if session_column else ""),
+                )
+            )
         else:
             rows.setdefault(sid, []).append(row)
     for sid, subject_rows in rows.items():
@@ -275,17 +319,28 @@ def load_cohort(config: CohortConfig, labelled: bool = True) -> Cohort:
             listed = {r[session_column].removeprefix("ses-") for r in subject_rows} if len(subject_rows) > 1 else set()
             candidates = [f for f in candidates if f.session in listed] if listed else candidates
         if not candidates:
-            problems.append(Problem(sid, str(config.root / expected_image(layout, sid, config.hcp_image)),
-                                    "no T1w image found for this subject; add it or drop the row"))
+            problems.append(
+                Problem(
+                    sid,
+                    str(config.root / expected_image(layout, sid, config.hcp_image)),
+                    "no T1w image found for this subject; add it or drop the row",
+                )
+            )
             continue
         try:
-            found = choose_session(candidates, config.session,
-                                   subject_rows[0][session_column] if session_column and len(subject_rows) == 1 else "")
+            found = choose_session(
+                candidates,
+                config.session,
+                subject_rows[0][session_column] if session_column and len(subject_rows) == 1 else "",
+            )
         except LookupError as err:
             problems.append(Problem(sid, str(candidates[0].image.parent), f"{err}; choose another or drop the row"))
             continue
-        row = next((r for r in subject_rows if r[session_column].removeprefix("ses-") == found.session), subject_rows[0]) \
-            if len(subject_rows) > 1 else subject_rows[0]
+        row = (
+            next((r for r in subject_rows if r[session_column].removeprefix("ses-") == found.session), subject_rows[0])
+            if len(subject_rows) > 1
+            else subject_rows[0]
+        )
         raw = row[config.label].strip() if labelled else "-"
         label = _parse_label(raw, config) if labelled else -1
         if not raw:
@@ -293,34 +348,64 @@ def load_cohort(config: CohortConfig, labelled: bool = True) -> Cohort:
             continue
         if label is None:
             known = " or ".join(["/".join(config.classes), *(["M/F"] if config.classes == SEX_CLASSES else [])])
-            fix = (f"set cohort.classes to the two classes of column {config.label!r} (e.g. [control, patient])"
-                   if config.classes == SEX_CLASSES and config.label.casefold() not in ("sex", "gender") else
-                   f"declare cohort.label_mapping (e.g. {{'{raw}': {config.classes[1]}}})")
-            problems.append(Problem(sid, table_name, f"unknown label {raw!r} in column {config.label!r}; use "
-                                                     f"{known}, or {fix}"))
+            fix = (
+                f"set cohort.classes to the two classes of column {config.label!r} (e.g. [control, patient])"
+                if config.classes == SEX_CLASSES and config.label.casefold() not in ("sex", "gender")
+                else f"declare cohort.label_mapping (e.g. {{'{raw}': {config.classes[1]}}})"
+            )
+            problems.append(
+                Problem(sid, table_name, f"unknown label {raw!r} in column {config.label!r}; use {known}, or {fix}")
+            )
             continue
         if (same := owners.setdefault(found.image.resolve(), sid)) != sid:  # train and test could both get it
-            problems.append(Problem(sid, str(found.image), f"the same image as subject {same}; one scan is one "
-                                                           "subject: fix the table's path or drop one row"))
+            problems.append(
+                Problem(
+                    sid,
+                    str(found.image),
+                    f"the same image as subject {same}; one scan is one subject: fix the table's path or drop one row",
+                )
+            )
             continue
         mask = brain_mask_of(found, config.brain_mask, layout, config.root, sid)
         if isinstance(mask, Path) and not mask.exists():
-            problems.append(Problem(sid, str(mask), "no brain mask for this image (cohort.brain_mask); add it, or set "
-                                                    "cohort.brain_mask to mni152 or none"))
+            problems.append(
+                Problem(
+                    sid,
+                    str(mask),
+                    "no brain mask for this image (cohort.brain_mask); add it, or set "
+                    "cohort.brain_mask to mni152 or none",
+                )
+            )
             continue
         family = (row.get(family_column, "") if family_column else "").strip() or f"self:{sid}"
-        subjects.append(Subject(
-            subject_id=sid, label=label, family_id=family, image=found.image, session=found.session,
-            age=_float_or_none(row.get("age", "")), site=row.get("site") or None, brain_mask=mask,
-        ))
+        subjects.append(
+            Subject(
+                subject_id=sid,
+                label=label,
+                family_id=family,
+                image=found.image,
+                session=found.session,
+                age=_float_or_none(row.get("age", "")),
+                site=row.get("site") or None,
+                brain_mask=mask,
+            )
+        )
     for sid, found in images.items():
         if labelled and sid not in rows:
-            problems.append(Problem(sid, str(found[0].image), f"image without a row in {table_name}; add the subject or remove the image"))
+            problems.append(
+                Problem(
+                    sid,
+                    str(found[0].image),
+                    f"image without a row in {table_name}; add the subject or remove the image",
+                )
+            )
     warnings = family_warnings([s.family_id for s in subjects], family_column, where)
     if any(s.brain_mask == MNI152_MASK for s in subjects):
-        warnings.append("brain mask mni152: the MNI152 brain mask shapes every image like a brain in MNI space, so "
-                        "the check that an image is registered to MNI152 catches only gross errors (a wrong "
-                        "orientation); check the registration (ClinicaDL's quality check) before the study")
+        warnings.append(
+            "brain mask mni152: the MNI152 brain mask shapes every image like a brain in MNI space, so "
+            "the check that an image is registered to MNI152 catches only gross errors (a wrong "
+            "orientation); check the registration (ClinicaDL's quality check) before the study"
+        )
     return Cohort(subjects, problems, warnings, config.task)
 
 
@@ -332,7 +417,8 @@ def _float_or_none(value: str) -> float | None:
 
 
 def _check_one(path: Path, mask: Path | str | None) -> None:
-    """Every check of ``study run``'s preprocessing (readable, 3D, finite, sane affine, in MNI space), on a 4 mm grid."""
+    """Every check of ``study run``'s preprocessing (readable, 3D, finite, sane affine, in MNI space), on a
+    4 mm grid."""
     preprocess_volume(path, Grid.mni(4.0), mask=mask)
 
 

@@ -65,23 +65,28 @@ def fmriprep_images(root: Path, space: str | None, resolution: str | None) -> di
     choices when there are several); native-space images (no ``space-``) and
     ``res-`` variants are left out unless ``resolution`` names one.
     """
-    images = {p: entities(p.name) for p in sorted(root.glob("sub-*/**/anat/*_desc-preproc_T1w.nii*"))
-              if NIFTI.search(p.name)}
+    images = {
+        p: entities(p.name) for p in sorted(root.glob("sub-*/**/anat/*_desc-preproc_T1w.nii*")) if NIFTI.search(p.name)
+    }
     # The spaces at the asked resolution: fMRIPrep's common extra MNI152NLin6Asym comes as res-2 only.
     spaces = sorted({e.get("space") for e in images.values() if e.get("res") == resolution} - {None})
     if space is None:
         mni = [s for s in spaces if s.startswith("MNI152")]
         if len(mni) != 1:
-            raise LayoutError(f"{root}: fMRIPrep images in {len(mni)} MNI152 spaces ({', '.join(mni) or 'none'}; all "
-                              f"spaces at resolution {resolution or '(none)'}: {', '.join(spaces) or 'none'}); set "
-                              "cohort.space to the one to use (and cohort.resolution for a res- variant)"
-                              + ("" if mni else ", or run fMRIPrep with --output-spaces MNI152NLin2009cAsym"))
+            raise LayoutError(
+                f"{root}: fMRIPrep images in {len(mni)} MNI152 spaces ({', '.join(mni) or 'none'}; all "
+                f"spaces at resolution {resolution or '(none)'}: {', '.join(spaces) or 'none'}); set "
+                "cohort.space to the one to use (and cohort.resolution for a res- variant)"
+                + ("" if mni else ", or run fMRIPrep with --output-spaces MNI152NLin2009cAsym")
+            )
         space = mni[0]
     elif space not in spaces:
         variants = sorted({f"{e.get('space')} res-{e['res']}" for e in images.values() if "res" in e})
-        raise LayoutError(f"{root}: no fMRIPrep image in space {space!r} at resolution {resolution or '(none)'} "
-                          f"(cohort.space, cohort.resolution); spaces present: {', '.join(spaces) or 'none'}"
-                          + (f"; res- variants: {', '.join(variants)}" if variants else ""))
+        raise LayoutError(
+            f"{root}: no fMRIPrep image in space {space!r} at resolution {resolution or '(none)'} "
+            f"(cohort.space, cohort.resolution); spaces present: {', '.join(spaces) or 'none'}"
+            + (f"; res- variants: {', '.join(variants)}" if variants else "")
+        )
     found: dict[str, list[Found]] = {}
     for path, named in images.items():
         if named.get("space") != space or named.get("res") != resolution:
@@ -101,8 +106,9 @@ def caps_images(root: Path) -> dict[str, list[Found]]:
         kept = found.setdefault(subject, {}).get(session)
         if kept is None or ("desc-Crop" in path.name and "desc-Crop" not in kept.name):
             found[subject][session] = path
-    return {s: [Found(session, path) for session, path in sorted(by_session.items())]
-            for s, by_session in found.items()}
+    return {
+        s: [Found(session, path) for session, path in sorted(by_session.items())] for s, by_session in found.items()
+    }
 
 
 def hcp_images(root: Path, which: str) -> dict[str, list[Found]]:
@@ -113,10 +119,12 @@ def hcp_images(root: Path, which: str) -> dict[str, list[Found]]:
 
 def expected_image(layout: str, subject: str, hcp_image: str) -> str:
     """Where a layout looks for a subject's image, for the message when there is none."""
-    return {"bids": f"sub-{subject}/[ses-*/]anat/*_T1w.nii[.gz]",
-            "fmriprep": f"sub-{subject}/[ses-*/]anat/sub-{subject}_*space-<MNI152 space>_desc-preproc_T1w.nii.gz",
-            "caps": f"subjects/sub-{subject}/ses-*/t1_linear/*_T1w.nii.gz",
-            "hcp": f"{subject}/{HCP_IMAGES[hcp_image]}"}[layout]
+    return {
+        "bids": f"sub-{subject}/[ses-*/]anat/*_T1w.nii[.gz]",
+        "fmriprep": f"sub-{subject}/[ses-*/]anat/sub-{subject}_*space-<MNI152 space>_desc-preproc_T1w.nii.gz",
+        "caps": f"subjects/sub-{subject}/ses-*/t1_linear/*_T1w.nii.gz",
+        "hcp": f"{subject}/{HCP_IMAGES[hcp_image]}",
+    }[layout]
 
 
 def _generated_by(root: Path) -> str:
@@ -148,17 +156,22 @@ def detect_layout(root: Path) -> tuple[str, Path]:
     return "hcp", root
 
 
-def find_images(root: Path, layout: str, path_column: bool, space: str | None, resolution: str | None,
-                hcp_image: str) -> tuple[str, dict[str, list[Found]]]:
+def find_images(
+    root: Path, layout: str, path_column: bool, space: str | None, resolution: str | None, hcp_image: str
+) -> tuple[str, dict[str, list[Found]]]:
     """The layout of a cohort folder (``auto`` detected, see :func:`detect_layout`) and each subject's images in
     it; none for the column layout (``path_column``: the table names them). Raises LayoutError."""
     if layout == "auto":
         layout, root = ("column", root) if path_column else detect_layout(root)
     elif layout == "fmriprep" and (root / "derivatives" / "fmriprep").is_dir():
         root = root / "derivatives" / "fmriprep"
-    finders = {"column": lambda: {}, "bids": lambda: bids_images(root),
-               "fmriprep": lambda: fmriprep_images(root, space, resolution), "caps": lambda: caps_images(root),
-               "hcp": lambda: hcp_images(root, hcp_image)}
+    finders = {
+        "column": lambda: {},
+        "bids": lambda: bids_images(root),
+        "fmriprep": lambda: fmriprep_images(root, space, resolution),
+        "caps": lambda: caps_images(root),
+        "hcp": lambda: hcp_images(root, hcp_image),
+    }
     return layout, finders[layout]()
 
 
@@ -185,6 +198,8 @@ def choose_session(candidates: list[Found], wanted: str | None, table_session: s
             if found.session == label:
                 return found
         if wanted is not None:
-            raise LookupError(f"no session ses-{label} (cohort.session); sessions: "
-                              f"{', '.join(f'ses-{f.session}' for f in ordered if f.session) or 'none'}")
+            raise LookupError(
+                f"no session ses-{label} (cohort.session); sessions: "
+                f"{', '.join(f'ses-{f.session}' for f in ordered if f.session) or 'none'}"
+            )
     return ordered[0]

@@ -36,15 +36,18 @@ def read_participants(paths: list[Path], subject_column: str) -> pd.DataFrame:
     for path in paths:
         table = read_table(path)
         if subject_column not in table.columns:
-            raise CohortError(f"{path}: no column {subject_column!r}; columns are {list(table.columns)}. "
-                              "Set cohort.subject_column; every participants table needs it.")
+            raise CohortError(
+                f"{path}: no column {subject_column!r}; columns are {list(table.columns)}. "
+                "Set cohort.subject_column; every participants table needs it."
+            )
         table[subject_column] = table[subject_column].str.strip()
         if merged is None:
             merged = table
             continue
         extra = [c for c in table.columns if c not in merged.columns]
-        merged = merged.merge(table[[subject_column, *extra]].drop_duplicates(subject_column), on=subject_column,
-                              how="left").fillna("")
+        merged = merged.merge(
+            table[[subject_column, *extra]].drop_duplicates(subject_column), on=subject_column, how="left"
+        ).fillna("")
     return merged
 
 
@@ -53,10 +56,14 @@ def family_warnings(family_ids: list[str], family_column: str | None, where: str
     if len(family_ids) < 2:
         return []
     if family_column is None:
-        return [f"no family column in {where}: subjects are split as if unrelated; set cohort.family_column "
-                "if the cohort has twins or siblings (HCP: Family_ID)"]
+        return [
+            f"no family column in {where}: subjects are split as if unrelated; set cohort.family_column "
+            "if the cohort has twins or siblings (HCP: Family_ID)"
+        ]
     sizes = pd.Series(family_ids).value_counts()
     if (sizes == 1).all():
-        return [f"every one of the {len(family_ids)} subjects is alone in its family in column {family_column!r} of "
-                f"{where}: no twins or siblings are kept together; check the column"]
+        return [
+            f"every one of the {len(family_ids)} subjects is alone in its family in column {family_column!r} of "
+            f"{where}: no twins or siblings are kept together; check the column"
+        ]
     return []

@@ -56,8 +56,9 @@ def prepare_cohort(cohort_config: CohortConfig, preprocess: PreprocessConfig) ->
     if build.cache is None:
         raise StudyError("no subject could be preprocessed; see the problems above")
     cached = set(build.cache.subject_ids)
-    usable = Cohort([s for s in cohort.subjects if s.subject_id in cached], warnings=cohort.warnings,
-                    classes=cohort.classes)
+    usable = Cohort(
+        [s for s in cohort.subjects if s.subject_id in cached], warnings=cohort.warnings, classes=cohort.classes
+    )
     return PreparedCohort(usable, build.cache, problems, len(build.computed), synthesized)
 
 
@@ -70,8 +71,9 @@ def make_or_load_splits(cv: CVConfig, cohort: Cohort, path: Path) -> list[OuterF
             return folds
     families = [s.family_id for s in cohort.subjects]
     try:
-        folds = make_splits(cohort.ids, cohort.labels, families, cv.outer_folds, cv.inner_folds, cv.seed,
-                            cohort.classes.names)
+        folds = make_splits(
+            cohort.ids, cohort.labels, families, cv.outer_folds, cv.inner_folds, cv.seed, cohort.classes.names
+        )
     except ValueError as err:
         raise StudyError(f"cross-validation splits of {len(cohort.ids)} subjects: {err}") from None
     save_splits(folds, path, made_for)

@@ -39,9 +39,7 @@ class OuterFold:
         return self.inner[0]
 
 
-def group_kfold(
-    ids: list[str], labels: np.ndarray, groups: list[str], k: int, seed: int
-) -> list[list[str]]:
+def group_kfold(ids: list[str], labels: np.ndarray, groups: list[str], k: int, seed: int) -> list[list[str]]:
     """Assign whole groups to ``k`` folds so that each fold's class counts are near ideal.
 
     Greedy placement of groups (largest first, random tie-break) followed by
@@ -53,8 +51,10 @@ def group_kfold(
     for i, g in enumerate(groups):
         members.setdefault(g, []).append(i)
     if len(members) < k:
-        raise ValueError(f"cannot make {k} folds from {len(members)} families: whole families stay in one fold; "
-                         "lower cv.outer_folds or cv.inner_folds")
+        raise ValueError(
+            f"cannot make {k} folds from {len(members)} families: whole families stay in one fold; "
+            "lower cv.outer_folds or cv.inner_folds"
+        )
     names = list(members)
     counts = np.array([[np.sum(labels[members[g]] == c) for c in classes] for g in names], dtype=float)
     target = counts.sum(0) / k
@@ -111,8 +111,9 @@ def _improve(fold_of: np.ndarray, totals: np.ndarray, counts: np.ndarray, target
                         break
 
 
-def _check_classes(labels: np.ndarray, groups: list[str], k: int, where: str, key: str,
-                   classes: tuple[str, str]) -> None:
+def _check_classes(
+    labels: np.ndarray, groups: list[str], k: int, where: str, key: str, classes: tuple[str, str]
+) -> None:
     """Refuse folds that cannot all hold both classes (a test fold without one has no ROC AUC).
 
     Whole families stay in one fold, so a class present in fewer than ``k`` families cannot reach every fold.
@@ -120,26 +121,43 @@ def _check_classes(labels: np.ndarray, groups: list[str], k: int, where: str, ke
     for code, name in enumerate(classes):
         holding = {g for g, label in zip(groups, labels) if label == code}
         if len(holding) < k:
-            raise ValueError(f"{where} has {int((labels == code).sum())} {name} subjects in {len(holding)} families "
-                             f"for {k} folds: whole families stay in one fold, so at most {len(holding)} folds can "
-                             f"hold a {name}; lower {key} to at most {len(holding)} or add subjects")
+            raise ValueError(
+                f"{where} has {int((labels == code).sum())} {name} subjects in {len(holding)} families "
+                f"for {k} folds: whole families stay in one fold, so at most {len(holding)} folds can "
+                f"hold a {name}; lower {key} to at most {len(holding)} or add subjects"
+            )
 
 
-def _kfold_with_both_classes(ids: list[str], labels: np.ndarray, groups: list[str], k: int, seed: int, where: str,
-                             key: str, classes: tuple[str, str]) -> list[list[str]]:
+def _kfold_with_both_classes(
+    ids: list[str],
+    labels: np.ndarray,
+    groups: list[str],
+    k: int,
+    seed: int,
+    where: str,
+    key: str,
+    classes: tuple[str, str],
+) -> list[list[str]]:
     """:func:`group_kfold`, checked before (enough families of each class) and after (each fold holds both)."""
     _check_classes(labels, groups, k, where, key, classes)
     folds = group_kfold(ids, labels, groups, k, seed)
     label = dict(zip(ids, labels))
     for i, fold in enumerate(folds):
         if len({label[s] for s in fold}) < 2:
-            raise ValueError(f"{where}: fold {i} of {k} got {len(fold)} subjects of one class only (families are "
-                             f"too few or too large to spread); lower {key}")
+            raise ValueError(
+                f"{where}: fold {i} of {k} got {len(fold)} subjects of one class only (families are "
+                f"too few or too large to spread); lower {key}"
+            )
     return folds
 
 
 def make_splits(
-    ids: list[str], labels: np.ndarray, families: list[str], outer_folds: int, inner_folds: int, seed: int,
+    ids: list[str],
+    labels: np.ndarray,
+    families: list[str],
+    outer_folds: int,
+    inner_folds: int,
+    seed: int,
     classes: tuple[str, str] = ("female", "male"),
 ) -> list[OuterFold]:
     """Outer folds over the cohort and inner folds inside each outer training set.
@@ -156,9 +174,16 @@ def make_splits(
         held_out = set(test)
         train = [sid for sid in ids if sid not in held_out]
         rows = [position[s] for s in train]
-        inner_tests = _kfold_with_both_classes(train, labels[rows], [families[r] for r in rows], inner_folds,
-                                               seed + 1 + k, f"outer fold {k}'s training side", "cv.inner_folds",
-                                               classes)
+        inner_tests = _kfold_with_both_classes(
+            train,
+            labels[rows],
+            [families[r] for r in rows],
+            inner_folds,
+            seed + 1 + k,
+            f"outer fold {k}'s training side",
+            "cv.inner_folds",
+            classes,
+        )
         inner = [Split(sorted(set(train) - set(t)), t) for t in inner_tests]
         folds.append(OuterFold(k, sorted(train), test, inner))
     return folds
@@ -174,7 +199,5 @@ def save_splits(folds: list[OuterFold], path: Path, made_for: str) -> None:
 def load_splits(path: Path) -> tuple[str, list[OuterFold]]:
     """Read ``splits.json`` back: (what they were made for, folds)."""
     data = json.loads(path.read_text())
-    folds = [
-        OuterFold(f["fold"], f["train"], f["test"], [Split(**s) for s in f["inner"]]) for f in data["folds"]
-    ]
+    folds = [OuterFold(f["fold"], f["train"], f["test"], [Split(**s) for s in f["inner"]]) for f in data["folds"]]
     return data["cohort"], folds

@@ -127,11 +127,15 @@ def _place_regions(rng: np.random.Generator, count: int) -> tuple[list[PlantedRe
         xyz = tuple(float(round(c)) for c in centre)
         if label <= count:
             direction = int(rng.choice([-1, 1]))
-            placed.append(PlantedRegion(label, f"effect {label} {side} ({xyz[0]:g}, {xyz[1]:g}, {xyz[2]:g})", xyz,
-                                        radius, direction))
+            placed.append(
+                PlantedRegion(
+                    label, f"effect {label} {side} ({xyz[0]:g}, {xyz[1]:g}, {xyz[2]:g})", xyz, radius, direction
+                )
+            )
         else:
-            placed.append(PlantedRegion(label, f"distractor {side} ({xyz[0]:g}, {xyz[1]:g}, {xyz[2]:g})", xyz,
-                                        radius, 0))
+            placed.append(
+                PlantedRegion(label, f"distractor {side} ({xyz[0]:g}, {xyz[1]:g}, {xyz[2]:g})", xyz, radius, 0)
+            )
     return placed[:count], placed[count]
 
 
@@ -244,8 +248,14 @@ def synthesize_cohort(out: Path, spec: SyntheticCohort, sibling_fraction: float 
 
     fields = {v: ray.put(_fields(v, effects, distractor)) for v in sorted(set(voxel_sizes))}
     args = [
-        (fields[voxel_sizes[i]], spec, out / f"sub-{sid}/anat/sub-{sid}_T1w.nii.gz", bool(sexes[i]),
-         int(subject_seeds[i]), family_seeds[families[i]])
+        (
+            fields[voxel_sizes[i]],
+            spec,
+            out / f"sub-{sid}/anat/sub-{sid}_T1w.nii.gz",
+            bool(sexes[i]),
+            int(subject_seeds[i]),
+            family_seeds[families[i]],
+        )
         for i, sid in enumerate(ids)
     ]
     for _, _, error in map_tasks(_write_subject, args, desc="synthesizing"):
@@ -293,10 +303,17 @@ def ground_truth_dir(root: Path) -> Path:
 def _description(name: str, dataset_type: str) -> str:
     from importlib.metadata import version
 
-    return json.dumps({"Name": name, "BIDSVersion": "1.9.0", "DatasetType": dataset_type,
-                       # the generator, and the authors of the template every image is made from
-                       "Authors": ["study synth", "Vladimir Fonov", "Alan C. Evans", "D. Louis Collins"],
-                       "GeneratedBy": [{"Name": "study synth", "Version": version("study")}]}, indent=1)
+    return json.dumps(
+        {
+            "Name": name,
+            "BIDSVersion": "1.9.0",
+            "DatasetType": dataset_type,
+            # the generator, and the authors of the template every image is made from
+            "Authors": ["study synth", "Vladimir Fonov", "Alan C. Evans", "D. Louis Collins"],
+            "GeneratedBy": [{"Name": "study synth", "Version": version("study")}],
+        },
+        indent=1,
+    )
 
 
 def _write_bids_metadata(out: Path, spec: SyntheticCohort) -> None:
@@ -306,19 +323,27 @@ def _write_bids_metadata(out: Path, spec: SyntheticCohort) -> None:
         f"A synthetic T1w cohort written by `study synth`: {spec.subjects} subjects made from the MNI152 template "
         "under random deformations, size changes, bias fields and noise, with sex effects planted in a few regions "
         "and a distractor region. Images are stored at mixed voxel sizes and orientations, registered to MNI152 "
-        "in world space and brain-extracted. The planted answer is in derivatives/ground_truth/.\n")
-    (out / "participants.json").write_text(json.dumps({
-        "sex": {"Description": "sex of the participant", "Levels": {"M": "male", "F": "female"}},
-        "family_id": {"Description": "family; siblings share part of their anatomy and stay in one fold"},
-        "age": {"Description": "age of the participant", "Units": "year"},
-    }, indent=1))
+        "in world space and brain-extracted. The planted answer is in derivatives/ground_truth/.\n"
+    )
+    (out / "participants.json").write_text(
+        json.dumps(
+            {
+                "sex": {"Description": "sex of the participant", "Levels": {"M": "male", "F": "female"}},
+                "family_id": {"Description": "family; siblings share part of their anatomy and stay in one fold"},
+                "age": {"Description": "age of the participant", "Units": "year"},
+            },
+            indent=1,
+        )
+    )
 
 
-def _write_ground_truth(directory: Path, grid: Grid, effects: list[PlantedRegion], distractor: PlantedRegion,
-                        spec: SyntheticCohort) -> None:
+def _write_ground_truth(
+    directory: Path, grid: Grid, effects: list[PlantedRegion], distractor: PlantedRegion, spec: SyntheticCohort
+) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "dataset_description.json").write_text(_description("planted sex effects of the synthetic cohort",
-                                                                     "derivative"))
+    (directory / "dataset_description.json").write_text(
+        _description("planted sex effects of the synthetic cohort", "derivative")
+    )
     regions = [*effects, distractor]
     profiles = np.stack([np.abs(_profiles(grid, [r])[0]) for r in regions])
     effect = (profiles[: len(effects)].max(0) * spec.effect_size).astype(np.float32)
@@ -332,6 +357,6 @@ def _write_ground_truth(directory: Path, grid: Grid, effects: list[PlantedRegion
         "regions": [vars(r) for r in effects],
         "distractor": vars(distractor),
         "description": "males differ in the regions: direction +1 larger and brighter, -1 smaller and darker; "
-                       "the distractor changes in every subject by a random amount, whatever the sex",
+        "the distractor changes in every subject by a random amount, whatever the sex",
     }
     (directory / "planted.json").write_text(json.dumps(planted, indent=1))

@@ -25,7 +25,7 @@ MNI_BOX_CENTRE_MM = (0.0, -18.0, 18.0)
 MNI_OVERLAP_MIN = 0.8
 # The most voxels an image may declare: 512^3, 0.5 GB as float32 (a 0.5 mm whole head is 57 million). A header is
 # read before its data, so a small crafted file declaring billions of voxels is refused instead of filling memory.
-MAX_VOXELS = 512 ** 3
+MAX_VOXELS = 512**3
 MNI152_MASK = "mni152"  # a brain mask: nilearn's MNI152 brain mask, for images registered to MNI152 with the skull on
 
 
@@ -41,7 +41,7 @@ class Grid:
     affine: np.ndarray
 
     @classmethod
-    def mni(cls, voxel_size: float, shape: tuple[int, int, int] | None = None) -> "Grid":
+    def mni(cls, voxel_size: float, shape: tuple[int, int, int] | None = None) -> Grid:
         """An isotropic RAS grid centred on the MNI152 brain box.
 
         ``shape`` defaults to the box at ``voxel_size`` (91 x 109 x 91 at 2 mm).
@@ -74,14 +74,17 @@ def load_volume(path: Path) -> nib.Nifti1Image:
         img = nib.load(str(path))
         voxels = int(np.prod(img.shape, dtype=np.float64))
         if voxels > MAX_VOXELS:
-            raise VolumeError(f"its header declares {img.shape} = {voxels:.3g} voxels, more than the {MAX_VOXELS:.3g} "
-                              f"a brain image has (study.data.volumes.MAX_VOXELS); check or re-export {path.name}")
+            raise VolumeError(
+                f"its header declares {img.shape} = {voxels:.3g} voxels, more than the {MAX_VOXELS:.3g} "
+                f"a brain image has (study.data.volumes.MAX_VOXELS); check or re-export {path.name}"
+            )
         data = np.asarray(img.dataobj, dtype=np.float32)
     except VolumeError:
         raise
     except MemoryError:
-        raise VolumeError(f"not enough memory to read {path.name} ({img.shape}); free memory or use fewer "
-                          "parallel tasks") from None
+        raise VolumeError(
+            f"not enough memory to read {path.name} ({img.shape}); free memory or use fewer parallel tasks"
+        ) from None
     except (EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise VolumeError(f"truncated or corrupt gzip ({err}); re-copy or re-export {path.name}") from None
     except (nib.filebasedimages.ImageFileError, ValueError, OSError) as err:
@@ -89,9 +92,7 @@ def load_volume(path: Path) -> nib.Nifti1Image:
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        raise VolumeError(
-            f"expected a 3D T1w volume, got shape {data.shape}; extract the single T1w volume first"
-        )
+        raise VolumeError(f"expected a 3D T1w volume, got shape {data.shape}; extract the single T1w volume first")
     if min(data.shape) < 2:
         raise VolumeError(f"degenerate shape {data.shape}; this is not a brain volume")
     bad = int(np.count_nonzero(~np.isfinite(data)))

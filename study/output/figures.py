@@ -15,8 +15,9 @@ from sklearn.metrics import roc_curve
 from study.attribution import METHODS
 
 
-def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str,
-               classes: tuple[str, str] = ("female", "male")) -> Figure:
+def roc_figure(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str, classes: tuple[str, str] = ("female", "male")
+) -> Figure:
     """ROC curves, one per name: ``{name: (labels, P(class 1))}``; class 1 of ``classes`` is positive."""
     fig = Figure(figsize=(4.2, 4.2), dpi=110)
     ax = fig.subplots()
@@ -26,8 +27,14 @@ def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str,
             ax.plot(fpr, tpr, lw=1.5, label=name)
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
     negative, positive = classes
-    ax.set(xlabel=f"1 - specificity ({negative} called {positive})", ylabel=f"sensitivity ({positive} called {positive})",
-           title=title, xlim=(0, 1), ylim=(0, 1.01), aspect="equal")
+    ax.set(
+        xlabel=f"1 - specificity ({negative} called {positive})",
+        ylabel=f"sensitivity ({positive} called {positive})",
+        title=title,
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+        aspect="equal",
+    )
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return fig
@@ -35,22 +42,41 @@ def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str,
 
 def confusion_figure(metrics: dict[str, float], title: str, classes: tuple[str, str] = ("female", "male")) -> Figure:
     """The 2x2 confusion matrix of a fold (rows: true class, columns: predicted class)."""
-    matrix = np.array([[metrics["true_negatives"], metrics["false_positives"]],
-                       [metrics["false_negatives"], metrics["true_positives"]]])
+    matrix = np.array(
+        [
+            [metrics["true_negatives"], metrics["false_positives"]],
+            [metrics["false_negatives"], metrics["true_positives"]],
+        ]
+    )
     fig = Figure(figsize=(3.4, 3.0), dpi=110)
     ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues")
     for (i, j), count in np.ndenumerate(matrix):
-        ax.text(j, i, int(count), ha="center", va="center",
-                color="white" if count > matrix.max() / 2 else "black", fontsize=12)
-    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=list(classes), yticklabels=list(classes),
-           xlabel="predicted", ylabel="true", title=title)
+        ax.text(
+            j,
+            i,
+            int(count),
+            ha="center",
+            va="center",
+            color="white" if count > matrix.max() / 2 else "black",
+            fontsize=12,
+        )
+    ax.set(
+        xticks=[0, 1],
+        yticks=[0, 1],
+        xticklabels=list(classes),
+        yticklabels=list(classes),
+        xlabel="predicted",
+        ylabel="true",
+        title=title,
+    )
     fig.tight_layout()
     return fig
 
 
-def brain_figure(image: nib.Nifti1Image, title: str, kind: str = "ortho", symmetric: bool = False,
-                 top_percent: float = 10.0) -> Figure:
+def brain_figure(
+    image: nib.Nifti1Image, title: str, kind: str = "ortho", symmetric: bool = False, top_percent: float = 10.0
+) -> Figure:
     """A map over the MNI152 template, orthogonal slices or a glass brain.
 
     Only the top ``top_percent`` of non-zero voxels are coloured (all of them
@@ -66,11 +92,17 @@ def brain_figure(image: nib.Nifti1Image, title: str, kind: str = "ortho", symmet
     threshold = 1e-6 if symmetric or not values.size else float(np.percentile(values, 100 - top_percent))
     common = {"figure": figure, "title": title, "colorbar": True, "vmax": vmax, "threshold": threshold}
     if kind == "glass":
-        plotting.plot_glass_brain(image, plot_abs=not symmetric, cmap="RdBu_r" if symmetric else "hot",
-                                  vmin=-vmax if symmetric else 0, **common)
+        plotting.plot_glass_brain(
+            image,
+            plot_abs=not symmetric,
+            cmap="RdBu_r" if symmetric else "hot",
+            vmin=-vmax if symmetric else 0,
+            **common,
+        )
     else:
-        plotting.plot_stat_map(image, display_mode="ortho", cmap="RdBu_r" if symmetric else "hot",
-                               symmetric_cbar=symmetric, **common)
+        plotting.plot_stat_map(
+            image, display_mode="ortho", cmap="RdBu_r" if symmetric else "hot", symmetric_cbar=symmetric, **common
+        )
     return figure
 
 

@@ -32,16 +32,24 @@ def git_commit() -> str:
     import subprocess
 
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).parent,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
 def source_tags(commit: str) -> dict[str, str]:
     """MLflow's own tags for who ran the study and from what, shown in its run list (User, Source)."""
-    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": without_credentials(
-        " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))}
+    tags = {
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.name": without_credentials(" ".join([Path(sys.argv[0]).name, *sys.argv[1:]])),
+    }
     if commit != "unknown":
         tags["mlflow.source.git.commit"] = commit
     try:

@@ -65,19 +65,51 @@ class Publisher:
         searched = [f"params.{k}" for k in search.space] if search else []
         methods = self.config.attribution.methods if self.config.attribution else []
         return {
-            "study-executions": ("study: executions", "study", [
-                "tags.study.execution", "tags.study.finding", "metrics.pooled_roc_auc", "metrics.pooled_roc_auc_ci_low",
-                "metrics.pooled_roc_auc_ci_high", "metrics.baseline_pooled_roc_auc", "metrics.cnn_minus_baseline_p",
-                *[f"metrics.localization_roc_auc_{m}" for m in methods], "tags.study.progress",
-                "metrics.time_whole_study_wall_s"], None, False),
-            "study-folds": ("study: outer folds", "fold", [
-                "tags.study.execution", "tags.study.fold", "metrics.test_roc_auc", "metrics.test_balanced_accuracy",
-                "metrics.fit_accuracy", *[f"params.best.{k.removeprefix('params.')}" for k in searched]],
-                "tags.study.fold", True),
-            "study-trials": ("study: search trials", "trial", [  # ranked by the score the search ranks by
-                "tags.study.fold", "tags.study.trial_status", f"metrics.search_{search.metric if search else 'val_loss'}",
-                "metrics.best_val_loss", *searched],
-                f"metrics.search_{search.metric if search else 'val_loss'}", search is None or search.mode == "min"),
+            "study-executions": (
+                "study: executions",
+                "study",
+                [
+                    "tags.study.execution",
+                    "tags.study.finding",
+                    "metrics.pooled_roc_auc",
+                    "metrics.pooled_roc_auc_ci_low",
+                    "metrics.pooled_roc_auc_ci_high",
+                    "metrics.baseline_pooled_roc_auc",
+                    "metrics.cnn_minus_baseline_p",
+                    *[f"metrics.localization_roc_auc_{m}" for m in methods],
+                    "tags.study.progress",
+                    "metrics.time_whole_study_wall_s",
+                ],
+                None,
+                False,
+            ),
+            "study-folds": (
+                "study: outer folds",
+                "fold",
+                [
+                    "tags.study.execution",
+                    "tags.study.fold",
+                    "metrics.test_roc_auc",
+                    "metrics.test_balanced_accuracy",
+                    "metrics.fit_accuracy",
+                    *[f"params.best.{k.removeprefix('params.')}" for k in searched],
+                ],
+                "tags.study.fold",
+                True,
+            ),
+            "study-trials": (
+                "study: search trials",
+                "trial",
+                [  # ranked by the score the search ranks by
+                    "tags.study.fold",
+                    "tags.study.trial_status",
+                    f"metrics.search_{search.metric if search else 'val_loss'}",
+                    "metrics.best_val_loss",
+                    *searched,
+                ],
+                f"metrics.search_{search.metric if search else 'val_loss'}",
+                search is None or search.mode == "min",
+            ),
         }
 
     # -- the run tree ------------------------------------------------------------------------------------------
@@ -90,8 +122,10 @@ class Publisher:
         if prepared.synthesized:
             say(f"generated a synthetic cohort of {config.cohort.synthetic.subjects} subjects in {config.cohort.root}")
         reused = len(prepared.cohort.subjects) - prepared.preprocessed
-        say(f"cohort: {len(prepared.cohort.subjects)} subjects with images; preprocessed {prepared.preprocessed}, "
-            f"reused {reused} from the cache")
+        say(
+            f"cohort: {len(prepared.cohort.subjects)} subjects with images; preprocessed {prepared.preprocessed}, "
+            f"reused {reused} from the cache"
+        )
         for problem in prepared.excluded:
             say(f"excluded: {problem}")
         for warning in prepared.cohort.warnings:
@@ -99,8 +133,16 @@ class Publisher:
         say(memory)
         if state.parent_run is None:
             commit = git_commit()
-            tags = {"study.name": config.name, "study.cohort": study.cohort.fingerprint(), "study.level": "study",
-                    "study.execution": state.execution, "study.directory": shareable(str(study.directory)), "git.commit": commit, **versions(), **source_tags(commit)}
+            tags = {
+                "study.name": config.name,
+                "study.cohort": study.cohort.fingerprint(),
+                "study.level": "study",
+                "study.execution": state.execution,
+                "study.directory": shareable(str(study.directory)),
+                "git.commit": commit,
+                **versions(),
+                **source_tags(commit),
+            }
             state.parent_run = tracker.start_run(config.name, tags)
             tracker.log_params(state.parent_run, shareable(config.model_dump(mode="json")))
             tracker.log_text(state.parent_run, config_yaml(config), "config.yaml")
@@ -110,11 +152,21 @@ class Publisher:
         parent = state.parent_run
         for fold in study.folds:
             if fold.fold not in state.fold_runs:
-                run_id = tracker.start_run(f"fold {fold.fold}", {"study.level": "fold", "study.fold": str(fold.fold),
-                                                                  "study.execution": state.execution}, parent=parent)
-                tracker.log_params(run_id, {"fold": fold.fold, "n_train": len(fold.train), "n_test": len(fold.test),
-                                            "n_inner_train": len(fold.validation.train),
-                                            "n_inner_validation": len(fold.validation.test)})
+                run_id = tracker.start_run(
+                    f"fold {fold.fold}",
+                    {"study.level": "fold", "study.fold": str(fold.fold), "study.execution": state.execution},
+                    parent=parent,
+                )
+                tracker.log_params(
+                    run_id,
+                    {
+                        "fold": fold.fold,
+                        "n_train": len(fold.train),
+                        "n_test": len(fold.test),
+                        "n_inner_train": len(fold.validation.train),
+                        "n_inner_validation": len(fold.validation.test),
+                    },
+                )
                 state.fold_runs[fold.fold] = run_id
             elif fold.fold not in state.logged_folds:
                 tracker.reopen(state.fold_runs[fold.fold])
@@ -122,13 +174,20 @@ class Publisher:
         tracker.log_file(parent, study.directory / "splits.json")
         if prepared.excluded:
             tracker.log_table(parent, pd.DataFrame([vars(p) for p in prepared.excluded]), "excluded_subjects.tsv")
-        tracker.log_metrics(parent, {"n_subjects": len(study.cohort.subjects),
-                                     f"n_{study.cohort.classes.positive}": int(study.cohort.labels.sum()),
-                                     "n_excluded": len(prepared.excluded)})
+        tracker.log_metrics(
+            parent,
+            {
+                "n_subjects": len(study.cohort.subjects),
+                f"n_{study.cohort.classes.positive}": int(study.cohort.labels.sum()),
+                "n_excluded": len(prepared.excluded),
+            },
+        )
         done = len(list((study.directory / "folds").glob("fold*.json")))
-        say(f"study {config.name}: {len(study.cohort.subjects)} subjects, {len(study.folds)} outer folds "
+        say(
+            f"study {config.name}: {len(study.cohort.subjects)} subjects, {len(study.folds)} outer folds "
             f"({done} already done); execution {state.execution} in {study.directory}; MLflow run {parent} at "
-            f"{without_credentials(tracker.uri)}" + (f"; Ray storage {study.storage}" if config.storage_path else ""))
+            f"{without_credentials(tracker.uri)}" + (f"; Ray storage {study.storage}" if config.storage_path else "")
+        )
 
     def fold(self, study: Study, result: FoldResult) -> None:
         """Log a finished fold (unless MLflow has it already) and end its run."""
@@ -148,28 +207,41 @@ class Publisher:
         tracker.log_table(run_id, result.predictions, "predictions.tsv")
         classes = study.cohort.classes
         labels = study.labels(result.predictions.subject_id.tolist())
-        tracker.log_figure(run_id, roc_figure({f"fold {result.fold}": (labels, result.predictions[classes.p])},
-                                              f"ROC, fold {result.fold}", classes.names), "roc.png")
-        tracker.log_figure(run_id, confusion_figure(result.test_metrics, f"fold {result.fold}", classes.names),
-                           "confusion.png")
+        tracker.log_figure(
+            run_id,
+            roc_figure(
+                {f"fold {result.fold}": (labels, result.predictions[classes.p])},
+                f"ROC, fold {result.fold}",
+                classes.names,
+            ),
+            "roc.png",
+        )
+        tracker.log_figure(
+            run_id, confusion_figure(result.test_metrics, f"fold {result.fold}", classes.names), "confusion.png"
+        )
         with study.times.stage("MLflow model logging"):
             tracker.log_model(run_id, load_model(result.checkpoint), study.cache.shape)
         tracker.end(run_id)
         state.logged_folds.append(result.fold)
         study.save_state()
-        tracker.set_tags(state.parent_run, {"study.progress": f"{len(state.logged_folds)}/{len(study.folds)} folds done"})
+        tracker.set_tags(
+            state.parent_run, {"study.progress": f"{len(state.logged_folds)}/{len(study.folds)} folds done"}
+        )
         m = result.test_metrics
         phases = []
         if select := result.epochs("select"):
             phases.append(f"{select} epochs on the inner split")
         if refit := result.epochs("refit"):
             phases.append(f"{refit} epochs on all {len(study.folds[result.fold].train)} training subjects")
-        say(f"fold {result.fold} ({len(state.logged_folds)}/{len(study.folds)} done): {' + '.join(phases)}; "
+        say(
+            f"fold {result.fold} ({len(state.logged_folds)}/{len(study.folds)} done): {' + '.join(phases)}; "
             f"training accuracy {result.fit_accuracy:.2f}; test ROC AUC {m['roc_auc']:.3f}, balanced accuracy "
-            f"{m['balanced_accuracy']:.3f} [{sum(result.seconds.values()):.0f} s]")
+            f"{m['balanced_accuracy']:.3f} [{sum(result.seconds.values()):.0f} s]"
+        )
 
     def training(self, study: Study):
         """A callback for the cross-validation stage: each fold's new epochs on its run's curves, as they train."""
+
         def epochs(fold: int, records: list[dict]) -> None:
             history = pd.DataFrame(records)
             try:  # live curves are a view: a tracking hiccup must not stop training (the fold logs them at its end)
@@ -180,16 +252,19 @@ class Publisher:
             except Exception as err:
                 if not is_tracking_failure(err):
                     raise
+
         return epochs
 
     def explaining(self, study: Study):
         """A callback for the attribution stage: the study run's progress tag, as subjects are explained."""
+
         def progress(done: int, total: int) -> None:
             try:  # a cosmetic tag: a tracking hiccup must not stop a long attribution stage
                 self.tracker.set_tags(study.state.parent_run, {"study.progress": f"{done}/{total} subjects explained"})
             except Exception as err:  # only a tracking failure is swallowed
                 if not is_tracking_failure(err):
                     raise
+
         return progress
 
     def searching(self, study: Study):
@@ -198,8 +273,9 @@ class Publisher:
 
     # -- the stages' results -----------------------------------------------------------------------------------
 
-    def classification(self, study: Study, results: list[FoldResult], baselines: list[BaselineResult],
-                       evaluation: Evaluation) -> None:
+    def classification(
+        self, study: Study, results: list[FoldResult], baselines: list[BaselineResult], evaluation: Evaluation
+    ) -> None:
         """The held-out results of the CNN and the linear baseline, and whether they are a finding."""
         self.underfit = publish_classification(self.tracker, self.report, study, results, baselines, evaluation)
 
@@ -212,30 +288,47 @@ class Publisher:
         state = study.state
         if state.ensemble is None:
             attribution = self.config.attribution or AttributionConfig()  # maps on request, even if none here
-            ensemble = Ensemble({r.fold: load_model(r.checkpoint) for r in results}, study.cache.grid,
-                                self.config.preprocess.normalize, tuple(attribution.methods), attribution.target,
-                                attribution.perturbation.model_dump(), study.cohort.classes,
-                                explanation_of(attribution, study).cohort_mean)
+            ensemble = Ensemble(
+                {r.fold: load_model(r.checkpoint) for r in results},
+                study.cache.grid,
+                self.config.preprocess.normalize,
+                tuple(attribution.methods),
+                attribution.target,
+                attribution.perturbation.model_dump(),
+                study.cohort.classes,
+                explanation_of(attribution, study).cohort_mean,
+            )
             with study.times.stage("MLflow model logging"):
-                _, version = self.tracker.log_ensemble(state.parent_run, ensemble.save(study.directory / "ensemble"),
-                                                       ensemble.signature(), self.config.name,
-                                                       f"{study.cohort.classes.column} ({study.cohort.classes.contrast})")
+                _, version = self.tracker.log_ensemble(
+                    state.parent_run,
+                    ensemble.save(study.directory / "ensemble"),
+                    ensemble.signature(),
+                    self.config.name,
+                    f"{study.cohort.classes.column} ({study.cohort.classes.contrast})",
+                )
             state.ensemble = f"models:/{self.config.name}/{version}"
             study.save_state()
-        say(f"model: the {len(results)} fold models as one ensemble, registered as {state.ensemble}; apply it to "
-            f"new images with: study predict {state.ensemble} IMAGES...")
+        say(
+            f"model: the {len(results)} fold models as one ensemble, registered as {state.ensemble}; apply it to "
+            f"new images with: study predict {state.ensemble} IMAGES..."
+        )
 
     def finish(self, study: Study, evaluation: Evaluation) -> None:
         """Stage times, the report, the verdict again, and the end of the study's run."""
         parent, tracker = study.state.parent_run, self.tracker
         times = self._stage_times(study)
         tracker.log_table(parent, times, "stage_times.tsv")
-        tracker.log_metrics(parent, {"time_" + re.sub(r"\W+", "_", row.stage).strip("_") + "_s": row.seconds
-                                     for row in times.itertuples()})
+        tracker.log_metrics(
+            parent,
+            {"time_" + re.sub(r"\W+", "_", row.stage).strip("_") + "_s": row.seconds for row in times.itertuples()},
+        )
         shown = times.assign(seconds=times.seconds.map("{:.1f}".format), share=times.share.map("{:.1%}".format))
-        self.report.add_table("Where the time went", shown,
-                              "Seconds per stage. Fold stages are summed over folds, which may train side by side, "
-                              "and some stages run beside others: the rows can add up to more than the wall time.")
+        self.report.add_table(
+            "Where the time went",
+            shown,
+            "Seconds per stage. Fold stages are summed over folds, which may train side by side, "
+            "and some stages run beside others: the rows can add up to more than the wall time.",
+        )
         report_path = study.directory / "report.html"
         html = self.report.html()
         replace_atomically(report_path, lambda tmp: tmp.write_text(html))

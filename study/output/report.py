@@ -11,7 +11,7 @@ import base64
 import html
 import io
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pandas as pd
 from matplotlib.figure import Figure
@@ -34,23 +34,28 @@ class Report:
 
     def add_table(self, heading: str, table: pd.DataFrame, note: str = "") -> None:
         body = (f"<p>{html.escape(note)}</p>" if note else "") + table.to_html(
-            index=False, float_format=lambda v: f"{v:.3f}", border=0, classes="table")
+            index=False, float_format=lambda v: f"{v:.3f}", border=0, classes="table"
+        )
         self.sections.append((heading, body))
 
     def add_images(self, heading: str, images: list[tuple[str, Figure]], note: str = "") -> None:
         figures = "".join(
             f'<figure><img src="data:image/png;base64,{base64.b64encode(png_bytes(figure)).decode()}" '
             f'alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
-            for caption, figure in images)
-        self.sections.append((heading, (f"<p>{html.escape(note)}</p>" if note else "") + f'<div class="figs">{figures}</div>'))
+            for caption, figure in images
+        )
+        self.sections.append(
+            (heading, (f"<p>{html.escape(note)}</p>" if note else "") + f'<div class="figs">{figures}</div>')
+        )
 
     def html(self) -> str:
         summary = "".join(f"<div><span>{html.escape(k)}</span><b>{html.escape(v)}</b></div>" for k, v in self.summary)
         banner = f'<div class="banner {self.banner[0]}">{html.escape(self.banner[1])}</div>' if self.banner else ""
         toc = "".join(f'<a href="#s{i}">{html.escape(h)}</a>' for i, (h, _) in enumerate(self.sections))
-        body = "".join(f'<section id="s{i}"><h2>{html.escape(h)}</h2>{b}</section>'
-                       for i, (h, b) in enumerate(self.sections))
-        made = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        body = "".join(
+            f'<section id="s{i}"><h2>{html.escape(h)}</h2>{b}</section>' for i, (h, b) in enumerate(self.sections)
+        )
+        made = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
         return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(self.title)}</title>
 <style>
 body{{font-family:system-ui,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}}
@@ -63,11 +68,14 @@ nav{{padding:8px 28px;background:#e9ecf2;font-size:13px}} nav a{{margin-right:16
 .summary{{display:flex;flex-wrap:wrap;gap:10px;padding:16px 28px}}
 .summary div{{background:#fff;border-radius:6px;padding:10px 14px;box-shadow:0 1px 2px #0002}}
 .summary span{{display:block;font-size:12px;color:#5a6478}} .summary b{{font-size:18px}}
-section{{overflow-x:auto;background:#fff;margin:14px 28px;padding:14px 20px;border-radius:6px;box-shadow:0 1px 2px #0002}}
+section{{overflow-x:auto;background:#fff;margin:14px 28px;padding:14px 20px;border-radius:6px;
+ box-shadow:0 1px 2px #0002}}
 h2{{font-size:17px;margin:4px 0 10px}} p{{font-size:13px;color:#3a4356;max-width:70em}}
-.table{{border-collapse:collapse;font-size:13px}} .table th,.table td{{padding:4px 10px;border-bottom:1px solid #e3e6ec;text-align:right}}
+.table{{border-collapse:collapse;font-size:13px}}
+.table th,.table td{{padding:4px 10px;border-bottom:1px solid #e3e6ec;text-align:right}}
 .table th{{background:#f0f2f6}} .table td:first-child,.table th:first-child{{text-align:left}}
-.figs{{display:flex;flex-wrap:wrap;gap:12px}} figure{{margin:0;width:620px;max-width:100%}} figure img{{width:100%;border:1px solid #e3e6ec}}
+.figs{{display:flex;flex-wrap:wrap;gap:12px}} figure{{margin:0;width:620px;max-width:100%}}
+figure img{{width:100%;border:1px solid #e3e6ec}}
 figcaption{{font-size:12px;color:#5a6478}}
 </style></head><body>
 <header><h1>{html.escape(self.title)}</h1><p>made {made} by study</p></header>

@@ -36,8 +36,18 @@ from study.storage import project_dir
 WALL_TIME = "wall_time"  # a history column: when the row's epoch ended, seconds since 1970 (the points' timestamps)
 SAVED_VIEW_TAG = "mlflow.sharedViewState."  # the experiment tag prefix of the MLflow UI's saved views
 # What a study's ensemble needs where it is loaded (pinned to the versions that saved it).
-ENSEMBLE_REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "scipy", "nibabel", "nilearn", "pydantic", "pyyaml",
-                         "tqdm")
+ENSEMBLE_REQUIREMENTS = (
+    "mlflow",
+    "torch",
+    "numpy",
+    "pandas",
+    "scipy",
+    "nibabel",
+    "nilearn",
+    "pydantic",
+    "pyyaml",
+    "tqdm",
+)
 
 
 class TrackingError(RuntimeError):
@@ -137,8 +147,15 @@ class Tracker:
         # MLflow 3 opens an experiment on its GenAI overview unless told it holds model training.
         self.client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind", "custom_model_development")
 
-    def save_view(self, view_id: str, name: str, search_filter: str, columns: list[str],
-                  order_by: str | None = None, ascending: bool = True) -> None:
+    def save_view(
+        self,
+        view_id: str,
+        name: str,
+        search_filter: str,
+        columns: list[str],
+        order_by: str | None = None,
+        ascending: bool = True,
+    ) -> None:
         """A saved view of the experiment's runs table (MLflow 3.15+: the "Views" menu, or the page
         ``#/experiments/<id>/runs?viewStateShareKey=<view_id>``): runs matching ``search_filter`` with
         ``columns`` shown (``metrics.NAME``, ``params.NAME``, ``tags.NAME``).
@@ -147,16 +164,24 @@ class Tracker:
         with child runs folded under their parents (the UI nests only when sorted by start time).
         MLflow keeps saved views as experiment tags; writing one again replaces it.
         """
+
         def key(column: str) -> str:
             kind, _, name = column.partition(".")
             return f"{kind}.`{name}`"
 
         now = int(time.time() * 1000)
-        state = {"searchFilter": search_filter, "orderByKey": key(order_by) if order_by else "attributes.start_time",
-                 "orderByAsc": ascending if order_by else False, "selectedColumns": [key(c) for c in columns],
-                 "columnOrder": [key(c) for c in columns]}
-        self.client.set_experiment_tag(self.experiment_id, f"{SAVED_VIEW_TAG}{view_id}", json.dumps(
-            {"name": name, "createdAt": now, "updatedAt": now, "state": json.dumps(state)}))
+        state = {
+            "searchFilter": search_filter,
+            "orderByKey": key(order_by) if order_by else "attributes.start_time",
+            "orderByAsc": ascending if order_by else False,
+            "selectedColumns": [key(c) for c in columns],
+            "columnOrder": [key(c) for c in columns],
+        }
+        self.client.set_experiment_tag(
+            self.experiment_id,
+            f"{SAVED_VIEW_TAG}{view_id}",
+            json.dumps({"name": name, "createdAt": now, "updatedAt": now, "state": json.dumps(state)}),
+        )
 
     def start_run(self, name: str, tags: dict[str, str], parent: str | None = None) -> str:
         """A new run (nested under ``parent`` when given); returns its id."""
@@ -182,11 +207,14 @@ class Tracker:
             timestamp = int(wall * 1000) if isinstance(wall, (int, float, np.number)) and np.isfinite(wall) else now
             for key in columns:
                 value = row[key]
-                if isinstance(value, (int, float, np.number)) and np.isfinite(value) \
-                        and int(row[step]) not in logged.get(key, ()):
+                if (
+                    isinstance(value, (int, float, np.number))
+                    and np.isfinite(value)
+                    and int(row[step]) not in logged.get(key, ())
+                ):
                     metrics.append(Metric(key, float(value), timestamp, int(row[step])))
         for start in range(0, len(metrics), 900):
-            self.client.log_batch(run_id, metrics=metrics[start:start + 900])
+            self.client.log_batch(run_id, metrics=metrics[start : start + 900])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], prefix: str = "") -> None:
         timestamp = now_ms()
@@ -197,7 +225,7 @@ class Tracker:
         flat = flatten(params)
         params = [Param(prefix + k, v[:6000]) for k, v in flat.items()]
         for start in range(0, len(params), 100):
-            self.client.log_batch(run_id, params=params[start:start + 100])
+            self.client.log_batch(run_id, params=params[start : start + 100])
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
@@ -224,18 +252,27 @@ class Tracker:
         example = np.zeros((2, 1, *input_shape), dtype=np.float32)  # batch 2: a free batch dimension
         requirements = [f"torch=={version('torch').split('+')[0]}", f"numpy=={version('numpy')}"]
         logged = self.client.create_logged_model(self.experiment_id, name=name, source_run_id=run_id)
-        with environment(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"), tempfile.TemporaryDirectory() as tmp, \
-                _quiet("mlflow.pytorch"):
-            mlflow.pytorch.save_model(model.cpu(), Path(tmp) / name, input_example=example,
-                                      serialization_format="pickle", pip_requirements=requirements,
-                                      metadata={"model_id": logged.model_id})
+        with (
+            environment(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"),
+            tempfile.TemporaryDirectory() as tmp,
+            _quiet("mlflow.pytorch"),
+        ):
+            mlflow.pytorch.save_model(
+                model.cpu(),
+                Path(tmp) / name,
+                input_example=example,
+                serialization_format="pickle",
+                pip_requirements=requirements,
+                metadata={"model_id": logged.model_id},
+            )
             self.client.log_model_artifacts(logged.model_id, str(Path(tmp) / name))
         self.client.finalize_logged_model(logged.model_id, "READY")
         self.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
         return logged.model_id
 
-    def log_ensemble(self, run_id: str, ensemble: Path, signature: ModelSignature, registered_name: str,
-                     task: str) -> tuple[str, str]:
+    def log_ensemble(
+        self, run_id: str, ensemble: Path, signature: ModelSignature, registered_name: str, task: str
+    ) -> tuple[str, str]:
         """Log a saved :class:`study.predict.Ensemble` as a pyfunc model of ``run_id`` and register it.
 
         The model carries the ``study`` package's code, so loading it needs only
@@ -246,17 +283,26 @@ class Tracker:
 
         example = pd.DataFrame({"image": ["sub-01/anat/sub-01_T1w.nii.gz"], "subject_id": ["01"]})
         requirements = [f"{p}=={version(p).split('+')[0]}" for p in ENSEMBLE_REQUIREMENTS]
-        logged = self.client.create_logged_model(self.experiment_id, name="ensemble", source_run_id=run_id,
-                                                 model_type="study-ensemble")
+        logged = self.client.create_logged_model(
+            self.experiment_id, name="ensemble", source_run_id=run_id, model_type="study-ensemble"
+        )
         # Saving, uploading and registering copy the model's files with progress bars that only clutter the
         # study's console (in a log file, one long line of carriage returns).
-        with environment(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"), tempfile.TemporaryDirectory() as tmp, \
-                _quiet("mlflow"):
-            mlflow.pyfunc.save_model(Path(tmp) / "ensemble", python_model=predict.StudyEnsemble(),
-                                     artifacts={"ensemble": str(ensemble)},
-                                     code_paths=[str(Path(predict.__file__).parent)],
-                                     signature=signature, input_example=example,
-                                     pip_requirements=requirements, metadata={"model_id": logged.model_id})
+        with (
+            environment(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"),
+            tempfile.TemporaryDirectory() as tmp,
+            _quiet("mlflow"),
+        ):
+            mlflow.pyfunc.save_model(
+                Path(tmp) / "ensemble",
+                python_model=predict.StudyEnsemble(),
+                artifacts={"ensemble": str(ensemble)},
+                code_paths=[str(Path(predict.__file__).parent)],
+                signature=signature,
+                input_example=example,
+                pip_requirements=requirements,
+                metadata={"model_id": logged.model_id},
+            )
             _forget_artifact_sources(Path(tmp) / "ensemble")
             self.client.log_model_artifacts(logged.model_id, str(Path(tmp) / "ensemble"))
         self.client.finalize_logged_model(logged.model_id, "READY")
@@ -265,13 +311,16 @@ class Tracker:
             self.client.get_registered_model(registered_name)
         except MlflowException:
             self.client.create_registered_model(
-                registered_name, description=f"{task} from T1w MRI: the outer folds' CNNs of study {registered_name} as "
-                                             "one ensemble, with its preprocessing. Apply it to new images: "
-                                             f"study predict models:/{registered_name}/VERSION IMAGES...")
+                registered_name,
+                description=f"{task} from T1w MRI: the outer folds' CNNs of study {registered_name} as "
+                "one ensemble, with its preprocessing. Apply it to new images: "
+                f"study predict models:/{registered_name}/VERSION IMAGES...",
+            )
         # The artifact location, not models:/<id>: MLflow resolves the latter through the global tracking URI.
         with environment(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):
-            registered = self.client.create_model_version(registered_name, logged.artifact_location, run_id=run_id,
-                                                          model_id=logged.model_id)
+            registered = self.client.create_model_version(
+                registered_name, logged.artifact_location, run_id=run_id, model_id=logged.model_id
+            )
         return logged.model_id, registered.version
 
     def reopen(self, run_id: str) -> None:

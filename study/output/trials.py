@@ -28,25 +28,33 @@ def trial_callback(tracker: Tracker, study: Study):
                 tracker.log_history(runs[key], pd.DataFrame([row]), only_new=True)
             elif kind in ("complete", "error"):
                 budget = params.get("epochs", study.config.train.epochs)
-                status = "errored" if kind == "error" else \
-                    "completed" if epochs.get(key, 0) >= budget else "stopped_early"
+                status = (
+                    "errored" if kind == "error" else "completed" if epochs.get(key, 0) >= budget else "stopped_early"
+                )
                 tracker.set_tags(runs[key], {"study.trial_status": status})
                 tracker.end(runs[key], "FAILED" if kind == "error" else "FINISHED")
         except Exception as err:
             if not is_tracking_failure(err):
                 raise
+
     return event
 
-def _trial_run(tracker: Tracker, fold: int, fold_run: str, trial_id: str, params: dict, runs: list | None = None) -> str:
+
+def _trial_run(
+    tracker: Tracker, fold: int, fold_run: str, trial_id: str, params: dict, runs: list | None = None
+) -> str:
     """The run of a search trial under its fold's run: found again by its tag, else started."""
     for run in runs if runs is not None else tracker.children(fold_run):
         if run.data.tags.get("study.trial") == trial_id:
             return run.info.run_id
-    run_id = tracker.start_run(f"trial {trial_id}", {
-        "study.level": "trial", "study.fold": str(fold), "study.trial": trial_id, "study.trial_status": "running"},
-        parent=fold_run)
+    run_id = tracker.start_run(
+        f"trial {trial_id}",
+        {"study.level": "trial", "study.fold": str(fold), "study.trial": trial_id, "study.trial_status": "running"},
+        parent=fold_run,
+    )
     tracker.log_params(run_id, params)
     return run_id
+
 
 def publish_search(tracker: Tracker, fold: int, fold_run: str, search: SearchResult) -> None:
     """Every trial's run complete (curves, status, score; trials whose run has its score are done) and the best."""
@@ -57,9 +65,13 @@ def publish_search(tracker: Tracker, fold: int, fold_run: str, search: SearchRes
             continue
         run_id = _trial_run(tracker, fold, fold_run, trial.trial_id, trial.params, children)
         if not trial.history.empty:
-            tracker.log_history(run_id, trial.history[[c for c in trial.history.columns
-                                                       if c.startswith(TRIAL_METRICS) or c in ("epoch", WALL_TIME)]],
-                                only_new=True)
+            tracker.log_history(
+                run_id,
+                trial.history[
+                    [c for c in trial.history.columns if c.startswith(TRIAL_METRICS) or c in ("epoch", WALL_TIME)]
+                ],
+                only_new=True,
+            )
         tracker.set_tags(run_id, {"study.trial_status": trial.status})
         if trial.score == trial.score:  # not NaN
             tracker.log_metrics(run_id, {f"search_{search.metric}": trial.score})

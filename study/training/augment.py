@@ -30,9 +30,16 @@ class Augmentation(Params):
     strength: float = Field(1.0, ge=0)
 
 
-def random_affine(batch: int, augmentation: Augmentation, voxel_mm: float, extent_vox: torch.Tensor,
-                  generator: torch.Generator, device: torch.device) -> torch.Tensor:
+def random_affine(
+    batch: int,
+    augmentation: Augmentation,
+    voxel_mm: float,
+    extent_vox: torch.Tensor,
+    generator: torch.Generator,
+    device: torch.device,
+) -> torch.Tensor:
     """[batch, 3, 4] affines in ``affine_grid``'s normalized coordinates."""
+
     def uniform(*shape: int, scale: float) -> torch.Tensor:
         return (torch.rand(*shape, generator=generator) * 2 - 1) * scale
 

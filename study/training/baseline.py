@@ -49,36 +49,58 @@ class BaselineResult:
 def brain_voxels(cache: VolumeCache, subject_ids: list[str], brain: np.ndarray) -> np.ndarray:
     """[subjects, brain voxels] float32, read 64 subjects at a time."""
     dataset = CachedVolumes(cache, subject_ids, np.zeros(len(subject_ids)))
-    return np.concatenate([dataset.__getitems__(list(range(s, min(s + 64, len(subject_ids)))))[0].numpy()[:, 0][:, brain]
-                           for s in range(0, len(subject_ids), 64)])
+    return np.concatenate(
+        [
+            dataset.__getitems__(list(range(s, min(s + 64, len(subject_ids)))))[0].numpy()[:, 0][:, brain]
+            for s in range(0, len(subject_ids), 64)
+        ]
+    )
 
 
-def fit_linear(cache: VolumeCache, brain: np.ndarray, fold: OuterFold, labels: dict[str, int], classes: Classes,
-               seed: int = 0) -> BaselineResult:
+def fit_linear(
+    cache: VolumeCache, brain: np.ndarray, fold: OuterFold, labels: dict[str, int], classes: Classes, seed: int = 0
+) -> BaselineResult:
     """Fit, choose C on ``fold``'s inner splits, refit on its training side, test on its held-out side."""
     started = time.perf_counter()
     train = fold.train
     x, y = brain_voxels(cache, train, brain), np.array([labels[s] for s in train])
     position = {s: i for i, s in enumerate(train)}
-    inner = [(np.array([position[s] for s in split.train]), np.array([position[s] for s in split.test]))
-             for split in fold.inner]
+    inner = [
+        (np.array([position[s] for s in split.train]), np.array([position[s] for s in split.test]))
+        for split in fold.inner
+    ]
     # Standardization is part of the model, so each inner split scales by its own training subjects.
-    search = GridSearchCV(make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, random_state=seed)),
-                          {"logisticregression__C": list(C_GRID)}, cv=inner, scoring="roc_auc", refit=True)
+    search = GridSearchCV(
+        make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, random_state=seed)),
+        {"logisticregression__C": list(C_GRID)},
+        cv=inner,
+        scoring="roc_auc",
+        refit=True,
+    )
     search.fit(x, y)
     model, C = search.best_estimator_, float(search.best_params_["logisticregression__C"])
     test_labels = np.array([labels[s] for s in fold.test])
     p = model.predict_proba(brain_voxels(cache, fold.test, brain))[:, 1]
     scaler, linear = model[0], model[-1]
-    return BaselineResult(fold.fold, C, classification_metrics(test_labels, p),
-                          classes.predictions(fold.test, test_labels, p), linear.coef_[0].astype(np.float32),
-                          time.perf_counter() - started, float(linear.intercept_[0]),
-                          scaler.mean_.astype(np.float32), scaler.scale_.astype(np.float32))
+    return BaselineResult(
+        fold.fold,
+        C,
+        classification_metrics(test_labels, p),
+        classes.predictions(fold.test, test_labels, p),
+        linear.coef_[0].astype(np.float32),
+        time.perf_counter() - started,
+        float(linear.intercept_[0]),
+        scaler.mean_.astype(np.float32),
+        scaler.scale_.astype(np.float32),
+    )
 
 
 def fit_baselines(study: Study, brain: np.ndarray) -> list[BaselineResult]:
     """The linear baseline of every outer fold, as Ray tasks (one CPU each); sorted by fold."""
     labels = dict(zip(study.cohort.ids, study.cohort.labels.tolist()))
     task = ray.remote(num_cpus=1)(fit_linear)
-    refs = [task.remote(study.cache, brain, fold, labels, study.cohort.classes, study.config.cv.seed) for fold in study.folds]
+    refs = [
+        task.remote(study.cache, brain, fold, labels, study.cohort.classes, study.config.cv.seed)
+        for fold in study.folds
+    ]
     return sorted(ray.get(refs), key=lambda r: r.fold)

@@ -72,35 +72,68 @@ class FoldResult:
 
     def to_json(self) -> str:
         """The fold as JSON: a rerun trusts this file, and JSON (unlike pickle) cannot run code when read."""
-        search = None if self.search is None else {
-            "metric": self.search.metric, "best": self.search.best,
-            "trials": [{**vars(t), "history": t.history.to_dict("records")} for t in self.search.trials]}
-        return json.dumps({
-            "fold": self.fold, "architecture": self.setup.architecture.model_dump(mode="json"),
-            "train": self.setup.train.model_dump(mode="json"), "history": self.history.to_dict("records"),
-            "checkpoint": self.checkpoint.path,  # within Ray storage's file system, given back to from_json
-            "test_metrics": self.test_metrics, "predictions": self.predictions.to_dict("records"),
-            "seconds": self.seconds, "search": search}, indent=1, default=lambda value: value.item())
+        search = (
+            None
+            if self.search is None
+            else {
+                "metric": self.search.metric,
+                "best": self.search.best,
+                "trials": [{**vars(t), "history": t.history.to_dict("records")} for t in self.search.trials],
+            }
+        )
+        return json.dumps(
+            {
+                "fold": self.fold,
+                "architecture": self.setup.architecture.model_dump(mode="json"),
+                "train": self.setup.train.model_dump(mode="json"),
+                "history": self.history.to_dict("records"),
+                "checkpoint": self.checkpoint.path,  # within Ray storage's file system, given back to from_json
+                "test_metrics": self.test_metrics,
+                "predictions": self.predictions.to_dict("records"),
+                "seconds": self.seconds,
+                "search": search,
+            },
+            indent=1,
+            default=lambda value: value.item(),
+        )
 
     @classmethod
-    def from_json(cls, text: str, filesystem: pyarrow.fs.FileSystem | None = None) -> "FoldResult":
-        """The fold of :meth:`to_json`; ``filesystem``: that of the Ray storage holding its checkpoint (local if None)."""
+    def from_json(cls, text: str, filesystem: pyarrow.fs.FileSystem | None = None) -> FoldResult:
+        """The fold of :meth:`to_json`; ``filesystem``: that of the Ray storage holding its checkpoint (local if
+        None)."""
         data = json.loads(text)
-        search = data["search"] and SearchResult(data["search"]["metric"], data["search"]["best"], [
-            Trial(**{**t, "history": pd.DataFrame(t["history"])}) for t in data["search"]["trials"]])
+        search = data["search"] and SearchResult(
+            data["search"]["metric"],
+            data["search"]["best"],
+            [Trial(**{**t, "history": pd.DataFrame(t["history"])}) for t in data["search"]["trials"]],
+        )
         setup = TrainingSetup(architecture_of(data["architecture"]), TrainConfig.model_validate(data["train"]))
-        return cls(data["fold"], setup, pd.DataFrame(data["history"]),
-                   ray.train.Checkpoint(data["checkpoint"], filesystem or pyarrow.fs.LocalFileSystem()),
-                   data["test_metrics"], pd.DataFrame(data["predictions"]).astype({"subject_id": str}),
-                   data["seconds"], search)
+        return cls(
+            data["fold"],
+            setup,
+            pd.DataFrame(data["history"]),
+            ray.train.Checkpoint(data["checkpoint"], filesystem or pyarrow.fs.LocalFileSystem()),
+            data["test_metrics"],
+            pd.DataFrame(data["predictions"]).astype({"subject_id": str}),
+            data["seconds"],
+            search,
+        )
 
 
-def training_data(study: Study, train_ids: list[str], val_ids: list[str],
-                  refit_ids: list[str] | None = None) -> TrainingData:
+def training_data(
+    study: Study, train_ids: list[str], val_ids: list[str], refit_ids: list[str] | None = None
+) -> TrainingData:
     """The labelled subjects of one training: a selection split and, optionally, the final fit's subjects."""
     refit_ids = refit_ids or []
-    return TrainingData(study.cache, train_ids, study.labels(train_ids), val_ids, study.labels(val_ids),
-                        refit_ids, study.labels(refit_ids))
+    return TrainingData(
+        study.cache,
+        train_ids,
+        study.labels(train_ids),
+        val_ids,
+        study.labels(val_ids),
+        refit_ids,
+        study.labels(refit_ids),
+    )
 
 
 def predict_task(resources: ResourcesConfig) -> ray.remote_function.RemoteFunction:
@@ -118,9 +151,19 @@ def _predict_checkpoint(checkpoint: ray.train.Checkpoint, dataset: CachedVolumes
     return predict(precision.model(load_model(checkpoint)), dataset, train.batch_size, precision)
 
 
-def train_and_test(fold: int, setup: TrainingSetup, data: TrainingData, test_ids: list[str], test_labels: np.ndarray,
-                   classes: Classes, storage_path: str, resources: ResourcesConfig, audit_dir: Path | None = None,
-                   search: SearchResult | None = None, live_path: Path | None = None) -> FoldResult:
+def train_and_test(
+    fold: int,
+    setup: TrainingSetup,
+    data: TrainingData,
+    test_ids: list[str],
+    test_labels: np.ndarray,
+    classes: Classes,
+    storage_path: str,
+    resources: ResourcesConfig,
+    audit_dir: Path | None = None,
+    search: SearchResult | None = None,
+    live_path: Path | None = None,
+) -> FoldResult:
     """Train ``setup`` as its ``final_fit`` says, then test it on the held-out subjects.
 
     ``data`` holds the fold's first inner split and all of its training
@@ -137,8 +180,9 @@ def train_and_test(fold: int, setup: TrainingSetup, data: TrainingData, test_ids
         data = data.selection_only()
     elif search is not None:  # early_stopped: the search's best trial chose the epochs
         data, refit_epochs = data.refit_only(), search.best_epoch + 1
-    checkpoint = fit(setup, data, f"fold{fold}", storage_path, resources, audit_dir, refit_epochs=refit_epochs,
-                     live_path=live_path).checkpoint
+    checkpoint = fit(
+        setup, data, f"fold{fold}", storage_path, resources, audit_dir, refit_epochs=refit_epochs, live_path=live_path
+    ).checkpoint
     history = pd.DataFrame(load_history(checkpoint))
     selected_by_search = search is not None and final_fit == "early_stopped"
     if selected_by_search:
@@ -149,14 +193,23 @@ def train_and_test(fold: int, setup: TrainingSetup, data: TrainingData, test_ids
     trained_here = history[history["phase"] == "refit"] if selected_by_search else history
     training = float(trained_here.filter(like="epoch_seconds").sum().sum())
     predictions = classes.predictions(test_ids, test_labels, p)
-    seconds = {"training": training, "Ray Train set-up": max(fitted - started - training, 0.0),
-               "testing": time.perf_counter() - fitted}
-    return FoldResult(fold, setup, history, checkpoint, classification_metrics(test_labels, p),
-                      predictions, seconds, search)
+    seconds = {
+        "training": training,
+        "Ray Train set-up": max(fitted - started - training, 0.0),
+        "testing": time.perf_counter() - fitted,
+    }
+    return FoldResult(
+        fold, setup, history, checkpoint, classification_metrics(test_labels, p), predictions, seconds, search
+    )
 
 
-LOST_WORKER = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, ray.exceptions.NodeDiedError,
-               ray.exceptions.WorkerCrashedError, ray.train.PreemptionError)
+LOST_WORKER = (
+    ray.exceptions.ActorDiedError,
+    ray.exceptions.ActorUnavailableError,
+    ray.exceptions.NodeDiedError,
+    ray.exceptions.WorkerCrashedError,
+    ray.train.PreemptionError,
+)
 
 
 def _lost_worker(err: BaseException) -> bool:
@@ -170,8 +223,12 @@ def _lost_worker(err: BaseException) -> bool:
 
 def _nested(err: BaseException) -> list[BaseException]:
     """The errors that ``err`` wraps (a task's cause, Ray Train's controller and worker failures)."""
-    nested = [getattr(err, "cause", None), getattr(err, "controller_failure", None),
-              getattr(err, "health_check_failure", None), *getattr(err, "worker_failures", {}).values()]
+    nested = [
+        getattr(err, "cause", None),
+        getattr(err, "controller_failure", None),
+        getattr(err, "health_check_failure", None),
+        *getattr(err, "worker_failures", {}).values(),
+    ]
     return [e for e in nested if isinstance(e, BaseException) and e is not err]
 
 
@@ -183,12 +240,16 @@ def _failure_message(fold: int, err: Exception, max_failures: int) -> str:
     lines = [line for line in str(cause).splitlines() if line.strip()] or [type(cause).__name__]
     last = lines[-1] if lines[0].startswith("Traceback") else f"{type(cause).__name__}: {lines[0]}"  # a worker's
     if not _lost_worker(err):
-        return (f"fold {fold}'s training failed: {last[:300]}. Finished folds are kept: mend the cause and run "
-                "the same command again to resume.")
-    return (f"fold {fold}'s training failed (a worker or its node was lost) after {max_failures} restart(s) "
-            "(resources.max_failures). Finished folds and this fold's last checkpoint are kept: run the same "
-            "command again to resume, and raise resources.max_failures to let trainings survive lost workers "
-            "(e.g. 3 on spot nodes).")
+        return (
+            f"fold {fold}'s training failed: {last[:300]}. Finished folds are kept: mend the cause and run "
+            "the same command again to resume."
+        )
+    return (
+        f"fold {fold}'s training failed (a worker or its node was lost) after {max_failures} restart(s) "
+        "(resources.max_failures). Finished folds and this fold's last checkpoint are kept: run the same "
+        "command again to resume, and raise resources.max_failures to let trainings survive lost workers "
+        "(e.g. 3 on spot nodes)."
+    )
 
 
 LIVE_POLL_S = 2.0  # how often the driver looks for new epochs of the folds in training
@@ -220,7 +281,7 @@ class LiveFiles:
             with open(self.directory / f"fold{fold}.jsonl", "rb") as f:
                 f.seek(offset)
                 text = f.read()
-            complete = text[:text.rfind(b"\n") + 1]
+            complete = text[: text.rfind(b"\n") + 1]
             if complete:
                 self.read[fold] = offset + len(complete)
                 found[fold] = [json.loads(line) for line in complete.decode().splitlines()]
@@ -261,11 +322,15 @@ def driving_task(function: Callable) -> Any:
     driver's node (the head in a job) is never scaled away.
     """
     return ray.remote(num_cpus=0)(function).options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False))
+        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    )
 
 
-def cross_validate(study: Study, on_epochs: Callable[[int, list[dict]], None] | None = None,
-                   on_trial: Callable[[int, str, str, dict, dict], None] | None = None) -> Iterator[FoldResult]:
+def cross_validate(
+    study: Study,
+    on_epochs: Callable[[int, list[dict]], None] | None = None,
+    on_trial: Callable[[int, str, str, dict, dict], None] | None = None,
+) -> Iterator[FoldResult]:
     """Search (if configured), train and test every outer fold; yield each result as it is ready.
 
     Folds finished by an earlier, interrupted run of this execution come first,
@@ -285,9 +350,11 @@ def cross_validate(study: Study, on_epochs: Callable[[int, list[dict]], None] | 
     for path in sorted(finished.glob("fold*.json")):
         result = FoldResult.from_json(path.read_text(), pyarrow.fs.FileSystem.from_uri(study.storage)[0])
         if (found := network_class(result.checkpoint)) != getattr(config.model, "factory", None):
-            raise StudyError(f"{path}: its checkpoint's network is {found or 'the study CNN'}, the config's "
-                             f"{getattr(config.model, 'factory', None) or 'the study CNN'}: loading it would import "
-                             "code the config does not name. Move this execution aside, or run with --restart")
+            raise StudyError(
+                f"{path}: its checkpoint's network is {found or 'the study CNN'}, the config's "
+                f"{getattr(config.model, 'factory', None) or 'the study CNN'}: loading it would import "
+                "code the config does not name. Move this execution aside, or run with --restart"
+            )
         done.add(result.fold)
         yield result
     base = TrainingSetup(config.model, config.train)
@@ -303,15 +370,34 @@ def cross_validate(study: Study, on_epochs: Callable[[int, list[dict]], None] | 
             audit_root = study.directory / "audit" / f"fold{fold.fold}_search" if study.audit else None
             trial_events = functools.partial(on_trial, fold.fold) if on_trial else None
             with live.delivered(on_epochs):  # the folds in flight keep their curves live during this search
-                search = search_fold(config.search, base, data.selection_only(), join(study.storage, "search"),
-                                     fold.fold, config.resources, audit_root, trial_events)
+                search = search_fold(
+                    config.search,
+                    base,
+                    data.selection_only(),
+                    join(study.storage, "search"),
+                    fold.fold,
+                    config.resources,
+                    audit_root,
+                    trial_events,
+                )
             study.times.add("search", time.perf_counter() - started)
         audit_dir = study.directory / "audit" / f"fold{fold.fold}" if study.audit else None
         if audit_dir:
             audit_dir.mkdir(parents=True, exist_ok=True)
         setup = base.with_params(search.best) if search else base
-        return task.remote(fold.fold, setup, data, fold.test, study.labels(fold.test), study.cohort.classes,
-                           join(study.storage, "train"), config.resources, audit_dir, search, live.start(fold.fold))
+        return task.remote(
+            fold.fold,
+            setup,
+            data,
+            fold.test,
+            study.labels(fold.test),
+            study.cohort.classes,
+            join(study.storage, "train"),
+            config.resources,
+            audit_dir,
+            search,
+            live.start(fold.fold),
+        )
 
     pending: dict[ray.ObjectRef, int] = {}  # a training in flight -> its fold
     queue = [f for f in study.folds if f.fold not in done]
@@ -337,4 +423,3 @@ def cross_validate(study: Study, on_epochs: Callable[[int, list[dict]], None] | 
     finally:  # a failed fold or Ctrl-C stops the trainings in flight; else they ran on until the driver exits
         for ref in pending:
             ray.cancel(ref, force=True)
-

@@ -80,12 +80,15 @@ def paired_delong(labels: np.ndarray, a: np.ndarray, b: np.ndarray, alpha: float
         return AucEstimate(difference, difference, difference), 1.0 if difference == 0 else 0.0
     z = difference / np.sqrt(variance)
     half = scipy.stats.norm.ppf(1 - alpha / 2) * np.sqrt(variance)
-    return (AucEstimate(difference, float(difference - half), float(difference + half)),
-            float(2 * scipy.stats.norm.sf(abs(z))))
+    return (
+        AucEstimate(difference, float(difference - half), float(difference + half)),
+        float(2 * scipy.stats.norm.sf(abs(z))),
+    )
 
 
-def auc_permutation_p(labels: np.ndarray, scores: np.ndarray, folds: np.ndarray, permutations: int = 5000,
-                      seed: int = 0) -> float:
+def auc_permutation_p(
+    labels: np.ndarray, scores: np.ndarray, folds: np.ndarray, permutations: int = 5000, seed: int = 0
+) -> float:
     """One-sided p value of AUC > 0.5: the share of labellings, permuted within folds, whose AUC reaches it."""
     labels, folds = np.asarray(labels), np.asarray(folds)
     observed = roc_auc_score(labels, scores)
@@ -128,40 +131,66 @@ class Evaluation:
     @property
     def verdict(self) -> str:
         """The finding in plain words, for the console, MLflow and the report."""
-        linear = (f"the linear baseline's {self.baseline} (permutation {format_p(self.baseline_p)})"
-                  if self.baseline is not None else "")
+        linear = (
+            f"the linear baseline's {self.baseline} (permutation {format_p(self.baseline_p)})"
+            if self.baseline is not None
+            else ""
+        )
         if self.finding == "none":
-            return (f"No finding: neither the CNN nor the linear baseline learned the task. The CNN's held-out ROC AUC "
-                    f"{self.cnn} is not significantly above chance (permutation {format_p(self.cnn_p)})"
-                    + (f", nor is {linear}" if linear else "") + "; the maps explain models that learned nothing "
-                    "about the label.")
+            return (
+                f"No finding: neither the CNN nor the linear baseline learned the task. The CNN's held-out ROC AUC "
+                f"{self.cnn} is not significantly above chance (permutation {format_p(self.cnn_p)})"
+                + (f", nor is {linear}" if linear else "")
+                + "; the maps explain models that learned nothing "
+                "about the label."
+            )
         if self.finding == "baseline_only":
-            return (f"The linear baseline learned the task, the CNN did not. Linear baseline: held-out ROC AUC "
-                    f"{self.baseline}, above chance (permutation {format_p(self.baseline_p)}); CNN: {self.cnn}, not "
-                    f"significantly above chance (permutation {format_p(self.cnn_p)}). The finding to read is the "
-                    "linear baseline's weight map and its test; the CNN's maps explain a model that learned "
-                    "nothing about the label.")
+            return (
+                f"The linear baseline learned the task, the CNN did not. Linear baseline: held-out ROC AUC "
+                f"{self.baseline}, above chance (permutation {format_p(self.baseline_p)}); CNN: {self.cnn}, not "
+                f"significantly above chance (permutation {format_p(self.cnn_p)}). The finding to read is the "
+                "linear baseline's weight map and its test; the CNN's maps explain a model that learned "
+                "nothing about the label."
+            )
         if self.finding == "below_baseline":
-            return (f"The CNN learned less than a linear model: its held-out ROC AUC {self.cnn} is above chance "
-                    f"(permutation {format_p(self.cnn_p)}) but significantly below {linear} (difference "
-                    f"{self.difference}, DeLong {format_p(self.difference_p)}). Read the linear baseline's weight map "
-                    "beside the CNN's maps.")
+            return (
+                f"The CNN learned less than a linear model: its held-out ROC AUC {self.cnn} is above chance "
+                f"(permutation {format_p(self.cnn_p)}) but significantly below {linear} (difference "
+                f"{self.difference}, DeLong {format_p(self.difference_p)}). Read the linear baseline's weight map "
+                "beside the CNN's maps."
+            )
         if self.baseline is None:
-            return (f"The CNN learned the task: held-out ROC AUC {self.cnn}, above chance (permutation "
-                    f"{format_p(self.cnn_p)}).")
+            return (
+                f"The CNN learned the task: held-out ROC AUC {self.cnn}, above chance (permutation "
+                f"{format_p(self.cnn_p)})."
+            )
         if self.difference_p < ALPHA:
-            versus = f"significantly better than {linear} (difference {self.difference}, DeLong " \
-                     f"{format_p(self.difference_p)})"
+            versus = (
+                f"significantly better than {linear} (difference {self.difference}, DeLong "
+                f"{format_p(self.difference_p)})"
+            )
         else:
-            versus = f"not significantly different from {linear} (difference {self.difference}, DeLong " \
-                     f"{format_p(self.difference_p)}); compare their maps"
-        return (f"The CNN learned the task: held-out ROC AUC {self.cnn}, above chance (permutation "
-                f"{format_p(self.cnn_p)}), {versus}.")
+            versus = (
+                f"not significantly different from {linear} (difference {self.difference}, DeLong "
+                f"{format_p(self.difference_p)}); compare their maps"
+            )
+        return (
+            f"The CNN learned the task: held-out ROC AUC {self.cnn}, above chance (permutation "
+            f"{format_p(self.cnn_p)}), {versus}."
+        )
 
 
-def evaluate(labels: np.ndarray, cnn: np.ndarray, folds: np.ndarray, baseline: np.ndarray | None = None,
-             brain_volumes: np.ndarray | None = None, permutations: int = 5000, seed: int = 0) -> Evaluation:
-    """Test pooled held-out predictions (P(class 1), e.g. P(male), one per subject) of the CNN and, if given, of the baseline.
+def evaluate(
+    labels: np.ndarray,
+    cnn: np.ndarray,
+    folds: np.ndarray,
+    baseline: np.ndarray | None = None,
+    brain_volumes: np.ndarray | None = None,
+    permutations: int = 5000,
+    seed: int = 0,
+) -> Evaluation:
+    """Test pooled held-out predictions (P(class 1), e.g. P(male), one per subject) of the CNN and, if given, of
+    the baseline.
 
     Parameters
     ----------
@@ -179,8 +208,15 @@ def evaluate(labels: np.ndarray, cnn: np.ndarray, folds: np.ndarray, baseline: n
     seed : int
         Seed of the permutations.
     """
-    result = Evaluation(auc_with_ci(labels, cnn), auc_permutation_p(labels, cnn, folds, permutations, seed),
-                        None, None, None, None, permutations)
+    result = Evaluation(
+        auc_with_ci(labels, cnn),
+        auc_permutation_p(labels, cnn, folds, permutations, seed),
+        None,
+        None,
+        None,
+        None,
+        permutations,
+    )
     if brain_volumes is not None:
         result.brain_volume = auc_with_ci(labels, brain_volumes)
     if baseline is not None:
@@ -207,4 +243,5 @@ def fit_check(fit_accuracy: dict[int, float]) -> tuple[str, str | None]:
         f"accuracy {listing}, below {UNDERFIT_ACCURACY}. That is a failure to optimize, not overfitting. Try more "
         "epochs (train.epochs), another learning rate (train.lr), weaker augmentation (train.augment.strength) or "
         "less dropout (model.dropout), or let the inner CV choose them (search.space: lr, epochs, "
-        "augment_strength, dropout; see tune_configs/demo_search.yaml).")
+        "augment_strength, dropout; see tune_configs/demo_search.yaml)."
+    )

@@ -59,11 +59,11 @@ class TrainingData:
     refit_ids: list[str] = field(default_factory=list)
     refit_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
-    def selection_only(self) -> "TrainingData":
+    def selection_only(self) -> TrainingData:
         """The same subjects without the final fit (what a search trial trains)."""
         return replace(self, refit_ids=[], refit_labels=self.refit_labels[:0])
 
-    def refit_only(self) -> "TrainingData":
+    def refit_only(self) -> TrainingData:
         """The same subjects without the selection split (when the epochs are already chosen)."""
         return replace(self, val_ids=[], val_labels=self.val_labels[:0])
 
@@ -85,15 +85,20 @@ def predict(model: torch.nn.Module, dataset: CachedVolumes, batch_size: int, pre
     return torch.cat(probs).numpy() if probs else np.zeros(0)
 
 
-def _scores(model: torch.nn.Module, dataset: CachedVolumes, batch_size: int, precision: Precision,
-            prefix: str) -> dict[str, float]:
+def _scores(
+    model: torch.nn.Module, dataset: CachedVolumes, batch_size: int, precision: Precision, prefix: str
+) -> dict[str, float]:
     """Loss, accuracy and ROC AUC of ``model`` on ``dataset`` in eval mode (no augmentation, no dropout)."""
     p = predict(model, dataset, batch_size, precision)
     labels = dataset.labels.numpy()
     eps = 1e-7
     loss = -np.mean(labels * np.log(p + eps) + (1 - labels) * np.log(1 - p + eps))
     scores = classification_metrics(labels, p)
-    return {f"{prefix}_loss": float(loss), f"{prefix}_accuracy": scores["accuracy"], f"{prefix}_roc_auc": scores["roc_auc"]}
+    return {
+        f"{prefix}_loss": float(loss),
+        f"{prefix}_accuracy": scores["accuracy"],
+        f"{prefix}_roc_auc": scores["roc_auc"],
+    }
 
 
 def save_checkpoint(directory: Path, model: torch.nn.Module, state: dict, **progress: Any) -> None:
@@ -148,8 +153,16 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
 class _Phase:
     """One phase's model, optimizer, schedule and data shard on this worker."""
 
-    def __init__(self, architecture: Architecture | Network, train: TrainConfig, data: TrainingData, ids: list[str],
-                 labels: np.ndarray, epochs: int, precision: Precision):
+    def __init__(
+        self,
+        architecture: Architecture | Network,
+        train: TrainConfig,
+        data: TrainingData,
+        ids: list[str],
+        labels: np.ndarray,
+        epochs: int,
+        precision: Precision,
+    ):
         context = ray.train.get_context()
         rank, world = context.get_world_rank(), context.get_world_size()
         torch.manual_seed(train.seed)  # the same initial weights on every rank, and in every phase
@@ -157,8 +170,13 @@ class _Phase:
         self.ids, self.train, self.precision = ids, train, precision
         self.dataset = CachedVolumes(data.cache, ids, labels)
         self.sampler = DistributedSampler(self.dataset, num_replicas=world, rank=rank, shuffle=True, seed=train.seed)
-        self.loader = DataLoader(self.dataset, batch_size=train.batch_size, sampler=self.sampler, collate_fn=collate,
-                                 pin_memory=precision.pinned)
+        self.loader = DataLoader(
+            self.dataset,
+            batch_size=train.batch_size,
+            sampler=self.sampler,
+            collate_fn=collate,
+            pin_memory=precision.pinned,
+        )
         self.model = ray.train.torch.prepare_model(precision.model(build_model(architecture, data.cache.shape)))
         self.bare: torch.nn.Module = getattr(self.model, "module", self.model)
         self.step = torch.compile(self.model) if train.compile else self.model
@@ -166,7 +184,8 @@ class _Phase:
         steps_per_epoch = max(len(self.loader), 1)
         total, warmup = epochs * steps_per_epoch, round(train.warmup_epochs * steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(step, total, warmup, train.schedule))
+            self.optimizer, lambda step: lr_factor(step, total, warmup, train.schedule)
+        )
         self.voxel_mm = data.cache.grid.voxel_mm
 
     def restore(self, state: dict) -> None:
@@ -296,8 +315,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             else:
                 progress = {"phase": "select", "epoch": epoch, "best_val_loss": best, **current.progress()}
             # A checkpoint at each improvement (fault tolerance) and at the end (the full history).
-            _report(metrics, best_state if improved or last else None, current.bare, rank, best_epoch=best_epoch,
-                    history=history, **progress)
+            _report(
+                metrics,
+                best_state if improved or last else None,
+                current.bare,
+                rank,
+                best_epoch=best_epoch,
+                history=history,
+                **progress,
+            )
             if last:
                 break
         phase, refit_epochs, resumed = "refit", best_epoch + 1, None
@@ -321,8 +347,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             history.append({"phase": "refit", **metrics})
             _live(live_path, history[-1], rank)
             if epoch == refit_epochs - 1 or _report_due(last_report, checkpoint_every_s, precision.device):
-                _report(metrics, _cpu_state(current.bare), current.bare, rank, phase="refit", epoch=epoch,
-                        refit_epochs=refit_epochs, best_epoch=best_epoch, history=history, **current.progress())
+                _report(
+                    metrics,
+                    _cpu_state(current.bare),
+                    current.bare,
+                    rank,
+                    phase="refit",
+                    epoch=epoch,
+                    refit_epochs=refit_epochs,
+                    best_epoch=best_epoch,
+                    history=history,
+                    **current.progress(),
+                )
                 last_report = time.monotonic()
     weights = hashlib.sha1(b"".join(p.detach().cpu().numpy().tobytes() for p in current.bare.parameters())).hexdigest()
     _audit(audit_dir, {"final_weights": weights})

@@ -145,8 +145,11 @@ class Network(Params):
         """``{class: NAME, **kwargs}`` as the config writes it."""
         if isinstance(data, dict) and "class" in data:
             reserved = ("class", "gradcam_layer")
-            return {"factory": data["class"], "gradcam_layer": data.get("gradcam_layer"),
-                    "kwargs": {k: v for k, v in data.items() if k not in reserved}}
+            return {
+                "factory": data["class"],
+                "gradcam_layer": data.get("gradcam_layer"),
+                "kwargs": {k: v for k, v in data.items() if k not in reserved},
+            }
         return data
 
     @model_serializer
@@ -166,11 +169,15 @@ class Network(Params):
                 target = getattr(target, part)
         except Exception as err:  # noqa: BLE001 - a missing module, a name it lacks, an error inside it
             file = module_name.replace(".", "/") + ".py"
-            raise ValueError(f"cannot import {self.factory}: {type(err).__name__}: {err}. Install its package, or "
-                             f"put {file} in the project directory ({project_dir()})") from None
+            raise ValueError(
+                f"cannot import {self.factory}: {type(err).__name__}: {err}. Install its package, or "
+                f"put {file} in the project directory ({project_dir()})"
+            ) from None
         if not (isinstance(target, type) and issubclass(target, nn.Module)):
-            raise ValueError(f"{self.factory} is a {type(target).__name__}, not a torch.nn.Module subclass: a study "
-                             "builds only network classes; name the network's class")
+            raise ValueError(
+                f"{self.factory} is a {type(target).__name__}, not a torch.nn.Module subclass: a study "
+                "builds only network classes; name the network's class"
+            )
         return target
 
     def takes_input_shape(self) -> bool:
@@ -183,7 +190,8 @@ class Network(Params):
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
             return None
         return {n for n, p in signature.parameters.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL} - {
-            "input_shape"}
+            "input_shape"
+        }
 
 
 class UserNetwork(nn.Module):
@@ -199,8 +207,9 @@ class UserNetwork(nn.Module):
             self.net = factory(**shape, **architecture.kwargs)
         except Exception as err:  # noqa: BLE001 - whatever the constructor raises is reported with its arguments
             given = f"input_shape={self.input_shape} and " if shape else ""
-            raise ValueError(f"{architecture.factory} cannot be built with {given}{architecture.kwargs}: "
-                             f"{type(err).__name__}: {err}") from None
+            raise ValueError(
+                f"{architecture.factory} cannot be built with {given}{architecture.kwargs}: {type(err).__name__}: {err}"
+            ) from None
         self._find_gradcam_layer()  # checked now, with what to change
 
     def _find_gradcam_layer(self) -> nn.Module:
@@ -211,14 +220,18 @@ class UserNetwork(nn.Module):
                 return self.net.get_submodule(name)
             except AttributeError:
                 children = ", ".join(n for n, _ in self.net.named_children())
-                raise ValueError(f"{factory} has no module {name!r} (gradcam_layer); its top-level modules: "
-                                 f"{children} (a dotted name reaches inside them, e.g. features.denseblock4)") from None
+                raise ValueError(
+                    f"{factory} has no module {name!r} (gradcam_layer); its top-level modules: "
+                    f"{children} (a dotted name reaches inside them, e.g. features.denseblock4)"
+                ) from None
         layer = getattr(self.net, "gradcam_layer", None)
         if not isinstance(layer, nn.Module) or not any(m is layer for m in self.net.modules()):
-            raise ValueError(f"{factory} builds a {type(self.net).__name__} without a gradcam_layer: name the module "
-                             "Grad-CAM should explain in the config (model.gradcam_layer: a dotted module name) or set "
-                             "self.gradcam_layer to it (one of the network's modules, e.g. the last convolutional "
-                             "block's ReLU)")
+            raise ValueError(
+                f"{factory} builds a {type(self.net).__name__} without a gradcam_layer: name the module "
+                "Grad-CAM should explain in the config (model.gradcam_layer: a dotted module name) or set "
+                "self.gradcam_layer to it (one of the network's modules, e.g. the last convolutional "
+                "block's ReLU)"
+            )
         return layer
 
     @property
@@ -256,12 +269,15 @@ def check_network(architecture: Network, input_shape: tuple[int, int, int]) -> U
         with torch.no_grad():
             logits = model(x)
     except Exception as err:  # noqa: BLE001 - whatever the network raises is reported with where it happened
-        raise ValueError(f"{architecture.factory} fails on one volume of the study grid {tuple(input_shape)}: "
-                         f"{type(err).__name__}: {err}") from None
+        raise ValueError(
+            f"{architecture.factory} fails on one volume of the study grid {tuple(input_shape)}: "
+            f"{type(err).__name__}: {err}"
+        ) from None
     if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (1, 2):
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(f"{architecture.factory} returns {got} for one volume; a study needs logits [batch, 2] "
-                         "(class 0, class 1)")
+        raise ValueError(
+            f"{architecture.factory} returns {got} for one volume; a study needs logits [batch, 2] (class 0, class 1)"
+        )
     return model
 
 
@@ -272,8 +288,11 @@ def model_record(model: BrainCNN | UserNetwork, weights: dict[str, torch.Tensor]
     ``torch.load(weights_only=True)`` (no pickle of code; a user's network is
     rebuilt from its ``class`` and keyword arguments).
     """
-    return {"model": model.state_dict() if weights is None else weights,
-            "arch": model.architecture.model_dump(mode="json"), "input_shape": model.input_shape}
+    return {
+        "model": model.state_dict() if weights is None else weights,
+        "arch": model.architecture.model_dump(mode="json"),
+        "input_shape": model.input_shape,
+    }
 
 
 def model_from_record(record: dict) -> BrainCNN | UserNetwork:

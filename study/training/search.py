@@ -88,15 +88,28 @@ class _TrialEvents(tune.Callback):
         self._tell("error", trial)
 
 
-def _run_trial(params: dict[str, Any], base: TrainingSetup, data: TrainingData, storage: str,
-               resources: ResourcesConfig, audit_root: Path | None) -> None:
+def _run_trial(
+    params: dict[str, Any],
+    base: TrainingSetup,
+    data: TrainingData,
+    storage: str,
+    resources: ResourcesConfig,
+    audit_root: Path | None,
+) -> None:
     trial_id = tune.get_context().get_trial_id()
     audit = None
     if audit_root is not None:
         audit = audit_root / trial_id
         audit.mkdir(parents=True, exist_ok=True)
-    fit(base.with_params(params), data, f"trial_{trial_id}", storage, resources, audit_dir=audit,
-        callbacks=[TuneReportCallback()])
+    fit(
+        base.with_params(params),
+        data,
+        f"trial_{trial_id}",
+        storage,
+        resources,
+        audit_dir=audit,
+        callbacks=[TuneReportCallback()],
+    )
 
 
 def _restorable(path: str) -> bool:
@@ -118,12 +131,26 @@ def _restorable(path: str) -> bool:
     return False
 
 
-def _tuner(search: SearchConfig, base: TrainingSetup, data: TrainingData, storage: str, name: str,
-           resources: ResourcesConfig, audit_root: Path | None, seed: int) -> tune.Tuner:
+def _tuner(
+    search: SearchConfig,
+    base: TrainingSetup,
+    data: TrainingData,
+    storage: str,
+    name: str,
+    resources: ResourcesConfig,
+    audit_root: Path | None,
+    seed: int,
+) -> tune.Tuner:
     path = join(storage, name)
     trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, base=base, data=data, storage=join(path, "trainings"),
-                             resources=resources, audit_root=audit_root),
+        tune.with_parameters(
+            _run_trial,
+            base=base,
+            data=data,
+            storage=join(path, "trainings"),
+            resources=resources,
+            audit_root=audit_root,
+        ),
         {"CPU": 0.01},  # the trial only drives its TorchTrainer, whose workers hold the resources
     )
     if _restorable(path):
@@ -135,12 +162,20 @@ def _tuner(search: SearchConfig, base: TrainingSetup, data: TrainingData, storag
         OptunaSearch(space=DefineByRun(search.space), metric=search.metric, mode=search.mode, sampler=sampler),
         max_concurrent=search.max_concurrent,
     )
-    scheduler = (ASHAScheduler(max_t=_most_epochs(search, base), grace_period=search.grace_period)
-                 if search.scheduler == "asha" else FIFOScheduler())
+    scheduler = (
+        ASHAScheduler(max_t=_most_epochs(search, base), grace_period=search.grace_period)
+        if search.scheduler == "asha"
+        else FIFOScheduler()
+    )
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=search.num_samples,
-                                    metric=search.metric, mode=search.mode),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=search.num_samples,
+            metric=search.metric,
+            mode=search.mode,
+        ),
         run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1, callbacks=[_TrialEvents(path)]),
     )
 
@@ -155,9 +190,16 @@ def _trial_id(result: tune.Result) -> str:
     return str((result.metrics or {}).get("trial_id") or Path(result.path).name)
 
 
-def search_fold(search: SearchConfig, base: TrainingSetup, data: TrainingData, storage: str, fold: int,
-                resources: ResourcesConfig, audit_root: Path | None = None,
-                on_trial: Callable[[str, str, dict, dict], None] | None = None) -> SearchResult:
+def search_fold(
+    search: SearchConfig,
+    base: TrainingSetup,
+    data: TrainingData,
+    storage: str,
+    fold: int,
+    resources: ResourcesConfig,
+    audit_root: Path | None = None,
+    on_trial: Callable[[str, str, dict, dict], None] | None = None,
+) -> SearchResult:
     """Search one outer fold in Ray ``storage`` (resuming it if interrupted).
 
     Parameters
@@ -193,8 +235,9 @@ def search_fold(search: SearchConfig, base: TrainingSetup, data: TrainingData, s
         _TRIAL_LISTENERS[key] = on_trial
     try:
         with environment(TUNE_DISABLE_SIGINT_HANDLER="1"):
-            results = _tuner(search, base, data, storage, f"fold{fold}", resources, audit_root,
-                             seed=search.seed + fold).fit()
+            results = _tuner(
+                search, base, data, storage, f"fold{fold}", resources, audit_root, seed=search.seed + fold
+            ).fit()
     finally:
         _TRIAL_LISTENERS.pop(key, None)
     trials = []
@@ -210,7 +253,8 @@ def search_fold(search: SearchConfig, base: TrainingSetup, data: TrainingData, s
         trials.append(Trial(_trial_id(result), dict(result.config), history, status, score))
     scored = [t for t in trials if t.status != "errored"]
     if not scored:
-        raise RuntimeError(f"every trial of the search in {join(storage, f'fold{fold}')} failed; "
-                           "see the Tune logs there")
+        raise RuntimeError(
+            f"every trial of the search in {join(storage, f'fold{fold}')} failed; see the Tune logs there"
+        )
     best = (min if search.mode == "min" else max)(scored, key=lambda t: t.score)
     return SearchResult(search.metric, best.params, trials)

@@ -30,15 +30,15 @@ class TrainingSetup:
     architecture: Architecture | Network
     train: TrainConfig
 
-    def with_params(self, params: dict[str, Any]) -> "TrainingSetup":
+    def with_params(self, params: dict[str, Any]) -> TrainingSetup:
         """This setup with searched keys applied; each side is validated as a whole."""
         arch = {k: v for k, v in params.items() if k not in SEARCHABLE_TRAIN_KEYS}
         recipe = self.train.model_dump()
         for key, value in train_params(params).items():
             recipe[key] = {**recipe[key], **value} if key == "augment" else value
-        return TrainingSetup(architecture_of({**self.architecture.model_dump(), **arch}),
-                             TrainConfig.model_validate(recipe))
-
+        return TrainingSetup(
+            architecture_of({**self.architecture.model_dump(), **arch}), TrainConfig.model_validate(recipe)
+        )
 
 
 # How often Ray Train's controller polls its workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default). It
@@ -53,9 +53,17 @@ CONTROLLER_POLL_S = 0.1
 RESOURCES_WAIT_S = 86400.0
 
 
-def fit(setup: TrainingSetup, data: TrainingData, name: str, storage_path: str, resources: ResourcesConfig,
-        audit_dir: Path | None = None, callbacks: list | None = None, refit_epochs: int | None = None,
-        live_path: Path | None = None) -> ray.train.Result:
+def fit(
+    setup: TrainingSetup,
+    data: TrainingData,
+    name: str,
+    storage_path: str,
+    resources: ResourcesConfig,
+    audit_dir: Path | None = None,
+    callbacks: list | None = None,
+    refit_epochs: int | None = None,
+    live_path: Path | None = None,
+) -> ray.train.Result:
     """Train one model with a TorchTrainer (DDP over ``resources.num_workers``).
 
     ``name`` is its stable run name in ``storage_path`` (a path or a cloud URI):
@@ -66,21 +74,31 @@ def fit(setup: TrainingSetup, data: TrainingData, name: str, storage_path: str, 
     """
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"architecture": setup.architecture, "train": setup.train, "data": data,
-                           "refit_epochs": refit_epochs, "audit_dir": str(audit_dir) if audit_dir else None,
-                           "live_path": str(live_path) if live_path else None,
-                           "checkpoint_every_s": resources.checkpoint_every_s},
-        scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
-                                     resources_per_worker=resources.worker_bundle),
+        train_loop_config={
+            "architecture": setup.architecture,
+            "train": setup.train,
+            "data": data,
+            "refit_epochs": refit_epochs,
+            "audit_dir": str(audit_dir) if audit_dir else None,
+            "live_path": str(live_path) if live_path else None,
+            "checkpoint_every_s": resources.checkpoint_every_s,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=resources.num_workers, use_gpu=resources.use_gpu, resources_per_worker=resources.worker_bundle
+        ),
         run_config=RunConfig(
-            name=name, storage_path=storage_path, callbacks=callbacks,
+            name=name,
+            storage_path=storage_path,
+            callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=resources.max_failures),
             logging_config=LoggingConfig(log_level="WARNING"),  # not every epoch's report on the console
         ),
     )
-    defaults = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": CONTROLLER_POLL_S,
-                "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": RESOURCES_WAIT_S}  # a value the user set wins
+    defaults = {
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": CONTROLLER_POLL_S,
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": RESOURCES_WAIT_S,
+    }  # a value the user set wins
     with environment(**{key: os.environ.get(key, str(value)) for key, value in defaults.items()}):
         result = trainer.fit()  # the controller reads them from this process's environment as it starts
     if result.checkpoint is None:
