@@ -9,6 +9,7 @@ from pathlib import Path
 
 from study.data.cohort import CohortConfig
 from study.data.synth import SyntheticCohort
+from study.tasks import TaskMap
 
 
 def _default(schema: type, key: str):
@@ -241,14 +242,18 @@ def _local_ray_on_loopback() -> None:
         os.environ.setdefault(LOOPBACK_ONLY, "0")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``study`` console script; returns the exit code."""
+def main(argv: list[str] | None = None, tasks: TaskMap | None = None) -> int:
+    """Entry point of the ``study`` console script; returns the exit code.
+
+    ``tasks``: how ``validate`` and ``synth`` run their per-subject work (default: Ray tasks; see
+    :func:`study.commands.dispatch`).
+    """
     args = _parser().parse_args(argv)
     _local_ray_on_loopback()
     from study import commands  # heavy imports (torch, ray) only once the arguments are valid
 
     try:
-        return commands.dispatch(args)
+        return commands.dispatch(args, tasks)
     except commands.UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

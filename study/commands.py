@@ -17,6 +17,7 @@ from study.output.tracking import TrackingError, tracking_uri
 from study.predict import ModelNotFoundError, UntrustedCodeError
 from study.runtime import RayStartError, start_ray
 from study.storage import HOME_VARIABLE, WriteError, join, project_dir, remove_tree, submitted_job_id
+from study.tasks import TaskMap, map_tasks
 
 UserError = (
     ConfigError,
@@ -30,9 +31,21 @@ UserError = (
 )
 
 
-def dispatch(args: argparse.Namespace) -> int:
-    """Run the command named in ``args``; returns the exit code."""
-    return {"run": run, "predict": predict, "clean": clean, "validate": validate, "synth": synth}[args.command](args)
+def dispatch(args: argparse.Namespace, tasks: TaskMap | None = None) -> int:
+    """Run the command named in ``args``; returns the exit code.
+
+    ``tasks`` runs the per-subject work of ``validate`` and ``synth``: None starts (or joins) Ray and uses its
+    tasks; :func:`~study.tasks.map_in_process` checks or writes one subject after another, without Ray.
+    """
+    if args.command in ("validate", "synth"):
+        return {"validate": validate, "synth": synth}[args.command](args, tasks or _ray_tasks())
+    return {"run": run, "predict": predict, "clean": clean}[args.command](args)
+
+
+def _ray_tasks() -> TaskMap:
+    """Ray tasks, on the cluster this process joins or a local Ray it starts."""
+    start_ray()
+    return map_tasks
 
 
 def run(args: argparse.Namespace) -> int:
@@ -189,7 +202,7 @@ def clean(args: argparse.Namespace) -> int:
     return 0
 
 
-def validate(args: argparse.Namespace) -> int:
+def validate(args: argparse.Namespace, tasks: TaskMap) -> int:
     if args.cohort.suffix in {".yaml", ".yml"}:
         cohort_config = load_config(args.cohort).cohort
     else:
@@ -211,8 +224,7 @@ def validate(args: argparse.Namespace) -> int:
     cohort = load_cohort(cohort_config)
     for warning in cohort.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    start_ray()
-    problems = cohort.problems + check_images(cohort)
+    problems = cohort.problems + check_images(cohort, tasks)
     for problem in problems:
         print(problem)
     bad = {p.subject for p in problems}
@@ -224,7 +236,7 @@ def validate(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-def synth(args: argparse.Namespace) -> int:
+def synth(args: argparse.Namespace, tasks: TaskMap) -> int:
     spec = SyntheticCohort(
         subjects=args.subjects,
         voxel_sizes=tuple(args.voxel_sizes),
@@ -234,7 +246,6 @@ def synth(args: argparse.Namespace) -> int:
         confound=args.confound,
         seed=args.seed,
     )
-    start_ray()
-    table = synthesize_cohort(args.out, spec)
+    table = synthesize_cohort(args.out, spec, tasks=tasks)
     print(f"wrote {spec.subjects} subjects (a BIDS dataset): {table}; ground truth in {ground_truth_dir(args.out)}")
     return 0

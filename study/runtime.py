@@ -1,4 +1,4 @@
-"""Where work runs: Ray start-up, a parallel map with a progress bar, and the device policy.
+"""Where work runs: Ray start-up, the checks of what a cluster can run, and the device policy.
 
 Owns every decision about processes and devices: joining or starting Ray (and
 turning its failures into one sentence), checking that the cluster can ever
@@ -15,13 +15,12 @@ import os
 import socket
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 import torch
-from tqdm.auto import tqdm
 
 # Lines of Ray's own processes that tell a study's user nothing, at every training: the PreemptionWatcher
 # actor's error-level warning that its arguments live in the object store, and each epoch's report, which
@@ -153,33 +152,6 @@ def unsatisfiable(bundle: dict[str, float], what: str) -> str | None:
     has = ", ".join(f"{v:g} {k}" for k, v in largest.items())
     where = "this Ray and the node types its autoscaler may add" if autoscaling is not None else "this Ray"
     return f"{what} asks for {asked} on one node, but the largest node of {where} has {has}"
-
-
-def map_tasks(
-    fn: Callable[..., Any], args: Sequence[tuple], desc: str, num_cpus: float = 1
-) -> Iterator[tuple[int, Any, Exception | None]]:
-    """Run ``fn(*a)`` for each ``a`` in ``args`` as Ray tasks; yield as each finishes.
-
-    Yields ``(index, result, error)``: an exception raised by ``fn`` comes back
-    as ``error`` instead of stopping the other tasks, so every failure is seen
-    at once and every success can be kept.
-    """
-    remote = ray.remote(num_cpus=num_cpus, max_retries=0)(_capture).options(name=desc)
-    pending = {remote.remote(fn, *a): i for i, a in enumerate(args)}
-    with tqdm(total=len(pending), desc=desc, unit="subject", disable=not pending) as bar:
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            index = pending.pop(done[0])
-            result, error = ray.get(done[0])
-            bar.update(1)
-            yield index, result, error
-
-
-def _capture(fn: Callable[..., Any], *args: Any) -> tuple[Any, Exception | None]:
-    try:
-        return fn(*args), None
-    except Exception as err:  # noqa: BLE001 - returned to the caller, who reports it
-        return None, err
 
 
 def gpu_memory(timeout_s: float = 60.0) -> int | None:

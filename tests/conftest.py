@@ -1,4 +1,8 @@
-"""Shared fixtures: a real Ray head on 127.0.0.1 (2 CPUs) and small synthetic cohorts on disk."""
+"""Shared fixtures: small synthetic cohorts on disk and, for the slow tier only, a real Ray head on 127.0.0.1.
+
+Two tiers: ``python -m pytest`` runs the fast one (plain functions, real NIfTI files and MLflow stores, no Ray);
+``python -m pytest -m slow`` the end-to-end one (real Ray, real MLflow, ``study`` as users type it).
+"""
 
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from study.config import PreprocessConfig
 from study.data.cache import CacheBuild, build_cache
 from study.data.cohort import Cohort, CohortConfig
 from study.data.synth import SyntheticCohort, synthesize_cohort
+from study.tasks import map_in_process
 
 VOXEL_MM = 8.0  # the study grid of most tests, 23 x 27 x 23 voxels: enough anatomy for the checks, fast on 2 cores
 SOURCE_MM = (4.0, 5.0)  # the synthetic images: coarse for speed, fine enough to pass the MNI overlap check
@@ -50,7 +55,39 @@ def ray_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
     )
 
 
-@pytest.fixture(scope="session", autouse=True)
+def pytest_collection_modifyitems(config, items) -> None:
+    """A fast test that asks for the Ray head is refused at collection, before any Ray starts."""
+    fast_with_ray = [
+        item.nodeid for item in items if "ray_head" in item.fixturenames and not item.get_closest_marker("slow")
+    ]
+    if fast_with_ray:
+        raise pytest.UsageError("these tests use the Ray head but are not marked slow: " + ", ".join(fast_with_ray))
+
+
+@pytest.fixture(autouse=True)
+def _ray_in_slow_tests_only(request, monkeypatch) -> None:
+    """Two tiers: a slow test gets the session's Ray head; a fast one may not start Ray at all.
+
+    The fast tier (the README's ``python -m pytest``) tests the plain functions under the stages and answers in
+    minutes; a fast test that started Ray (``ray.init``, or a ``.remote`` call that starts one on its own) would
+    pay Ray's start-up and hide a missing seam, so it fails and says what to do.
+    """
+    if request.node.get_closest_marker("slow"):
+        request.getfixturevalue("ray_head")
+    elif not ray.is_initialized():
+
+        def refused(*args, **kwargs):
+            raise AssertionError(
+                f"{request.node.nodeid} started Ray: mark it @pytest.mark.slow (the end-to-end tier), or test the "
+                "plain function under the stage without Ray"
+            )
+
+        monkeypatch.setattr(ray, "init", refused)
+        # A `study` subprocess would start a Ray of its own: it gets an address that names this rule instead.
+        monkeypatch.setenv("RAY_ADDRESS", "no-ray-in-fast-tests:6379")
+
+
+@pytest.fixture(scope="session")
 def ray_head() -> Iterator[RayHead]:
     """One real Ray for the whole session, started as users start a cluster head.
 
@@ -144,7 +181,7 @@ def stop_processes_of(temp_dir: str) -> None:
 def synthetic_root(tmp_path_factory) -> Path:
     """A pristine 12-subject synthetic cohort; copy it before changing it."""
     root = tmp_path_factory.mktemp("synthetic") / "cohort"
-    synthesize_cohort(root, SyntheticCohort(subjects=12, voxel_sizes=SOURCE_MM, seed=3))
+    synthesize_cohort(root, SyntheticCohort(subjects=12, voxel_sizes=SOURCE_MM, seed=3), tasks=map_in_process)
     return root
 
 
@@ -164,5 +201,5 @@ def cohort_config(root: Path, **overrides) -> CohortConfig:
 
 
 def cache_for(cohort: Cohort, preprocess: PreprocessConfig) -> CacheBuild:
-    """``build_cache`` with a config's preprocessing section."""
-    return build_cache(cohort, preprocess.grid, preprocess.cache_dir, preprocess.normalize)
+    """``build_cache`` with a config's preprocessing section, in this process (no Ray)."""
+    return build_cache(cohort, preprocess.grid, preprocess.cache_dir, preprocess.normalize, tasks=map_in_process)

@@ -178,10 +178,11 @@ def test_two_studies_building_one_cache_together_compute_each_subject_once(cohor
     script = (
         "import json, sys; from pathlib import Path; from study.data.cache import build_cache; "
         "from study.data.cohort import CohortConfig, load_cohort; from study.config import PreprocessConfig; "
-        "from study.runtime import start_ray; start_ray(); "
+        "from study.tasks import map_in_process; "
         f"p = PreprocessConfig(voxel_size={preprocess_config.voxel_size}, "
         f"cache_dir={str(preprocess_config.cache_dir)!r}); "
-        f"b = build_cache(load_cohort(CohortConfig(root=Path({str(cohort_dir)!r}))), p.grid, p.cache_dir); "
+        f"b = build_cache(load_cohort(CohortConfig(root=Path({str(cohort_dir)!r}))), p.grid, p.cache_dir, "
+        "tasks=map_in_process); "
         "print(json.dumps({'computed': len(b.computed), 'subjects': len(b.cache.subject_ids)}))"
     )
     directory = preprocess_config.cache_dir / params_key(preprocess_config.grid, preprocess_config.normalize)

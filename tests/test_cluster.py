@@ -41,6 +41,7 @@ def submit(ray_head, job_dir: Path, *entrypoint: str, env: dict[str, str] | None
     )
 
 
+@pytest.mark.slow
 def test_job_api_refuses_requests_without_the_token(ray_head, tmp_path):
     assert requests.get(f"{ray_head.dashboard}/api/jobs/", timeout=10).status_code == 401
     token = (Path.home() / ".ray" / "auth_token").read_text().strip()
@@ -54,6 +55,7 @@ def test_job_api_refuses_requests_without_the_token(ray_head, tmp_path):
     assert "Unauthorized" in refused.stdout + refused.stderr
 
 
+@pytest.mark.slow
 def test_a_failing_study_fails_its_job_with_the_reason(ray_head, tmp_path):
     (tmp_path / "typo.yaml").write_text("name: typo\ncohort: {root: nowhere}\ntrain: {epoch: 3}\n")
     job = submit(ray_head, tmp_path, str(Path(sys.executable).parent / "study"), "run", "typo.yaml")

@@ -11,6 +11,7 @@ import pytest
 
 from study.cli import main
 from study.data.cohort import CohortConfig, CohortError, check_images, load_cohort
+from study.tasks import map_in_process
 
 
 def image_of(root: Path, sid: str) -> Path:
@@ -24,7 +25,7 @@ def edit_table(root: Path, fn) -> None:
 
 
 def validate(root: Path, capsys, *extra: str) -> tuple[int, list[str]]:
-    code = main(["validate", str(root), *extra])
+    code = main(["validate", str(root), *extra], tasks=map_in_process)
     return code, capsys.readouterr().out.splitlines()
 
 
@@ -106,7 +107,7 @@ def test_missing_image_for_a_subject(cohort_dir):
 def test_single_volume_4d_is_accepted(cohort_dir):
     img = nib.load(image_of(cohort_dir, "0003"))
     nib.save(nib.Nifti1Image(img.get_fdata()[..., None], img.affine), image_of(cohort_dir, "0003"))
-    assert check_images(load_cohort(CohortConfig(root=cohort_dir))) == []
+    assert check_images(load_cohort(CohortConfig(root=cohort_dir)), map_in_process) == []
 
 
 def test_numeric_sex_needs_a_declared_mapping(cohort_dir):
@@ -168,7 +169,7 @@ def test_hcp_layout_and_path_column(cohort_dir, tmp_path):
         CohortConfig(root=hcp, participants=hcp / "paths.csv", subject_column="id", path_column="path")
     )
     assert column.subjects[0].image.exists() and not column.problems
-    (missing,) = check_images(column)
+    (missing,) = check_images(column, map_in_process)
     assert (missing.subject, missing.file) == ("B", str(hcp / "gone.nii")) and "file not found" in missing.message
     # Ids name files; one scan under two ids could be in a fold's training and test subjects.
     (hcp / "bad.csv").write_text(

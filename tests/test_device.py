@@ -276,6 +276,7 @@ def test_the_cascade_randomizes_on_the_host_from_its_own_seed():
     assert all(len(a) < len(b) for a, b in zip(changed, changed[1:]))  # each step randomizes more layers
 
 
+@pytest.mark.slow
 def test_the_gpu_memory_is_unknown_when_no_gpu_comes_in_time():
     """Asked of a one-GPU task, not of the driver's GPU 0; on a Ray without a free GPU it gives up, cancelled."""
     import time

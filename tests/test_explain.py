@@ -32,6 +32,7 @@ def random_checkpoint(tmp_path, shape, seed):
     return ray.train.Checkpoint.from_directory(str(directory))
 
 
+@pytest.mark.slow
 def test_pool_explains_every_subject_once_and_survives_a_killed_actor(tmp_path, cohort_dir, preprocess_config):
     cohort = load_cohort(CohortConfig(root=cohort_dir))
     cache = cache_for(cohort, preprocess_config).cache
@@ -61,6 +62,7 @@ def test_pool_explains_every_subject_once_and_survives_a_killed_actor(tmp_path, 
     assert explain_cohort(jobs, cache, store, explanation, batch_size=2, actors=2) == 0  # a rerun skips what exists
 
 
+@pytest.mark.slow
 def test_a_failure_in_the_pool_stops_it_and_frees_every_actor(tmp_path, cohort_dir, preprocess_config):
     cohort = load_cohort(CohortConfig(root=cohort_dir))
     cache = cache_for(cohort, preprocess_config).cache

@@ -176,6 +176,7 @@ def test_a_cluster_that_wants_its_token_is_one_error_line(tmp_path, ray_head):
     assert "export RAY_AUTH_MODE=token" in last and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_resources_no_node_has_are_refused_at_once(tmp_path, ray_head, synthetic_root):
     config = tmp_path / "s.yaml"
     config.write_text(

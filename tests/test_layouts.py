@@ -15,6 +15,7 @@ from study.cli import main
 from study.data.cohort import CohortConfig, CohortError, load_cohort
 from study.data.synth import with_skull
 from study.data.volumes import MNI152_MASK
+from study.tasks import map_in_process
 from tests.test_cohort import image_of
 
 MNI = "MNI152NLin2009cAsym"
@@ -81,7 +82,7 @@ def caps_folder(cohort: Path, out: Path) -> Path:
 
 
 def validate(args: list[str], capsys) -> tuple[int, list[str], str]:
-    code = main(["validate", *args])
+    code = main(["validate", *args], tasks=map_in_process)
     captured = capsys.readouterr()
     return code, captured.out.splitlines(), captured.err
 

@@ -88,6 +88,7 @@ def _two_trial_search(storage) -> tune.ResultGrid:
         return tuner.fit()
 
 
+@pytest.mark.slow
 def test_search_stopped_before_tune_saved_its_trials_starts_over_with_all_trials(tmp_path):
     path = tmp_path / "fold1"
     _two_trial_search(tmp_path)

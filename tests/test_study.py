@@ -375,6 +375,7 @@ def test_a_network_of_ones_own_is_searched_trained_explained_and_predicts(tmp_pa
     assert set(ensemble.explain(ensemble.preprocess(image))) == {"gradcam", "guided_backprop"}
 
 
+@pytest.mark.slow
 def test_every_kind_of_bad_image_refuses_the_run_and_exclude_is_opt_in(tmp_path, cohort_dir):
     config = study_config(tmp_path, cohort_dir)
     prepare_cohort(config.cohort, config.preprocess)  # every subject cached by an earlier run
@@ -413,6 +414,7 @@ def test_run_reports_config_typos(tmp_path, capsys):
     assert "train.epoch: unknown key; valid keys here: augment, batch_size, channels_last" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_folds_the_cohort_cannot_fill_are_one_error_line(tmp_path, cohort_dir, capsys):
     config = study_config(tmp_path, cohort_dir, cv={"outer_folds": 10})  # 12 subjects: some sex has fewer
     path = tmp_path / "many_folds.yaml"
@@ -457,6 +459,7 @@ def test_a_finished_fold_is_kept_as_json_that_reads_back_whole(tmp_path):
     assert back.search.best_trial.trial_id == "t1"
 
 
+@pytest.mark.slow
 def test_an_unwritable_output_dir_is_refused_before_any_work(tmp_path, cohort_dir, capsys):
     (tmp_path / "taken").write_text("a file where the study's folder should go")
     config = study_config(tmp_path, cohort_dir, output_dir=str(tmp_path / "taken" / "runs"))

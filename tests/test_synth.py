@@ -14,12 +14,24 @@ from study.config import load_config
 from study.data.cohort import CohortConfig, load_cohort
 from study.data.synth import synthesize_cohort
 from study.data.volumes import MNI_OVERLAP_MIN, Grid, load_volume, mni_overlap, resample_to_grid
+from study.tasks import map_in_process
 from tests.conftest import SOURCE_MM
+
+
+def synth(argv: list[str]) -> int:
+    """``study synth`` as typed, writing its subjects in this process."""
+    return main(argv, tasks=map_in_process)
 
 
 def test_same_seed_same_cohort(tmp_path, synthetic_root):
     sizes = [str(v) for v in SOURCE_MM]
-    assert main(["synth", str(tmp_path / "again"), "--subjects", "12", "--voxel-size", *sizes, "--seed", "3"]) == 0
+    assert (
+        main(
+            tasks=map_in_process,
+            argv=["synth", str(tmp_path / "again"), "--subjects", "12", "--voxel-size", *sizes, "--seed", "3"],
+        )
+        == 0
+    )
     for sid in ["0001", "0007", "0012"]:
         rel = f"sub-{sid}/anat/sub-{sid}_T1w.nii.gz"
         a, b = nib.load(synthetic_root / rel), nib.load(tmp_path / "again" / rel)
@@ -32,7 +44,8 @@ def test_images_are_stored_like_real_ones_and_carry_the_planted_effect(tmp_path)
     root = tmp_path / "c"
     assert (
         main(
-            [
+            tasks=map_in_process,
+            argv=[
                 "synth",
                 str(root),
                 "--subjects",
@@ -46,7 +59,7 @@ def test_images_are_stored_like_real_ones_and_carry_the_planted_effect(tmp_path)
                 "2",
                 "--seed",
                 "11",
-            ]
+            ],
         )
         == 0
     )
@@ -76,7 +89,11 @@ def test_images_are_stored_like_real_ones_and_carry_the_planted_effect(tmp_path)
 def test_regions_are_not_fixed(tmp_path):
     for seed in (1, 2):
         assert (
-            main(["synth", str(tmp_path / str(seed)), "--subjects", "4", "--voxel-size", "8", "--seed", str(seed)]) == 0
+            main(
+                tasks=map_in_process,
+                argv=["synth", str(tmp_path / str(seed)), "--subjects", "4", "--voxel-size", "8", "--seed", str(seed)],
+            )
+            == 0
         )
     centres = [
         [
@@ -98,7 +115,9 @@ def test_a_planted_confound_shows_in_brain_volume(tmp_path, preprocess_config):
     for confound in (0.0, 0.05):  # males 5% larger in each direction, little other size variation
         root = tmp_path / str(confound)
         synthesize_cohort(
-            root, SyntheticCohort(subjects=30, voxel_sizes=(4.0,), confound=confound, scale_sd=0.01, seed=5)
+            root,
+            SyntheticCohort(subjects=30, voxel_sizes=(4.0,), confound=confound, scale_sd=0.01, seed=5),
+            tasks=map_in_process,
         )
         cohort = load_cohort(CohortConfig(root=root))
         build = cache_for(cohort, preprocess_config.model_copy(update={"cache_dir": tmp_path / f"cache{confound}"}))
@@ -132,7 +151,12 @@ def test_a_synthetic_cohort_is_a_valid_bids_dataset_that_pybids_reads(tmp_path):
     import bids
 
     root = tmp_path / "bids"
-    assert main(["synth", str(root), "--subjects", "6", "--voxel-size", "6", "8", "--seed", "4"]) == 0
+    assert (
+        main(
+            tasks=map_in_process, argv=["synth", str(root), "--subjects", "6", "--voxel-size", "6", "8", "--seed", "4"]
+        )
+        == 0
+    )
     validator = shutil.which("bids-validator") or shutil.which(
         "bids-validator", path=str(Path(__file__).resolve().parents[1] / ".ci/node/node_modules/.bin")
     )

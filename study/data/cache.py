@@ -26,8 +26,8 @@ import torch
 
 from study.data.cohort import Cohort, Problem
 from study.data.volumes import Grid, preprocess_volume
-from study.runtime import map_tasks
 from study.storage import allocate, exclusive, hold_shared, in_use, replace_atomically
+from study.tasks import TaskMap, map_tasks
 
 PREPROCESS_VERSION = 1  # bump when preprocess_volume changes its output
 
@@ -132,9 +132,14 @@ class CacheBuild:
 
 
 def build_cache(
-    cohort: Cohort, grid: Grid, cache_dir: Path, normalize: str = "zscore", hold: bool = False
+    cohort: Cohort,
+    grid: Grid,
+    cache_dir: Path,
+    normalize: str = "zscore",
+    hold: bool = False,
+    tasks: TaskMap = map_tasks,
 ) -> CacheBuild:
-    """Preprocess every subject of ``cohort`` into the cache (Ray tasks, progress bar).
+    """Preprocess every subject of ``cohort`` into the cache (in parallel, with a progress bar).
 
     Subjects whose image is unchanged since an earlier build are reused. When
     some subjects fail, the cache holds the others and every failure is
@@ -153,6 +158,9 @@ def build_cache(
     hold : bool
         Mark the finished cache as in use by this process (a study, until it ends): another
         study's build that supersedes it leaves it in place.
+    tasks : callable
+        How subjects are preprocessed: as Ray tasks (:func:`~study.tasks.map_tasks`), or one after another
+        in this process (:func:`~study.tasks.map_in_process`).
     """
     directory = Path(cache_dir) / params_key(grid, normalize)
     (directory / "staging").mkdir(parents=True, exist_ok=True)
@@ -160,13 +168,13 @@ def build_cache(
     # normalization) would otherwise compute every subject twice, and one could delete the staged files that
     # the other is assembling. The second waits, then reuses what the first built.
     with exclusive(directory / ".build.lock", f"preprocessing cache {directory}"):
-        build = _build(cohort, grid, normalize, directory)
+        build = _build(cohort, grid, normalize, directory, tasks)
         if hold and build.cache is not None:  # inside the lock: no other build can remove it first
             hold_shared(build.cache.path)
         return build
 
 
-def _build(cohort: Cohort, grid: Grid, normalize: str, directory: Path) -> CacheBuild:
+def _build(cohort: Cohort, grid: Grid, normalize: str, directory: Path, tasks: TaskMap) -> CacheBuild:
     """:func:`build_cache` inside its lock."""
     staging = directory / "staging"
     keys = [s.source_key() for s in cohort.subjects]
@@ -185,7 +193,7 @@ def _build(cohort: Cohort, grid: Grid, normalize: str, directory: Path) -> Cache
     todo = [i for i, k in enumerate(keys) if k not in previous and not (staging / f"{k}.npy").exists()]
     problems, computed = [], []
     args = [(cohort.subjects[i].image, grid, normalize, cohort.subjects[i].brain_mask) for i in todo]
-    for j, volume, error in map_tasks(preprocess_volume, args, desc="preprocessing"):
+    for j, volume, error in tasks(preprocess_volume, args, desc="preprocessing"):
         subject = cohort.subjects[todo[j]]
         if error is not None:
             problems.append(Problem(subject.subject_id, str(subject.image), str(error)))
@@ -195,7 +203,7 @@ def _build(cohort: Cohort, grid: Grid, normalize: str, directory: Path) -> Cache
     if problems:
         # The subjects that succeeded become a complete cache of their own.
         usable = cohort.exclude(problems)
-        cache = _build(usable, grid, normalize, directory).cache if usable.subjects else None
+        cache = _build(usable, grid, normalize, directory, tasks).cache if usable.subjects else None
         return CacheBuild(cache, sorted(problems, key=lambda p: p.subject), sorted(computed))
     return CacheBuild(_assemble(cohort, keys, cohort_key, directory, grid, previous), [], sorted(computed))
 

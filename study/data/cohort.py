@@ -34,6 +34,7 @@ from study.data.layouts import (
 from study.data.participants import CohortError, bare_id, family_warnings, read_participants
 from study.data.synth import SyntheticCohort
 from study.data.volumes import MNI152_MASK, Grid, preprocess_volume
+from study.tasks import TaskMap, map_tasks
 
 SEX_CLASSES = ("female", "male")
 KNOWN_SEX_VALUES = {"m": "male", "f": "female"}  # besides the class names themselves
@@ -422,13 +423,11 @@ def _check_one(path: Path, mask: Path | str | None) -> None:
     preprocess_volume(path, Grid.mni(4.0), mask=mask)
 
 
-def check_images(cohort: Cohort) -> list[Problem]:
-    """Open and check every image in parallel (Ray tasks); return one problem per bad file."""
-    from study.runtime import map_tasks  # here, not at the top: the command line reads CohortConfig without Ray
-
+def check_images(cohort: Cohort, tasks: TaskMap = map_tasks) -> list[Problem]:
+    """Open and check every image in parallel (``tasks``: Ray tasks by default); return one problem per bad file."""
     problems = []
     args = [(s.image, s.brain_mask) for s in cohort.subjects]
-    for index, _, error in map_tasks(_check_one, args, desc="checking images"):
+    for index, _, error in tasks(_check_one, args, desc="checking images"):
         if error is not None:
             subject = cohort.subjects[index]
             problems.append(Problem(subject.subject_id, str(subject.image), str(error)))

@@ -11,6 +11,7 @@ from study.data.cohort import Cohort, CohortConfig, Problem, load_cohort
 from study.data.splits import OuterFold, load_splits, make_splits, save_splits
 from study.data.synth import synthesize_cohort
 from study.storage import exclusive
+from study.tasks import TaskMap, map_tasks
 
 
 class StudyError(RuntimeError):
@@ -28,11 +29,14 @@ class PreparedCohort:
     synthesized: bool  # the cohort was generated now
 
 
-def prepare_cohort(cohort_config: CohortConfig, preprocess: PreprocessConfig) -> PreparedCohort:
+def prepare_cohort(
+    cohort_config: CohortConfig, preprocess: PreprocessConfig, tasks: TaskMap = map_tasks
+) -> PreparedCohort:
     """Load, check and preprocess the cohort; refuse or exclude bad subjects as configured.
 
     Every problem is reported at once. Subjects preprocessed before a refusal
     stay in the cache, so the rerun after a fix only redoes what changed.
+    ``tasks`` runs the per-subject work (Ray tasks by default; see :data:`study.tasks.TaskMap`).
     """
     synthetic, synthesized = cohort_config.synthetic, False
     if synthetic is not None:  # two studies started together must not both write it (their cache keys would differ)
@@ -41,10 +45,10 @@ def prepare_cohort(cohort_config: CohortConfig, preprocess: PreprocessConfig) ->
         with exclusive(root.parent / f".{root.name}.lock", f"synthetic cohort {root}"):
             synthesized = not cohort_config.participants_paths[0].exists()
             if synthesized:
-                synthesize_cohort(root, synthetic)
+                synthesize_cohort(root, synthetic, tasks=tasks)
     cohort = load_cohort(cohort_config)
     # held while this study runs: another study's build leaves it alone
-    build = build_cache(cohort, preprocess.grid, preprocess.cache_dir, preprocess.normalize, hold=True)
+    build = build_cache(cohort, preprocess.grid, preprocess.cache_dir, preprocess.normalize, hold=True, tasks=tasks)
     problems = cohort.problems + build.problems
     if problems and cohort_config.on_invalid == "refuse":
         listing = "\n".join(f"  {p}" for p in problems)

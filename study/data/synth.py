@@ -28,6 +28,7 @@ from scipy import ndimage
 from study.data.volumes import Grid, resample_to_grid
 from study.params import Params
 from study.storage import replace_atomically
+from study.tasks import TaskMap, map_tasks
 
 GROUND_TRUTH = Path("derivatives/ground_truth")  # the planted answer: a BIDS derivative of the cohort
 MALE_FRACTION = 507 / 1113  # as in the HCP young-adult cohort
@@ -201,13 +202,24 @@ def _in_mm(image: nib.Nifti1Image) -> nib.Nifti1Image:
     return image
 
 
-def _write_subject(fields: _Fields, spec: SyntheticCohort, path: Path, male: bool, seed: int, family_seed: int) -> None:
+def _write_subject(
+    fields_by_size: dict[float, _Fields],
+    voxel_size: float,
+    spec: SyntheticCohort,
+    path: Path,
+    male: bool,
+    seed: int,
+    family_seed: int,
+) -> None:
+    fields = fields_by_size[voxel_size]
     path.parent.mkdir(parents=True, exist_ok=True)
     volume = _subject_volume(fields, spec, male, seed, family_seed)
     nib.save(_stored(volume, fields.grid, np.random.default_rng(seed + 1), spec.mixed_orientations), str(path))
 
 
-def synthesize_cohort(out: Path, spec: SyntheticCohort, sibling_fraction: float = 0.4) -> Path:
+def synthesize_cohort(
+    out: Path, spec: SyntheticCohort, sibling_fraction: float = 0.4, tasks: TaskMap = map_tasks
+) -> Path:
     """Write a BIDS-like synthetic cohort to ``out`` and return its participants table.
 
     Parameters
@@ -218,6 +230,9 @@ def synthesize_cohort(out: Path, spec: SyntheticCohort, sibling_fraction: float 
         Size, storage and difficulty; the same spec gives the same files.
     sibling_fraction : float
         Share of subjects with a sibling (families share part of their anatomy).
+    tasks : callable
+        How subjects are written: as Ray tasks (:func:`~study.tasks.map_tasks`), or one after another in this
+        process (:func:`~study.tasks.map_in_process`).
 
     Returns
     -------
@@ -228,12 +243,8 @@ def synthesize_cohort(out: Path, spec: SyntheticCohort, sibling_fraction: float 
         ``derivatives/ground_truth/`` holds the planted effect
         (``effect_map.nii.gz``), the regions (``regions.nii.gz``, effect regions
         1..n, the distractor n+1) and ``planted.json``. Subjects are written by
-        Ray tasks; the participants table is written last.
+        ``tasks``; the participants table is written last.
     """
-    import ray  # here, not at the top: the command line reads SyntheticCohort's defaults without Ray
-
-    from study.runtime import map_tasks
-
     rng = np.random.default_rng(spec.seed)
     effects, distractor = _place_regions(rng, spec.regions)
     n = spec.subjects
@@ -246,10 +257,10 @@ def synthesize_cohort(out: Path, spec: SyntheticCohort, sibling_fraction: float 
     ids = [f"{i + 1:04d}" for i in range(n)]
     out.mkdir(parents=True, exist_ok=True)
 
-    fields = {v: ray.put(_fields(v, effects, distractor)) for v in sorted(set(voxel_sizes))}
+    fields = {v: _fields(v, effects, distractor) for v in sorted(set(voxel_sizes))}
     args = [
         (
-            fields[voxel_sizes[i]],
+            voxel_sizes[i],
             spec,
             out / f"sub-{sid}/anat/sub-{sid}_T1w.nii.gz",
             bool(sexes[i]),
@@ -258,7 +269,7 @@ def synthesize_cohort(out: Path, spec: SyntheticCohort, sibling_fraction: float 
         )
         for i, sid in enumerate(ids)
     ]
-    for _, _, error in map_tasks(_write_subject, args, desc="synthesizing"):
+    for _, _, error in tasks(_write_subject, args, desc="synthesizing", shared=(fields,)):
         if error is not None:
             raise error
 
