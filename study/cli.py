@@ -9,6 +9,7 @@ from pathlib import Path
 
 from study.data.cohort import CohortConfig
 from study.data.synth import SyntheticCohort
+from study.errors import StudyError
 from study.tasks import TaskMap
 
 
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None, tasks: TaskMap | None = None) -> int:
 
     try:
         return commands.dispatch(args, tasks)
-    except commands.UserError as err:
+    except StudyError as err:  # the user can fix it: one line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -8,27 +8,14 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from study.config import ConfigError, load_config
-from study.data.cohort import CohortConfig, CohortError, Problem, check_images, load_cohort
-from study.data.prepare import StudyError
+from study.config import load_config
+from study.data.cohort import CohortConfig, Problem, check_images, load_cohort
 from study.data.synth import SyntheticCohort, ground_truth_dir, synthesize_cohort
-from study.data.volumes import VolumeError
-from study.output.tracking import TrackingError, tracking_uri
-from study.predict import ModelNotFoundError, UntrustedCodeError
-from study.runtime import RayStartError, start_ray
-from study.storage import HOME_VARIABLE, WriteError, join, project_dir, remove_tree, submitted_job_id
+from study.errors import CohortError, StudyError, WriteError
+from study.output.tracking import tracking_uri
+from study.runtime import start_ray
+from study.storage import HOME_VARIABLE, join, project_dir, remove_tree, submitted_job_id
 from study.tasks import TaskMap, map_tasks
-
-UserError = (
-    ConfigError,
-    CohortError,
-    VolumeError,
-    StudyError,
-    TrackingError,
-    RayStartError,
-    ModelNotFoundError,
-    UntrustedCodeError,
-)
 
 
 def dispatch(args: argparse.Namespace, tasks: TaskMap | None = None) -> int:

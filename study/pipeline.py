@@ -18,7 +18,8 @@ import ray
 
 from study.attribution.analysis import explain_study, start_label_randomization
 from study.config import StudyConfig
-from study.data.prepare import PreparedCohort, StudyError, make_or_load_splits, prepare_cohort
+from study.data.prepare import PreparedCohort, make_or_load_splits, prepare_cohort
+from study.errors import StudyError
 from study.memory import MemoryEstimate, estimate_memory, memory_problems
 from study.output.publish import Publisher
 from study.runtime import gpu_memory, interrupts_kept, start_ray, unsatisfiable

@@ -28,7 +28,8 @@ from mlflow.types import ColSpec, Schema
 from tqdm.auto import tqdm
 
 from study.data.cohort import SEX_CLASSES, Classes, Problem
-from study.data.volumes import Grid, VolumeError, preprocess_volume
+from study.data.volumes import Grid, preprocess_volume
+from study.errors import ModelNotFoundError, UntrustedCodeError, VolumeError
 from study.training.models import model_from_record, model_record
 
 SPEC_FILE = "ensemble.json"
@@ -275,14 +276,6 @@ def save_maps(maps: dict[str, np.ndarray], grid: Grid, out: Path, name: str) -> 
         paths.append(out / method / f"{name}_{method}.nii.gz")
         nib.save(nib.Nifti1Image(values.astype(np.float32), grid.affine), paths[-1])
     return paths
-
-
-class UntrustedCodeError(PermissionError):
-    """A model that can be loaded only by running code it names; the message says which and how to allow it."""
-
-
-class ModelNotFoundError(LookupError):
-    """No study model under the name or URI given; the message lists what there is."""
 
 
 def download_ensemble(model_uri: str, tracking_uri: str, directory: Path, trust_code: bool = False) -> Ensemble:

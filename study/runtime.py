@@ -22,6 +22,8 @@ from typing import Any
 import ray
 import torch
 
+from study.errors import RayStartError
+
 # Lines of Ray's own processes that tell a study's user nothing, at every training: the PreemptionWatcher
 # actor's error-level warning that its arguments live in the object store, and each epoch's report, which
 # Ray Train 2.60 logs under a logger named after its file, past its own LoggingConfig.
@@ -29,10 +31,6 @@ _NOISE = ("has constructor arguments in the object store and max_restarts > 0", 
 # Actors whose output is only Ray's own business: Ray Train 2.60's PlacementGroupCleaner looks its cluster up
 # without an address and prints a traceback at every training whenever a second Ray runs on the machine.
 _NOISY_ACTORS = ("PlacementGroupCleaner",)
-
-
-class RayStartError(RuntimeError):
-    """Ray could not be started or joined; the message says what to do."""
 
 
 def start_ray(num_cpus: int | None = None) -> str:

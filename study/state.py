@@ -27,8 +27,8 @@ import numpy as np
 from study.config import StudyConfig
 from study.data.cache import VolumeCache
 from study.data.cohort import Cohort, Problem
-from study.data.prepare import StudyError
 from study.data.splits import OuterFold
+from study.errors import StudyError
 from study.storage import hold_exclusive, in_use, replace_atomically, submitted_job_id
 
 LOCK_FILE = "running.lock"  # held by the driver that runs an execution, for as long as it runs

@@ -15,6 +15,8 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from study.errors import WriteError
+
 HOME_VARIABLE = "STUDY_HOME"
 
 
@@ -48,10 +50,6 @@ def join(location: str | Path, *parts: str) -> str:
     if is_uri(str(location)):
         return "/".join([str(location).rstrip("/"), *parts])
     return str(Path(location).joinpath(*parts))
-
-
-class WriteError(OSError):
-    """A file the study could not write (a full disk, an unwritable folder); nothing half-written was left."""
 
 
 def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:

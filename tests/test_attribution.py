@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from study.attribution import AttributionError, Perturbation, gradcam, guided_backprop, meaningful_perturbation
+from study.attribution import Perturbation, gradcam, guided_backprop, meaningful_perturbation
 from study.attribution.perturbation import gaussian_blur3d
+from study.errors import AttributionError
 
 SHAPE = (20, 24, 20)
 REGION = (slice(4, 10), slice(12, 19), slice(8, 14))

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from study.cli import main
-from study.data.cohort import CohortConfig, CohortError, check_images, load_cohort
+from study.data.cohort import CohortConfig, check_images, load_cohort
+from study.errors import CohortError
 from study.tasks import map_in_process
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from study.config import ConfigError, load_config, parse_config
+from study.config import load_config, parse_config
+from study.errors import ConfigError
 from study.output.tracking import default_uri
 from study.storage import join
 from study.training.models import Architecture, BrainCNN

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from study.attribution.perturbation import gaussian_blur3d
-from study.config import ConfigError, ResourcesConfig, parse_config
+from study.config import ResourcesConfig, parse_config
 from study.config.sections import TrainConfig
 from study.data.cohort import CohortConfig, load_cohort
+from study.errors import ConfigError
 from study.runtime import Precision
 from study.training.crossval import predict_task
 from study.training.loop import TrainingData, _Phase, predict

@@ -12,9 +12,10 @@ import pytest
 import yaml
 
 from study.cli import main
-from study.data.cohort import CohortConfig, CohortError, load_cohort
+from study.data.cohort import CohortConfig, load_cohort
 from study.data.synth import with_skull
 from study.data.volumes import MNI152_MASK
+from study.errors import CohortError
 from study.tasks import map_in_process
 from tests.test_cohort import image_of
 

@@ -18,7 +18,8 @@ from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from study.config import ConfigError, SearchConfig, parse_config
+from study.config import SearchConfig, parse_config
+from study.errors import ConfigError
 from study.output.publish import Publisher
 from study.pipeline import run_study, study_dir
 from study.runtime import environment, interrupts_kept

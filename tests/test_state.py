@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from study.cli import main
-from study.data.prepare import StudyError
+from study.errors import StudyError
 from study.pipeline import study_dir
 from study.state import LOCK_FILE, StudyState, list_executions, resume_or_start
 from study.storage import release_held

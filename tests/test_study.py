@@ -20,9 +20,9 @@ from study.cli import main
 from study.config import parse_config
 from study.data.cache import CachedVolumes
 from study.data.cohort import load_cohort
-from study.data.prepare import StudyError, prepare_cohort
+from study.data.prepare import prepare_cohort
+from study.errors import StudyError, TrackingError
 from study.output.publish import Publisher
-from study.output.tracking import TrackingError
 from study.pipeline import run_study, study_dir
 from study.predict import Ensemble
 from study.training import crossval

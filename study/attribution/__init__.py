@@ -13,7 +13,7 @@ returns non-negative maps [batch, D, H, W] on the input grid.
 """
 
 from study.attribution.gradcam import gradcam
-from study.attribution.guided_backprop import AttributionError, guided_backprop
+from study.attribution.guided_backprop import guided_backprop
 from study.attribution.perturbation import Perturbation, meaningful_perturbation
 from study.attribution.targets import select_targets
 
@@ -27,7 +27,6 @@ METHODS = {
 
 __all__ = [
     "METHODS",
-    "AttributionError",
     "Perturbation",
     "gradcam",
     "guided_backprop",

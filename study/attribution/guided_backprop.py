@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from study.attribution.targets import class_score, frozen
+from study.errors import AttributionError
 
 _RELUS = {F.relu, torch.relu, torch.Tensor.relu, F.relu_, torch.relu_, torch.Tensor.relu_}
 _OTHER_ACTIVATIONS = {
@@ -27,10 +28,6 @@ _OTHER_ACTIVATIONS = {
     F.hardswish: "hardswish",
     F.prelu: "prelu",
 }
-
-
-class AttributionError(ValueError):
-    """A model that a method cannot explain; the message says why."""
 
 
 class _GuidedReLU(torch.autograd.Function):

@@ -20,7 +20,6 @@ from study.config.loading import load_config, parse_config
 from study.config.search import SEARCHABLE_TRAIN_KEYS, SearchConfig, SearchDimension, train_params
 from study.config.sections import (
     AttributionConfig,
-    ConfigError,
     CVConfig,
     PreprocessConfig,
     ResourcesConfig,
@@ -33,7 +32,6 @@ from study.config.study import StudyConfig
 __all__ = [
     "AttributionConfig",
     "CVConfig",
-    "ConfigError",
     "PreprocessConfig",
     "ResourcesConfig",
     "SEARCHABLE_TRAIN_KEYS",

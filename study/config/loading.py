@@ -9,8 +9,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from study.config.sections import ConfigError
 from study.config.study import StudyConfig
+from study.errors import ConfigError
 from study.storage import project_dir
 from study.training.models import Architecture
 

@@ -13,10 +13,6 @@ from study.data.volumes import Grid
 from study.training.augment import Augmentation
 
 
-class ConfigError(ValueError):
-    """A study config that cannot be used; the message says which key and why."""
-
-
 class Section(BaseModel):
     """A config section: unknown keys are errors, and assignments are validated too."""
 

@@ -22,18 +22,11 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from study.data.layouts import (
-    SESSION_CHOICE,
-    Found,
-    LayoutError,
-    brain_mask_of,
-    choose_session,
-    expected_image,
-    find_images,
-)
-from study.data.participants import CohortError, bare_id, family_warnings, read_participants
+from study.data.layouts import SESSION_CHOICE, Found, brain_mask_of, choose_session, expected_image, find_images
+from study.data.participants import bare_id, family_warnings, read_participants
 from study.data.synth import SyntheticCohort
 from study.data.volumes import MNI152_MASK, Grid, preprocess_volume
+from study.errors import CohortError, LayoutError
 from study.tasks import TaskMap, map_tasks
 
 SEX_CLASSES = ("female", "male")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from study.data.volumes import MNI152_MASK
+from study.errors import LayoutError
 
 NIFTI = re.compile(r"\.nii(\.gz)?$")
 HCP_IMAGES = {
@@ -23,10 +24,6 @@ HCP_IMAGES = {
 # ClinicaDL t1-linear: bias-corrected, affinely registered to MNI152NLin2009cSym, cropped (desc-Crop), skull on.
 CAPS_IMAGE = "subjects/sub-*/ses-*/t1_linear/*_T1w.nii*"
 SESSION_CHOICE = re.compile(r"^(first|last|ses-[A-Za-z0-9]+)$")
-
-
-class LayoutError(ValueError):
-    """A cohort folder whose layout cannot be read as configured; the message names the key to set."""
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-
-class CohortError(ValueError):
-    """A cohort that cannot be used at all (no table, no subject column, ...)."""
+from study.errors import CohortError
 
 
 def bare_id(value: str) -> str:

@@ -10,12 +10,9 @@ from study.data.cache import VolumeCache, build_cache
 from study.data.cohort import Cohort, CohortConfig, Problem, load_cohort
 from study.data.splits import OuterFold, load_splits, make_splits, save_splits
 from study.data.synth import synthesize_cohort
+from study.errors import StudyError
 from study.storage import exclusive
 from study.tasks import TaskMap, map_tasks
-
-
-class StudyError(RuntimeError):
-    """A study that cannot start or go on; the message says why and what to do."""
 
 
 @dataclass

@@ -17,6 +17,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from study.errors import VolumeError
+
 # The MNI152 bounding box (1 mm, 182 x 218 x 182) that every study grid covers, and its centre.
 MNI_BOX_MM = (182.0, 218.0, 182.0)
 MNI_BOX_CENTRE_MM = (0.0, -18.0, 18.0)
@@ -27,10 +29,6 @@ MNI_OVERLAP_MIN = 0.8
 # read before its data, so a small crafted file declaring billions of voxels is refused instead of filling memory.
 MAX_VOXELS = 512**3
 MNI152_MASK = "mni152"  # a brain mask: nilearn's MNI152 brain mask, for images registered to MNI152 with the skull on
-
-
-class VolumeError(ValueError):
-    """An image that cannot be used; the message says what is wrong and how to fix it."""
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,14 @@ import pandas as pd
 from study.attribution.analysis import AttributionResult, explanation_of
 from study.config import AttributionConfig, StudyConfig
 from study.data.prepare import PreparedCohort
+from study.errors import TrackingError
 from study.output.attribution import publish_attribution
 from study.output.classification import publish_classification
 from study.output.console import say
 from study.output.figures import confusion_figure, roc_figure
 from study.output.provenance import config_yaml, git_commit, shareable, source_tags, versions
 from study.output.report import Report
-from study.output.tracking import Tracker, TrackingError, is_tracking_failure, tracking_uri, without_credentials
+from study.output.tracking import Tracker, is_tracking_failure, tracking_uri, without_credentials
 from study.output.trials import publish_search, trial_callback
 from study.predict import Ensemble
 from study.state import Study

@@ -30,6 +30,7 @@ from mlflow.models import Model, ModelSignature
 from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.tracking import MlflowClient
 
+from study.errors import TrackingError
 from study.runtime import environment
 from study.storage import project_dir
 
@@ -48,10 +49,6 @@ ENSEMBLE_REQUIREMENTS = (
     "pyyaml",
     "tqdm",
 )
-
-
-class TrackingError(RuntimeError):
-    """MLflow cannot be used (server unreachable, bad URI); the message says what to do."""
 
 
 def now_ms() -> int:

@@ -28,8 +28,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from study.config import ResourcesConfig, TrainConfig
 from study.data.cache import CachedVolumes
 from study.data.cohort import Classes
-from study.data.prepare import StudyError
 from study.data.splits import OuterFold
+from study.errors import StudyError
 from study.runtime import Precision, worker_device
 from study.state import Study
 from study.storage import join, replace_atomically
