@@ -1,4 +1,4 @@
-"""Attribution speed: subjects per second for each method, batched vs one subject at a time.
+"""Attribution speed: subjects per second for each method of the table, batched vs one subject at a time.
 
 Runs the paper's MriNet (random weights: speed does not depend on training) at
 the paper's 58x70x58 grid and at the 2 mm default (91x109x91), on the GPU when
@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from study.attribution import Perturbation, gradcam, guided_backprop, meaningful_perturbation
+from study.attribution import METHODS, Batch, Perturbation
 from study.runtime import Precision
 from study.training.models import Architecture, BrainCNN
 
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--grids", nargs="+", default=["58x70x58", "91x109x91"])
     parser.add_argument("--batch", type=int, default=32, help="subjects per batch (default 32)")
     parser.add_argument("--iterations", type=int, default=300, help="Meaningful Perturbations iterations")
-    parser.add_argument("--methods", nargs="+", default=["gradcam", "guided_backprop", "perturbation"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
@@ -59,11 +59,6 @@ def main() -> None:
         mean = torch.zeros(shape, device=device)  # a z-scored cohort's mean, roughly
         if cuda:
             model = model.to(memory_format=torch.channels_last_3d)
-        methods = {
-            "gradcam": lambda x, t: gradcam(model, x, t),
-            "guided_backprop": lambda x, t: guided_backprop(model, x, t),
-            "perturbation": lambda x, t: meaningful_perturbation(model, x, t, config, voxel_mm, cohort_mean=mean),
-        }
         for name in args.methods:
             for batch in (1, args.batch):
                 x = torch.randn(batch, 1, *shape, device=device)
@@ -71,9 +66,9 @@ def main() -> None:
                     x = x.contiguous(memory_format=torch.channels_last_3d)
                 targets = torch.randint(0, 2, (batch,), device=device)
 
-                def run():  # in float32, as the study explains (Precision.exact)
+                def run():  # in float32, as the study explains (Precision.exact); each method on its own
                     with Precision.choose(device).exact():
-                        methods[name](x, targets)
+                        Batch(model, x, targets, voxel_mm, config, mean).map(name)
 
                 repeats = 1 if name == "perturbation" else args.repeats
                 seconds = timed(run, repeats)

@@ -19,9 +19,8 @@ import torch
 from ray.exceptions import RayActorError
 from tqdm.auto import tqdm
 
-from study.attribution.gradcam import gradcam
-from study.attribution.guided_backprop import guided_backprop
-from study.attribution.perturbation import Perturbation, meaningful_perturbation
+from study.attribution.methods import Batch
+from study.attribution.perturbation import Perturbation
 from study.attribution.store import MapStore
 from study.attribution.targets import select_targets
 from study.data.cache import CachedVolumes, VolumeCache
@@ -63,23 +62,13 @@ def explain_batch(
     masks differed from the CPU's by up to half their maximum, and the explained class of a subject near the
     decision boundary could differ from the one its reported probability gives.
     """
-    methods = explanation.methods
     with torch.no_grad(), precision.exact():
         targets = select_targets(explanation.target, labels, model(x))
-    maps: dict[str, torch.Tensor] = {}
+    mean = None if explanation.cohort_mean is None else torch.tensor(explanation.cohort_mean, device=x.device)
+    batch = Batch(model, x, targets, voxel_mm, explanation.perturbation, mean)
     with precision.exact():
-        if "gradcam" in methods or "guided_gradcam" in methods:
-            maps["gradcam"] = gradcam(model, x, targets)
-        if "guided_backprop" in methods or "guided_gradcam" in methods:
-            maps["guided_backprop"] = guided_backprop(model, x, targets)
-        if "perturbation" in methods:
-            mean = None if explanation.cohort_mean is None else torch.tensor(explanation.cohort_mean, device=x.device)
-            maps["perturbation"] = meaningful_perturbation(
-                model, x, targets, explanation.perturbation, voxel_mm, cohort_mean=mean
-            )
-    if "guided_gradcam" in methods:
-        maps["guided_gradcam"] = maps["gradcam"] * maps["guided_backprop"]
-    return {m: maps[m].float().cpu().numpy().astype(np.float16) for m in methods}
+        maps = {method: batch.map(method) for method in explanation.methods}
+    return {m: maps[m].float().cpu().numpy().astype(np.float16) for m in explanation.methods}
 
 
 def explain_subjects(

@@ -25,6 +25,7 @@ from study.attribution.actors import Explanation, FoldModel, explain_cohort
 from study.attribution.gradcam import feature_grid
 from study.attribution.group import group_means, localization, method_agreement, normalize, region_table, unmask
 from study.attribution.linear import LinearVoxelModel, weight_test
+from study.attribution.methods import LINEAR_BASELINE, METHODS
 from study.attribution.sanity import (
     RANDOM,
     RANDOM_BLOB_MM,
@@ -49,12 +50,6 @@ from study.training.loop import TrainingData, load_history
 from study.training.models import build_model
 from study.training.trainer import TrainingSetup, fit
 
-LINEAR_BASELINE = "linear_baseline"  # the baseline's weights, analysed beside the methods' maps
-# No class 1 - class 0 test of these maps even under the contrast: the baseline's weights are one map per fold
-# (they get a permutation test of their own, study.attribution.linear), and Meaningful Perturbations deletes the
-# evidence for each subject's own decision, so its two classes' maps answer different questions (their
-# difference would be there by construction, as for true_class maps).
-UNTESTED = (LINEAR_BASELINE, "perturbation")
 # Raised when a method computes different maps for the same settings, so that a rerun does not reuse old maps
 # (2: under the contrast, Grad-CAM's magnitude and Meaningful Perturbations signed by each subject's decision).
 MAPS_VERSION = "2"
@@ -338,7 +333,7 @@ def explain_study(
         arguments = {
             method: (maps, labels, attribution.permutations, fold_of, families, study.config.cv.seed)
             for method, maps in normalized.items()
-            if attribution.target == "contrast" and method not in UNTESTED
+            if attribution.target == "contrast" and method in METHODS and METHODS[method].group_test
         }
         if resources.use_gpu:
             task = ray.remote(num_cpus=1, num_gpus=attribution.gpus_per_actor)(permutation_test_on_device)

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from study.attribution import METHODS
+from study.attribution.methods import METHODS
 from study.attribution.perturbation import Perturbation
 from study.data.volumes import Grid
 from study.training.augment import Augmentation

@@ -10,6 +10,7 @@ from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator
 
 from study.attribution.gradcam import check_placement
 from study.attribution.guided_backprop import check_relu_only
+from study.attribution.methods import METHODS
 from study.config.search import SearchConfig, unfit_choices
 from study.config.sections import (
     AttributionConfig,
@@ -116,7 +117,7 @@ class StudyConfig(Section):
     ) -> AttributionConfig | None:
         """Guided Backpropagation of a user's network: ReLU activations only, checked now."""
         model, preprocess = info.data.get("model"), info.data.get("preprocess")
-        guided = attribution is not None and {"guided_backprop", "guided_gradcam"} & set(attribution.methods)
+        guided = attribution is not None and any(METHODS[m].needs_relu for m in attribution.methods)
         if isinstance(model, Network) and preprocess is not None and guided:
             built = (info.context or {}).get("network")
             if built is None:  # validated without parse_config's context

@@ -10,8 +10,9 @@ import nibabel as nib
 import numpy as np
 from matplotlib.figure import Figure
 
-from study.attribution import METHODS
-from study.attribution.analysis import LINEAR_BASELINE, AttributionResult
+from study.attribution.analysis import AttributionResult
+from study.attribution.methods import LINEAR_BASELINE, METHODS
+from study.attribution.methods import title as method_title
 from study.attribution.sanity import DELETED_SHARE, FLAG_DELETION_P, FLAG_SPEARMAN, RANDOM_BLOB_MM
 from study.attribution.stats import PermutationTest
 from study.config import AttributionConfig
@@ -28,7 +29,6 @@ TARGETS = {
     "true_class": "each subject's true {column}'s logit",
     "predicted_class": "each subject's predicted {column}'s logit",
 }  # formatted with the study's Classes
-TITLES = {**METHODS, LINEAR_BASELINE: "Linear baseline weights"}
 
 
 def publish_attribution(
@@ -50,12 +50,7 @@ def publish_attribution(
         """What one method's maps show of the target, for its captions."""
         if result.target != "contrast":
             return target
-        if method == "perturbation":
-            return (
-                f"{target}: what must be deleted, {deletion}, to undo the model's decision on each subject "
-                "(no t map: the two classes' maps answer different questions)"
-            )
-        return f"{target}: its magnitude, evidence for either class"
+        return METHODS[method].shows.format(target=target, deletion=deletion)
 
     with tempfile.TemporaryDirectory() as tmp:
 
@@ -66,7 +61,7 @@ def publish_attribution(
             tracker.log_file(run_id, path, f"maps/{method}")
 
         for method, maps in result.maps.items():
-            title = TITLES[method]
+            title = method_title(method)
             if method == LINEAR_BASELINE:  # one map per fold model, the same for every subject
                 log_map(parent, maps.group["mean_all"], f"{method}_mean_all", method)
                 figures.append(
@@ -225,7 +220,7 @@ def publish_attribution(
             "top1pct_in_distractor_group": "top 1% in distractor, group map",
             "chance_distractor": "chance (distractor)",
         }
-        shown = local.rename(columns=columns).assign(method=[TITLES.get(m, m) for m in local.method])
+        shown = local.rename(columns=columns).assign(method=[method_title(m) for m in local.method])
         report.add_table(
             "Ground truth: localization of the planted effect",
             shown,
@@ -239,14 +234,14 @@ def publish_attribution(
     flag_note = (
         (
             f"Flagged (Spearman > {FLAG_SPEARMAN} to the original maps after full randomization or "
-            f"shuffled-label training): " + ", ".join(TITLES[m] for m in result.flagged)
+            f"shuffled-label training): " + ", ".join(method_title(m) for m in result.flagged)
         )
         if result.flagged
         else "No method flagged: every method's maps change when the model or its labels are randomized."
     )
     report.add_images("Sanity checks", [("Cascading randomization", sanity_figure(result.cascade))], flag_note)
     shown = deletions.assign(
-        method=[TITLES[m] for m in deletions.method],
+        method=[method_title(m) for m in deletions.method],
         p_vs_random=[format_p(p) for p in deletions.p_vs_random],
         beats_random=["yes" if above else "no: flagged" for above in deletions.beats_random],
     ).rename(
@@ -274,7 +269,7 @@ def publish_attribution(
         "in a paired one-sided Wilcoxon test over subjects. A map that explains the model marks "
         "voxels its decision rests on. Methods whose maps move it no more surely than random blobs "
         f"(e.g. of a model that ignores its input): "
-        f"{', '.join(TITLES[m] for m in result.deletion_flagged) or 'none'}. The check says whether "
+        f"{', '.join(method_title(m) for m in result.deletion_flagged) or 'none'}. The check says whether "
         f"a map's top voxels matter to the model, not that the map is complete.{optimized}",
     )
     if len(result.shuffled):
@@ -324,7 +319,7 @@ def _weight_test(
         log_map(parent, np.nan_to_num(test.p, nan=1.0), f"{method}_weights_p_fwer", method)
         tracker.log_metrics(parent, {f"test_voxels_fwer05_{method}": float(found)})
     caption = (
-        f"{TITLES[method]}: {classes.contrast}, the weights of one l2 logistic regression on all "
+        f"{method_title(method)}: {classes.contrast}, the weights of one l2 logistic regression on all "
         f"subjects (positive: a higher standardized intensity points to {classes.names[1]}), tested by "
         f"refitting on {test.permutations} label permutations within families (FWER by the maximum "
         f"statistic): {found} voxels at p < 0.05"
@@ -332,7 +327,7 @@ def _weight_test(
     )
     strongest = np.abs(weights) >= np.percentile(np.abs(weights), 90)
     shown = np.where(test.p < 0.05 if found else strongest, weights, 0)
-    title = f"{TITLES[method]}: {classes.contrast} (weights{', p_FWER<0.05' if found else ''})"
+    title = f"{method_title(method)}: {classes.contrast} (weights{', p_FWER<0.05' if found else ''})"
     return caption, brain_figure(_image(result, shown), title, "glass", symmetric=True)
 
 

@@ -12,7 +12,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
-from study.attribution import METHODS
+from study.attribution.methods import title
 
 
 def roc_figure(
@@ -116,7 +116,7 @@ def agreement_figure(agreement: pd.DataFrame, methods: list[str]) -> Figure:
     figure = Figure(figsize=(1.3 * len(methods) + 1.8, 1.1 * len(methods) + 1.2))
     ax = figure.subplots()
     image = ax.imshow(matrix, cmap="viridis", vmin=-1, vmax=1)
-    labels = [METHODS.get(m, m.replace("_", " ").capitalize()) for m in methods]
+    labels = [title(m) for m in methods]
     ax.set_xticks(range(len(methods)), labels, rotation=30, ha="right")
     ax.set_yticks(range(len(methods)), labels)
     for (i, j), value in np.ndenumerate(matrix):
@@ -134,7 +134,7 @@ def sanity_figure(cascade: pd.DataFrame) -> Figure:
     for ax, metric in zip(axes, ("spearman", "ssim")):
         for method, rows in cascade.groupby("method"):
             rows = rows.sort_values("step")
-            ax.plot([0, *rows.step], [1.0, *rows[metric]], marker="o", label=METHODS.get(method, method))
+            ax.plot([0, *rows.step], [1.0, *rows[metric]], marker="o", label=title(method))
         ax.set_xticks([0, *steps.step], ["original", *steps.randomized_down_to], rotation=35, ha="right", fontsize=8)
         ax.set_ylim(min(-0.2, float(cascade[["spearman", "ssim"]].min().min()) - 0.05), 1.05)
         ax.set_title(f"{metric} to original maps", fontsize=9)
