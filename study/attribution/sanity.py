@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -34,7 +35,7 @@ from study.attribution.actors import Explanation, explain_subjects
 from study.attribution.group import normalize, spearman_rows, unmask
 from study.data.cache import CachedVolumes, VolumeCache
 from study.runtime import Precision, worker_device
-from study.training.loop import load_model
+from study.training.checkpoint import load_model
 
 FLAG_SPEARMAN = 0.5  # fully randomized maps more similar than this are flagged
 DELETED_SHARE = 0.05  # of the brain's voxels, deleted by the deletion check
@@ -143,6 +144,27 @@ def label_randomization(
     return pd.DataFrame(
         [{"method": m, "spearman": rho, "ssim": ssim} for m, (rho, ssim) in compare(original, maps, brain).items()]
     )
+
+
+@dataclass
+class SanityChecks:
+    """What the sanity checks found of every method (and of the linear baseline's weights, by deletion)."""
+
+    cascade: pd.DataFrame  # cascading parameter randomization: one row per (step, method), Spearman and SSIM
+    shuffled: pd.DataFrame  # maps of the model trained on shuffled labels: one row per method (empty if not run)
+    shuffled_fit_accuracy: float  # that model's accuracy on its own shuffled training labels (nan if not run)
+    deletion: pd.DataFrame  # per (fold, subject, method or random): p of the decided class and its change
+    deletion_summary: pd.DataFrame  # per method: its deletions against random blobs (deletion_summary)
+
+    @property
+    def flagged(self) -> list[str]:
+        """Methods whose maps survive randomization (of the model's parameters or of its training labels)."""
+        return flagged_methods(self.cascade, self.shuffled)
+
+    @property
+    def deletion_flagged(self) -> list[str]:
+        """Methods whose top voxels move the model's decision no more surely than random blobs do."""
+        return self.deletion_summary.loc[~self.deletion_summary.beats_random, "method"].tolist()
 
 
 def flagged_methods(cascade: pd.DataFrame, shuffled: pd.DataFrame) -> list[str]:
@@ -254,6 +276,19 @@ def deletion_check(
             for j, i in enumerate(batch)
         ]
     return pd.DataFrame(rows)
+
+
+def deletion_tables(cnn: dict[int, pd.DataFrame], linear: dict[int, pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The deletion check's rows of every fold (fold -> :func:`deletion_check`'s table), tagged with the fold and
+    the model, and their summary: the CNN's methods against its random blobs, the linear baseline's weights
+    against its own."""
+    tagged = {
+        model: pd.concat([table.assign(fold=fold, model=model) for fold, table in tables.items()], ignore_index=True)
+        for model, tables in (("cnn", cnn), ("linear", linear))
+        if tables
+    }
+    summary = pd.concat([deletion_summary(table) for table in tagged.values()], ignore_index=True)
+    return pd.concat(list(tagged.values()), ignore_index=True), summary
 
 
 def deletion_summary(changes: pd.DataFrame) -> pd.DataFrame:

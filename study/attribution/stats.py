@@ -121,36 +121,43 @@ def permutation_test(
     rng = np.random.default_rng(seed)
     blocks = ExchangeabilityBlocks(folds, families)
     labellings = np.stack([labels] + [labels[blocks.draw(rng)] for _ in range(permutations)])
-    n1, n0 = int(labels.sum()), int(n - labels.sum())
     t = np.full(maps.shape[1], np.nan)
     max_null = torch.zeros(permutations, dtype=torch.float64, device=device)
-    constant = 0
     rows = torch.as_tensor(labellings, dtype=torch.float64, device=device)
     for start in range(0, maps.shape[1], voxel_chunk):
         # a float64 copy (a Ray task's maps are read-only, which torch warns about)
         x = torch.from_numpy(np.array(maps[:, start : start + voxel_chunk], dtype=np.float64)).to(device)
-        centred = x - x.mean(0)
-        squares = centred**2
-        varies = squares.sum(0) > 0
-        constant += int((~varies).sum())
-        centred, squares = centred[:, varies], squares[:, varies]
-        floor = 1e-12 * torch.sqrt(squares.sum(0) / n)  # se never exactly 0 where the data vary
-        observed = _t_of(rows[:1], centred, squares, n1, n0, floor)[0]
-        t[start + np.flatnonzero(varies.cpu().numpy())] = observed.cpu().numpy()
-        for first in range(1, permutations + 1, permutation_chunk):
-            null = _t_of(rows[first : first + permutation_chunk], centred, squares, n1, n0, floor)
-            if null.shape[1]:
-                chunk_max = null.abs().max(1).values
-                max_null[first - 1 : first - 1 + len(chunk_max)] = torch.maximum(
-                    max_null[first - 1 : first - 1 + len(chunk_max)], chunk_max
-                )
+        varies, observed, chunk_max = _chunk_test(rows, x, permutation_chunk)
+        t[start + np.flatnonzero(varies)] = observed
+        torch.maximum(max_null, chunk_max, out=max_null)
     p = np.full_like(t, np.nan)
     if permutations:
         ordered = np.sort(max_null.cpu().numpy())
         tested = ~np.isnan(t)
         exceed = permutations - np.searchsorted(ordered, np.abs(t[tested]), side="left")
         p[tested] = (exceed + 1) / (permutations + 1)
-    return PermutationTest(t, p, constant, permutations)
+    return PermutationTest(t, p, int(np.isnan(t).sum()), permutations)
+
+
+def _chunk_test(
+    rows: torch.Tensor, x: torch.Tensor, permutation_chunk: int
+) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """One chunk of voxels ``x`` [subjects, v] under the labellings ``rows`` (the observed one first): which voxels
+    vary, their observed t, and each permutation's largest |t| among them."""
+    n1 = int(rows[0].sum())
+    n0 = len(rows[0]) - n1
+    centred = x - x.mean(0)
+    squares = centred**2
+    varies = squares.sum(0) > 0
+    centred, squares = centred[:, varies], squares[:, varies]
+    floor = 1e-12 * torch.sqrt(squares.sum(0) / len(x))  # se never exactly 0 where the data vary
+    observed = _t_of(rows[:1], centred, squares, n1, n0, floor)[0]
+    maxima = torch.zeros(len(rows) - 1, dtype=torch.float64, device=x.device)
+    for first in range(1, len(rows), permutation_chunk):
+        null = _t_of(rows[first : first + permutation_chunk], centred, squares, n1, n0, floor)
+        if null.shape[1]:
+            maxima[first - 1 : first - 1 + len(null)] = null.abs().max(1).values
+    return varies.cpu().numpy(), observed.cpu().numpy(), maxima
 
 
 def permutation_test_on_device(

@@ -1,0 +1,340 @@
+"""The attribution stage of a study: explain every held-out subject, analyse the maps, check them.
+
+The one attribution module that reads the :class:`~study.state.Study` and its
+config and talks to Ray: it sends the fold models to the actor pool
+(:mod:`.actors`), reads the maps from their store, runs the permutation tests
+where the hardware is (GPU shares as Ray tasks, else this process), the sanity
+checks as Ray tasks beside each other, and hands the arrays to the plain
+functions of :mod:`.analysis` and :mod:`.sanity`. Everything comes back in an
+:class:`AttributionResult`, with the seconds each part took; publishing it is
+:mod:`study.output`'s job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import ray
+
+from study.attribution.actors import Explanation, FoldModel, explain_cohort
+from study.attribution.analysis import (
+    HeldOut,
+    MethodMaps,
+    analyse_method,
+    baseline_maps,
+    ground_truth,
+    normalized_maps,
+    read_atlas,
+    tested_methods,
+)
+from study.attribution.gradcam import feature_grid
+from study.attribution.group import method_agreement, unmask
+from study.attribution.linear import LinearVoxelModel, weight_test
+from study.attribution.methods import LINEAR_BASELINE
+from study.attribution.sanity import (
+    RANDOM,
+    RANDOM_BLOB_MM,
+    SanityChecks,
+    deletion_check,
+    deletion_tables,
+    label_randomization,
+    parameter_randomization,
+    random_blobs,
+    top_voxels,
+)
+from study.attribution.stats import PermutationTest, permutation_test_on_device
+from study.attribution.store import MapStore
+from study.config import AttributionConfig, ResourcesConfig
+from study.state import StageTimes, Study
+from study.storage import join
+from study.training.baseline import BaselineResult, brain_voxels
+from study.training.checkpoint import load_history
+from study.training.crossval import driving_task
+from study.training.folds import FoldResult
+from study.training.loop import TrainingData
+from study.training.models import build_model
+from study.training.trainer import TrainingSetup, fit
+
+# Raised when a method computes different maps for the same settings, so that a rerun does not reuse old maps
+# (2: under the contrast, Grad-CAM's magnitude and Meaningful Perturbations signed by each subject's decision).
+MAPS_VERSION = "2"
+
+
+@dataclass
+class AttributionResult:
+    """What the attribution stage found, and how long each of its parts took."""
+
+    maps: dict[str, MethodMaps]  # per method in the configured order, then the linear baseline's weights
+    agreement: pd.DataFrame  # every pair of methods: Spearman and top-voxel Dice, over subjects
+    sanity: SanityChecks
+    brain: np.ndarray  # bool [D, H, W]: the voxels the maps cover
+    affine: np.ndarray  # of the study grid
+    subjects: int  # held-out subjects explained
+    target: str  # the score every map explains (config attribution.target)
+    store: MapStore  # every subject's maps
+    gradcam_grid: tuple[tuple[int, int, int], float]  # fold 0's Grad-CAM layer: voxels per axis, spacing in mm
+    seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds (attribution, ...)
+
+    def volume(self, values: np.ndarray) -> np.ndarray:
+        """Brain-voxel values back on the grid (zero outside the brain)."""
+        return unmask(values, self.brain)
+
+    @property
+    def localization(self) -> pd.DataFrame:
+        """One row per method with its localization scores (empty without a ground truth)."""
+        return pd.DataFrame([{"method": m.method, **m.localization} for m in self.maps.values() if m.localization])
+
+
+def explanation_of(attribution: AttributionConfig, study: Study) -> Explanation:
+    """What ``attribution`` asks to compute for every subject (with the study's cohort mean when MP needs it)."""
+    needs_mean = "perturbation" in attribution.methods and attribution.perturbation.reference == "cohort_mean"
+    mean = study.cohort_mean if needs_mean else None
+    return Explanation(tuple(attribution.methods), attribution.target, attribution.perturbation, mean)
+
+
+def explain_study(
+    study: Study,
+    results: list[FoldResult],
+    baselines: list[BaselineResult],
+    shuffled_fit: ray.ObjectRef | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> AttributionResult:
+    """Explain all held-out subjects with every method, analyse the maps and check them.
+
+    Parameters
+    ----------
+    study : Study
+        The execution (its config's ``attribution`` section says what to compute).
+    results : list of FoldResult
+        Every outer fold's model and held-out subjects, sorted by fold.
+    baselines : list of BaselineResult
+        The linear baseline of every fold: its weights are analysed as one more
+        map (a subject's map is the weights of the model that held it out).
+    shuffled_fit : ray.ObjectRef, optional
+        The label-randomization check's training, from :func:`start_label_randomization`
+        (without it, no label randomization).
+    on_progress : callable, optional
+        ``on_progress(done, total)`` after each batch of subjects explained.
+
+    Returns
+    -------
+    AttributionResult
+        Group maps, statistics, agreement, localization and sanity checks. Maps
+        are kept under the study directory, so a rerun computes only missing subjects.
+    """
+    attribution, times = study.config.attribution, StageTimes()
+    jobs = [FoldModel(r.fold, r.checkpoint, ids, study.labels(ids)) for r in results for ids in [_held_out_ids(r)]]
+    store = MapStore(
+        study.directory / "maps" / _store_key(attribution, results),
+        study.cohort.ids,
+        study.cache.shape,
+        list(attribution.methods),
+    )
+    actors, gpus_per_actor = _pool(attribution, study.config.resources)
+    total = len(store.missing([s for job in jobs for s in job.subject_ids]))
+    with times.stage("attribution"):
+        on_batch = (lambda done: on_progress(done, total)) if on_progress else None
+        explanation = explanation_of(attribution, study)
+        explain_cohort(jobs, study.cache, store, explanation, attribution.batch_size, actors, gpus_per_actor, on_batch)
+    with times.stage("group statistics"):
+        maps, agreement = _group_analysis(study, jobs, baselines, store)
+    with times.stage("sanity checks"):
+        sanity, training = _sanity_checks(study, jobs, results[0], baselines, store, shuffled_fit)
+    times.merge(training)
+    features, spacing = feature_grid(
+        build_model(results[0].setup.architecture, study.cache.shape).eval(), study.cache.shape
+    )
+    return AttributionResult(
+        maps=maps,
+        agreement=agreement,
+        sanity=sanity,
+        brain=study.brain,
+        affine=study.cache.affine,
+        subjects=sum(len(job.subject_ids) for job in jobs),
+        target=attribution.target,
+        store=store,
+        gradcam_grid=(features, spacing[0] * study.cache.grid.voxel_mm),
+        seconds=times.seconds,
+    )
+
+
+def _held_out_ids(result: FoldResult) -> list[str]:
+    return result.predictions.subject_id.tolist()
+
+
+def _store_key(attribution: AttributionConfig, results: list[FoldResult]) -> str:
+    """Maps are only reused for the same models, the same attribution settings and the same methods' code."""
+    checkpoints = [r.checkpoint.path for r in sorted(results, key=lambda r: r.fold)]
+    parts = [MAPS_VERSION, attribution.model_dump_json(), *checkpoints]
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
+
+
+def _pool(attribution: AttributionConfig, resources: ResourcesConfig) -> tuple[int, float]:
+    """The actor pool: how many actors, and each one's GPU share (0 on CPUs). Default size: as many as fit on the
+    cluster's GPUs, else 2."""
+    gpus_per_actor = attribution.gpus_per_actor if resources.use_gpu else 0.0
+    if attribution.actors:
+        return attribution.actors, gpus_per_actor
+    if gpus_per_actor:
+        return max(1, int(ray.cluster_resources().get("GPU", 0) / gpus_per_actor)), gpus_per_actor
+    return 2, gpus_per_actor
+
+
+def _group_analysis(
+    study: Study, jobs: list[FoldModel], baselines: list[BaselineResult], store: MapStore
+) -> tuple[dict[str, MethodMaps], pd.DataFrame]:
+    """Every method's group analysis (and the linear baseline's weights as one more map), and their agreement."""
+    attribution, brain = study.config.attribution, study.brain
+    ids = [s for job in jobs for s in job.subject_ids]
+    family = {s.subject_id: s.family_id for s in study.cohort.subjects}
+    held_out = HeldOut(
+        ids,
+        study.labels(ids),
+        np.array([job.fold for job in jobs for _ in job.subject_ids]),
+        np.array([family[s] for s in ids]),
+    )
+    normalized = normalized_maps(store, attribution.methods, ids, brain)
+    if baselines:
+        normalized[LINEAR_BASELINE] = baseline_maps({b.fold: b.weights for b in baselines}, held_out.folds)
+    tests = _group_tests(study, normalized, held_out, baselines)
+    truth, grid = ground_truth(study.config.cohort.root, study.cache.grid), study.cache.grid
+    atlas = read_atlas(attribution.atlas, attribution.atlas_names, grid)
+    classes = study.cohort.classes.names
+    maps = {
+        method: analyse_method(method, values, held_out, classes, brain, tests.get(method), truth, atlas)
+        for method, values in normalized.items()
+    }
+    return maps, method_agreement(normalized)
+
+
+def _group_tests(
+    study: Study, normalized: dict[str, np.ndarray], held_out: HeldOut, baselines: list[BaselineResult]
+) -> dict[str, PermutationTest]:
+    """The class 1 minus class 0 test of each method that gets one, and the linear baseline's weight test.
+
+    One question for every subject: with GPUs, the tests run side by side, each on a GPU share; on CPUs in this
+    process, whose threads all work on each test's sums.
+    """
+    attribution, resources, seed = study.config.attribution, study.config.resources, study.config.cv.seed
+    arguments = {
+        method: (normalized[method], held_out.labels, attribution.permutations, held_out.folds, held_out.families, seed)
+        for method in tested_methods(attribution.methods, attribution.target)
+    }
+    if resources.use_gpu:
+        task = ray.remote(num_cpus=1, num_gpus=attribution.gpus_per_actor)(permutation_test_on_device)
+        tests = dict(zip(arguments, ray.get([task.remote(*a) for a in arguments.values()])))
+    else:
+        tests = {method: permutation_test_on_device(*a) for method, a in arguments.items()}
+    if baselines:  # the linear model's weights, refitted on all subjects and on permuted labels
+        voxels = brain_voxels(study.cache, held_out.subject_ids, study.brain)
+        C = float(np.median([b.C for b in baselines]))
+        tests[LINEAR_BASELINE] = weight_test(
+            voxels, held_out.labels, C, attribution.permutations, held_out.families, seed
+        )
+    return tests
+
+
+def _shuffled_label_fit(
+    setup: TrainingSetup, data: TrainingData, storage: str, resources: ResourcesConfig, epochs: int
+) -> tuple[ray.train.Checkpoint, float]:
+    """Train the label-randomized model (a Ray task); its checkpoint and wall seconds (waiting included)."""
+    started = time.perf_counter()
+    checkpoint = fit(setup, data, "label_randomized", join(storage, "train"), resources, refit_epochs=epochs).checkpoint
+    return checkpoint, time.perf_counter() - started
+
+
+def start_label_randomization(study: Study, first: FoldResult) -> ray.ObjectRef | None:
+    """Start training the label-randomization check's model, so that it trains while later folds do.
+
+    The shuffled model trains like the first fold's final model (same setup, same
+    subjects, same number of epochs) on labels shuffled across all of them, so it
+    can learn nothing about the label. None when the study does not ask for it.
+    """
+    attribution = study.config.attribution
+    if attribution is None or not attribution.sanity.label_randomization:
+        return None
+    train_ids = study.folds[first.fold].train
+    shuffled_labels = np.random.default_rng(study.config.train.seed).permutation(study.labels(train_ids))
+    data = TrainingData(study.cache, [], shuffled_labels[:0], [], shuffled_labels[:0], train_ids, shuffled_labels)
+    return driving_task(_shuffled_label_fit).remote(
+        first.setup, data, study.storage, study.config.resources, first.final_epochs
+    )
+
+
+def _sanity_checks(
+    study: Study,
+    jobs: list[FoldModel],
+    first: FoldResult,
+    baselines: list[BaselineResult],
+    store: MapStore,
+    shuffled_fit: ray.ObjectRef | None,
+) -> tuple[SanityChecks, dict[str, float]]:
+    """The deletion check of every fold, beside the randomization checks of the first fold's model; and the
+    seconds of the label-randomized training (its training, and its Ray Train set-up, as for a fold)."""
+    attribution, resources = study.config.attribution, study.config.resources
+    task = ray.remote(num_cpus=1, num_gpus=attribution.gpus_per_actor if resources.use_gpu else 0)
+    deleting, deleting_linear = _deletion(study, task(deletion_check), jobs, baselines, store)
+    explanation = explanation_of(attribution, study)
+    subjects = first.predictions.subject_id.tolist()[: attribution.sanity.subjects]
+    on_subjects = (
+        study.cache,
+        subjects,
+        study.labels(subjects),
+        {m: store.read(m, subjects) for m in attribution.methods},
+        study.brain,
+        explanation,
+        attribution.batch_size,
+    )
+    cascade = task(parameter_randomization).remote(first.checkpoint, *on_subjects)
+    shuffled, fit_accuracy, seconds = pd.DataFrame(), float("nan"), {}
+    if shuffled_fit is not None:
+        checkpoint, wall = ray.get(shuffled_fit)
+        history = pd.DataFrame(load_history(checkpoint))
+        training = float(history.filter(like="epoch_seconds").sum().sum())
+        seconds = {"label-randomized training": training, "Ray Train set-up": max(wall - training, 0.0)}
+        fit_accuracy = float(history["fit_accuracy"].dropna().iloc[-1])
+        shuffled = ray.get(task(label_randomization).remote(checkpoint, *on_subjects))
+    cnn = dict(zip((job.fold for job in jobs), ray.get(deleting)))
+    linear = dict(zip(deleting_linear, ray.get(list(deleting_linear.values()))))
+    deletion, summary = deletion_tables(cnn, linear)
+    return SanityChecks(ray.get(cascade), shuffled, fit_accuracy, deletion, summary), seconds
+
+
+def _deletion(
+    study: Study,
+    task: ray.remote_function.RemoteFunction,
+    jobs: list[FoldModel],
+    baselines: list[BaselineResult],
+    store: MapStore,
+) -> tuple[list[ray.ObjectRef], dict[int, ray.ObjectRef]]:
+    """The deletion check on every held-out subject: each fold's model, with its subjects' maps' top voxels and
+    random blobs of as many voxels replaced by the cohort's mean, one Ray task per fold (its table, when done);
+    and the same for each fold's linear baseline with its own weights' top voxels (by fold)."""
+    attribution, brain = study.config.attribution, study.brain
+    reference, refs, linear = ray.put(study.cohort_mean), [], {}
+    sigma = RANDOM_BLOB_MM / study.cache.grid.voxel_mm
+    baseline_of = {b.fold: b for b in baselines}
+    for job in jobs:
+        seed = study.config.cv.seed + job.fold
+        maps = {m: store.read(m, job.subject_ids)[:, brain] for m in attribution.methods}
+        deleted = {m: top_voxels(values, brain, seed=seed) for m, values in maps.items()}
+        blobs = deleted[RANDOM] = random_blobs(len(job.subject_ids), brain, sigma, seed=seed)
+        refs.append(
+            task.remote(job.checkpoint, study.cache, job.subject_ids, deleted, reference, attribution.batch_size)
+        )
+        if (baseline := baseline_of.get(job.fold)) is not None:
+            weights = np.broadcast_to(np.abs(baseline.weights), (len(job.subject_ids), len(baseline.weights)))
+            linear[job.fold] = task.remote(
+                LinearVoxelModel(baseline, brain).eval(),
+                study.cache,
+                job.subject_ids,
+                {LINEAR_BASELINE: top_voxels(weights, brain, seed=seed), RANDOM: blobs},
+                reference,
+                attribution.batch_size,
+            )
+    return refs, linear
