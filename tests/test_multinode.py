@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from study.state import running
-from study.training.crossval import FoldResult
+from study.training.folds import FoldResult
 from tests.conftest import VOXEL_MM, free_port, ray_cli, stop_processes_of
 
 STUDY = str(Path(sys.executable).parent / "study")

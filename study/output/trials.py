@@ -7,12 +7,13 @@ import pandas as pd
 from study.output.console import say
 from study.output.tracking import WALL_TIME, Tracker, is_tracking_failure
 from study.state import Study
+from study.training.crossval import OnTrial
 from study.training.trials import SearchResult
 
 TRIAL_METRICS = ("train_", "val_", "best_")  # what a search trial's run shows of each epoch
 
 
-def trial_callback(tracker: Tracker, study: Study):
+def trial_callback(tracker: Tracker, study: Study) -> OnTrial:
     """A callback for searches: each trial a run under its fold's run when it starts, its curves as it trains."""
     runs: dict[tuple[int, str], str] = {}
     epochs: dict[tuple[int, str], int] = {}

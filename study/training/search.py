@@ -30,7 +30,7 @@ from study.runtime import environment
 from study.storage import join
 from study.training.loop import TrainingData
 from study.training.trainer import TrainingSetup, fit
-from study.training.trials import SearchResult, Trial
+from study.training.trials import SearchResult, Trial, TrialEvents
 
 
 def _suggest(trial: optuna.Trial, key: str, dim: SearchDimension) -> Any:
@@ -198,7 +198,7 @@ def search_fold(
     fold: int,
     resources: ResourcesConfig,
     audit_root: Path | None = None,
-    on_trial: Callable[[str, str, dict, dict], None] | None = None,
+    on_trial: TrialEvents | None = None,
 ) -> SearchResult:
     """Search one outer fold in Ray ``storage`` (resuming it if interrupted).
 

@@ -8,9 +8,15 @@ imports (a study without a search never loads them).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import pandas as pd
+
+
+class TrialEvents(Protocol):
+    """A fold's search trials as they happen: ``start``, ``result`` (an epoch's metrics), ``complete``, ``error``."""
+
+    def __call__(self, event: str, trial_id: str, params: dict[str, Any], result: dict[str, Any]) -> None: ...
 
 
 @dataclass
