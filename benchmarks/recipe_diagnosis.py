@@ -35,8 +35,8 @@ from study.data.splits import make_splits
 from study.data.volumes import Grid
 from study.training.augment import augment
 from study.training.baseline import fit_linear
-from study.training.loop import lr_factor
 from study.training.models import Architecture, BrainCNN
+from study.training.phase import lr_factor
 
 MODEL_KEYS = ("norm", "head", "dropout", "width", "blocks")
 

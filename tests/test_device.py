@@ -18,8 +18,9 @@ from study.data.cohort import CohortConfig, load_cohort
 from study.errors import ConfigError
 from study.runtime import Precision
 from study.training.crossval import predict_task
-from study.training.loop import TrainingData, _Phase, predict
+from study.training.loop import TrainingData, predict
 from study.training.models import Architecture, BrainCNN
+from study.training.phase import Phase
 from tests.conftest import cache_for
 
 
@@ -110,14 +111,14 @@ def test_an_epoch_reads_its_loss_and_accuracy_from_the_device_once_not_at_every_
     reads, seen = [], []
     item = torch.Tensor.item
 
-    def counted(tensor: torch.Tensor) -> float:  # the loop's own reads (AdamW reads its step counts on the host)
-        if sys._getframe(1).f_code.co_filename.endswith("loop.py"):
+    def counted(tensor: torch.Tensor) -> float:  # the phase's own reads (AdamW reads its step counts on the host)
+        if sys._getframe(1).f_code.co_filename.endswith("phase.py"):
             reads.append(tuple(tensor.shape))
         return item(tensor)
 
     def one_epoch(_: dict) -> None:  # in this process: Ray Train's local mode (no workers)
-        phase = _Phase(
-            Architecture(width=4, blocks=2), train, data, ids, labels, 1, Precision.choose(torch.device("cpu"))
+        phase = Phase(
+            Architecture(width=4, blocks=2), train, data.cache, ids, labels, 1, Precision.choose(torch.device("cpu"))
         )
         monkeypatch.setattr(torch.Tensor, "item", counted)
         metrics, subjects = phase.epoch(0)
@@ -208,8 +209,8 @@ def test_fp32_training_steps_run_without_tf32_forward_and_backward(cohort_dir, p
 
     def one_epoch(_: dict) -> None:
         precision = Precision.choose(torch.device("cpu"), "fp32")
-        phase = _Phase(
-            Architecture(width=4, blocks=2), TrainConfig(batch_size=6, epochs=1), data, ids, labels, 1, precision
+        phase = Phase(
+            Architecture(width=4, blocks=2), TrainConfig(batch_size=6, epochs=1), data.cache, ids, labels, 1, precision
         )
         conv = next(m for m in phase.bare.modules() if isinstance(m, torch.nn.Conv3d))
         conv.register_forward_hook(lambda *_: flags.append(("forward", torch.backends.cudnn.allow_tf32)))

@@ -17,7 +17,7 @@ from study.config import AttributionConfig
 from study.data.cohort import CohortConfig, load_cohort
 from study.data.synth import SyntheticCohort, synthesize_cohort
 from study.pipeline import run_study, study_dir
-from study.training.loop import save_checkpoint
+from study.training.checkpoint import Progress, save_checkpoint
 from study.training.models import Architecture, BrainCNN
 from tests.conftest import cache_for
 from tests.test_study import runs_of, study_config
@@ -28,7 +28,7 @@ def random_checkpoint(tmp_path, shape, seed):
     model = BrainCNN(Architecture(width=4), shape)
     directory = tmp_path / f"ckpt{seed}"
     directory.mkdir()
-    save_checkpoint(directory, model, model.state_dict(), history=[])
+    save_checkpoint(directory, model, model.state_dict(), Progress("refit"))
     return ray.train.Checkpoint.from_directory(str(directory))
 
 

@@ -90,8 +90,9 @@ def test_a_finished_folds_checkpoint_of_another_network_class_is_refused(tmp_pat
     import torch
     from ray.train import Checkpoint
 
-    from study.training.crossval import FoldResult, cross_validate
-    from study.training.loop import CHECKPOINT_FILE
+    from study.training.checkpoint import CHECKPOINT_FILE
+    from study.training.crossval import cross_validate
+    from study.training.folds import FoldResult
     from study.training.models import Network, build_model, model_record
     from study.training.trainer import TrainingSetup
 
