@@ -1,12 +1,11 @@
 """Cohorts: a participants table plus one T1-weighted image per subject.
 
-:func:`load_cohort` reads the table (:mod:`.participants`), finds the images
-(BIDS, fMRIPrep, CAPS, HCP: :mod:`.layouts`; or an explicit path column),
-picks one session per subject and its brain mask, and checks everything that
-can be checked without opening an image; :func:`check_images` opens every
-image in parallel. Each
-problem is a :class:`Problem` naming the subject, the file and the fix, and all
-of them are reported at once.
+:func:`load_cohort` reads the table and finds the images (BIDS, fMRIPrep, CAPS,
+HCP: :mod:`.layouts`; or an explicit path column), then matches each row to its
+image, session, label and brain mask (:mod:`.participants`), checking
+everything that can be checked without opening an image; :func:`check_images`
+opens every image in parallel. Each problem is a :class:`Problem` naming the
+subject, the file and the fix, and all of them are reported at once.
 """
 
 from __future__ import annotations
@@ -22,19 +21,24 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from study.data.layouts import SESSION_CHOICE, Found, brain_mask_of, choose_session, expected_image, find_images
-from study.data.participants import bare_id, family_warnings, read_participants
+from study.data.layouts import SESSION_CHOICE, find_images
+from study.data.participants import (
+    SESSION_COLUMNS,
+    SEX_CLASSES,
+    Matching,
+    Problem,
+    Subject,
+    family_warnings,
+    match_subjects,
+    read_participants,
+)
 from study.data.synth import SyntheticCohort
 from study.data.volumes import MNI152_MASK, Grid, preprocess_volume
-from study.errors import CohortError, LayoutError
+from study.errors import CohortError
 from study.tasks import TaskMap, map_tasks
 
-SEX_CLASSES = ("female", "male")
-KNOWN_SEX_VALUES = {"m": "male", "f": "female"}  # besides the class names themselves
 RESERVED_COLUMNS = ("subject_id", "image", "predicted", "fold", "problem")  # columns of prediction tables
 CLASS_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")  # a class name becomes a column name (p_<class>) and a metric name
-SUBJECT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # ids name files: no path separators, no ..
-SESSION_COLUMNS = ("session", "session_id")  # BIDS participants tables; ClinicaDL's (one row per session)
 
 
 @dataclass(frozen=True)
@@ -163,41 +167,6 @@ class CohortConfig(BaseModel):
         return list(self.participants) if isinstance(self.participants, list) else [self.participants]
 
 
-@dataclass(frozen=True)
-class Problem:
-    """One defect in a cohort, named by subject and file, with what to do about it."""
-
-    subject: str
-    file: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.subject}\t{self.file}\t{self.message}"
-
-
-@dataclass(frozen=True)
-class Subject:
-    """One participant: id, label (class index, e.g. 1 male, 0 female; -1 unlabelled), family, and the T1w image."""
-
-    subject_id: str
-    label: int
-    family_id: str
-    image: Path
-    session: str | None = None
-    age: float | None = None
-    site: str | None = None
-    brain_mask: Path | str | None = None  # applied before the checks: a mask file, "mni152", or None
-
-    def source_key(self) -> str:
-        """Identity of the image file and its brain mask as they are now (path, size, mtime)."""
-        parts = []
-        for path in [self.image, *([Path(self.brain_mask)] if self.brain_mask not in (None, MNI152_MASK) else [])]:
-            stat = path.stat()
-            parts.append(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}")
-        mask = f"|mask:{MNI152_MASK}" if self.brain_mask == MNI152_MASK else ""
-        return hashlib.sha1(("|".join(parts) + mask).encode()).hexdigest()[:16]
-
-
 @dataclass
 class Cohort:
     """The usable subjects, the problems found in the rest, and what a researcher should know."""
@@ -229,15 +198,6 @@ class Cohort:
         return hashlib.sha1(json.dumps(rows).encode()).hexdigest()[:12]
 
 
-def _parse_label(value: str, config: CohortConfig) -> int | None:
-    """The class index of a table value: declared in label_mapping, a class name (any case), or M/F for sex."""
-    known = {name.lower(): name for name in config.classes}
-    if config.classes == SEX_CLASSES:
-        known |= KNOWN_SEX_VALUES
-    name = config.label_mapping.get(value) or known.get(value.strip().lower())
-    return None if name is None else config.classes.index(name)
-
-
 def load_cohort(config: CohortConfig, labelled: bool = True) -> Cohort:
     """Read the participants table, match each row to its image, and list every problem.
 
@@ -250,164 +210,51 @@ def load_cohort(config: CohortConfig, labelled: bool = True) -> Cohort:
         raise CohortError(f"cohort root is not a directory: {config.root}; set cohort.root")
     paths = config.participants_paths
     table = read_participants(paths, config.subject_column)
-    table_name = " + ".join(p.name for p in paths)
     where = " + ".join(str(p) for p in paths)
-    for column in [config.label if labelled else None, config.family_column, config.path_column]:
-        if column is not None and column not in table.columns:
-            raise CohortError(
-                f"{where}: no column {column!r}; columns are {list(table.columns)}. "
-                "Set cohort.label / family_column / path_column"
-                + (
-                    " (HCP: Family_ID is in the restricted table; list both tables under cohort.participants)."
-                    if column == config.family_column
-                    else "."
-                )
-            )
+    _check_columns(table, config, labelled, where)
+    layout, images = find_images(
+        config.root, config.layout, config.path_column is not None, config.space, config.resolution, config.hcp_image
+    )
     family_column = config.family_column or ("family_id" if "family_id" in table.columns else None)
-    try:
-        layout, images = find_images(
-            config.root,
-            config.layout,
-            config.path_column is not None,
-            config.space,
-            config.resolution,
-            config.hcp_image,
-        )
-    except LayoutError as err:
-        raise CohortError(str(err)) from None
-    session_column = next((c for c in SESSION_COLUMNS if c in table.columns), None)
-    problems: list[Problem] = []
-    subjects: list[Subject] = []
-    rows: dict[str, list[pd.Series]] = {}
-    owners: dict[Path, str] = {}  # image -> the subject it belongs to
-    for _, row in table.iterrows():
-        sid = bare_id(row[config.subject_column].strip())
-        if not sid:
-            problems.append(Problem("(blank)", table_name, "row without a subject id; fill or delete it"))
-        elif not SUBJECT_ID.fullmatch(sid):
-            problems.append(
-                Problem(
-                    sid,
-                    table_name,
-                    "a subject id of letters, digits, '.', '_' or '-' only, starting "
-                    "with a letter or digit (ids name map files); rename it",
-                )
-            )
-        elif sid in rows and (session_column is None or row[session_column] in {r[session_column] for r in rows[sid]}):
-            problems.append(
-                Problem(
-                    sid,
-                    table_name,
-                    "duplicate subject id; keep one row per subject"
-                    + (f" (or per session, in column {session_column!r})" if session_column else ""),
-                )
-            )
-        else:
-            rows.setdefault(sid, []).append(row)
-    for sid, subject_rows in rows.items():
-        if layout == "column":
-            path = Path(subject_rows[0][config.path_column].strip())
-            candidates = [Found(None, path if path.is_absolute() else config.root / path)]
-        else:
-            candidates = images.get(sid, [])
-            listed = {r[session_column].removeprefix("ses-") for r in subject_rows} if len(subject_rows) > 1 else set()
-            candidates = [f for f in candidates if f.session in listed] if listed else candidates
-        if not candidates:
-            problems.append(
-                Problem(
-                    sid,
-                    str(config.root / expected_image(layout, sid, config.hcp_image)),
-                    "no T1w image found for this subject; add it or drop the row",
-                )
-            )
-            continue
-        try:
-            found = choose_session(
-                candidates,
-                config.session,
-                subject_rows[0][session_column] if session_column and len(subject_rows) == 1 else "",
-            )
-        except LookupError as err:
-            problems.append(Problem(sid, str(candidates[0].image.parent), f"{err}; choose another or drop the row"))
-            continue
-        row = (
-            next((r for r in subject_rows if r[session_column].removeprefix("ses-") == found.session), subject_rows[0])
-            if len(subject_rows) > 1
-            else subject_rows[0]
-        )
-        raw = row[config.label].strip() if labelled else "-"
-        label = _parse_label(raw, config) if labelled else -1
-        if not raw:
-            problems.append(Problem(sid, table_name, f"missing label in column {config.label!r}"))
-            continue
-        if label is None:
-            known = " or ".join(["/".join(config.classes), *(["M/F"] if config.classes == SEX_CLASSES else [])])
-            fix = (
-                f"set cohort.classes to the two classes of column {config.label!r} (e.g. [control, patient])"
-                if config.classes == SEX_CLASSES and config.label.casefold() not in ("sex", "gender")
-                else f"declare cohort.label_mapping (e.g. {{'{raw}': {config.classes[1]}}})"
-            )
-            problems.append(
-                Problem(sid, table_name, f"unknown label {raw!r} in column {config.label!r}; use {known}, or {fix}")
-            )
-            continue
-        if (same := owners.setdefault(found.image.resolve(), sid)) != sid:  # train and test could both get it
-            problems.append(
-                Problem(
-                    sid,
-                    str(found.image),
-                    f"the same image as subject {same}; one scan is one subject: fix the table's path or drop one row",
-                )
-            )
-            continue
-        mask = brain_mask_of(found, config.brain_mask, layout, config.root, sid)
-        if isinstance(mask, Path) and not mask.exists():
-            problems.append(
-                Problem(
-                    sid,
-                    str(mask),
-                    "no brain mask for this image (cohort.brain_mask); add it, or set "
-                    "cohort.brain_mask to mni152 or none",
-                )
-            )
-            continue
-        family = (row.get(family_column, "") if family_column else "").strip() or f"self:{sid}"
-        subjects.append(
-            Subject(
-                subject_id=sid,
-                label=label,
-                family_id=family,
-                image=found.image,
-                session=found.session,
-                age=_float_or_none(row.get("age", "")),
-                site=row.get("site") or None,
-                brain_mask=mask,
-            )
-        )
-    for sid, found in images.items():
-        if labelled and sid not in rows:
-            problems.append(
-                Problem(
-                    sid,
-                    str(found[0].image),
-                    f"image without a row in {table_name}; add the subject or remove the image",
-                )
-            )
+    matching = Matching(
+        root=config.root,
+        layout=layout,
+        images=images,
+        table_name=" + ".join(p.name for p in paths),
+        subject_column=config.subject_column,
+        label_column=config.label if labelled else None,
+        classes=config.classes,
+        label_mapping=config.label_mapping,
+        family_column=family_column,
+        session_column=next((c for c in SESSION_COLUMNS if c in table.columns), None),
+        session=config.session,
+        brain_mask=config.brain_mask,
+        hcp_image=config.hcp_image,
+        path_column=config.path_column,
+    )
+    subjects, problems = match_subjects(table, matching)
     warnings = family_warnings([s.family_id for s in subjects], family_column, where)
     if any(s.brain_mask == MNI152_MASK for s in subjects):
-        warnings.append(
-            "brain mask mni152: the MNI152 brain mask shapes every image like a brain in MNI space, so "
-            "the check that an image is registered to MNI152 catches only gross errors (a wrong "
-            "orientation); check the registration (ClinicaDL's quality check) before the study"
-        )
+        warnings.append(MNI152_MASK_WARNING)
     return Cohort(subjects, problems, warnings, config.task)
 
 
-def _float_or_none(value: str) -> float | None:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
+MNI152_MASK_WARNING = (
+    "brain mask mni152: the MNI152 brain mask shapes every image like a brain in MNI space, so the check that an "
+    "image is registered to MNI152 catches only gross errors (a wrong orientation); check the registration "
+    "(ClinicaDL's quality check) before the study"
+)
+
+
+def _check_columns(table: pd.DataFrame, config: CohortConfig, labelled: bool, where: str) -> None:
+    """Every column the config names is in the table (the label only when the subjects are labelled)."""
+    for column in [config.label if labelled else None, config.family_column, config.path_column]:
+        if column is not None and column not in table.columns:
+            hcp = " (HCP: Family_ID is in the restricted table; list both tables under cohort.participants)"
+            raise CohortError(
+                f"{where}: no column {column!r}; columns are {list(table.columns)}. Set cohort.label / "
+                f"family_column / path_column{hcp if column == config.family_column else ''}."
+            )
 
 
 def _check_one(path: Path, mask: Path | str | None) -> None:
