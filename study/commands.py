@@ -9,8 +9,9 @@ from collections import Counter
 from pathlib import Path
 
 from study.config import load_config
+from study.data.bids import ground_truth_dir
 from study.data.cohort import CohortConfig, Problem, check_images, load_cohort
-from study.data.synth import SyntheticCohort, ground_truth_dir, synthesize_cohort
+from study.data.synth import SyntheticCohort, synthesize_cohort
 from study.errors import CohortError, StudyError, WriteError
 from study.output.tracking import tracking_uri
 from study.runtime import start_ray

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import ray
 
-from study.attribution.analysis import explain_study, start_label_randomization
+from study.attribution.stage import explain_study, start_label_randomization
 from study.config import StudyConfig
 from study.data.prepare import PreparedCohort, make_or_load_splits, prepare_cohort
 from study.errors import StudyError
@@ -26,8 +26,9 @@ from study.runtime import gpu_memory, interrupts_kept, start_ray, unsatisfiable
 from study.state import StageTimes, Study, resume_or_start
 from study.storage import join, release_held
 from study.training.baseline import BaselineResult, fit_baselines
-from study.training.crossval import FoldResult, cross_validate
+from study.training.crossval import cross_validate
 from study.training.evaluation import Evaluation, evaluate
+from study.training.folds import FoldResult
 from study.training.models import build_model
 
 
@@ -36,13 +37,7 @@ def study_dir(config: StudyConfig) -> Path:
     return config.output_dir.resolve() / config.name
 
 
-def open_study(
-    config: StudyConfig,
-    prepared: PreparedCohort,
-    restart: bool = False,
-    audit: bool = False,
-    times: StageTimes | None = None,
-) -> Study:
+def open_study(config: StudyConfig, prepared: PreparedCohort, restart: bool = False, audit: bool = False) -> Study:
     """The :class:`Study` of this execution: an unfinished execution resumed, else a new one; its splits."""
     state, directory, resumed = resume_or_start(config, study_dir(config), restart)
     folds = make_or_load_splits(config.cv, prepared.cohort, directory / "splits.json")
@@ -59,7 +54,6 @@ def open_study(
         directory,
         storage,
         audit,
-        times or StageTimes(),
     )
 
 
@@ -157,12 +151,13 @@ def run_study(config: StudyConfig, restart: bool = False, audit: bool = False) -
     try:  # the cache stays marked in use (prepare_cohort) until the study ends
         with times.stage("preprocessing"):
             prepared = prepare_cohort(config.cohort, config.preprocess)
-        study = open_study(config, prepared, restart, audit, times)
+        study = open_study(config, prepared, restart, audit)
         needs = _memory_needs(study)
         publisher.start(study, prepared, ray_description, needs.describe())
         with publisher.recording(study):
             results = []
             for result in cross_validate(study, publisher.training(study), publisher.searching(study)):
+                times.merge(result.seconds)
                 publisher.fold(study, result)
                 results.append(result)
                 if result.fold == 0 and config.resources.concurrent_folds > 1:  # it trains beside later folds
@@ -177,8 +172,9 @@ def run_study(config: StudyConfig, restart: bool = False, audit: bool = False) -
             publisher.ensemble(study, results)
             if config.attribution is not None:
                 attribution = explain_study(study, results, baselines, shuffled_fit, publisher.explaining(study))
+                times.merge(attribution.seconds)
                 publisher.attribution(study, attribution, evaluation)
-            publisher.finish(study, evaluation)
+            publisher.finish(study, evaluation, times)
         return study.state.parent_run
     finally:
         if shuffled_fit is not None:  # a study that failed stops it; one that finished has its result

@@ -179,6 +179,11 @@ class StageTimes:
     def add(self, name: str, seconds: float) -> None:
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
+    def merge(self, seconds: dict[str, float]) -> None:
+        """Add what a stage timed (stage -> seconds), e.g. its result's ``seconds``."""
+        for name, value in seconds.items():
+            self.add(name, value)
+
 
 @dataclass
 class Study:
@@ -194,7 +199,6 @@ class Study:
     directory: Path  # this execution's splits, state, finished folds, maps, report (<study dir>/<execution>)
     storage: str  # Ray Train/Tune storage of this execution: a path or a cloud URI
     audit: bool = False  # record which subjects each training worker read (tests prove no leak with it)
-    times: StageTimes = field(default_factory=StageTimes)
 
     @functools.cached_property
     def brain(self) -> np.ndarray:

@@ -25,7 +25,7 @@ from study.attribution.store import MapStore
 from study.attribution.targets import select_targets
 from study.data.cache import CachedVolumes, VolumeCache
 from study.runtime import Precision, worker_device
-from study.training.loop import load_model
+from study.training.checkpoint import load_model
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ is saved as a ground truth, which is what lets the project score attribution met
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +24,12 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, 
 from pydantic import Field
 from scipy import ndimage
 
+from study.data.bids import GROUND_TRUTH, write_bids_metadata, write_ground_truth
 from study.data.volumes import Grid, resample_to_grid
 from study.params import Params
 from study.storage import replace_atomically
 from study.tasks import TaskMap, map_tasks
 
-GROUND_TRUTH = Path("derivatives/ground_truth")  # the planted answer: a BIDS derivative of the cohort
 MALE_FRACTION = 507 / 1113  # as in the HCP young-adult cohort
 # Voxel orders images arrive in: RAS (FSL/ANTs outputs), LAS (radiological), and axis-permuted ones.
 ORIENTATIONS = (("R", "A", "S"), ("L", "A", "S"), ("A", "S", "R"), ("P", "I", "R"))
@@ -277,8 +276,15 @@ def synthesize_cohort(
     rows = ["participant_id\tsex\tfamily_id\tage"] + [
         f"sub-{sid}\t{'M' if sexes[i] else 'F'}\t{families[i]}\t{ages[i]}" for i, sid in enumerate(ids)
     ]
-    _write_bids_metadata(out, spec)
-    _write_ground_truth(out / GROUND_TRUTH, Grid.mni(min(spec.voxel_sizes)), effects, distractor, spec)
+    write_bids_metadata(out, spec.subjects, spec.seed)
+    grid = Grid.mni(min(spec.voxel_sizes))
+    effect, labels, planted = _ground_truth(grid, effects, distractor, spec)
+    write_ground_truth(
+        out / GROUND_TRUTH,
+        _in_mm(nib.Nifti1Image(effect, grid.affine)),
+        _in_mm(nib.Nifti1Image(labels, grid.affine)),
+        planted,
+    )
     # The table is what says the cohort is complete (prepare_cohort generates a cohort without one): last, whole.
     replace_atomically(out / "participants.tsv", lambda tmp: tmp.write_text("\n".join(rows) + "\n"))
     return out / "participants.tsv"
@@ -306,63 +312,17 @@ def with_skull(image: nib.Nifti1Image) -> nib.Nifti1Image:
     return nib.Nifti1Image(head, image.affine)
 
 
-def ground_truth_dir(root: Path) -> Path:
-    """Where a synthetic cohort keeps its planted answer (``ground_truth/`` in cohorts written before BIDS)."""
-    return root / GROUND_TRUTH if (root / GROUND_TRUTH).is_dir() else root / "ground_truth"
-
-
-def _description(name: str, dataset_type: str) -> str:
-    from importlib.metadata import version
-
-    return json.dumps(
-        {
-            "Name": name,
-            "BIDSVersion": "1.9.0",
-            "DatasetType": dataset_type,
-            # the generator, and the authors of the template every image is made from
-            "Authors": ["study synth", "Vladimir Fonov", "Alan C. Evans", "D. Louis Collins"],
-            "GeneratedBy": [{"Name": "study synth", "Version": version("study")}],
-        },
-        indent=1,
-    )
-
-
-def _write_bids_metadata(out: Path, spec: SyntheticCohort) -> None:
-    """What makes the folder a valid BIDS dataset: its description, a README, and the columns' meanings."""
-    (out / "dataset_description.json").write_text(_description(f"study synthetic cohort (seed {spec.seed})", "raw"))
-    (out / "README").write_text(
-        f"A synthetic T1w cohort written by `study synth`: {spec.subjects} subjects made from the MNI152 template "
-        "under random deformations, size changes, bias fields and noise, with sex effects planted in a few regions "
-        "and a distractor region. Images are stored at mixed voxel sizes and orientations, registered to MNI152 "
-        "in world space and brain-extracted. The planted answer is in derivatives/ground_truth/.\n"
-    )
-    (out / "participants.json").write_text(
-        json.dumps(
-            {
-                "sex": {"Description": "sex of the participant", "Levels": {"M": "male", "F": "female"}},
-                "family_id": {"Description": "family; siblings share part of their anatomy and stay in one fold"},
-                "age": {"Description": "age of the participant", "Units": "year"},
-            },
-            indent=1,
-        )
-    )
-
-
-def _write_ground_truth(
-    directory: Path, grid: Grid, effects: list[PlantedRegion], distractor: PlantedRegion, spec: SyntheticCohort
-) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "dataset_description.json").write_text(
-        _description("planted sex effects of the synthetic cohort", "derivative")
-    )
+def _ground_truth(
+    grid: Grid, effects: list[PlantedRegion], distractor: PlantedRegion, spec: SyntheticCohort
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The planted answer on ``grid``: the effect's size per voxel, the regions' labels (effects 1..n, the
+    distractor n+1) and what was planted (planted.json)."""
     regions = [*effects, distractor]
     profiles = np.stack([np.abs(_profiles(grid, [r])[0]) for r in regions])
     effect = (profiles[: len(effects)].max(0) * spec.effect_size).astype(np.float32)
-    nib.save(_in_mm(nib.Nifti1Image(effect, grid.affine)), str(directory / "effect_map.nii.gz"))
     labels = np.zeros(grid.shape, dtype=np.int16)
     for index, region in enumerate(regions):
         labels[(profiles[index] > 0.5) & (profiles[index] >= profiles.max(0))] = region.label
-    nib.save(_in_mm(nib.Nifti1Image(labels, grid.affine)), str(directory / "regions.nii.gz"))
     planted = {
         "spec": spec.model_dump(mode="json"),
         "regions": [vars(r) for r in effects],
@@ -370,4 +330,4 @@ def _write_ground_truth(
         "description": "males differ in the regions: direction +1 larger and brighter, -1 smaller and darker; "
         "the distractor changes in every subject by a random amount, whatever the sex",
     }
-    (directory / "planted.json").write_text(json.dumps(planted, indent=1))
+    return effect, labels, planted

@@ -17,27 +17,28 @@ from contextlib import contextmanager
 
 import pandas as pd
 
-from study.attribution.analysis import AttributionResult, explanation_of
+from study.attribution.stage import AttributionResult, explanation_of
 from study.config import AttributionConfig, StudyConfig
 from study.data.prepare import PreparedCohort
 from study.errors import TrackingError
 from study.output.attribution import publish_attribution
 from study.output.classification import publish_classification
 from study.output.console import say
-from study.output.figures import confusion_figure, roc_figure
+from study.output.folds import live_curves, open_fold_runs, publish_fold
+from study.output.models import log_ensemble
 from study.output.provenance import config_yaml, git_commit, shareable, source_tags, versions
 from study.output.report import Report
 from study.output.tracking import Tracker, is_tracking_failure, tracking_uri, without_credentials
-from study.output.trials import publish_search, trial_callback
+from study.output.trials import trial_callback
 from study.predict import Ensemble
-from study.state import Study
+from study.state import StageTimes, Study
 from study.storage import replace_atomically
 from study.training.baseline import BaselineResult
-from study.training.crossval import FoldResult
+from study.training.checkpoint import load_model
+from study.training.crossval import OnTrial
 from study.training.evaluation import Evaluation
-from study.training.loop import load_model
-
-PHASE_STEPS = {"select": "epoch", "refit": "refit_epoch"}  # a fold's training phases and their step column
+from study.training.folds import FoldResult
+from study.training.live import OnEpochs
 
 
 class Publisher:
@@ -55,6 +56,7 @@ class Publisher:
         self.tracker = Tracker(tracking_uri(config.tracking.uri), config.tracking.experiment or config.name)
         self.report = Report(f"study {config.name}: {config.cohort.task.column} classification from T1w MRI")
         self.started = time.perf_counter()
+        self.times = StageTimes()  # what publishing itself takes (logging models to MLflow)
         self.underfit: str | None = None  # what classification found of folds that did not fit their subjects
         for view_id, (name, level, columns, order_by, ascending) in self.views().items():
             self.tracker.save_view(view_id, name, f"tags.`study.level` = '{level}'", columns, order_by, ascending)
@@ -151,27 +153,7 @@ class Publisher:
             tracker.reopen(state.parent_run)
             say(f"resuming study {config.name} (MLflow run {state.parent_run})")
         parent = state.parent_run
-        for fold in study.folds:
-            if fold.fold not in state.fold_runs:
-                run_id = tracker.start_run(
-                    f"fold {fold.fold}",
-                    {"study.level": "fold", "study.fold": str(fold.fold), "study.execution": state.execution},
-                    parent=parent,
-                )
-                tracker.log_params(
-                    run_id,
-                    {
-                        "fold": fold.fold,
-                        "n_train": len(fold.train),
-                        "n_test": len(fold.test),
-                        "n_inner_train": len(fold.validation.train),
-                        "n_inner_validation": len(fold.validation.test),
-                    },
-                )
-                state.fold_runs[fold.fold] = run_id
-            elif fold.fold not in state.logged_folds:
-                tracker.reopen(state.fold_runs[fold.fold])
-        study.save_state()
+        open_fold_runs(tracker, study)
         tracker.log_file(parent, study.directory / "splits.json")
         if prepared.excluded:
             tracker.log_table(parent, pd.DataFrame([vars(p) for p in prepared.excluded]), "excluded_subjects.tsv")
@@ -192,69 +174,11 @@ class Publisher:
 
     def fold(self, study: Study, result: FoldResult) -> None:
         """Log a finished fold (unless MLflow has it already) and end its run."""
-        state, tracker = study.state, self.tracker
-        for stage, seconds in result.seconds.items():
-            study.times.add(stage, seconds)
-        if result.fold in state.logged_folds:
-            return
-        run_id = state.fold_runs[result.fold]
-        if result.search is not None:
-            publish_search(tracker, result.fold, run_id, result.search)
-        for phase, step in PHASE_STEPS.items():
-            rows = result.history[result.history["phase"] == phase].dropna(axis=1, how="all")
-            if len(rows):
-                tracker.log_history(run_id, rows, step, only_new=True)
-        tracker.log_metrics(run_id, result.test_metrics, prefix="test_")
-        tracker.log_table(run_id, result.predictions, "predictions.tsv")
-        classes = study.cohort.classes
-        labels = study.labels(result.predictions.subject_id.tolist())
-        tracker.log_figure(
-            run_id,
-            roc_figure(
-                {f"fold {result.fold}": (labels, result.predictions[classes.p])},
-                f"ROC, fold {result.fold}",
-                classes.names,
-            ),
-            "roc.png",
-        )
-        tracker.log_figure(
-            run_id, confusion_figure(result.test_metrics, f"fold {result.fold}", classes.names), "confusion.png"
-        )
-        with study.times.stage("MLflow model logging"):
-            tracker.log_model(run_id, load_model(result.checkpoint), study.cache.shape)
-        tracker.end(run_id)
-        state.logged_folds.append(result.fold)
-        study.save_state()
-        tracker.set_tags(
-            state.parent_run, {"study.progress": f"{len(state.logged_folds)}/{len(study.folds)} folds done"}
-        )
-        m = result.test_metrics
-        phases = []
-        if select := result.epochs("select"):
-            phases.append(f"{select} epochs on the inner split")
-        if refit := result.epochs("refit"):
-            phases.append(f"{refit} epochs on all {len(study.folds[result.fold].train)} training subjects")
-        say(
-            f"fold {result.fold} ({len(state.logged_folds)}/{len(study.folds)} done): {' + '.join(phases)}; "
-            f"training accuracy {result.fit_accuracy:.2f}; test ROC AUC {m['roc_auc']:.3f}, balanced accuracy "
-            f"{m['balanced_accuracy']:.3f} [{sum(result.seconds.values()):.0f} s]"
-        )
+        publish_fold(self.tracker, study, result, self.times)
 
-    def training(self, study: Study):
+    def training(self, study: Study) -> OnEpochs:
         """A callback for the cross-validation stage: each fold's new epochs on its run's curves, as they train."""
-
-        def epochs(fold: int, records: list[dict]) -> None:
-            history = pd.DataFrame(records)
-            try:  # live curves are a view: a tracking hiccup must not stop training (the fold logs them at its end)
-                for phase, step in PHASE_STEPS.items():
-                    rows = history[history["phase"] == phase] if "phase" in history else history.iloc[:0]
-                    if len(rows):
-                        self.tracker.log_history(study.state.fold_runs[fold], rows, step, only_new=True)
-            except Exception as err:
-                if not is_tracking_failure(err):
-                    raise
-
-        return epochs
+        return live_curves(self.tracker, study)
 
     def explaining(self, study: Study):
         """A callback for the attribution stage: the study run's progress tag, as subjects are explained."""
@@ -268,7 +192,7 @@ class Publisher:
 
         return progress
 
-    def searching(self, study: Study):
+    def searching(self, study: Study) -> OnTrial:
         """A callback for searches: each trial a run under its fold's run when it starts, its curves as it trains."""
         return trial_callback(self.tracker, study)
 
@@ -299,8 +223,9 @@ class Publisher:
                 study.cohort.classes,
                 explanation_of(attribution, study).cohort_mean,
             )
-            with study.times.stage("MLflow model logging"):
-                _, version = self.tracker.log_ensemble(
+            with self.times.stage("MLflow model logging"):
+                _, version = log_ensemble(
+                    self.tracker,
                     state.parent_run,
                     ensemble.save(study.directory / "ensemble"),
                     ensemble.signature(),
@@ -314,10 +239,11 @@ class Publisher:
             f"new images with: study predict {state.ensemble} IMAGES..."
         )
 
-    def finish(self, study: Study, evaluation: Evaluation) -> None:
-        """Stage times, the report, the verdict again, and the end of the study's run."""
+    def finish(self, study: Study, evaluation: Evaluation, stages: StageTimes) -> None:
+        """Stage times (the stages', then this publisher's own), the report, the verdict again, and the end of the
+        study's run."""
         parent, tracker = study.state.parent_run, self.tracker
-        times = self._stage_times(study)
+        times = self._stage_times(stages)
         tracker.log_table(parent, times, "stage_times.tsv")
         tracker.log_metrics(
             parent,
@@ -347,9 +273,10 @@ class Publisher:
         say(f"report: {report_path}")
         say(f"MLflow: run {parent}; {tracker.run_url(parent)}")
 
-    def _stage_times(self, study: Study) -> pd.DataFrame:
+    def _stage_times(self, stages: StageTimes) -> pd.DataFrame:
         wall = time.perf_counter() - self.started
-        rows = [{"stage": k, "seconds": v, "share": v / wall} for k, v in study.times.seconds.items()]
+        seconds = stages.seconds | {k: stages.seconds.get(k, 0.0) + v for k, v in self.times.seconds.items()}
+        rows = [{"stage": k, "seconds": v, "share": v / wall} for k, v in seconds.items()]
         rows.append({"stage": "whole study (wall)", "seconds": wall, "share": 1.0})
         return pd.DataFrame(rows)
 

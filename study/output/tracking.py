@@ -9,46 +9,25 @@ are found again.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
-import tempfile
 import time
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import matplotlib.figure
-import mlflow.pyfunc
-import mlflow.pytorch
 import numpy as np
 import pandas as pd
 import requests
-from mlflow.entities import LoggedModelOutput, Metric, Param, RunTag
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model, ModelSignature
-from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.tracking import MlflowClient
 
 from study.errors import TrackingError
-from study.runtime import environment
 from study.storage import project_dir
 
 WALL_TIME = "wall_time"  # a history column: when the row's epoch ended, seconds since 1970 (the points' timestamps)
 SAVED_VIEW_TAG = "mlflow.sharedViewState."  # the experiment tag prefix of the MLflow UI's saved views
-# What a study's ensemble needs where it is loaded (pinned to the versions that saved it).
-ENSEMBLE_REQUIREMENTS = (
-    "mlflow",
-    "torch",
-    "numpy",
-    "pandas",
-    "scipy",
-    "nibabel",
-    "nilearn",
-    "pydantic",
-    "pyyaml",
-    "tqdm",
-)
 
 
 def now_ms() -> int:
@@ -239,87 +218,6 @@ class Tracker:
     def log_file(self, run_id: str, local_path: Path, directory: str | None = None) -> None:
         self.client.log_artifact(run_id, str(local_path), directory)
 
-    def log_model(self, run_id: str, model: Any, input_shape: tuple[int, ...], name: str = "model") -> str:
-        """Log a torch model as a logged model of ``run_id``; returns its model id.
-
-        Pickle format, so that its modules stay hookable for attribution; loading
-        it needs the ``study`` package importable. Requirements are declared, as
-        MLflow's own inference starts a subprocess and costs ~15 s a model.
-        """
-        example = np.zeros((2, 1, *input_shape), dtype=np.float32)  # batch 2: a free batch dimension
-        requirements = [f"torch=={version('torch').split('+')[0]}", f"numpy=={version('numpy')}"]
-        logged = self.client.create_logged_model(self.experiment_id, name=name, source_run_id=run_id)
-        with (
-            environment(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"),
-            tempfile.TemporaryDirectory() as tmp,
-            _quiet("mlflow.pytorch"),
-        ):
-            mlflow.pytorch.save_model(
-                model.cpu(),
-                Path(tmp) / name,
-                input_example=example,
-                serialization_format="pickle",
-                pip_requirements=requirements,
-                metadata={"model_id": logged.model_id},
-            )
-            self.client.log_model_artifacts(logged.model_id, str(Path(tmp) / name))
-        self.client.finalize_logged_model(logged.model_id, "READY")
-        self.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
-        return logged.model_id
-
-    def log_ensemble(
-        self, run_id: str, ensemble: Path, signature: ModelSignature, registered_name: str, task: str
-    ) -> tuple[str, str]:
-        """Log a saved :class:`study.predict.Ensemble` as a pyfunc model of ``run_id`` and register it.
-
-        The model carries the ``study`` package's code, so loading it needs only
-        the requirements it declares, not this project installed. Returns the
-        logged model's id and the registered version.
-        """
-        from study import predict
-
-        example = pd.DataFrame({"image": ["sub-01/anat/sub-01_T1w.nii.gz"], "subject_id": ["01"]})
-        requirements = [f"{p}=={version(p).split('+')[0]}" for p in ENSEMBLE_REQUIREMENTS]
-        logged = self.client.create_logged_model(
-            self.experiment_id, name="ensemble", source_run_id=run_id, model_type="study-ensemble"
-        )
-        # Saving, uploading and registering copy the model's files with progress bars that only clutter the
-        # study's console (in a log file, one long line of carriage returns).
-        with (
-            environment(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"),
-            tempfile.TemporaryDirectory() as tmp,
-            _quiet("mlflow"),
-        ):
-            mlflow.pyfunc.save_model(
-                Path(tmp) / "ensemble",
-                python_model=predict.StudyEnsemble(),
-                artifacts={"ensemble": str(ensemble)},
-                code_paths=[str(Path(predict.__file__).parent)],
-                signature=signature,
-                input_example=example,
-                pip_requirements=requirements,
-                metadata={"model_id": logged.model_id},
-            )
-            _forget_artifact_sources(Path(tmp) / "ensemble")
-            self.client.log_model_artifacts(logged.model_id, str(Path(tmp) / "ensemble"))
-        self.client.finalize_logged_model(logged.model_id, "READY")
-        self.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
-        try:
-            self.client.get_registered_model(registered_name)
-        except MlflowException:
-            self.client.create_registered_model(
-                registered_name,
-                description=f"{task} from T1w MRI: the outer folds' CNNs of study {registered_name} as "
-                "one ensemble, with its preprocessing. Apply it to new images: "
-                f"study predict models:/{registered_name}/VERSION IMAGES...",
-            )
-        # The artifact location, not models:/<id>: MLflow resolves the latter through the global tracking URI.
-        with environment(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):
-            registered = self.client.create_model_version(
-                registered_name, logged.artifact_location, run_id=run_id, model_id=logged.model_id
-            )
-        return logged.model_id, registered.version
-
     def reopen(self, run_id: str) -> None:
         """Mark an interrupted run as running again (a resumed study)."""
         self.client.update_run(run_id, status="RUNNING")
@@ -331,30 +229,3 @@ class Tracker:
         if self.uri.startswith("http"):
             return f"{without_credentials(self.uri).rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
         return f"mlflow ui --backend-store-uri {self.uri}  (then open http://127.0.0.1:5000)"
-
-
-def _forget_artifact_sources(model_dir: Path) -> None:
-    """Replace each pyfunc artifact's source ``uri`` in ``model_dir``'s MLmodel by its path inside the model.
-
-    MLflow records where an artifact was copied from (here the study folder, a home
-    directory on most machines) in every copy of the model; loading reads only
-    ``path``, so the shared model need not say where it was made.
-    """
-    model = Model.load(model_dir / MLMODEL_FILE_NAME)
-    for artifact in model.flavors["python_function"].get("artifacts", {}).values():
-        artifact["uri"] = artifact["path"]
-    model.save(model_dir / MLMODEL_FILE_NAME)
-
-
-class _quiet:
-    """Raise a logger's level to ERROR inside a block (MLflow warns about pickle on every save)."""
-
-    def __init__(self, name: str):
-        self.logger = logging.getLogger(name)
-
-    def __enter__(self) -> None:
-        self.level = self.logger.level
-        self.logger.setLevel(logging.ERROR)
-
-    def __exit__(self, *exc: object) -> None:
-        self.logger.setLevel(self.level)
