@@ -26,6 +26,8 @@ from study.output.publish import Publisher
 from study.pipeline import run_study, study_dir
 from study.predict import Ensemble
 from study.training import crossval
+from study.training import live as live_module
+from study.training.folds import FoldResult
 from tests.conftest import cache_for
 from tests.test_cohort import break_images, image_of
 
@@ -170,8 +172,8 @@ def test_ddp_study_logs_the_run_tree_and_trains_on_disjoint_shards(tmp_path, coh
 
 def test_curves_keep_coming_while_the_driver_is_busy_with_a_search(tmp_path, monkeypatch):
     """A search blocks the driver for minutes; the folds already training must still reach MLflow meanwhile."""
-    monkeypatch.setattr(crossval, "LIVE_POLL_S", 0.05)
-    live = crossval.LiveFiles(tmp_path / "live")
+    monkeypatch.setattr(live_module, "LIVE_POLL_S", 0.05)
+    live = live_module.LiveFiles(tmp_path / "live")
     path = live.start(0)
     delivered, arrived = [], threading.Event()
 
@@ -360,7 +362,7 @@ def test_a_network_of_ones_own_is_searched_trained_explained_and_predicts(tmp_pa
     assert parent.data.params["model.class"] == "tests.networks:TinyNet"
     latest = study_dir(config) / "latest"
     for path in sorted((latest / "folds").glob("fold*.json")):
-        result = crossval.FoldResult.from_json(path.read_text())
+        result = FoldResult.from_json(path.read_text())
         assert result.setup.architecture.factory == "tests.networks:TinyNet"
         assert result.setup.architecture.kwargs["channels"] in (2, 3)  # what the fold's search chose
     client = mlflow.MlflowClient(config.tracking.uri)
@@ -430,7 +432,7 @@ def test_a_finished_fold_is_kept_as_json_that_reads_back_whole(tmp_path):
     from ray.train import Checkpoint
 
     from study.config import TrainConfig
-    from study.training.crossval import FoldResult
+    from study.training.folds import FoldResult
     from study.training.models import Architecture
     from study.training.trainer import TrainingSetup
     from study.training.trials import SearchResult, Trial
