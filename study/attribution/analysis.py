@@ -91,7 +91,7 @@ def read_atlas(atlas: Path | None, names: Path | None, grid: Grid) -> Atlas | No
     return Atlas(labels, dict(zip(table["label"].astype(int), table["name"].astype(str))))
 
 
-def tested_methods(methods: Iterable[str], target: str) -> list[str]:
+def methods_with_group_test(methods: Iterable[str], target: str) -> list[str]:
     """The methods whose two classes' maps get the class 1 minus class 0 test: only under the contrast, which asks
     every subject the same question, and only those the table says compare (not Meaningful Perturbations)."""
     return [m for m in methods if target == "contrast" and METHODS[m].group_test]

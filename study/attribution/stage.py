@@ -28,9 +28,9 @@ from study.attribution.analysis import (
     analyse_method,
     baseline_maps,
     ground_truth,
+    methods_with_group_test,
     normalized_maps,
     read_atlas,
-    tested_methods,
 )
 from study.attribution.gradcam import feature_grid
 from study.attribution.group import method_agreement, unmask
@@ -223,7 +223,7 @@ def _group_tests(
     attribution, resources, seed = study.config.attribution, study.config.resources, study.config.cv.seed
     arguments = {
         method: (normalized[method], held_out.labels, attribution.permutations, held_out.folds, held_out.families, seed)
-        for method in tested_methods(attribution.methods, attribution.target)
+        for method in methods_with_group_test(attribution.methods, attribution.target)
     }
     if resources.use_gpu:
         task = ray.remote(num_cpus=1, num_gpus=attribution.gpus_per_actor)(permutation_test_on_device)
