@@ -50,8 +50,10 @@ def finished(tmp_path_factory, synthetic_root):
             "actors": 1,
             "permutations": 10,
             "perturbation": {"iterations": 5},
-            "sanity": {"subjects": 2, "label_randomization": False},
+            # the label-randomized model trains beside fold 1
+            "sanity": {"subjects": 2, "label_randomization": True},
         },
+        resources={"concurrent_folds": 2},
     )
     return config, run_study(config)
 
@@ -77,6 +79,12 @@ def test_a_diagnosis_study_names_its_classes_in_metrics_maps_and_report(finished
         or "Grad-CAM: patient - control t, FWER p < 0.05" in report
     )
     assert " male" not in report and "female" not in report
+    # the model trained on shuffled diagnoses: its maps compared, its training timed, said in the report
+    sanity = {a.path for a in client.list_artifacts(run_id, "sanity")}
+    assert "sanity/label_randomization.tsv" in sanity, sanity
+    times = pd.read_csv(client.download_artifacts(run_id, "stage_times.tsv", str(study_dir(config))), sep="\t")
+    assert "label-randomized training" in set(times.stage), times
+    assert "Sanity check: model trained on shuffled labels" in report
 
 
 def held_out(config, run_id: str, tmp_path: Path) -> pd.DataFrame:
