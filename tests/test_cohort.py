@@ -247,3 +247,19 @@ def test_validate_refuses_images_that_are_not_in_mni_space(cohort_dir, capsys):
     subject, file, message = lines[0].split("\t")
     assert subject == "0002" and file.endswith("sub-0002_T1w.nii.gz")
     assert "overlaps the MNI152 brain mask by 0." in message and "registered to MNI152 and brain-extracted" in message
+
+
+@pytest.mark.slow
+def test_validate_reports_the_same_for_a_relative_path(tmp_path, cohort_dir, capsys, monkeypatch):
+    """Paths on the command line are relative to where the user is; the Ray workers that open the images run in
+    a directory of their own (here the tests' Ray, which `study validate` joins)."""
+    bad = cohort_dir / "sub-0004/anat/sub-0004_T1w.nii.gz"
+    bad.write_bytes(bad.read_bytes()[:300])
+    monkeypatch.chdir(cohort_dir.parent)
+    relative = (main(["validate", cohort_dir.name]), *capsys.readouterr())
+    monkeypatch.chdir(tmp_path)
+    absolute = (main(["validate", str(cohort_dir)]), *capsys.readouterr())
+    assert relative[0] == absolute[0] == 1 and relative[1] == absolute[1], relative
+    lines = relative[1].splitlines()
+    assert len(lines) == 1 and lines[0].startswith("0004\t") and "truncated" in lines[0]
+    assert "11 subjects OK, 1 problems in 1 subjects" in relative[2]

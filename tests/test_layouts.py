@@ -9,10 +9,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import yaml
 
 from study.cli import main
+from study.config import PreprocessConfig
 from study.data.cohort import CohortConfig, load_cohort
+from study.data.prepare import prepare_cohort
 from study.data.synth import with_skull
 from study.data.volumes import MNI152_MASK
 from study.errors import CohortError
@@ -168,22 +169,15 @@ def test_caps_t1_linear_is_brain_extracted_with_the_mni152_mask_and_sessions_are
     assert code == 1 and len(lines) == 12
 
 
-@pytest.mark.slow
-def test_a_study_runs_on_fmriprep_outputs_as_they_are(synthetic_root, tmp_path, capsys):
+def test_a_study_prepares_fmriprep_outputs_as_they_are(synthetic_root, tmp_path):
+    """The skull-on MNI images with their own brain masks: every subject preprocessed, none excluded, and the
+    cached volumes are the brain-masked ones (what the study trains on; training is the same for any layout)."""
     root = fmriprep_folder(synthetic_root, tmp_path / "fmriprep")
-    config = {
-        "name": "fmriprep",
-        "cohort": {"root": str(root), "layout": "fmriprep"},
-        "preprocess": {"voxel_size": 8.0, "cache_dir": str(tmp_path / "cache")},
-        "cv": {"outer_folds": 2, "inner_folds": 2},
-        "model": {"preset": "mrinet", "width": 4},
-        "train": {"epochs": 2, "batch_size": 2},
-        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"},
-        "output_dir": str(tmp_path / "runs"),
-        "attribution": None,
-    }
-    path = tmp_path / "fmriprep.yaml"
-    path.write_text(yaml.safe_dump(config))
-    assert main(["run", str(path)]) == 0
-    out = capsys.readouterr().out
-    assert "cohort: 12 subjects with images; preprocessed 12" in out and "excluded" not in out
+    cohort = CohortConfig(root=root, layout="fmriprep", on_invalid="exclude")
+    prepared = prepare_cohort(cohort, PreprocessConfig(voxel_size=8.0, cache_dir=tmp_path / "cache"), map_in_process)
+    assert len(prepared.cohort.subjects) == 12 and prepared.preprocessed == 12 and not prepared.excluded
+    bids = prepare_cohort(
+        CohortConfig(root=synthetic_root), PreprocessConfig(voxel_size=8.0, cache_dir=tmp_path / "c"), map_in_process
+    )
+    # the same brains: the skull is masked away (inside the brain, fMRIPrep's image is the brain-extracted one)
+    assert (prepared.cache.brain() == bids.cache.brain()).mean() > 0.97

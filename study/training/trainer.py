@@ -53,6 +53,16 @@ CONTROLLER_POLL_S = 0.1
 RESOURCES_WAIT_S = 86400.0
 
 
+def controller_settings() -> dict[str, str]:
+    """The environment Ray Train's controller starts in: :data:`CONTROLLER_POLL_S` and :data:`RESOURCES_WAIT_S`,
+    unless the user set either variable."""
+    defaults = {
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": CONTROLLER_POLL_S,
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": RESOURCES_WAIT_S,
+    }
+    return {key: os.environ.get(key, str(value)) for key, value in defaults.items()}
+
+
 def fit(
     setup: TrainingSetup,
     data: TrainingData,
@@ -95,11 +105,7 @@ def fit(
             logging_config=LoggingConfig(log_level="WARNING"),  # not every epoch's report on the console
         ),
     )
-    defaults = {
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": CONTROLLER_POLL_S,
-        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": RESOURCES_WAIT_S,
-    }  # a value the user set wins
-    with environment(**{key: os.environ.get(key, str(value)) for key, value in defaults.items()}):
+    with environment(**controller_settings()):
         result = trainer.fit()  # the controller reads them from this process's environment as it starts
     if result.checkpoint is None:
         raise RuntimeError(f"training {name} reported no checkpoint; see {join(storage_path, name)}")
