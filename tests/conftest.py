@@ -160,8 +160,8 @@ def wait_for_job_agent(timeout: float = 120) -> None:
         time.sleep(0.5)
 
 
-def stop_processes_of(temp_dir: str) -> None:
-    """Stop the Ray processes whose command line names ``temp_dir`` (those of one ``ray start``).
+def stop_processes_of(*temp_dirs: str) -> None:
+    """Stop the Ray processes whose command line names one of ``temp_dirs`` (those of ``ray start``s), together.
 
     A head's GCS and raylet outlive SIGTERM by 20 s or more, so what is left after 5 s is killed.
     """
@@ -169,7 +169,7 @@ def stop_processes_of(temp_dir: str) -> None:
 
     mine = []
     for process in psutil.process_iter(["cmdline"]):
-        if temp_dir in " ".join(process.info["cmdline"] or []):
+        if any(temp_dir in " ".join(process.info["cmdline"] or []) for temp_dir in temp_dirs):
             mine.append(process)
             process.terminate()
     _, alive = psutil.wait_procs(mine, timeout=5)

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import jsonschema
-import mlflow
 import pytest
 import ray
 import requests
@@ -21,7 +20,6 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from tests.conftest import ray_cli
-from tests.test_study import study_config
 
 
 def submit(ray_head, job_dir: Path, *entrypoint: str, env: dict[str, str] | None = None):
@@ -61,25 +59,6 @@ def test_a_failing_study_fails_its_job_with_the_reason(ray_head, tmp_path):
     job = submit(ray_head, tmp_path, str(Path(sys.executable).parent / "study"), "run", "typo.yaml")
     assert job.returncode != 0
     assert "train.epoch: unknown key" in job.stdout + job.stderr
-
-
-@pytest.mark.slow
-def test_study_submitted_as_a_job_runs_on_the_cluster(ray_head, tmp_path, cohort_dir):
-    config = study_config(tmp_path, cohort_dir)
-    job_dir = tmp_path / "job"
-    job_dir.mkdir()
-    (job_dir / "study.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
-    job = submit(ray_head, job_dir, sys.executable, "-m", "study", "run", "study.yaml")
-    output = job.stdout + job.stderr
-    assert job.returncode == 0, output[-3000:]
-    assert "succeeded" in output
-    port = ray_head.address.rsplit(":", 1)[1]
-    assert re.search(rf"joined the Ray cluster at [\d.]+:{port}", output)  # not a Ray of its own
-    mlflow.set_tracking_uri(config.tracking.uri)
-    runs = mlflow.search_runs(experiment_names=[config.name], output_format="list")
-    levels = sorted(r.data.tags["study.level"] for r in runs)
-    assert levels == ["baseline", "baseline", "fold", "fold", "study"]
-    assert all(r.info.status == "FINISHED" for r in runs)
 
 
 def cluster_config() -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import requests
 import yaml
 
 from tests.conftest import free_port
+from tests.test_cluster import submit
 from tests.test_study import study_config
 
 
@@ -53,8 +55,8 @@ class TrackingServer:
                 time.sleep(0.5)
         raise RuntimeError(f"mlflow server did not start; see {self.root / 'server.log'}")
 
-    def stop(self) -> None:
-        os.killpg(self.process.pid, signal.SIGTERM)
+    def stop(self, how: signal.Signals = signal.SIGTERM) -> None:
+        os.killpg(self.process.pid, how)
         self.process.wait(timeout=60)
 
 
@@ -64,14 +66,20 @@ def tracking_server(tmp_path) -> Iterator[TrackingServer]:
     server.start()
     yield server
     if server.process.poll() is None:
-        server.stop()
+        server.stop(signal.SIGKILL)  # nothing left to keep: not the 10 s of a graceful shutdown
 
 
 @pytest.mark.slow
-def test_study_logs_through_a_server_and_survives_its_outage(tmp_path, cohort_dir, tracking_server):
+def test_study_logs_through_a_server_survives_its_outage_and_resumes_as_a_job(
+    tmp_path, cohort_dir, tracking_server, ray_head
+):
+    """The study starts on this machine; the server goes away; `ray job submit` of the same command resumes it on
+    the cluster (the tests' head, token-protected), as a researcher would go on."""
     config = study_config(tmp_path, cohort_dir, tracking={"uri": tracking_server.uri})
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
-    command = [str(Path(sys.executable).parent / "study"), "run", str(tmp_path / "study.yaml")]
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / "study.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    command = [str(Path(sys.executable).parent / "study"), "run", str(job_dir / "study.yaml")]
     # Fail at the first refused request instead of retrying for minutes, as MLflow does by default.
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
     study = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -88,9 +96,12 @@ def test_study_logs_through_a_server_and_survives_its_outage(tmp_path, cohort_di
     computed_at = fold1.stat().st_mtime_ns
 
     tracking_server.start()
-    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "(2 already done)" in resumed.stdout
+    job = submit(ray_head, job_dir, sys.executable, "-m", "study", "run", "study.yaml")
+    resumed = job.stdout + job.stderr
+    assert job.returncode == 0 and "succeeded" in resumed, resumed[-3000:]
+    port = ray_head.address.rsplit(":", 1)[1]
+    assert re.search(rf"joined the Ray cluster at [\d.]+:{port}", resumed)  # not a Ray of its own
+    assert "(2 already done)" in resumed
     assert fold1.stat().st_mtime_ns == computed_at  # logged, not recomputed
 
     # Everything is found through the server's API: the run tree, metrics, artifacts and models.
@@ -100,6 +111,7 @@ def test_study_logs_through_a_server_and_survives_its_outage(tmp_path, cohort_di
     studies = [r for r in runs if r.data.tags["study.level"] == "study"]
     folds = [r for r in runs if r.data.tags["study.level"] == "fold"]
     assert len(studies) == 1 and len(folds) == 2
+    assert sorted(r.data.tags["study.level"] for r in runs) == ["baseline", "baseline", "fold", "fold", "study"]
     assert all(r.info.status == "FINISHED" for r in runs)
     assert "test_roc_auc_mean" in studies[0].data.metrics
     assert {"report.html", "predictions.tsv", "roc.png"} <= {
