@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from study.attribution.stats import ExchangeabilityBlocks, PermutationTest
+from study.attribution.stats import ExchangeabilityBlocks, PermutationTest, fwer_p
 from study.training.baseline import BaselineResult
 
 
@@ -155,9 +155,5 @@ def weight_test(
             maxima.append(weights.abs().max(1).values.cpu().numpy())
     weights = np.full(x.shape[1], np.nan)
     weights[varies] = observed
-    p = np.full_like(weights, np.nan)
-    if permutations:
-        ordered = np.sort(np.concatenate(maxima))
-        exceed = permutations - np.searchsorted(ordered, np.abs(observed), side="left")
-        p[varies] = (exceed + 1) / (permutations + 1)
-    return PermutationTest(weights, p, int((~varies).sum()), permutations)
+    null_maxima = np.concatenate(maxima) if maxima else np.zeros(0)
+    return PermutationTest(weights, fwer_p(weights, null_maxima), int((~varies).sum()), permutations)

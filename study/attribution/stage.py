@@ -129,12 +129,8 @@ def explain_study(
     """
     attribution, times = study.config.attribution, StageTimes()
     jobs = [FoldModel(r.fold, r.checkpoint, ids, study.labels(ids)) for r in results for ids in [_held_out_ids(r)]]
-    store = MapStore(
-        study.directory / "maps" / _store_key(attribution, results),
-        study.cohort.ids,
-        study.cache.shape,
-        list(attribution.methods),
-    )
+    folder = study.directory / "maps" / _store_key(attribution, results)
+    store = MapStore(folder, study.cohort.ids, study.cache.shape, list(attribution.methods))
     actors, gpus_per_actor = _pool(attribution, study.config.resources)
     total = len(store.missing([s for job in jobs for s in job.subject_ids]))
     with times.stage("attribution"):
@@ -146,9 +142,6 @@ def explain_study(
     with times.stage("sanity checks"):
         sanity, training = _sanity_checks(study, jobs, results[0], baselines, store, shuffled_fit)
     times.merge(training)
-    features, spacing = feature_grid(
-        build_model(results[0].setup.architecture, study.cache.shape).eval(), study.cache.shape
-    )
     return AttributionResult(
         maps=maps,
         agreement=agreement,
@@ -158,13 +151,19 @@ def explain_study(
         subjects=sum(len(job.subject_ids) for job in jobs),
         target=attribution.target,
         store=store,
-        gradcam_grid=(features, spacing[0] * study.cache.grid.voxel_mm),
+        gradcam_grid=_gradcam_grid(results[0], study),
         seconds=times.seconds,
     )
 
 
 def _held_out_ids(result: FoldResult) -> list[str]:
     return result.predictions.subject_id.tolist()
+
+
+def _gradcam_grid(first: FoldResult, study: Study) -> tuple[tuple[int, int, int], float]:
+    """Grad-CAM's resolution: the first fold's network's last feature map, voxels per axis and their spacing in mm."""
+    features, spacing = feature_grid(build_model(first.setup.architecture, study.cache.shape).eval(), study.cache.shape)
+    return features, spacing[0] * study.cache.grid.voxel_mm
 
 
 def _store_key(attribution: AttributionConfig, results: list[FoldResult]) -> str:

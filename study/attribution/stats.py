@@ -130,13 +130,20 @@ def permutation_test(
         varies, observed, chunk_max = _chunk_test(rows, x, permutation_chunk)
         t[start + np.flatnonzero(varies)] = observed
         torch.maximum(max_null, chunk_max, out=max_null)
-    p = np.full_like(t, np.nan)
-    if permutations:
-        ordered = np.sort(max_null.cpu().numpy())
-        tested = ~np.isnan(t)
-        exceed = permutations - np.searchsorted(ordered, np.abs(t[tested]), side="left")
-        p[tested] = (exceed + 1) / (permutations + 1)
-    return PermutationTest(t, p, int(np.isnan(t).sum()), permutations)
+    return PermutationTest(t, fwer_p(t, max_null.cpu().numpy()), int(np.isnan(t).sum()), permutations)
+
+
+def fwer_p(observed: np.ndarray, null_maxima: np.ndarray) -> np.ndarray:
+    """FWER-corrected p of each observed statistic by the maximum statistic: the share of permutations whose
+    largest |statistic| reaches it, the observed labelling counted once, ``(count + 1) / (permutations + 1)``
+    (Westfall and Young; Nichols and Holmes 2002). NaN where ``observed`` is, and everywhere without permutations."""
+    p = np.full(observed.shape, np.nan)
+    tested = ~np.isnan(observed)
+    if len(null_maxima):
+        ordered = np.sort(null_maxima)
+        exceed = len(ordered) - np.searchsorted(ordered, np.abs(observed[tested]), side="left")
+        p[tested] = (exceed + 1) / (len(ordered) + 1)
+    return p
 
 
 def _chunk_test(

@@ -257,17 +257,9 @@ def synthesize_cohort(
     out.mkdir(parents=True, exist_ok=True)
 
     fields = {v: _fields(v, effects, distractor) for v in sorted(set(voxel_sizes))}
-    args = [
-        (
-            voxel_sizes[i],
-            spec,
-            out / f"sub-{sid}/anat/sub-{sid}_T1w.nii.gz",
-            bool(sexes[i]),
-            int(subject_seeds[i]),
-            family_seeds[families[i]],
-        )
-        for i, sid in enumerate(ids)
-    ]
+    paths = [out / f"sub-{sid}/anat/sub-{sid}_T1w.nii.gz" for sid in ids]
+    seeds = [(int(subject_seeds[i]), family_seeds[families[i]]) for i in range(n)]
+    args = [(voxel_sizes[i], spec, paths[i], bool(sexes[i]), *seeds[i]) for i in range(n)]
     for _, _, error in tasks(_write_subject, args, desc="synthesizing", shared=(fields,)):
         if error is not None:
             raise error
@@ -277,14 +269,7 @@ def synthesize_cohort(
         f"sub-{sid}\t{'M' if sexes[i] else 'F'}\t{families[i]}\t{ages[i]}" for i, sid in enumerate(ids)
     ]
     write_bids_metadata(out, spec.subjects, spec.seed)
-    grid = Grid.mni(min(spec.voxel_sizes))
-    effect, labels, planted = _ground_truth(grid, effects, distractor, spec)
-    write_ground_truth(
-        out / GROUND_TRUTH,
-        _in_mm(nib.Nifti1Image(effect, grid.affine)),
-        _in_mm(nib.Nifti1Image(labels, grid.affine)),
-        planted,
-    )
+    _write_ground_truth(out, spec, effects, distractor)
     # The table is what says the cohort is complete (prepare_cohort generates a cohort without one): last, whole.
     replace_atomically(out / "participants.tsv", lambda tmp: tmp.write_text("\n".join(rows) + "\n"))
     return out / "participants.tsv"
@@ -310,6 +295,16 @@ def with_skull(image: nib.Nifti1Image) -> nib.Nifti1Image:
     head = data.copy()
     head[tissue] = 0.7 * np.median(data[brain])
     return nib.Nifti1Image(head, image.affine)
+
+
+def _write_ground_truth(
+    out: Path, spec: SyntheticCohort, effects: list[PlantedRegion], distractor: PlantedRegion
+) -> None:
+    """The planted answer, on the MNI grid of the finest voxel size, as the cohort's ground-truth derivative."""
+    grid = Grid.mni(min(spec.voxel_sizes))
+    effect, labels, planted = _ground_truth(grid, effects, distractor, spec)
+    images = [_in_mm(nib.Nifti1Image(values, grid.affine)) for values in (effect, labels)]
+    write_ground_truth(out / GROUND_TRUTH, *images, planted)
 
 
 def _ground_truth(

@@ -26,6 +26,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from study.config import ResourcesConfig, SearchConfig, SearchDimension
+from study.errors import StudyError
 from study.runtime import environment
 from study.storage import join
 from study.training.loop import TrainingData
@@ -190,6 +191,20 @@ def _trial_id(result: tune.Result) -> str:
     return str((result.metrics or {}).get("trial_id") or Path(result.path).name)
 
 
+def _trial(result: Any, search: SearchConfig, epochs: int) -> Trial:
+    """A finished Tune trial (``ray.tune.Result``) as plain data: completed, stopped early (ASHA) or errored, and
+    its score under ``search.metric``."""
+    history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
+    if result.error is not None or history.empty:
+        status, score = "errored", float("nan")
+    else:
+        epochs = int(result.config.get("epochs", epochs))
+        status = "completed" if len(history) >= epochs else "stopped_early"
+        column = history[search.metric]
+        score = float(column.min() if search.mode == "min" else column.max())
+    return Trial(_trial_id(result), dict(result.config), history, status, score)
+
+
 def search_fold(
     search: SearchConfig,
     base: TrainingSetup,
@@ -240,21 +255,12 @@ def search_fold(
             ).fit()
     finally:
         _TRIAL_LISTENERS.pop(key, None)
-    trials = []
-    for result in results:
-        history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
-        if result.error is not None or history.empty:
-            status, score = "errored", float("nan")
-        else:
-            epochs = int(result.config.get("epochs", base.train.epochs))
-            status = "completed" if len(history) >= epochs else "stopped_early"
-            column = history[search.metric]
-            score = float(column.min() if search.mode == "min" else column.max())
-        trials.append(Trial(_trial_id(result), dict(result.config), history, status, score))
+    trials = [_trial(result, search, base.train.epochs) for result in results]
     scored = [t for t in trials if t.status != "errored"]
     if not scored:
-        raise RuntimeError(
-            f"every trial of the search in {join(storage, f'fold{fold}')} failed; see the Tune logs there"
+        raise StudyError(
+            f"every trial of fold {fold}'s search failed; see the Tune logs in {key}. Finished folds are kept: "
+            "mend the cause and run the same command again."
         )
     best = (min if search.mode == "min" else max)(scored, key=lambda t: t.score)
     return SearchResult(search.metric, best.params, trials)
