@@ -53,7 +53,8 @@ def publish_attribution(
     report.add_images(
         "Method agreement", [("Spearman correlation", agreement_figure(result.agreement, list(result.maps)))]
     )
-    report.add_table("Method agreement (table)", result.agreement)
+    titled = {column: [title(m) for m in result.agreement[column]] for column in ("method_a", "method_b")}
+    report.add_table("Method agreement (table)", result.agreement.assign(**titled))
     mp_deletes_to_mean = "perturbation" in result.maps and attribution.perturbation.reference == "cohort_mean"
     _sanity_sections(report, result.sanity, mp_deletes_to_mean)
     _console(result)
@@ -237,7 +238,7 @@ def _sanity_sections(report: Report, sanity: SanityChecks, mp_deletes_to_mean: b
         memorized = MEMORIZED if sanity.shuffled_fit_accuracy >= 0.9 else NOT_MEMORIZED
         report.add_table(
             "Sanity check: model trained on shuffled labels",
-            sanity.shuffled,
+            sanity.shuffled.assign(method=[title(m) for m in sanity.shuffled.method]),
             SHUFFLED.format(accuracy=sanity.shuffled_fit_accuracy, memorized=memorized),
         )
 

@@ -128,7 +128,7 @@ def agreement_figure(agreement: pd.DataFrame, methods: list[str]) -> Figure:
 
 def sanity_figure(cascade: pd.DataFrame) -> Figure:
     """Similarity to the original maps as layers are randomized from the top."""
-    figure = Figure(figsize=(6.5, 3.0))
+    figure = Figure(figsize=(8.5, 3.0))
     axes = figure.subplots(1, 2, sharey=True)
     steps = cascade.drop_duplicates("step").sort_values("step")
     for ax, metric in zip(axes, ("spearman", "ssim")):
@@ -139,7 +139,7 @@ def sanity_figure(cascade: pd.DataFrame) -> Figure:
         ax.set_ylim(min(-0.2, float(cascade[["spearman", "ssim"]].min().min()) - 0.05), 1.05)
         ax.set_title(f"{metric} to original maps", fontsize=9)
         ax.axhline(0, c="grey", lw=0.6)
-    axes[0].legend(fontsize=7)
     figure.suptitle("Cascading model-parameter randomization", fontsize=10)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 0.78, 1))  # the legend beside the plots, where no curve runs under it
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=7, frameon=False)
     return figure
