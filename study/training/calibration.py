@@ -1,0 +1,130 @@
+"""Probabilities that mean what they say: normalization statistics of the images tested, then Platt scaling.
+
+Two steps, in the order a fold's final model takes them:
+
+1. :func:`reestimate_batchnorm`: a network trained on augmented volumes keeps
+   BatchNorm running statistics of *augmented* volumes (resampled, hence
+   smoother, with jittered intensities), and applies them at test time to
+   volumes that are not. On weak effects that shifts every logit of a fold the
+   same way: the fold ranks its subjects well but calls most of them one class
+   (issue 38; ``benchmarks/recipe_diagnosis.py --diagnose`` measures it). The
+   fix re-estimates the statistics on the training subjects as they are tested,
+   un-augmented ("precise BatchNorm", Wu & Johnson 2021).
+2. :class:`Calibration`: what is left is corrected by a temperature and a bias
+   on the logit difference (Platt 1999; Guo et al. 2017), fitted on predictions
+   for training subjects by a model that did not train on them: the fold's
+   first inner split (see :mod:`.loop`). Never on held-out subjects.
+
+The scores the field reports for calibration are :func:`brier_score` and
+:func:`reliability_bins` (a reliability diagram's points).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import minimize
+from scipy.special import expit, log_expit
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Replace every BatchNorm layer's running mean and variance by those of ``batches`` (un-augmented volumes).
+
+    Each statistic becomes the plain average over the batches (``momentum=None``), not an exponential one, and
+    no weight changes. Returns the number of BatchNorm layers re-estimated (0: nothing to do). The model ends in
+    eval mode.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        model.eval()
+        return 0
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    try:
+        for x in batches:
+            model(x)
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.eval()
+    return len(norms)
+
+
+def logit_difference(logits: torch.Tensor | np.ndarray) -> np.ndarray:
+    """The class-1 minus class-0 logit of [subjects, 2] logits: the log-odds of class 1 that softmax implies."""
+    logits = np.asarray(logits, dtype=np.float64)
+    return logits[:, 1] - logits[:, 0]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """P(class 1) = sigmoid(``temperature`` x (logit 1 - logit 0) + ``bias``): Platt scaling of a fold's model.
+
+    The identity (1, 0) leaves softmax's probability as it is. ``subjects`` is how many predictions it was
+    fitted on (0: not fitted).
+    """
+
+    temperature: float = 1.0
+    bias: float = 0.0
+    subjects: int = 0
+
+    def probabilities(self, log_odds: np.ndarray) -> np.ndarray:
+        """Calibrated P(class 1) for the model's log-odds (:func:`logit_difference`)."""
+        return expit(self.temperature * np.asarray(log_odds, dtype=np.float64) + self.bias)
+
+    @classmethod
+    def fit(cls, log_odds: np.ndarray, labels: np.ndarray) -> Calibration:
+        """The temperature and bias of least log loss on ``labels`` (0/1), the temperature kept positive.
+
+        Maximum likelihood with a weak Gaussian prior (sd 2 on the bias and on the log-temperature, around the
+        identity) so that a few subjects, or perfectly separated ones, give finite values. Fewer than 4 subjects,
+        or one class only: the identity.
+        """
+        z, y = np.asarray(log_odds, dtype=np.float64), np.asarray(labels, dtype=np.float64)
+        if len(z) < 4 or y.min() == y.max():
+            return cls(subjects=0)
+
+        def loss(params: np.ndarray) -> float:
+            log_t, b = params
+            s = np.exp(log_t) * z + b
+            return -np.sum(y * log_expit(s) + (1 - y) * log_expit(-s)) + (log_t**2 + b**2) / (2 * 2.0**2)
+
+        result = minimize(loss, np.zeros(2), method="Nelder-Mead", options={"xatol": 1e-6, "fatol": 1e-9})
+        return cls(float(np.exp(result.x[0])), float(result.x[1]), len(z))
+
+    def to_dict(self) -> dict[str, float]:
+        return {"temperature": self.temperature, "bias": self.bias, "subjects": self.subjects}
+
+    @classmethod
+    def from_dict(cls, record: dict | None) -> Calibration:
+        """The calibration of :meth:`to_dict`; None (a checkpoint from before calibration) is the identity."""
+        return (
+            cls() if not record else cls(float(record["temperature"]), float(record["bias"]), int(record["subjects"]))
+        )
+
+
+def brier_score(labels: np.ndarray, p: np.ndarray) -> float:
+    """The mean squared difference between P(class 1) and the 0/1 truth (0 is perfect; 0.25 is a coin)."""
+    return float(np.mean((np.asarray(p, dtype=np.float64) - np.asarray(labels, dtype=np.float64)) ** 2))
+
+
+def reliability_bins(labels: np.ndarray, p: np.ndarray, bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A reliability diagram's points: per bin of P(class 1) on [0, 1] in ``bins`` equal widths, the mean
+    predicted probability, the observed share of class 1 and the number of subjects (empty bins left out).
+
+    The same bins as scikit-learn's ``calibration_curve(strategy="uniform")``, with the counts it does not give.
+    """
+    p, y = np.asarray(p, dtype=np.float64), np.asarray(labels, dtype=np.float64)
+    index = np.searchsorted(np.linspace(0.0, 1.0, bins + 1)[1:-1], p)
+    counts = np.bincount(index, minlength=bins)
+    kept = counts > 0
+    predicted = np.bincount(index, weights=p, minlength=bins)[kept] / counts[kept]
+    observed = np.bincount(index, weights=y, minlength=bins)[kept] / counts[kept]
+    return predicted, observed, counts[kept]
