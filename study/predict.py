@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow.artifacts
@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from study.data.cohort import SEX_CLASSES, Classes, Problem
 from study.data.volumes import Grid, preprocess_volume
 from study.errors import ModelNotFoundError, UntrustedCodeError, VolumeError
+from study.training.calibration import Calibration, logit_difference
 from study.training.models import model_from_record, model_record
 
 SPEC_FILE = "ensemble.json"
@@ -60,6 +61,9 @@ class Ensemble:
     cohort_mean : numpy.ndarray, optional
         The mean of the study cohort's two class means on the grid (all its subjects, held-out ones included):
         Meaningful Perturbations' reference when its settings say ``reference: cohort_mean``.
+    calibrations : dict of int to Calibration, optional
+        Each fold's temperature and bias (:mod:`study.training.calibration`); a fold without one gives softmax's
+        probabilities.
     """
 
     models: dict[int, torch.nn.Module]
@@ -70,6 +74,7 @@ class Ensemble:
     perturbation: dict
     classes: Classes = Classes()
     cohort_mean: np.ndarray | None = None
+    calibrations: dict[int, Calibration] = field(default_factory=dict)
 
     def save(self, directory: Path) -> Path:
         """Write ``fold<k>.pt`` (weights and architecture), ``ensemble.json`` and, when there is one, the
@@ -89,6 +94,7 @@ class Ensemble:
             "perturbation": self.perturbation,
             "label": self.classes.column,
             "classes": list(self.classes.names),
+            "calibration": {str(fold): c.to_dict() for fold, c in self.calibrations.items()},
         }
         (directory / SPEC_FILE).write_text(json.dumps(spec, indent=1))
         return directory
@@ -123,6 +129,7 @@ class Ensemble:
             spec["perturbation"],
             classes,
             np.load(mean) if mean.exists() else None,
+            {int(fold): Calibration.from_dict(c) for fold, c in spec.get("calibration", {}).items()},
         )
 
     def preprocess(self, image: Path, mask: Path | str | None = None) -> np.ndarray:
@@ -132,9 +139,16 @@ class Ensemble:
 
     @torch.no_grad()
     def probabilities(self, volumes: np.ndarray) -> np.ndarray:
-        """P(class 1) (e.g. P(male)) of each fold's model for volumes [subjects, D, H, W]: [subjects, folds]."""
+        """Calibrated P(class 1) (e.g. P(male)) of each fold's model for volumes [subjects, D, H, W]:
+        [subjects, folds]."""
         x = torch.from_numpy(np.asarray(volumes, dtype=np.float32)[:, None])
-        return np.stack([torch.softmax(m(x), 1)[:, 1].numpy() for m in self.models.values()], axis=1)
+        return np.stack(
+            [
+                self.calibrations.get(fold, Calibration()).probabilities(logit_difference(m(x)))
+                for fold, m in self.models.items()
+            ],
+            axis=1,
+        )
 
     @property
     def columns(self) -> list[str]:

@@ -273,3 +273,34 @@ def test_an_ensemble_of_a_researchers_own_network_loads_only_when_its_code_is_tr
         "scans/x.nii.gz": ("x", "sub-x"),
     }.items():
         assert (subject_id_of(Path(path)), maps_name(Path(path), subject_id_of(Path(path)))) == expected
+
+
+def test_an_ensemble_gives_each_folds_calibrated_probabilities_and_keeps_its_calibration_when_saved(tmp_path):
+    import torch
+    from scipy.special import expit
+
+    from study.training.calibration import Calibration
+
+    shape = (12, 14, 12)
+    models = {}
+    for fold in (0, 1):
+        torch.manual_seed(fold)
+        models[fold] = build_model(Architecture(width=2, blocks=1), shape).eval()
+    ensemble = Ensemble(
+        models,
+        Grid(shape, np.diag([8.0, 8.0, 8.0, 1.0])),
+        "zscore",
+        ("gradcam",),
+        "contrast",
+        Perturbation().model_dump(),
+        calibrations={0: Calibration(0.5, 2.0, 30)},  # fold 1 has none: softmax's probabilities
+    )
+    loaded = Ensemble.load(ensemble.save(tmp_path / "ensemble"))
+    assert loaded.calibrations == {0: Calibration(0.5, 2.0, 30)}
+    volumes = np.random.default_rng(0).normal(size=(3, *shape)).astype(np.float32)
+    with torch.no_grad():
+        logits = {fold: m(torch.from_numpy(volumes)[:, None]) for fold, m in models.items()}
+    p = loaded.probabilities(volumes)
+    z0 = (logits[0][:, 1] - logits[0][:, 0]).numpy()
+    np.testing.assert_allclose(p[:, 0], expit(0.5 * z0 + 2.0), rtol=1e-5)
+    np.testing.assert_allclose(p[:, 1], torch.softmax(logits[1], 1)[:, 1].numpy(), rtol=1e-5)

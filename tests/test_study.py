@@ -27,6 +27,7 @@ from study.pipeline import run_study, study_dir
 from study.predict import Ensemble
 from study.training import crossval
 from study.training import live as live_module
+from study.training.calibration import Calibration, logit_difference
 from study.training.folds import FoldResult
 from tests.conftest import cache_for
 from tests.test_cohort import break_images, image_of
@@ -143,8 +144,13 @@ def test_ddp_study_logs_the_run_tree_and_trains_on_disjoint_shards(tmp_path, coh
         model = mlflow.pytorch.load_model(f"models:/{logged.model_id}").eval()
         data = CachedVolumes(cache, list(table.subject_id), np.zeros(len(table)))
         with torch.no_grad():
-            p_male = torch.softmax(model(data.__getitems__(list(range(len(table))))[0]), 1)[:, 1].numpy()
-        np.testing.assert_allclose(p_male, table.p_male, atol=1e-5)
+            log_odds = logit_difference(model(data.__getitems__(list(range(len(table))))[0]))
+        np.testing.assert_allclose(log_odds, table.log_odds, atol=1e-4)  # the model's, before calibration
+        logged_metrics = fold_run.data.metrics  # none when the inner split was too small to calibrate
+        calibration = Calibration(
+            logged_metrics.get("calibration_temperature", 1.0), logged_metrics.get("calibration_bias", 0.0)
+        )
+        np.testing.assert_allclose(calibration.probabilities(log_odds), table.p_male, atol=1e-5)
 
     # DDP: the two workers read disjoint shards that cover the training side, and end identical. The
     # selection phase trains on the first inner split; the refit on all of the fold's training subjects.
@@ -425,7 +431,8 @@ def test_run_reports_config_typos(tmp_path, capsys):
     path = tmp_path / "typo.yaml"
     path.write_text("name: x\ncohort: {root: .}\ntrain: {epoch: 3}\n")
     assert main(["run", str(path)]) == 2
-    assert "train.epoch: unknown key; valid keys here: augment, batch_size, channels_last" in capsys.readouterr().err
+    valid = "valid keys here: augment, batch_size, calibration, channels_last"
+    assert f"train.epoch: unknown key; {valid}" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -66,10 +66,13 @@ class Classes:
         """``male - female``."""
         return f"{self.names[1]} - {self.names[0]}"
 
-    def predictions(self, subject_ids: list[str], labels: np.ndarray, p: np.ndarray) -> pd.DataFrame:
-        """A held-out prediction table: subject_id, the true class, P(class 1), the predicted class."""
+    def predictions(
+        self, subject_ids: list[str], labels: np.ndarray, p: np.ndarray, log_odds: np.ndarray | None = None
+    ) -> pd.DataFrame:
+        """A held-out prediction table: subject_id, the true class, P(class 1), the predicted class and, when given,
+        the model's log-odds of class 1 before calibration."""
         names = np.array(self.names)
-        return pd.DataFrame(
+        table = pd.DataFrame(
             {
                 "subject_id": subject_ids,
                 self.column: names[np.asarray(labels, int)],
@@ -77,6 +80,7 @@ class Classes:
                 "predicted": names[(np.asarray(p) >= 0.5).astype(int)],
             }
         )
+        return table if log_odds is None else table.assign(log_odds=log_odds)
 
 
 class CohortConfig(BaseModel):

@@ -222,6 +222,7 @@ class Publisher:
                 attribution.perturbation.model_dump(),
                 study.cohort.classes,
                 explanation_of(attribution, study).cohort_mean,
+                {r.fold: r.calibration for r in results},
             )
             with self.times.stage("MLflow model logging"):
                 _, version = log_ensemble(

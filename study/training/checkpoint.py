@@ -9,7 +9,8 @@ arguments). Its keys (docs/develop.md has the table):
 - ``optimizer``, ``scheduler``: AdamW's and the learning-rate schedule's states (absent in a finished
   selection, whose refit starts afresh);
 - :class:`Progress`'s fields: ``phase``, ``epoch``, ``best_epoch``, ``best_val_loss``, ``refit_epochs`` and
-  ``history`` (every epoch's metrics so far).
+  ``history`` (every epoch's metrics so far) and ``calibration`` (the fold's temperature and bias, once the
+  inner split has given them; absent in checkpoints from before 2026-12-07).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Progress:
     best_val_loss: float = math.inf
     refit_epochs: int | None = None  # the refit's length: best_epoch + 1 after a selection, else as asked
     history: list[dict[str, Any]] = field(default_factory=list)  # every epoch's metrics so far, both phases
+    calibration: dict[str, float] | None = None  # the fold's Calibration (to_dict), fitted on the inner split
 
     @property
     def next_epoch(self) -> int:
@@ -62,6 +64,7 @@ class Progress:
             best_val_loss=record.get("best_val_loss", math.inf),
             refit_epochs=record.get("refit_epochs"),
             history=list(record.get("history", [])),
+            calibration=record.get("calibration"),
         )
 
 

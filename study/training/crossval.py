@@ -31,10 +31,11 @@ from study.errors import StudyError
 from study.runtime import Precision, worker_device
 from study.state import Study
 from study.storage import join, replace_atomically
-from study.training.checkpoint import load_history, load_model, network_class
+from study.training.calibration import Calibration
+from study.training.checkpoint import Progress, load_model, network_class, read_checkpoint
 from study.training.folds import FoldJob, FoldResult
 from study.training.live import LIVE_POLL_S, LiveFiles, OnEpochs
-from study.training.loop import TrainingData, predict
+from study.training.loop import TrainingData, predict_log_odds
 from study.training.metrics import classification_metrics
 from study.training.trainer import TrainingSetup, fit
 
@@ -183,38 +184,51 @@ def train_and_test(
 ) -> FoldResult:
     """Train the fold's setup as its ``final_fit`` says, then test it on the held-out subjects (a Ray task).
 
-    ``job.data`` holds the fold's first inner split and all of its training
-    subjects. After a search, the best trial already made any selection on the
-    inner split: what is left is the training on all subjects (or, for
-    ``inner_split``, the best setup trained again on the inner split).
+    ``job.data`` holds the fold's first inner split and all of its training subjects (see :func:`_final_fit`).
+    The held-out probabilities are the model's, calibrated as its inner split said.
     """
     started, setup, search = time.perf_counter(), job.setup, job.search
-    final_fit, data, refit_epochs = setup.train.final_fit, job.data, setup.train.epochs
-    if final_fit == "all_subjects":
-        data = data.refit_only()
-    elif final_fit == "inner_split":
-        data = data.selection_only()
-    elif search is not None:  # early_stopped: the search's best trial chose the epochs
-        data, refit_epochs = data.refit_only(), search.best_epoch + 1
+    data, refit_epochs = _final_fit(job)
     name = f"fold{job.fold}"
     checkpoint = fit(setup, data, name, storage_path, resources, audit_dir, None, refit_epochs, live_path).checkpoint
-    history = pd.DataFrame(load_history(checkpoint))
-    selected_by_search = search is not None and final_fit == "early_stopped"
+    progress = Progress.from_dict(read_checkpoint(checkpoint))
+    history = pd.DataFrame(progress.history)
+    selected_by_search = search is not None and setup.train.final_fit == "early_stopped"
     if selected_by_search:
         history = pd.concat([search.best_trial.history.assign(phase="select"), history], ignore_index=True)
     fitted = time.perf_counter()
     test_set = CachedVolumes(data.cache, job.test_ids, job.test_labels)
-    p = ray.get(predict_task(resources).remote(checkpoint, test_set, setup.train))
-    trained_here = history[history["phase"] == "refit"] if selected_by_search else history
+    log_odds = ray.get(predict_task(resources).remote(checkpoint, test_set, setup.train))
+    calibration = Calibration.from_dict(progress.calibration)
+    p = calibration.probabilities(log_odds)
+    trained_here = history[history["phase"] != "select"] if selected_by_search else history
     training = float(trained_here.filter(like="epoch_seconds").sum().sum())
     seconds = ({"search": job.search_seconds} if search else {}) | {
         "training": training,
         "Ray Train set-up": max(fitted - started - training, 0.0),
         "testing": time.perf_counter() - fitted,
     }
-    predictions = job.classes.predictions(job.test_ids, job.test_labels, p)
+    predictions = job.classes.predictions(job.test_ids, job.test_labels, p, log_odds)
     metrics = classification_metrics(job.test_labels, p)
-    return FoldResult(job.fold, setup, history, checkpoint, metrics, predictions, seconds, search)
+    return FoldResult(job.fold, setup, history, checkpoint, metrics, predictions, seconds, search, calibration)
+
+
+def _final_fit(job: FoldJob) -> tuple[TrainingData, int | None]:
+    """What the fold's final training gets, as ``train.final_fit`` and ``train.calibration`` say: its subjects
+    (with the inner split, when it selects or calibrates) and the refit's epochs (None: early stopping chooses).
+
+    After a search, the best trial already made any selection on the inner split: what is left is the training on
+    all subjects (or, for ``inner_split``, the best setup trained again on the inner split).
+    """
+    train, data = job.setup.train, job.data
+    calibrated = data if train.calibration == "inner_split" else data.refit_only()
+    if train.final_fit == "all_subjects":
+        return calibrated, train.epochs
+    if train.final_fit == "inner_split":
+        return data.selection_only(), None
+    if job.search is not None:  # early_stopped: the search's best trial chose the epochs
+        return calibrated, job.search.best_epoch + 1
+    return data, None
 
 
 def predict_task(resources: ResourcesConfig) -> ray.remote_function.RemoteFunction:
@@ -228,8 +242,9 @@ def predict_task(resources: ResourcesConfig) -> ray.remote_function.RemoteFuncti
 
 
 def _predict_checkpoint(checkpoint: ray.train.Checkpoint, dataset: CachedVolumes, train: TrainConfig) -> np.ndarray:
+    """The log-odds of class 1 of the checkpoint's model for every subject of ``dataset``."""
     precision = Precision.choose(worker_device(), train.precision, train.channels_last)
-    return predict(precision.model(load_model(checkpoint)), dataset, train.batch_size, precision)
+    return predict_log_odds(precision.model(load_model(checkpoint)), dataset, train.batch_size, precision)
 
 
 def driving_task(function: Callable) -> Any:

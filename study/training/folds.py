@@ -18,6 +18,7 @@ import ray.train
 
 from study.config import TrainConfig
 from study.data.cohort import Classes
+from study.training.calibration import Calibration
 from study.training.loop import TrainingData
 from study.training.models import architecture_of
 from study.training.trainer import TrainingSetup
@@ -47,9 +48,10 @@ class FoldResult:
     history: pd.DataFrame  # one row per epoch; column phase: select (inner split) or refit (all training subjects)
     checkpoint: ray.train.Checkpoint  # the final model: refit on all training subjects, else the selected one
     test_metrics: dict[str, float]
-    predictions: pd.DataFrame  # subject_id, the true class, P(class 1), predicted (Classes.predictions)
+    predictions: pd.DataFrame  # subject_id, the true class, P(class 1), predicted, log_odds (Classes.predictions)
     seconds: dict[str, float]  # training, Ray set-up, testing (and search, when there was one)
     search: SearchResult | None = None
+    calibration: Calibration = Calibration()  # the inner split's temperature and bias (the identity: none)
 
     def epochs(self, phase: str) -> int:
         """Epochs trained in ``phase`` (select or refit)."""
@@ -90,6 +92,7 @@ class FoldResult:
                 "predictions": self.predictions.to_dict("records"),
                 "seconds": self.seconds,
                 "search": search,
+                "calibration": self.calibration.to_dict(),
             },
             indent=1,
             default=lambda value: value.item(),
@@ -115,4 +118,5 @@ class FoldResult:
             pd.DataFrame(data["predictions"]).astype({"subject_id": str}),
             data["seconds"],
             search,
+            Calibration.from_dict(data.get("calibration")),  # folds kept before 2026-12-07 have none
         )

@@ -6,6 +6,10 @@ up to two phases, in one Ray Train run (its set-up is paid once):
 - **select**: train on an inner training split and validate on its inner
   validation split after every epoch; stop early when the validation loss no
   longer improves, and remember the best epoch.
+- **calibrate** instead of select, when the epochs are chosen already (the
+  default final fit trains all of ``train.epochs``): train that many epochs on
+  the inner training split and predict its validation subjects, which
+  calibrates the fold (:mod:`.calibration`).
 - **refit**: train a fresh model on all the subjects of the final fit for the
   selected number of epochs (or a given number), and keep the last state: the
   model that is tested and explained sees every training subject of its fold.
@@ -31,11 +35,13 @@ import numpy as np
 import ray.train
 import ray.train.torch
 import torch
+from scipy.special import expit
 from torch.utils.data import DataLoader
 
 from study.config import TrainConfig
 from study.data.cache import CachedVolumes, VolumeCache, collate
 from study.runtime import Precision
+from study.training.calibration import Calibration, logit_difference
 from study.training.checkpoint import CHECKPOINT_FILE, Progress, save_checkpoint
 from study.training.metrics import classification_metrics
 from study.training.models import Architecture, Network
@@ -69,28 +75,28 @@ class TrainingData:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, dataset: CachedVolumes, batch_size: int, precision: Precision) -> np.ndarray:
-    """P(class 1) (e.g. P(male)) for every subject of ``dataset``, in order.
+def predict_log_odds(
+    model: torch.nn.Module, dataset: CachedVolumes, batch_size: int, precision: Precision
+) -> np.ndarray:
+    """The log-odds of class 1 (logit 1 - logit 0; e.g. of male) for every subject of ``dataset``, in order.
 
-    In float32 whatever the training's precision (``Precision.exact``): bf16 logits would round test
-    probabilities to steps of up to 0.03 and tie subjects in the ROC curve.
+    Softmax's P(class 1) is their sigmoid; a fold's :class:`~study.training.calibration.Calibration` maps them to
+    calibrated probabilities. In float32 whatever the training's precision (``Precision.exact``): bf16 logits would
+    round test probabilities to steps of up to 0.03 and tie subjects in the ROC curve.
     """
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, pin_memory=precision.pinned)
-    probs = []
+    log_odds = []
     for x, _ in loader:
         with precision.exact():
             logits = model(precision.volumes(x))
-        probs.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu())
-    return torch.cat(probs).numpy() if probs else np.zeros(0)
+        log_odds.append(logit_difference(logits.float().cpu()))
+    return np.concatenate(log_odds) if log_odds else np.zeros(0)
 
 
-def _scores(
-    model: torch.nn.Module, dataset: CachedVolumes, batch_size: int, precision: Precision, prefix: str
-) -> dict[str, float]:
-    """Loss, accuracy and ROC AUC of ``model`` on ``dataset`` in eval mode (no augmentation, no dropout)."""
-    p = predict(model, dataset, batch_size, precision)
-    labels = dataset.labels.numpy()
+def _scores(log_odds: np.ndarray, labels: np.ndarray, prefix: str) -> dict[str, float]:
+    """Loss, accuracy and ROC AUC of softmax's probabilities (uncalibrated) for ``labels``."""
+    p = expit(log_odds)
     eps = 1e-7
     loss = -np.mean(labels * np.log(p + eps) + (1 - labels) * np.log(1 - p + eps))
     scores = classification_metrics(labels, p)
@@ -99,6 +105,12 @@ def _scores(
         f"{prefix}_accuracy": scores["accuracy"],
         f"{prefix}_roc_auc": scores["roc_auc"],
     }
+
+
+def _fit_scores(phase: Phase, worker: _Worker) -> dict[str, float]:
+    """The final model's scores on its own training subjects (eval mode): did it fit them at all?"""
+    z = predict_log_odds(phase.model, phase.dataset, phase.train.batch_size, worker.precision)
+    return _scores(z, phase.dataset.labels.numpy(), "fit")
 
 
 def _audit(directory: str | None, record: dict[str, Any]) -> None:
@@ -204,53 +216,70 @@ def _select(
     progress: Progress,
     resumed: dict | None,
 ) -> tuple[Phase, Progress]:
-    """The selection phase: epochs on the inner split, each validated, until the validation loss stops improving.
+    """The selection phase on the inner split: it chooses the epoch count, or (given one) only calibrates.
 
-    Returns its phase (holding the best epoch's weights when there is no refit) and the progress the refit starts
-    from (phase ``refit``, ``refit_epochs`` the best epoch + 1).
+    Without ``progress.refit_epochs``, every epoch is validated and the phase stops when the validation loss no
+    longer improves; the best epoch's validation predictions calibrate the fold. With it, the phase trains that
+    many epochs and validates the last one, whose predictions calibrate the fold. Either way, BatchNorm's
+    statistics are re-estimated on the un-augmented training subjects before each validation. Returns the phase
+    (holding the best epoch's weights when there is no refit) and the progress the refit starts from.
     """
-    current = Phase(architecture, train, data.cache, data.train_ids, data.train_labels, train.epochs, worker.precision)
+    fixed = progress.refit_epochs  # the epochs are chosen already: the inner split only calibrates
+    epochs = fixed or train.epochs
+    current = Phase(architecture, train, data.cache, data.train_ids, data.train_labels, epochs, worker.precision)
     val_set = CachedVolumes(data.cache, data.val_ids, data.val_labels)
     if resumed is not None:
         current.restore(resumed)
-    best_state, stale = cpu_state(current.bare), 0
-    for epoch in range(progress.next_epoch, train.epochs):
+    best_state, stale, last_report = cpu_state(current.bare), 0, time.monotonic()
+    for epoch in range(progress.next_epoch, epochs):
         started = time.perf_counter()
         metrics, seen = current.epoch(epoch)
         _audit(worker.audit_dir, {"phase": "select", "epoch": epoch, "subjects": seen + data.val_ids})
-        metrics = {
-            "epoch": epoch,
-            **metrics,
-            **_scores(current.model, val_set, train.batch_size, worker.precision, "val"),
-        }
-        improved = metrics["val_loss"] < progress.best_val_loss - 1e-4
-        if improved:
-            progress.best_val_loss, progress.best_epoch = metrics["val_loss"], epoch
-            stale, best_state = 0, cpu_state(current.bare)
-        else:
-            stale += 1
-        last = stale >= train.patience or epoch == train.epochs - 1
+        metrics = {"epoch": epoch, **metrics}
+        improved = False
+        if not fixed or epoch == epochs - 1:
+            current.reestimate_batchnorm()
+            z = predict_log_odds(current.model, val_set, train.batch_size, worker.precision)
+            metrics |= _scores(z, data.val_labels, "val")
+            improved = fixed is not None or metrics["val_loss"] < progress.best_val_loss - 1e-4
+            if improved:
+                progress.best_val_loss, progress.best_epoch = metrics["val_loss"], epoch
+                progress.calibration = Calibration.fit(z, data.val_labels).to_dict()
+                stale, best_state = 0, cpu_state(current.bare)
+            else:
+                stale += 1
+        last = epoch == epochs - 1 or (not fixed and stale >= train.patience)
         if last and not data.refit_ids:  # the selected model is the final one: its fit to its own subjects
             current.bare.load_state_dict(best_state)
-            metrics |= _scores(current.model, current.dataset, train.batch_size, worker.precision, "fit")
+            metrics |= _fit_scores(current, worker)
         metrics |= {
             "best_val_loss": progress.best_val_loss,
             "epoch_seconds": time.perf_counter() - started,
             "wall_time": time.time(),
         }
-        progress.history.append({"phase": "select", **metrics})
+        if fixed:  # its own curves: a search's best trial may have logged the selection's already
+            metrics = {f"calibration_{k}": v for k, v in metrics.items() if k != "wall_time"} | {
+                "wall_time": metrics["wall_time"]
+            }
+        progress.history.append({"phase": "calibrate" if fixed else "select", **metrics})
         _live(worker.live_path, progress.history[-1], worker.rank)
         progress.epoch = epoch
+        refit = replace(progress, phase="refit", epoch=None, refit_epochs=fixed or progress.best_epoch + 1)
         if last and data.refit_ids:  # what a resumed run needs to start the refit
-            kept = replace(progress, phase="refit", epoch=None, refit_epochs=progress.best_epoch + 1)
-            optimizer = {}
+            kept, optimizer = refit, {}
         else:
             kept, optimizer = progress, current.progress()
-        # A checkpoint at each improvement (fault tolerance) and at the end (the full history).
-        _report(worker, metrics, current.bare, best_state if improved or last else None, kept, optimizer)
+        # A checkpoint when the state worth keeping changes (fault tolerance) and at the end (the full history).
+        if fixed:
+            due = last or _report_due(last_report, worker.checkpoint_every_s, worker.precision.device)
+            weights = cpu_state(current.bare) if due else None
+        else:
+            weights = best_state if improved or last else None
+        _report(worker, metrics, current.bare, weights, kept, optimizer)
+        last_report = time.monotonic() if weights is not None else last_report
         if last:
             break
-    return current, replace(progress, phase="refit", epoch=None, refit_epochs=progress.best_epoch + 1)
+    return current, replace(progress, phase="refit", epoch=None, refit_epochs=fixed or progress.best_epoch + 1)
 
 
 def _refit(
@@ -262,7 +291,8 @@ def _refit(
     resumed: dict | None,
 ) -> Phase:
     """The refit: a fresh model on all of the final fit's subjects for ``progress.refit_epochs`` epochs, reporting
-    with a checkpoint every ``checkpoint_every_s`` and at its end; returns its phase, holding the final model."""
+    with a checkpoint every ``checkpoint_every_s`` and at its end; returns its phase, holding the final model,
+    whose BatchNorm statistics are those of its un-augmented training subjects."""
     epochs = progress.refit_epochs
     current = Phase(architecture, train, data.cache, data.refit_ids, data.refit_labels, epochs, worker.precision)
     if resumed is not None and progress.epoch is not None:
@@ -274,7 +304,8 @@ def _refit(
         _audit(worker.audit_dir, {"phase": "refit", "epoch": epoch, "subjects": seen})
         metrics = {"refit_epoch": epoch, **{f"refit_{k}": v for k, v in metrics.items()}}
         if epoch == epochs - 1:
-            metrics |= _scores(current.model, current.dataset, train.batch_size, worker.precision, "fit")
+            current.reestimate_batchnorm()
+            metrics |= _fit_scores(current, worker)
         metrics |= {"refit_epoch_seconds": time.perf_counter() - started, "wall_time": time.time()}
         progress.history.append({"phase": "refit", **metrics})
         _live(worker.live_path, progress.history[-1], worker.rank)

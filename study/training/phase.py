@@ -22,6 +22,7 @@ from study.config import TrainConfig
 from study.data.cache import CachedVolumes, VolumeCache, collate
 from study.runtime import Precision
 from study.training.augment import augment
+from study.training.calibration import reestimate_batchnorm
 from study.training.models import Architecture, Network, build_model
 
 
@@ -78,6 +79,16 @@ class Phase:
 
     def progress(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def reestimate_batchnorm(self) -> None:
+        """BatchNorm's running statistics from this phase's subjects as they are tested: un-augmented, float32.
+
+        Every rank reads all of the phase's subjects (not its shard), so all ranks keep the same statistics.
+        See :func:`study.training.calibration.reestimate_batchnorm` for why.
+        """
+        loader = DataLoader(self.dataset, batch_size=self.train.batch_size, collate_fn=collate)
+        with self.precision.exact():
+            reestimate_batchnorm(self.bare, (self.precision.volumes(x) for x, _ in loader))
 
     def epoch(self, epoch: int) -> tuple[dict[str, float], list[str]]:
         """One pass over this rank's shard; returns the mean training loss/accuracy and the subjects read."""

@@ -1,0 +1,178 @@
+"""Calibration of a fold's probabilities: BatchNorm re-estimated, Platt scaling, and the scores the field reports."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import expit
+from sklearn.calibration import calibration_curve
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import brier_score_loss
+
+from study.config.sections import TrainConfig
+from study.data.cohort import CohortConfig, load_cohort
+from study.training.calibration import (
+    Calibration,
+    brier_score,
+    logit_difference,
+    reestimate_batchnorm,
+    reliability_bins,
+)
+from study.training.checkpoint import Progress, read_checkpoint
+from study.training.loop import TrainingData, train_loop_per_worker
+from study.training.models import Architecture
+from tests.conftest import cache_for
+
+
+def _logistic(n: int, temperature: float, bias: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Log-odds and labels drawn so that P(1) = sigmoid(temperature * log-odds + bias)."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 2, n)
+    return z, (rng.random(n) < expit(temperature * z + bias)).astype(int)
+
+
+def test_the_brier_score_and_reliability_bins_are_scikit_learns():
+    rng = np.random.default_rng(1)
+    p = np.concatenate([rng.random(200), [0.0, 1.0, 0.1, 0.2, 0.5]])  # bin edges included
+    y = (rng.random(len(p)) < p).astype(int)
+    assert brier_score(y, p) == pytest.approx(brier_score_loss(y, p), abs=1e-12)
+    predicted, observed, counts = reliability_bins(y, p, bins=10)
+    reference_observed, reference_predicted = calibration_curve(y, p, n_bins=10, strategy="uniform")
+    np.testing.assert_allclose(predicted, reference_predicted, atol=1e-12)
+    np.testing.assert_allclose(observed, reference_observed, atol=1e-12)
+    assert counts.sum() == len(p) and (counts > 0).all()
+    sparse = np.array([0.05, 0.07, 0.93])  # empty bins are left out, as scikit-learn does
+    assert len(reliability_bins(np.array([0, 1, 1]), sparse)[0]) == len(calibration_curve([0, 1, 1], sparse)[0]) == 2
+
+
+def test_platt_scaling_is_the_maximum_likelihood_logistic_fit():
+    z, y = _logistic(4000, temperature=0.4, bias=-1.2)
+    fitted = Calibration.fit(z, y)
+    reference = LogisticRegression(C=np.inf).fit(z[:, None], y)  # the textbook fit, no prior
+    assert fitted.temperature == pytest.approx(reference.coef_[0, 0], rel=0.01)
+    assert fitted.bias == pytest.approx(reference.intercept_[0], abs=0.02)
+    assert fitted.temperature == pytest.approx(0.4, rel=0.15) and fitted.bias == pytest.approx(-1.2, abs=0.15)
+    assert fitted.subjects == 4000
+    # Softmax's own probabilities of these log-odds are too sure and shifted: calibrated, they score better.
+    assert brier_score(y, fitted.probabilities(z)) < brier_score(y, expit(z)) - 0.02
+
+
+def test_platt_scaling_stays_finite_and_keeps_the_ranking_when_it_has_little_to_go_on():
+    separated = Calibration.fit(np.array([-3.0, -2.0, -1.0, 1.0, 2.0, 3.0]), np.array([0, 0, 0, 1, 1, 1]))
+    assert 0 < separated.temperature < 100 and np.isfinite(separated.bias)
+    assert Calibration.fit(np.array([1.0, 2.0, 3.0]), np.array([0, 1, 1])) == Calibration()  # too few
+    assert Calibration.fit(np.arange(6.0), np.ones(6)) == Calibration()  # one class only
+    z = np.linspace(-4, 4, 9)
+    assert np.all(np.diff(separated.probabilities(z)) > 0)
+    np.testing.assert_allclose(Calibration().probabilities(z), expit(z))
+    assert Calibration.from_dict(separated.to_dict()) == separated
+    assert Calibration.from_dict(None) == Calibration()
+
+
+def test_log_odds_are_what_softmax_says_of_class_1():
+    logits = torch.tensor([[0.3, 1.1], [2.0, -1.0]])
+    np.testing.assert_allclose(expit(logit_difference(logits)), torch.softmax(logits, 1)[:, 1].numpy(), rtol=1e-6)
+
+
+def test_batchnorm_is_re_estimated_on_the_volumes_given_and_nothing_else_changes():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.BatchNorm3d(2), torch.nn.ReLU())
+    for _ in range(5):  # running statistics of other data, as after training on augmented volumes
+        model.train()(torch.randn(4, 1, 6, 6, 6) * 3 + 2)
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    batches = [torch.randn(4, 1, 6, 6, 6) for _ in range(3)]
+    assert reestimate_batchnorm(model, batches) == 1
+    features = [model[0](x).transpose(0, 1).flatten(1) for x in batches]
+    norm = model[1]
+    expected_mean = torch.stack([f.mean(1) for f in features]).mean(0)
+    expected_var = torch.stack([f.var(1) for f in features]).mean(0)  # the average of the batches' statistics
+    torch.testing.assert_close(norm.running_mean, expected_mean.detach())
+    torch.testing.assert_close(norm.running_var, expected_var.detach())
+    assert norm.momentum == 0.1 and not model.training
+    for k, v in weights.items():
+        torch.testing.assert_close(model.state_dict()[k], v)
+    assert reestimate_batchnorm(torch.nn.Sequential(torch.nn.Conv3d(1, 1, 3)), batches) == 0
+
+
+def _changed(cache, subject_ids: list[str], tmp_path, value: float = np.nan):
+    """A copy of ``cache`` whose ``subject_ids`` are all ``value`` inside the brain (NaN: a model or calibration
+    that read one would be NaN)."""
+    tmp_path.mkdir()
+    path = tmp_path / "volumes.f16"
+    shutil.copy(cache.path, path)
+    poisoned = replace(cache, path=path)
+    volumes = np.memmap(path, dtype=np.float16, mode="r+", shape=(len(cache.subject_ids), *cache.shape))
+    rows = poisoned.rows(subject_ids)
+    volumes[rows] = np.where(volumes[rows] != 0, value, 0)
+    volumes.flush()
+    return poisoned
+
+
+def _final_training(data: TrainingData, tmp_path, name: str, monkeypatch) -> dict:
+    """The fold's final training as crossval runs it (inner split calibrates, then the refit), in this process;
+    its last checkpoint's record."""
+    import ray.train
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    kept, report = [], ray.train.report
+
+    def keep(metrics: dict, checkpoint: ray.train.Checkpoint | None = None, **kwargs) -> None:
+        if checkpoint is not None:  # local mode keeps no copy of the reported folder, which the loop then deletes
+            kept.append(read_checkpoint(checkpoint))
+        report(metrics, checkpoint=checkpoint, **kwargs)
+
+    monkeypatch.setattr(ray.train, "report", keep)
+    config = {
+        "architecture": Architecture(width=2, blocks=2),
+        "train": TrainConfig(epochs=2, batch_size=2, seed=0),
+        "data": data,
+        "refit_epochs": 2,
+        "checkpoint_every_s": 3600.0,
+    }
+    TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=0),  # Ray Train's local mode: this process, no Ray
+        run_config=RunConfig(name=name, storage_path=str(tmp_path / "ray")),
+    ).fit()
+    return kept[-1]
+
+
+def test_a_fold_is_calibrated_on_its_inner_split_and_never_on_its_test_subjects(
+    cohort_dir, preprocess_config, tmp_path, monkeypatch
+):
+    cohort = load_cohort(CohortConfig(root=cohort_dir))
+    cache = cache_for(cohort, preprocess_config).cache
+    label = dict(zip(cohort.ids, cohort.labels.tolist()))
+    by_class = [[s for s in cohort.ids if label[s] == c] for c in (0, 1)]
+    test = by_class[0][:2] + by_class[1][:2]
+    inner_train = by_class[0][2:4] + by_class[1][2:4]
+    validation = by_class[0][4:] + by_class[1][4:]
+    assert len(validation) >= 4 and not set(test) & set(inner_train + validation)
+
+    def data(on) -> TrainingData:
+        labels = lambda ids: np.array([label[s] for s in ids])  # noqa: E731
+        train = inner_train + validation
+        return TrainingData(on, inner_train, labels(inner_train), validation, labels(validation), train, labels(train))
+
+    kept = _final_training(data(cache), tmp_path, "clean", monkeypatch)
+    progress = Progress.from_dict(kept)
+    calibration = Calibration.from_dict(progress.calibration)
+    assert calibration.subjects == len(validation)
+    assert [row["phase"] for row in progress.history] == ["calibrate"] * 2 + ["refit"] * 2
+    assert np.isfinite(progress.history[1]["calibration_val_loss"])  # validated after its last epoch only
+    assert "calibration_val_loss" not in progress.history[0]
+
+    with_poisoned_test = _final_training(data(_changed(cache, test, tmp_path / "a")), tmp_path, "test", monkeypatch)
+    assert with_poisoned_test["calibration"] == kept["calibration"]
+    for key, weights in kept["model"].items():  # BatchNorm statistics included: re-estimated on training subjects
+        torch.testing.assert_close(with_poisoned_test["model"][key], weights, msg=key)
+
+    # The check can fail: a validation subject does change the calibration.
+    changed = data(_changed(cache, validation[:1], tmp_path / "b", value=3.0))
+    assert _final_training(changed, tmp_path, "val", monkeypatch)["calibration"] != kept["calibration"]
