@@ -22,6 +22,7 @@ from study.output.report import Report
 from study.output.tracking import Tracker
 from study.state import Study, StudyState
 from study.training.baseline import BaselineResult
+from study.training.calibration import Calibration
 from study.training.evaluation import evaluate
 from study.training.folds import FoldResult
 from study.training.metrics import classification_metrics
@@ -29,9 +30,12 @@ from study.training.models import Architecture
 from study.training.trainer import TrainingSetup
 
 
-def published(tmp_path, cohort_dir, cnn_signal: float, baseline_signal: float, fit: float):
+def published(tmp_path, cohort_dir, cnn_signal: float, baseline_signal: float, fit: float, shift: float = 0.0):
     """Publish a two-fold study of the synthetic cohort whose held-out P(male) carry ``*_signal`` of the label
-    (0: none) and whose CNN fitted its training subjects to accuracy ``fit``; its run, report and evaluation."""
+    (0: none) and whose CNN fitted its training subjects to accuracy ``fit``; its run, report and evaluation.
+
+    ``shift``: the CNN's softmax log-odds before calibration were shifted by it, in opposite directions in the two
+    folds, and each fold's calibration took it back."""
     config = parse_config(
         {"name": "published", "cohort": {"root": str(cohort_dir)}, "cv": {"outer_folds": 2, "inner_folds": 2}}
     )
@@ -45,11 +49,13 @@ def published(tmp_path, cohort_dir, cnn_signal: float, baseline_signal: float, f
     results, baselines = [], []
     for fold in folds:
         labels = study.labels(fold.test)
-        cnn = np.clip(0.5 + cnn_signal * (labels - 0.5) + 0.2 * rng.standard_normal(len(labels)), 0, 1)
+        cnn = np.clip(0.5 + cnn_signal * (labels - 0.5) + 0.2 * rng.standard_normal(len(labels)), 0.01, 0.99)
         linear = np.clip(0.5 + baseline_signal * (labels - 0.5) + 0.2 * rng.standard_normal(len(labels)), 0, 1)
         history = pd.DataFrame({"phase": ["refit"], "refit_epoch": [0], "fit_accuracy": [fit]})
         setup = TrainingSetup(Architecture(width=4), config.train)
-        predictions = cohort.classes.predictions(fold.test, labels, cnn)
+        direction = 1 if fold.fold == 0 else -1
+        log_odds = np.log(cnn / (1 - cnn)) + direction * shift
+        predictions = cohort.classes.predictions(fold.test, labels, cnn, log_odds)
         results.append(
             FoldResult(
                 fold.fold,
@@ -59,6 +65,7 @@ def published(tmp_path, cohort_dir, cnn_signal: float, baseline_signal: float, f
                 classification_metrics(labels, cnn),
                 predictions,
                 {"training": 1.0},
+                calibration=Calibration(1.0, -direction * shift, 20),
             )
         )
         baselines.append(
@@ -108,3 +115,27 @@ def test_only_the_baseline_learned_and_the_cnn_fitted_nothing(tmp_path, cohort_d
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     baselines = client.search_runs([run.info.experiment_id], "tags.`study.level` = 'baseline'")
     assert sorted(r.data.tags["study.fold"] for r in baselines) == ["0", "1"]  # a run per fold, beside the CNN's
+
+
+def test_calibration_is_reported_pooled_and_per_fold_beside_softmax_probabilities(tmp_path, cohort_dir):
+    """Folds shifted to opposite classes before calibration: the report shows their reliability before and after,
+    MLflow has the Brier scores and the pooled ROC AUC before calibration, which the shift lowered."""
+    from sklearn.metrics import brier_score_loss
+
+    run, report, evaluation, _ = published(tmp_path, cohort_dir, cnn_signal=0.6, baseline_signal=0.6, fit=1.0, shift=3)
+    metrics = run.data.metrics
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    path = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="predictions.tsv", tracking_uri=uri
+    )
+    table = pd.read_csv(path, sep="\t")
+    truth = (table["sex"] == "male").to_numpy()
+    assert metrics["pooled_brier"] == pytest.approx(brier_score_loss(truth, table["p_male"]))
+    assert metrics["pooled_roc_auc"] == pytest.approx(evaluation.cnn.auc)
+    assert metrics["pooled_roc_auc_uncalibrated"] < evaluation.cnn.auc - 0.05
+    assert {"test_brier_mean", "test_brier_std", "pooled_balanced_accuracy"} <= set(metrics)
+    client = mlflow.MlflowClient(uri)
+    assert "reliability.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    html = report.html()
+    assert "Reliability diagrams of the CNN" in html and f"{metrics['pooled_roc_auc_uncalibrated']:.3f}" in html
+    assert "CNN ROC AUC (fold mean ± sd)" in html and "CNN calibration (temperature, bias)" in html

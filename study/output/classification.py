@@ -8,18 +8,21 @@ summary and tables.
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from scipy.special import expit
+from sklearn.metrics import roc_auc_score
 
 from study.output.console import say
-from study.output.figures import roc_figure
+from study.output.figures import reliability_figure, roc_figure
 from study.output.report import Report
 from study.output.tracking import Tracker
 from study.state import Study
 from study.training.baseline import BaselineResult
 from study.training.evaluation import Evaluation, fit_check, format_p
 from study.training.folds import FoldResult
-from study.training.metrics import SUMMARY_METRICS, cross_fold_summary
+from study.training.metrics import SUMMARY_METRICS, classification_metrics, cross_fold_summary
 
 
 def publish_classification(
@@ -34,7 +37,8 @@ def publish_classification(
     fit check found of folds that did not fit their own training subjects (None: every fold did)."""
     parent = study.state.parent_run
     fit, underfit = fit_check({r.fold: r.fit_accuracy for r in results})
-    _log_metrics(tracker, parent, results, baselines, evaluation)
+    pooled = _pooled(study, results)
+    _log_metrics(tracker, parent, results, baselines, evaluation, pooled)
     tracker.set_tags(parent, {"study.finding": evaluation.finding, "study.fit": fit})
     _log_baseline_runs(tracker, study, baselines)
     tracker.log_table(parent, pd.concat([r.predictions.assign(fold=r.fold) for r in results]), "predictions.tsv")
@@ -45,10 +49,13 @@ def publish_classification(
         "finding" if evaluation.finding == "yes" else "warning",
         " ".join(filter(None, [evaluation.verdict, underfit])),
     )
-    report.summary = _summary(study, results, evaluation)
+    report.summary = _summary(study, results, evaluation, pooled)
     _fold_table(report, study, results, baselines)
     _finding_table(report, study, evaluation)
     report.add_images("ROC curves", [(f"ROC per outer fold ({study.cohort.classes.positive} = positive)", roc)])
+    reliability = _reliability(study, results)
+    tracker.log_figure(parent, reliability, "reliability.png")
+    report.add_images("Calibration", [(CALIBRATION.format(**pooled), reliability)])
     if study.config.search:
         _search_table(tracker, report, parent, results)
     tracker.set_tags(
@@ -65,10 +72,26 @@ def publish_classification(
     return underfit
 
 
+def _pooled(study: Study, results: list[FoldResult]) -> dict[str, float]:
+    """The CNN's pooled held-out Brier score and balanced accuracy (calibrated), and its pooled ROC AUC before
+    calibration (NaN for folds kept before calibration existed)."""
+    table = pd.concat([r.predictions for r in results])
+    labels = study.labels(table.subject_id.tolist())
+    metrics = classification_metrics(labels, table[study.cohort.classes.p].to_numpy())
+    raw = table["log_odds"].to_numpy() if "log_odds" in table else np.full(len(table), np.nan)
+    uncalibrated = float(roc_auc_score(labels, raw)) if np.isfinite(raw).all() else float("nan")
+    return {"brier": metrics["brier"], "balanced_accuracy": metrics["balanced_accuracy"], "uncalibrated": uncalibrated}
+
+
 def _log_metrics(
-    tracker: Tracker, parent: str, results: list[FoldResult], baselines: list[BaselineResult], evaluation: Evaluation
+    tracker: Tracker,
+    parent: str,
+    results: list[FoldResult],
+    baselines: list[BaselineResult],
+    evaluation: Evaluation,
+    pooled: dict[str, float],
 ) -> None:
-    """The study run's metrics: each model's fold mean and spread, and the pooled tests."""
+    """The study run's metrics: each model's fold mean and spread, the pooled tests and calibration."""
     tracker.log_metrics(parent, cross_fold_summary([r.test_metrics for r in results]))
     linear = cross_fold_summary([b.test_metrics for b in baselines])
     tracker.log_metrics(parent, {k.replace("test_", "baseline_test_", 1): v for k, v in linear.items()})
@@ -77,6 +100,11 @@ def _log_metrics(
         "pooled_roc_auc_ci_low": evaluation.cnn.low,
         "pooled_roc_auc_ci_high": evaluation.cnn.high,
         "pooled_roc_auc_p_vs_chance": evaluation.cnn_p,
+    }
+    metrics |= {
+        "pooled_brier": pooled["brier"],
+        "pooled_balanced_accuracy": pooled["balanced_accuracy"],
+        "pooled_roc_auc_uncalibrated": pooled["uncalibrated"],
     }
     if evaluation.brain_volume is not None:
         metrics["brain_volume_roc_auc"] = evaluation.brain_volume.auc
@@ -104,6 +132,30 @@ def _log_baseline_runs(tracker: Tracker, study: Study, baselines: list[BaselineR
         tracker.end(run_id)
         state.baseline_runs[baseline.fold] = run_id
         study.save_state()
+
+
+CALIBRATION = (
+    "Reliability diagrams of the CNN's held-out probabilities: in ten bins of predicted probability, the share "
+    "of subjects who are the class predicted, each point sized by its subjects; on the diagonal, a probability "
+    "means what it says. Left: as tested, each fold's model calibrated (temperature and bias) on its first inner "
+    "split's validation subjects, never on held-out ones; pooled Brier score {brier:.3f} (0 is perfect, 0.25 a "
+    "coin), balanced accuracy {balanced_accuracy:.3f}. Right: the same models' softmax probabilities before that "
+    "calibration (pooled ROC AUC {uncalibrated:.3f}): folds shifted to one class there mix different scales when "
+    "pooled."
+)
+
+
+def _reliability(study: Study, results: list[FoldResult]) -> Figure:
+    """The reliability diagrams of every fold and of all folds pooled, calibrated and before calibration."""
+    classes = study.cohort.classes
+    panels: dict[str, dict] = {"calibrated (as tested)": {}, "before calibration (softmax)": {}}
+    table = pd.concat([r.predictions.assign(fold=r.fold) for r in results])
+    for name, rows in [(f"fold {f}", t) for f, t in table.groupby("fold")] + [("pooled", table)]:
+        labels = study.labels(rows.subject_id.tolist())
+        panels["calibrated (as tested)"][name] = (labels, rows[classes.p].to_numpy())
+        if "log_odds" in rows and rows["log_odds"].notna().all():
+            panels["before calibration (softmax)"][name] = (labels, expit(rows["log_odds"].to_numpy()))
+    return reliability_figure({k: v for k, v in panels.items() if v}, classes.names)
 
 
 def _roc(study: Study, results: list[FoldResult], baselines: list[BaselineResult]) -> Figure:
@@ -138,13 +190,17 @@ def _console(
         say(underfit)
 
 
-def _summary(study: Study, results: list[FoldResult], evaluation: Evaluation) -> list[tuple[str, str]]:
-    """The report's headline numbers."""
-    cohort = study.cohort
+def _summary(
+    study: Study, results: list[FoldResult], evaluation: Evaluation, pooled: dict[str, float]
+) -> list[tuple[str, str]]:
+    """The report's headline numbers: the pooled ROC AUC first (the honest number), the fold mean beside it."""
+    cohort, folds = study.cohort, cross_fold_summary([r.test_metrics for r in results])
     return [
         ("subjects", f"{len(cohort.subjects)} ({int(cohort.labels.sum())} {cohort.classes.positive})"),
         ("outer folds", str(len(results))),
         ("CNN ROC AUC (pooled, 95% CI)", str(evaluation.cnn)),
+        ("CNN ROC AUC (fold mean ± sd)", f"{folds['test_roc_auc_mean']:.3f} ± {folds['test_roc_auc_std']:.3f}"),
+        ("CNN Brier score (pooled)", f"{pooled['brier']:.3f}"),
         ("linear baseline ROC AUC", str(evaluation.baseline) if evaluation.baseline else "-"),
         ("CNN vs chance", format_p(evaluation.cnn_p)),
         ("MLflow run", study.state.parent_run[:12]),
@@ -171,10 +227,13 @@ def _fold_table(report: Report, study: Study, results: list[FoldResult], baselin
         {
             "fold": r.fold,
             "test subjects": len(r.predictions),
-            "epochs (inner split)": r.epochs("select") or "-",
+            "epochs (inner split)": r.epochs("select") or r.epochs("calibrate") or "-",
             "epochs (refit)": r.epochs("refit") or "-",
             "CNN training accuracy": r.fit_accuracy,
-            **{f"CNN {m}": r.test_metrics[m] for m in SUMMARY_METRICS},
+            **{f"CNN {m}": r.test_metrics.get(m, float("nan")) for m in SUMMARY_METRICS},
+            "CNN calibration (temperature, bias)": f"{r.calibration.temperature:.2f}, {r.calibration.bias:+.2f}"
+            if r.calibration.subjects
+            else "none",
             "linear ROC AUC": b.test_metrics["roc_auc"],
             "linear balanced_accuracy": b.test_metrics["balanced_accuracy"],
             "linear C": b.C,

@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
 from study.attribution.methods import title
+from study.training.calibration import reliability_bins
 
 
 def roc_figure(
@@ -36,6 +37,32 @@ def roc_figure(
         aspect="equal",
     )
     ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def reliability_figure(
+    panels: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], classes: tuple[str, str] = ("female", "male")
+) -> Figure:
+    """Reliability diagrams side by side, one panel per title: ``{title: {name: (labels, P(class 1))}}``.
+
+    Each curve is the observed share of class 1 against the mean predicted P(class 1) in ten equal bins
+    (:func:`~study.training.calibration.reliability_bins`), each point sized by its subjects; on the diagonal,
+    probabilities mean what they say.
+    """
+    fig = Figure(figsize=(4.0 * len(panels), 4.2), dpi=110)
+    axes = np.atleast_1d(fig.subplots(1, len(panels), sharey=True))
+    positive = classes[1]
+    for ax, (heading, curves) in zip(axes, panels.items()):
+        ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
+        for name, (labels, p) in curves.items():
+            predicted, observed, counts = reliability_bins(labels, p)
+            pooled = name.startswith("pooled")
+            ax.plot(predicted, observed, lw=2.2 if pooled else 1.0, c="black" if pooled else None, label=name)
+            ax.scatter(predicted, observed, s=6 + 60 * counts / counts.max(), c="black" if pooled else None, zorder=3)
+        ax.set(xlabel=f"predicted P({positive})", title=heading, xlim=(0, 1), ylim=(0, 1.01), aspect="equal")
+        ax.legend(loc="upper left", fontsize=7)
+    axes[0].set_ylabel(f"observed share of {positive}")
     fig.tight_layout()
     return fig
 

@@ -20,7 +20,8 @@ from study.training.checkpoint import load_model
 from study.training.folds import FoldResult
 from study.training.live import OnEpochs
 
-PHASE_STEPS = {"select": "epoch", "refit": "refit_epoch"}  # a fold's training phases and their step column
+# A fold's training phases and their step column: selection or calibration on the inner split, then the refit.
+PHASE_STEPS = {"select": "epoch", "calibrate": "calibration_epoch", "refit": "refit_epoch"}
 
 
 def open_fold_runs(tracker: Tracker, study: Study) -> None:
@@ -74,6 +75,9 @@ def publish_fold(tracker: Tracker, study: Study, result: FoldResult, times: Stag
         if len(rows):
             tracker.log_history(run_id, rows, step, only_new=True)
     tracker.log_metrics(run_id, result.test_metrics, prefix="test_")
+    if result.calibration.subjects:
+        calibration = result.calibration.to_dict()
+        tracker.log_metrics(run_id, {f"calibration_{k}": v for k, v in calibration.items()})
     tracker.log_table(run_id, result.predictions, "predictions.tsv")
     classes, name = study.cohort.classes, f"fold {result.fold}"
     labels = study.labels(result.predictions.subject_id.tolist())
@@ -95,6 +99,8 @@ def _fold_line(study: Study, result: FoldResult) -> str:
     phases = []
     if select := result.epochs("select"):
         phases.append(f"{select} epochs on the inner split")
+    if calibrate := result.epochs("calibrate"):
+        phases.append(f"{calibrate} epochs on the inner split (calibration)")
     if refit := result.epochs("refit"):
         phases.append(f"{refit} epochs on all {len(study.folds[result.fold].train)} training subjects")
     m = result.test_metrics
