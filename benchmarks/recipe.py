@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score
 
 from study.config import parse_config
 from study.pipeline import run_study
@@ -41,6 +44,8 @@ RECIPES: dict[str, dict] = {
     "lr_3e-4": {"train": {"lr": 3e-4}},
     "epochs_20": {"train": {"epochs": 20}},
     "batch_4": {"train": {"batch_size": 4}},
+    "cosine schedule": {"train": {"schedule": "cosine"}},
+    "no calibration": {"train": {"calibration": "none"}},
 }
 
 
@@ -51,10 +56,34 @@ def merged(base: dict, change: dict) -> dict:
     return out
 
 
+def calibration_columns(predictions: pd.DataFrame) -> tuple[str, ...]:
+    """From a study's pooled held-out predictions (fold, sex, p_male): the fold mean ROC AUC, pooled minus fold
+    mean, the worst fold's gap between the share predicted male and the share that is, and the pooled Brier score
+    (issue 38: folds shifted to one class lose pooled AUC)."""
+    male = (predictions["sex"] == "male").to_numpy()
+    p = predictions["p_male"].to_numpy()
+    pooled = roc_auc_score(male, p)
+    folds = [
+        (roc_auc_score(male[i], p[i]), abs(np.mean(p[i] >= 0.5) - np.mean(male[i]))) for i in _fold_rows(predictions)
+    ]
+    mean = float(np.mean([auc for auc, _ in folds]))
+    return (
+        f"{mean:.3f}",
+        f"{pooled - mean:+.3f}",
+        f"{max(gap for _, gap in folds):.0%}",
+        f"{np.mean((p - male) ** 2):.3f}",
+    )
+
+
+def _fold_rows(predictions: pd.DataFrame) -> list[np.ndarray]:
+    return [np.flatnonzero(predictions["fold"].to_numpy() == f) for f in sorted(predictions["fold"].unique())]
+
+
 def run(
     name: str, change: dict, cohort: Path, subjects: int, effect: float, args: argparse.Namespace, work: Path
 ) -> tuple[str, ...]:
     """One study of the recipe on one rung; its table row."""
+    cohort_seed = int(cohort.name.rsplit("seed", 1)[1])
     base = {
         "name": f"recipe-{subjects}-{effect:g}",
         "cohort": {
@@ -63,7 +92,8 @@ def run(
                 "subjects": subjects,
                 "voxel_sizes": [2.0, 2.5, 3.0],
                 "effect_size": effect,
-                "seed": args.seed,
+                "regions": args.regions,
+                "seed": cohort_seed,
             },
         },
         "preprocess": {"voxel_size": args.voxel_size, "cache_dir": str(args.cohorts / "cache")},
@@ -92,13 +122,16 @@ def run(
         if r.data.tags.get("study.level") == "fold"
     ]
     fit = sum(f.data.metrics.get("fit_accuracy", float("nan")) for f in folds) / len(folds)
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="predictions.tsv", dst_path=str(work))
     return (
         name,
         f"{effect:g}",
         str(subjects),
+        str(cohort_seed),
         f"{m['pooled_roc_auc']:.3f} [{m['pooled_roc_auc_ci_low']:.3f}, {m['pooled_roc_auc_ci_high']:.3f}]",
         f"{m['baseline_pooled_roc_auc']:.3f}",
         f"{m['cnn_minus_baseline_roc_auc']:+.3f}",
+        *calibration_columns(pd.read_csv(path, sep="\t")),
         f"{fit:.2f}",
         parent.data.tags["study.finding"],
         f"{m.get('time_training_s', 0):.0f}",
@@ -128,7 +161,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30, help="the demo's budget (default 30)")
     parser.add_argument("--voxel-size", type=float, default=4.0, help="study grid (default 4 mm: 46 x 55 x 46)")
     parser.add_argument("--width", type=int, default=8, help="MriNet's first-block channels (default 8, the demo's)")
-    parser.add_argument("--seed", type=int, default=7, help="the cohorts' seed (default 7)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[7], help="the cohorts' seeds (default 7)")
+    parser.add_argument("--regions", type=int, default=3, help="planted regions per cohort (default 3)")
     parser.add_argument(
         "--cohorts",
         type=Path,
@@ -142,9 +176,14 @@ def main() -> None:
         "recipe",
         "effect",
         "subjects",
+        "cohort seed",
         "CNN AUC [95% CI]",
         "linear AUC",
         "CNN - linear",
+        "CNN fold mean AUC",
+        "pooled - fold mean",
+        "worst fold's share gap",
+        "Brier",
         "fit acc.",
         "finding",
         "train s",
@@ -153,13 +192,14 @@ def main() -> None:
     rows = []
     for effect in args.effects:
         for subjects in args.subjects:
-            cohort = args.cohorts / f"effect{effect:g}-n{subjects}-seed{args.seed}"
-            for name in args.recipes:
-                rows.append(run(name, RECIPES[name], cohort, subjects, effect, args, work))
-                print(" | ".join(rows[-1]), flush=True)
+            for seed in args.seeds:
+                cohort = args.cohorts / f"effect{effect:g}-n{subjects}-regions{args.regions}-seed{seed}"
+                for name in args.recipes:
+                    rows.append(run(name, RECIPES[name], cohort, subjects, effect, args, work))
+                    print(" | ".join(rows[-1]), flush=True)
     print(
         f"\n{args.folds} outer folds, {args.voxel_size:g} mm grid, MriNet width {args.width}, {args.epochs} epochs, "
-        f"2 concurrent folds; cohorts seed {args.seed}; results in {work}"
+        f"2 concurrent folds; {args.regions} planted regions; results in {work}"
     )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))

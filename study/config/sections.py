@@ -52,18 +52,22 @@ class TrainConfig(Section):
     on the inner split (it never sees that split's validation subjects,
     one of ``cv.inner_folds`` parts of the fold's training subjects).
 
-    ``calibration`` says where each fold's probabilities are calibrated
-    (temperature and bias, :mod:`study.training.calibration`): ``inner_split``
-    fits them on the predictions for the first inner split's validation
-    subjects by a model that did not train on them: the selection's, or, when
-    the epochs are chosen already (``all_subjects``, or after a search), a model
-    trained for as many epochs on the inner training split, which costs about
-    (inner_folds - 1) / inner_folds of the final fit again. ``none``: softmax's
-    probabilities as they are. Held-out subjects never calibrate.
+    ``calibration`` says how each fold's probabilities are calibrated
+    (:mod:`study.training.calibration`), on the predictions for the first inner
+    split's validation subjects by a model that did not train on them: the
+    selection's, or, when the epochs are chosen already (``all_subjects``, or
+    after a search), a model trained for as many epochs on the inner training
+    split, which costs about (inner_folds - 1) / inner_folds of the final fit
+    again. ``temperature`` (the default) fits a temperature, which keeps every
+    decision and corrects over- or under-confidence; ``platt`` also a bias,
+    which moves the 0.5 threshold: right when that model is the final one
+    (``final_fit: inner_split``), but a bias learnt from another training
+    transfers badly (docs/results.md, "Calibration"); ``none``: softmax's
+    probabilities. Held-out subjects never calibrate.
     """
 
     final_fit: Literal["all_subjects", "early_stopped", "inner_split"] = "all_subjects"
-    calibration: Literal["inner_split", "none"] = "inner_split"
+    calibration: Literal["temperature", "platt", "none"] = "temperature"
     epochs: int = Field(40, ge=1)  # the budget (the most epochs, when early-stopped)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(1e-3, gt=0)  # AdamW's peak learning rate

@@ -217,7 +217,9 @@ FINAL_FITS = {
 FOLDS = (
     "{final_fit} Each final model was tested once on its fold's held-out subjects. CNN training accuracy: the final "
     "model on its own training subjects (no augmentation); near 0.5 means it never fitted them. The linear baseline "
-    "is an l2 logistic regression on the same voxels, its C chosen on the same inner splits."
+    "is an l2 logistic regression on the same voxels, its C chosen on the same inner splits. CNN calibration: the "
+    "temperature and bias that map its log-odds to the probabilities tested, fitted on its first inner split's "
+    "validation subjects (1, +0 leave softmax's; none: the split was too small, or train.calibration is none)."
 )
 
 

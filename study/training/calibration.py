@@ -10,10 +10,13 @@ Two steps, in the order a fold's final model takes them:
    (issue 38; ``benchmarks/recipe_diagnosis.py --diagnose`` measures it). The
    fix re-estimates the statistics on the training subjects as they are tested,
    un-augmented ("precise BatchNorm", Wu & Johnson 2021).
-2. :class:`Calibration`: what is left is corrected by a temperature and a bias
-   on the logit difference (Platt 1999; Guo et al. 2017), fitted on predictions
-   for training subjects by a model that did not train on them: the fold's
-   first inner split (see :mod:`.loop`). Never on held-out subjects.
+2. :class:`Calibration`: what is left is corrected on the logit difference by a
+   temperature (Guo et al. 2017), or a temperature and a bias (Platt 1999),
+   fitted on predictions for training subjects by a model that did not train
+   on them: the fold's first inner split (see :mod:`.loop`). Never on held-out
+   subjects. That model is usually another training than the final one: its
+   temperature carries over (the same recipe is as over-confident), its bias
+   does not (which way a training leans is its own), hence the default.
 
 The scores the field reports for calibration are :func:`brier_score` and
 :func:`reliability_bins` (a reliability diagram's points).
@@ -28,33 +31,19 @@ import numpy as np
 import torch
 from scipy.optimize import minimize
 from scipy.special import expit, log_expit
+from torch.optim.swa_utils import update_bn
 
 
 @torch.no_grad()
-def reestimate_batchnorm(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> int:
+def reestimate_batchnorm(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> None:
     """Replace every BatchNorm layer's running mean and variance by those of ``batches`` (un-augmented volumes).
 
-    Each statistic becomes the plain average over the batches (``momentum=None``), not an exponential one, and
-    no weight changes. Returns the number of BatchNorm layers re-estimated (0: nothing to do). The model ends in
-    eval mode.
+    Each statistic becomes the plain average over the batches, not an exponential one, and no weight changes:
+    PyTorch's ``swa_utils.update_bn`` (written for weight averaging, which needs the same), without building an
+    autograd graph. The model ends in eval mode.
     """
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        model.eval()
-        return 0
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    try:
-        for x in batches:
-            model(x)
-    finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
-        model.eval()
-    return len(norms)
+    update_bn(batches, model)
+    model.eval()
 
 
 def logit_difference(logits: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -80,8 +69,9 @@ class Calibration:
         return expit(self.temperature * np.asarray(log_odds, dtype=np.float64) + self.bias)
 
     @classmethod
-    def fit(cls, log_odds: np.ndarray, labels: np.ndarray) -> Calibration:
-        """The temperature and bias of least log loss on ``labels`` (0/1), the temperature kept positive.
+    def fit(cls, log_odds: np.ndarray, labels: np.ndarray, bias: bool = True) -> Calibration:
+        """The temperature and bias (or, ``bias=False``, the temperature alone: Guo et al.'s temperature scaling,
+        which keeps every decision) of least log loss on ``labels`` (0/1), the temperature kept positive.
 
         Maximum likelihood with a weak Gaussian prior (sd 2 on the bias and on the log-temperature, around the
         identity) so that a few subjects, or perfectly separated ones, give finite values. Fewer than 4 subjects,
@@ -92,12 +82,13 @@ class Calibration:
             return cls(subjects=0)
 
         def loss(params: np.ndarray) -> float:
-            log_t, b = params
+            log_t, b = params if bias else (params[0], 0.0)
             s = np.exp(log_t) * z + b
             return -np.sum(y * log_expit(s) + (1 - y) * log_expit(-s)) + (log_t**2 + b**2) / (2 * 2.0**2)
 
-        result = minimize(loss, np.zeros(2), method="Nelder-Mead", options={"xatol": 1e-6, "fatol": 1e-9})
-        return cls(float(np.exp(result.x[0])), float(result.x[1]), len(z))
+        start = np.zeros(2 if bias else 1)
+        result = minimize(loss, start, method="Nelder-Mead", options={"xatol": 1e-6, "fatol": 1e-9})
+        return cls(float(np.exp(result.x[0])), float(result.x[1]) if bias else 0.0, len(z))
 
     def to_dict(self) -> dict[str, float]:
         return {"temperature": self.temperature, "bias": self.bias, "subjects": self.subjects}

@@ -221,7 +221,7 @@ def _final_fit(job: FoldJob) -> tuple[TrainingData, int | None]:
     all subjects (or, for ``inner_split``, the best setup trained again on the inner split).
     """
     train, data = job.setup.train, job.data
-    calibrated = data if train.calibration == "inner_split" else data.refit_only()
+    calibrated = data if train.calibration != "none" else data.refit_only()
     if train.final_fit == "all_subjects":
         return calibrated, train.epochs
     if train.final_fit == "inner_split":

@@ -219,9 +219,10 @@ def _select(
     """The selection phase on the inner split: it chooses the epoch count, or (given one) only calibrates.
 
     Without ``progress.refit_epochs``, every epoch is validated and the phase stops when the validation loss no
-    longer improves; the best epoch's validation predictions calibrate the fold. With it, the phase trains that
-    many epochs and validates the last one, whose predictions calibrate the fold. Either way, BatchNorm's
-    statistics are re-estimated on the un-augmented training subjects before each validation. Returns the phase
+    longer improves; the best epoch's validation predictions calibrate the fold (as ``train.calibration`` says).
+    With it, the phase trains that many epochs and validates the last one, whose predictions calibrate the fold.
+    Either way, BatchNorm's statistics are re-estimated on the un-augmented training subjects before each
+    validation. Returns the phase
     (holding the best epoch's weights when there is no refit) and the progress the refit starts from.
     """
     fixed = progress.refit_epochs  # the epochs are chosen already: the inner split only calibrates
@@ -244,7 +245,9 @@ def _select(
             improved = fixed is not None or metrics["val_loss"] < progress.best_val_loss - 1e-4
             if improved:
                 progress.best_val_loss, progress.best_epoch = metrics["val_loss"], epoch
-                progress.calibration = Calibration.fit(z, data.val_labels).to_dict()
+                if train.calibration != "none":
+                    fitted = Calibration.fit(z, data.val_labels, bias=train.calibration == "platt")
+                    progress.calibration = fitted.to_dict()
                 stale, best_state = 0, cpu_state(current.bare)
             else:
                 stale += 1
