@@ -6,6 +6,7 @@ import shutil
 from dataclasses import replace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy.special import expit
@@ -179,3 +180,37 @@ def test_a_fold_is_calibrated_on_its_inner_split_and_never_on_its_test_subjects(
     # The check can fail: a validation subject does change the calibration.
     changed = data(_changed(cache, validation[:1], tmp_path / "b", value=3.0))
     assert _final_training(changed, tmp_path, "val", monkeypatch)["calibration"] != kept["calibration"]
+
+
+@pytest.mark.parametrize(
+    ("final_fit", "calibration", "searched", "phases", "refit_epochs"),
+    [
+        ("all_subjects", "temperature", False, ("inner split", "refit"), 7),  # the inner split only calibrates
+        ("all_subjects", "none", False, ("refit",), 7),
+        ("early_stopped", "temperature", False, ("inner split", "refit"), None),  # early stopping chooses
+        ("early_stopped", "temperature", True, ("inner split", "refit"), 5),  # the search chose: calibrate only
+        ("early_stopped", "none", True, ("refit",), 5),
+        ("inner_split", "platt", False, ("inner split",), None),
+    ],
+)
+def test_each_final_fit_gets_the_inner_split_when_it_selects_or_calibrates(
+    final_fit, calibration, searched, phases, refit_epochs
+):
+    from study.data.cohort import Classes
+    from study.training.crossval import _final_fit
+    from study.training.folds import FoldJob
+    from study.training.trainer import TrainingSetup
+    from study.training.trials import SearchResult, Trial
+
+    labels = np.array([0, 1, 0, 1])
+    data = TrainingData(None, ["a", "b"], labels[:2], ["c", "d"], labels[2:], ["a", "b", "c", "d"], labels)
+    search = None
+    if searched:
+        history = pd.DataFrame({"epoch": range(6), "val_loss": [5, 4, 3, 2, 1, 1.5]})  # best epoch 4
+        search = SearchResult("val_loss", {}, [Trial("t", {}, history, "completed", 1.0)])
+    train = TrainConfig(final_fit=final_fit, calibration=calibration, epochs=7)
+    job = FoldJob(0, TrainingSetup(Architecture(), train), data, ["e"], np.array([1]), Classes(), search)
+    got, epochs = _final_fit(job)
+    assert epochs == refit_epochs
+    assert ("inner split" in phases) == bool(got.val_ids) and ("refit" in phases) == bool(got.refit_ids)
+    assert "e" not in [*got.train_ids, *got.val_ids, *got.refit_ids]
