@@ -222,8 +222,8 @@ def _select(
     longer improves; the best epoch's validation predictions calibrate the fold (as ``train.calibration`` says).
     With it, the phase trains that many epochs and validates the last one, whose predictions calibrate the fold.
     Either way, BatchNorm's statistics are re-estimated on the un-augmented training subjects before each
-    validation. Returns the phase
-    (holding the best epoch's weights when there is no refit) and the progress the refit starts from.
+    validation. Returns the phase (holding the best epoch's weights when there is no refit) and the progress the
+    refit starts from.
     """
     fixed = progress.refit_epochs  # the epochs are chosen already: the inner split only calibrates
     epochs = fixed or train.epochs
@@ -245,9 +245,7 @@ def _select(
             improved = fixed is not None or metrics["val_loss"] < progress.best_val_loss - 1e-4
             if improved:
                 progress.best_val_loss, progress.best_epoch = metrics["val_loss"], epoch
-                if train.calibration != "none":
-                    fitted = Calibration.fit(z, data.val_labels, bias=train.calibration == "platt")
-                    progress.calibration = fitted.to_dict()
+                progress.calibration = _calibration(z, data.val_labels, train.calibration)
                 stale, best_state = 0, cpu_state(current.bare)
             else:
                 stale += 1
@@ -261,17 +259,12 @@ def _select(
             "wall_time": time.time(),
         }
         if fixed:  # its own curves: a search's best trial may have logged the selection's already
-            metrics = {f"calibration_{k}": v for k, v in metrics.items() if k != "wall_time"} | {
-                "wall_time": metrics["wall_time"]
-            }
+            metrics = {(k if k == "wall_time" else f"calibration_{k}"): v for k, v in metrics.items()}
         progress.history.append({"phase": "calibrate" if fixed else "select", **metrics})
         _live(worker.live_path, progress.history[-1], worker.rank)
         progress.epoch = epoch
-        refit = replace(progress, phase="refit", epoch=None, refit_epochs=fixed or progress.best_epoch + 1)
-        if last and data.refit_ids:  # what a resumed run needs to start the refit
-            kept, optimizer = refit, {}
-        else:
-            kept, optimizer = progress, current.progress()
+        # What a resumed run needs: at the end, to start the refit; before, to go on with this phase.
+        kept, optimizer = (_refit_from(progress), {}) if last and data.refit_ids else (progress, current.progress())
         # A checkpoint when the state worth keeping changes (fault tolerance) and at the end (the full history).
         if fixed:
             due = last or _report_due(last_report, worker.checkpoint_every_s, worker.precision.device)
@@ -282,7 +275,20 @@ def _select(
         last_report = time.monotonic() if weights is not None else last_report
         if last:
             break
-    return current, replace(progress, phase="refit", epoch=None, refit_epochs=fixed or progress.best_epoch + 1)
+    return current, _refit_from(progress)
+
+
+def _refit_from(progress: Progress) -> Progress:
+    """The progress a refit starts from after the selection ``progress``: its epochs chosen, or given."""
+    return replace(progress, phase="refit", epoch=None, refit_epochs=progress.refit_epochs or progress.best_epoch + 1)
+
+
+def _calibration(log_odds: np.ndarray, labels: np.ndarray, kind: str) -> dict[str, float] | None:
+    """The fold's calibration (``train.calibration``: temperature, platt or none) from the inner split's
+    validation predictions, as its checkpoint keeps it."""
+    if kind == "none":
+        return None
+    return Calibration.fit(log_odds, labels, bias=kind == "platt").to_dict()
 
 
 def _refit(
