@@ -78,6 +78,15 @@ def test_platt_scaling_stays_finite_and_keeps_the_ranking_when_it_has_little_to_
     assert Calibration.from_dict(None) == Calibration()
 
 
+def test_recentering_puts_the_threshold_midway_between_the_classes_medians():
+    z = np.array([-9.0, -5.0, -4.0, -3.0, -1.0, 0.0, 1.0, 7.0])  # a training leaning to class 0, sure of itself
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    recentered = Calibration.recentered(z, y)
+    assert (recentered.temperature, recentered.bias, recentered.subjects) == (1.0, 2.0, 8)  # medians -4.5 and 0.5
+    assert np.mean(recentered.probabilities(z) >= 0.5) == 0.5 and np.mean(expit(z) >= 0.5) == 0.375
+    assert Calibration.recentered(z[:3], y[:3]) == Calibration.recentered(z, np.ones(8)) == Calibration()
+
+
 def test_log_odds_are_what_softmax_says_of_class_1():
     logits = torch.tensor([[0.3, 1.1], [2.0, -1.0]])
     np.testing.assert_allclose(expit(logit_difference(logits)), torch.softmax(logits, 1)[:, 1].numpy(), rtol=1e-6)
@@ -116,7 +125,7 @@ def _changed(cache, subject_ids: list[str], tmp_path, value: float = np.nan):
     return poisoned
 
 
-def _final_training(data: TrainingData, tmp_path, name: str, monkeypatch) -> dict:
+def _final_training(data: TrainingData, tmp_path, name: str, monkeypatch, calibration: str) -> dict:
     """The fold's final training as crossval runs it (inner split calibrates, then the refit), in this process;
     its last checkpoint's record."""
     import ray.train
@@ -133,7 +142,7 @@ def _final_training(data: TrainingData, tmp_path, name: str, monkeypatch) -> dic
     monkeypatch.setattr(ray.train, "report", keep)
     config = {
         "architecture": Architecture(width=2, blocks=2),
-        "train": TrainConfig(epochs=2, batch_size=2, seed=0),
+        "train": TrainConfig(epochs=2, batch_size=2, seed=0, calibration=calibration),
         "data": data,
         "refit_epochs": 2,
         "checkpoint_every_s": 3600.0,
@@ -147,9 +156,12 @@ def _final_training(data: TrainingData, tmp_path, name: str, monkeypatch) -> dic
     return kept[-1]
 
 
-def test_a_fold_is_calibrated_on_its_inner_split_and_never_on_its_test_subjects(
-    cohort_dir, preprocess_config, tmp_path, monkeypatch
+@pytest.mark.parametrize("calibration", ["temperature", "recenter"])
+def test_a_fold_is_calibrated_on_its_training_subjects_and_never_on_its_test_subjects(
+    calibration, cohort_dir, preprocess_config, tmp_path, monkeypatch
 ):
+    """``temperature`` from the inner split's model on its validation subjects; ``recenter`` from the final
+    model on all of its training subjects; a held-out subject changes neither."""
     cohort = load_cohort(CohortConfig(root=cohort_dir))
     cache = cache_for(cohort, preprocess_config).cache
     label = dict(zip(cohort.ids, cohort.labels.tolist()))
@@ -164,22 +176,24 @@ def test_a_fold_is_calibrated_on_its_inner_split_and_never_on_its_test_subjects(
         train = inner_train + validation
         return TrainingData(on, inner_train, labels(inner_train), validation, labels(validation), train, labels(train))
 
-    kept = _final_training(data(cache), tmp_path, "clean", monkeypatch)
+    kept = _final_training(data(cache), tmp_path, "clean", monkeypatch, calibration)
     progress = Progress.from_dict(kept)
-    calibration = Calibration.from_dict(progress.calibration)
-    assert calibration.subjects == len(validation)
+    fitted = Calibration.from_dict(progress.calibration)
+    assert fitted.subjects == (len(validation) if calibration == "temperature" else len(inner_train + validation))
     assert [row["phase"] for row in progress.history] == ["calibrate"] * 2 + ["refit"] * 2
     assert np.isfinite(progress.history[1]["calibration_val_loss"])  # validated after its last epoch only
     assert "calibration_val_loss" not in progress.history[0]
 
-    with_poisoned_test = _final_training(data(_changed(cache, test, tmp_path / "a")), tmp_path, "test", monkeypatch)
+    with_poisoned_test = _final_training(
+        data(_changed(cache, test, tmp_path / "a")), tmp_path, "test", monkeypatch, calibration
+    )
     assert with_poisoned_test["calibration"] == kept["calibration"]
     for key, weights in kept["model"].items():  # BatchNorm statistics included: re-estimated on training subjects
         torch.testing.assert_close(with_poisoned_test["model"][key], weights, msg=key)
 
-    # The check can fail: a validation subject does change the calibration.
+    # The check can fail: a validation subject (a training subject of the final fit) does change the calibration.
     changed = data(_changed(cache, validation[:1], tmp_path / "b", value=3.0))
-    assert _final_training(changed, tmp_path, "val", monkeypatch)["calibration"] != kept["calibration"]
+    assert _final_training(changed, tmp_path, "val", monkeypatch, calibration)["calibration"] != kept["calibration"]
 
 
 @pytest.mark.parametrize(
@@ -191,6 +205,9 @@ def test_a_fold_is_calibrated_on_its_inner_split_and_never_on_its_test_subjects(
         ("early_stopped", "temperature", True, ("inner split", "refit"), 5),  # the search chose: calibrate only
         ("early_stopped", "none", True, ("refit",), 5),
         ("inner_split", "platt", False, ("inner split",), None),
+        ("all_subjects", "recenter", False, ("refit",), 7),  # from the final model's own training subjects
+        ("early_stopped", "recenter", True, ("refit",), 5),
+        ("early_stopped", "recenter", False, ("inner split", "refit"), None),
     ],
 )
 def test_each_final_fit_gets_the_inner_split_when_it_selects_or_calibrates(

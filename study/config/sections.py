@@ -53,21 +53,25 @@ class TrainConfig(Section):
     one of ``cv.inner_folds`` parts of the fold's training subjects).
 
     ``calibration`` says how each fold's probabilities are calibrated
-    (:mod:`study.training.calibration`), on the predictions for the first inner
-    split's validation subjects by a model that did not train on them: the
+    (:mod:`study.training.calibration`; BatchNorm's statistics are always
+    re-estimated on the un-augmented training subjects first). ``recenter``
+    (the default, free) moves the 0.5 threshold to midway between the two
+    classes' median log-odds on the final model's own training subjects:
+    on weak effects a training ends leaning to one class, and its training
+    subjects show by how much. ``temperature`` fits a temperature, ``platt`` a
+    temperature and a bias, on the predictions for the first inner split's
+    validation subjects by a model that did not train on them: the
     selection's, or, when the epochs are chosen already (``all_subjects``, or
     after a search), a model trained for as many epochs on the inner training
     split, which costs about (inner_folds - 1) / inner_folds of the final fit
-    again. ``temperature`` (the default) fits a temperature, which keeps every
-    decision and corrects over- or under-confidence; ``platt`` also a bias,
-    which moves the 0.5 threshold: right when that model is the final one
-    (``final_fit: inner_split``), but a bias learnt from another training
-    transfers badly (docs/results.md, "Calibration"); ``none``: softmax's
-    probabilities. Held-out subjects never calibrate.
+    again. That model is another training, whose confidence and lean need not
+    be the final model's (docs/results.md, "Calibration"): right for
+    ``final_fit: inner_split``, where it is the final model. ``none``:
+    softmax's probabilities. Held-out subjects never calibrate.
     """
 
     final_fit: Literal["all_subjects", "early_stopped", "inner_split"] = "all_subjects"
-    calibration: Literal["temperature", "platt", "none"] = "temperature"
+    calibration: Literal["recenter", "temperature", "platt", "none"] = "recenter"
     epochs: int = Field(40, ge=1)  # the budget (the most epochs, when early-stopped)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(1e-3, gt=0)  # AdamW's peak learning rate

@@ -10,13 +10,16 @@ Two steps, in the order a fold's final model takes them:
    (issue 38; ``benchmarks/recipe_diagnosis.py --diagnose`` measures it). The
    fix re-estimates the statistics on the training subjects as they are tested,
    un-augmented ("precise BatchNorm", Wu & Johnson 2021).
-2. :class:`Calibration`: what is left is corrected on the logit difference by a
+2. :class:`Calibration`: what is left is corrected on the logit difference.
+   By default (:meth:`Calibration.recentered`) the 0.5 threshold moves to
+   midway between the classes' median log-odds on the final model's own
+   training subjects: on weak effects a training ends leaning to one class, by
+   an amount its training subjects show as well as its held-out ones. A
    temperature (Guo et al. 2017), or a temperature and a bias (Platt 1999),
-   fitted on predictions for training subjects by a model that did not train
-   on them: the fold's first inner split (see :mod:`.loop`). Never on held-out
-   subjects. That model is usually another training than the final one: its
-   temperature carries over (the same recipe is as over-confident), its bias
-   does not (which way a training leans is its own), hence the default.
+   can instead be fitted on predictions for the first inner split's
+   validation subjects by a model that did not train on them (see
+   :mod:`.loop`); that model is another training, whose confidence and lean
+   need not be the final model's. Never on held-out subjects.
 
 The scores the field reports for calibration are :func:`brier_score` and
 :func:`reliability_bins` (a reliability diagram's points).
@@ -89,6 +92,20 @@ class Calibration:
         start = np.zeros(2 if bias else 1)
         result = minimize(loss, start, method="Nelder-Mead", options={"xatol": 1e-6, "fatol": 1e-9})
         return cls(float(np.exp(result.x[0])), float(result.x[1]) if bias else 0.0, len(z))
+
+    @classmethod
+    def recentered(cls, log_odds: np.ndarray, labels: np.ndarray) -> Calibration:
+        """The bias that moves the 0.5 threshold to midway between the two classes' median log-odds.
+
+        Fitted on the final model's own training subjects, this corrects which way that training leans, the
+        part of a fold's shift that another training's predictions cannot tell (docs/results.md,
+        "Calibration"); medians, unlike a likelihood fit, are not fooled by how sure a model is of subjects it
+        trained on. Fewer than 4 subjects, or one class only: the identity.
+        """
+        z, y = np.asarray(log_odds, dtype=np.float64), np.asarray(labels)
+        if len(z) < 4 or y.min() == y.max():
+            return cls(subjects=0)
+        return cls(1.0, float(-(np.median(z[y == 1]) + np.median(z[y == 0])) / 2), len(z))
 
     def to_dict(self) -> dict[str, float]:
         return {"temperature": self.temperature, "bias": self.bias, "subjects": self.subjects}

@@ -215,13 +215,14 @@ def train_and_test(
 
 def _final_fit(job: FoldJob) -> tuple[TrainingData, int | None]:
     """What the fold's final training gets, as ``train.final_fit`` and ``train.calibration`` say: its subjects
-    (with the inner split, when it selects or calibrates) and the refit's epochs (None: early stopping chooses).
+    (with the inner split, when it selects, or calibrates by ``temperature`` or ``platt``) and the refit's epochs
+    (None: early stopping chooses).
 
     After a search, the best trial already made any selection on the inner split: what is left is the training on
     all subjects (or, for ``inner_split``, the best setup trained again on the inner split).
     """
     train, data = job.setup.train, job.data
-    calibrated = data if train.calibration != "none" else data.refit_only()
+    calibrated = data if train.calibration in ("temperature", "platt") else data.refit_only()
     if train.final_fit == "all_subjects":
         return calibrated, train.epochs
     if train.final_fit == "inner_split":

@@ -107,10 +107,15 @@ def _scores(log_odds: np.ndarray, labels: np.ndarray, prefix: str) -> dict[str, 
     }
 
 
-def _fit_scores(phase: Phase, worker: _Worker) -> dict[str, float]:
-    """The final model's scores on its own training subjects (eval mode): did it fit them at all?"""
+def _fit_scores(phase: Phase, worker: _Worker, progress: Progress) -> dict[str, float]:
+    """The final model's scores on its own training subjects (eval mode): did it fit them at all? With
+    ``train.calibration: recenter``, they also set the fold's calibration (:meth:`Calibration.recentered`)."""
     z = predict_log_odds(phase.model, phase.dataset, phase.train.batch_size, worker.precision)
-    return _scores(z, phase.dataset.labels.numpy(), "fit")
+    labels = phase.dataset.labels.numpy()
+    if phase.train.calibration == "recenter":  # scored as the fold decides: at the recentered threshold
+        recentered = Calibration.recentered(z, labels)
+        progress.calibration, z = recentered.to_dict(), z + recentered.bias
+    return _scores(z, labels, "fit")
 
 
 def _audit(directory: str | None, record: dict[str, Any]) -> None:
@@ -252,7 +257,7 @@ def _select(
         last = epoch == epochs - 1 or (not fixed and stale >= train.patience)
         if last and not data.refit_ids:  # the selected model is the final one: its fit to its own subjects
             current.bare.load_state_dict(best_state)
-            metrics |= _fit_scores(current, worker)
+            metrics |= _fit_scores(current, worker, progress)
         metrics |= {
             "best_val_loss": progress.best_val_loss,
             "epoch_seconds": time.perf_counter() - started,
@@ -284,9 +289,9 @@ def _refit_from(progress: Progress) -> Progress:
 
 
 def _calibration(log_odds: np.ndarray, labels: np.ndarray, kind: str) -> dict[str, float] | None:
-    """The fold's calibration (``train.calibration``: temperature, platt or none) from the inner split's
-    validation predictions, as its checkpoint keeps it."""
-    if kind == "none":
+    """The fold's calibration from the inner split's validation predictions (``train.calibration``: temperature
+    or platt), as its checkpoint keeps it; None for the kinds that do not use them."""
+    if kind not in ("temperature", "platt"):
         return None
     return Calibration.fit(log_odds, labels, bias=kind == "platt").to_dict()
 
@@ -314,7 +319,7 @@ def _refit(
         metrics = {"refit_epoch": epoch, **{f"refit_{k}": v for k, v in metrics.items()}}
         if epoch == epochs - 1:
             current.reestimate_batchnorm()
-            metrics |= _fit_scores(current, worker)
+            metrics |= _fit_scores(current, worker, progress)
         metrics |= {"refit_epoch_seconds": time.perf_counter() - started, "wall_time": time.time()}
         progress.history.append({"phase": "refit", **metrics})
         _live(worker.live_path, progress.history[-1], worker.rank)
