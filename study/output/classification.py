@@ -55,7 +55,9 @@ def publish_classification(
     report.add_images("ROC curves", [(f"ROC per outer fold ({study.cohort.classes.positive} = positive)", roc)])
     reliability = _reliability(study, results)
     tracker.log_figure(parent, reliability, "reliability.png")
-    report.add_images("Calibration", [(CALIBRATION.format(**pooled), reliability)])
+    how = CALIBRATED_BY[study.config.train.calibration]
+    caption = CALIBRATION.format(positive=study.cohort.classes.positive, how=how, **pooled)
+    report.add_images("Calibration", [(caption, reliability)])
     if study.config.search:
         _search_table(tracker, report, parent, results)
     tracker.set_tags(
@@ -135,14 +137,23 @@ def _log_baseline_runs(tracker: Tracker, study: Study, baselines: list[BaselineR
 
 
 CALIBRATION = (
-    "Reliability diagrams of the CNN's held-out probabilities: in ten bins of predicted probability, the share "
-    "of subjects who are the class predicted, each point sized by its subjects; on the diagonal, a probability "
-    "means what it says. Left: as tested, each fold's model calibrated (temperature and bias) on its first inner "
-    "split's validation subjects, never on held-out ones; pooled Brier score {brier:.3f} (0 is perfect, 0.25 a "
-    "coin), balanced accuracy {balanced_accuracy:.3f}. Right: the same models' softmax probabilities before that "
-    "calibration (pooled ROC AUC {uncalibrated:.3f}): folds shifted to one class there mix different scales when "
-    "pooled."
+    "Reliability diagrams of the CNN's held-out probabilities: in ten bins of predicted P({positive}), the share "
+    "of subjects who are {positive}, each point sized by its subjects; on the diagonal, a probability means what "
+    "it says. Left: as tested, {how}; never on held-out subjects. Pooled Brier score {brier:.3f} (0 is perfect, "
+    "0.25 a coin), balanced accuracy {balanced_accuracy:.3f}. Right (when there was a calibration): the same "
+    "models' softmax probabilities before it (pooled ROC AUC {uncalibrated:.3f}): folds that lean to one class "
+    "there mix different scales when pooled. BatchNorm's statistics were re-estimated on the un-augmented "
+    "training subjects in both."
 )
+CALIBRATED_BY = {  # train.calibration
+    "recenter": "each fold's 0.5 threshold moved to midway between the two classes' median log-odds on its own "
+    "training subjects",
+    "temperature": "each fold's probabilities calibrated by a temperature fitted on its first inner split's "
+    "validation subjects, predicted by a model that did not train on them",
+    "platt": "each fold's probabilities calibrated by a temperature and a bias fitted on its first inner split's "
+    "validation subjects, predicted by a model that did not train on them",
+    "none": "softmax's probabilities, not calibrated (train.calibration: none)",
+}
 
 
 def _reliability(study: Study, results: list[FoldResult]) -> Figure:
@@ -153,7 +164,7 @@ def _reliability(study: Study, results: list[FoldResult]) -> Figure:
     for name, rows in [(f"fold {f}", t) for f, t in table.groupby("fold")] + [("pooled", table)]:
         labels = study.labels(rows.subject_id.tolist())
         panels["calibrated (as tested)"][name] = (labels, rows[classes.p].to_numpy())
-        if "log_odds" in rows and rows["log_odds"].notna().all():
+        if any(r.calibration.subjects for r in results) and "log_odds" in rows and rows["log_odds"].notna().all():
             panels["before calibration (softmax)"][name] = (labels, expit(rows["log_odds"].to_numpy()))
     return reliability_figure({k: v for k, v in panels.items() if v}, classes.names)
 
@@ -218,8 +229,8 @@ FOLDS = (
     "{final_fit} Each final model was tested once on its fold's held-out subjects. CNN training accuracy: the final "
     "model on its own training subjects (no augmentation); near 0.5 means it never fitted them. The linear baseline "
     "is an l2 logistic regression on the same voxels, its C chosen on the same inner splits. CNN calibration: the "
-    "temperature and bias that map its log-odds to the probabilities tested, fitted on its first inner split's "
-    "validation subjects (1, +0 leave softmax's; none: the split was too small, or train.calibration is none)."
+    "temperature and bias that map its log-odds to the probabilities tested (1, +0 leave softmax's; see the "
+    "Calibration section; none: too few subjects, or train.calibration: none)."
 )
 
 
