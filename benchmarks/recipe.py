@@ -46,6 +46,7 @@ RECIPES: dict[str, dict] = {
     "batch_4": {"train": {"batch_size": 4}},
     "cosine schedule": {"train": {"schedule": "cosine"}},
     "no calibration": {"train": {"calibration": "none"}},
+    "temperature on the inner split": {"train": {"calibration": "temperature"}},
 }
 
 
