@@ -109,12 +109,15 @@ def _scores(log_odds: np.ndarray, labels: np.ndarray, prefix: str) -> dict[str, 
 
 def _fit_scores(phase: Phase, worker: _Worker, progress: Progress) -> dict[str, float]:
     """The final model's scores on its own training subjects (eval mode): did it fit them at all? With
-    ``train.calibration: recenter``, they also set the fold's calibration (:meth:`Calibration.recentered`)."""
+    ``train.calibration: recenter``, they also set the fold's calibration (:meth:`Calibration.recentered`).
+
+    Scored before that calibration: a threshold set on these very subjects would make a model that learned
+    nothing look as if it had fitted them.
+    """
     z = predict_log_odds(phase.model, phase.dataset, phase.train.batch_size, worker.precision)
     labels = phase.dataset.labels.numpy()
-    if phase.train.calibration == "recenter":  # scored as the fold decides: at the recentered threshold
-        recentered = Calibration.recentered(z, labels)
-        progress.calibration, z = recentered.to_dict(), z + recentered.bias
+    if phase.train.calibration == "recenter":
+        progress.calibration = Calibration.recentered(z, labels).to_dict()
     return _scores(z, labels, "fit")
 
 
