@@ -63,7 +63,9 @@ def demo_sized(tmp_path, root, **changes):
 
 
 @pytest.fixture(scope="module")
-def hard_cohort(tmp_path_factory):
+def hard_cohort(tmp_path_factory, ray_head):
+    """Synthesized by Ray tasks on the tests' head: asked for first, so that alone this module still joins it
+    (before, the tasks would start a Ray of their own when no earlier test had started the head)."""
     root = tmp_path_factory.mktemp("hard") / "cohort"
     synthesize_cohort(root, SyntheticCohort(subjects=120, voxel_sizes=(3.0, 4.0), seed=21))
     return root
