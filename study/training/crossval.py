@@ -185,7 +185,7 @@ def train_and_test(
     """Train the fold's setup as its ``final_fit`` says, then test it on the held-out subjects (a Ray task).
 
     ``job.data`` holds the fold's first inner split and all of its training subjects (see :func:`_final_fit`).
-    The held-out probabilities are the model's, calibrated as its inner split said.
+    The held-out probabilities are the model's, calibrated as ``train.calibration`` says.
     """
     started, setup, search = time.perf_counter(), job.setup, job.search
     data, refit_epochs = _final_fit(job)

@@ -51,7 +51,7 @@ class FoldResult:
     predictions: pd.DataFrame  # subject_id, the true class, P(class 1), predicted, log_odds (Classes.predictions)
     seconds: dict[str, float]  # training, Ray set-up, testing (and search, when there was one)
     search: SearchResult | None = None
-    calibration: Calibration = Calibration()  # the inner split's temperature and bias (the identity: none)
+    calibration: Calibration = Calibration()  # its temperature and bias (train.calibration; the identity: none)
 
     def epochs(self, phase: str) -> int:
         """Epochs trained in ``phase`` (select or refit)."""
