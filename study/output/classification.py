@@ -37,11 +37,12 @@ def publish_classification(
     fit check found of folds that did not fit their own training subjects (None: every fold did)."""
     parent = study.state.parent_run
     fit, underfit = fit_check({r.fold: r.fit_accuracy for r in results})
-    pooled = _pooled(study, results)
+    held_out = pd.concat([r.predictions.assign(fold=r.fold) for r in results])  # every fold's test subjects
+    pooled = _pooled(study, held_out)
     _log_metrics(tracker, parent, results, baselines, evaluation, pooled)
     tracker.set_tags(parent, {"study.finding": evaluation.finding, "study.fit": fit})
     _log_baseline_runs(tracker, study, baselines)
-    tracker.log_table(parent, pd.concat([r.predictions.assign(fold=r.fold) for r in results]), "predictions.tsv")
+    tracker.log_table(parent, held_out, "predictions.tsv")
     roc = _roc(study, results, baselines)
     tracker.log_figure(parent, roc, "roc.png")
     _console(results, baselines, evaluation, underfit)
@@ -53,7 +54,7 @@ def publish_classification(
     _fold_table(report, study, results, baselines)
     _finding_table(report, study, evaluation)
     report.add_images("ROC curves", [(f"ROC per outer fold ({study.cohort.classes.positive} = positive)", roc)])
-    reliability = _reliability(study, results)
+    reliability = _reliability(study, held_out, calibrated=any(r.calibration.subjects for r in results))
     tracker.log_figure(parent, reliability, "reliability.png")
     how = CALIBRATED_BY[study.config.train.calibration]
     caption = CALIBRATION.format(positive=study.cohort.classes.positive, how=how, **pooled)
@@ -74,10 +75,9 @@ def publish_classification(
     return underfit
 
 
-def _pooled(study: Study, results: list[FoldResult]) -> dict[str, float]:
+def _pooled(study: Study, table: pd.DataFrame) -> dict[str, float]:
     """The CNN's pooled held-out Brier score and balanced accuracy (calibrated), and its pooled ROC AUC before
-    calibration (NaN for folds kept before calibration existed)."""
-    table = pd.concat([r.predictions for r in results])
+    calibration (NaN for folds kept before calibration existed), from the folds' prediction ``table``."""
     labels = study.labels(table.subject_id.tolist())
     metrics = classification_metrics(labels, table[study.cohort.classes.p].to_numpy())
     raw = table["log_odds"].to_numpy() if "log_odds" in table else np.full(len(table), np.nan)
@@ -156,15 +156,16 @@ CALIBRATED_BY = {  # train.calibration
 }
 
 
-def _reliability(study: Study, results: list[FoldResult]) -> Figure:
-    """The reliability diagrams of every fold and of all folds pooled, calibrated and before calibration."""
+def _reliability(study: Study, table: pd.DataFrame, calibrated: bool) -> Figure:
+    """The reliability diagrams of every fold of the prediction ``table`` and of all of them pooled; beside them,
+    when the folds were ``calibrated``, the same before calibration."""
     classes = study.cohort.classes
     panels: dict[str, dict] = {"calibrated (as tested)": {}, "before calibration (softmax)": {}}
-    table = pd.concat([r.predictions.assign(fold=r.fold) for r in results])
+    before = calibrated and "log_odds" in table and table["log_odds"].notna().all()
     for name, rows in [(f"fold {f}", t) for f, t in table.groupby("fold")] + [("pooled", table)]:
         labels = study.labels(rows.subject_id.tolist())
         panels["calibrated (as tested)"][name] = (labels, rows[classes.p].to_numpy())
-        if any(r.calibration.subjects for r in results) and "log_odds" in rows and rows["log_odds"].notna().all():
+        if before:
             panels["before calibration (softmax)"][name] = (labels, expit(rows["log_odds"].to_numpy()))
     return reliability_figure({k: v for k, v in panels.items() if v}, classes.names)
 
