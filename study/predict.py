@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from study.data.cohort import SEX_CLASSES, Classes, Problem
 from study.data.volumes import Grid, preprocess_volume
 from study.errors import ModelNotFoundError, UntrustedCodeError, VolumeError
-from study.training.calibration import Calibration, logit_difference
+from study.training.calibration import Calibration
 from study.training.models import model_from_record, model_record
 
 SPEC_FILE = "ensemble.json"
@@ -137,18 +137,17 @@ class Ensemble:
         study's were (float16; raises VolumeError)."""
         return preprocess_volume(Path(image), self.grid, self.normalize, mask or None)
 
+    @property
+    def calibrated_models(self) -> dict[int, torch.nn.Module]:
+        """Each fold's model with its calibration on its logits: softmax says the calibrated P(class 1)."""
+        return {fold: self.calibrations.get(fold, Calibration()).applied_to(m) for fold, m in self.models.items()}
+
     @torch.no_grad()
     def probabilities(self, volumes: np.ndarray) -> np.ndarray:
         """Calibrated P(class 1) (e.g. P(male)) of each fold's model for volumes [subjects, D, H, W]:
         [subjects, folds]."""
         x = torch.from_numpy(np.asarray(volumes, dtype=np.float32)[:, None])
-        return np.stack(
-            [
-                self.calibrations.get(fold, Calibration()).probabilities(logit_difference(m(x)))
-                for fold, m in self.models.items()
-            ],
-            axis=1,
-        )
+        return np.stack([torch.softmax(m(x), 1)[:, 1].numpy() for m in self.calibrated_models.values()], axis=1)
 
     @property
     def columns(self) -> list[str]:
@@ -220,7 +219,7 @@ class Ensemble:
         precision = Precision.choose(torch.device("cpu"))
         x = torch.from_numpy(np.asarray(volume, dtype=np.float32)[None, None])
         sums = {m: np.zeros(self.grid.shape, np.float32) for m in self.methods}
-        for model in self.models.values():
+        for model in self.calibrated_models.values():
             maps = explain_batch(model, x, torch.zeros(1, dtype=torch.long), explanation, self.grid.voxel_mm, precision)
             for method, values in maps.items():
                 sums[method] += normalize(values.astype(np.float32).reshape(1, -1))[0].reshape(self.grid.shape)

@@ -23,9 +23,10 @@ from study.training.calibration import (
     reestimate_batchnorm,
     reliability_bins,
 )
-from study.training.checkpoint import Progress, read_checkpoint
+from study.attribution.targets import class_score, select_targets
+from study.training.checkpoint import Progress, load_model, read_checkpoint, save_checkpoint
 from study.training.loop import TrainingData, train_loop_per_worker
-from study.training.models import Architecture
+from study.training.models import Architecture, build_model
 from tests.conftest import cache_for
 
 
@@ -90,6 +91,35 @@ def test_recentering_puts_the_threshold_midway_between_the_classes_medians():
 def test_log_odds_are_what_softmax_says_of_class_1():
     logits = torch.tensor([[0.3, 1.1], [2.0, -1.0]])
     np.testing.assert_allclose(expit(logit_difference(logits)), torch.softmax(logits, 1)[:, 1].numpy(), rtol=1e-6)
+
+
+def test_the_maps_start_from_the_calibrated_decisions_with_the_networks_gradients(tmp_path):
+    """A saved fold's model loaded for its maps: softmax gives the calibrated probability, the predicted class
+    (``predicted_class``, Meaningful Perturbations' and the deletion check's decision) is the calibrated one, and
+    a class score's gradient is the network's times the temperature."""
+    torch.manual_seed(0)
+    shape = (12, 12, 12)
+    network = build_model(Architecture(width=2, blocks=2), shape).eval()
+    x = torch.randn(8, 1, *shape)
+    log_odds = logit_difference(network(x).detach())
+    calibration = Calibration(0.5, float(-0.5 * np.median(log_odds)), 40)  # half the subjects on each side
+    save_checkpoint(tmp_path, network, network.state_dict(), Progress("refit", calibration=calibration.to_dict()))
+    calibrated = load_model(tmp_path, calibrated=True)
+    logits = calibrated(x)
+    np.testing.assert_allclose(
+        torch.softmax(logits, 1)[:, 1].detach().numpy(), calibration.probabilities(log_odds), rtol=1e-5
+    )
+    decided = select_targets("predicted_class", torch.zeros(8, dtype=torch.long), logits).numpy()
+    np.testing.assert_array_equal(decided, calibration.probabilities(log_odds) >= 0.5)
+    assert decided.sum() == 4 and not np.array_equal(decided, log_odds >= 0)  # the calibration moved decisions
+    gradients = []
+    for model in (load_model(tmp_path), calibrated):
+        volume = x[:2].clone().requires_grad_(True)
+        class_score(model(volume), None).sum().backward()
+        gradients.append(volume.grad)
+    torch.testing.assert_close(gradients[1], 0.5 * gradients[0])
+    save_checkpoint(tmp_path, network, network.state_dict(), Progress("refit"))  # before calibration: as trained
+    assert type(load_model(tmp_path, calibrated=True)) is type(network)
 
 
 def test_batchnorm_is_re_estimated_on_the_volumes_given_and_nothing_else_changes():

@@ -104,7 +104,7 @@ class Explainer:
 
     def explain(self, job: FoldModel, subject_ids: list[str], labels: np.ndarray) -> tuple[list[str], dict]:
         if self.fold != job.fold:
-            self.model = self.precision.model(load_model(job.checkpoint))
+            self.model = self.precision.model(load_model(job.checkpoint, calibrated=True))
             self.fold = job.fold
         return subject_ids, explain_subjects(
             self.model, self.cache, subject_ids, labels, self.explanation, self.precision, len(subject_ids)

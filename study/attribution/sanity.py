@@ -119,7 +119,7 @@ def parameter_randomization(
     Explained as the original maps were: on this task's device, ``batch_size`` subjects at a time."""
     precision = Precision.choose(worker_device())
     rows = []
-    for step, (name, model) in enumerate(randomized_cascade(load_model(checkpoint), seed), start=1):
+    for step, (name, model) in enumerate(randomized_cascade(load_model(checkpoint, calibrated=True), seed), start=1):
         maps = explain_subjects(precision.model(model), cache, subject_ids, labels, explanation, precision, batch_size)
         for method, (rho, ssim) in compare(original, maps, brain).items():
             rows.append({"step": step, "randomized_down_to": name, "method": method, "spearman": rho, "ssim": ssim})
@@ -139,7 +139,13 @@ def label_randomization(
     """Maps of a model trained on shuffled labels, compared with the original maps."""
     precision = Precision.choose(worker_device())
     maps = explain_subjects(
-        precision.model(load_model(checkpoint)), cache, subject_ids, labels, explanation, precision, batch_size
+        precision.model(load_model(checkpoint, calibrated=True)),
+        cache,
+        subject_ids,
+        labels,
+        explanation,
+        precision,
+        batch_size,
     )
     return pd.DataFrame(
         [{"method": m, "spearman": rho, "ssim": ssim} for m, (rho, ssim) in compare(original, maps, brain).items()]
@@ -262,7 +268,7 @@ def deletion_check(
 
     ``model`` is the fold's CNN checkpoint, or a network in eval mode (the linear baseline's)."""
     precision = Precision.choose(worker_device(), precision="fp32")
-    model = precision.model(load_model(model) if isinstance(model, ray.train.Checkpoint) else model)
+    model = precision.model(load_model(model, calibrated=True) if isinstance(model, ray.train.Checkpoint) else model)
     volumes, rows = CachedVolumes(cache, subject_ids, np.zeros(len(subject_ids))), []
     mean = torch.tensor(reference, device=precision.device)
     for start in range(0, len(subject_ids), batch_size):

@@ -61,8 +61,9 @@ from study.training.models import build_model
 from study.training.trainer import TrainingSetup, fit
 
 # Raised when a method computes different maps for the same settings, so that a rerun does not reuse old maps
-# (2: under the contrast, Grad-CAM's magnitude and Meaningful Perturbations signed by each subject's decision).
-MAPS_VERSION = "2"
+# (2: under the contrast, Grad-CAM's magnitude and Meaningful Perturbations signed by each subject's decision;
+# 3: the decisions are the calibrated ones).
+MAPS_VERSION = "3"
 
 
 @dataclass

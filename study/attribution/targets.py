@@ -10,7 +10,9 @@ import torch
 
 
 def select_targets(mode: str, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
-    """Target class per subject (``None`` for the contrast, which has no single class)."""
+    """Target class per subject (``None`` for the contrast, which has no single class); the predicted class is
+    the argmax of ``logits``, the calibrated decision when the model carries its fold's calibration
+    (:class:`~study.training.calibration.CalibratedModel`)."""
     if mode == "true_class":
         return labels
     if mode == "predicted_class":

@@ -107,6 +107,10 @@ class Calibration:
             return cls(subjects=0)
         return cls(1.0, float(-(np.median(z[y == 1]) + np.median(z[y == 0])) / 2), len(z))
 
+    def applied_to(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` with this calibration on its logits (:class:`CalibratedModel`), or itself for the identity."""
+        return model if (self.temperature, self.bias) == (1.0, 0.0) else CalibratedModel(model, self)
+
     def to_dict(self) -> dict[str, float]:
         return {"temperature": self.temperature, "bias": self.bias, "subjects": self.subjects}
 
@@ -116,6 +120,26 @@ class Calibration:
         return (
             cls() if not record else cls(float(record["temperature"]), float(record["bias"]), int(record["subjects"]))
         )
+
+
+class CalibratedModel(torch.nn.Module):
+    """A two-class model whose logits carry its fold's calibration, for whatever reads its logits.
+
+    Each logit is multiplied by the temperature, and half the bias is added to class 1's and taken from class
+    0's: softmax then gives the calibrated probability, argmax the calibrated decision, and the gradient of
+    either logit, or of their difference, is the network's times the (positive) temperature. So maps have their
+    shapes and signs, while the decisions a method starts from (``predicted_class``, Meaningful Perturbations'
+    and the deletion check's decided class) are those the study reports.
+    """
+
+    def __init__(self, model: torch.nn.Module, calibration: Calibration):
+        super().__init__()
+        self.model, self.temperature = model, calibration.temperature
+        self.register_buffer("offset", torch.tensor([-calibration.bias / 2, calibration.bias / 2]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x)
+        return logits * self.temperature + self.offset.to(logits.dtype)
 
 
 def brier_score(labels: np.ndarray, p: np.ndarray) -> float:

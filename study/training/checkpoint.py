@@ -23,6 +23,7 @@ from typing import Any
 import ray.train
 import torch
 
+from study.training.calibration import Calibration
 from study.training.models import model_from_record, model_record
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -89,10 +90,16 @@ def load_history(checkpoint: ray.train.Checkpoint) -> list[dict[str, float]]:
     return Progress.from_dict(read_checkpoint(checkpoint)).history
 
 
-def load_model(checkpoint: ray.train.Checkpoint | Path) -> torch.nn.Module:
+def load_model(checkpoint: ray.train.Checkpoint | Path, calibrated: bool = False) -> torch.nn.Module:
     """The trained model of a checkpoint (directory or Ray Checkpoint), in eval mode, on the host
-    (``Precision.model`` moves it to a device, in its memory format)."""
-    return model_from_record(read_checkpoint(checkpoint))
+    (``Precision.model`` moves it to a device, in its memory format).
+
+    ``calibrated``: with the fold's calibration on its logits (:class:`~study.training.calibration.CalibratedModel`),
+    as the maps need it: their decided classes are then the ones the study reports.
+    """
+    record = read_checkpoint(checkpoint)
+    model = model_from_record(record)
+    return Calibration.from_dict(record.get("calibration")).applied_to(model) if calibrated else model
 
 
 def network_class(checkpoint: ray.train.Checkpoint) -> str | None:
