@@ -14,6 +14,7 @@ from sklearn.calibration import calibration_curve
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import brier_score_loss
 
+from study.attribution.targets import class_score, select_targets
 from study.config.sections import TrainConfig
 from study.data.cohort import CohortConfig, load_cohort
 from study.training.calibration import (
@@ -23,7 +24,6 @@ from study.training.calibration import (
     reestimate_batchnorm,
     reliability_bins,
 )
-from study.attribution.targets import class_score, select_targets
 from study.training.checkpoint import Progress, load_model, read_checkpoint, save_checkpoint
 from study.training.loop import TrainingData, train_loop_per_worker
 from study.training.models import Architecture, build_model
