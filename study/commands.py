@@ -232,6 +232,8 @@ def synth(args: argparse.Namespace, tasks: TaskMap) -> int:
         regions=args.regions,
         distractor=args.distractor,
         confound=args.confound,
+        site_confound=args.site_confound,
+        tiv_confound=args.tiv_confound,
         seed=args.seed,
     )
     table = synthesize_cohort(args.out, spec, tasks=tasks)

@@ -127,6 +127,39 @@ def test_a_planted_confound_shows_in_brain_volume(tmp_path, preprocess_config):
     assert auc[0.05] > 0.85 and abs(auc[0.0] - 0.5) < 0.3, auc
 
 
+def test_a_scanner_and_head_size_confound_come_with_their_columns_and_show_in_the_images(tmp_path):
+    """``--site-confound``: scanner B (another contrast, more noise) scans most men; ``--tiv-confound``: men's heads
+    are larger, which the registered images keep as a diffuse pattern (relatively less cortex), not as size."""
+    import pandas as pd
+    from scipy import ndimage
+    from sklearn.metrics import roc_auc_score
+
+    root = tmp_path / "confounded"
+    argv = ["synth", str(root), "--subjects", "40", "--voxel-size", "4", "--effect-size", "0", "--seed", "2"]
+    assert synth([*argv, "--site-confound", "0.6", "--tiv-confound", "0.12"]) == 0
+    table = pd.read_csv(root / "participants.tsv", sep="\t")
+    assert list(table.columns) == ["participant_id", "sex", "family_id", "age", "site", "tiv"]
+    assert {"site", "tiv"} <= set(json.loads((root / "participants.json").read_text()))
+    male = (table.sex == "M").to_numpy()
+    assert np.mean(table.site[male] == "B") - np.mean(table.site[~male] == "B") > 0.3  # 0.8 - 0.2 planted
+    assert roc_auc_score(male, table.tiv) > 0.7 and 1300 < table.tiv.median() < 1600
+
+    grid = Grid.mni(4.0)
+    volumes = np.stack(
+        [resample_to_grid(load_volume(root / f"{s}/anat/{s}_T1w.nii.gz"), grid) for s in table.participant_id]
+    )
+    brain = (volumes > 0).mean(0) > 0.9
+    depth = ndimage.distance_transform_edt(brain) * 4.0
+    noise = [np.std(ndimage.laplace(v)[brain]) / np.median(v[brain]) for v in volumes]
+    assert roc_auc_score(table.site == "B", noise) > 0.9
+    shell = np.array([v[brain & (depth <= 8)].mean() / v[brain & (depth > 12)].mean() for v in volumes])
+    a = (table.site == "A").to_numpy()  # scanner B's contrast changes the ratio too
+    assert np.corrcoef(np.log(table.tiv[a]), shell[a])[0, 1] < -0.5  # a larger head: relatively less cortex
+
+    assert synth(["synth", str(tmp_path / "plain"), *argv[2:]]) == 0  # without: no columns
+    assert list(pd.read_csv(tmp_path / "plain/participants.tsv", sep="\t").columns)[-1] == "age"
+
+
 @pytest.mark.slow
 def test_every_subject_of_the_demo_cohort_passes_the_input_check(tmp_path):
     # The demo failed for a new user: one subject's global size drawn 3 sd out overlapped the MNI152 brain
@@ -153,7 +186,21 @@ def test_a_synthetic_cohort_is_a_valid_bids_dataset_that_pybids_reads(tmp_path):
     root = tmp_path / "bids"
     assert (
         main(
-            tasks=map_in_process, argv=["synth", str(root), "--subjects", "6", "--voxel-size", "6", "8", "--seed", "4"]
+            tasks=map_in_process,
+            argv=[
+                "synth",
+                str(root),
+                "--subjects",
+                "6",
+                "--voxel-size",
+                "6",
+                "8",
+                "--seed",
+                "4",
+                "--site-confound",
+                "0.5",
+            ]
+            + ["--tiv-confound", "0.1"],
         )
         == 0
     )

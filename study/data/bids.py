@@ -37,7 +37,13 @@ def dataset_description(name: str, dataset_type: str) -> str:
     )
 
 
-def write_bids_metadata(out: Path, subjects: int, seed: int) -> None:
+CONFOUND_COLUMNS = {
+    "site": {"Description": "scanner; B has another contrast and more noise", "Levels": {"A": "A", "B": "B"}},
+    "tiv": {"Description": "total intracranial volume (as FreeSurfer's eTIV)", "Units": "ml"},
+}
+
+
+def write_bids_metadata(out: Path, subjects: int, seed: int, confounds: list[str] = ()) -> None:
     """What makes a synthetic cohort's folder a valid BIDS dataset: its description, a README, and the columns'
     meanings."""
     (out / "dataset_description.json").write_text(dataset_description(f"study synthetic cohort (seed {seed})", "raw"))
@@ -53,6 +59,7 @@ def write_bids_metadata(out: Path, subjects: int, seed: int) -> None:
                 "sex": {"Description": "sex of the participant", "Levels": {"M": "male", "F": "female"}},
                 "family_id": {"Description": "family; siblings share part of their anatomy and stay in one fold"},
                 "age": {"Description": "age of the participant", "Units": "year"},
+                **{column: CONFOUND_COLUMNS[column] for column in confounds},
             },
             indent=1,
         )

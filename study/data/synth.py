@@ -6,7 +6,12 @@ each subject is the brain-extracted template under a smooth random deformation
 noise. Males differ from females in a few regions placed at random inside the
 brain (by seed) by a local volume change and an intensity change; one more
 region varies strongly from subject to subject whatever the sex (a distractor),
-and males may have larger brains overall (a confound). Images are written as
+and males may have larger brains overall (a confound). Two confounds come with
+their participants-table columns, as multi-site studies and FreeSurfer give
+them: a scanner (``site``: scanner B has another contrast and more noise, and
+scans more men than women) and intracranial volume (``tiv``, larger in men,
+which leaves after registration to MNI152 not a size but a diffuse pattern: a
+larger head has relatively less cortex, an allometry). Images are written as
 real ones arrive: at mixed voxel sizes, in RAS, LAS or axis-permuted voxel
 order and with shifted origins, all still registered to MNI152 in world space,
 so that preprocessing is exercised rather than the identity. The planted effect
@@ -31,6 +36,9 @@ from study.storage import replace_atomically
 from study.tasks import TaskMap, map_tasks
 
 MALE_FRACTION = 507 / 1113  # as in the HCP young-adult cohort
+SCANNER_B_GAMMA, SCANNER_B_NOISE = 1.3, 1.5  # scanner B's contrast (intensity ** gamma) and noise (times A's)
+TIV_ML, TIV_SD = 1450.0, 0.08  # intracranial volume: median (ml) and sd of its logarithm within a sex
+ALLOMETRY = 1.0  # relative intensity change of the cortical shell per unit of log TIV (less cortex, relatively)
 # Voxel orders images arrive in: RAS (FSL/ANTs outputs), LAS (radiological), and axis-permuted ones.
 ORIENTATIONS = (("R", "A", "S"), ("L", "A", "S"), ("A", "S", "R"), ("P", "I", "R"))
 
@@ -50,6 +58,9 @@ class SyntheticCohort(Params):
     effect_size: float = Field(0.1, ge=0)  # relative volume and intensity change in those regions
     distractor: float = Field(0.15, ge=0)  # sd over subjects of a sex-independent change in one more region
     confound: float = Field(0.0, ge=0)  # males' brains larger overall by this fraction
+    # Scanner B (another contrast, more noise) scans (1 + s) / 2 of males and (1 - s) / 2 of females; 0: one site
+    site_confound: float = Field(0.0, ge=0, lt=1)
+    tiv_confound: float = Field(0.0, ge=0)  # males' intracranial volume larger by this fraction; 0: no tiv column
     deformation_mm: float = Field(2.0, ge=0)  # sd of the smooth deformation (half shared within a family)
     scale_sd: float = Field(0.04, ge=0)  # sd of the global size (drawn within 2 sd)
     bias: float = Field(0.1, ge=0)  # sd of the log bias field
@@ -82,6 +93,7 @@ class _Fields:
     displacement: np.ndarray  # (3, D, H, W) signed sum of profile x offset from each effect centre
     distractor_weight: np.ndarray
     distractor_displacement: np.ndarray
+    allometry: np.ndarray  # -1 in the outer 10 mm of the brain (cortex), +1 deeper, smoothed
 
 
 def _brain_template(grid: Grid) -> np.ndarray:
@@ -143,7 +155,10 @@ def _fields(voxel_mm: float, effects: list[PlantedRegion], distractor: PlantedRe
     grid = Grid.mni(voxel_mm)
     weight, displacement = _profiles(grid, effects)
     distractor_weight, distractor_displacement = _profiles(grid, [distractor])
-    return _Fields(grid, _brain_template(grid), weight, displacement, distractor_weight, distractor_displacement)
+    template = _brain_template(grid)
+    depth_mm = ndimage.distance_transform_edt(template > 0) * voxel_mm
+    allometry = ndimage.gaussian_filter(np.where(depth_mm < 10, -1.0, 1.0), 4 / voxel_mm).astype(np.float32)
+    return _Fields(grid, template, weight, displacement, distractor_weight, distractor_displacement, allometry)
 
 
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], control: int, scale: float) -> np.ndarray:
@@ -154,8 +169,10 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], control: int
     ]
 
 
-def _subject_volume(fields: _Fields, spec: SyntheticCohort, male: bool, seed: int, family_seed: int) -> np.ndarray:
-    """One subject's T1w intensities on ``fields.grid`` (RAS), brain-extracted."""
+def _subject_volume(
+    fields: _Fields, spec: SyntheticCohort, male: bool, seed: int, family_seed: int, scan: Scan
+) -> np.ndarray:
+    """One subject's T1w intensities on ``fields.grid`` (RAS), brain-extracted, as ``scan`` saw it."""
     rng = np.random.default_rng(seed)
     family_rng = np.random.default_rng(family_seed)
     shape = fields.template.shape
@@ -176,10 +193,35 @@ def _subject_volume(fields: _Fields, spec: SyntheticCohort, male: bool, seed: in
     volume = ndimage.map_coordinates(fields.template, coords, order=1, mode="constant", cval=0.0)
     inside = volume > 0.05 * fields.template.max()
     volume *= 1.0 + effect * fields.weight + distractor * fields.distractor_weight
+    volume *= 1.0 + ALLOMETRY * scan.log_tiv * fields.allometry
     volume *= np.exp(_smooth_field(rng, shape, 4, spec.bias))
     typical = float(np.median(fields.template[fields.template > 0]))
-    volume += rng.normal(0.0, spec.noise * typical, size=shape).astype(np.float32)
+    if scan.scanner_b:
+        volume = typical * (np.clip(volume, 0, None) / typical) ** SCANNER_B_GAMMA
+    noise = spec.noise * (SCANNER_B_NOISE if scan.scanner_b else 1.0)
+    volume += rng.normal(0.0, noise * typical, size=shape).astype(np.float32)
     return (np.clip(volume, 0, None) * inside * 1000 / fields.template.max()).astype(np.int16)
+
+
+@dataclass(frozen=True)
+class Scan:
+    """What a subject's confounds do to its image: the scanner, and its log intracranial volume about the median."""
+
+    scanner_b: bool = False
+    log_tiv: float = 0.0
+
+
+def _confounds(spec: SyntheticCohort, males: np.ndarray) -> list[Scan]:
+    """Each subject's scanner and log TIV, drawn from a generator of their own: a cohort without confounds keeps
+    its images."""
+    rng = np.random.default_rng([spec.seed, 1])
+    scanner_b = rng.random(len(males)) < np.where(males == 1, 1 + spec.site_confound, 1 - spec.site_confound) / 2
+    log_tiv = rng.normal(0.0, TIV_SD, len(males)) + males * np.log1p(spec.tiv_confound)
+    log_tiv -= np.log1p(spec.tiv_confound) * MALE_FRACTION  # about the cohort's median
+    return [
+        Scan(bool(b) and spec.site_confound > 0, float(t) if spec.tiv_confound > 0 else 0.0)
+        for b, t in zip(scanner_b, log_tiv)
+    ]
 
 
 def _stored(volume: np.ndarray, grid: Grid, rng: np.random.Generator, mixed: bool) -> nib.Nifti1Image:
@@ -209,10 +251,11 @@ def _write_subject(
     male: bool,
     seed: int,
     family_seed: int,
+    scan: Scan,
 ) -> None:
     fields = fields_by_size[voxel_size]
     path.parent.mkdir(parents=True, exist_ok=True)
-    volume = _subject_volume(fields, spec, male, seed, family_seed)
+    volume = _subject_volume(fields, spec, male, seed, family_seed, scan)
     nib.save(_stored(volume, fields.grid, np.random.default_rng(seed + 1), spec.mixed_orientations), str(path))
 
 
@@ -236,7 +279,7 @@ def synthesize_cohort(
     Returns
     -------
     Path
-        ``out/participants.tsv`` (participant_id, sex, family_id, age). Images are
+        ``out/participants.tsv`` (participant_id, sex, family_id, age; site and tiv when planted). Images are
         ``sub-XXXX/anat/sub-XXXX_T1w.nii.gz``, with ``dataset_description.json``,
         ``README`` and ``participants.json`` (a valid BIDS dataset);
         ``derivatives/ground_truth/`` holds the planted effect
@@ -259,16 +302,21 @@ def synthesize_cohort(
     fields = {v: _fields(v, effects, distractor) for v in sorted(set(voxel_sizes))}
     paths = [out / f"sub-{sid}/anat/sub-{sid}_T1w.nii.gz" for sid in ids]
     seeds = [(int(subject_seeds[i]), family_seeds[families[i]]) for i in range(n)]
-    args = [(voxel_sizes[i], spec, paths[i], bool(sexes[i]), *seeds[i]) for i in range(n)]
+    scans = _confounds(spec, sexes)
+    args = [(voxel_sizes[i], spec, paths[i], bool(sexes[i]), *seeds[i], scans[i]) for i in range(n)]
     for _, _, error in tasks(_write_subject, args, desc="synthesizing", shared=(fields,)):
         if error is not None:
             raise error
 
     ages = rng.integers(22, 37, size=n)
-    rows = ["participant_id\tsex\tfamily_id\tage"] + [
-        f"sub-{sid}\t{'M' if sexes[i] else 'F'}\t{families[i]}\t{ages[i]}" for i, sid in enumerate(ids)
-    ]
-    write_bids_metadata(out, spec.subjects, spec.seed)
+    columns = {"participant_id": [f"sub-{sid}" for sid in ids], "sex": ["M" if m else "F" for m in sexes]}
+    columns |= {"family_id": families, "age": [str(a) for a in ages]}
+    if spec.site_confound > 0:
+        columns["site"] = ["B" if scan.scanner_b else "A" for scan in scans]
+    if spec.tiv_confound > 0:
+        columns["tiv"] = [f"{TIV_ML * np.exp(scan.log_tiv):.0f}" for scan in scans]
+    rows = ["\t".join(columns)] + ["\t".join(values) for values in zip(*columns.values())]
+    write_bids_metadata(out, spec.subjects, spec.seed, [c for c in ("site", "tiv") if c in columns])
     _write_ground_truth(out, spec, effects, distractor)
     # The table is what says the cohort is complete (prepare_cohort generates a cohort without one): last, whole.
     replace_atomically(out / "participants.tsv", lambda tmp: tmp.write_text("\n".join(rows) + "\n"))
