@@ -26,6 +26,7 @@ from study.runtime import gpu_memory, interrupts_kept, start_ray, unsatisfiable
 from study.state import StageTimes, Study, resume_or_start
 from study.storage import join, release_held
 from study.training.baseline import BaselineResult, fit_baselines
+from study.training.confounds import confound_predictions
 from study.training.crossval import cross_validate
 from study.training.evaluation import Evaluation, evaluate
 from study.training.folds import FoldResult
@@ -187,12 +188,23 @@ def evaluate_folds(study: Study, results: list[FoldResult], baselines: list[Base
     cnn = pd.concat([r.predictions.assign(fold=r.fold) for r in results], ignore_index=True)
     linear = pd.concat([b.predictions for b in baselines], ignore_index=True).set_index("subject_id")
     volumes = study.cache.brain_volumes_ml()
-    p = study.cohort.classes.p
+    p, ids = study.cohort.classes.p, cnn.subject_id.tolist()
+    confounds, alone = None, None
+    if study.cohort.confounds:  # a model of the confounds alone, in the same folds
+        confounds, labels = study.cohort.confound_table(ids), study.labels(ids)
+        row = {s: i for i, s in enumerate(ids)}
+        folds = [
+            (np.array([row[s] for s in study.folds[r.fold].train]), np.flatnonzero(cnn.fold.to_numpy() == r.fold))
+            for r in results
+        ]
+        alone = confound_predictions(confounds, labels, folds)
     return evaluate(
-        study.labels(cnn.subject_id.tolist()),
+        study.labels(ids),
         cnn[p].to_numpy(),
         cnn.fold.to_numpy(),
         linear.loc[cnn.subject_id, p].to_numpy() if len(linear) else None,
         np.array([volumes[s] for s in cnn.subject_id]),
         seed=study.config.cv.seed,
+        confounds=confounds,
+        confounds_alone=alone,
     )

@@ -15,7 +15,7 @@ import pytest
 from ray.train import Checkpoint
 
 from study.config import parse_config
-from study.data.cohort import CohortConfig, load_cohort
+from study.data.cohort import load_cohort
 from study.data.splits import make_splits
 from study.output.classification import publish_classification
 from study.output.report import Report
@@ -23,6 +23,7 @@ from study.output.tracking import Tracker
 from study.state import Study, StudyState
 from study.training.baseline import BaselineResult
 from study.training.calibration import Calibration
+from study.training.confounds import confound_predictions
 from study.training.evaluation import evaluate
 from study.training.folds import FoldResult
 from study.training.metrics import classification_metrics
@@ -30,16 +31,24 @@ from study.training.models import Architecture
 from study.training.trainer import TrainingSetup
 
 
-def published(tmp_path, cohort_dir, cnn_signal: float, baseline_signal: float, fit: float, shift: float = 0.0):
+def published(
+    tmp_path, cohort_dir, cnn_signal: float, baseline_signal: float, fit: float, shift: float = 0.0, site: bool = False
+):
     """Publish a two-fold study of the synthetic cohort whose held-out P(male) carry ``*_signal`` of the label
     (0: none) and whose CNN fitted its training subjects to accuracy ``fit``; its run, report and evaluation.
 
     ``shift``: the CNN's softmax log-odds before calibration were shifted by it, in opposite directions in the two
-    folds, and each fold's calibration took it back."""
-    config = parse_config(
-        {"name": "published", "cohort": {"root": str(cohort_dir)}, "cv": {"outer_folds": 2, "inner_folds": 2}}
+    folds, and each fold's calibration took it back. ``site``: the cohort names a confound, a scanner that scanned
+    most men and few women, and ``*_signal`` is the models' signal of the scanner instead of the label."""
+    table = pd.read_csv(cohort_dir / "participants.tsv", sep="\t", dtype=str)
+    male = table.sex.str.upper().str.startswith("M").to_numpy()
+    scanner_b = np.random.default_rng(1).random(len(table)) < np.where(male, 0.9, 0.1)
+    table.assign(site=np.where(scanner_b, "B", "A")).to_csv(tmp_path / "participants.tsv", sep="\t", index=False)
+    cohort_config = {"root": str(cohort_dir)} | (
+        {"participants": str(tmp_path / "participants.tsv"), "confounds": ["site"]} if site else {}
     )
-    cohort = load_cohort(CohortConfig(root=cohort_dir))
+    config = parse_config({"name": "published", "cohort": cohort_config, "cv": {"outer_folds": 2, "inner_folds": 2}})
+    cohort = load_cohort(config.cohort)
     families = [s.family_id for s in cohort.subjects]
     folds = make_splits(cohort.ids, cohort.labels, families, 2, 2, 0, cohort.classes.names)
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", config.name)
@@ -49,8 +58,9 @@ def published(tmp_path, cohort_dir, cnn_signal: float, baseline_signal: float, f
     results, baselines = [], []
     for fold in folds:
         labels = study.labels(fold.test)
-        cnn = np.clip(0.5 + cnn_signal * (labels - 0.5) + 0.2 * rng.standard_normal(len(labels)), 0.01, 0.99)
-        linear = np.clip(0.5 + baseline_signal * (labels - 0.5) + 0.2 * rng.standard_normal(len(labels)), 0, 1)
+        learned = (cohort.confound_table(fold.test).site == "B").to_numpy().astype(float) if site else labels
+        cnn = np.clip(0.5 + cnn_signal * (learned - 0.5) + 0.2 * rng.standard_normal(len(labels)), 0.01, 0.99)
+        linear = np.clip(0.5 + baseline_signal * (learned - 0.5) + 0.2 * rng.standard_normal(len(labels)), 0, 1)
         history = pd.DataFrame({"phase": ["refit"], "refit_epoch": [0], "fit_accuracy": [fit]})
         setup = TrainingSetup(Architecture(width=4), config.train)
         direction = 1 if fold.fold == 0 else -1
@@ -84,7 +94,19 @@ def published(tmp_path, cohort_dir, cnn_signal: float, baseline_signal: float, f
         for r, group in (("cnn", results), ("linear", baselines))
     }
     fold_of = np.concatenate([[r.fold] * len(r.predictions) for r in results])
-    evaluation = evaluate(study.labels(ids), pooled["cnn"], fold_of, pooled["linear"], permutations=999)
+    confounds = cohort.confound_table(ids) if site else None
+    row = {s: i for i, s in enumerate(ids)}
+    rows = [([row[s] for s in f.train], [row[s] for s in f.test]) for f in folds]
+    alone = confound_predictions(confounds, study.labels(ids), rows) if site else None
+    evaluation = evaluate(
+        study.labels(ids),
+        pooled["cnn"],
+        fold_of,
+        pooled["linear"],
+        permutations=999,
+        confounds=confounds,
+        confounds_alone=alone,
+    )
     report = Report("published")
     underfit = publish_classification(tracker, report, study, results, baselines, evaluation)
     return mlflow.MlflowClient(tracker.uri).get_run(state.parent_run), report, evaluation, underfit
@@ -102,6 +124,25 @@ def test_a_study_whose_models_learned_nothing_says_so_first(tmp_path, cohort_dir
         'class="banner warning">No finding: neither the CNN nor the linear baseline learned the task' in report.html()
     )
     assert "No finding: neither the CNN nor the linear baseline learned the task" in capsys.readouterr().out
+
+
+def test_a_study_whose_models_learned_the_scanner_says_the_confounds_explain_it(tmp_path, cohort_dir, capsys):
+    """Both models predict the scanner, which scanned most men: above chance, but nothing beyond the confound.
+    The banner, the console, the study.finding tag and the metrics say so, and the report has the tests."""
+    run, report, evaluation, _ = published(
+        tmp_path, cohort_dir, cnn_signal=0.6, baseline_signal=0.6, fit=1.0, site=True
+    )
+    confounds = evaluation.confounds
+    assert evaluation.cnn_p < 0.05 and confounds.full.p >= 0.05 and confounds.partial.p < 0.05
+    assert evaluation.finding == run.data.tags["study.finding"] == "confounds" and report.banner[0] == "warning"
+    metrics = run.data.metrics
+    assert metrics["confounds_pooled_roc_auc"] == pytest.approx(confounds.alone.auc) and confounds.alone.auc > 0.75
+    assert metrics["full_confound_test_p"] == pytest.approx(confounds.full.p)
+    assert metrics["baseline_partial_confound_test_p"] == pytest.approx(confounds.baseline_partial.p)
+    html = report.html()
+    assert 'class="banner warning">Explained by the confounds (site)' in html
+    assert "Beyond the confounds?" in html and "confounds alone (site)" in html
+    assert "Explained by the confounds (site)" in capsys.readouterr().out
 
 
 def test_only_the_baseline_learned_and_the_cnn_fitted_nothing(tmp_path, cohort_dir, capsys):

@@ -19,7 +19,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from study.data.layouts import SESSION_CHOICE, find_images
 from study.data.participants import (
@@ -28,6 +28,7 @@ from study.data.participants import (
     Matching,
     Problem,
     Subject,
+    confound_table,
     family_warnings,
     match_subjects,
     read_participants,
@@ -109,6 +110,9 @@ class CohortConfig(BaseModel):
     classes: tuple[str, str] = SEX_CLASSES
     # Values of the column -> class names; the class names (any case) and, for sex, M/F need no mapping.
     label_mapping: dict[str, str] = Field(default_factory=dict)
+    # Columns that could explain the label instead of the brain (site, tiv, age): numeric when every value is a
+    # number, else categorical; the verdict asks whether the result goes beyond them (study.training.confounds).
+    confounds: list[str] = Field(default_factory=list)
     family_column: str | None = None  # twins and siblings share a value; default: family_id when present
     path_column: str | None = None
     on_invalid: Literal["refuse", "exclude"] = "refuse"
@@ -128,6 +132,13 @@ class CohortConfig(BaseModel):
                 "with a letter, not 'all'; e.g. [control, patient]"
             )
         return classes
+
+    @field_validator("confounds")
+    @classmethod
+    def _confounds_are_other_columns(cls, confounds: list[str], info: ValidationInfo) -> list[str]:
+        if len(set(confounds)) < len(confounds) or info.data.get("label") in confounds:
+            raise ValueError(f"{confounds}: each confound once, and not the label {info.data.get('label')!r}")
+        return confounds
 
     @field_validator("brain_mask")
     @classmethod
@@ -179,6 +190,7 @@ class Cohort:
     problems: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     classes: Classes = Classes()
+    confounds: tuple[str, ...] = ()  # the columns each subject's ``confounds`` holds, in this order
 
     @property
     def labels(self) -> np.ndarray:
@@ -192,9 +204,13 @@ class Cohort:
     def exclude(self, problems: list[Problem]) -> Cohort:
         """The cohort without the subjects that ``problems`` name, problems appended."""
         bad = {p.subject for p in problems}
-        return Cohort(
-            [s for s in self.subjects if s.subject_id not in bad], self.problems + problems, self.warnings, self.classes
-        )
+        kept = [s for s in self.subjects if s.subject_id not in bad]
+        return Cohort(kept, self.problems + problems, self.warnings, self.classes, self.confounds)
+
+    def confound_table(self, subject_ids: list[str]) -> pd.DataFrame:
+        """The confounds of ``subject_ids`` (rows in that order): numeric columns as floats, others as strings."""
+        values = {s.subject_id: s.confounds for s in self.subjects}
+        return confound_table({c: [values[s][k] for s in subject_ids] for k, c in enumerate(self.confounds)})
 
     def fingerprint(self) -> str:
         """A hash of who is in the cohort, their labels and their image files."""
@@ -230,6 +246,7 @@ def load_cohort(config: CohortConfig, labelled: bool = True) -> Cohort:
         classes=config.classes,
         label_mapping=config.label_mapping,
         family_column=family_column,
+        confound_columns=tuple(config.confounds) if labelled else (),
         session_column=next((c for c in SESSION_COLUMNS if c in table.columns), None),
         session=config.session,
         brain_mask=config.brain_mask,
@@ -240,7 +257,7 @@ def load_cohort(config: CohortConfig, labelled: bool = True) -> Cohort:
     warnings = family_warnings([s.family_id for s in subjects], family_column, where)
     if any(s.brain_mask == MNI152_MASK for s in subjects):
         warnings.append(MNI152_MASK_WARNING)
-    return Cohort(subjects, problems, warnings, config.task)
+    return Cohort(subjects, problems, warnings, config.task, tuple(config.confounds) if labelled else ())
 
 
 MNI152_MASK_WARNING = (
@@ -252,12 +269,13 @@ MNI152_MASK_WARNING = (
 
 def _check_columns(table: pd.DataFrame, config: CohortConfig, labelled: bool, where: str) -> None:
     """Every column the config names is in the table (the label only when the subjects are labelled)."""
-    for column in [config.label if labelled else None, config.family_column, config.path_column]:
+    confounds = config.confounds if labelled else []
+    for column in [config.label if labelled else None, config.family_column, config.path_column, *confounds]:
         if column is not None and column not in table.columns:
             hcp = " (HCP: Family_ID is in the restricted table; list both tables under cohort.participants)"
             raise CohortError(
                 f"{where}: no column {column!r}; columns are {list(table.columns)}. Set cohort.label / "
-                f"family_column / path_column{hcp if column == config.family_column else ''}."
+                f"family_column / path_column / confounds{hcp if column == config.family_column else ''}."
             )
 
 

@@ -49,6 +49,7 @@ class Subject:
     age: float | None = None
     site: str | None = None
     brain_mask: Path | str | None = None  # applied before the checks: a mask file, "mni152", or None
+    confounds: tuple[str, ...] = ()  # the table's values of cohort.confounds, in that order
 
     def source_key(self) -> str:
         """Identity of the image file and its brain mask as they are now (path, size, mtime)."""
@@ -131,6 +132,7 @@ class Matching:
     classes: tuple[str, str]
     label_mapping: dict[str, str]  # table values -> class names
     family_column: str | None
+    confound_columns: tuple[str, ...]  # cohort.confounds: each subject needs a value in each
     session_column: str | None  # a column of sessions: one row per session (ClinicaDL)
     session: str | None  # which session a subject contributes: first | last | ses-<label> (None: the table's)
     brain_mask: str  # auto | none | mni152 | a mask path pattern
@@ -200,6 +202,14 @@ def _subject(matching: Matching, sid: str, rows: list[pd.Series], owners: dict[P
     label = _label_of(matching, sid, row)
     if isinstance(label, Problem):
         return label
+    confounds = tuple(str(row[c]).strip() for c in matching.confound_columns)
+    if missing := [c for c, value in zip(matching.confound_columns, confounds) if not value]:
+        return Problem(
+            sid,
+            matching.table_name,
+            f"missing value in confound column {missing[0]!r}; fill it in, or drop the row, or the column from "
+            "cohort.confounds",
+        )
     if (same := owners.setdefault(found.image.resolve(), sid)) != sid:  # train and test could both get it
         return Problem(
             sid,
@@ -215,7 +225,7 @@ def _subject(matching: Matching, sid: str, rows: list[pd.Series], owners: dict[P
         )
     family = (row.get(matching.family_column, "") if matching.family_column else "").strip() or f"self:{sid}"
     age, site = _float_or_none(row.get("age", "")), row.get("site") or None
-    return Subject(sid, label, family, found.image, found.session, age, site, mask)
+    return Subject(sid, label, family, found.image, found.session, age, site, mask, confounds)
 
 
 def _image_of(matching: Matching, sid: str, rows: list[pd.Series]) -> Found | Problem:
@@ -270,3 +280,17 @@ def _float_or_none(value: str) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
+
+
+def is_categorical(values: pd.Series) -> bool:
+    """A confound column is numeric when every value reads as a number (age, TIV), else categorical (site)."""
+    return bool(pd.to_numeric(values, errors="coerce").isna().any())
+
+
+def confound_table(values: dict[str, list[str]]) -> pd.DataFrame:
+    """Confound columns as a table: numeric columns as floats, categorical ones as strings."""
+    table = pd.DataFrame(values)
+    for column in table:
+        if not is_categorical(table[column]):
+            table[column] = pd.to_numeric(table[column]).astype(float)
+    return table

@@ -153,7 +153,13 @@ def _maps_sections(
                 f"Where both models look. {evaluation.verdict}",
             )
     learned = evaluation.finding in ("yes", "below_baseline")
-    heading = "Where the network looks" + ("" if learned else ": explaining a model that did not learn the task")
+    heading = "Where the network looks" + (
+        ""
+        if learned
+        else f": explaining a model of the confounds ({evaluation.confounds.listing})"
+        if evaluation.finding == "confounds"
+        else ": explaining a model that did not learn the task"
+    )
     every = [figure for f in figures.values() for figure in f.figures]
     report.add_images(heading, every, MAPS.format(target=target) + how)
 

@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from scipy.special import expit
 from sklearn.metrics import roc_auc_score
 
+from study.output.confounds import CONFOUNDS, confound_metrics, confound_table
 from study.output.console import say
 from study.output.figures import reliability_figure, roc_figure
 from study.output.report import Report
@@ -110,6 +111,8 @@ def _log_metrics(
     }
     if evaluation.brain_volume is not None:
         metrics["brain_volume_roc_auc"] = evaluation.brain_volume.auc
+    if evaluation.confounds is not None:
+        metrics |= confound_metrics(evaluation.confounds)
     if evaluation.baseline is not None:
         metrics |= {
             "baseline_pooled_roc_auc": evaluation.baseline.auc,
@@ -292,6 +295,8 @@ def _finding_table(report: Report, study: Study, evaluation: Evaluation) -> None
     if evaluation.brain_volume is not None:
         note += BRAIN_VOLUME.format(auc=evaluation.brain_volume, positive=study.cohort.classes.positive)
     report.add_table("Is it a finding? Pooled held-out ROC AUC with confidence intervals", table, note)
+    if evaluation.confounds is not None:
+        report.add_table("Beyond the confounds?", confound_table(evaluation.confounds), CONFOUNDS)
 
 
 SEARCH = (

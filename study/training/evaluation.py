@@ -7,7 +7,9 @@ test against chance (labels permuted within outer folds, so that each fold's
 model keeps its own subjects); the CNN-minus-baseline difference gets DeLong's
 paired test, both models having predicted the same subjects. The verdict says
 which model learned the task: the CNN, the CNN but less than the baseline,
-only the baseline (then its weight map is the finding), or neither.
+only the baseline (then its weight map is the finding), the confounds (when
+``cohort.confounds`` are named and neither model's predictions carry
+information about the label beyond them; :mod:`.confounds`), or neither.
 """
 
 from __future__ import annotations
@@ -15,10 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import scipy.stats
 from sklearn.metrics import roc_auc_score
 
+from study.training.confounds import ConfoundTest, full_confound_test, partial_confound_test
+
 ALPHA = 0.05
+CONFOUND_PERMUTATIONS = 1000  # conditional permutations of each confound test (mlconfound's default)
 UNDERFIT_ACCURACY = 0.6  # a final model below this accuracy on its own training subjects never fitted them
 
 
@@ -105,6 +111,28 @@ def auc_permutation_p(
     return float((1 + np.sum(aucs >= observed - 1e-12)) / (permutations + 1))
 
 
+@dataclass(frozen=True)
+class ConfoundCheck:
+    """What the named confounds explain of the pooled held-out predictions (:mod:`.confounds`)."""
+
+    names: tuple[str, ...]  # cohort.confounds
+    alone: AucEstimate  # a model of the confounds alone, fitted in the same outer folds
+    full: ConfoundTest  # the CNN's predictions: information about the label beyond the confounds? (low p: yes)
+    partial: ConfoundTest  # the CNN's predictions: driven by the confounds beyond the label? (low p: yes)
+    baseline_full: ConfoundTest | None = None  # the same for the linear baseline
+    baseline_partial: ConfoundTest | None = None
+
+    @property
+    def listing(self) -> str:
+        return ", ".join(self.names)
+
+    def describe(self, full: ConfoundTest, partial: ConfoundTest) -> str:
+        """One model's two tests in words."""
+        return f"full confound test {format_p(full.p)}; partial confound test {format_p(partial.p)}, " + (
+            "so the confounds drive its predictions in part" if partial.p < ALPHA else "no sign that they drive it"
+        )
+
+
 @dataclass
 class Evaluation:
     """The study's classification result and whether it is a finding."""
@@ -117,20 +145,69 @@ class Evaluation:
     difference_p: float | None
     permutations: int
     brain_volume: AucEstimate | None = None  # how well brain volume alone separates the classes (a confound)
+    confounds: ConfoundCheck | None = None  # with cohort.confounds: what they explain
+
+    @property
+    def cnn_learned(self) -> bool:
+        """The CNN's predictions are above chance, and beyond the confounds when there are any."""
+        return self.cnn_p < ALPHA and (self.confounds is None or self.confounds.full.p < ALPHA)
+
+    @property
+    def baseline_learned(self) -> bool:
+        """The same of the linear baseline."""
+        if self.baseline_p is None or self.baseline_p >= ALPHA:
+            return False
+        return self.confounds is None or self.confounds.baseline_full is None or self.confounds.baseline_full.p < ALPHA
 
     @property
     def finding(self) -> str:
         """What was learned: ``yes`` (the CNN, not significantly below the linear baseline), ``below_baseline``
-        (the CNN, significantly below the baseline), ``baseline_only`` (not the CNN, but the baseline) or ``none``."""
-        if self.cnn_p >= ALPHA:
-            return "baseline_only" if self.baseline_p is not None and self.baseline_p < ALPHA else "none"
+        (the CNN, significantly below the baseline), ``baseline_only`` (not the CNN, but the baseline),
+        ``confounds`` (a model above chance, but neither beyond the confounds) or ``none``."""
+        if not self.cnn_learned:
+            if self.baseline_learned:
+                return "baseline_only"
+            above_chance = self.cnn_p < ALPHA or (self.baseline_p is not None and self.baseline_p < ALPHA)
+            return "confounds" if above_chance else "none"
         if self.difference is not None and self.difference_p < ALPHA and self.difference.auc < 0:
             return "below_baseline"
         return "yes"
 
     @property
     def verdict(self) -> str:
-        """The finding in plain words, for the console, MLflow and the report."""
+        """The finding in plain words, for the console, MLflow and the report; with confounds, what they explain."""
+        confounds = self.confounds
+        if confounds is None:
+            return self._verdict_without_confounds()
+        if self.finding == "confounds":
+            return (
+                f"Explained by the confounds ({confounds.listing}): the CNN's held-out ROC AUC is {self.cnn} "
+                f"(permutation {format_p(self.cnn_p)} against chance), but its predictions carry no information "
+                f"about the label beyond the confounds ({confounds.describe(confounds.full, confounds.partial)}). "
+                f"The confounds alone reach ROC AUC {confounds.alone}. "
+                + (
+                    f"The linear baseline's {self.baseline} is no further beyond them (full confound test "
+                    f"{format_p(confounds.baseline_full.p)}). "
+                    if self.baseline is not None and confounds.baseline_full is not None
+                    else ""
+                )
+                + "The maps show where the confounds leave their mark, not a difference between the classes."
+            )
+        model = "the CNN" if self.finding != "baseline_only" else "the linear baseline"
+        full, partial = (
+            (confounds.full, confounds.partial)
+            if model == "the CNN"
+            else (confounds.baseline_full, confounds.baseline_partial)
+        )
+        return (
+            f"{self._verdict_without_confounds()} Beyond the confounds ({confounds.listing}; alone they reach ROC AUC "
+            f"{confounds.alone}): {model}'s predictions carry information about the label that they do not "
+            f"({confounds.describe(full, partial)})."
+            if self.finding != "none"
+            else self._verdict_without_confounds()
+        )
+
+    def _verdict_without_confounds(self) -> str:
         linear = (
             f"the linear baseline's {self.baseline} (permutation {format_p(self.baseline_p)})"
             if self.baseline is not None
@@ -147,8 +224,13 @@ class Evaluation:
         if self.finding == "baseline_only":
             return (
                 f"The linear baseline learned the task, the CNN did not. Linear baseline: held-out ROC AUC "
-                f"{self.baseline}, above chance (permutation {format_p(self.baseline_p)}); CNN: {self.cnn}, not "
-                f"significantly above chance (permutation {format_p(self.cnn_p)}). The finding to read is the "
+                f"{self.baseline}, above chance (permutation {format_p(self.baseline_p)}); CNN: {self.cnn}, "
+                + (
+                    "not significantly above chance"
+                    if self.cnn_p >= ALPHA
+                    else "above chance but not beyond the confounds"
+                )
+                + f" (permutation {format_p(self.cnn_p)}). The finding to read is the "
                 "linear baseline's weight map and its test; the CNN's maps explain a model that learned "
                 "nothing about the label."
             )
@@ -188,6 +270,8 @@ def evaluate(
     brain_volumes: np.ndarray | None = None,
     permutations: int = 5000,
     seed: int = 0,
+    confounds: pd.DataFrame | None = None,
+    confounds_alone: np.ndarray | None = None,
 ) -> Evaluation:
     """Test pooled held-out predictions (P(class 1), e.g. P(male), one per subject) of the CNN and, if given, of
     the baseline.
@@ -207,6 +291,12 @@ def evaluate(
         Label permutations of the test against chance.
     seed : int
         Seed of the permutations.
+    confounds : DataFrame, optional
+        Each subject's confounds (cohort.confounds; rows as ``labels``): the full and partial confound tests of
+        both models' predictions (:data:`CONFOUND_PERMUTATIONS` conditional permutations each).
+    confounds_alone : ndarray, optional
+        P(class 1) of each subject from a model of the confounds alone, fitted in the same outer folds
+        (:func:`~study.training.confounds.confound_predictions`); needed with ``confounds``.
     """
     result = Evaluation(
         auc_with_ci(labels, cnn),
@@ -223,6 +313,13 @@ def evaluate(
         result.baseline = auc_with_ci(labels, baseline)
         result.baseline_p = auc_permutation_p(labels, baseline, folds, permutations, seed + 1)
         result.difference, result.difference_p = paired_delong(labels, cnn, baseline)
+    if confounds is not None:
+        tests = [
+            test(labels, predictions, confounds, CONFOUND_PERMUTATIONS, seed)
+            for predictions in ([cnn] if baseline is None else [cnn, baseline])
+            for test in (full_confound_test, partial_confound_test)
+        ]
+        result.confounds = ConfoundCheck(tuple(confounds.columns), auc_with_ci(labels, confounds_alone), *tests)
     return result
 
 

@@ -1,0 +1,64 @@
+"""What the named confounds explain, published: the confounds-only model and each model's confound tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from study.training.evaluation import ConfoundCheck, format_p
+
+CONFOUNDS = (
+    "The confounds alone: a logistic regression on them, fitted on each outer fold's training subjects, predicting "
+    "its held-out subjects. Full confound test (Spisak 2022): do a model's pooled held-out predictions carry "
+    "information about the label beyond the confounds? Its null permutes the labels conditionally on the confounds "
+    "(Berrett et al. 2020); a low p says yes, a high p that the model may have learned the confounds only. Partial "
+    "confound test: are the predictions driven by the confounds beyond the label? Its null permutes them within each "
+    "class; a low p says yes. R²: of labels and predictions (full), of predictions on the confounds (partial), with "
+    "the null's median beside it."
+)
+
+
+def confound_table(confounds: ConfoundCheck) -> pd.DataFrame:
+    """The confounds-only model's ROC AUC and each model's two confound tests, one row each."""
+    rows = [
+        {
+            "model": f"confounds alone ({confounds.listing})",
+            "pooled ROC AUC [95% CI]": str(confounds.alone),
+            "test": "",
+            "R²": np.nan,
+            "R² expected by the confounds": np.nan,
+            "p": "",
+        }
+    ]
+    for model, full, partial in [
+        ("CNN", confounds.full, confounds.partial),
+        ("linear baseline", confounds.baseline_full, confounds.baseline_partial),
+    ]:
+        for name, test in [("full: beyond the confounds?", full), ("partial: driven by them?", partial)]:
+            if test is not None:
+                rows.append(
+                    {
+                        "model": model,
+                        "pooled ROC AUC [95% CI]": "",
+                        "test": name,
+                        "R²": test.r2,
+                        "R² expected by the confounds": test.null_median,
+                        "p": format_p(test.p),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def confound_metrics(confounds: ConfoundCheck) -> dict[str, float]:
+    """The study run's metrics of the confound check."""
+    metrics = {
+        "confounds_pooled_roc_auc": confounds.alone.auc,
+        "confounds_pooled_roc_auc_ci_low": confounds.alone.low,
+        "confounds_pooled_roc_auc_ci_high": confounds.alone.high,
+        "full_confound_test_p": confounds.full.p,
+        "partial_confound_test_p": confounds.partial.p,
+    }
+    if confounds.baseline_full is not None:
+        metrics["baseline_full_confound_test_p"] = confounds.baseline_full.p
+        metrics["baseline_partial_confound_test_p"] = confounds.baseline_partial.p
+    return metrics
