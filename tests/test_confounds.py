@@ -177,3 +177,52 @@ def test_a_confound_without_a_value_or_column_is_named_with_the_subject(cohort_d
     assert confounds.tiv.dtype == float and list(confounds.site) == [site[s] for s in cohort.ids[:4]]
     with pytest.raises(CohortError, match="no column 'scanner'"):
         load_cohort(CohortConfig(root=cohort_dir, participants=path, confounds=["scanner"]))
+
+
+def test_a_prepared_cohort_keeps_its_confounds_and_the_study_tests_them(cohort_dir, tmp_path):
+    """From the participants table through preprocessing to the study's evaluation (``evaluate_folds``), as
+    ``study run`` does it: the confounds-only model is fitted in the study's own folds."""
+    from types import SimpleNamespace
+
+    from study.config import parse_config
+    from study.data.prepare import make_or_load_splits, prepare_cohort
+    from study.pipeline import evaluate_folds
+    from study.tasks import map_in_process
+
+    table = pd.read_csv(cohort_dir / "participants.tsv", sep="\t", dtype=str)
+    male = table.sex.str.upper().str.startswith("M").to_numpy()
+    table["site"] = np.where(np.random.default_rng(0).random(len(table)) < np.where(male, 0.9, 0.1), "B", "A")
+    table.to_csv(tmp_path / "participants.tsv", sep="\t", index=False)
+    config = parse_config(
+        {
+            "name": "confounded",
+            "cohort": {
+                "root": str(cohort_dir),
+                "participants": str(tmp_path / "participants.tsv"),
+                "confounds": ["site"],
+            },
+            "preprocess": {"voxel_size": 8.0, "cache_dir": str(tmp_path / "cache")},
+            "cv": {"outer_folds": 2, "inner_folds": 2},
+        }
+    )
+    prepared = prepare_cohort(config.cohort, config.preprocess, map_in_process)
+    assert prepared.cohort.confounds == ("site",)
+    folds = make_or_load_splits(config.cv, prepared.cohort, tmp_path / "splits.json")
+    classes, results, baselines = prepared.cohort.classes, [], []
+    for fold in folds:  # both models predict the scanner
+        site = prepared.cohort.confound_table(fold.test).site.to_numpy()
+        p = np.where(site == "B", 0.7, 0.3)
+        labels = prepared.cohort.labels[[prepared.cohort.ids.index(s) for s in fold.test]]
+        results.append(SimpleNamespace(fold=fold.fold, predictions=classes.predictions(fold.test, labels, p)))
+        baselines.append(SimpleNamespace(predictions=classes.predictions(fold.test, labels, p)))
+    labels = dict(zip(prepared.cohort.ids, prepared.cohort.labels))
+    study = SimpleNamespace(
+        cohort=prepared.cohort,
+        cache=prepared.cache,
+        folds=folds,
+        config=config,
+        labels=lambda ids: np.array([labels[s] for s in ids]),
+    )
+    evaluation = evaluate_folds(study, results, baselines)
+    assert evaluation.confounds.names == ("site",) and evaluation.confounds.full.p >= 0.05
+    assert evaluation.confounds.alone.auc > 0.7

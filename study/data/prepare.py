@@ -57,9 +57,8 @@ def prepare_cohort(
     if build.cache is None:
         raise StudyError("no subject could be preprocessed; see the problems above")
     cached = set(build.cache.subject_ids)
-    usable = Cohort(
-        [s for s in cohort.subjects if s.subject_id in cached], warnings=cohort.warnings, classes=cohort.classes
-    )
+    kept = [s for s in cohort.subjects if s.subject_id in cached]
+    usable = Cohort(kept, warnings=cohort.warnings, classes=cohort.classes, confounds=cohort.confounds)
     return PreparedCohort(usable, build.cache, problems, len(build.computed), synthesized)
 
 
