@@ -226,3 +226,22 @@ def test_a_prepared_cohort_keeps_its_confounds_and_the_study_tests_them(cohort_d
     evaluation = evaluate_folds(study, results, baselines)
     assert evaluation.confounds.names == ("site",) and evaluation.confounds.full.p >= 0.05
     assert evaluation.confounds.alone.auc > 0.7
+
+
+def test_leave_site_out_splits_come_from_the_participants_table(cohort_dir, tmp_path):
+    from study.config import parse_config
+    from study.data.prepare import make_or_load_splits
+
+    table = pd.read_csv(cohort_dir / "participants.tsv", sep="\t", dtype=str)
+    first = {f: i for i, f in enumerate(dict.fromkeys(table.family_id))}
+    table["scanner"] = ["AB"[first[f] % 2] for f in table.family_id]  # whole families per scanner
+    table.to_csv(tmp_path / "participants.tsv", sep="\t", index=False)
+    cohort = {"root": str(cohort_dir), "participants": str(tmp_path / "participants.tsv"), "confounds": ["scanner"]}
+    config = parse_config(
+        {"name": "sites", "cohort": cohort, "cv": {"outer_folds": 2, "inner_folds": 2, "group_by": "scanner"}}
+    )
+    loaded = load_cohort(config.cohort)
+    folds = make_or_load_splits(config.cv, loaded, tmp_path / "splits.json")
+    scanner = dict(zip(loaded.ids, loaded.confound_table(loaded.ids).scanner))
+    assert sorted({scanner[s] for s in f.test}.pop() for f in folds) == ["A", "B"]
+    assert "group_by=scanner" in (tmp_path / "splits.json").read_text()

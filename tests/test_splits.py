@@ -111,3 +111,41 @@ def test_splits_are_leak_free_stratified_and_deterministic_or_refused_with_the_n
             assert 0 < labels[[ids.index(s) for s in split.test]].sum() < len(split.test)
             assert sorted(split.train + split.test) == sorted(fold.train)
             assert not {family[s] for s in split.train} & {family[s] for s in split.test}
+
+
+def test_leave_site_out_keeps_each_site_in_one_outer_fold_and_families_in_the_inner_ones():
+    """cv.group_by: site with as many outer folds as sites is leave-site-out; a family across two sites (its
+    members would land in two folds) is refused, as is a group_by that is not a confound."""
+    ids, labels, families = random_cohort(3)
+    site_of_family = {f: "ABC"[i % 3] for i, f in enumerate(dict.fromkeys(families))}
+    sites = [site_of_family[f] for f in families]
+    folds = make_splits(ids, labels, families, outer_folds=3, inner_folds=3, seed=0, outer_groups=sites)
+    site, family = dict(zip(ids, sites)), dict(zip(ids, families))
+    assert sorted(sorted({site[s] for s in f.test}) for f in folds) == [["A"], ["B"], ["C"]]
+    for fold in folds:
+        for split in fold.inner:
+            assert not {family[s] for s in split.train} & {family[s] for s in split.test}
+    sites[0], sites[1] = "A", "B"
+    families[1] = families[0]  # one family, two sites
+    with pytest.raises(ValueError, match=f"family {families[0]} has members in A, B of cv.group_by"):
+        make_splits(ids, labels, families, outer_folds=3, inner_folds=3, seed=0, outer_groups=sites)
+    with pytest.raises(ValueError, match="lower cv.outer_folds \\(cv.group_by\\) to at most 3"):
+        make_splits(
+            ids,
+            labels,
+            families[:],
+            outer_folds=4,
+            inner_folds=3,
+            seed=0,
+            outer_groups=[site_of_family[f] for f in families],
+        )
+
+
+def test_group_by_names_a_confound():
+    from study.config import parse_config
+    from study.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="group_by 'site' is not among cohort.confounds"):
+        parse_config({"name": "x", "cohort": {"root": "/tmp"}, "cv": {"group_by": "site"}})
+    config = parse_config({"name": "x", "cohort": {"root": "/tmp", "confounds": ["site"]}, "cv": {"group_by": "site"}})
+    assert config.cv.group_by == "site"

@@ -34,11 +34,17 @@ class PreprocessConfig(Section):
 
 
 class CVConfig(Section):
-    """Subject-level k-fold cross-validation, stratified by class (cohort.label), grouped by family."""
+    """Subject-level k-fold cross-validation, stratified by class (cohort.label), grouped by family.
+
+    ``group_by``: one of ``cohort.confounds`` (e.g. ``site``) whose values each stay in one outer fold: with as
+    many outer folds as sites, leave-site-out, which tests whether the models generalize to a scanner they never
+    saw. Inner folds stay grouped by family.
+    """
 
     outer_folds: int = Field(5, ge=2)
     inner_folds: int = Field(3, ge=2)
     seed: int = 0
+    group_by: str | None = None
 
 
 class TrainConfig(Section):

@@ -51,6 +51,17 @@ class StudyConfig(Section):
     # Ray Train/Tune checkpoints: default <output_dir>/<name>/ray; s3://bucket/prefix on a cloud cluster
     storage_path: str | None = None
 
+    @field_validator("cv")
+    @classmethod
+    def _groups_are_a_confound(cls, cv: CVConfig, info: ValidationInfo) -> CVConfig:
+        cohort = info.data.get("cohort")
+        if cv.group_by is not None and cohort is not None and cv.group_by not in cohort.confounds:
+            raise ValueError(
+                f"group_by {cv.group_by!r} is not among cohort.confounds {cohort.confounds}: a column that the "
+                "folds keep apart is a confound the verdict should look beyond too; add it there"
+            )
+        return cv
+
     @field_validator("name")
     @classmethod
     def _name_is_usable(cls, name: str) -> str:

@@ -65,14 +65,16 @@ def prepare_cohort(
 def make_or_load_splits(cv: CVConfig, cohort: Cohort, path: Path) -> list[OuterFold]:
     """The study's splits: reused from ``path`` (``splits.json``) when made for this very cohort and CV."""
     made_for = f"{cohort.fingerprint()} outer={cv.outer_folds} inner={cv.inner_folds} seed={cv.seed}"
+    made_for += f" group_by={cv.group_by}" if cv.group_by else ""
     if path.exists():
         saved_for, folds = load_splits(path)
         if saved_for == made_for:
             return folds
     families = [s.family_id for s in cohort.subjects]
+    groups = cohort.confound_table(cohort.ids)[cv.group_by].astype(str).tolist() if cv.group_by else None
     try:
         folds = make_splits(
-            cohort.ids, cohort.labels, families, cv.outer_folds, cv.inner_folds, cv.seed, cohort.classes.names
+            cohort.ids, cohort.labels, families, cv.outer_folds, cv.inner_folds, cv.seed, cohort.classes.names, groups
         )
     except ValueError as err:
         raise StudyError(f"cross-validation splits of {len(cohort.ids)} subjects: {err}") from None

@@ -118,12 +118,13 @@ def _check_classes(
 
     Whole families stay in one fold, so a class present in fewer than ``k`` families cannot reach every fold.
     """
+    unit = "groups of cv.group_by" if "group_by" in key else "families"
     for code, name in enumerate(classes):
         holding = {g for g, label in zip(groups, labels) if label == code}
         if len(holding) < k:
             raise ValueError(
-                f"{where} has {int((labels == code).sum())} {name} subjects in {len(holding)} families "
-                f"for {k} folds: whole families stay in one fold, so at most {len(holding)} folds can "
+                f"{where} has {int((labels == code).sum())} {name} subjects in {len(holding)} {unit} "
+                f"for {k} folds: whole {unit} stay in one fold, so at most {len(holding)} folds can "
                 f"hold a {name}; lower {key} to at most {len(holding)} or add subjects"
             )
 
@@ -159,17 +160,30 @@ def make_splits(
     inner_folds: int,
     seed: int,
     classes: tuple[str, str] = ("female", "male"),
+    outer_groups: list[str] | None = None,
 ) -> list[OuterFold]:
     """Outer folds over the cohort and inner folds inside each outer training set.
 
-    ``labels`` are class indices into ``classes`` (the names errors use). Raises
+    ``labels`` are class indices into ``classes`` (the names errors use). ``outer_groups`` (e.g. each subject's
+    site; cv.group_by) keeps its values whole in the outer folds instead of families. Raises
     ValueError, with the numbers, when the cohort cannot give every fold both
     classes or enough families.
     """
     labels = np.asarray(labels)
     position = {sid: i for i, sid in enumerate(ids)}
     folds = []
-    outer = _kfold_with_both_classes(ids, labels, families, outer_folds, seed, "the cohort", "cv.outer_folds", classes)
+    groups, key = (
+        (families, "cv.outer_folds") if outer_groups is None else (outer_groups, "cv.outer_folds (cv.group_by)")
+    )
+    group_of: dict[str, set[str]] = {}
+    for family, group in zip(families, groups):
+        group_of.setdefault(family, set()).add(group)
+    if spanning := sorted(f for f, g in group_of.items() if len(g) > 1):  # its members would land in two folds
+        raise ValueError(
+            f"family {spanning[0]} has members in {', '.join(sorted(group_of[spanning[0]]))} of cv.group_by "
+            f"({len(spanning)} such families); relatives must stay in one fold: fix the table or drop cv.group_by"
+        )
+    outer = _kfold_with_both_classes(ids, labels, groups, outer_folds, seed, "the cohort", key, classes)
     for k, test in enumerate(outer):
         held_out = set(test)
         train = [sid for sid in ids if sid not in held_out]
