@@ -247,3 +247,29 @@ def test_linear_weight_test_family_wise_error_rate_under_the_null_is_five_percen
         labels, _, families, voxels = null_maps(rng, 2000 + draw, 30)
         hits += bool((weight_test(voxels, labels, 0.1, 99, families, seed=draw).p <= 0.05).any())
     assert 0.02 <= hits / draws <= 0.085, hits / draws
+
+
+def test_adjusted_for_confounds_the_test_is_nilearns_freedman_lane_permuted_ols():
+    """With confounds, the t is OLS t of the label adjusted for them, as nilearn's ``permuted_ols`` computes it,
+    and the FWER p values agree within Monte Carlo error; a voxel that only follows the confound is significant
+    for Welch's test of the classes, not for the adjusted one."""
+    from nilearn.mass_univariate import permuted_ols
+
+    from study.attribution.stats import permutation_test
+
+    rng = np.random.default_rng(0)
+    n, v = 60, 300
+    labels = rng.integers(0, 2, n)
+    confounds = np.column_stack([labels + 0.5 * rng.normal(size=n), rng.integers(0, 2, n)])  # head size, a site
+    maps = rng.normal(size=(n, v))
+    maps[:, :20] += 2.0 * labels[:, None]  # the classes differ here
+    maps[:, 20:60] += 1.5 * confounds[:, [0]]  # only the head size here
+    adjusted = permutation_test(maps, labels, 2000, seed=1, confounds=confounds)
+    reference = permuted_ols(
+        labels[:, None].astype(float), maps, confounding_vars=confounds, n_perm=2000, random_state=1, output_type="dict"
+    )
+    np.testing.assert_allclose(adjusted.t, reference["t"][0], rtol=1e-9)
+    np.testing.assert_allclose(adjusted.p, 10 ** -reference["logp_max_t"][0], atol=0.04)
+    welch = permutation_test(maps, labels, 2000, seed=1)
+    assert np.mean(welch.p[20:60] < 0.05) > 0.5 and np.mean(adjusted.p[20:60] < 0.05) < 0.1
+    assert np.mean(adjusted.p[:20] < 0.05) > 0.3

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -54,6 +54,7 @@ from study.state import StageTimes, Study
 from study.storage import join
 from study.training.baseline import BaselineResult, brain_voxels
 from study.training.checkpoint import load_history
+from study.training.confounds import confound_design
 from study.training.crossval import driving_task
 from study.training.folds import FoldResult
 from study.training.loop import TrainingData
@@ -221,8 +222,11 @@ def _group_tests(
     process, whose threads all work on each test's sums.
     """
     attribution, resources, seed = study.config.attribution, study.config.resources, study.config.cv.seed
+    names = study.cohort.confounds  # the test adjusts for them (Freedman-Lane)
+    confounds = confound_design(study.cohort.confound_table(held_out.subject_ids)) if names else None
     arguments = {
         method: (normalized[method], held_out.labels, attribution.permutations, held_out.folds, held_out.families, seed)
+        + (confounds,)
         for method in methods_with_group_test(attribution.methods, attribution.target)
     }
     if resources.use_gpu:
@@ -230,6 +234,7 @@ def _group_tests(
         tests = dict(zip(arguments, ray.get([task.remote(*a) for a in arguments.values()])))
     else:
         tests = {method: permutation_test_on_device(*a) for method, a in arguments.items()}
+    tests = {method: replace(test, adjusted_for=names) for method, test in tests.items()}
     if baselines:  # the linear model's weights, refitted on all subjects and on permuted labels
         voxels = brain_voxels(study.cache, held_out.subject_ids, study.brain)
         C = float(np.median([b.C for b in baselines]))

@@ -10,6 +10,13 @@ families of the same size, and siblings within their family (relatives are not
 independent). Variances are computed in float64 from data centred per voxel, a
 two-pass scheme whose sums cannot cancel catastrophically; voxels that do not
 vary at all are left out of the test and counted.
+
+With confounds (cohort.confounds: site, TIV, age), the statistic is instead the
+ordinary least squares t of the label in a model with the confounds, and the
+permutations follow Freedman & Lane (1983), as nilearn's ``permuted_ols`` and
+PALM do: the maps' residuals on the confounds are permuted and added back to the
+confounds' fit, so that a difference that the confounds explain is not called
+one between the classes (Winkler et al. 2014).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ class PermutationTest:
     p: np.ndarray  # FWER-corrected p value (max statistic); NaN everywhere without permutations
     constant: int  # voxels left out because they have the same value in every subject
     permutations: int
+    adjusted_for: tuple[str, ...] = ()  # the confounds the t is adjusted for (Freedman-Lane); () : Welch t
 
 
 class ExchangeabilityBlocks:
@@ -90,8 +98,10 @@ def permutation_test(
     device: str = "cpu",
     voxel_chunk: int = 20000,
     permutation_chunk: int = 256,
+    confounds: np.ndarray | None = None,
 ) -> PermutationTest:
-    """Voxel-wise class 1 minus class 0 Welch t and its FWER-corrected p value (max statistic).
+    """Voxel-wise class 1 minus class 0 Welch t (or, with ``confounds``, OLS t adjusted for them) and its
+    FWER-corrected p value (max statistic).
 
     Parameters
     ----------
@@ -109,6 +119,9 @@ def permutation_test(
         Where the sums run (``cuda`` for a GPU); the result is the same.
     voxel_chunk, permutation_chunk : int
         Work sizes, which bound memory at the paper's grid.
+    confounds : ndarray [subjects, columns], optional
+        The confounds as regressors (categorical ones one-hot): the label's t adjusted for them, under
+        Freedman-Lane permutations within the same exchangeability blocks.
 
     Returns
     -------
@@ -120,14 +133,18 @@ def permutation_test(
     families = np.arange(n).astype(str) if families is None else np.asarray(families).astype(str)
     rng = np.random.default_rng(seed)
     blocks = ExchangeabilityBlocks(folds, families)
-    labellings = np.stack([labels] + [labels[blocks.draw(rng)] for _ in range(permutations)])
+    orders = [np.arange(n)] + [blocks.draw(rng) for _ in range(permutations)]
+    if confounds is None:
+        labellings, test = np.stack([labels[order] for order in orders]), _chunk_test
+    else:  # Freedman-Lane: residuals permuted, i.e. each subject's residual label moved to where its residual goes
+        labellings, test = np.stack([np.argsort(order) for order in orders]), _freedman_lane(labels, confounds, device)
     t = np.full(maps.shape[1], np.nan)
     max_null = torch.zeros(permutations, dtype=torch.float64, device=device)
-    rows = torch.as_tensor(labellings, dtype=torch.float64, device=device)
+    rows = torch.as_tensor(labellings, dtype=torch.float64 if confounds is None else torch.long, device=device)
     for start in range(0, maps.shape[1], voxel_chunk):
         # a float64 copy (a Ray task's maps are read-only, which torch warns about)
         x = torch.from_numpy(np.array(maps[:, start : start + voxel_chunk], dtype=np.float64)).to(device)
-        varies, observed, chunk_max = _chunk_test(rows, x, permutation_chunk)
+        varies, observed, chunk_max = test(rows, x, permutation_chunk)
         t[start + np.flatnonzero(varies)] = observed
         torch.maximum(max_null, chunk_max, out=max_null)
     return PermutationTest(t, fwer_p(t, max_null.cpu().numpy()), int(np.isnan(t).sum()), permutations)
@@ -167,10 +184,58 @@ def _chunk_test(
     return varies.cpu().numpy(), observed.cpu().numpy(), maxima
 
 
+def _freedman_lane(labels: np.ndarray, confounds: np.ndarray, device: str):
+    """The chunk test of the label's OLS t adjusted for ``confounds``, under Freedman-Lane permutations.
+
+    With H the projection on [1, confounds] and R = (I - H) Y the maps' residuals, a permutation P gives
+    Y* = HY + PR, whose label t in the full model is that of the residual label x = (I - H) label against
+    (I - H) P R: its numerator is x[P^-1]' R, and its residual sum of squares |R|² - |Q[P^-1]' R|² - numerator²/|x|²
+    (Q an orthonormal basis of H), for every permutation in two matrix products. ``rows`` are the inverse
+    orders P^-1, the identity first.
+    """
+    design = np.column_stack([np.ones(len(labels)), np.asarray(confounds, dtype=np.float64)])
+    u, s, _ = np.linalg.svd(design, full_matrices=False)
+    basis = torch.as_tensor(u[:, s > s.max() * 1e-10], device=device)  # [subjects, rank]
+    label = torch.as_tensor(np.asarray(labels, dtype=np.float64), device=device)
+    residual_label = label - basis @ (basis.T @ label)
+    sxx = float(residual_label @ residual_label)
+    df = len(labels) - basis.shape[1] - 1
+
+    def t_of(inverse: torch.Tensor, residuals: torch.Tensor, total: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+        numerator = residual_label[inverse] @ residuals  # [p, v]
+        fitted = torch.einsum("pnr,nv->prv", basis[inverse], residuals)  # Q[P^-1]' R
+        rss = total - (fitted**2).sum(1) - numerator**2 / sxx
+        return (numerator / sxx) / torch.maximum(torch.sqrt(torch.clamp(rss, min=0) / df / sxx), floor)
+
+    def chunk(rows: torch.Tensor, x: torch.Tensor, permutation_chunk: int):
+        residuals = x - basis @ (basis.T @ x)
+        total = (residuals**2).sum(0)
+        varies = total > 1e-20 * torch.clamp((x**2).sum(0), min=1e-300)
+        residuals, total = residuals[:, varies], total[varies]
+        floor = 1e-12 * torch.sqrt(total / len(x) / sxx)
+        observed = t_of(rows[:1], residuals, total, floor)[0]
+        maxima = torch.zeros(len(rows) - 1, dtype=torch.float64, device=x.device)
+        for first in range(1, len(rows), permutation_chunk):
+            null = t_of(rows[first : first + permutation_chunk], residuals, total, floor)
+            if null.shape[1]:
+                maxima[first - 1 : first - 1 + len(null)] = null.abs().max(1).values
+        return varies.cpu().numpy(), observed.cpu().numpy(), maxima
+
+    return chunk
+
+
 def permutation_test_on_device(
-    maps: np.ndarray, labels: np.ndarray, permutations: int, folds: np.ndarray, families: np.ndarray, seed: int
+    maps: np.ndarray,
+    labels: np.ndarray,
+    permutations: int,
+    folds: np.ndarray,
+    families: np.ndarray,
+    seed: int,
+    confounds: np.ndarray | None = None,
 ) -> PermutationTest:
     """:func:`permutation_test` on the GPU that Ray gave this task, else the CPU."""
     from study.runtime import worker_device
 
-    return permutation_test(maps, labels, permutations, folds, families, seed=seed, device=str(worker_device()))
+    return permutation_test(
+        maps, labels, permutations, folds, families, seed=seed, device=str(worker_device()), confounds=confounds
+    )

@@ -108,6 +108,11 @@ TESTED = (
     "maximum statistic over {permutations} label permutations within outer folds, exchanging whole families "
     "(PALM-style exchangeability blocks); voxels with the same value in every subject are left out of the test."
 )
+ADJUSTED = (
+    " Adjusted for the confounds ({confounds}): the t is that of the class in a linear model with them, and the "
+    "permutations follow Freedman and Lane (the maps' residuals on the confounds are permuted), so a difference "
+    "the confounds explain is not called one between the classes. The linear baseline's weight test is not adjusted."
+)
 UNTESTED = (
     "No {contrast} test: with target {target} the maps of each class explain different scores, so their "
     "difference would be there by construction; set attribution.target: contrast."
@@ -135,6 +140,8 @@ def _maps_sections(
     tests = [m.test for name, m in result.maps.items() if m.test is not None and name != LINEAR_BASELINE]
     if tests:
         how = TESTED.format(positive=classes.names[1], negative=classes.names[0], permutations=tests[0].permutations)
+        if tests[0].adjusted_for:
+            how += ADJUSTED.format(confounds=", ".join(tests[0].adjusted_for))
     else:
         how = UNTESTED.format(contrast=classes.contrast, target=result.target)
     if "gradcam" in result.maps:

@@ -56,6 +56,12 @@ def confound_model(table: pd.DataFrame) -> Pipeline:
     return make_pipeline(design, LogisticRegression(C=100.0, max_iter=1000))
 
 
+def confound_design(table: pd.DataFrame) -> np.ndarray:
+    """The confounds as regressors [subjects, columns]: categorical ones one-hot, numeric ones standardized."""
+    design = confound_model(table)[0].fit_transform(table)
+    return np.asarray(design.toarray() if hasattr(design, "toarray") else design, dtype=np.float64)
+
+
 def confound_predictions(
     table: pd.DataFrame, labels: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]]
 ) -> np.ndarray:
@@ -119,8 +125,7 @@ def partial_confound_test(
     any other to the confounds.
     """
     y, yhat = np.asarray(labels, int), np.asarray(predictions, float)
-    design = confound_model(table)[0].fit_transform(table)
-    design = np.asarray(design.toarray() if hasattr(design, "toarray") else design, float)
+    design = confound_design(table)
     basis = _orthonormal_basis(design - design.mean(0))
     rng = np.random.default_rng(seed)
     permuted = np.tile(yhat, (permutations, 1))
