@@ -14,6 +14,8 @@ from sklearn.calibration import calibration_curve
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import brier_score_loss
 
+from study.attribution.methods import METHODS, Batch
+from study.attribution.perturbation import Perturbation
 from study.attribution.targets import class_score, select_targets
 from study.config.sections import TrainConfig
 from study.data.cohort import CohortConfig, load_cohort
@@ -118,6 +120,9 @@ def test_the_maps_start_from_the_calibrated_decisions_with_the_networks_gradient
         class_score(model(volume), None).sum().backward()
         gradients.append(volume.grad)
     torch.testing.assert_close(gradients[1], 0.5 * gradients[0])
+    for method in METHODS:  # every method explains the calibrated model as it would the network
+        batch = Batch(calibrated, x[:2], None, 4.0, Perturbation(iterations=2, reference="blur"), None)
+        assert batch.map(method).shape == (2, *shape), method
     save_checkpoint(tmp_path, network, network.state_dict(), Progress("refit"))  # before calibration: as trained
     assert type(load_model(tmp_path, calibrated=True)) is type(network)
 

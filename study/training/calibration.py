@@ -137,6 +137,11 @@ class CalibratedModel(torch.nn.Module):
         self.model, self.temperature = model, calibration.temperature
         self.register_buffer("offset", torch.tensor([-calibration.bias / 2, calibration.bias / 2]))
 
+    @property
+    def gradcam_layer(self) -> torch.nn.Module:
+        """The network's Grad-CAM layer (:mod:`study.attribution.gradcam` hooks it)."""
+        return self.model.gradcam_layer
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.model(x)
         return logits * self.temperature + self.offset.to(logits.dtype)
