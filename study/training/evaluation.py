@@ -128,9 +128,8 @@ class ConfoundCheck:
 
     def describe(self, full: ConfoundTest, partial: ConfoundTest) -> str:
         """One model's two tests in words."""
-        return f"full confound test {format_p(full.p)}; partial confound test {format_p(partial.p)}, " + (
-            "so the confounds drive its predictions in part" if partial.p < ALPHA else "no sign that they drive it"
-        )
+        drive = "the confounds drive its predictions" if partial.p < ALPHA else "no sign that the confounds drive them"
+        return f"full confound test {format_p(full.p)}; partial confound test {format_p(partial.p)}: {drive}"
 
 
 @dataclass
