@@ -115,7 +115,8 @@ def study_row(name: str, effect: float, site: float, tiv: float, seed: int, args
     mlflow.set_tracking_uri(config.tracking.uri)
     run = mlflow.get_run(run_id)
     m = run.data.metrics
-    best = max((v, k.removeprefix("localization_roc_auc_")) for k, v in m.items() if k.startswith("localization_roc"))
+    located = [(v, k.removeprefix("localization_roc_auc_")) for k, v in m.items() if k.startswith("localization_roc")]
+    best = f"{max(located)[1]} {max(located)[0]:.3f}" if located else ""  # no planted effect: nothing to find
     return (
         name,
         str(seed),
@@ -126,7 +127,7 @@ def study_row(name: str, effect: float, site: float, tiv: float, seed: int, args
         f"{m['partial_confound_test_p']:.3f}",
         f"{m['baseline_full_confound_test_p']:.3f}",
         run.data.tags["study.finding"],
-        f"{best[1]} {best[0]:.3f}" if effect else "",
+        best,
         f"{time.perf_counter() - started:.0f}",
     )
 

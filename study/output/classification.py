@@ -218,6 +218,11 @@ def _summary(
         ("CNN Brier score (pooled)", f"{pooled['brier']:.3f}"),
         ("linear baseline ROC AUC", str(evaluation.baseline) if evaluation.baseline else "-"),
         ("CNN vs chance", format_p(evaluation.cnn_p)),
+        *(
+            [(f"confounds alone ({c.listing}) ROC AUC", str(c.alone)), ("CNN beyond them", format_p(c.full.p))]
+            if (c := evaluation.confounds)
+            else []
+        ),
         ("MLflow run", study.state.parent_run[:12]),
     ]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 
 from study.training.evaluation import ConfoundCheck, format_p
@@ -25,8 +24,8 @@ def confound_table(confounds: ConfoundCheck) -> pd.DataFrame:
             "model": f"confounds alone ({confounds.listing})",
             "pooled ROC AUC [95% CI]": str(confounds.alone),
             "test": "",
-            "R²": np.nan,
-            "R² expected by the confounds": np.nan,
+            "R²": "",
+            "R² expected by the confounds": "",
             "p": "",
         }
     ]
@@ -41,8 +40,8 @@ def confound_table(confounds: ConfoundCheck) -> pd.DataFrame:
                         "model": model,
                         "pooled ROC AUC [95% CI]": "",
                         "test": name,
-                        "R²": test.r2,
-                        "R² expected by the confounds": test.null_median,
+                        "R²": f"{test.r2:.3f}",
+                        "R² expected by the confounds": f"{test.null_median:.3f}",
                         "p": format_p(test.p),
                     }
                 )
