@@ -245,3 +245,39 @@ def test_leave_site_out_splits_come_from_the_participants_table(cohort_dir, tmp_
     scanner = dict(zip(loaded.ids, loaded.confound_table(loaded.ids).scanner))
     assert sorted({scanner[s] for s in f.test}.pop() for f in folds) == ["A", "B"]
     assert "group_by=scanner" in (tmp_path / "splits.json").read_text()
+
+
+@pytest.mark.slow
+def test_a_study_of_a_scanner_confound_finds_nothing_beyond_it(tmp_path):
+    """``study synth`` with no sex effect and a scanner that scanned most men, then ``run_study`` with
+    ``cohort.confounds: [site]``: the confounds alone predict sex, the verdict claims nothing beyond them, and the
+    maps' group test is adjusted for the scanner."""
+    import mlflow
+
+    from study.cli import main
+    from study.pipeline import run_study, study_dir
+    from study.tasks import map_in_process
+    from tests.test_study import study_config
+
+    root = tmp_path / "scanner"
+    argv = ["synth", str(root), "--subjects", "48", "--voxel-size", "4", "--effect-size", "0", "--site-confound"]
+    assert main([*argv, "0.9", "--seed", "3"], tasks=map_in_process) == 0
+    config = study_config(
+        tmp_path,
+        root,
+        cohort={"confounds": ["site"]},
+        train={"epochs": 8},
+        attribution={
+            "methods": ["gradcam"],
+            "permutations": 20,
+            "sanity": {"subjects": 2, "label_randomization": False},
+        },
+    )
+    mlflow.set_tracking_uri(config.tracking.uri)
+    run = mlflow.get_run(run_study(config))
+    metrics, finding = run.data.metrics, run.data.tags["study.finding"]
+    assert finding in ("confounds", "none") and metrics["confounds_pooled_roc_auc"] > 0.8, (finding, metrics)
+    assert 0 < metrics["partial_confound_test_p"] <= 1 and 0 < metrics["baseline_full_confound_test_p"] <= 1
+    report = (study_dir(config) / "latest" / "report.html").read_text()
+    assert "Beyond the confounds?" in report and "Adjusted for the confounds (site)" in report
+    assert finding != "confounds" or "explaining a model of the confounds (site)" in report
