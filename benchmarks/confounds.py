@@ -115,7 +115,11 @@ def study_row(name: str, effect: float, site: float, tiv: float, seed: int, args
     mlflow.set_tracking_uri(config.tracking.uri)
     run = mlflow.get_run(run_id)
     m = run.data.metrics
-    located = [(v, k.removeprefix("localization_roc_auc_")) for k, v in m.items() if k.startswith("localization_roc")]
+    located = [
+        (v, k.removeprefix("localization_roc_auc_"))
+        for k, v in m.items()
+        if k.startswith("localization_roc_auc_") and not k.endswith("linear_baseline")
+    ]
     best = f"{max(located)[1]} {max(located)[0]:.3f}" if located else ""  # no planted effect: nothing to find
     return (
         name,
@@ -150,7 +154,7 @@ def main() -> None:
         args.cohorts = args.cohorts.resolve()
         work = Path(tempfile.mkdtemp(prefix="confounds-"))
         header = ("cohort", "seed", "confounds alone", "linear", "CNN [95% CI]", "full p", "partial p")
-        header += ("linear full p", "finding", "best map (voxel AUC)", "wall s")
+        header += ("linear full p", "finding", "best CNN map (voxel AUC)", "wall s")
         rows = []
         for seed in args.seeds:
             for name, effect, site, tiv in COHORTS:
