@@ -12,8 +12,9 @@ CONFOUNDS = (
     "information about the label beyond the confounds? Its null permutes the labels conditionally on the confounds "
     "(Berrett et al. 2020); a low p says yes, a high p that the model may have learned the confounds only. Partial "
     "confound test: are the predictions driven by the confounds beyond the label? Its null permutes them within each "
-    "class; a low p says yes. R²: of labels and predictions (full), of predictions on the confounds (partial), with "
-    "the null's median beside it."
+    "class; a low p says yes. Both low: the model learned the label and the confounds both, so its maps may mark "
+    "either (their group test is adjusted for the confounds). R²: of labels and predictions (full), of predictions "
+    "on the confounds (partial), with the null's median beside it."
 )
 
 
