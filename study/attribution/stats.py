@@ -21,10 +21,13 @@ one between the classes (Winkler et al. 2014).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from study.training.confounds import orthonormal_basis
 
 
 @dataclass
@@ -175,13 +178,23 @@ def _chunk_test(
     varies = squares.sum(0) > 0
     centred, squares = centred[:, varies], squares[:, varies]
     floor = 1e-12 * torch.sqrt(squares.sum(0) / len(x))  # se never exactly 0 where the data vary
-    observed = _t_of(rows[:1], centred, squares, n1, n0, floor)[0]
-    maxima = torch.zeros(len(rows) - 1, dtype=torch.float64, device=x.device)
+    observed, maxima = _observed_and_maxima(
+        lambda r: _t_of(r, centred, squares, n1, n0, floor), rows, permutation_chunk
+    )
+    return varies.cpu().numpy(), observed, maxima
+
+
+def _observed_and_maxima(
+    t_of: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, permutation_chunk: int
+) -> tuple[np.ndarray, torch.Tensor]:
+    """The observed t (``rows[0]``) and each permutation's largest |t|, ``permutation_chunk`` rows at a time."""
+    observed = t_of(rows[:1])[0]
+    maxima = torch.zeros(len(rows) - 1, dtype=torch.float64, device=rows.device)
     for first in range(1, len(rows), permutation_chunk):
-        null = _t_of(rows[first : first + permutation_chunk], centred, squares, n1, n0, floor)
+        null = t_of(rows[first : first + permutation_chunk])
         if null.shape[1]:
             maxima[first - 1 : first - 1 + len(null)] = null.abs().max(1).values
-    return varies.cpu().numpy(), observed.cpu().numpy(), maxima
+    return observed.cpu().numpy(), maxima
 
 
 def _freedman_lane(labels: np.ndarray, confounds: np.ndarray, device: str):
@@ -194,8 +207,7 @@ def _freedman_lane(labels: np.ndarray, confounds: np.ndarray, device: str):
     orders P^-1, the identity first.
     """
     design = np.column_stack([np.ones(len(labels)), np.asarray(confounds, dtype=np.float64)])
-    u, s, _ = np.linalg.svd(design, full_matrices=False)
-    basis = torch.as_tensor(u[:, s > s.max() * 1e-10], device=device)  # [subjects, rank]
+    basis = torch.as_tensor(orthonormal_basis(design), device=device)  # [subjects, rank]
     label = torch.as_tensor(np.asarray(labels, dtype=np.float64), device=device)
     residual_label = label - basis @ (basis.T @ label)
     sxx = float(residual_label @ residual_label)
@@ -213,13 +225,8 @@ def _freedman_lane(labels: np.ndarray, confounds: np.ndarray, device: str):
         varies = total > 1e-20 * torch.clamp((x**2).sum(0), min=1e-300)
         residuals, total = residuals[:, varies], total[varies]
         floor = 1e-12 * torch.sqrt(total / len(x) / sxx)
-        observed = t_of(rows[:1], residuals, total, floor)[0]
-        maxima = torch.zeros(len(rows) - 1, dtype=torch.float64, device=x.device)
-        for first in range(1, len(rows), permutation_chunk):
-            null = t_of(rows[first : first + permutation_chunk], residuals, total, floor)
-            if null.shape[1]:
-                maxima[first - 1 : first - 1 + len(null)] = null.abs().max(1).values
-        return varies.cpu().numpy(), observed.cpu().numpy(), maxima
+        observed, maxima = _observed_and_maxima(lambda r: t_of(r, residuals, total, floor), rows, permutation_chunk)
+        return varies.cpu().numpy(), observed, maxima
 
     return chunk
 

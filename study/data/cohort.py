@@ -230,6 +230,7 @@ def load_cohort(config: CohortConfig, labelled: bool = True) -> Cohort:
         raise CohortError(f"cohort root is not a directory: {config.root}; set cohort.root")
     paths = config.participants_paths
     table = read_participants(paths, config.subject_column)
+    confounds = tuple(config.confounds) if labelled else ()  # new subjects to predict need none
     where = " + ".join(str(p) for p in paths)
     _check_columns(table, config, labelled, where)
     layout, images = find_images(
@@ -246,7 +247,7 @@ def load_cohort(config: CohortConfig, labelled: bool = True) -> Cohort:
         classes=config.classes,
         label_mapping=config.label_mapping,
         family_column=family_column,
-        confound_columns=tuple(config.confounds) if labelled else (),
+        confound_columns=confounds,
         session_column=next((c for c in SESSION_COLUMNS if c in table.columns), None),
         session=config.session,
         brain_mask=config.brain_mask,
@@ -257,7 +258,7 @@ def load_cohort(config: CohortConfig, labelled: bool = True) -> Cohort:
     warnings = family_warnings([s.family_id for s in subjects], family_column, where)
     if any(s.brain_mask == MNI152_MASK for s in subjects):
         warnings.append(MNI152_MASK_WARNING)
-    return Cohort(subjects, problems, warnings, config.task, tuple(config.confounds) if labelled else ())
+    return Cohort(subjects, problems, warnings, config.task, confounds)
 
 
 MNI152_MASK_WARNING = (

@@ -112,13 +112,13 @@ def _improve(fold_of: np.ndarray, totals: np.ndarray, counts: np.ndarray, target
 
 
 def _check_classes(
-    labels: np.ndarray, groups: list[str], k: int, where: str, key: str, classes: tuple[str, str]
+    labels: np.ndarray, groups: list[str], k: int, where: str, key: str, classes: tuple[str, str], unit: str
 ) -> None:
     """Refuse folds that cannot all hold both classes (a test fold without one has no ROC AUC).
 
-    Whole families stay in one fold, so a class present in fewer than ``k`` families cannot reach every fold.
+    Whole groups (``unit``: families, or cv.group_by's values) stay in one fold, so a class present in fewer than
+    ``k`` groups cannot reach every fold.
     """
-    unit = "groups of cv.group_by" if "group_by" in key else "families"
     for code, name in enumerate(classes):
         holding = {g for g, label in zip(groups, labels) if label == code}
         if len(holding) < k:
@@ -138,15 +138,16 @@ def _kfold_with_both_classes(
     where: str,
     key: str,
     classes: tuple[str, str],
+    unit: str = "families",
 ) -> list[list[str]]:
-    """:func:`group_kfold`, checked before (enough families of each class) and after (each fold holds both)."""
-    _check_classes(labels, groups, k, where, key, classes)
+    """:func:`group_kfold`, checked before (enough ``unit`` of each class) and after (each fold holds both)."""
+    _check_classes(labels, groups, k, where, key, classes, unit)
     folds = group_kfold(ids, labels, groups, k, seed)
     label = dict(zip(ids, labels))
     for i, fold in enumerate(folds):
         if len({label[s] for s in fold}) < 2:
             raise ValueError(
-                f"{where}: fold {i} of {k} got {len(fold)} subjects of one class only (families are "
+                f"{where}: fold {i} of {k} got {len(fold)} subjects of one class only ({unit} are "
                 f"too few or too large to spread); lower {key}"
             )
     return folds
@@ -172,8 +173,10 @@ def make_splits(
     labels = np.asarray(labels)
     position = {sid: i for i, sid in enumerate(ids)}
     folds = []
-    groups, key = (
-        (families, "cv.outer_folds") if outer_groups is None else (outer_groups, "cv.outer_folds (cv.group_by)")
+    groups, key, unit = (
+        (families, "cv.outer_folds", "families")
+        if outer_groups is None
+        else (outer_groups, "cv.outer_folds (cv.group_by)", "groups of cv.group_by")
     )
     group_of: dict[str, set[str]] = {}
     for family, group in zip(families, groups):
@@ -183,7 +186,7 @@ def make_splits(
             f"family {spanning[0]} has members in {', '.join(sorted(group_of[spanning[0]]))} of cv.group_by "
             f"({len(spanning)} such families); relatives must stay in one fold: fix the table or drop cv.group_by"
         )
-    outer = _kfold_with_both_classes(ids, labels, groups, outer_folds, seed, "the cohort", key, classes)
+    outer = _kfold_with_both_classes(ids, labels, groups, outer_folds, seed, "the cohort", key, classes, unit)
     for k, test in enumerate(outer):
         held_out = set(test)
         train = [sid for sid in ids if sid not in held_out]

@@ -126,7 +126,7 @@ def partial_confound_test(
     """
     y, yhat = np.asarray(labels, int), np.asarray(predictions, float)
     design = confound_design(table)
-    basis = _orthonormal_basis(design - design.mean(0))
+    basis = orthonormal_basis(design - design.mean(0))
     rng = np.random.default_rng(seed)
     permuted = np.tile(yhat, (permutations, 1))
     for label in np.unique(y):
@@ -169,9 +169,10 @@ def _squared_correlation(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return (xc @ yc) ** 2 / ((xc**2).sum(1) * (yc**2).sum())
 
 
-def _orthonormal_basis(centred: np.ndarray) -> np.ndarray:
-    """An orthonormal basis of the column space of a centred design (rank-deficient columns dropped)."""
-    u, s, _ = np.linalg.svd(centred, full_matrices=False)
+def orthonormal_basis(design: np.ndarray) -> np.ndarray:
+    """An orthonormal basis of the column space of a design (rank-deficient columns dropped): one-hot columns
+    of every level beside an intercept are fine."""
+    u, s, _ = np.linalg.svd(design, full_matrices=False)
     return u[:, s > s.max(initial=0) * 1e-10] if len(s) else u
 
 
