@@ -80,15 +80,16 @@ def predict(args: argparse.Namespace) -> int:
     import mlflow
     from tqdm.auto import tqdm
 
-    from study.predict import download_ensemble, find_images, maps_name, resolve_model, save_maps
+    from study.new_images import find_images, maps_name, save_maps
+    from study.output.models import download_ensemble, resolve_model
 
-    images, problems = find_images(args.images)
-    if images.empty:
-        raise CohortError("no images to predict: " + "; ".join(p.message + f" ({p.file})" for p in problems))
     uri = tracking_uri(args.tracking_uri)
     model_uri = resolve_model(args.model, mlflow.MlflowClient(uri))
     with tempfile.TemporaryDirectory() as tmp:
         ensemble = download_ensemble(model_uri, uri, Path(tmp), args.trust_code)
+    images, problems = find_images(args.images, ensemble.confounds)
+    if images.empty:
+        raise CohortError("no images to predict: " + "; ".join(p.message + f" ({p.file})" for p in problems))
     table = ensemble.predict(images)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, sep="\t" if args.out.suffix != ".csv" else ",", index=False)
@@ -97,6 +98,7 @@ def predict(args: argparse.Namespace) -> int:
     print(predicted[table.columns[[0, 2, 3]]].to_string(index=False, float_format="%.3f"))
     if args.maps is not None and len(predicted):
         masks = dict(zip(images.image, images.brain_mask))
+        confounds = images.set_index("image")[ensemble.confounds]  # each image's, when the study adjusted for them
         named: dict[str, str] = {}  # map file stem -> the image that writes it
         for row in predicted.itertuples():
             name = maps_name(Path(row.image), row.subject_id)
@@ -112,9 +114,9 @@ def predict(args: argparse.Namespace) -> int:
             else:
                 named[name] = row.image
         for name, image in tqdm(named.items(), desc="explaining", unit="subject"):
-            save_maps(
-                ensemble.explain(ensemble.preprocess(Path(image), masks.get(image))), ensemble.grid, args.maps, name
-            )
+            volume = ensemble.preprocess(Path(image), masks.get(image))
+            adjusting = ensemble.confound_table(confounds.loc[[image]]) if ensemble.confounds else None
+            save_maps(ensemble.explain(volume, adjusting), ensemble.grid, args.maps, name)
         print(f"maps of {len(named)} images ({', '.join(ensemble.methods)}) in {args.maps}")
     for problem in problems:
         print(problem, file=sys.stderr)

@@ -7,19 +7,19 @@ attribution settings) and logs it to MLflow as one pyfunc model
 Model Registry under the study's name. ``study predict`` loads it by URI, so
 nothing about preprocessing is retyped: a new image is checked, resampled and
 normalized exactly as the study's images were, then every fold's model scores
-it and the ensemble's probability is their mean.
+it and the ensemble's probability is their mean. A study that removed confounds
+from its images (``cv.adjust``) keeps each fold's adjustment: a new image gets
+its fold's, from its own confound values (a participants table's columns),
+before that fold's model sees it.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlflow.artifacts
 import mlflow.pyfunc
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
@@ -27,15 +27,17 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 from tqdm.auto import tqdm
 
-from study.data.cohort import SEX_CLASSES, Classes, Problem
+from study.data.adjustment import Adjustment
+from study.data.cohort import SEX_CLASSES, Classes
 from study.data.volumes import Grid, preprocess_volume
-from study.errors import ModelNotFoundError, UntrustedCodeError, VolumeError
+from study.errors import StudyError, UntrustedCodeError, VolumeError
+from study.new_images import subject_id_of
 from study.training.calibration import Calibration
 from study.training.models import model_from_record, model_record
 
 SPEC_FILE = "ensemble.json"
+ADJUSTMENT_FILE = "fold{fold}_adjustment.npz"  # a fold's confound adjustment, when the study made one
 MEAN_FILE = "cohort_mean.npy"  # Meaningful Perturbations' reference, when the study used the cohort's mean
-NIFTI = re.compile(r"\.nii(\.gz)?$")
 
 
 @dataclass
@@ -64,6 +66,9 @@ class Ensemble:
     calibrations : dict of int to Calibration, optional
         Each fold's temperature and bias (:mod:`study.training.calibration`); a fold without one gives softmax's
         probabilities.
+    adjustments : dict of int to Adjustment, optional
+        Each fold's removal of the confounds from its images (``cv.adjust``, :mod:`study.data.adjustment`): a new
+        image gets its fold's, from its own confound values, before that fold's model sees it.
     """
 
     models: dict[int, torch.nn.Module]
@@ -75,6 +80,12 @@ class Ensemble:
     classes: Classes = Classes()
     cohort_mean: np.ndarray | None = None
     calibrations: dict[int, Calibration] = field(default_factory=dict)
+    adjustments: dict[int, Adjustment] = field(default_factory=dict)
+
+    @property
+    def confounds(self) -> list[str]:
+        """The confound columns each new image needs (the study removed them from its images); none without."""
+        return list(dict.fromkeys(c for a in self.adjustments.values() for c in a.columns))
 
     def save(self, directory: Path) -> Path:
         """Write ``fold<k>.pt`` (weights and architecture), ``ensemble.json`` and, when there is one, the
@@ -84,6 +95,8 @@ class Ensemble:
             np.save(directory / MEAN_FILE, self.cohort_mean.astype(np.float32))
         for fold, model in self.models.items():
             torch.save(model_record(model), directory / f"fold{fold}.pt")
+        for fold, adjustment in self.adjustments.items():
+            adjustment.save(directory / ADJUSTMENT_FILE.format(fold=fold))
         spec = {
             "folds": sorted(self.models),
             "shape": list(self.grid.shape),
@@ -130,6 +143,11 @@ class Ensemble:
             classes,
             np.load(mean) if mean.exists() else None,
             {int(fold): Calibration.from_dict(c) for fold, c in spec.get("calibration", {}).items()},
+            {
+                fold: Adjustment.load(path)
+                for fold in spec["folds"]
+                if (path := Path(directory) / ADJUSTMENT_FILE.format(fold=fold)).exists()
+            },
         )
 
     def preprocess(self, image: Path, mask: Path | str | None = None) -> np.ndarray:
@@ -142,12 +160,28 @@ class Ensemble:
         """Each fold's model with its calibration on its logits: softmax says the calibrated P(class 1)."""
         return {fold: self.calibrations.get(fold, Calibration()).applied_to(m) for fold, m in self.models.items()}
 
+    def inputs(self, volumes: np.ndarray, confounds: pd.DataFrame | None = None) -> dict[int, torch.Tensor]:
+        """Each fold model's input [subjects, 1, D, H, W] from volumes [subjects, D, H, W] on the study grid:
+        adjusted by the fold's adjustment for the subjects' ``confounds`` (a row each), when the study made one."""
+        x = np.asarray(volumes, dtype=np.float32)[:, None]
+        inputs = {}
+        for fold in self.models:
+            if fold in self.adjustments:
+                adjusted = x.copy()
+                self.adjustments[fold].apply_to_volumes(adjusted, confounds)
+                inputs[fold] = torch.from_numpy(adjusted)
+            else:
+                inputs[fold] = torch.from_numpy(x)
+        return inputs
+
     @torch.no_grad()
-    def probabilities(self, volumes: np.ndarray) -> np.ndarray:
-        """Calibrated P(class 1) (e.g. P(male)) of each fold's model for volumes [subjects, D, H, W]:
-        [subjects, folds]."""
-        x = torch.from_numpy(np.asarray(volumes, dtype=np.float32)[:, None])
-        return np.stack([torch.softmax(m(x), 1)[:, 1].numpy() for m in self.calibrated_models.values()], axis=1)
+    def probabilities(self, volumes: np.ndarray, confounds: pd.DataFrame | None = None) -> np.ndarray:
+        """Calibrated P(class 1) (e.g. P(male)) of each fold's model for volumes [subjects, D, H, W] (and their
+        subjects' confounds, a row each, when the study adjusted its images for them): [subjects, folds]."""
+        inputs = self.inputs(volumes, confounds)
+        return np.stack(
+            [torch.softmax(m(inputs[fold]), 1)[:, 1].numpy() for fold, m in self.calibrated_models.items()], axis=1
+        )
 
     @property
     def columns(self) -> list[str]:
@@ -162,6 +196,7 @@ class Ensemble:
                 ColSpec("string", "image"),
                 ColSpec("string", "subject_id", required=False),
                 ColSpec("string", "brain_mask", required=False),
+                *[ColSpec("string", column) for column in self.confounds],
             ]
         )
         kinds = {c: "double" if c.startswith(self.classes.p) else "string" for c in self.columns}
@@ -169,7 +204,8 @@ class Ensemble:
 
     def predict(self, images: pd.DataFrame, batch_size: int = 8) -> pd.DataFrame:
         """Predict every image of a table with columns ``image`` (a NIfTI path), and optionally ``subject_id`` and
-        ``brain_mask`` (a mask file, or ``mni152``, for images with the skull on).
+        ``brain_mask`` (a mask file, or ``mni152``, for images with the skull on); a study that removed
+        confounds from its images (:attr:`confounds`) needs a column of each, such as ``site`` and ``tiv``.
 
         Returns one row per image (:attr:`columns`): ``subject_id``, ``image``,
         ``p_<class 1>`` (the ensemble's mean, e.g. ``p_male``), ``predicted_<label>``,
@@ -186,18 +222,22 @@ class Ensemble:
         paths = [str(p) for p in images["image"]]
         masks = images["brain_mask"].fillna("").astype(str).tolist() if "brain_mask" in images else [""] * len(paths)
         rows = [{"subject_id": sid, "image": path, "problem": ""} for sid, path in zip(ids, paths)]
+        confounds = self._confounds(images, rows)
         for start in tqdm(
             range(0, len(rows), batch_size), desc="predicting", unit="batch", disable=len(rows) <= batch_size
         ):
             ready, volumes = [], []
-            for row, mask in zip(rows[start : start + batch_size], masks[start : start + batch_size]):
+            for i in range(start, min(start + batch_size, len(rows))):
+                if rows[i]["problem"]:
+                    continue
                 try:
-                    volumes.append(self.preprocess(Path(row["image"]), mask))
-                    ready.append(row)
+                    volumes.append(self.preprocess(Path(rows[i]["image"]), masks[i]))
+                    ready.append(i)
                 except VolumeError as err:
-                    row["problem"] = str(err)
+                    rows[i]["problem"] = str(err)
             if volumes:
-                for row, p_folds in zip(ready, self.probabilities(np.stack(volumes))):
+                adjusting = confounds.iloc[ready] if confounds is not None else None
+                for row, p_folds in zip([rows[i] for i in ready], self.probabilities(np.stack(volumes), adjusting)):
                     row |= {
                         p: float(p_folds.mean()),
                         predicted: self.classes.names[int(p_folds.mean() >= 0.5)],
@@ -205,7 +245,40 @@ class Ensemble:
                     }
         return pd.DataFrame(rows, columns=columns)
 
-    def explain(self, volume: np.ndarray) -> dict[str, np.ndarray]:
+    def confound_table(self, given: pd.DataFrame) -> pd.DataFrame:
+        """Confound values as given (strings, a row per subject) as the adjustments read them: a numeric
+        confound's as numbers (NaN where one is not), a categorical one's as strings."""
+        numeric = {c.column for a in self.adjustments.values() for c in a.covariates if c.level is None}
+        return given.apply(lambda values: pd.to_numeric(values, errors="coerce") if values.name in numeric else values)
+
+    def _confounds(self, images: pd.DataFrame, rows: list[dict]) -> pd.DataFrame | None:
+        """The images' confounds as the adjustments read them (None: the study made none); a row that lacks
+        one, or has a value no fold can remove (a site none of its training subjects had), gets its problem."""
+        if not self.adjustments:
+            return None
+        missing = [c for c in self.confounds if c not in images]
+        if missing:
+            for row in rows:
+                row["problem"] = (
+                    f"the study removed {', '.join(self.confounds)} from its images (cv.adjust), so each new image "
+                    f"needs them too: give the images as a participants table with column(s) {', '.join(missing)}"
+                )
+            return None
+        given = images[self.confounds].fillna("").astype(str).apply(lambda column: column.str.strip())
+        table = self.confound_table(given.set_axis([row["subject_id"] for row in rows]))
+        numeric = [c for c in self.confounds if pd.api.types.is_float_dtype(table[c])]
+        for i, row in enumerate(rows):
+            unreadable = [f"{c} {given.iloc[i][c]!r}" for c in numeric if pd.isna(table.iloc[i][c])]
+            try:
+                if unreadable:
+                    raise StudyError(f"{', '.join(unreadable)} is not a number, which the adjustment needs")
+                for adjustment in self.adjustments.values():
+                    adjustment.design(table.iloc[[i]])
+            except StudyError as err:
+                row["problem"] = row["problem"] or str(err)
+        return table
+
+    def explain(self, volume: np.ndarray, confounds: pd.DataFrame | None = None) -> dict[str, np.ndarray]:
         """Each of the study's methods' map of one volume [D, H, W]: the mean over folds of each fold model's
         map, each scaled to its 99.5th percentile as the study's group maps are. A study that explained the true
         class explains the predicted class here (a new subject's label is not known)."""
@@ -217,119 +290,14 @@ class Ensemble:
         target = "predicted_class" if self.target == "true_class" else self.target
         explanation = Explanation(self.methods, target, Perturbation(**self.perturbation), self.cohort_mean)
         precision = Precision.choose(torch.device("cpu"))
-        x = torch.from_numpy(np.asarray(volume, dtype=np.float32)[None, None])
+        inputs = self.inputs(volume[None], confounds)
         sums = {m: np.zeros(self.grid.shape, np.float32) for m in self.methods}
-        for model in self.calibrated_models.values():
+        for fold, model in self.calibrated_models.items():
+            x = inputs[fold]
             maps = explain_batch(model, x, torch.zeros(1, dtype=torch.long), explanation, self.grid.voxel_mm, precision)
             for method, values in maps.items():
                 sums[method] += normalize(values.astype(np.float32).reshape(1, -1))[0].reshape(self.grid.shape)
         return {m: s / len(self.models) for m, s in sums.items()}
-
-
-def subject_id_of(image: Path) -> str:
-    """A subject id from an image's name: the BIDS ``sub-<label>`` entity of the file name, else of the nearest
-    folder (``sub-01/anat/T1w.nii.gz``), else the file name without extension."""
-    for part in [image.name, *reversed(image.parent.parts)]:
-        match = re.match(r"sub-([A-Za-z0-9]+)", part)
-        if match:
-            return match.group(1)
-    return NIFTI.sub("", image.name)
-
-
-def maps_name(image: Path, subject_id: str) -> str:
-    """The stem of an image's map files: ``sub-<id>``, with ``_ses-<label>`` when the file name or its folder has
-    one, so that two sessions of one subject do not write the same maps."""
-    session = re.search(r"(?:^|_)ses-([A-Za-z0-9]+)", image.name) or next(
-        (m for m in (re.fullmatch(r"ses-([A-Za-z0-9]+)", p) for p in reversed(image.parent.parts)) if m), None
-    )
-    return f"sub-{subject_id}" + (f"_ses-{session.group(1)}" if session else "")
-
-
-def find_images(sources: list[Path]) -> tuple[pd.DataFrame, list[Problem]]:
-    """The images to predict, as a table (subject_id, image), and sources that give none.
-
-    Each source is a NIfTI file, a folder (its ``*.nii[.gz]`` files at any depth,
-    leaving out a synthetic cohort's ``ground_truth/``), or a participants table
-    (TSV/CSV) of a cohort in any layout ``study validate`` knows, with each
-    image's brain mask as that layout has it (fMRIPrep's, CAPS's); new subjects
-    need no label column.
-    """
-    from study.data.cohort import CohortConfig, load_cohort
-
-    rows, problems = [], []
-    for source in sources:
-        source = source.resolve()
-        if not source.exists():
-            problems.append(Problem("-", str(source), "no such file or folder"))
-        elif source.suffix in {".tsv", ".csv"} and source.is_file():
-            cohort = load_cohort(CohortConfig(root=source.parent, participants=source), labelled=False)
-            rows += [
-                {"subject_id": s.subject_id, "image": str(s.image), "brain_mask": str(s.brain_mask or "")}
-                for s in cohort.subjects
-            ]
-            problems += cohort.problems
-        elif source.is_dir():
-            found = sorted(p for p in source.rglob("*.nii*") if NIFTI.search(p.name) and "ground_truth" not in p.parts)
-            rows += [{"subject_id": subject_id_of(p), "image": str(p), "brain_mask": ""} for p in found]
-            if not found:
-                problems.append(Problem("-", str(source), "no .nii or .nii.gz file in this folder"))
-        elif NIFTI.search(source.name):
-            rows.append({"subject_id": subject_id_of(source), "image": str(source), "brain_mask": ""})
-        else:
-            problems.append(Problem("-", str(source), "not a NIfTI file, a folder or a participants table (.tsv/.csv)"))
-    return pd.DataFrame(rows, columns=["subject_id", "image", "brain_mask"]), problems
-
-
-def save_maps(maps: dict[str, np.ndarray], grid: Grid, out: Path, name: str) -> list[Path]:
-    """An image's maps as ``<out>/<method>/<name>_<method>.nii.gz`` on the study grid (MNI152 space); ``name`` is
-    its :func:`maps_name`."""
-    paths = []
-    for method, values in maps.items():
-        (out / method).mkdir(parents=True, exist_ok=True)
-        paths.append(out / method / f"{name}_{method}.nii.gz")
-        nib.save(nib.Nifti1Image(values.astype(np.float32), grid.affine), paths[-1])
-    return paths
-
-
-def download_ensemble(model_uri: str, tracking_uri: str, directory: Path, trust_code: bool = False) -> Ensemble:
-    """A registered or logged study model's :class:`Ensemble`, read from its files into ``directory``.
-
-    Only the ensemble's weights (``weights_only``) and JSON are read: the
-    pyfunc's pickle and code, which ``mlflow.pyfunc.load_model`` would run, are
-    not (MLflow serving still loads the pyfunc).
-    """
-    from study.runtime import environment
-
-    mlflow.set_tracking_uri(tracking_uri)  # a models:/ URI is resolved through the global registry
-    with environment(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):  # a bar per file, over the table it prints
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(directory)))
-    return Ensemble.load(local / "artifacts" / "ensemble", trust_code)
-
-
-def resolve_model(name: str, client: mlflow.MlflowClient) -> str:
-    """A model URI for ``name``: a ``models:/`` or ``runs:/`` URI as given, a registered study name (its newest
-    version), or a study's MLflow run id (the ensemble it logged)."""
-    if name.startswith(("models:/", "runs:/")):
-        return name
-    versions = client.search_model_versions(f"name = '{name}'")
-    if versions:
-        return f"models:/{name}/{max(int(v.version) for v in versions)}"
-    if re.fullmatch(r"[0-9a-f]{32}", name):
-        try:
-            run = client.get_run(name)
-        except mlflow.MlflowException:
-            run = None
-        if run is not None:
-            logged = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{name}'")
-            ensembles = [m for m in logged if m.name == "ensemble"]
-            if ensembles:
-                return f"models:/{ensembles[0].model_id}"
-    known = sorted({m.name for m in client.search_registered_models()})
-    raise ModelNotFoundError(
-        f"no study model {name!r} in {client.tracking_uri}: give models:/NAME/VERSION, a study name "
-        f"({', '.join(known) or 'none registered yet: run a study first'}) or a study's run id; set --tracking-uri "
-        "(or MLFLOW_TRACKING_URI) if the study logged elsewhere"
-    )
 
 
 class StudyEnsemble(mlflow.pyfunc.PythonModel):

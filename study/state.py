@@ -5,7 +5,8 @@ what every stage needs: the config, the prepared cohort and its cache, the
 splits, where files and checkpoints go, and the execution's state. The state
 (``state.json``) is what a rerun needs to continue an execution instead of
 starting afresh: which folds are finished and logged, and the MLflow runs to
-continue. This module computes nothing and publishes nothing.
+continue. This module publishes nothing and computes only what the folds read
+their volumes through (:meth:`Study.fold_cache`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from study.config import StudyConfig
+from study.data.adjustment import fit_adjustment
 from study.data.cache import VolumeCache
 from study.data.cohort import Cohort, Problem
 from study.data.splits import OuterFold
@@ -199,6 +201,27 @@ class Study:
     directory: Path  # this execution's splits, state, finished folds, maps, report (<study dir>/<execution>)
     storage: str  # Ray Train/Tune storage of this execution: a path or a cloud URI
     audit: bool = False  # record which subjects each training worker read (tests prove no leak with it)
+    _fold_caches: dict[int, VolumeCache] = field(default_factory=dict, repr=False)
+
+    def fold_cache(self, fold: int) -> VolumeCache:
+        """The cache as outer fold ``fold`` reads it: with ``cv.adjust``, every volume adjusted for the confounds
+        by an adjustment fitted on the fold's training subjects only (:mod:`study.data.adjustment`, fitted on
+        first use); else the cache itself."""
+        method = self.config.cv.adjust
+        if method == "none":
+            return self.cache
+        if fold not in self._fold_caches:
+            train, group_by = self.folds[fold].train, self.config.cv.group_by
+            adjustment = fit_adjustment(
+                method,
+                self.cache.brain_voxels(train, self.brain),
+                self.cohort.confound_table(train),
+                self.brain,
+                keep=(group_by,) if group_by else (),
+            )
+            everyone = self.cohort.confound_table(self.cohort.ids).set_axis(self.cohort.ids)
+            self._fold_caches[fold] = self.cache.adjusted(adjustment.for_subjects(everyone))
+        return self._fold_caches[fold]
 
     @functools.cached_property
     def brain(self) -> np.ndarray:

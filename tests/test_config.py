@@ -27,7 +27,9 @@ def test_unknown_key_lists_valid_keys(tmp_path):
     path = write(tmp_path, "name: s\ncohort: {root: x}\ncv: {outer_fold: 3}\n")
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert "cv.outer_fold: unknown key; valid keys here: group_by, inner_folds, outer_folds, seed" in str(err.value)
+    assert "cv.outer_fold: unknown key; valid keys here: adjust, group_by, inner_folds, outer_folds, seed" in str(
+        err.value
+    )
 
 
 def test_a_typo_in_the_model_section_or_an_old_key_names_the_valid_ones(tmp_path):

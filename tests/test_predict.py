@@ -247,7 +247,7 @@ def test_an_ensemble_saved_before_the_cohort_mean_reference_still_explains(tmp_p
 
 def test_an_ensemble_of_a_researchers_own_network_loads_only_when_its_code_is_trusted(tmp_path):
     from study.errors import UntrustedCodeError
-    from study.predict import maps_name, subject_id_of
+    from study.new_images import maps_name, subject_id_of
     from study.training.models import Network
 
     shape = (12, 14, 12)

@@ -40,12 +40,14 @@ class Explanation:
 
 @dataclass(frozen=True)
 class FoldModel:
-    """A trained model and the held-out subjects it must explain."""
+    """A trained model, the held-out subjects it must explain, and their volumes as the model read them (the
+    fold's view of the cache: adjusted for the confounds with ``cv.adjust``)."""
 
     fold: int
     checkpoint: ray.train.Checkpoint
     subject_ids: list[str]
     labels: np.ndarray
+    cache: VolumeCache
 
 
 def explain_batch(
@@ -96,8 +98,8 @@ def explain_subjects(
 class Explainer:
     """One actor of the pool: keeps the model of the fold it last explained."""
 
-    def __init__(self, explanation: Explanation, cache: VolumeCache):
-        self.explanation, self.cache = explanation, cache
+    def __init__(self, explanation: Explanation):
+        self.explanation = explanation
         self.precision = Precision.choose(worker_device())
         self.fold: int | None = None
         self.model: torch.nn.Module | None = None
@@ -107,18 +109,17 @@ class Explainer:
             self.model = self.precision.model(load_model(job.checkpoint, calibrated=True))
             self.fold = job.fold
         return subject_ids, explain_subjects(
-            self.model, self.cache, subject_ids, labels, self.explanation, self.precision, len(subject_ids)
+            self.model, job.cache, subject_ids, labels, self.explanation, self.precision, len(subject_ids)
         )
 
 
-def _start_actor(explanation: Explanation, cache: VolumeCache, gpus_per_actor: float, name: str):
+def _start_actor(explanation: Explanation, gpus_per_actor: float, name: str):
     options = {"num_cpus": 1, "num_gpus": gpus_per_actor, "name": name}
-    return ray.remote(Explainer).options(**options).remote(explanation, cache)
+    return ray.remote(Explainer).options(**options).remote(explanation)
 
 
 def explain_cohort(
     jobs: list[FoldModel],
-    cache: VolumeCache,
     store: MapStore,
     explanation: Explanation,
     batch_size: int,
@@ -131,9 +132,7 @@ def explain_cohort(
     Parameters
     ----------
     jobs : list of FoldModel
-        Each fold's model and the held-out subjects it explains.
-    cache : VolumeCache
-        The preprocessed volumes.
+        Each fold's model, the held-out subjects it explains and their volumes.
     store : MapStore
         Where maps go, batch by batch; subjects already there are skipped.
     explanation : Explanation
@@ -159,9 +158,9 @@ def explain_cohort(
         return 0
     # Named explainer-<slot>.<generation>: a replaced actor gets the next generation.
     generation = [0] * min(actors, len(queue))
-    pool = [_start_actor(explanation, cache, gpus_per_actor, f"explainer-{i}.0") for i in range(len(generation))]
+    pool = [_start_actor(explanation, gpus_per_actor, f"explainer-{i}.0") for i in range(len(generation))]
     try:
-        _run_pool(pool, generation, queue, total, store, explanation, cache, gpus_per_actor, on_batch)
+        _run_pool(pool, generation, queue, total, store, explanation, gpus_per_actor, on_batch)
     finally:  # also when a batch or the progress callback fails: no actor keeps its GPU share
         for actor in pool:
             ray.kill(actor)
@@ -175,7 +174,6 @@ def _run_pool(
     total: int,
     store: MapStore,
     explanation: Explanation,
-    cache: VolumeCache,
     gpus_per_actor: float,
     on_batch: Callable[[int], None] | None,
 ) -> None:
@@ -195,7 +193,7 @@ def _run_pool(
                 subject_ids, maps = ray.get(ref)
             except RayActorError:
                 generation[slot] += 1  # replace the dead actor and retry its batch
-                pool[slot] = _start_actor(explanation, cache, gpus_per_actor, f"explainer-{slot}.{generation[slot]}")
+                pool[slot] = _start_actor(explanation, gpus_per_actor, f"explainer-{slot}.{generation[slot]}")
                 queue.insert(0, item)
                 idle.append(slot)
                 continue

@@ -52,7 +52,7 @@ from study.attribution.store import MapStore
 from study.config import AttributionConfig, ResourcesConfig
 from study.state import StageTimes, Study
 from study.storage import join
-from study.training.baseline import BaselineResult, brain_voxels
+from study.training.baseline import BaselineResult
 from study.training.checkpoint import load_history
 from study.training.confounds import confound_design
 from study.training.crossval import driving_task
@@ -130,7 +130,11 @@ def explain_study(
         are kept under the study directory, so a rerun computes only missing subjects.
     """
     attribution, times = study.config.attribution, StageTimes()
-    jobs = [FoldModel(r.fold, r.checkpoint, ids, study.labels(ids)) for r in results for ids in [_held_out_ids(r)]]
+    jobs = [
+        FoldModel(r.fold, r.checkpoint, ids, study.labels(ids), study.fold_cache(r.fold))
+        for r in results
+        for ids in [r.predictions.subject_id.tolist()]  # its held-out subjects
+    ]
     folder = study.directory / "maps" / _store_key(attribution, results)
     store = MapStore(folder, study.cohort.ids, study.cache.shape, list(attribution.methods))
     actors, gpus_per_actor = _pool(attribution, study.config.resources)
@@ -138,7 +142,7 @@ def explain_study(
     with times.stage("attribution"):
         on_batch = (lambda done: on_progress(done, total)) if on_progress else None
         explanation = explanation_of(attribution, study)
-        explain_cohort(jobs, study.cache, store, explanation, attribution.batch_size, actors, gpus_per_actor, on_batch)
+        explain_cohort(jobs, store, explanation, attribution.batch_size, actors, gpus_per_actor, on_batch)
     with times.stage("group statistics"):
         maps, agreement = _group_analysis(study, jobs, baselines, store)
     with times.stage("sanity checks"):
@@ -156,10 +160,6 @@ def explain_study(
         gradcam_grid=_gradcam_grid(results[0], study),
         seconds=times.seconds,
     )
-
-
-def _held_out_ids(result: FoldResult) -> list[str]:
-    return result.predictions.subject_id.tolist()
 
 
 def _gradcam_grid(first: FoldResult, study: Study) -> tuple[tuple[int, int, int], float]:
@@ -202,7 +202,7 @@ def _group_analysis(
     normalized = normalized_maps(store, attribution.methods, ids, brain)
     if baselines:
         normalized[LINEAR_BASELINE] = baseline_maps({b.fold: b.weights for b in baselines}, held_out.folds)
-    tests = _group_tests(study, normalized, held_out, baselines)
+    tests = _group_tests(study, normalized, held_out, baselines, jobs)
     truth, grid = ground_truth(study.config.cohort.root, study.cache.grid), study.cache.grid
     atlas = read_atlas(attribution.atlas, attribution.atlas_names, grid)
     classes = study.cohort.classes.names
@@ -214,7 +214,11 @@ def _group_analysis(
 
 
 def _group_tests(
-    study: Study, normalized: dict[str, np.ndarray], held_out: HeldOut, baselines: list[BaselineResult]
+    study: Study,
+    normalized: dict[str, np.ndarray],
+    held_out: HeldOut,
+    baselines: list[BaselineResult],
+    jobs: list[FoldModel],
 ) -> dict[str, PermutationTest]:
     """The class 1 minus class 0 test of each method that gets one, and the linear baseline's weight test.
 
@@ -236,7 +240,8 @@ def _group_tests(
         tests = {method: permutation_test_on_device(*a) for method, a in arguments.items()}
     tests = {method: replace(test, adjusted_for=names) for method, test in tests.items()}
     if baselines:  # the linear model's weights, refitted on all subjects and on permuted labels
-        voxels = brain_voxels(study.cache, held_out.subject_ids, study.brain)
+        # each subject as its fold's models read it: with cv.adjust, adjusted by its fold's adjustment
+        voxels = np.concatenate([job.cache.brain_voxels(job.subject_ids, study.brain) for job in jobs])
         C = float(np.median([b.C for b in baselines]))
         tests[LINEAR_BASELINE] = weight_test(
             voxels, held_out.labels, C, attribution.permutations, held_out.families, seed
@@ -265,7 +270,8 @@ def start_label_randomization(study: Study, first: FoldResult) -> ray.ObjectRef 
         return None
     train_ids = study.folds[first.fold].train
     shuffled_labels = np.random.default_rng(study.config.train.seed).permutation(study.labels(train_ids))
-    data = TrainingData(study.cache, [], shuffled_labels[:0], [], shuffled_labels[:0], train_ids, shuffled_labels)
+    cache = study.fold_cache(first.fold)  # its volumes as the first fold's model read them
+    data = TrainingData(cache, [], shuffled_labels[:0], [], shuffled_labels[:0], train_ids, shuffled_labels)
     return driving_task(_shuffled_label_fit).remote(
         first.setup, data, study.storage, study.config.resources, first.final_epochs
     )
@@ -287,7 +293,7 @@ def _sanity_checks(
     explanation = explanation_of(attribution, study)
     subjects = first.predictions.subject_id.tolist()[: attribution.sanity.subjects]
     on_subjects = (
-        study.cache,
+        study.fold_cache(first.fold),
         subjects,
         study.labels(subjects),
         {m: store.read(m, subjects) for m in attribution.methods},
@@ -329,14 +335,12 @@ def _deletion(
         maps = {m: store.read(m, job.subject_ids)[:, brain] for m in attribution.methods}
         deleted = {m: top_voxels(values, brain, seed=seed) for m, values in maps.items()}
         blobs = deleted[RANDOM] = random_blobs(len(job.subject_ids), brain, sigma, seed=seed)
-        refs.append(
-            task.remote(job.checkpoint, study.cache, job.subject_ids, deleted, reference, attribution.batch_size)
-        )
+        refs.append(task.remote(job.checkpoint, job.cache, job.subject_ids, deleted, reference, attribution.batch_size))
         if (baseline := baseline_of.get(job.fold)) is not None:
             weights = np.broadcast_to(np.abs(baseline.weights), (len(job.subject_ids), len(baseline.weights)))
             linear[job.fold] = task.remote(
                 LinearVoxelModel(baseline, brain).eval(),
-                study.cache,
+                job.cache,
                 job.subject_ids,
                 {LINEAR_BASELINE: top_voxels(weights, brain, seed=seed), RANDOM: blobs},
                 reference,

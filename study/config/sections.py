@@ -39,12 +39,19 @@ class CVConfig(Section):
     ``group_by``: one of ``cohort.confounds`` (e.g. ``site``) whose values each stay in one outer fold: with as
     many outer folds as sites, leave-site-out, which tests whether the models generalize to a scanner they never
     saw. Inner folds stay grouped by family.
+
+    ``adjust``: remove ``cohort.confounds`` from the images inside each outer fold, fitted on its training
+    subjects only and applied to the CNN's and the linear baseline's input alike (:mod:`study.data.adjustment`):
+    ``residualize`` regresses every confound out of each voxel; ``combat`` harmonizes the one categorical
+    confound (the site) with ComBat and regresses out the numeric ones. ``group_by``'s column is left in: the
+    training subjects know nothing of a held-out site.
     """
 
     outer_folds: int = Field(5, ge=2)
     inner_folds: int = Field(3, ge=2)
     seed: int = 0
     group_by: str | None = None
+    adjust: Literal["none", "residualize", "combat"] = "none"
 
 
 class TrainConfig(Section):

@@ -60,6 +60,18 @@ class StudyConfig(Section):
                 f"group_by {cv.group_by!r} is not among cohort.confounds {cohort.confounds}: a column that the "
                 "folds keep apart is a confound the verdict should look beyond too; add it there"
             )
+        if cv.adjust == "combat" and cv.group_by is not None:
+            raise ValueError(
+                f"adjust: combat learns each site from its training subjects, and group_by holds each "
+                f"{cv.group_by} out whole, so a held-out one has none; use adjust: residualize (group_by's column "
+                "stays in the images, the other confounds are regressed out), or drop group_by"
+            )
+        if cv.adjust != "none" and cohort is not None and not set(cohort.confounds) - {cv.group_by}:
+            besides = f" besides group_by {cv.group_by!r}, which stays in the images" if cohort.confounds else ""
+            raise ValueError(
+                f"adjust: {cv.adjust} removes cohort.confounds from the images, and there are none{besides}; name "
+                "them in cohort.confounds (e.g. [site, tiv]), or set cv.adjust: none"
+            )
         return cv
 
     @field_validator("name")

@@ -18,12 +18,13 @@ import hashlib
 import json
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from study.data.adjustment import Adjustment
 from study.data.cohort import Cohort, Problem
 from study.data.volumes import Grid, preprocess_volume
 from study.storage import allocate, exclusive, hold_shared, in_use, replace_atomically
@@ -34,12 +35,21 @@ PREPROCESS_VERSION = 1  # bump when preprocess_volume changes its output
 
 @dataclass(frozen=True)
 class VolumeCache:
-    """A finished cache: memmapped volumes, their subject ids and the grid affine."""
+    """A finished cache: memmapped volumes, their subject ids and the grid affine.
+
+    With an ``adjustment`` (an outer fold's, :mod:`study.data.adjustment`), every volume read through
+    :class:`CachedVolumes` is adjusted for the confounds; the file keeps them as they were preprocessed.
+    """
 
     path: Path
     subject_ids: list[str]
     shape: tuple[int, int, int]
     affine: np.ndarray
+    adjustment: Adjustment | None = None
+
+    def adjusted(self, adjustment: Adjustment | None) -> VolumeCache:
+        """The same volumes, read through ``adjustment`` (None: as they were preprocessed)."""
+        return replace(self, adjustment=adjustment)
 
     @property
     def volumes(self) -> np.ndarray:
@@ -84,6 +94,18 @@ class VolumeCache:
         voxel_ml = abs(float(np.linalg.det(self.affine[:3, :3]))) / 1000
         counts = np.concatenate([(chunk != 0).reshape(len(chunk), -1).sum(1) for chunk in self._chunks()])
         return dict(zip(self.subject_ids, (counts * voxel_ml).tolist()))
+
+    def brain_voxels(self, subject_ids: list[str], brain: np.ndarray) -> np.ndarray:
+        """The brain voxels of ``subject_ids`` as read for training (adjusted, when there is an adjustment):
+        [subjects, brain voxels] float32, read 64 subjects at a time."""
+        dataset = CachedVolumes(self, subject_ids, np.zeros(len(subject_ids)))
+        return np.concatenate(
+            [np.zeros((0, int(brain.sum())), np.float32)]
+            + [
+                dataset.__getitems__(list(range(s, min(s + 64, len(subject_ids)))))[0].numpy()[:, 0][:, brain]
+                for s in range(0, len(subject_ids), 64)
+            ]
+        )
 
     def rows(self, subject_ids: list[str]) -> np.ndarray:
         """Row numbers of the given subjects in the memmap."""
@@ -265,7 +287,8 @@ class CachedVolumes(torch.utils.data.Dataset):
     """Subjects of a cache as a torch Dataset: (1, D, H, W) float32 volume and label.
 
     Batches are read with ``__getitems__`` straight from the memmap (no
-    decompression, one allocation per batch); use it with ``collate_fn=collate``.
+    decompression, one allocation per batch), and adjusted for the confounds when the cache
+    has an adjustment; use it with ``collate_fn=collate``.
     """
 
     def __init__(self, cache: VolumeCache, subject_ids: list[str], labels: np.ndarray):
@@ -275,6 +298,7 @@ class CachedVolumes(torch.utils.data.Dataset):
         self.rows = cache.rows(subject_ids)
         self.subject_ids = list(subject_ids)
         self.labels = torch.from_numpy(np.array(labels, dtype=np.int64))
+        self.adjustment = cache.adjustment
         self._volumes: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -296,6 +320,10 @@ class CachedVolumes(torch.utils.data.Dataset):
         order = np.argsort(rows)  # sequential reads from the memmap
         batch = np.empty((len(rows), 1, *self.shape), dtype=np.float32)
         batch[order, 0] = self.volumes[rows[order]]
+        if self.adjustment is not None:
+            self.adjustment.apply_to_volumes(
+                batch, self.adjustment.subjects.loc[[self.subject_ids[i] for i in indices]]
+            )
         return torch.from_numpy(batch), self.labels[indices]
 
     def __getstate__(self) -> dict:

@@ -224,13 +224,14 @@ def load_cohort(config: CohortConfig, labelled: bool = True) -> Cohort:
     Image files are found but not opened here; :func:`check_images` opens them.
     ``labelled=False`` reads new subjects to predict: no label column is needed,
     every subject's label is -1, and images without a row are not a problem (the
-    table chooses whom to predict).
+    table chooses whom to predict); they need the confounds of a study that
+    removed them from its images.
     """
     if not config.root.is_dir():
         raise CohortError(f"cohort root is not a directory: {config.root}; set cohort.root")
     paths = config.participants_paths
     table = read_participants(paths, config.subject_column)
-    confounds = tuple(config.confounds) if labelled else ()  # new subjects to predict need none
+    confounds = tuple(config.confounds)
     where = " + ".join(str(p) for p in paths)
     _check_columns(table, config, labelled, where)
     layout, images = find_images(
@@ -270,8 +271,7 @@ MNI152_MASK_WARNING = (
 
 def _check_columns(table: pd.DataFrame, config: CohortConfig, labelled: bool, where: str) -> None:
     """Every column the config names is in the table (the label only when the subjects are labelled)."""
-    confounds = config.confounds if labelled else []
-    for column in [config.label if labelled else None, config.family_column, config.path_column, *confounds]:
+    for column in [config.label if labelled else None, config.family_column, config.path_column, *config.confounds]:
         if column is not None and column not in table.columns:
             hcp = " (HCP: Family_ID is in the restricted table; list both tables under cohort.participants)"
             raise CohortError(

@@ -1,4 +1,5 @@
-"""The study's models in MLflow: each fold's CNN as a logged model, and the folds' ensemble, registered.
+"""The study's models in MLflow: each fold's CNN as a logged model, and the folds' ensemble, registered and
+found again (:func:`resolve_model`, :func:`download_ensemble`) for ``study predict``.
 
 A fold's CNN is logged in pickle format, so that its modules stay hookable for
 attribution. The ensemble (:class:`study.predict.Ensemble`) is a pyfunc model
@@ -9,11 +10,13 @@ without the project installed, and it is registered under the study's name.
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import mlflow.artifacts
 import mlflow.pyfunc
 import mlflow.pytorch
 import numpy as np
@@ -23,7 +26,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.models.model import MLMODEL_FILE_NAME
 
+from study.errors import ModelNotFoundError
 from study.output.tracking import Tracker
+from study.predict import Ensemble
 from study.runtime import environment
 
 # What a study's ensemble needs where it is loaded (pinned to the versions that saved it).
@@ -149,3 +154,44 @@ class _quiet:
 
     def __exit__(self, *exc: object) -> None:
         self.logger.setLevel(self.level)
+
+
+def download_ensemble(model_uri: str, tracking_uri: str, directory: Path, trust_code: bool = False) -> Ensemble:
+    """A registered or logged study model's :class:`Ensemble`, read from its files into ``directory``.
+
+    Only the ensemble's weights (``weights_only``) and JSON are read: the
+    pyfunc's pickle and code, which ``mlflow.pyfunc.load_model`` would run, are
+    not (MLflow serving still loads the pyfunc).
+    """
+    from study.runtime import environment
+
+    mlflow.set_tracking_uri(tracking_uri)  # a models:/ URI is resolved through the global registry
+    with environment(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):  # a bar per file, over the table it prints
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(directory)))
+    return Ensemble.load(local / "artifacts" / "ensemble", trust_code)
+
+
+def resolve_model(name: str, client: mlflow.MlflowClient) -> str:
+    """A model URI for ``name``: a ``models:/`` or ``runs:/`` URI as given, a registered study name (its newest
+    version), or a study's MLflow run id (the ensemble it logged)."""
+    if name.startswith(("models:/", "runs:/")):
+        return name
+    versions = client.search_model_versions(f"name = '{name}'")
+    if versions:
+        return f"models:/{name}/{max(int(v.version) for v in versions)}"
+    if re.fullmatch(r"[0-9a-f]{32}", name):
+        try:
+            run = client.get_run(name)
+        except mlflow.MlflowException:
+            run = None
+        if run is not None:
+            logged = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{name}'")
+            ensembles = [m for m in logged if m.name == "ensemble"]
+            if ensembles:
+                return f"models:/{ensembles[0].model_id}"
+    known = sorted({m.name for m in client.search_registered_models()})
+    raise ModelNotFoundError(
+        f"no study model {name!r} in {client.tracking_uri}: give models:/NAME/VERSION, a study name "
+        f"({', '.join(known) or 'none registered yet: run a study first'}) or a study's run id; set --tracking-uri "
+        "(or MLFLOW_TRACKING_URI) if the study logged elsewhere"
+    )

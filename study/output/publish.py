@@ -223,6 +223,7 @@ class Publisher:
                 study.cohort.classes,
                 explanation_of(attribution, study).cohort_mean,
                 {r.fold: r.calibration for r in results},
+                {r.fold: a for r in results if (a := study.fold_cache(r.fold).adjustment) is not None},
             )
             with self.times.stage("MLflow model logging"):
                 _, version = log_ensemble(

@@ -22,7 +22,7 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from study.data.cache import CachedVolumes, VolumeCache
+from study.data.cache import VolumeCache
 from study.data.cohort import Classes
 from study.data.splits import OuterFold
 from study.state import Study
@@ -46,24 +46,13 @@ class BaselineResult:
     voxel_scale: np.ndarray | None = None
 
 
-def brain_voxels(cache: VolumeCache, subject_ids: list[str], brain: np.ndarray) -> np.ndarray:
-    """[subjects, brain voxels] float32, read 64 subjects at a time."""
-    dataset = CachedVolumes(cache, subject_ids, np.zeros(len(subject_ids)))
-    return np.concatenate(
-        [
-            dataset.__getitems__(list(range(s, min(s + 64, len(subject_ids)))))[0].numpy()[:, 0][:, brain]
-            for s in range(0, len(subject_ids), 64)
-        ]
-    )
-
-
 def fit_linear(
     cache: VolumeCache, brain: np.ndarray, fold: OuterFold, labels: dict[str, int], classes: Classes, seed: int = 0
 ) -> BaselineResult:
     """Fit, choose C on ``fold``'s inner splits, refit on its training side, test on its held-out side."""
     started = time.perf_counter()
     train = fold.train
-    x, y = brain_voxels(cache, train, brain), np.array([labels[s] for s in train])
+    x, y = cache.brain_voxels(train, brain), np.array([labels[s] for s in train])
     position = {s: i for i, s in enumerate(train)}
     inner = [
         (np.array([position[s] for s in split.train]), np.array([position[s] for s in split.test]))
@@ -80,7 +69,7 @@ def fit_linear(
     search.fit(x, y)
     model, C = search.best_estimator_, float(search.best_params_["logisticregression__C"])
     test_labels = np.array([labels[s] for s in fold.test])
-    p = model.predict_proba(brain_voxels(cache, fold.test, brain))[:, 1]
+    p = model.predict_proba(cache.brain_voxels(fold.test, brain))[:, 1]
     scaler, linear = model[0], model[-1]
     return BaselineResult(
         fold.fold,
@@ -100,7 +89,7 @@ def fit_baselines(study: Study, brain: np.ndarray) -> list[BaselineResult]:
     labels = dict(zip(study.cohort.ids, study.cohort.labels.tolist()))
     task = ray.remote(num_cpus=1)(fit_linear)
     refs = [
-        task.remote(study.cache, brain, fold, labels, study.cohort.classes, study.config.cv.seed)
+        task.remote(study.fold_cache(fold.fold), brain, fold, labels, study.cohort.classes, study.config.cv.seed)
         for fold in study.folds
     ]
     return sorted(ray.get(refs), key=lambda r: r.fold)

@@ -113,7 +113,7 @@ def _fold_job(
     from study.training.search import search_fold  # Ray Tune and Optuna only where a search runs
 
     config = study.config
-    data = training_data(study, fold.validation.train, fold.validation.test, fold.train)
+    data = training_data(study, fold.fold, fold.validation.train, fold.validation.test, fold.train)
     base, search, started = TrainingSetup(config.model, config.train), None, time.perf_counter()
     if config.search:
         audit_root = study.directory / "audit" / f"fold{fold.fold}_search" if study.audit else None
@@ -165,13 +165,14 @@ def _next_finished(
 
 
 def training_data(
-    study: Study, train_ids: list[str], val_ids: list[str], refit_ids: list[str] | None = None
+    study: Study, fold: int, train_ids: list[str], val_ids: list[str], refit_ids: list[str] | None = None
 ) -> TrainingData:
-    """The labelled subjects of one training: a selection split and, optionally, the final fit's subjects."""
+    """The labelled subjects of one training in outer fold ``fold``: a selection split and, optionally, the final
+    fit's subjects; their volumes as the fold reads them (:meth:`~study.state.Study.fold_cache`)."""
     refit_ids = refit_ids or []
     labels = study.labels
     return TrainingData(
-        study.cache, train_ids, labels(train_ids), val_ids, labels(val_ids), refit_ids, labels(refit_ids)
+        study.fold_cache(fold), train_ids, labels(train_ids), val_ids, labels(val_ids), refit_ids, labels(refit_ids)
     )
 
 

@@ -1,0 +1,143 @@
+"""The confound adjustment of the images (``cv.adjust``): each method against its reference, and each fold's
+adjustment fitted on its training subjects only, as the study reads its volumes (``Study.fold_cache``)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+from neuroCombat import neuroCombat
+from sklearn.linear_model import LinearRegression
+
+from study.data.adjustment import fit_adjustment
+from study.data.cache import CachedVolumes
+from study.errors import StudyError
+
+
+def _sites_and_heads(n: int = 60, voxels: int = 400, seed: int = 0) -> tuple[np.ndarray, pd.DataFrame]:
+    """Voxels with a site shift (B), a site scale (C) and a head-size slope, and their confounds."""
+    rng = np.random.default_rng(seed)
+    site = rng.choice(["A", "B", "C"], n)
+    tiv = rng.normal(1450, 100, n)
+    x = rng.normal(size=(n, voxels)) + 0.002 * (tiv[:, None] - 1450) * rng.normal(1, 0.3, voxels)
+    x += np.where(site == "B", 0.5, 0.0)[:, None] * rng.normal(1, 0.2, voxels)
+    x[site == "C"] *= 1.5
+    return x, pd.DataFrame({"site": site, "tiv": tiv}, index=[f"sub-{i:02d}" for i in range(n)])
+
+
+def _neurocombat(x: np.ndarray, covars: pd.DataFrame, **kwargs) -> dict:
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints each step
+        return neuroCombat(x.T.copy(), covars, "site", **kwargs)
+
+
+def test_combat_is_neurocombats_parametric_combat():
+    x, table = _sites_and_heads()
+    brain = np.ones(x.shape[1], bool)
+    ours = fit_adjustment("combat", x, table[["site"]], brain).apply(x, table[["site"]])
+    reference = _neurocombat(x, table[["site"]].reset_index(drop=True))["data"].T
+    assert np.abs(ours - reference).max() < 1e-5 * np.abs(reference).max()
+    # with head size: neuroCombat keeps a continuous covariate's effect (mod.mean), the study removes it too
+    ours = fit_adjustment("combat", x, table, brain).apply(x, table)
+    tiv = (table.tiv - table.tiv.mean()) / table.tiv.std()  # centred as the study's covariates are
+    reference = _neurocombat(
+        x, pd.DataFrame({"site": table.site, "tiv": tiv}).reset_index(drop=True), continuous_cols=["tiv"]
+    )
+    expected = reference["data"].T - reference["estimates"]["mod.mean"].T
+    assert np.abs(ours - expected).max() < 1e-5 * np.abs(expected).max()
+    assert np.abs(ours - x).max() > 0.3  # it did adjust
+
+
+def test_residualizing_is_least_squares_on_the_confounds_keeping_the_training_mean():
+    x, table = _sites_and_heads()
+    ours = fit_adjustment("residualize", x, table, np.ones(x.shape[1], bool)).apply(x, table)
+    design = pd.get_dummies(table, columns=["site"], drop_first=True).astype(float).to_numpy()
+    fit = LinearRegression().fit(design, x)
+    np.testing.assert_allclose(ours, x - fit.predict(design) + x.mean(0), atol=1e-6)
+
+
+def test_a_site_no_training_subject_has_is_refused_naming_the_subjects():
+    x, table = _sites_and_heads()
+    adjustment = fit_adjustment("combat", x, table, np.ones(x.shape[1], bool))
+    new = pd.DataFrame({"site": ["D", "A"], "tiv": [1400.0, 1500.0]}, index=["sub-new", "sub-ok"])
+    with pytest.raises(StudyError, match=r"site 'D' of subject\(s\) sub-new .*\['A', 'B', 'C'\]"):
+        adjustment.for_subjects(new)
+    with pytest.raises(StudyError, match="one site column"):
+        fit_adjustment("combat", x, table[["tiv"]], np.ones(x.shape[1], bool))
+
+
+@pytest.mark.parametrize("method", ["residualize", "combat"])
+def test_each_folds_adjustment_is_fitted_on_its_training_subjects_only(method, cohort_dir, tmp_path):
+    """A fold's held-out subjects' images and confounds change: its adjustment and its training subjects'
+    volumes do not, while the held-out subjects are adjusted by their own confounds. A training subject's image
+    does change the adjustment (so that the first check can fail)."""
+    from study.config import parse_config
+    from study.data.prepare import make_or_load_splits, prepare_cohort
+    from study.state import Study
+    from study.tasks import map_in_process
+
+    table = pd.read_csv(cohort_dir / "participants.tsv", sep="\t", dtype=str)
+    table["site"] = ["AB"[i % 2] for i in range(len(table))]
+    table["tiv"] = np.random.default_rng(1).normal(1450, 100, len(table)).round(1).astype(str)
+    table.to_csv(tmp_path / "participants.tsv", sep="\t", index=False)
+    cohort = {"root": str(cohort_dir), "participants": str(tmp_path / "participants.tsv"), "confounds": ["site", "tiv"]}
+    config = parse_config(
+        {
+            "name": "adjusted",
+            "cohort": cohort,
+            "preprocess": {"voxel_size": 8.0, "cache_dir": str(tmp_path / "cache")},
+            "cv": {"outer_folds": 2, "inner_folds": 2, "adjust": method},
+        }
+    )
+    prepared = prepare_cohort(config.cohort, config.preprocess, map_in_process)
+    folds = make_or_load_splits(config.cv, prepared.cohort, tmp_path / "splits.json")
+    study = Study(config, prepared.cohort, prepared.cache, [], folds, None, False, tmp_path, str(tmp_path))
+    train, test = folds[0].train, folds[0].test
+
+    def read(study: Study) -> tuple:
+        cache = study.fold_cache(0)
+        volumes = CachedVolumes(cache, train + test, np.zeros(len(train + test)))
+        x = volumes.__getitems__(list(range(len(train + test))))[0].numpy()
+        return cache.adjustment, x[: len(train)], x[len(train) :]
+
+    adjustment, trained, held_out = read(study)
+    assert not np.allclose(trained, CachedVolumes(prepared.cache, train, np.zeros(len(train)))[0][0].numpy()[None])
+
+    def changed(rows: list[str], study: Study) -> Study:
+        """The study with ``rows``' images (inside the brain) and head sizes changed."""
+        volumes = np.memmap(
+            prepared.cache.path, np.float16, "r+", shape=(len(prepared.cohort.ids), *prepared.cache.shape)
+        )
+        for row in prepared.cache.rows(rows):
+            volumes[row] = np.where(volumes[row] != 0, volumes[row] * 3 + 1, 0)
+        volumes.flush()
+        subjects = [
+            dataclasses.replace(s, confounds=(s.confounds[0], "2000.0")) if s.subject_id in rows else s
+            for s in study.cohort.subjects
+        ]
+        return dataclasses.replace(study, cohort=dataclasses.replace(study.cohort, subjects=subjects), _fold_caches={})
+
+    after, trained_after, held_out_after = read(changed(test, study))
+    np.testing.assert_array_equal(after.offsets, adjustment.offsets)
+    np.testing.assert_array_equal(trained_after, trained)
+    assert not np.allclose(held_out_after, held_out)
+    retrained, _, _ = read(changed(train[:1], study))
+    assert not np.allclose(retrained.offsets, adjustment.offsets)
+
+
+def test_an_adjustment_without_confounds_or_combat_across_held_out_sites_is_refused_at_load():
+    from study.config import parse_config
+    from study.errors import ConfigError
+
+    cohort = {"root": "/tmp", "confounds": ["site"]}
+    with pytest.raises(ConfigError, match="adjust: residualize removes cohort.confounds from the images, and there"):
+        parse_config({"name": "x", "cohort": {"root": "/tmp"}, "cv": {"adjust": "residualize"}})
+    with pytest.raises(ConfigError, match="besides group_by 'site'"):
+        parse_config({"name": "x", "cohort": cohort, "cv": {"adjust": "residualize", "group_by": "site"}})
+    with pytest.raises(ConfigError, match="combat learns each site from its training subjects"):
+        parse_config({"name": "x", "cohort": cohort, "cv": {"adjust": "combat", "group_by": "site"}})
+    both = {"root": "/tmp", "confounds": ["site", "tiv"]}
+    assert parse_config({"name": "x", "cohort": both, "cv": {"adjust": "residualize", "group_by": "site"}})
