@@ -9,10 +9,17 @@ confounds" over many seeds (the false-positive rate; cheap: the tests run on pre
 check; Guided Backprop, Integrated Gradients and Grad-CAM maps) on cohorts of ``study synth`` with a planted
 scanner or head-size confound, without and with a sex effect, ``cohort.confounds: [site, tiv]``; one line
 per cohort: the confounds alone, the linear baseline, the CNN, its confound tests, the finding and the best
-map's voxel ROC AUC against the planted effect.
+map's voxel ROC AUC against the planted effect. ``--adjust residualize combat``: each cohort once per
+adjustment of the images (``cv.adjust``).
+
+``--images``: what is left of the confound in the adjusted images, without training a CNN: on the same
+cohorts and folds, a linear classifier (l2 logistic regression on the brain voxels) of the site, or of sex,
+fitted on each fold's adjusted training subjects and scored on its adjusted held-out subjects (ROC AUC per
+fold), for each adjustment.
 
     python benchmarks/confounds.py --tests
-    python benchmarks/confounds.py --studies --seeds 1 2
+    python benchmarks/confounds.py --studies --seeds 1 2 --adjust none combat
+    python benchmarks/confounds.py --images --seeds 1 2
 """
 
 from __future__ import annotations
@@ -78,12 +85,12 @@ def tests(args: argparse.Namespace) -> None:
         print(f"| {n} | {args.samples} | {rate:.3f} | {power:.2f} |", flush=True)
 
 
-def study_row(name: str, effect: float, site: float, tiv: float, seed: int, args, work: Path) -> tuple[str, ...]:
-    """One study of one cohort; its table row."""
+def study_config(name: str, effect: float, site: float, tiv: float, seed: int, adjust: str, args, work: Path):
+    """The demo's recipe on one confounded cohort, adjusted as ``adjust`` says."""
     confounds = [c for c, planted in (("site", site), ("tiv", tiv)) if planted]
-    config = parse_config(
+    return parse_config(
         {
-            "name": f"confounds-{name.replace(' ', '-').replace('+', 'and')}-{seed}",
+            "name": f"confounds-{name.replace(' ', '-').replace('+', 'and')}-{seed}-{adjust}",
             "cohort": {
                 "root": str(args.cohorts / f"{name.replace(' ', '_')}-seed{seed}"),
                 "confounds": confounds,
@@ -97,7 +104,7 @@ def study_row(name: str, effect: float, site: float, tiv: float, seed: int, args
                 },
             },
             "preprocess": {"voxel_size": args.voxel_size, "cache_dir": str(args.cohorts / "cache")},
-            "cv": {"outer_folds": 3, "inner_folds": 3},
+            "cv": {"outer_folds": 3, "inner_folds": 3, "adjust": adjust},
             "model": {"preset": "mrinet", "width": 8},
             "train": {"epochs": args.epochs},
             "resources": {"concurrent_folds": 2},
@@ -110,6 +117,11 @@ def study_row(name: str, effect: float, site: float, tiv: float, seed: int, args
             },
         }
     )
+
+
+def study_row(name: str, effect: float, site: float, tiv: float, seed: int, adjust: str, args, work: Path) -> tuple:
+    """One study of one cohort; its table row."""
+    config = study_config(name, effect, site, tiv, seed, adjust, args, work)
     started = time.perf_counter()
     run_id = run_study(config)
     mlflow.set_tracking_uri(config.tracking.uri)
@@ -124,6 +136,7 @@ def study_row(name: str, effect: float, site: float, tiv: float, seed: int, args
     return (
         name,
         str(seed),
+        adjust,
         f"{m['confounds_pooled_roc_auc']:.3f}",
         f"{m['baseline_pooled_roc_auc']:.3f}",
         f"{m['pooled_roc_auc']:.3f} [{m['pooled_roc_auc_ci_low']:.3f}, {m['pooled_roc_auc_ci_high']:.3f}]",
@@ -136,11 +149,45 @@ def study_row(name: str, effect: float, site: float, tiv: float, seed: int, args
     )
 
 
+def image_rows(name: str, effect: float, site: float, tiv: float, seed: int, args, work: Path) -> list[tuple]:
+    """Per adjustment: ROC AUC per fold of a linear classifier of the site (the planted confound, when it is the
+    scanner) and of sex on the adjusted voxels of one cohort, in the study's folds."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    from study.data.prepare import make_or_load_splits, prepare_cohort
+    from study.state import Study
+    from study.tasks import map_in_process
+
+    rows = []
+    for adjust in ("none", "residualize", "combat") if site else ("none", "residualize"):
+        config = study_config(name, effect, site, tiv, seed, adjust, args, work)
+        prepared = prepare_cohort(config.cohort, config.preprocess, map_in_process)
+        folds = make_or_load_splits(config.cv, prepared.cohort, work / f"splits-{name}-{seed}.json")
+        study = Study(config, prepared.cohort, prepared.cache, [], folds, None, False, work, str(work))
+        targets = {"sex": lambda ids: study.labels(ids)}
+        if site:
+            targets["site"] = lambda ids: (prepared.cohort.confound_table(ids).site == "B").to_numpy(int)
+        scores = {target: [] for target in targets}
+        for fold in folds:
+            cache = study.fold_cache(fold.fold)
+            train, test = (cache.brain_voxels(ids, study.brain) for ids in (fold.train, fold.test))
+            for target, of in targets.items():
+                model = LogisticRegression(C=1.0, max_iter=3000).fit(train, of(fold.train))
+                scores[target].append(roc_auc_score(of(fold.test), model.decision_function(test)))
+        rows.append(
+            (name, str(seed), adjust, *[", ".join(f"{a:.2f}" for a in scores.get(t, [])) for t in ("site", "sex")])
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tests", action="store_true", help="the confound tests on simulated predictions")
     parser.add_argument("--samples", type=int, default=200, help="samples of the false-positive rate (default 200)")
     parser.add_argument("--studies", action="store_true", help="whole studies on confounded synthetic cohorts")
+    parser.add_argument("--adjust", nargs="+", default=["none"], help="cv.adjust of each study (default none)")
+    parser.add_argument("--images", action="store_true", help="the confound left in the adjusted images")
     parser.add_argument("--cohorts-only", nargs="+", choices=[c[0] for c in COHORTS], help="only these cohorts")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="the cohorts' seeds (default 1)")
     parser.add_argument("--subjects", type=int, default=160, help="subjects per cohort (default 160)")
@@ -150,16 +197,23 @@ def main() -> None:
     args = parser.parse_args()
     if args.tests:
         tests(args)
+    args.cohorts = args.cohorts.resolve()
+    work = Path(tempfile.mkdtemp(prefix="confounds-"))
+    cohorts = [c for c in COHORTS if not args.cohorts_only or c[0] in args.cohorts_only]
+    if args.images:
+        rows = [row for seed in args.seeds for cohort in cohorts for row in image_rows(*cohort, seed, args, work)]
+        print(f"\n{args.subjects} subjects, {args.voxel_size:g} mm; ROC AUC per outer fold, on its held-out subjects")
+        print("| cohort | seed | cv.adjust | linear model of the site | of sex |\n|---|---|---|---|---|")
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
     if args.studies:
-        args.cohorts = args.cohorts.resolve()
-        work = Path(tempfile.mkdtemp(prefix="confounds-"))
-        header = ("cohort", "seed", "confounds alone", "linear", "CNN [95% CI]", "full p", "partial p")
+        header = ("cohort", "seed", "cv.adjust", "confounds alone", "linear", "CNN [95% CI]", "full p", "partial p")
         header += ("linear full p", "finding", "best CNN map (voxel AUC)", "wall s")
         rows = []
         for seed in args.seeds:
-            for name, effect, site, tiv in COHORTS:
-                if not args.cohorts_only or name in args.cohorts_only:
-                    rows.append(study_row(name, effect, site, tiv, seed, args, work))
+            for cohort in cohorts:
+                for adjust in args.adjust:
+                    rows.append(study_row(*cohort, seed, adjust, args, work))
                     print(" | ".join(rows[-1]), flush=True)
         print(f"\n{args.subjects} subjects, {args.voxel_size:g} mm, MriNet width 8, {args.epochs} epochs; in {work}")
         print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
