@@ -141,3 +141,64 @@ def test_an_adjustment_without_confounds_or_combat_across_held_out_sites_is_refu
         parse_config({"name": "x", "cohort": cohort, "cv": {"adjust": "combat", "group_by": "site"}})
     both = {"root": "/tmp", "confounds": ["site", "tiv"]}
     assert parse_config({"name": "x", "cohort": both, "cv": {"adjust": "residualize", "group_by": "site"}})
+
+
+@pytest.mark.slow
+def test_a_combat_study_reads_tests_explains_and_predicts_through_each_folds_adjustment(tmp_path, capsys):
+    """``run_study`` with ``cv.adjust: combat`` on a scanner and head-size confounded cohort: the report says how
+    the images were adjusted, and ``study predict`` on a participants table gives each held-out subject the
+    probability its fold's model gave it in the study (so new images get the fold's adjustment from their own
+    site and head size); a site no fold trained on, and images without their confounds, are named problems."""
+    import mlflow
+
+    from study.cli import main
+    from study.pipeline import run_study, study_dir
+    from study.tasks import map_in_process
+    from tests.test_predict import held_out
+    from tests.test_study import study_config
+
+    root = tmp_path / "scanner"
+    argv = ["synth", str(root), "--subjects", "32", "--voxel-size", "4", "--effect-size", "0", "--seed", "3"]
+    assert main([*argv, "--site-confound", "0.9", "--tiv-confound", "0.12"], tasks=map_in_process) == 0
+    config = study_config(
+        tmp_path,
+        root,
+        cohort={"confounds": ["site", "tiv"]},
+        cv={"adjust": "combat"},
+        train={"epochs": 2},
+        attribution={
+            "methods": ["gradcam"],
+            "permutations": 10,
+            "sanity": {"subjects": 2, "label_randomization": False},
+        },
+    )
+    run_id = run_study(config)
+    report = (study_dir(config) / "latest" / "report.html").read_text()
+    assert "site harmonized by ComBat, tiv regressed out, inside each outer fold, fitted on its training" in report
+
+    participants = pd.read_csv(root / "participants.tsv", sep="\t", dtype=str)
+    new = participants.head(4)[["participant_id", "site", "tiv"]].copy()
+    new.loc[new.index[3], "site"] = "C"  # a scanner the study never saw
+    new.to_csv(root / "new.tsv", sep="\t", index=False)  # beside the images it names
+    capsys.readouterr()
+    uri = config.tracking.uri
+    assert (
+        main(["predict", "tiny", str(root / "new.tsv"), "--out", str(tmp_path / "p.tsv"), "--tracking-uri", uri]) == 1
+    )
+    predicted = pd.read_csv(tmp_path / "p.tsv", sep="\t", dtype={"subject_id": str}, keep_default_na=False)
+    predicted = predicted.set_index("subject_id")
+    study = held_out(config, run_id, tmp_path).set_index("subject_id")
+    for subject in new.participant_id.str.removeprefix("sub-")[:3]:
+        fold = study.loc[subject, "fold"]
+        assert float(predicted.loc[subject, f"p_male_fold{fold}"]) == pytest.approx(
+            study.loc[subject, "p_male"], abs=1e-5
+        )
+    unseen = new.participant_id.iloc[3].removeprefix("sub-")
+    assert "site 'C'" in predicted.loc[unseen, "problem"] and predicted.loc[unseen, "p_male"] == ""
+    # images without a table: the study cannot adjust them, and says what to give instead
+    image = next(root.glob("sub-*/anat/*_T1w.nii.gz"))
+    capsys.readouterr()
+    assert main(["predict", "tiny", str(image), "--out", str(tmp_path / "q.tsv"), "--tracking-uri", uri]) == 1
+    assert "give the images as a participants table with column(s) site, tiv" in capsys.readouterr().err
+    mlflow.set_tracking_uri(uri)
+    assert mlflow.get_run(run_id).data.params["cv.adjust"] == "combat"

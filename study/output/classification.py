@@ -14,7 +14,8 @@ from matplotlib.figure import Figure
 from scipy.special import expit
 from sklearn.metrics import roc_auc_score
 
-from study.output.confounds import CONFOUNDS, confound_metrics, confound_table
+from study.data.adjustment import Adjustment
+from study.output.confounds import CONFOUNDS, adjusted_images, confound_metrics, confound_table
 from study.output.console import say
 from study.output.figures import reliability_figure, roc_figure
 from study.output.report import Report
@@ -205,6 +206,11 @@ def _console(
         say(underfit)
 
 
+def _adjustment(study: Study) -> Adjustment | None:
+    """The first fold's adjustment of the images for the confounds (every fold's removes the same ones)."""
+    return study.fold_cache(study.folds[0].fold).adjustment if study.config.cv.adjust != "none" else None
+
+
 def _summary(
     study: Study, results: list[FoldResult], evaluation: Evaluation, pooled: dict[str, float]
 ) -> list[tuple[str, str]]:
@@ -223,6 +229,7 @@ def _summary(
             if (c := evaluation.confounds)
             else []
         ),
+        *([("images adjusted", adjusted_images(a, study.config.cv.group_by))] if (a := _adjustment(study)) else []),
         ("MLflow run", study.state.parent_run[:12]),
     ]
 
@@ -301,7 +308,14 @@ def _finding_table(report: Report, study: Study, evaluation: Evaluation) -> None
         note += BRAIN_VOLUME.format(auc=evaluation.brain_volume, positive=study.cohort.classes.positive)
     report.add_table("Is it a finding? Pooled held-out ROC AUC with confidence intervals", table, note)
     if evaluation.confounds is not None:
-        report.add_table("Beyond the confounds?", confound_table(evaluation.confounds), CONFOUNDS)
+        adjustment = _adjustment(study)
+        note = CONFOUNDS + (
+            f" The images were adjusted: {adjusted_images(adjustment, study.config.cv.group_by)}; the CNN and the "
+            "linear baseline saw them so."
+            if adjustment
+            else ""
+        )
+        report.add_table("Beyond the confounds?", confound_table(evaluation.confounds), note)
 
 
 SEARCH = (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from study.data.adjustment import Adjustment
 from study.training.evaluation import ConfoundCheck, format_p
 
 CONFOUNDS = (
@@ -16,6 +17,19 @@ CONFOUNDS = (
     "either (their group test is adjusted for the confounds). R²: of labels and predictions (full), of predictions "
     "on the confounds (partial), with the null's median beside it."
 )
+
+
+def adjusted_images(adjustment: Adjustment, kept: str | None = None) -> str:
+    """How a study's images were adjusted for the confounds (``cv.adjust``), in words (``kept``: cv.group_by)."""
+    numeric = [c.column for c in adjustment.covariates if c.level is None]
+    regressed = list(dict.fromkeys(c.column for c in adjustment.covariates))
+    what = (
+        f"{adjustment.batch} harmonized by ComBat" + (f", {', '.join(numeric)} regressed out" if numeric else "")
+        if adjustment.batch
+        else f"{', '.join(regressed)} regressed out of every voxel"
+    )
+    left = f"; {kept} left in (each of its values is held out whole)" if kept else ""
+    return f"{what}, inside each outer fold, fitted on its training subjects only{left}"
 
 
 def confound_table(confounds: ConfoundCheck) -> pd.DataFrame:
