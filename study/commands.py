@@ -95,7 +95,8 @@ def predict(args: argparse.Namespace) -> int:
     table.to_csv(args.out, sep="\t" if args.out.suffix != ".csv" else ",", index=False)
     predicted = table[table.problem == ""]
     problems += [Problem(r.subject_id, r.image, r.problem) for r in table[table.problem != ""].itertuples()]
-    print(predicted[table.columns[[0, 2, 3]]].to_string(index=False, float_format="%.3f"))
+    if len(predicted):
+        print(predicted[table.columns[[0, 2, 3]]].to_string(index=False, float_format="%.3f"))
     if args.maps is not None and len(predicted):
         masks = dict(zip(images.image, images.brain_mask))
         confounds = images.set_index("image")[ensemble.confounds]  # each image's, when the study adjusted for them

@@ -256,20 +256,20 @@ class Ensemble:
         one, or has a value no fold can remove (a site none of its training subjects had), gets its problem."""
         if not self.adjustments:
             return None
-        missing = [c for c in self.confounds if c not in images]
-        if missing:
-            for row in rows:
-                row["problem"] = (
-                    f"the study removed {', '.join(self.confounds)} from its images (cv.adjust), so each new image "
-                    f"needs them too: give the images as a participants table with column(s) {', '.join(missing)}"
-                )
-            return None
-        given = images[self.confounds].fillna("").astype(str).apply(lambda column: column.str.strip())
+        given = pd.DataFrame({c: images[c] if c in images else "" for c in self.confounds}, index=images.index)
+        given = given.fillna("").astype(str).apply(lambda column: column.str.strip())
         table = self.confound_table(given.set_axis([row["subject_id"] for row in rows]))
         numeric = [c for c in self.confounds if pd.api.types.is_float_dtype(table[c])]
         for i, row in enumerate(rows):
-            unreadable = [f"{c} {given.iloc[i][c]!r}" for c in numeric if pd.isna(table.iloc[i][c])]
+            empty = [c for c in self.confounds if not given.iloc[i][c]]
+            unreadable = [f"{c} {given.iloc[i][c]!r}" for c in numeric if c not in empty and pd.isna(table.iloc[i][c])]
             try:
+                if empty:
+                    raise StudyError(
+                        f"no {', '.join(empty)}: the study removed {', '.join(self.confounds)} from its images "
+                        "(cv.adjust), so each new image needs them too: give the images as a participants table "
+                        f"with column(s) {', '.join(empty)}"
+                    )
                 if unreadable:
                     raise StudyError(f"{', '.join(unreadable)} is not a number, which the adjustment needs")
                 for adjustment in self.adjustments.values():

@@ -202,3 +202,42 @@ def test_a_combat_study_reads_tests_explains_and_predicts_through_each_folds_adj
     assert "give the images as a participants table with column(s) site, tiv" in capsys.readouterr().err
     mlflow.set_tracking_uri(uri)
     assert mlflow.get_run(run_id).data.params["cv.adjust"] == "combat"
+
+
+def test_an_ensemble_keeps_each_folds_adjustment_and_names_images_it_cannot_adjust(tmp_path):
+    """Saved and loaded, each fold's model sees the volume its fold's adjustment gives, from the subject's own
+    confounds; a row without them, with an unknown site or a head size that is not a number is a named problem."""
+    import torch
+
+    from study.attribution import Perturbation
+    from study.data.volumes import Grid
+    from study.predict import Ensemble
+    from study.training.models import Architecture, build_model
+
+    shape = (6, 7, 6)
+    brain = np.zeros(shape, bool)
+    brain[1:5, 1:6, 1:5] = True
+    x, table = _sites_and_heads(n=30, voxels=int(brain.sum()), seed=2)
+    adjustments = {
+        fold: fit_adjustment("combat", x[fold::2], table.iloc[fold::2].reset_index(drop=True), brain) for fold in (0, 1)
+    }
+    models = {fold: build_model(Architecture(width=2, blocks=1), shape).eval() for fold in (0, 1)}
+    ensemble = Ensemble(models, Grid(shape, np.eye(4)), "zscore", ("gradcam",), "contrast", Perturbation().model_dump())
+    loaded = Ensemble.load(dataclasses.replace(ensemble, adjustments=adjustments).save(tmp_path / "ensemble"))
+    assert loaded.confounds == ["site", "tiv"]
+    volumes = np.zeros((2, *shape), np.float32)
+    volumes[:, brain] = x[:2]
+    inputs = loaded.inputs(volumes, table.iloc[:2])
+    for fold in (0, 1):
+        expected = adjustments[fold].apply(x[:2], table.iloc[:2])
+        np.testing.assert_allclose(inputs[fold].numpy()[:, 0][:, brain], expected, rtol=1e-6)
+        assert (inputs[fold].numpy()[:, 0][:, ~brain] == 0).all()
+    with torch.no_grad():
+        assert loaded.probabilities(volumes, table.iloc[:2]).shape == (2, 2)
+
+    rows = [{"subject_id": s, "problem": ""} for s in ("a", "b", "c", "d")]
+    given = pd.DataFrame({"site": ["A", "D", "B", ""], "tiv": ["1400", "1400", "big", ""]})
+    loaded._confounds(given, rows)
+    assert [r["problem"] for r in rows][0] == ""
+    assert "site 'D' of subject(s) b" in rows[1]["problem"] and "tiv 'big' is not a number" in rows[2]["problem"]
+    assert "no site, tiv: the study removed site, tiv from its images" in rows[3]["problem"]
