@@ -84,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
         "images",
         type=Path,
         nargs="+",
-        help="NIfTI files, folders (searched for *.nii[.gz]) or participants tables (.tsv/.csv)",
+        help="NIfTI files, folders (searched for *.nii[.gz]) or participants tables (.tsv/.csv); a study that "
+        "removed confounds from its images (cv.adjust) needs tables, with each subject's (columns such as site, tiv)",
     )
     predict.add_argument(
         "--out", type=Path, default=Path("predictions.tsv"), help="table to write (default %(default)s)"

@@ -21,7 +21,9 @@ volumes; each fold reads them through its own :class:`Adjustment`
   ``neuroCombat``'s parametric ComBat without preserved covariates, computed
   from sums so that it needs no copy of the standardized data.
 
-The label is never a covariate: a held-out subject's label is unknown when it
+Both keep the training subjects' mean image, so the unadjusted cohort mean that
+Meaningful Perturbations and the deletion check delete towards stays close to
+what the adjusted images vary around. The label is never a covariate: a held-out subject's label is unknown when it
 is adjusted, and a model that kept the label's effect in the training subjects
 only would show the CNN a different relation in training than in testing. A
 label that goes with a confound (most men on scanner B) therefore loses what

@@ -1,7 +1,8 @@
 """The linear baseline: l2 logistic regression on the same preprocessed voxels, in the same folds.
 
 At a few hundred subjects a linear model on voxels often matches or beats a 3D
-CNN; a CNN below it is a warning, not a finding. Each outer fold standardizes
+CNN; a CNN below it is a warning, not a finding. It reads each fold's volumes as
+the CNN does (adjusted for the confounds with ``cv.adjust``). Each outer fold standardizes
 the voxels inside the brain, chooses the regularization on the fold's inner
 splits (the ones the CNN used) by ROC AUC, refits on all of its training
 subjects and predicts its held-out subjects. Its weights (standardized voxels)
