@@ -206,6 +206,13 @@ def _console(
         say(underfit)
 
 
+COMBAT_CAUTION = (
+    " ComBat's empirical Bayes estimates, fitted on a fold's training subjects, leave held-out subjects with a site "
+    'pattern of the opposite sign, even where the sites did not differ (docs/results.md, "Adjusting the images"): '
+    "a model can learn it, so a held-out ROC AUC below 0.5 is no surprise here."
+)
+
+
 def _adjustment(study: Study) -> Adjustment | None:
     """The first fold's adjustment of the images for the confounds (every fold's removes the same ones)."""
     return study.fold_cache(study.folds[0].fold).adjustment if study.config.cv.adjust != "none" else None
@@ -311,7 +318,7 @@ def _finding_table(report: Report, study: Study, evaluation: Evaluation) -> None
         adjustment = _adjustment(study)
         note = CONFOUNDS + (
             f" The images were adjusted: {adjusted_images(adjustment, study.config.cv.group_by)}; the CNN and the "
-            "linear baseline saw them so."
+            "linear baseline saw them so." + (COMBAT_CAUTION if adjustment.batch else "")
             if adjustment
             else ""
         )
