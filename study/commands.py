@@ -99,7 +99,8 @@ def predict(args: argparse.Namespace) -> int:
         print(predicted[table.columns[[0, 2, 3]]].to_string(index=False, float_format="%.3f"))
     if args.maps is not None and len(predicted):
         masks = dict(zip(images.image, images.brain_mask))
-        confounds = images.set_index("image")[ensemble.confounds]  # each image's, when the study adjusted for them
+        # each image's confounds, when the study adjusted for them (an image given twice: its first row)
+        confounds = images.drop_duplicates("image").set_index("image")[ensemble.confounds]
         named: dict[str, str] = {}  # map file stem -> the image that writes it
         for row in predicted.itertuples():
             name = maps_name(Path(row.image), row.subject_id)
@@ -116,7 +117,7 @@ def predict(args: argparse.Namespace) -> int:
                 named[name] = row.image
         for name, image in tqdm(named.items(), desc="explaining", unit="subject"):
             volume = ensemble.preprocess(Path(image), masks.get(image))
-            adjusting = ensemble.confound_table(confounds.loc[[image]]) if ensemble.confounds else None
+            adjusting = ensemble.read_confounds(confounds.loc[[image]]) if ensemble.confounds else None
             save_maps(ensemble.explain(volume, adjusting), ensemble.grid, args.maps, name)
         print(f"maps of {len(named)} images ({', '.join(ensemble.methods)}) in {args.maps}")
     for problem in problems:

@@ -18,6 +18,7 @@ import ray
 
 from study.attribution.stage import explain_study, start_label_randomization
 from study.config import StudyConfig
+from study.data.adjustment import check_folds
 from study.data.prepare import PreparedCohort, make_or_load_splits, prepare_cohort
 from study.errors import StudyError
 from study.memory import MemoryEstimate, estimate_memory, memory_problems
@@ -44,18 +45,13 @@ def open_study(config: StudyConfig, prepared: PreparedCohort, restart: bool = Fa
     folds = make_or_load_splits(config.cv, prepared.cohort, directory / "splits.json")
     # Each execution has its own Ray storage: a resume finds its checkpoints, a fresh start meets none of old.
     storage = join(config.storage_path, config.name, directory.name) if config.storage_path else str(directory / "ray")
-    return Study(
-        config,
-        prepared.cohort,
-        prepared.cache,
-        prepared.excluded,
-        folds,
-        state,
-        resumed,
-        directory,
-        storage,
-        audit,
+    study = Study(
+        config, prepared.cohort, prepared.cache, prepared.excluded, folds, state, resumed, directory, storage, audit
     )
+    if config.cv.adjust != "none":  # refused now, not after the first folds have trained
+        keep = (config.cv.group_by,) if config.cv.group_by else ()
+        check_folds(config.cv.adjust, study.confounds, [(f.train, f.test) for f in folds], keep)
+    return study
 
 
 def _check_resources(config: StudyConfig) -> None:

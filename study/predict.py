@@ -164,15 +164,14 @@ class Ensemble:
         """Each fold model's input [subjects, 1, D, H, W] from volumes [subjects, D, H, W] on the study grid:
         adjusted by the fold's adjustment for the subjects' ``confounds`` (a row each), when the study made one."""
         x = np.asarray(volumes, dtype=np.float32)[:, None]
-        inputs = {}
-        for fold in self.models:
-            if fold in self.adjustments:
-                adjusted = x.copy()
-                self.adjustments[fold].apply_to_volumes(adjusted, confounds)
-                inputs[fold] = torch.from_numpy(adjusted)
-            else:
-                inputs[fold] = torch.from_numpy(x)
-        return inputs
+        if self.adjustments and confounds is None:
+            raise StudyError(f"the study removed {', '.join(self.confounds)} from its images: give each subject's")
+        return {
+            fold: torch.from_numpy(
+                self.adjustments[fold].apply_to_volumes(x, confounds) if fold in self.adjustments else x
+            )
+            for fold in self.models
+        }
 
     @torch.no_grad()
     def probabilities(self, volumes: np.ndarray, confounds: pd.DataFrame | None = None) -> np.ndarray:
@@ -245,7 +244,7 @@ class Ensemble:
                     }
         return pd.DataFrame(rows, columns=columns)
 
-    def confound_table(self, given: pd.DataFrame) -> pd.DataFrame:
+    def read_confounds(self, given: pd.DataFrame) -> pd.DataFrame:
         """Confound values as given (strings, a row per subject) as the adjustments read them: a numeric
         confound's as numbers (NaN where one is not), a categorical one's as strings."""
         numeric = {c.column for a in self.adjustments.values() for c in a.covariates if c.level is None}
@@ -258,7 +257,7 @@ class Ensemble:
             return None
         given = pd.DataFrame({c: images[c] if c in images else "" for c in self.confounds}, index=images.index)
         given = given.fillna("").astype(str).apply(lambda column: column.str.strip())
-        table = self.confound_table(given.set_axis([row["subject_id"] for row in rows]))
+        table = self.read_confounds(given.set_axis([row["subject_id"] for row in rows]))
         numeric = [c for c in self.confounds if pd.api.types.is_float_dtype(table[c])]
         for i, row in enumerate(rows):
             empty = [c for c in self.confounds if not given.iloc[i][c]]
@@ -271,7 +270,10 @@ class Ensemble:
                         f"with column(s) {', '.join(empty)}"
                     )
                 if unreadable:
-                    raise StudyError(f"{', '.join(unreadable)} is not a number, which the adjustment needs")
+                    raise StudyError(
+                        f"{', '.join(unreadable)} is not a number: give it as a number, as the study's participants "
+                        "table did"
+                    )
                 for adjustment in self.adjustments.values():
                     adjustment.design(table.iloc[[i]])
             except StudyError as err:

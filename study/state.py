@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from study.config import StudyConfig
 from study.data.adjustment import fit_adjustment
@@ -201,7 +202,13 @@ class Study:
     directory: Path  # this execution's splits, state, finished folds, maps, report (<study dir>/<execution>)
     storage: str  # Ray Train/Tune storage of this execution: a path or a cloud URI
     audit: bool = False  # record which subjects each training worker read (tests prove no leak with it)
-    _fold_caches: dict[int, VolumeCache] = field(default_factory=dict, repr=False)
+    _fold_caches: dict[int, VolumeCache] = field(default_factory=dict, init=False, repr=False)
+
+    @functools.cached_property
+    def confounds(self) -> pd.DataFrame:
+        """Every subject's confounds (``cohort.confounds``), indexed by subject id; each column's kind (numeric or
+        categorical) read once, on the whole cohort."""
+        return self.cohort.confound_table(self.cohort.ids).set_axis(self.cohort.ids)
 
     def fold_cache(self, fold: int) -> VolumeCache:
         """The cache as outer fold ``fold`` reads it: with ``cv.adjust``, every volume adjusted for the confounds
@@ -212,15 +219,10 @@ class Study:
             return self.cache
         if fold not in self._fold_caches:
             train, group_by = self.folds[fold].train, self.config.cv.group_by
-            adjustment = fit_adjustment(
-                method,
-                self.cache.brain_voxels(train, self.brain),
-                self.cohort.confound_table(train),
-                self.brain,
-                keep=(group_by,) if group_by else (),
-            )
-            everyone = self.cohort.confound_table(self.cohort.ids).set_axis(self.cohort.ids)
-            self._fold_caches[fold] = self.cache.adjusted(adjustment.for_subjects(everyone))
+            voxels = self.cache.brain_voxels(train, self.brain)
+            keep = (group_by,) if group_by else ()
+            adjustment = fit_adjustment(method, voxels, self.confounds.loc[train], self.brain, keep)
+            self._fold_caches[fold] = self.cache.adjusted(adjustment.for_subjects(self.confounds))
         return self._fold_caches[fold]
 
     @functools.cached_property

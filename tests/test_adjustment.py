@@ -65,8 +65,29 @@ def test_a_site_no_training_subject_has_is_refused_naming_the_subjects():
     new = pd.DataFrame({"site": ["D", "A"], "tiv": [1400.0, 1500.0]}, index=["sub-new", "sub-ok"])
     with pytest.raises(StudyError, match=r"site 'D' of subject\(s\) sub-new .*\['A', 'B', 'C'\]"):
         adjustment.for_subjects(new)
+
+
+def test_combat_refuses_what_it_cannot_estimate_before_any_training():
+    """No site column, or a site too rare in a fold's training subjects (its variance would be 0/0, every image
+    NaN), or only among a fold's held-out subjects: each refused naming the site, the subjects and the fold."""
+    from study.data.adjustment import check_folds
+
+    x, table = _sites_and_heads()
     with pytest.raises(StudyError, match="one site column"):
         fit_adjustment("combat", x, table[["tiv"]], np.ones(x.shape[1], bool))
+    lonely = table.copy()
+    lonely.loc[lonely.index[0], "site"] = "D"
+    with pytest.raises(StudyError, match=r"'D' \(1\) has fewer"):
+        fit_adjustment("combat", x, lonely, np.ones(x.shape[1], bool))
+    ids = list(table.index)
+    folds = [(ids[30:], ids[:30]), (ids[:30], ids[30:])]
+    with pytest.raises(StudyError, match=r"site 'D' of subject\(s\) sub-00 is only among outer fold 0's held-out"):
+        check_folds("residualize", lonely, folds)
+    rare = lonely.copy()
+    rare.loc[ids[40], "site"] = "D"  # fold 0 holds out sub-00 and trains on sub-40 alone; fold 1 the other way
+    with pytest.raises(StudyError, match=r"'D' has 1 training subject\(s\) in outer fold 0: ComBat needs 2"):
+        check_folds("combat", rare, folds)
+    check_folds("residualize", rare, folds)  # regression needs no variance of its own per site
 
 
 @pytest.mark.parametrize("method", ["residualize", "combat"])
@@ -96,36 +117,42 @@ def test_each_folds_adjustment_is_fitted_on_its_training_subjects_only(method, c
     folds = make_or_load_splits(config.cv, prepared.cohort, tmp_path / "splits.json")
     study = Study(config, prepared.cohort, prepared.cache, [], folds, None, False, tmp_path, str(tmp_path))
     train, test = folds[0].train, folds[0].test
+    ids, n = train + test, len(train)
 
-    def read(study: Study) -> tuple:
-        cache = study.fold_cache(0)
-        volumes = CachedVolumes(cache, train + test, np.zeros(len(train + test)))
-        x = volumes.__getitems__(list(range(len(train + test))))[0].numpy()
-        return cache.adjustment, x[: len(train)], x[len(train) :]
+    def read(cache) -> np.ndarray:
+        return CachedVolumes(cache, ids, np.zeros(len(ids))).__getitems__(list(range(len(ids))))[0].numpy()[:, 0]
 
-    adjustment, trained, held_out = read(study)
-    assert not np.allclose(trained, CachedVolumes(prepared.cache, train, np.zeros(len(train)))[0][0].numpy()[None])
+    adjustment, before = study.fold_cache(0).adjustment, read(study.fold_cache(0))
+    assert not np.allclose(before[:n], read(prepared.cache)[:n])  # it did adjust
+    outside = tuple(np.argwhere(~study.brain)[0])  # a voxel outside every subject's brain
 
     def changed(rows: list[str], study: Study) -> Study:
-        """The study with ``rows``' images (inside the brain) and head sizes changed."""
-        volumes = np.memmap(
-            prepared.cache.path, np.float16, "r+", shape=(len(prepared.cohort.ids), *prepared.cache.shape)
-        )
+        """The study with ``rows``' images (inside the brain, and one voxel outside every other brain) and head
+        sizes changed."""
+        shape = (len(prepared.cohort.ids), *prepared.cache.shape)
+        volumes = np.memmap(prepared.cache.path, np.float16, "r+", shape=shape)
         for row in prepared.cache.rows(rows):
             volumes[row] = np.where(volumes[row] != 0, volumes[row] * 3 + 1, 0)
+            volumes[(row, *outside)] = 5.0
         volumes.flush()
         subjects = [
             dataclasses.replace(s, confounds=(s.confounds[0], "2000.0")) if s.subject_id in rows else s
             for s in study.cohort.subjects
         ]
-        return dataclasses.replace(study, cohort=dataclasses.replace(study.cohort, subjects=subjects), _fold_caches={})
+        return dataclasses.replace(study, cohort=dataclasses.replace(study.cohort, subjects=subjects))
 
-    after, trained_after, held_out_after = read(changed(test, study))
-    np.testing.assert_array_equal(after.offsets, adjustment.offsets)
-    np.testing.assert_array_equal(trained_after, trained)
-    assert not np.allclose(held_out_after, held_out)
-    retrained, _, _ = read(changed(train[:1], study))
-    assert not np.allclose(retrained.offsets, adjustment.offsets)
+    moved = changed(test, study)
+    after = moved.fold_cache(0).adjustment
+    assert moved.brain[outside] and not study.brain[outside]  # the held-out images grew the study's brain mask
+    np.testing.assert_array_equal(after.offsets[:, study.brain[moved.brain]], adjustment.offsets)
+    adjusted = read(moved.fold_cache(0))
+    np.testing.assert_array_equal(adjusted[:n], before[:n])
+    # the held-out subjects: adjusted by the same fit from their own new images and head sizes
+    expected = after.apply(read(prepared.cache)[n:][:, moved.brain], moved.confounds.loc[test])
+    np.testing.assert_allclose(adjusted[n:][:, moved.brain], expected, rtol=1e-5, atol=1e-5)
+    assert (adjusted[(slice(n, None), *outside)] == 5.0).all()  # no training subject varies there: left as it is
+    retrained = changed(train[:1], moved).fold_cache(0).adjustment
+    assert not np.allclose(retrained.offsets, after.offsets)
 
 
 def test_an_adjustment_without_confounds_or_combat_across_held_out_sites_is_refused_at_load():

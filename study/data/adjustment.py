@@ -21,14 +21,21 @@ volumes; each fold reads them through its own :class:`Adjustment`
   ``neuroCombat``'s parametric ComBat without preserved covariates, computed
   from sums so that it needs no copy of the standardized data.
 
-Both keep the training subjects' mean image, so the unadjusted cohort mean that
-Meaningful Perturbations and the deletion check delete towards stays close to
-what the adjusted images vary around. The label is never a covariate: a held-out subject's label is unknown when it
-is adjusted, and a model that kept the label's effect in the training subjects
+Both keep the training subjects' mean image, so the unadjusted cohort mean
+that Meaningful Perturbations and the deletion check delete towards stays close
+to what the adjusted images vary around. Voxels that no training subject varies
+in (background, or brain only in held-out images) are left as they are. The
+label is never a covariate: a held-out subject's label is unknown when it is
+adjusted, and a model that kept the label's effect in the training subjects
 only would show the CNN a different relation in training than in testing. A
-label that goes with a confound (most men on scanner B) therefore loses what
-it shares with it, which is the question the adjustment asks: is anything
-left beyond the confounds?
+label that goes with a confound (most men on scanner B) therefore loses what it
+shares with it, which is the question the adjustment asks: is anything left
+beyond the confounds?
+
+The fold's inner splits (early stopping, a search, calibration, the baseline's
+choice of C) see images adjusted on all of the fold's training subjects, their
+inner validation subjects included: model selection, not the held-out test,
+sees its own subjects in the fit.
 """
 
 from __future__ import annotations
@@ -43,7 +50,6 @@ import pandas as pd
 from study.data.participants import is_categorical
 from study.errors import StudyError
 
-ADJUSTMENTS = ("residualize", "combat")
 VOXEL_CHUNK = 20_000  # voxels fitted at a time (float64 copies of [training subjects, chunk])
 COMBAT_TOLERANCE = 1e-4  # neuroCombat's convergence of the empirical Bayes estimates (relative change)
 COMBAT_ITERATIONS = 1000  # a bound neuroCombat lacks (it converges in tens)
@@ -104,8 +110,8 @@ class Adjustment:
 
     @property
     def columns(self) -> list[str]:
-        """The confound columns it removes."""
-        return list(dict.fromkeys(([self.batch] if self.batch else []) + [c.column for c in self.covariates]))
+        """The confound columns it removes (and needs of every subject it adjusts)."""
+        return list(dict.fromkeys([*self.levels, *(c.column for c in self.covariates)]))
 
     def design(self, confounds: pd.DataFrame) -> tuple[np.ndarray, np.ndarray | None]:
         """Each row's covariates [rows, offsets] and ComBat site index (None when residualizing).
@@ -117,9 +123,8 @@ class Adjustment:
             if len(unseen):
                 raise StudyError(
                     f"{column} {confounds.loc[unseen[0], column]!r} of subject(s) {', '.join(map(str, unseen[:5]))} "
-                    f"is none of the training subjects' {list(levels)}, so cv.adjust ({self.method}) cannot remove "
-                    f"it. Keep each {column} among the training subjects (no cv.group_by: {column}), or leave those "
-                    "subjects out."
+                    f"is none of the training subjects' {list(levels)}: the adjustment (cv.adjust: {self.method}) "
+                    "learned nothing of it, so it cannot remove it"
                 )
         columns = [c.values(confounds) for c in self.covariates]
         if self.batch is not None:
@@ -142,11 +147,12 @@ class Adjustment:
             adjusted = adjusted / self.scale[site] + self.centre
         return adjusted.astype(voxels.dtype, copy=False)
 
-    def apply_to_volumes(self, volumes: np.ndarray, confounds: pd.DataFrame) -> None:
-        """Adjust volumes [subjects, (1,) D, H, W] in place, given their subjects' confounds (a row each)."""
-        flat = volumes.reshape(len(volumes), -1)
+    def apply_to_volumes(self, volumes: np.ndarray, confounds: pd.DataFrame) -> np.ndarray:
+        """Volumes [subjects, (1,) D, H, W] adjusted, given their subjects' confounds (a row each)."""
+        flat = np.array(volumes).reshape(len(volumes), -1)
         inside = np.flatnonzero(self.brain.ravel())
         flat[:, inside] = self.apply(flat[:, inside], confounds)
+        return flat.reshape(volumes.shape)
 
     def save(self, path: Path) -> Path:
         """The adjustment as one ``.npz`` of arrays and its encoding as JSON text (no pickle); without subjects."""
@@ -204,14 +210,41 @@ def fit_adjustment(
         if len(categorical) != 1:
             raise StudyError(
                 f"cv.adjust: combat harmonizes one site column, a categorical confound; cohort.confounds "
-                f"{columns} has {len(categorical)} ({categorical}). Name one site column, or use cv.adjust: "
-                "residualize, which regresses out any number of confounds."
+                f"{columns} has {len(categorical)} ({categorical}). Name one site column (a column of numbers reads "
+                "as numeric: name sites with letters, such as siteA), or use cv.adjust: residualize, which regresses "
+                "out any number of confounds."
             )
         return _combat(voxels, confounds, brain, categorical[0], [c for c in columns if c not in categorical], levels)
     covariates = _covariates(confounds, [c for c in columns if c not in categorical], levels)
     design = np.stack([c.values(confounds) for c in covariates], axis=1)
     offsets = np.concatenate([_least_squares(design, voxels[:, v])[1:] for v in _chunks(voxels.shape[1])], axis=1)
     return Adjustment(method, covariates, offsets.astype(np.float32), brain, levels)
+
+
+def check_folds(
+    method: str, confounds: pd.DataFrame, folds: list[tuple[list[str], list[str]]], keep: tuple[str, ...] = ()
+) -> None:
+    """Refuse, before any training, what ``method`` cannot adjust in these outer folds.
+
+    A category (a site) that only a fold's held-out subjects have was never learned by its adjustment; ComBat also
+    needs 2 training subjects of each site. ``confounds``: every subject's, indexed by subject id; ``folds``: each
+    outer fold's (training, held-out) subject ids; ``keep``: the columns left in (``cv.group_by``'s)."""
+    categorical = [c for c in confounds if c not in keep and is_categorical(confounds[c])]
+    for k, (train, test) in enumerate(folds):
+        for column in categorical:
+            known = confounds.loc[train, column].value_counts()
+            held_out = confounds.loc[test, column]
+            if len(unseen := held_out[~held_out.isin(known.index)]):
+                raise StudyError(
+                    f"{column} {unseen.iloc[0]!r} of subject(s) {', '.join(unseen.index[:5])} is only among outer "
+                    f"fold {k}'s held-out subjects: no training subject of that fold has it, so cv.adjust ({method}) "
+                    f"cannot remove it. Merge rare {column} values, lower cv.outer_folds, or leave those subjects out."
+                )
+            if method == "combat" and len(few := known[known < 2]):
+                raise StudyError(
+                    f"{column} {few.index[0]!r} has {few.iloc[0]} training subject(s) in outer fold {k}: ComBat needs "
+                    f"2 to estimate its variance. Merge rare {column} values, lower cv.outer_folds, or leave them out."
+                )
 
 
 def _covariates(confounds: pd.DataFrame, numeric: list[str], levels: dict[str, tuple[str, ...]]) -> tuple:
@@ -246,22 +279,29 @@ def _combat(
     As ``neuroCombat.neuroCombat`` (0.2.12) with the numeric confounds as ``continuous_cols``, whose effects it
     keeps and this removes: per voxel, a least-squares fit of the site intercepts and the confounds; the data
     standardized by the site-weighted mean and the pooled variance; each site's mean (gamma) and variance (delta)
-    of the standardized data, shrunk by empirical Bayes towards their distribution over voxels."""
+    of the standardized data, shrunk by empirical Bayes towards their distribution over voxels. Voxels that no
+    training subject varies in are neither fitted nor counted in that distribution, and stay as they are."""
     sites = levels[batch]
     covariates = _covariates(confounds, numeric, {})
     site = np.searchsorted(sites, confounds[batch].to_numpy())
     indicators = np.eye(len(sites))[site]
     counts = indicators.sum(0)
+    if few := [f"{s!r} ({int(c)})" for s, c in zip(sites, counts) if c < 2]:
+        raise StudyError(
+            f"cv.adjust: combat needs at least 2 training subjects of each {batch} to estimate its variance; "
+            f"{', '.join(few)} has fewer in a fold's training subjects. Merge rare {batch}s, or leave them out."
+        )
     design = np.hstack([indicators] + [c.values(confounds)[:, None] for c in covariates])
-    n, voxels_n = voxels.shape
-    centre, pooled_sd = np.empty(voxels_n), np.empty(voxels_n)
-    gamma_hat, sums, squares = (np.empty((len(sites), voxels_n)) for _ in range(3))
-    slopes = np.empty((len(covariates), voxels_n))
-    for chunk in _chunks(voxels_n):
-        x = voxels[:, chunk].astype(np.float64)
+    varies = np.flatnonzero(voxels.min(0) != voxels.max(0))
+    n, fitted = len(voxels), len(varies)
+    centre, pooled_sd = np.empty(fitted), np.empty(fitted)
+    sums, squares = np.empty((len(sites), fitted)), np.empty((len(sites), fitted))
+    slopes = np.empty((len(covariates), fitted))
+    for chunk in _chunks(fitted):
+        x = voxels[:, varies[chunk]].astype(np.float64)
         beta = np.linalg.lstsq(design, x, rcond=None)[0]
         variance = np.mean((x - design @ beta) ** 2, axis=0)
-        variance[variance == 0] = 1.0  # neuroCombat: median(var_pooled != 0), i.e. 1 when most voxels vary
+        variance[variance == 0] = 1.0  # a voxel the model fits exactly (neuroCombat: median(var_pooled != 0))
         centre[chunk] = counts / n @ beta[: len(sites)]
         slopes[:, chunk] = beta[len(sites) :]
         pooled_sd[chunk] = np.sqrt(variance)
@@ -271,20 +311,20 @@ def _combat(
     gamma_hat = sums / counts[:, None]
     delta_hat = np.maximum(squares - counts[:, None] * gamma_hat**2, 0) / (counts[:, None] - 1)  # >= 0 despite rounding
     delta_hat[delta_hat == 0] = 1.0  # neuroCombat's convert_zeroes
-    gamma_star, delta_star = zip(
-        *[_shrink(gamma_hat[b], delta_hat[b], sums[b], squares[b], counts[b]) for b in range(len(sites))]
+    gamma_star, delta_star = (
+        np.array(estimates)
+        for estimates in zip(
+            *[_shrink(gamma_hat[b], delta_hat[b], sums[b], squares[b], counts[b]) for b in range(len(sites))]
+        )
     )
-    offsets = np.vstack([centre + np.array(gamma_star) * pooled_sd, slopes])
-    return Adjustment(
-        "combat",
-        covariates,
-        offsets.astype(np.float32),
-        brain,
-        {batch: sites},
-        batch,
-        np.sqrt(np.array(delta_star)).astype(np.float32),
-        centre.astype(np.float32),
-    )
+    # x' = (x - offsets) / scale + centre on the fitted voxels; the others keep x (offsets 0, scale 1, centre 0)
+    offsets = np.zeros((len(sites) + len(covariates), voxels.shape[1]), np.float32)
+    offsets[:, varies] = np.vstack([centre + gamma_star * pooled_sd, slopes])
+    scale = np.ones((len(sites), voxels.shape[1]), np.float32)
+    scale[:, varies] = np.sqrt(delta_star)
+    full_centre = np.zeros(voxels.shape[1], np.float32)
+    full_centre[varies] = centre
+    return Adjustment("combat", covariates, offsets, brain, {batch: sites}, batch, scale, full_centre)
 
 
 def _shrink(
@@ -302,7 +342,7 @@ def _shrink(
         gamma_new = (tau2 * n * gamma_hat + delta * gamma_bar) / (tau2 * n + delta)
         residual = squares - 2 * gamma_new * sums + n * gamma_new**2  # sum over the site's subjects of (s - gamma)²
         delta_new = (0.5 * residual + b) / (n / 2 + a - 1)
-        with np.errstate(divide="ignore", invalid="ignore"):  # a voxel no training subject has: gamma 0
+        with np.errstate(divide="ignore", invalid="ignore"):  # a voxel where a site's mean is exactly 0
             change = np.concatenate([np.abs(gamma_new - gamma) / gamma, np.abs(delta_new - delta) / delta])
         gamma, delta = gamma_new, delta_new
         if np.max(change[np.isfinite(change)], initial=0.0) <= COMBAT_TOLERANCE:

@@ -321,9 +321,8 @@ class CachedVolumes(torch.utils.data.Dataset):
         batch = np.empty((len(rows), 1, *self.shape), dtype=np.float32)
         batch[order, 0] = self.volumes[rows[order]]
         if self.adjustment is not None:
-            self.adjustment.apply_to_volumes(
-                batch, self.adjustment.subjects.loc[[self.subject_ids[i] for i in indices]]
-            )
+            confounds = self.adjustment.subjects.loc[[self.subject_ids[i] for i in indices]]
+            batch = self.adjustment.apply_to_volumes(batch, confounds)
         return torch.from_numpy(batch), self.labels[indices]
 
     def __getstate__(self) -> dict:

@@ -87,7 +87,7 @@ def log_ensemble(
     from study import predict
 
     example = pd.DataFrame({"image": ["sub-01/anat/sub-01_T1w.nii.gz"], "subject_id": ["01"]})
-    for column in set(signature.inputs.input_names()) - {"image", "subject_id", "brain_mask"}:
+    for column in [c for c in signature.inputs.input_names() if c not in ("image", "subject_id", "brain_mask")]:
         example[column] = [""]  # a confound that the study removed from its images (cv.adjust)
     requirements = [f"{p}=={version(p).split('+')[0]}" for p in ENSEMBLE_REQUIREMENTS]
     logged = tracker.client.create_logged_model(
