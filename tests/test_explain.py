@@ -36,7 +36,7 @@ def test_pool_explains_every_subject_once_and_survives_a_killed_actor(tmp_path, 
     cohort = load_cohort(CohortConfig(root=cohort_dir))
     cache = cache_for(cohort, preprocess_config).cache
     ids, labels = cohort.ids, cohort.labels
-    jobs = [FoldModel(k, random_checkpoint(tmp_path, cache.shape, k), ids[k::2], labels[k::2]) for k in (0, 1)]
+    jobs = [FoldModel(k, random_checkpoint(tmp_path, cache.shape, k), ids[k::2], labels[k::2], cache) for k in (0, 1)]
     methods = ("gradcam", "guided_backprop", "perturbation", "guided_gradcam")
     explanation = Explanation(methods, "true_class", Perturbation(iterations=5), cache.mean_volume())
     store = MapStore(tmp_path / "maps", ids, cache.shape, list(methods))
@@ -47,7 +47,7 @@ def test_pool_explains_every_subject_once_and_survives_a_killed_actor(tmp_path, 
             killed.append(n_done)
             ray.kill(ray.get_actor("explainer-0.0"))
 
-    assert explain_cohort(jobs, cache, store, explanation, batch_size=2, actors=2, on_batch=kill_one_actor) == 12
+    assert explain_cohort(jobs, store, explanation, batch_size=2, actors=2, on_batch=kill_one_actor) == 12
     assert killed
     for method in methods:
         assert store.done(method).all()
@@ -58,14 +58,14 @@ def test_pool_explains_every_subject_once_and_survives_a_killed_actor(tmp_path, 
     np.testing.assert_allclose(
         store.read("guided_gradcam"), store.read("gradcam") * store.read("guided_backprop"), rtol=0.01, atol=1e-3
     )
-    assert explain_cohort(jobs, cache, store, explanation, batch_size=2, actors=2) == 0  # a rerun skips what exists
+    assert explain_cohort(jobs, store, explanation, batch_size=2, actors=2) == 0  # a rerun skips what exists
 
 
 @pytest.mark.slow
 def test_a_failure_in_the_pool_stops_it_and_frees_every_actor(tmp_path, cohort_dir, preprocess_config):
     cohort = load_cohort(CohortConfig(root=cohort_dir))
     cache = cache_for(cohort, preprocess_config).cache
-    jobs = [FoldModel(0, random_checkpoint(tmp_path, cache.shape, 0), cohort.ids, cohort.labels)]
+    jobs = [FoldModel(0, random_checkpoint(tmp_path, cache.shape, 0), cohort.ids, cohort.labels, cache)]
     explanation = Explanation(("gradcam",), "true_class", Perturbation(iterations=5))
     store = MapStore(tmp_path / "maps", cohort.ids, cache.shape, ["gradcam"])
 
@@ -73,7 +73,7 @@ def test_a_failure_in_the_pool_stops_it_and_frees_every_actor(tmp_path, cohort_d
         raise ConnectionError("the progress callback failed")
 
     with pytest.raises(ConnectionError):
-        explain_cohort(jobs, cache, store, explanation, batch_size=2, actors=2, on_batch=fail)
+        explain_cohort(jobs, store, explanation, batch_size=2, actors=2, on_batch=fail)
     for name in ("explainer-0.0", "explainer-1.0"):  # killed, not left holding their CPU or GPU share
         with pytest.raises(ValueError):
             ray.get_actor(name)
