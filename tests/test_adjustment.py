@@ -268,3 +268,11 @@ def test_an_ensemble_keeps_each_folds_adjustment_and_names_images_it_cannot_adju
     assert [r["problem"] for r in rows][0] == ""
     assert "site 'D' of subject(s) b" in rows[1]["problem"] and "tiv 'big' is not a number" in rows[2]["problem"]
     assert "no site, tiv: the study removed site, tiv from its images" in rows[3]["problem"]
+
+
+def test_a_confound_every_training_subject_shares_leaves_the_images_as_they_are():
+    """One site among a fold's training subjects: nothing to regress, nothing removed (no error either)."""
+    x, table = _sites_and_heads()
+    one_site = table.assign(site="A")[["site"]]
+    adjustment = fit_adjustment("residualize", x, one_site, np.ones(x.shape[1], bool))
+    np.testing.assert_allclose(adjustment.apply(x, one_site), x)

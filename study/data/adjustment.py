@@ -127,11 +127,11 @@ class Adjustment:
                     "learned nothing of it, so it cannot remove it"
                 )
         columns = [c.values(confounds) for c in self.covariates]
+        site = None
         if self.batch is not None:
             site = np.searchsorted(self.levels[self.batch], confounds[self.batch].to_numpy())
             columns = list(np.eye(len(self.levels[self.batch]))[site].T) + columns
-            return np.stack(columns, axis=1), site
-        return np.stack(columns, axis=1), None
+        return np.stack(columns, axis=1) if columns else np.zeros((len(confounds), 0)), site
 
     def for_subjects(self, confounds: pd.DataFrame) -> Adjustment:
         """The same adjustment, given the confounds of the subjects it will adjust (indexed by subject id);
@@ -216,7 +216,7 @@ def fit_adjustment(
             )
         return _combat(voxels, confounds, brain, categorical[0], [c for c in columns if c not in categorical], levels)
     covariates = _covariates(confounds, [c for c in columns if c not in categorical], levels)
-    design = np.stack([c.values(confounds) for c in covariates], axis=1)
+    design = np.zeros((len(confounds), 0)) if not covariates else np.stack([c.values(confounds) for c in covariates], 1)
     offsets = np.concatenate([_least_squares(design, voxels[:, v])[1:] for v in _chunks(voxels.shape[1])], axis=1)
     return Adjustment(method, covariates, offsets.astype(np.float32), brain, levels)
 
