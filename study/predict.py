@@ -247,8 +247,13 @@ class Ensemble:
     def read_confounds(self, given: pd.DataFrame) -> pd.DataFrame:
         """Confound values as given (strings, a row per subject) as the adjustments read them: a numeric
         confound's as numbers (NaN where one is not), a categorical one's as strings."""
-        numeric = {c.column for a in self.adjustments.values() for c in a.covariates if c.level is None}
+        numeric = self._numeric_confounds
         return given.apply(lambda values: pd.to_numeric(values, errors="coerce") if values.name in numeric else values)
+
+    @property
+    def _numeric_confounds(self) -> list[str]:
+        """The confounds the adjustments read as numbers (head size, age); the others are categories (site)."""
+        return [c for c in self.confounds if not any(c in a.levels for a in self.adjustments.values())]
 
     def _confounds(self, images: pd.DataFrame, rows: list[dict]) -> pd.DataFrame | None:
         """The images' confounds as the adjustments read them (None: the study made none); a row that lacks
@@ -258,7 +263,7 @@ class Ensemble:
         given = pd.DataFrame({c: images[c] if c in images else "" for c in self.confounds}, index=images.index)
         given = given.fillna("").astype(str).apply(lambda column: column.str.strip())
         table = self.read_confounds(given.set_axis([row["subject_id"] for row in rows]))
-        numeric = [c for c in self.confounds if pd.api.types.is_float_dtype(table[c])]
+        numeric = self._numeric_confounds
         for i, row in enumerate(rows):
             empty = [c for c in self.confounds if not given.iloc[i][c]]
             unreadable = [f"{c} {given.iloc[i][c]!r}" for c in numeric if c not in empty and pd.isna(table.iloc[i][c])]

@@ -21,12 +21,11 @@ CONFOUNDS = (
 
 def adjusted_images(adjustment: Adjustment, kept: str | None = None) -> str:
     """How a study's images were adjusted for the confounds (``cv.adjust``), in words (``kept``: cv.group_by)."""
-    numeric = [c.column for c in adjustment.covariates if c.level is None]
-    regressed = list(dict.fromkeys(c.column for c in adjustment.covariates))
+    others = [c for c in adjustment.columns if c != adjustment.batch]
     what = (
-        f"{adjustment.batch} harmonized by ComBat" + (f", {', '.join(numeric)} regressed out" if numeric else "")
+        f"{adjustment.batch} harmonized by ComBat" + (f", {', '.join(others)} regressed out" if others else "")
         if adjustment.batch
-        else f"{', '.join(regressed)} regressed out of every voxel"
+        else f"{', '.join(others)} regressed out of every voxel"
     )
     left = f"; {kept} left in (each of its values is held out whole)" if kept else ""
     return f"{what}, inside each outer fold, fitted on its training subjects only{left}"
