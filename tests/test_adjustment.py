@@ -202,6 +202,7 @@ def test_a_combat_study_reads_tests_explains_and_predicts_through_each_folds_adj
     run_id = run_study(config)
     report = (study_dir(config) / "latest" / "report.html").read_text()
     assert "site harmonized by ComBat, tiv regressed out, inside each outer fold, fitted on its training" in report
+    assert "leave held-out subjects with a site pattern of the opposite sign" in report  # ComBat's caution
 
     participants = pd.read_csv(root / "participants.tsv", sep="\t", dtype=str)
     new = participants.head(4)[["participant_id", "site", "tiv"]].copy()
