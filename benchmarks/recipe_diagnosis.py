@@ -262,7 +262,7 @@ def main() -> None:
             f"{args.voxel_size:g} mm grid {cache.shape}"
         )
         if args.linear:
-            result = fit_linear(cache, cache.brain(), fold, label, cohort.classes)
+            result = fit_linear(cache, cache.brain(), fold, label, cohort.target)
             print(
                 f"linear baseline: held-out ROC AUC {result.test_metrics['roc_auc']:.3f} (C {result.C:g})", flush=True
             )

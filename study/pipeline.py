@@ -32,6 +32,7 @@ from study.training.crossval import cross_validate
 from study.training.evaluation import Evaluation, evaluate
 from study.training.folds import FoldResult
 from study.training.models import build_model
+from study.training.regression import evaluate_regression
 
 
 def study_dir(config: StudyConfig) -> Path:
@@ -183,8 +184,12 @@ def evaluate_folds(study: Study, results: list[FoldResult], baselines: list[Base
     """The pooled held-out predictions of the CNN and the baseline, tested (see :mod:`study.training.evaluation`)."""
     cnn = pd.concat([r.predictions.assign(fold=r.fold) for r in results], ignore_index=True)
     linear = pd.concat([b.predictions for b in baselines], ignore_index=True).set_index("subject_id")
+    p, ids = study.cohort.target.prediction, cnn.subject_id.tolist()
+    baseline = linear.loc[cnn.subject_id, p].to_numpy() if len(linear) else None
+    if study.cohort.target.kind == "regression":
+        folds = cnn.fold.to_numpy()
+        return evaluate_regression(study.labels(ids), cnn[p].to_numpy(), folds, baseline, seed=study.config.cv.seed)
     volumes = study.cache.brain_volumes_ml()
-    p, ids = study.cohort.classes.p, cnn.subject_id.tolist()
     confounds, alone = None, None
     if study.cohort.confounds:  # a model of the confounds alone, in the same folds
         confounds, labels = study.cohort.confound_table(ids), study.labels(ids)
@@ -198,7 +203,7 @@ def evaluate_folds(study: Study, results: list[FoldResult], baselines: list[Base
         study.labels(ids),
         cnn[p].to_numpy(),
         cnn.fold.to_numpy(),
-        linear.loc[cnn.subject_id, p].to_numpy() if len(linear) else None,
+        baseline,
         np.array([volumes[s] for s in cnn.subject_id]),
         seed=study.config.cv.seed,
         confounds=confounds,

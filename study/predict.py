@@ -28,7 +28,8 @@ from mlflow.types import ColSpec, Schema
 from tqdm.auto import tqdm
 
 from study.data.adjustment import Adjustment
-from study.data.cohort import SEX_CLASSES, Classes
+from study.data.participants import SEX_CLASSES
+from study.data.targets import Classes
 from study.data.volumes import Grid, preprocess_volume
 from study.errors import StudyError, UntrustedCodeError, VolumeError
 from study.new_images import subject_id_of

@@ -240,9 +240,11 @@ class Study:
         return ((means[0] + means[1]) / 2).astype(np.float32)
 
     def labels(self, subject_ids: list[str]) -> np.ndarray:
-        """Class indices (e.g. 1 male, 0 female) of the given subjects, in that order."""
-        label = dict(zip(self.cohort.ids, self.cohort.labels))
-        return np.array([label[s] for s in subject_ids], dtype=np.int64)
+        """Class indices (e.g. 1 male, 0 female), or a regression target's values, of the given subjects, in that
+        order."""
+        labels = self.cohort.labels
+        label = dict(zip(self.cohort.ids, labels))
+        return np.array([label[s] for s in subject_ids], dtype=labels.dtype)
 
     def save_state(self) -> None:
         self.state.save(self.directory)

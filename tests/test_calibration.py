@@ -248,7 +248,7 @@ def test_a_fold_is_calibrated_on_its_training_subjects_and_never_on_its_test_sub
 def test_each_final_fit_gets_the_inner_split_when_it_selects_or_calibrates(
     final_fit, calibration, searched, phases, refit_epochs
 ):
-    from study.data.cohort import Classes
+    from study.data.targets import Classes
     from study.training.crossval import _final_fit
     from study.training.folds import FoldJob
     from study.training.trainer import TrainingSetup

@@ -116,7 +116,7 @@ def test_numeric_sex_needs_a_declared_mapping(cohort_dir):
     unmapped = load_cohort(CohortConfig(root=cohort_dir))
     assert len(unmapped.problems) == 12 and "cohort.label_mapping" in unmapped.problems[0].message
     mapped = load_cohort(CohortConfig(root=cohort_dir, label_mapping={"1": "male", "0": "female"}))
-    assert not mapped.problems and mapped.subjects[1].label == 1 and mapped.classes.names == ("female", "male")
+    assert not mapped.problems and mapped.subjects[1].label == 1 and mapped.target.names == ("female", "male")
 
 
 def test_any_two_class_column_is_a_label(cohort_dir):
@@ -136,7 +136,7 @@ def test_any_two_class_column_is_a_label(cohort_dir):
     cohort = load_cohort(CohortConfig(**config, label_mapping={"CN": "control"}))
     sexes = load_cohort(CohortConfig(root=cohort_dir)).labels
     assert not cohort.problems and cohort.labels.tolist() == sexes.tolist()
-    assert cohort.classes.p == "p_patient" and cohort.classes.contrast == "patient - control"
+    assert cohort.target.p == "p_patient" and cohort.target.contrast == "patient - control"
     with pytest.raises(ValueError, match="label_mapping maps to ad, which are not among the classes"):
         CohortConfig(**config, label_mapping={"AD": "ad"})
     for classes in [("a b", "c"), ("Control", "control"), ("all", "patient")]:

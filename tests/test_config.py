@@ -145,7 +145,7 @@ def test_a_network_of_ones_own_is_built_checked_and_searchable_when_the_config_l
         "gradcam_layer, head": config(gradcam_layer="features.9"),
         # a function may do anything with the config's arguments (torch.hub.load runs a folder's hubconf.py)
         "model: torch.hub:load is a function, not a torch.nn.Module subclass": config(**{"class": "torch.hub:load"}),
-        "returns (1, 3) for one volume; a study needs logits [batch, 2]": config(outputs=3),
+        "returns (1, 3) for one volume; this study needs logits [batch, 2]": config(outputs=3),
         "cannot be built with input_shape=(23, 27, 23) and {'size': 3}: TypeError: ": config(size=3),
         "attribution: tests.networks:TinyNet: guided backprop needs ReLU activations; this model uses "
         "elu; use nn.ReLU, or leave guided_backprop": config(activation="elu"),

@@ -147,7 +147,7 @@ def test_a_result_the_confounds_explain_is_called_so_and_one_beyond_them_keeps_i
     confounded = 1 / (1 + np.exp(-(2 * table["tiv"].to_numpy() + rng.normal(size=300))))
     evaluation = evaluate(labels, confounded, folds, permutations=199, confounds=table, confounds_alone=alone)
     assert evaluation.cnn_p < 0.05 and evaluation.confounds.full.p >= 0.05 and evaluation.finding == "confounds"
-    assert evaluation.confounds.partial.p < 0.05 and evaluation.confounds.alone.auc > 0.7
+    assert evaluation.confounds.partial.p < 0.05 and evaluation.confounds.alone.value > 0.7
     assert evaluation.verdict.startswith("Explained by the confounds (tiv): the CNN's held-out ROC AUC")
     assert f"The confounds alone reach ROC AUC {evaluation.confounds.alone}" in evaluation.verdict
     beyond = 1 / (1 + np.exp(-(2 * labels + table["tiv"].to_numpy() + rng.normal(size=300))))
@@ -208,7 +208,7 @@ def test_a_prepared_cohort_keeps_its_confounds_and_the_study_tests_them(cohort_d
     prepared = prepare_cohort(config.cohort, config.preprocess, map_in_process)
     assert prepared.cohort.confounds == ("site",)
     folds = make_or_load_splits(config.cv, prepared.cohort, tmp_path / "splits.json")
-    classes, results, baselines = prepared.cohort.classes, [], []
+    classes, results, baselines = prepared.cohort.target, [], []
     for fold in folds:  # both models predict the scanner
         site = prepared.cohort.confound_table(fold.test).site.to_numpy()
         p = np.where(site == "B", 0.7, 0.3)
@@ -225,7 +225,7 @@ def test_a_prepared_cohort_keeps_its_confounds_and_the_study_tests_them(cohort_d
     )
     evaluation = evaluate_folds(study, results, baselines)
     assert evaluation.confounds.names == ("site",) and evaluation.confounds.full.p >= 0.05
-    assert evaluation.confounds.alone.auc > 0.7
+    assert evaluation.confounds.alone.value > 0.7
 
 
 def test_leave_site_out_splits_come_from_the_participants_table(cohort_dir, tmp_path):

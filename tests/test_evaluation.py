@@ -42,10 +42,10 @@ def test_paired_delong_of_a_model_with_itself_and_of_two_models():
     labels = (rng.random(120) < 0.5).astype(int)
     good, bad = rng.normal(size=120) + 1.5 * labels, rng.normal(size=120) + 0.2 * labels
     same, p_same = paired_delong(labels, good, good)
-    assert same.auc == 0 and p_same == 1.0
+    assert same.value == 0 and p_same == 1.0
     difference, p = paired_delong(labels, good, bad)
-    assert difference.auc == pytest.approx(roc_auc_score(labels, good) - roc_auc_score(labels, bad))
-    assert difference.low < difference.auc < difference.high and p < 0.01
+    assert difference.value == pytest.approx(roc_auc_score(labels, good) - roc_auc_score(labels, bad))
+    assert difference.low < difference.value < difference.high and p < 0.01
 
 
 def test_auc_permutation_p_against_a_direct_count():
@@ -83,11 +83,11 @@ def test_chance_and_real_classifiers_get_the_right_verdict():
     behind = evaluate(labels, 0.6 * learned + 0.9 * rng.random(150), folds, learned, permutations=999)
     assert behind.cnn_p < 0.05 and behind.finding == "below_baseline" and "below the linear baseline" in behind.verdict
     ci = auc_with_ci(labels, learned)
-    assert ci.low < ci.auc < ci.high
+    assert ci.low < ci.value < ci.high
 
 
 def test_folds_whose_cnn_did_not_fit_its_training_subjects_are_named():
-    from study.training.evaluation import fit_check
+    from study.training.metrics import fit_check
 
     assert fit_check({0: 0.98, 1: 0.6, 2: 1.0}) == ("fits", None)
     tag, message = fit_check({0: 0.98, 1: 0.52, 2: float("nan")})

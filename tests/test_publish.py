@@ -50,7 +50,7 @@ def published(
     config = parse_config({"name": "published", "cohort": cohort_config, "cv": {"outer_folds": 2, "inner_folds": 2}})
     cohort = load_cohort(config.cohort)
     families = [s.family_id for s in cohort.subjects]
-    folds = make_splits(cohort.ids, cohort.labels, families, 2, 2, 0, cohort.classes.names)
+    folds = make_splits(cohort.ids, cohort.labels, families, 2, 2, 0, cohort.target.names)
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", config.name)
     state = StudyState("hash", "execution", parent_run=tracker.start_run(config.name, {"study.level": "study"}))
     study = Study(config, cohort, None, [], folds, state, False, tmp_path, str(tmp_path / "ray"))
@@ -65,7 +65,7 @@ def published(
         setup = TrainingSetup(Architecture(width=4), config.train)
         direction = 1 if fold.fold == 0 else -1
         log_odds = np.log(cnn / (1 - cnn)) + direction * shift
-        predictions = cohort.classes.predictions(fold.test, labels, cnn, log_odds)
+        predictions = cohort.target.predictions(fold.test, labels, cnn, log_odds)
         results.append(
             FoldResult(
                 fold.fold,
@@ -83,7 +83,7 @@ def published(
                 fold.fold,
                 1.0,
                 classification_metrics(labels, linear),
-                cohort.classes.predictions(fold.test, labels, linear),
+                cohort.target.predictions(fold.test, labels, linear),
                 np.zeros(3),
                 0.1,
             )
@@ -136,7 +136,7 @@ def test_a_study_whose_models_learned_the_scanner_says_the_confounds_explain_it(
     assert evaluation.cnn_p < 0.05 and confounds.full.p >= 0.05 and confounds.partial.p < 0.05
     assert evaluation.finding == run.data.tags["study.finding"] == "confounds" and report.banner[0] == "warning"
     metrics = run.data.metrics
-    assert metrics["confounds_pooled_roc_auc"] == pytest.approx(confounds.alone.auc) and confounds.alone.auc > 0.75
+    assert metrics["confounds_pooled_roc_auc"] == pytest.approx(confounds.alone.value) and confounds.alone.value > 0.75
     assert metrics["full_confound_test_p"] == pytest.approx(confounds.full.p)
     assert metrics["baseline_partial_confound_test_p"] == pytest.approx(confounds.baseline_partial.p)
     html = report.html()
@@ -172,8 +172,8 @@ def test_calibration_is_reported_pooled_and_per_fold_beside_softmax_probabilitie
     table = pd.read_csv(path, sep="\t")
     truth = (table["sex"] == "male").to_numpy()
     assert metrics["pooled_brier"] == pytest.approx(brier_score_loss(truth, table["p_male"]))
-    assert metrics["pooled_roc_auc"] == pytest.approx(evaluation.cnn.auc)
-    assert metrics["pooled_roc_auc_uncalibrated"] < evaluation.cnn.auc - 0.05
+    assert metrics["pooled_roc_auc"] == pytest.approx(evaluation.cnn.value)
+    assert metrics["pooled_roc_auc_uncalibrated"] < evaluation.cnn.value - 0.05
     assert {"test_brier_mean", "test_brier_std", "pooled_balanced_accuracy"} <= set(metrics)
     client = mlflow.MlflowClient(uri)
     assert "reliability.png" in [a.path for a in client.list_artifacts(run.info.run_id)]

@@ -205,7 +205,7 @@ def _group_analysis(
     tests = _group_tests(study, normalized, held_out, baselines, jobs)
     truth, grid = ground_truth(study.config.cohort.root, study.cache.grid), study.cache.grid
     atlas = read_atlas(attribution.atlas, attribution.atlas_names, grid)
-    classes = study.cohort.classes.names
+    classes = study.cohort.target.names
     maps = {
         method: analyse_method(method, values, held_out, classes, brain, tests.get(method), truth, atlas)
         for method, values in normalized.items()

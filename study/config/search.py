@@ -191,7 +191,7 @@ class SearchConfig(Section):
     max_concurrent: int = Field(2, ge=1)
     scheduler: Literal["asha", "none"] = "asha"
     grace_period: int = Field(2, ge=1)  # epochs before ASHA may stop a trial
-    metric: Literal["val_loss", "val_roc_auc", "val_accuracy"] = "val_loss"
+    metric: Literal["val_loss", "val_roc_auc", "val_accuracy", "val_mae"] = "val_loss"
     seed: int = 0
 
     @field_validator("space")
@@ -208,4 +208,4 @@ class SearchConfig(Section):
 
     @property
     def mode(self) -> str:
-        return "min" if self.metric == "val_loss" else "max"
+        return "min" if self.metric in ("val_loss", "val_mae") else "max"

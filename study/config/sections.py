@@ -85,6 +85,9 @@ class TrainConfig(Section):
 
     final_fit: Literal["all_subjects", "early_stopped", "inner_split"] = "all_subjects"
     calibration: Literal["recenter", "temperature", "platt", "none"] = "recenter"
+    # A regression target's loss on its standardized values (huber: quadratic within 1 sd, less hurt by outliers);
+    # classification always uses cross-entropy
+    loss: Literal["l1", "huber"] = "l1"
     epochs: int = Field(40, ge=1)  # the budget (the most epochs, when early-stopped)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(1e-3, gt=0)  # AdamW's peak learning rate

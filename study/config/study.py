@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator
+from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
 from study.attribution.gradcam import check_placement
 from study.attribution.guided_backprop import check_relu_only
@@ -110,7 +110,8 @@ class StudyConfig(Section):
         """A user's network is built and run on one volume of the study grid now, not on a worker later."""
         if isinstance(model, Network) and "preprocess" in info.data:
             shape = info.data["preprocess"].grid.shape
-            built = check_network(model, shape)
+            cohort = info.data.get("cohort")
+            built = check_network(model, shape, cohort.target.outputs if cohort else 2)
             check_placement(built, shape, model.factory)
             if info.context is not None:  # the search space checks its keys against the network's;
                 info.context.update(model=model, network=built)  # attribution's check reuses the build
@@ -144,6 +145,31 @@ class StudyConfig(Section):
         if isinstance(model, Network) and preprocess is not None and guided:
             built = (info.context or {}).get("network")
             if built is None:  # validated without parse_config's context
-                built = check_network(model, preprocess.grid.shape)
+                cohort = info.data.get("cohort")
+                built = check_network(model, preprocess.grid.shape, cohort.target.outputs if cohort else 2)
             check_relu_only(built, preprocess.grid.shape, model.factory)
         return attribution
+
+    @model_validator(mode="after")
+    def _regression_is_supported(self) -> StudyConfig:
+        """What a regression target (cohort.task: regression) does not have yet, refused before any work."""
+        if self.cohort.task != "regression":
+            return self
+        unsupported = {
+            "attribution": "set attribution: null (maps of a regression model are not built yet)"
+            if self.attribution is not None
+            else None,
+            "cohort.confounds": "remove them (the confound tests are built for two classes)"
+            if self.cohort.confounds
+            else None,
+            "train.calibration": "remove it: a regression fold maps its output back to the target's unit instead"
+            if self.train.calibration in ("temperature", "platt")
+            else None,
+            "search.metric": "use val_loss or val_mae"
+            if self.search is not None and self.search.metric in ("val_roc_auc", "val_accuracy")
+            else None,
+        }
+        problems = [f"{key}: {fix}" for key, fix in unsupported.items() if fix]
+        if problems:
+            raise ValueError(f"cohort.task regression ({self.cohort.label}): " + "; ".join(problems))
+        return self

@@ -297,7 +297,8 @@ class CachedVolumes(torch.utils.data.Dataset):
         self.shape = cache.shape
         self.rows = cache.rows(subject_ids)
         self.subject_ids = list(subject_ids)
-        self.labels = torch.from_numpy(np.array(labels, dtype=np.int64))
+        labels = np.asarray(labels)  # class indices; a regression target's (standardized) values are float32
+        self.labels = torch.from_numpy(labels.astype(np.float32 if labels.dtype.kind == "f" else np.int64))
         self.adjustment = cache.adjustment
         self._volumes: np.ndarray | None = None
 

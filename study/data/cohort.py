@@ -34,54 +34,13 @@ from study.data.participants import (
     read_participants,
 )
 from study.data.synth import SyntheticCohort
+from study.data.targets import Classes, Regression, Target
 from study.data.volumes import MNI152_MASK, Grid, preprocess_volume
 from study.errors import CohortError
 from study.tasks import TaskMap, map_tasks
 
 RESERVED_COLUMNS = ("subject_id", "image", "predicted", "fold", "problem")  # columns of prediction tables
 CLASS_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")  # a class name becomes a column name (p_<class>) and a metric name
-
-
-@dataclass(frozen=True)
-class Classes:
-    """What a study tells apart: a participants-table column and its two classes, in model order [0, 1].
-
-    Class 1 is the positive class of every metric (sensitivity, ROC AUC) and the
-    first term of every difference of maps (class 1 - class 0).
-    """
-
-    column: str = "sex"
-    names: tuple[str, str] = SEX_CLASSES
-
-    @property
-    def positive(self) -> str:
-        return self.names[1]
-
-    @property
-    def p(self) -> str:
-        """The column of P(class 1) in prediction tables, e.g. ``p_male``."""
-        return f"p_{self.names[1]}"
-
-    @property
-    def contrast(self) -> str:
-        """``male - female``."""
-        return f"{self.names[1]} - {self.names[0]}"
-
-    def predictions(
-        self, subject_ids: list[str], labels: np.ndarray, p: np.ndarray, log_odds: np.ndarray | None = None
-    ) -> pd.DataFrame:
-        """A held-out prediction table: subject_id, the true class, P(class 1), the predicted class and, when given,
-        the model's log-odds of class 1 before calibration."""
-        names = np.array(self.names)
-        table = pd.DataFrame(
-            {
-                "subject_id": subject_ids,
-                self.column: names[np.asarray(labels, int)],
-                self.p: p,
-                "predicted": names[(np.asarray(p) >= 0.5).astype(int)],
-            }
-        )
-        return table if log_odds is None else table.assign(log_odds=log_odds)
 
 
 class CohortConfig(BaseModel):
@@ -104,8 +63,10 @@ class CohortConfig(BaseModel):
     # relative to root, with {subject} and {session}, e.g. masks/sub-{subject}_mask.nii.gz
     brain_mask: str = "auto"
     subject_column: str = "participant_id"
-    # The column to classify: any column with two classes (sex, diagnosis, site), sex by default.
+    # The column to learn: any column with two classes (sex, diagnosis, site), sex by default; with task
+    # regression a numeric column (age: brain age).
     label: str = "sex"
+    task: Literal["classification", "regression"] = "classification"
     # Its classes in model order [0, 1]; class 1 is the positive class (sensitivity, ROC) and maps contrast 1 - 0.
     classes: tuple[str, str] = SEX_CLASSES
     # Values of the column -> class names; the class names (any case) and, for sex, M/F need no mapping.
@@ -169,10 +130,19 @@ class CohortConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _regression_has_no_classes(self) -> CohortConfig:
+        if self.task == "regression" and (self.label_mapping or "classes" in self.model_fields_set):
+            raise ValueError(
+                f"task regression learns the numbers in column {self.label!r}: remove cohort.classes and "
+                "cohort.label_mapping"
+            )
+        return self
+
     @property
-    def task(self) -> Classes:
-        """What the study tells apart, as every stage names it."""
-        return Classes(self.label, self.classes)
+    def target(self) -> Target:
+        """What the study learns, as every stage names it."""
+        return Regression(self.label) if self.task == "regression" else Classes(self.label, self.classes)
 
     @property
     def participants_paths(self) -> list[Path]:
@@ -189,13 +159,14 @@ class Cohort:
     subjects: list[Subject]
     problems: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    classes: Classes = Classes()
+    target: Target = Classes()
     confounds: tuple[str, ...] = ()  # the columns each subject's ``confounds`` holds, in this order
 
     @property
     def labels(self) -> np.ndarray:
-        """Class index of each subject, in ``subjects`` order."""
-        return np.array([s.label for s in self.subjects], dtype=np.int64)
+        """Each subject's class index (int), or value (float, for regression), in ``subjects`` order."""
+        dtype = np.float64 if self.target.kind == "regression" else np.int64
+        return np.array([s.label for s in self.subjects], dtype=dtype)
 
     @property
     def ids(self) -> list[str]:
@@ -205,7 +176,7 @@ class Cohort:
         """The cohort without the subjects that ``problems`` name, problems appended."""
         bad = {p.subject for p in problems}
         kept = [s for s in self.subjects if s.subject_id not in bad]
-        return Cohort(kept, self.problems + problems, self.warnings, self.classes, self.confounds)
+        return Cohort(kept, self.problems + problems, self.warnings, self.target, self.confounds)
 
     def confound_table(self, subject_ids: list[str]) -> pd.DataFrame:
         """The confounds of ``subject_ids`` (rows in that order): numeric columns as floats, others as strings."""
@@ -245,7 +216,7 @@ def load_cohort(config: CohortConfig, labelled: bool = True) -> Cohort:
         table_name=" + ".join(p.name for p in paths),
         subject_column=config.subject_column,
         label_column=config.label if labelled else None,
-        classes=config.classes,
+        classes=None if config.task == "regression" else config.classes,
         label_mapping=config.label_mapping,
         family_column=family_column,
         confound_columns=confounds,
@@ -259,7 +230,7 @@ def load_cohort(config: CohortConfig, labelled: bool = True) -> Cohort:
     warnings = family_warnings([s.family_id for s in subjects], family_column, where)
     if any(s.brain_mask == MNI152_MASK for s in subjects):
         warnings.append(MNI152_MASK_WARNING)
-    return Cohort(subjects, problems, warnings, config.task, confounds)
+    return Cohort(subjects, problems, warnings, config.target, confounds)
 
 
 MNI152_MASK_WARNING = (

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from study.data.layouts import Found, brain_mask_of, choose_session, expected_image
@@ -39,10 +40,11 @@ class Problem:
 
 @dataclass(frozen=True)
 class Subject:
-    """One participant: id, label (class index, e.g. 1 male, 0 female; -1 unlabelled), family, and the T1w image."""
+    """One participant: id, label (class index, e.g. 1 male, 0 female; or the value of a regression target such as
+    age; -1 unlabelled), family, and the T1w image."""
 
     subject_id: str
-    label: int
+    label: int | float
     family_id: str
     image: Path
     session: str | None = None
@@ -129,7 +131,7 @@ class Matching:
     table_name: str  # the table(s), as problems name them
     subject_column: str
     label_column: str | None  # None: new subjects to predict, with no label
-    classes: tuple[str, str]
+    classes: tuple[str, str] | None  # None: a regression target, a number per subject
     label_mapping: dict[str, str]  # table values -> class names
     family_column: str | None
     confound_columns: tuple[str, ...]  # cohort.confounds: each subject needs a value in each
@@ -246,14 +248,22 @@ def _image_of(matching: Matching, sid: str, rows: list[pd.Series]) -> Found | Pr
         return Problem(sid, str(candidates[0].image.parent), f"{err}; choose another or drop the row")
 
 
-def _label_of(matching: Matching, sid: str, row: pd.Series) -> int | Problem:
-    """The subject's class index (-1 for a subject to predict), or why the table's value is not a class."""
+def _label_of(matching: Matching, sid: str, row: pd.Series) -> int | float | Problem:
+    """The subject's class index or, for a regression target, value (-1 for a subject to predict); or why the
+    table's value is not one."""
     column, classes = matching.label_column, matching.classes
     if column is None:
         return -1
     raw = row[column].strip()
     if not raw:
         return Problem(sid, matching.table_name, f"missing label in column {column!r}")
+    if classes is None:
+        value = _float_or_none(raw)
+        if value is None or not np.isfinite(value):
+            return Problem(
+                sid, matching.table_name, f"{raw!r} in column {column!r} is not a number; task regression needs one"
+            )
+        return value
     label = parse_label(raw, classes, matching.label_mapping)
     if label is not None:
         return label

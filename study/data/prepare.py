@@ -58,7 +58,7 @@ def prepare_cohort(
         raise StudyError("no subject could be preprocessed; see the problems above")
     cached = set(build.cache.subject_ids)
     kept = [s for s in cohort.subjects if s.subject_id in cached]
-    usable = Cohort(kept, warnings=cohort.warnings, classes=cohort.classes, confounds=cohort.confounds)
+    usable = Cohort(kept, warnings=cohort.warnings, target=cohort.target, confounds=cohort.confounds)
     return PreparedCohort(usable, build.cache, problems, len(build.computed), synthesized)
 
 
@@ -72,10 +72,9 @@ def make_or_load_splits(cv: CVConfig, cohort: Cohort, path: Path) -> list[OuterF
             return folds
     families = [s.family_id for s in cohort.subjects]
     groups = cohort.confound_table(cohort.ids)[cv.group_by].astype(str).tolist() if cv.group_by else None
+    strata, names = cohort.target.strata(cohort.labels)  # classes, or a regression target's quartiles
     try:
-        folds = make_splits(
-            cohort.ids, cohort.labels, families, cv.outer_folds, cv.inner_folds, cv.seed, cohort.classes.names, groups
-        )
+        folds = make_splits(cohort.ids, strata, families, cv.outer_folds, cv.inner_folds, cv.seed, names, groups)
     except ValueError as err:
         raise StudyError(f"cross-validation splits of {len(cohort.ids)} subjects: {err}") from None
     save_splits(folds, path, made_for)

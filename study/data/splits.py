@@ -112,7 +112,7 @@ def _improve(fold_of: np.ndarray, totals: np.ndarray, counts: np.ndarray, target
 
 
 def _check_classes(
-    labels: np.ndarray, groups: list[str], k: int, where: str, key: str, classes: tuple[str, str], unit: str
+    labels: np.ndarray, groups: list[str], k: int, where: str, key: str, classes: tuple[str, ...], unit: str
 ) -> None:
     """Refuse folds that cannot all hold both classes (a test fold without one has no ROC AUC).
 
@@ -137,7 +137,7 @@ def _kfold_with_both_classes(
     seed: int,
     where: str,
     key: str,
-    classes: tuple[str, str],
+    classes: tuple[str, ...],
     unit: str = "families",
 ) -> list[list[str]]:
     """:func:`group_kfold`, checked before (enough ``unit`` of each class) and after (each fold holds both)."""
@@ -160,12 +160,13 @@ def make_splits(
     outer_folds: int,
     inner_folds: int,
     seed: int,
-    classes: tuple[str, str] = ("female", "male"),
+    classes: tuple[str, ...] = ("female", "male"),
     outer_groups: list[str] | None = None,
 ) -> list[OuterFold]:
     """Outer folds over the cohort and inner folds inside each outer training set.
 
-    ``labels`` are class indices into ``classes`` (the names errors use). ``outer_groups`` (e.g. each subject's
+    ``labels`` are class indices into ``classes`` (the names errors use; for a regression target, its quartiles:
+    :meth:`~study.data.cohort.Regression.strata`). ``outer_groups`` (e.g. each subject's
     site; cv.group_by) keeps its values whole in the outer folds instead of families. Raises
     ValueError, with the numbers, when the cohort cannot give every fold both
     classes or enough families.

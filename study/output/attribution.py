@@ -33,7 +33,7 @@ def publish_attribution(
     tracker: Tracker, report: Report, study: Study, result: AttributionResult, evaluation: Evaluation
 ) -> None:
     """Maps as NIfTI (study and fold runs), tables, figures, report sections and a console summary."""
-    attribution, classes = study.config.attribution, study.cohort.classes
+    attribution, classes = study.config.attribution, study.cohort.target
     target = TARGETS[result.target].format(contrast=classes.contrast, column=classes.column)
     deletes = DELETES[attribution.perturbation.reference]
 
@@ -136,7 +136,7 @@ def _maps_sections(
     target: str,
 ) -> None:
     """The maps beside the linear baseline's (or the baseline's alone, when only it learned), then every map."""
-    classes = study.cohort.classes
+    classes = study.cohort.target
     tests = [m.test for name, m in result.maps.items() if m.test is not None and name != LINEAR_BASELINE]
     if tests:
         how = TESTED.format(positive=classes.names[1], negative=classes.names[0], permutations=tests[0].permutations)

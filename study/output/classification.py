@@ -22,9 +22,9 @@ from study.output.report import Report
 from study.output.tracking import Tracker
 from study.state import Study
 from study.training.baseline import BaselineResult
-from study.training.evaluation import Evaluation, fit_check, format_p
+from study.training.evaluation import Evaluation, format_p
 from study.training.folds import FoldResult
-from study.training.metrics import SUMMARY_METRICS, classification_metrics, cross_fold_summary
+from study.training.metrics import SUMMARY_METRICS, classification_metrics, cross_fold_summary, fit_check
 
 
 def publish_classification(
@@ -43,7 +43,7 @@ def publish_classification(
     pooled = _pooled(study, held_out)
     _log_metrics(tracker, parent, results, baselines, evaluation, pooled)
     tracker.set_tags(parent, {"study.finding": evaluation.finding, "study.fit": fit})
-    _log_baseline_runs(tracker, study, baselines)
+    log_baseline_runs(tracker, study, baselines)
     tracker.log_table(parent, held_out, "predictions.tsv")
     roc = _roc(study, results, baselines)
     tracker.log_figure(parent, roc, "roc.png")
@@ -55,14 +55,14 @@ def publish_classification(
     report.summary = _summary(study, results, evaluation, pooled)
     _fold_table(report, study, results, baselines)
     _finding_table(report, study, evaluation)
-    report.add_images("ROC curves", [(f"ROC per outer fold ({study.cohort.classes.positive} = positive)", roc)])
+    report.add_images("ROC curves", [(f"ROC per outer fold ({study.cohort.target.positive} = positive)", roc)])
     reliability = _reliability(study, held_out, calibrated=any(r.calibration.subjects for r in results))
     tracker.log_figure(parent, reliability, "reliability.png")
     how = CALIBRATED_BY[study.config.train.calibration]
-    caption = CALIBRATION.format(positive=study.cohort.classes.positive, how=how, **pooled)
+    caption = CALIBRATION.format(positive=study.cohort.target.positive, how=how, **pooled)
     report.add_images("Calibration", [(caption, reliability)])
     if study.config.search:
-        _search_table(tracker, report, parent, results)
+        search_table(tracker, report, parent, results)
     tracker.set_tags(
         parent,
         {
@@ -81,7 +81,7 @@ def _pooled(study: Study, table: pd.DataFrame) -> dict[str, float]:
     """The CNN's pooled held-out Brier score and balanced accuracy (calibrated), and its pooled ROC AUC before
     calibration (NaN for folds kept before calibration existed), from the folds' prediction ``table``."""
     labels = study.labels(table.subject_id.tolist())
-    metrics = classification_metrics(labels, table[study.cohort.classes.p].to_numpy())
+    metrics = classification_metrics(labels, table[study.cohort.target.p].to_numpy())
     raw = table["log_odds"].to_numpy() if "log_odds" in table else np.full(len(table), np.nan)
     uncalibrated = float(roc_auc_score(labels, raw)) if np.isfinite(raw).all() else float("nan")
     return {"brier": metrics["brier"], "balanced_accuracy": metrics["balanced_accuracy"], "uncalibrated": uncalibrated}
@@ -100,7 +100,7 @@ def _log_metrics(
     linear = cross_fold_summary([b.test_metrics for b in baselines])
     tracker.log_metrics(parent, {k.replace("test_", "baseline_test_", 1): v for k, v in linear.items()})
     metrics = {
-        "pooled_roc_auc": evaluation.cnn.auc,
+        "pooled_roc_auc": evaluation.cnn.value,
         "pooled_roc_auc_ci_low": evaluation.cnn.low,
         "pooled_roc_auc_ci_high": evaluation.cnn.high,
         "pooled_roc_auc_p_vs_chance": evaluation.cnn_p,
@@ -111,20 +111,20 @@ def _log_metrics(
         "pooled_roc_auc_uncalibrated": pooled["uncalibrated"],
     }
     if evaluation.brain_volume is not None:
-        metrics["brain_volume_roc_auc"] = evaluation.brain_volume.auc
+        metrics["brain_volume_roc_auc"] = evaluation.brain_volume.value
     if evaluation.confounds is not None:
         metrics |= confound_metrics(evaluation.confounds)
     if evaluation.baseline is not None:
         metrics |= {
-            "baseline_pooled_roc_auc": evaluation.baseline.auc,
+            "baseline_pooled_roc_auc": evaluation.baseline.value,
             "baseline_pooled_roc_auc_p_vs_chance": evaluation.baseline_p,
-            "cnn_minus_baseline_roc_auc": evaluation.difference.auc,
+            "cnn_minus_baseline_roc_auc": evaluation.difference.value,
             "cnn_minus_baseline_p": evaluation.difference_p,
         }
     tracker.log_metrics(parent, metrics)
 
 
-def _log_baseline_runs(tracker: Tracker, study: Study, baselines: list[BaselineResult]) -> None:
+def log_baseline_runs(tracker: Tracker, study: Study, baselines: list[BaselineResult]) -> None:
     """One run per fold of the linear baseline, beside the CNN's fold runs (once: the state records it)."""
     state = study.state
     for baseline in baselines:
@@ -132,7 +132,8 @@ def _log_baseline_runs(tracker: Tracker, study: Study, baselines: list[BaselineR
             continue
         tags = {"study.level": "baseline", "study.model": "linear", "study.fold": str(baseline.fold)}
         run_id = tracker.start_run(f"baseline fold {baseline.fold}", tags, parent=state.parent_run)
-        tracker.log_params(run_id, {"model": "l2 logistic regression", "C": baseline.C, "fold": baseline.fold})
+        model = "ridge regression" if study.cohort.target.kind == "regression" else "l2 logistic regression"
+        tracker.log_params(run_id, {"model": model, "C": baseline.C, "fold": baseline.fold})
         tracker.log_metrics(run_id, baseline.test_metrics, prefix="test_")
         tracker.log_table(run_id, baseline.predictions, "predictions.tsv")
         tracker.end(run_id)
@@ -163,7 +164,7 @@ CALIBRATED_BY = {  # train.calibration
 def _reliability(study: Study, table: pd.DataFrame, calibrated: bool) -> Figure:
     """The reliability diagrams of every fold of the prediction ``table`` and of all of them pooled; beside them,
     when the folds were ``calibrated``, the same before calibration."""
-    classes = study.cohort.classes
+    classes = study.cohort.target
     panels: dict[str, dict] = {"calibrated (as tested)": {}, "before calibration (softmax)": {}}
     before = calibrated and "log_odds" in table and table["log_odds"].notna().all()
     for name, rows in [(f"fold {f}", t) for f, t in table.groupby("fold")] + [("pooled", table)]:
@@ -176,7 +177,7 @@ def _reliability(study: Study, table: pd.DataFrame, calibrated: bool) -> Figure:
 
 def _roc(study: Study, results: list[FoldResult], baselines: list[BaselineResult]) -> Figure:
     """Every fold's ROC curve of the CNN and of the linear baseline, in one figure."""
-    classes = study.cohort.classes
+    classes = study.cohort.target
     curves = {
         f"{model}, fold {r.fold}": (study.labels(r.predictions.subject_id.tolist()), r.predictions[classes.p])
         for model, fold_results in (("CNN", results), ("linear", baselines))
@@ -224,7 +225,7 @@ def _summary(
     """The report's headline numbers: the pooled ROC AUC first (the honest number), the fold mean beside it."""
     cohort, folds = study.cohort, cross_fold_summary([r.test_metrics for r in results])
     return [
-        ("subjects", f"{len(cohort.subjects)} ({int(cohort.labels.sum())} {cohort.classes.positive})"),
+        ("subjects", f"{len(cohort.subjects)} ({int(cohort.labels.sum())} {cohort.target.positive})"),
         ("outer folds", str(len(results))),
         ("CNN ROC AUC (pooled, 95% CI)", str(evaluation.cnn)),
         ("CNN ROC AUC (fold mean ± sd)", f"{folds['test_roc_auc_mean']:.3f} ± {folds['test_roc_auc_std']:.3f}"),
@@ -306,13 +307,13 @@ def _finding_table(report: Report, study: Study, evaluation: Evaluation) -> None
         ]
     table = pd.DataFrame(
         [
-            {"model": m, "pooled ROC AUC": auc.auc, "95% CI low": auc.low, "95% CI high": auc.high, "p": format_p(p)}
+            {"model": m, "pooled ROC AUC": auc.value, "95% CI low": auc.low, "95% CI high": auc.high, "p": format_p(p)}
             for m, auc, p in rows
         ]
     )
     note = FINDING.format(permutations=evaluation.permutations)
     if evaluation.brain_volume is not None:
-        note += BRAIN_VOLUME.format(auc=evaluation.brain_volume, positive=study.cohort.classes.positive)
+        note += BRAIN_VOLUME.format(auc=evaluation.brain_volume, positive=study.cohort.target.positive)
     report.add_table("Is it a finding? Pooled held-out ROC AUC with confidence intervals", table, note)
     if evaluation.confounds is not None:
         adjustment = _adjustment(study)
@@ -331,7 +332,7 @@ SEARCH = (
 )
 
 
-def _search_table(tracker: Tracker, report: Report, parent: str, results: list[FoldResult]) -> None:
+def search_table(tracker: Tracker, report: Report, parent: str, results: list[FoldResult]) -> None:
     """What each fold's search chose."""
     chosen = pd.DataFrame(
         [{"fold": r.fold, **{k: str(v) for k, v in sorted(r.search.best.items())}} for r in results if r.search]

@@ -65,7 +65,7 @@ def confound_table(confounds: ConfoundCheck) -> pd.DataFrame:
 def confound_metrics(confounds: ConfoundCheck) -> dict[str, float]:
     """The study run's metrics of the confound check."""
     metrics = {
-        "confounds_pooled_roc_auc": confounds.alone.auc,
+        "confounds_pooled_roc_auc": confounds.alone.value,
         "confounds_pooled_roc_auc_ci_low": confounds.alone.low,
         "confounds_pooled_roc_auc_ci_high": confounds.alone.high,
         "full_confound_test_p": confounds.full.p,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from study.output import regression
 from study.output.console import say
 from study.output.figures import confusion_figure, roc_figure
 from study.output.models import log_model
@@ -79,11 +80,12 @@ def publish_fold(tracker: Tracker, study: Study, result: FoldResult, times: Stag
         calibration = result.calibration.to_dict()
         tracker.log_metrics(run_id, {f"calibration_{k}": v for k, v in calibration.items()})
     tracker.log_table(run_id, result.predictions, "predictions.tsv")
-    classes, name = study.cohort.classes, f"fold {result.fold}"
-    labels = study.labels(result.predictions.subject_id.tolist())
-    roc = roc_figure({name: (labels, result.predictions[classes.p])}, f"ROC, {name}", classes.names)
-    tracker.log_figure(run_id, roc, "roc.png")
-    tracker.log_figure(run_id, confusion_figure(result.test_metrics, name, classes.names), "confusion.png")
+    target, name = study.cohort.target, f"fold {result.fold}"
+    if target.kind == "classification":
+        labels = study.labels(result.predictions.subject_id.tolist())
+        roc = roc_figure({name: (labels, result.predictions[target.p])}, f"ROC, {name}", target.names)
+        tracker.log_figure(run_id, roc, "roc.png")
+        tracker.log_figure(run_id, confusion_figure(result.test_metrics, name, target.names), "confusion.png")
     with times.stage("MLflow model logging"):
         log_model(tracker, run_id, load_model(result.checkpoint), study.cache.shape)
     tracker.end(run_id)
@@ -104,6 +106,8 @@ def _fold_line(study: Study, result: FoldResult) -> str:
     if refit := result.epochs("refit"):
         phases.append(f"{refit} epochs on all {len(study.folds[result.fold].train)} training subjects")
     m = result.test_metrics
+    if study.cohort.target.kind == "regression":
+        return f"{' + '.join(phases)}; {regression.fold_line(result)} [{sum(result.seconds.values()):.0f} s]"
     return (
         f"{' + '.join(phases)}; training accuracy {result.fit_accuracy:.2f}; test ROC AUC {m['roc_auc']:.3f}, "
         f"balanced accuracy {m['balanced_accuracy']:.3f} [{sum(result.seconds.values()):.0f} s]"

@@ -21,7 +21,7 @@ from study.attribution.analysis import MethodMaps
 from study.attribution.methods import LINEAR_BASELINE, title
 from study.attribution.stage import AttributionResult
 from study.attribution.stats import PermutationTest
-from study.data.cohort import Classes
+from study.data.targets import Classes
 from study.output.figures import brain_figure
 from study.output.tracking import Tracker
 from study.state import Study
@@ -79,7 +79,7 @@ def publish_maps(
 
 def _method(log: _Logged, study: Study, result: AttributionResult, maps: MethodMaps, explains: str) -> MapFigures:
     """A method's group maps (study run) and per-fold maps (fold runs); its mean maps and t map as figures."""
-    method, name, classes = maps.method, title(maps.method), study.cohort.classes
+    method, name, classes = maps.method, title(maps.method), study.cohort.target
     for group, values in maps.group.items():
         log(study.state.parent_run, values, f"{method}_{group}", method)
     for fold, groups in maps.per_fold.items():
@@ -138,7 +138,7 @@ def _baseline(log: _Logged, study: Study, result: AttributionResult, maps: Metho
     )
     if maps.test is None:
         return MapFigures([mean], main=None)
-    tested = _weight_test(log, study.state.parent_run, maps.test, result, study.cohort.classes)
+    tested = _weight_test(log, study.state.parent_run, maps.test, result, study.cohort.target)
     return MapFigures([mean, tested], main=tested)
 
 

@@ -27,6 +27,7 @@ from study.output.console import say
 from study.output.folds import live_curves, open_fold_runs, publish_fold
 from study.output.models import log_ensemble
 from study.output.provenance import config_yaml, git_commit, shareable, source_tags, versions
+from study.output.regression import publish_regression
 from study.output.report import Report
 from study.output.tracking import Tracker, is_tracking_failure, tracking_uri, without_credentials
 from study.output.trials import trial_callback
@@ -54,7 +55,8 @@ class Publisher:
     def __init__(self, config: StudyConfig):
         self.config = config
         self.tracker = Tracker(tracking_uri(config.tracking.uri), config.tracking.experiment or config.name)
-        self.report = Report(f"study {config.name}: {config.cohort.task.column} classification from T1w MRI")
+        target = config.cohort.target
+        self.report = Report(f"study {config.name}: {target.column} {target.kind} from T1w MRI")
         self.started = time.perf_counter()
         self.times = StageTimes()  # what publishing itself takes (logging models to MLflow)
         self.underfit: str | None = None  # what classification found of folds that did not fit their subjects
@@ -67,6 +69,11 @@ class Publisher:
         search = self.config.search
         searched = [f"params.{k}" for k in search.space] if search else []
         methods = self.config.attribution.methods if self.config.attribution else []
+        score, fold_scores = (  # a regression target's mean absolute error, else ROC AUC
+            ("mae", ["metrics.test_mae", "metrics.test_r", "metrics.fit_r2"])
+            if self.config.cohort.task == "regression"
+            else ("roc_auc", ["metrics.test_roc_auc", "metrics.test_balanced_accuracy", "metrics.fit_accuracy"])
+        )
         return {
             "study-executions": (
                 "study: executions",
@@ -74,10 +81,10 @@ class Publisher:
                 [
                     "tags.study.execution",
                     "tags.study.finding",
-                    "metrics.pooled_roc_auc",
-                    "metrics.pooled_roc_auc_ci_low",
-                    "metrics.pooled_roc_auc_ci_high",
-                    "metrics.baseline_pooled_roc_auc",
+                    f"metrics.pooled_{score}",
+                    f"metrics.pooled_{score}_ci_low",
+                    f"metrics.pooled_{score}_ci_high",
+                    f"metrics.baseline_pooled_{score}",
                     "metrics.cnn_minus_baseline_p",
                     *[f"metrics.localization_roc_auc_{m}" for m in methods],
                     "tags.study.progress",
@@ -92,9 +99,7 @@ class Publisher:
                 [
                     "tags.study.execution",
                     "tags.study.fold",
-                    "metrics.test_roc_auc",
-                    "metrics.test_balanced_accuracy",
-                    "metrics.fit_accuracy",
+                    *fold_scores,
                     *[f"params.best.{k.removeprefix('params.')}" for k in searched],
                 ],
                 "tags.study.fold",
@@ -161,7 +166,11 @@ class Publisher:
             parent,
             {
                 "n_subjects": len(study.cohort.subjects),
-                f"n_{study.cohort.classes.positive}": int(study.cohort.labels.sum()),
+                **(
+                    {f"n_{target.positive}": int(study.cohort.labels.sum())}
+                    if (target := study.cohort.target).kind == "classification"
+                    else {}
+                ),
                 "n_excluded": len(prepared.excluded),
             },
         )
@@ -202,7 +211,8 @@ class Publisher:
         self, study: Study, results: list[FoldResult], baselines: list[BaselineResult], evaluation: Evaluation
     ) -> None:
         """The held-out results of the CNN and the linear baseline, and whether they are a finding."""
-        self.underfit = publish_classification(self.tracker, self.report, study, results, baselines, evaluation)
+        publish = publish_regression if study.cohort.target.kind == "regression" else publish_classification
+        self.underfit = publish(self.tracker, self.report, study, results, baselines, evaluation)
 
     def attribution(self, study: Study, result: AttributionResult, evaluation: Evaluation) -> None:
         """Maps as NIfTI (study and fold runs), tables, figures, report sections and a console summary."""
@@ -211,6 +221,8 @@ class Publisher:
     def ensemble(self, study: Study, results: list[FoldResult]) -> None:
         """The folds' models as one pyfunc (see :mod:`study.predict`), logged to the study run and registered."""
         state = study.state
+        if study.cohort.target.kind == "regression":  # study predict does not read regression models yet
+            return
         if state.ensemble is None:
             attribution = self.config.attribution or AttributionConfig()  # maps on request, even if none here
             ensemble = Ensemble(
@@ -220,7 +232,7 @@ class Publisher:
                 tuple(attribution.methods),
                 attribution.target,
                 attribution.perturbation.model_dump(),
-                study.cohort.classes,
+                study.cohort.target,
                 explanation_of(attribution, study).cohort_mean,
                 {r.fold: r.calibration for r in results},
                 {r.fold: a for r in results if (a := study.fold_cache(r.fold).adjustment) is not None},
@@ -232,7 +244,7 @@ class Publisher:
                     ensemble.save(study.directory / "ensemble"),
                     ensemble.signature(),
                     self.config.name,
-                    f"{study.cohort.classes.column} ({study.cohort.classes.contrast})",
+                    f"{study.cohort.target.column} ({study.cohort.target.contrast})",
                 )
             state.ensemble = f"models:/{self.config.name}/{version}"
             study.save_state()

@@ -1,10 +1,11 @@
-"""The linear baseline: l2 logistic regression on the same preprocessed voxels, in the same folds.
+"""The linear baseline: l2 logistic regression (ridge regression, for a regression target) on the same
+preprocessed voxels, in the same folds.
 
 At a few hundred subjects a linear model on voxels often matches or beats a 3D
 CNN; a CNN below it is a warning, not a finding. It reads each fold's volumes as
 the CNN does (adjusted for the confounds with ``cv.adjust``). Each outer fold standardizes
 the voxels inside the brain, chooses the regularization on the fold's inner
-splits (the ones the CNN used) by ROC AUC, refits on all of its training
+splits (the ones the CNN used) by ROC AUC (by mean absolute error), refits on all of its training
 subjects and predicts its held-out subjects. Its weights (standardized voxels)
 are a map like the others; note that a linear model's weights show what it
 uses, not where the groups differ (Haufe et al. 2014).
@@ -18,18 +19,19 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import ray
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from study.data.cache import VolumeCache
-from study.data.cohort import Classes
 from study.data.splits import OuterFold
+from study.data.targets import Target
 from study.state import Study
-from study.training.metrics import classification_metrics
+from study.training.metrics import classification_metrics, regression_metrics
 
 C_GRID = tuple(np.logspace(-5, 1, 7))  # inverse regularization strengths tried on the inner splits
+ALPHA_GRID = tuple(np.logspace(0, 6, 7))  # ridge penalties tried on the inner splits (a regression target)
 
 
 @dataclass
@@ -37,9 +39,9 @@ class BaselineResult:
     """One outer fold of the linear baseline."""
 
     fold: int
-    C: float  # the chosen inverse regularization strength
+    C: float  # the chosen inverse regularization strength (ridge: 1 / its penalty)
     test_metrics: dict[str, float]
-    predictions: pd.DataFrame  # subject_id, the true class, P(class 1), predicted (Classes.predictions)
+    predictions: pd.DataFrame  # subject_id, the true class, P(class 1), predicted (Target.predictions)
     weights: np.ndarray  # [brain voxels] on standardized voxels
     seconds: float
     intercept: float = 0.0
@@ -48,9 +50,9 @@ class BaselineResult:
 
 
 def fit_linear(
-    cache: VolumeCache, brain: np.ndarray, fold: OuterFold, labels: dict[str, int], classes: Classes, seed: int = 0
+    cache: VolumeCache, brain: np.ndarray, fold: OuterFold, labels: dict[str, float], target: Target, seed: int = 0
 ) -> BaselineResult:
-    """Fit, choose C on ``fold``'s inner splits, refit on its training side, test on its held-out side."""
+    """Fit, choose the penalty on ``fold``'s inner splits, refit on its training side, test on its held-out side."""
     started = time.perf_counter()
     train = fold.train
     x, y = cache.brain_voxels(train, brain), np.array([labels[s] for s in train])
@@ -59,27 +61,34 @@ def fit_linear(
         (np.array([position[s] for s in split.train]), np.array([position[s] for s in split.test]))
         for split in fold.inner
     ]
-    # Standardization is part of the model, so each inner split scales by its own training subjects.
-    search = GridSearchCV(
-        make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, random_state=seed)),
-        {"logisticregression__C": list(C_GRID)},
-        cv=inner,
-        scoring="roc_auc",
-        refit=True,
+    regression = target.kind == "regression"
+    linear, grid, scoring = (
+        (Ridge(), {"ridge__alpha": list(ALPHA_GRID)}, "neg_mean_absolute_error")
+        if regression
+        else (
+            LogisticRegression(max_iter=5000, random_state=seed),
+            {"logisticregression__C": list(C_GRID)},
+            "roc_auc",
+        )
     )
+    # Standardization is part of the model, so each inner split scales by its own training subjects.
+    search = GridSearchCV(make_pipeline(StandardScaler(), linear), grid, cv=inner, scoring=scoring, refit=True)
     search.fit(x, y)
-    model, C = search.best_estimator_, float(search.best_params_["logisticregression__C"])
+    model = search.best_estimator_
+    best = search.best_params_
+    C = 1 / float(best["ridge__alpha"]) if regression else float(best["logisticregression__C"])
     test_labels = np.array([labels[s] for s in fold.test])
-    p = model.predict_proba(cache.brain_voxels(fold.test, brain))[:, 1]
+    x_test = cache.brain_voxels(fold.test, brain)
+    p = model.predict(x_test) if regression else model.predict_proba(x_test)[:, 1]
     scaler, linear = model[0], model[-1]
     return BaselineResult(
         fold.fold,
         C,
-        classification_metrics(test_labels, p),
-        classes.predictions(fold.test, test_labels, p),
-        linear.coef_[0].astype(np.float32),
+        (regression_metrics if regression else classification_metrics)(test_labels, p),
+        target.predictions(fold.test, test_labels, p),
+        np.ravel(linear.coef_).astype(np.float32),
         time.perf_counter() - started,
-        float(linear.intercept_[0]),
+        float(np.ravel(linear.intercept_)[0]),
         scaler.mean_.astype(np.float32),
         scaler.scale_.astype(np.float32),
     )
@@ -90,7 +99,7 @@ def fit_baselines(study: Study, brain: np.ndarray) -> list[BaselineResult]:
     labels = dict(zip(study.cohort.ids, study.cohort.labels.tolist()))
     task = ray.remote(num_cpus=1)(fit_linear)
     refs = [
-        task.remote(study.fold_cache(fold.fold), brain, fold, labels, study.cohort.classes, study.config.cv.seed)
+        task.remote(study.fold_cache(fold.fold), brain, fold, labels, study.cohort.target, study.config.cv.seed)
         for fold in study.folds
     ]
     return sorted(ray.get(refs), key=lambda r: r.fold)

@@ -50,9 +50,10 @@ def reestimate_batchnorm(model: torch.nn.Module, batches: Iterable[torch.Tensor]
 
 
 def logit_difference(logits: torch.Tensor | np.ndarray) -> np.ndarray:
-    """The class-1 minus class-0 logit of [subjects, 2] logits: the log-odds of class 1 that softmax implies."""
+    """The class-1 minus class-0 logit of [subjects, 2] logits: the log-odds of class 1 that softmax implies (of
+    [subjects, 1] outputs, a regression network's, the output itself)."""
     logits = np.asarray(logits, dtype=np.float64)
-    return logits[:, 1] - logits[:, 0]
+    return logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,8 @@ class Calibration:
     """P(class 1) = sigmoid(``temperature`` x (logit 1 - logit 0) + ``bias``): Platt scaling of a fold's model.
 
     The identity (1, 0) leaves softmax's probability as it is. ``subjects`` is how many predictions it was
-    fitted on (0: not fitted).
+    fitted on (0: not fitted). For a regression target the same affine map takes the network's standardized
+    output back to the target's unit (:meth:`values`; :meth:`standardizing`).
     """
 
     temperature: float = 1.0
@@ -70,6 +72,21 @@ class Calibration:
     def probabilities(self, log_odds: np.ndarray) -> np.ndarray:
         """Calibrated P(class 1) for the model's log-odds (:func:`logit_difference`)."""
         return expit(self.temperature * np.asarray(log_odds, dtype=np.float64) + self.bias)
+
+    def values(self, outputs: np.ndarray) -> np.ndarray:
+        """A regression target's predicted values (e.g. ages) for the network's standardized ``outputs``."""
+        return self.temperature * np.asarray(outputs, dtype=np.float64) + self.bias
+
+    @classmethod
+    def standardizing(cls, values: np.ndarray) -> Calibration:
+        """The map from standardized values back to ``values``' unit: their sd and mean (a training fold's, never
+        a held-out subject's; an sd of 0 counts as 1)."""
+        values = np.asarray(values, dtype=np.float64)
+        return cls(float(values.std()) or 1.0, float(values.mean()), len(values))
+
+    def standardized(self, values: np.ndarray) -> np.ndarray:
+        """``values`` in this map's standard units: what a regression network learns."""
+        return (np.asarray(values, dtype=np.float64) - self.bias) / self.temperature
 
     @classmethod
     def fit(cls, log_odds: np.ndarray, labels: np.ndarray, bias: bool = True) -> Calibration:
@@ -123,7 +140,8 @@ class Calibration:
 
 
 class CalibratedModel(torch.nn.Module):
-    """A two-class model whose logits carry its fold's calibration, for whatever reads its logits.
+    """A two-class model whose logits carry its fold's calibration, for whatever reads its logits (a regression
+    model's one output: its value in the target's unit).
 
     Each logit is multiplied by the temperature, and half the bias is added to class 1's and taken from class
     0's: softmax then gives the calibrated probability, argmax the calibrated decision, and the gradient of
@@ -134,8 +152,7 @@ class CalibratedModel(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, calibration: Calibration):
         super().__init__()
-        self.model, self.temperature = model, calibration.temperature
-        self.register_buffer("offset", torch.tensor([-calibration.bias / 2, calibration.bias / 2]))
+        self.model, self.temperature, self.bias = model, calibration.temperature, calibration.bias
 
     @property
     def gradcam_layer(self) -> torch.nn.Module:
@@ -144,7 +161,10 @@ class CalibratedModel(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.model(x)
-        return logits * self.temperature + self.offset.to(logits.dtype)
+        if logits.shape[1] == 1:  # a regression target's value, in its unit
+            return logits * self.temperature + self.bias
+        offset = torch.tensor([-self.bias / 2, self.bias / 2], dtype=logits.dtype, device=logits.device)
+        return logits * self.temperature + offset
 
 
 def brier_score(labels: np.ndarray, p: np.ndarray) -> float:

@@ -36,7 +36,7 @@ from study.training.checkpoint import Progress, load_model, network_class, read_
 from study.training.folds import FoldJob, FoldResult
 from study.training.live import LIVE_POLL_S, LiveFiles, OnEpochs
 from study.training.loop import TrainingData, predict_log_odds
-from study.training.metrics import classification_metrics
+from study.training.metrics import classification_metrics, regression_metrics
 from study.training.trainer import TrainingSetup, fit
 
 
@@ -132,7 +132,7 @@ def _fold_job(
     setup = base.with_params(search.best) if search else base
     test_labels = study.labels(fold.test)
     seconds = time.perf_counter() - started if search else 0.0
-    return FoldJob(fold.fold, setup, data, fold.test, test_labels, study.cohort.classes, search, seconds)
+    return FoldJob(fold.fold, setup, data, fold.test, test_labels, study.cohort.target, search, seconds)
 
 
 def _training_place(study: Study, fold: int, live: LiveFiles) -> tuple[str, ResourcesConfig, Path | None, Path]:
@@ -168,11 +168,28 @@ def training_data(
     study: Study, fold: int, train_ids: list[str], val_ids: list[str], refit_ids: list[str] | None = None
 ) -> TrainingData:
     """The labelled subjects of one training in outer fold ``fold``: a selection split and, optionally, the final
-    fit's subjects; their volumes as the fold reads them (:meth:`~study.state.Study.fold_cache`)."""
+    fit's subjects; their volumes as the fold reads them (:meth:`~study.state.Study.fold_cache`).
+
+    A regression target's values are standardized by the mean and sd of the fold's training subjects (the final
+    fit's, else the selection's): never by a held-out subject's.
+    """
     refit_ids = refit_ids or []
-    labels = study.labels
+    labels, standardization = study.labels, None
+    if study.cohort.target.kind == "regression":
+        standardization = Calibration.standardizing(study.labels(refit_ids or train_ids + val_ids))
+
+        def labels(ids: list[str]) -> np.ndarray:
+            return standardization.standardized(study.labels(ids))
+
     return TrainingData(
-        study.fold_cache(fold), train_ids, labels(train_ids), val_ids, labels(val_ids), refit_ids, labels(refit_ids)
+        study.fold_cache(fold),
+        train_ids,
+        labels(train_ids),
+        val_ids,
+        labels(val_ids),
+        refit_ids,
+        labels(refit_ids),
+        standardization,
     )
 
 
@@ -186,7 +203,8 @@ def train_and_test(
     """Train the fold's setup as its ``final_fit`` says, then test it on the held-out subjects (a Ray task).
 
     ``job.data`` holds the fold's first inner split and all of its training subjects (see :func:`_final_fit`).
-    The held-out probabilities are the model's, calibrated as ``train.calibration`` says.
+    The held-out probabilities are the model's, calibrated as ``train.calibration`` says (a regression target's
+    values: the model's outputs in the target's unit).
     """
     started, setup, search = time.perf_counter(), job.setup, job.search
     data, refit_epochs = _final_fit(job)
@@ -201,7 +219,8 @@ def train_and_test(
     test_set = CachedVolumes(data.cache, job.test_ids, job.test_labels)
     log_odds = ray.get(predict_task(resources).remote(checkpoint, test_set, setup.train))
     calibration = Calibration.from_dict(progress.calibration)
-    p = calibration.probabilities(log_odds)
+    regression = job.target.kind == "regression"
+    p = calibration.values(log_odds) if regression else calibration.probabilities(log_odds)
     trained_here = history[history["phase"] != "select"] if selected_by_search else history
     training = float(trained_here.filter(like="epoch_seconds").sum().sum())
     seconds = ({"search": job.search_seconds} if search else {}) | {
@@ -209,8 +228,8 @@ def train_and_test(
         "Ray Train set-up": max(fitted - started - training, 0.0),
         "testing": time.perf_counter() - fitted,
     }
-    predictions = job.classes.predictions(job.test_ids, job.test_labels, p, log_odds)
-    metrics = classification_metrics(job.test_labels, p)
+    predictions = job.target.predictions(job.test_ids, job.test_labels, p, log_odds)
+    metrics = (regression_metrics if regression else classification_metrics)(job.test_labels, p)
     return FoldResult(job.fold, setup, history, checkpoint, metrics, predictions, seconds, search, calibration)
 
 

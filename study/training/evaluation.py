@@ -14,7 +14,7 @@ information about the label beyond them; :mod:`.confounds`), or neither.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -25,7 +25,6 @@ from study.training.confounds import ConfoundTest, full_confound_test, partial_c
 
 ALPHA = 0.05
 CONFOUND_PERMUTATIONS = 1000  # conditional permutations of each confound test (mlconfound's default)
-UNDERFIT_ACCURACY = 0.6  # a final model below this accuracy on its own training subjects never fitted them
 
 
 def _midranks(x: np.ndarray) -> np.ndarray:
@@ -55,25 +54,25 @@ def format_p(p: float) -> str:
 
 
 @dataclass(frozen=True)
-class AucEstimate:
-    """An AUC with its DeLong confidence interval."""
+class Estimate:
+    """A score (an AUC, a mean absolute error) with its confidence interval (DeLong's, a bootstrap's)."""
 
-    auc: float
+    value: float
     low: float
     high: float
 
     def __str__(self) -> str:
-        return f"{self.auc:.3f} [{self.low:.3f}, {self.high:.3f}]"
+        return f"{self.value:.3f} [{self.low:.3f}, {self.high:.3f}]"
 
 
-def auc_with_ci(labels: np.ndarray, scores: np.ndarray, alpha: float = ALPHA) -> AucEstimate:
+def auc_with_ci(labels: np.ndarray, scores: np.ndarray, alpha: float = ALPHA) -> Estimate:
     """AUC and its (1 - alpha) DeLong interval, clipped to [0, 1]."""
     auc = float(roc_auc_score(labels, scores))
     half = scipy.stats.norm.ppf(1 - alpha / 2) * np.sqrt(delong_variance(labels, scores))
-    return AucEstimate(auc, float(max(0.0, auc - half)), float(min(1.0, auc + half)))
+    return Estimate(auc, float(max(0.0, auc - half)), float(min(1.0, auc + half)))
 
 
-def paired_delong(labels: np.ndarray, a: np.ndarray, b: np.ndarray, alpha: float = ALPHA) -> tuple[AucEstimate, float]:
+def paired_delong(labels: np.ndarray, a: np.ndarray, b: np.ndarray, alpha: float = ALPHA) -> tuple[Estimate, float]:
     """AUC(a) - AUC(b) on the same subjects, with its interval, and the two-sided p value of DeLong's test."""
     auc_a, v10_a, v01_a = delong_components(labels, np.asarray(a, dtype=np.float64))
     auc_b, v10_b, v01_b = delong_components(labels, np.asarray(b, dtype=np.float64))
@@ -83,11 +82,11 @@ def paired_delong(labels: np.ndarray, a: np.ndarray, b: np.ndarray, alpha: float
     variance = float(covariance[0, 0] + covariance[1, 1] - 2 * covariance[0, 1])
     difference = auc_a - auc_b
     if variance <= 0:
-        return AucEstimate(difference, difference, difference), 1.0 if difference == 0 else 0.0
+        return Estimate(difference, difference, difference), 1.0 if difference == 0 else 0.0
     z = difference / np.sqrt(variance)
     half = scipy.stats.norm.ppf(1 - alpha / 2) * np.sqrt(variance)
     return (
-        AucEstimate(difference, float(difference - half), float(difference + half)),
+        Estimate(difference, float(difference - half), float(difference + half)),
         float(2 * scipy.stats.norm.sf(abs(z))),
     )
 
@@ -116,7 +115,7 @@ class ConfoundCheck:
     """What the named confounds explain of the pooled held-out predictions (:mod:`.confounds`)."""
 
     names: tuple[str, ...]  # cohort.confounds
-    alone: AucEstimate  # a model of the confounds alone, fitted in the same outer folds
+    alone: Estimate  # a model of the confounds alone, fitted in the same outer folds
     full: ConfoundTest  # the CNN's predictions: information about the label beyond the confounds? (low p: yes)
     partial: ConfoundTest  # the CNN's predictions: driven by the confounds beyond the label? (low p: yes)
     baseline_full: ConfoundTest | None = None  # the same for the linear baseline
@@ -136,15 +135,18 @@ class ConfoundCheck:
 class Evaluation:
     """The study's classification result and whether it is a finding."""
 
-    cnn: AucEstimate  # pooled held-out AUC of the CNN
+    cnn: Estimate  # pooled held-out AUC of the CNN
     cnn_p: float  # its permutation p value against chance
-    baseline: AucEstimate | None  # the same for the linear baseline
+    baseline: Estimate | None  # the same for the linear baseline
     baseline_p: float | None
-    difference: AucEstimate | None  # CNN - baseline, paired
+    difference: Estimate | None  # CNN - baseline, paired
     difference_p: float | None
     permutations: int
-    brain_volume: AucEstimate | None = None  # how well brain volume alone separates the classes (a confound)
+    brain_volume: Estimate | None = None  # how well brain volume alone separates the classes (a confound)
     confounds: ConfoundCheck | None = None  # with cohort.confounds: what they explain
+    metric: str = "ROC AUC"  # what cnn, baseline and difference measure; a regression's "MAE" (lower is better)
+    # a regression's other scores, each with its interval: cnn_rmse, cnn_r, cnn_r2, baseline_rmse, ...
+    scores: dict[str, Estimate] = field(default_factory=dict)
 
     @property
     def cnn_learned(self) -> bool:
@@ -168,9 +170,19 @@ class Evaluation:
                 return "baseline_only"
             above_chance = self.cnn_p < ALPHA or (self.baseline_p is not None and self.baseline_p < ALPHA)
             return "confounds" if above_chance else "none"
-        if self.difference is not None and self.difference_p < ALPHA and self.difference.auc < 0:
-            return "below_baseline"
+        if self.difference is not None and self.difference_p < ALPHA:
+            if (self.difference.value > 0) if self.lower_is_better else (self.difference.value < 0):
+                return "below_baseline"
         return "yes"
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.metric == "MAE"
+
+    @property
+    def paired_test(self) -> str:
+        """The test of the CNN-minus-baseline difference."""
+        return "Wilcoxon" if self.lower_is_better else "DeLong"
 
     @property
     def verdict(self) -> str:
@@ -180,7 +192,7 @@ class Evaluation:
             return self._verdict_without_confounds()
         if self.finding == "confounds":
             return (
-                f"Explained by the confounds ({confounds.listing}): the CNN's held-out ROC AUC is {self.cnn} "
+                f"Explained by the confounds ({confounds.listing}): the CNN's held-out {self.metric} is {self.cnn} "
                 f"(permutation {format_p(self.cnn_p)} against chance), but its predictions carry no information "
                 f"about the label beyond the confounds ({confounds.describe(confounds.full, confounds.partial)}). "
                 f"The confounds alone reach ROC AUC {confounds.alone}. "
@@ -214,15 +226,15 @@ class Evaluation:
         )
         if self.finding == "none":
             return (
-                f"No finding: neither the CNN nor the linear baseline learned the task. The CNN's held-out ROC AUC "
-                f"{self.cnn} is not significantly above chance (permutation {format_p(self.cnn_p)})"
+                "No finding: neither the CNN nor the linear baseline learned the task. The CNN's held-out "
+                f"{self.metric} {self.cnn} is not significantly above chance (permutation {format_p(self.cnn_p)})"
                 + (f", nor is {linear}" if linear else "")
                 + "; the maps explain models that learned nothing "
                 "about the label."
             )
         if self.finding == "baseline_only":
             return (
-                f"The linear baseline learned the task, the CNN did not. Linear baseline: held-out ROC AUC "
+                f"The linear baseline learned the task, the CNN did not. Linear baseline: held-out {self.metric} "
                 f"{self.baseline}, above chance (permutation {format_p(self.baseline_p)}); CNN: {self.cnn}, "
                 + (
                     "not significantly above chance"
@@ -235,28 +247,28 @@ class Evaluation:
             )
         if self.finding == "below_baseline":
             return (
-                f"The CNN learned less than a linear model: its held-out ROC AUC {self.cnn} is above chance "
+                f"The CNN learned less than a linear model: its held-out {self.metric} {self.cnn} is above chance "
                 f"(permutation {format_p(self.cnn_p)}) but significantly below {linear} (difference "
-                f"{self.difference}, DeLong {format_p(self.difference_p)}). Read the linear baseline's weight map "
-                "beside the CNN's maps."
+                f"{self.difference}, {self.paired_test} {format_p(self.difference_p)}). Read the linear baseline's "
+                "weight map beside the CNN's maps."
             )
         if self.baseline is None:
             return (
-                f"The CNN learned the task: held-out ROC AUC {self.cnn}, above chance (permutation "
+                f"The CNN learned the task: held-out {self.metric} {self.cnn}, above chance (permutation "
                 f"{format_p(self.cnn_p)})."
             )
         if self.difference_p < ALPHA:
             versus = (
-                f"significantly better than {linear} (difference {self.difference}, DeLong "
+                f"significantly better than {linear} (difference {self.difference}, {self.paired_test} "
                 f"{format_p(self.difference_p)})"
             )
         else:
             versus = (
-                f"not significantly different from {linear} (difference {self.difference}, DeLong "
+                f"not significantly different from {linear} (difference {self.difference}, {self.paired_test} "
                 f"{format_p(self.difference_p)}); compare their maps"
             )
         return (
-            f"The CNN learned the task: held-out ROC AUC {self.cnn}, above chance (permutation "
+            f"The CNN learned the task: held-out {self.metric} {self.cnn}, above chance (permutation "
             f"{format_p(self.cnn_p)}), {versus}."
         )
 
@@ -320,24 +332,3 @@ def evaluate(
         ]
         result.confounds = ConfoundCheck(tuple(confounds.columns), auc_with_ci(labels, confounds_alone), *tests)
     return result
-
-
-def fit_check(fit_accuracy: dict[int, float]) -> tuple[str, str | None]:
-    """Did every fold's final CNN fit its own training subjects? ``(study.fit tag, message or None)``.
-
-    ``fit_accuracy`` maps each outer fold to its final model's accuracy on its own
-    training subjects (eval mode, no augmentation). Below :data:`UNDERFIT_ACCURACY`
-    the training failed to optimize (not overfitting), and held-out results say
-    nothing about what a CNN could learn from these images.
-    """
-    under = {fold: a for fold, a in sorted(fit_accuracy.items()) if not a >= UNDERFIT_ACCURACY}
-    if not under:
-        return "fits", None
-    listing = ", ".join(f"fold {fold} ({a:.2f})" for fold, a in under.items())
-    return "underfit", (
-        f"The CNN did not fit its own training subjects in {len(under)} of {len(fit_accuracy)} folds: training "
-        f"accuracy {listing}, below {UNDERFIT_ACCURACY}. That is a failure to optimize, not overfitting. Try more "
-        "epochs (train.epochs), another learning rate (train.lr), weaker augmentation (train.augment.strength) or "
-        "less dropout (model.dropout), or let the inner CV choose them (search.space: lr, epochs, "
-        "augment_strength, dropout; see tune_configs/demo_search.yaml)."
-    )

@@ -17,7 +17,7 @@ import pyarrow.fs
 import ray.train
 
 from study.config import TrainConfig
-from study.data.cohort import Classes
+from study.data.targets import Target
 from study.training.calibration import Calibration
 from study.training.loop import TrainingData
 from study.training.models import architecture_of
@@ -34,7 +34,7 @@ class FoldJob:
     data: TrainingData  # the fold's first inner split and all of its training subjects
     test_ids: list[str]  # the held-out subjects, tested once
     test_labels: np.ndarray
-    classes: Classes
+    target: Target
     search: SearchResult | None = None  # the fold's search, when there was one
     search_seconds: float = 0.0  # how long it took
 
@@ -48,10 +48,13 @@ class FoldResult:
     history: pd.DataFrame  # one row per epoch; column phase: select (inner split) or refit (all training subjects)
     checkpoint: ray.train.Checkpoint  # the final model: refit on all training subjects, else the selected one
     test_metrics: dict[str, float]
-    predictions: pd.DataFrame  # subject_id, the true class, P(class 1), predicted, log_odds (Classes.predictions)
+    # subject_id, the true class, P(class 1), predicted, log_odds (Classes.predictions); or the true and predicted
+    # values and the network's standardized output (Regression.predictions)
+    predictions: pd.DataFrame
     seconds: dict[str, float]  # training, Ray set-up, testing (and search, when there was one)
     search: SearchResult | None = None
-    calibration: Calibration = Calibration()  # its temperature and bias (train.calibration; the identity: none)
+    # its temperature and bias (train.calibration; the identity: none); a regression fold's standardization
+    calibration: Calibration = Calibration()
 
     def epochs(self, phase: str) -> int:
         """Epochs trained in ``phase`` (select or refit)."""
@@ -68,7 +71,11 @@ class FoldResult:
     @property
     def fit_accuracy(self) -> float:
         """The final model's accuracy on its own training subjects (eval mode): did it fit them at all?"""
-        return float(self.history["fit_accuracy"].dropna().iloc[-1]) if "fit_accuracy" in self.history else float("nan")
+        return self.fit_score("fit_accuracy")
+
+    def fit_score(self, name: str) -> float:
+        """The final model's ``name`` (fit_accuracy; a regression's fit_r2) on its own training subjects."""
+        return float(self.history[name].dropna().iloc[-1]) if name in self.history else float("nan")
 
     def to_json(self) -> str:
         """The fold as JSON: a rerun trusts this file, and JSON (unlike pickle) cannot run code when read."""

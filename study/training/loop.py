@@ -35,7 +35,6 @@ import numpy as np
 import ray.train
 import ray.train.torch
 import torch
-from scipy.special import expit
 from torch.utils.data import DataLoader
 
 from study.config import TrainConfig
@@ -43,7 +42,7 @@ from study.data.cache import CachedVolumes, VolumeCache, collate
 from study.runtime import Precision
 from study.training.calibration import Calibration, logit_difference
 from study.training.checkpoint import CHECKPOINT_FILE, Progress, save_checkpoint
-from study.training.metrics import classification_metrics
+from study.training.metrics import epoch_scores
 from study.training.models import Architecture, Network
 from study.training.phase import Phase, cpu_state
 
@@ -64,6 +63,9 @@ class TrainingData:
     val_labels: np.ndarray
     refit_ids: list[str] = field(default_factory=list)
     refit_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    # A regression target: the labels are standardized by this map of the fold's training subjects, which takes
+    # the network's outputs back to the target's unit; None for classes.
+    standardization: Calibration | None = None
 
     def selection_only(self) -> TrainingData:
         """The same subjects without the final fit (what a search trial trains)."""
@@ -94,31 +96,23 @@ def predict_log_odds(
     return np.concatenate(log_odds) if log_odds else np.zeros(0)
 
 
-def _scores(log_odds: np.ndarray, labels: np.ndarray, prefix: str) -> dict[str, float]:
-    """Loss, accuracy and ROC AUC of softmax's probabilities (uncalibrated) for ``labels``."""
-    p = expit(log_odds)
-    eps = 1e-7
-    loss = -np.mean(labels * np.log(p + eps) + (1 - labels) * np.log(1 - p + eps))
-    scores = classification_metrics(labels, p)
-    return {
-        f"{prefix}_loss": float(loss),
-        f"{prefix}_accuracy": scores["accuracy"],
-        f"{prefix}_roc_auc": scores["roc_auc"],
-    }
-
-
-def _fit_scores(phase: Phase, worker: _Worker, progress: Progress) -> dict[str, float]:
+def _fit_scores(
+    phase: Phase, worker: _Worker, progress: Progress, standardization: Calibration | None
+) -> dict[str, float]:
     """The final model's scores on its own training subjects (eval mode): did it fit them at all? With
-    ``train.calibration: recenter``, they also set the fold's calibration (:meth:`Calibration.recentered`).
+    ``train.calibration: recenter``, they also set the fold's calibration (:meth:`Calibration.recentered`); a
+    regression fold's is its ``standardization``.
 
     Scored before that calibration: a threshold set on these very subjects would make a model that learned
     nothing look as if it had fitted them.
     """
     z = predict_log_odds(phase.model, phase.dataset, phase.train.batch_size, worker.precision)
     labels = phase.dataset.labels.numpy()
-    if phase.train.calibration == "recenter":
+    if standardization is not None:
+        progress.calibration = standardization.to_dict()
+    elif phase.train.calibration == "recenter":
         progress.calibration = Calibration.recentered(z, labels).to_dict()
-    return _scores(z, labels, "fit")
+    return epoch_scores(z, labels, "fit", standardization, phase.train.loss)
 
 
 def _audit(directory: str | None, record: dict[str, Any]) -> None:
@@ -249,7 +243,7 @@ def _select(
         if not fixed or epoch == epochs - 1:
             current.reestimate_batchnorm()
             z = predict_log_odds(current.model, val_set, train.batch_size, worker.precision)
-            metrics |= _scores(z, data.val_labels, "val")
+            metrics |= epoch_scores(z, data.val_labels, "val", data.standardization, train.loss)
             improved = fixed is not None or metrics["val_loss"] < progress.best_val_loss - 1e-4
             if improved:
                 progress.best_val_loss, progress.best_epoch = metrics["val_loss"], epoch
@@ -260,7 +254,7 @@ def _select(
         last = epoch == epochs - 1 or (not fixed and stale >= train.patience)
         if last and not data.refit_ids:  # the selected model is the final one: its fit to its own subjects
             current.bare.load_state_dict(best_state)
-            metrics |= _fit_scores(current, worker, progress)
+            metrics |= _fit_scores(current, worker, progress, data.standardization)
         metrics |= {
             "best_val_loss": progress.best_val_loss,
             "epoch_seconds": time.perf_counter() - started,
@@ -322,7 +316,7 @@ def _refit(
         metrics = {"refit_epoch": epoch, **{f"refit_{k}": v for k, v in metrics.items()}}
         if epoch == epochs - 1:
             current.reestimate_batchnorm()
-            metrics |= _fit_scores(current, worker, progress)
+            metrics |= _fit_scores(current, worker, progress, data.standardization)
         metrics |= {"refit_epoch_seconds": time.perf_counter() - started, "wall_time": time.time()}
         progress.history.append({"phase": "refit", **metrics})
         _live(worker.live_path, progress.history[-1], worker.rank)

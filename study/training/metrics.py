@@ -1,11 +1,14 @@
-"""Classification metrics of a held-out fold (class 1, e.g. male, is the positive class)."""
+"""Metrics of a held-out fold: of two classes (class 1, e.g. male, is the positive class), or of a regression
+target (e.g. age) in its unit."""
 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_score
+import scipy.stats
+from scipy.special import expit
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, mean_absolute_error, r2_score, roc_auc_score
 
-from study.training.calibration import brier_score
+from study.training.calibration import Calibration, brier_score
 
 
 def classification_metrics(labels: np.ndarray, p: np.ndarray) -> dict[str, float]:
@@ -30,14 +33,88 @@ def classification_metrics(labels: np.ndarray, p: np.ndarray) -> dict[str, float
     }
 
 
+def regression_metrics(values: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    """MAE, RMSE, Pearson r and R^2 (scikit-learn's: 1 - residual / total sum of squares, negative when worse
+    than predicting the mean) of ``predicted`` for the true ``values``, and the mean error (predicted - true)."""
+    values, predicted = np.asarray(values, dtype=np.float64), np.asarray(predicted, dtype=np.float64)
+    varied = len(values) > 1 and values.std() > 0 and predicted.std() > 0
+    return {
+        "mae": float(mean_absolute_error(values, predicted)),
+        "rmse": float(np.sqrt(np.mean((predicted - values) ** 2))),
+        "r": float(scipy.stats.pearsonr(values, predicted)[0]) if varied else float("nan"),
+        "r2": float(r2_score(values, predicted)) if len(values) > 1 else float("nan"),
+        "mean_error": float(np.mean(predicted - values)),
+    }
+
+
+def regression_loss(outputs: np.ndarray, targets: np.ndarray, loss: str) -> float:
+    """The training loss (``train.loss``: l1, or huber with delta 1) of standardized outputs and targets, as
+    PyTorch's ``l1_loss`` and ``huber_loss`` compute it."""
+    error = np.abs(np.asarray(outputs, dtype=np.float64) - np.asarray(targets, dtype=np.float64))
+    return float(np.mean(error if loss == "l1" else np.where(error < 1, 0.5 * error**2, error - 0.5)))
+
+
+def epoch_scores(
+    outputs: np.ndarray, labels: np.ndarray, prefix: str, standardization: Calibration | None, loss: str
+) -> dict[str, float]:
+    """Loss, accuracy and ROC AUC of softmax's probabilities (uncalibrated) for ``labels``; for a regression
+    target (``standardization``), the ``loss`` on standardized values, and the MAE, R^2 and the line of predicted
+    on true values in the target's unit."""
+    if standardization is not None:
+        values, predicted = standardization.values(labels), standardization.values(outputs)
+        scores = regression_metrics(values, predicted)
+        slope, intercept = np.polyfit(values, predicted, 1) if len(values) > 1 else (np.nan, np.nan)
+        return {  # the line of predicted on true values: a brain-age study's bias correction (fit_slope, ...)
+            f"{prefix}_loss": regression_loss(outputs, labels, loss),
+            f"{prefix}_mae": scores["mae"],
+            f"{prefix}_r2": scores["r2"],
+            f"{prefix}_slope": float(slope),
+            f"{prefix}_intercept": float(intercept),
+        }
+    p = expit(outputs)
+    eps = 1e-7
+    loss_value = -np.mean(labels * np.log(p + eps) + (1 - labels) * np.log(1 - p + eps))
+    scores = classification_metrics(labels, p)
+    return {
+        f"{prefix}_loss": float(loss_value),
+        f"{prefix}_accuracy": scores["accuracy"],
+        f"{prefix}_roc_auc": scores["roc_auc"],
+    }
+
+
+# a final model below this accuracy (a regression's R^2) on its own training subjects never fitted them
+UNDERFIT = {"accuracy": 0.6, "R^2": 0.5}
 SUMMARY_METRICS = ("roc_auc", "balanced_accuracy", "accuracy", "sensitivity", "specificity", "brier")
+REGRESSION_SUMMARY = ("mae", "rmse", "r", "r2")
 
 
-def cross_fold_summary(per_fold: list[dict[str, float]]) -> dict[str, float]:
-    """Mean and standard deviation over outer folds of each of :data:`SUMMARY_METRICS`."""
+def cross_fold_summary(per_fold: list[dict[str, float]], names: tuple[str, ...] = SUMMARY_METRICS) -> dict[str, float]:
+    """Mean and standard deviation over outer folds of each of ``names`` (:data:`SUMMARY_METRICS`, or
+    :data:`REGRESSION_SUMMARY`)."""
     summary = {}
-    for name in SUMMARY_METRICS:
+    for name in names:
         values = np.array([m.get(name, np.nan) for m in per_fold])  # folds kept before a metric existed lack it
         summary[f"test_{name}_mean"] = float(np.nanmean(values))
         summary[f"test_{name}_std"] = float(np.nanstd(values))
     return summary
+
+
+def fit_check(fit_scores: dict[int, float], score: str = "accuracy") -> tuple[str, str | None]:
+    """Did every fold's final CNN fit its own training subjects? ``(study.fit tag, message or None)``.
+
+    ``fit_scores`` maps each outer fold to its final model's ``score`` (accuracy; a regression's R^2) on its own
+    training subjects (eval mode, no augmentation). Below :data:`UNDERFIT` of it the training failed to optimize
+    (not overfitting), and held-out results say nothing about what a CNN could learn from these images.
+    """
+    threshold = UNDERFIT[score]
+    under = {fold: a for fold, a in sorted(fit_scores.items()) if not a >= threshold}
+    if not under:
+        return "fits", None
+    listing = ", ".join(f"fold {fold} ({a:.2f})" for fold, a in under.items())
+    return "underfit", (
+        f"The CNN did not fit its own training subjects in {len(under)} of {len(fit_scores)} folds: training "
+        f"{score} {listing}, below {threshold}. That is a failure to optimize, not overfitting. Try more "
+        "epochs (train.epochs), another learning rate (train.lr), weaker augmentation (train.augment.strength) or "
+        "less dropout (model.dropout), or let the inner CV choose them (search.space: lr, epochs, "
+        "augment_strength, dropout; see tune_configs/demo_search.yaml)."
+    )

@@ -73,11 +73,12 @@ def _norm(kind: str, channels: int) -> nn.Module:
 
 
 class BrainCNN(nn.Module):
-    """The network of an :class:`Architecture` on a fixed input grid; logits [batch, 2] (class 0, class 1)."""
+    """The network of an :class:`Architecture` on a fixed input grid; logits [batch, 2] (class 0, class 1), or
+    [batch, ``outputs``]: one for a regression target."""
 
-    def __init__(self, architecture: Architecture, input_shape: tuple[int, int, int]):
+    def __init__(self, architecture: Architecture, input_shape: tuple[int, int, int], outputs: int = 2):
         super().__init__()
-        self.architecture = architecture
+        self.architecture, self.outputs = architecture, outputs
         self.input_shape = tuple(input_shape)
         layers: list[nn.Module] = []
         channels_in = 1
@@ -105,7 +106,7 @@ class BrainCNN(nn.Module):
             nn.AdaptiveAvgPool3d(1) if architecture.head == "gap" else nn.Identity(),
             nn.Flatten(),
             nn.Dropout(architecture.dropout),
-            nn.Linear(flat, 2),
+            nn.Linear(flat, outputs),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -243,11 +244,13 @@ class UserNetwork(nn.Module):
         return self.net(x)
 
 
-def build_model(architecture: Architecture | Network, input_shape: tuple[int, int, int]) -> nn.Module:
-    """The network of ``architecture`` for inputs of ``input_shape``: a :class:`BrainCNN` or a user's own."""
+def build_model(architecture: Architecture | Network, input_shape: tuple[int, int, int], outputs: int = 2) -> nn.Module:
+    """The network of ``architecture`` for inputs of ``input_shape``: a :class:`BrainCNN` with ``outputs`` outputs
+    (the target's: :attr:`study.data.cohort.Regression.outputs`), or a user's own (its outputs checked by
+    :func:`check_network`)."""
     if isinstance(architecture, Network):
         return UserNetwork(architecture, input_shape)
-    return BrainCNN(architecture, input_shape)
+    return BrainCNN(architecture, input_shape, outputs)
 
 
 def architecture_of(data: dict[str, Any]) -> Architecture | Network:
@@ -255,11 +258,11 @@ def architecture_of(data: dict[str, Any]) -> Architecture | Network:
     return Network.model_validate(data) if "class" in data else Architecture.model_validate(data)
 
 
-def check_network(architecture: Network, input_shape: tuple[int, int, int]) -> UserNetwork:
+def check_network(architecture: Network, input_shape: tuple[int, int, int], outputs: int = 2) -> UserNetwork:
     """Build the network and run one volume of the study grid through it; returns it (eval mode).
 
-    It must give logits [1, 2]. Raises ValueError saying what to change. Whether
-    the attribution methods can explain it is theirs to check
+    It must give logits [1, 2] (``outputs``: [1, 1] for a regression target). Raises ValueError saying what to
+    change. Whether the attribution methods can explain it is theirs to check
     (:func:`study.attribution.gradcam.check_placement`,
     :func:`study.attribution.guided_backprop.check_relu_only`).
     """
@@ -273,11 +276,10 @@ def check_network(architecture: Network, input_shape: tuple[int, int, int]) -> U
             f"{architecture.factory} fails on one volume of the study grid {tuple(input_shape)}: "
             f"{type(err).__name__}: {err}"
         ) from None
-    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (1, 2):
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (1, outputs):
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(
-            f"{architecture.factory} returns {got} for one volume; a study needs logits [batch, 2] (class 0, class 1)"
-        )
+        needs = "logits [batch, 2] (class 0, class 1)" if outputs == 2 else "[batch, 1] (the predicted value)"
+        raise ValueError(f"{architecture.factory} returns {got} for one volume; this study needs {needs}")
     return model
 
 
@@ -292,11 +294,12 @@ def model_record(model: BrainCNN | UserNetwork, weights: dict[str, torch.Tensor]
         "model": model.state_dict() if weights is None else weights,
         "arch": model.architecture.model_dump(mode="json"),
         "input_shape": model.input_shape,
+        "outputs": getattr(model, "outputs", 2),
     }
 
 
 def model_from_record(record: dict) -> BrainCNN | UserNetwork:
     """The model of a :func:`model_record`, in eval mode, on the device of its weights."""
-    model = build_model(architecture_of(record["arch"]), tuple(record["input_shape"]))
+    model = build_model(architecture_of(record["arch"]), tuple(record["input_shape"]), record.get("outputs", 2))
     model.load_state_dict(record["model"])
     return model.eval()

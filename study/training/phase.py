@@ -61,7 +61,8 @@ class Phase:
             collate_fn=collate,
             pin_memory=precision.pinned,
         )
-        self.model = ray.train.torch.prepare_model(precision.model(build_model(architecture, cache.shape)))
+        outputs = 1 if self.dataset.labels.is_floating_point() else 2  # a regression target's standardized value
+        self.model = ray.train.torch.prepare_model(precision.model(build_model(architecture, cache.shape, outputs)))
         self.bare: torch.nn.Module = getattr(self.model, "module", self.model)
         self.step = torch.compile(self.model) if train.compile else self.model
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
@@ -105,7 +106,7 @@ class Phase:
                 x = augment(x, self.train.augment, self.voxel_mm, self.generator)
                 with self.precision.autocast():
                     logits = self.step(x)
-                loss = F.cross_entropy(logits.float(), y)
+                loss = self.loss(logits.float(), y)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
             if self.train.clip_grad_norm:
@@ -113,10 +114,21 @@ class Phase:
             self.optimizer.step()
             self.scheduler.step()
             total_loss += loss.detach() * len(y)
-            correct += (logits.argmax(1) == y).sum()
+            if not y.is_floating_point():
+                correct += (logits.argmax(1) == y).sum()
         seen = [self.ids[i] for i in self.sampler]
         n = max(len(seen), 1)
-        return {"train_loss": total_loss.item() / n, "train_accuracy": correct.item() / n, "lr": lr}, seen
+        accuracy = {} if self.dataset.labels.is_floating_point() else {"train_accuracy": correct.item() / n}
+        return {"train_loss": total_loss.item() / n, **accuracy, "lr": lr}, seen
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of class indices; of a regression target's standardized values (float labels), the
+        ``train.loss``: L1 or Huber (delta 1)."""
+        if not y.is_floating_point():
+            return F.cross_entropy(logits, y)
+        if self.train.loss == "l1":
+            return F.l1_loss(logits[:, 0], y)
+        return F.huber_loss(logits[:, 0], y, delta=1.0)
 
 
 def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -1,0 +1,147 @@
+"""Is a regression result (brain age) a finding? Held-out errors with intervals, tests, and the brain-age gap.
+
+The held-out predictions of all outer folds are pooled (every subject is
+tested exactly once), as for two classes (:mod:`.evaluation`):
+
+- MAE, RMSE, Pearson r and R^2, each with a percentile bootstrap interval over
+  subjects;
+- a permutation test against chance: the true values permuted within outer
+  folds (each fold's model keeps its own subjects, as the AUC test does), the
+  p value the share of permutations whose MAE is at most the observed one;
+- the CNN against the linear (ridge) baseline: the paired difference of
+  absolute errors, its mean (the MAE difference) with a bootstrap interval,
+  and Wilcoxon's signed-rank test;
+- the brain-age gap (predicted minus true value) with the bias correction of
+  de Lange & Cole (2020): on its own training subjects, each fold's model's
+  predictions are regressed on the true values (``fit_slope``,
+  ``fit_intercept``), and its held-out predictions are corrected by that line,
+  ``(predicted - intercept) / slope``. No held-out subject enters the line.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.stats
+
+from study.training.evaluation import ALPHA, Estimate, Evaluation
+
+BOOTSTRAP = 2000  # resamples of each interval
+
+
+def _row_scores(values: np.ndarray, predicted: np.ndarray) -> dict[str, np.ndarray]:
+    """MAE, RMSE, r and R^2 of each row of [resamples, subjects] values and predictions (as
+    :func:`~study.training.metrics.regression_metrics` computes them for one)."""
+    error = predicted - values
+    centred_v = values - values.mean(axis=1, keepdims=True)
+    centred_p = predicted - predicted.mean(axis=1, keepdims=True)
+    total = (centred_v**2).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (centred_v * centred_p).sum(axis=1) / np.sqrt(total * (centred_p**2).sum(axis=1))
+        r2 = 1 - (error**2).sum(axis=1) / total
+    return {"mae": np.abs(error).mean(axis=1), "rmse": np.sqrt((error**2).mean(axis=1)), "r": r, "r2": r2}
+
+
+def bootstrap_scores(
+    values: np.ndarray, predicted: np.ndarray, resamples: int = BOOTSTRAP, seed: int = 0, alpha: float = ALPHA
+) -> dict[str, Estimate]:
+    """MAE, RMSE, Pearson r and R^2, each with its (1 - alpha) percentile bootstrap interval (subjects
+    resampled with replacement)."""
+    values, predicted = np.asarray(values, dtype=np.float64), np.asarray(predicted, dtype=np.float64)
+    rows = np.random.default_rng(seed).integers(0, len(values), size=(resamples, len(values)))
+    observed = _row_scores(values[None], predicted[None])
+    resampled = _row_scores(values[rows], predicted[rows])
+    return {
+        name: Estimate(float(observed[name][0]), *map(float, np.nanquantile(scores, [alpha / 2, 1 - alpha / 2])))
+        for name, scores in resampled.items()
+    }
+
+
+def mae_permutation_p(
+    values: np.ndarray, predicted: np.ndarray, folds: np.ndarray, permutations: int = 5000, seed: int = 0
+) -> float:
+    """One-sided p value of an MAE below chance: the share of true values, permuted within folds, whose MAE is at
+    most the observed one."""
+    values, predicted, folds = np.asarray(values, dtype=np.float64), np.asarray(predicted), np.asarray(folds)
+    observed = np.mean(np.abs(predicted - values))
+    rng = np.random.default_rng(seed)
+    permuted = np.tile(values, (permutations, 1))
+    for fold in np.unique(folds):
+        rows = np.flatnonzero(folds == fold)
+        permuted[:, rows] = rng.permuted(permuted[:, rows], axis=1)
+    maes = np.abs(permuted - predicted).mean(axis=1)
+    return float((1 + np.sum(maes <= observed + 1e-12)) / (permutations + 1))
+
+
+def paired_absolute_errors(
+    values: np.ndarray, a: np.ndarray, b: np.ndarray, resamples: int = BOOTSTRAP, seed: int = 0
+) -> tuple[Estimate, float]:
+    """MAE(a) - MAE(b) on the same subjects, with its bootstrap interval, and the two-sided p value of
+    Wilcoxon's signed-rank test of the paired differences of absolute errors."""
+    values = np.asarray(values, dtype=np.float64)
+    differences = np.abs(np.asarray(a) - values) - np.abs(np.asarray(b) - values)
+    rows = np.random.default_rng(seed).integers(0, len(values), size=(resamples, len(values)))
+    low, high = np.quantile(differences[rows].mean(axis=1), [ALPHA / 2, 1 - ALPHA / 2])
+    p = 1.0 if not np.any(differences) else float(scipy.stats.wilcoxon(differences).pvalue)
+    return Estimate(float(differences.mean()), float(low), float(high)), p
+
+
+def bias_corrected_gap(
+    values: np.ndarray, predicted: np.ndarray, folds: np.ndarray, lines: dict[int, tuple[float, float]]
+) -> np.ndarray:
+    """The brain-age gap, corrected for regression to the mean: ``(predicted - intercept) / slope - values``,
+    with each subject's fold's ``lines[fold] = (slope, intercept)``, fitted on that fold's training subjects."""
+    slope = np.array([lines[int(f)][0] for f in folds])
+    intercept = np.array([lines[int(f)][1] for f in folds])
+    return (np.asarray(predicted) - intercept) / slope - np.asarray(values)
+
+
+def evaluate_regression(
+    values: np.ndarray,
+    cnn: np.ndarray,
+    folds: np.ndarray,
+    baseline: np.ndarray | None = None,
+    permutations: int = 5000,
+    seed: int = 0,
+) -> Evaluation:
+    """Test pooled held-out predictions of a regression target (e.g. ages) by the CNN and, if given, the baseline.
+
+    Parameters
+    ----------
+    values : ndarray
+        The true value of each held-out subject.
+    cnn, baseline : ndarray
+        Each subject's value as predicted by the model of the fold that held it out.
+    folds : ndarray
+        The outer fold of each subject (permutations stay within folds).
+    permutations : int
+        Permutations of the test against chance.
+    seed : int
+        Seed of the permutations and the bootstrap.
+
+    Returns
+    -------
+    Evaluation
+        With ``metric`` "MAE" (lower is better); ``scores`` holds RMSE, r and R^2 of each model.
+    """
+    models = {"cnn": cnn} | ({} if baseline is None else {"baseline": baseline})
+    scores = {
+        f"{model}_{name}": estimate
+        for model, predicted in models.items()
+        for name, estimate in bootstrap_scores(values, predicted, seed=seed).items()
+    }
+    result = Evaluation(
+        scores.pop("cnn_mae"),
+        mae_permutation_p(values, cnn, folds, permutations, seed),
+        None,
+        None,
+        None,
+        None,
+        permutations,
+        metric="MAE",
+        scores=scores,
+    )
+    if baseline is not None:
+        result.baseline = scores.pop("baseline_mae")
+        result.baseline_p = mae_permutation_p(values, baseline, folds, permutations, seed + 1)
+        result.difference, result.difference_p = paired_absolute_errors(values, cnn, baseline, seed=seed)
+    return result
