@@ -242,6 +242,15 @@ def _parser() -> argparse.ArgumentParser:
         "pattern in the registered images; 0.12: head size alone gives ROC AUC about 0.85 (default %(default)s: "
         "no column)",
     )
+    synth.add_argument(
+        "--age-effect",
+        type=float,
+        default=_default(SyntheticCohort, "age_effect"),
+        metavar="F",
+        help="brain age: ages 20 to 80 in column age, and atrophy growing with age in regions of its own, a "
+        "relative loss of F at 80 (as much gain at 20); study it with cohort: {label: age, task: regression} "
+        "(default %(default)s: ages 22 to 36, no effect)",
+    )
     synth.add_argument("--seed", type=int, default=_default(SyntheticCohort, "seed"))
     return parser
 

@@ -238,6 +238,7 @@ def synth(args: argparse.Namespace, tasks: TaskMap) -> int:
         confound=args.confound,
         site_confound=args.site_confound,
         tiv_confound=args.tiv_confound,
+        age_effect=args.age_effect,
         seed=args.seed,
     )
     table = synthesize_cohort(args.out, spec, tasks=tasks)

@@ -20,7 +20,7 @@ is saved as a ground truth, which is what lets the project score attribution met
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -62,6 +62,9 @@ class SyntheticCohort(Params):
     # Scanner B (another contrast, more noise) scans (1 + s) / 2 of males and (1 - s) / 2 of females; 0: one site
     site_confound: float = Field(0.0, ge=0, lt=1)
     tiv_confound: float = Field(0.0, ge=0)  # males' intracranial volume larger by this fraction; 0: no tiv column
+    # Brain age: ages 20 to 80, and atrophy in regions of their own that grows with age: a relative volume and
+    # intensity loss of this much at 80, as much gain at 20 (0 at 50); 0: ages 22 to 36, no effect
+    age_effect: float = Field(0.0, ge=0)
     deformation_mm: float = Field(2.0, ge=0)  # sd of the smooth deformation (half shared within a family)
     scale_sd: float = Field(0.04, ge=0)  # sd of the global size (drawn within 2 sd)
     bias: float = Field(0.1, ge=0)  # sd of the log bias field
@@ -79,17 +82,32 @@ class _Fields:
     displacement: np.ndarray  # (3, D, H, W) signed sum of profile x offset from each effect centre
     distractor_weight: np.ndarray
     distractor_displacement: np.ndarray
+    age_weight: np.ndarray  # the same of the age regions (zeros: no age effect)
+    age_displacement: np.ndarray
     allometry: np.ndarray  # -1 in the outer 10 mm of the brain (cortex), +1 deeper, smoothed
 
 
-def _fields(voxel_mm: float, effects: list[PlantedRegion], distractor: PlantedRegion) -> _Fields:
+def _fields(
+    voxel_mm: float, effects: list[PlantedRegion], distractor: PlantedRegion, aging: list[PlantedRegion]
+) -> _Fields:
     grid = Grid.mni(voxel_mm)
     weight, displacement = profiles(grid, effects)
     distractor_weight, distractor_displacement = profiles(grid, [distractor])
+    age_weight, age_displacement = profiles(grid, aging)
     template = brain_template(grid)
     depth_mm = ndimage.distance_transform_edt(template > 0) * voxel_mm
     allometry = ndimage.gaussian_filter(np.where(depth_mm < 10, -1.0, 1.0), 4 / voxel_mm).astype(np.float32)
-    return _Fields(grid, template, weight, displacement, distractor_weight, distractor_displacement, allometry)
+    return _Fields(
+        grid,
+        template,
+        weight,
+        displacement,
+        distractor_weight,
+        distractor_displacement,
+        age_weight,
+        age_displacement,
+        allometry,
+    )
 
 
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], control: int, scale: float) -> np.ndarray:
@@ -121,9 +139,11 @@ def _subject_volume(
     distractor = rng.normal(0.0, spec.distractor)
     # Sampling closer to a region's centre enlarges it (direction +1), farther shrinks it.
     coords -= effect * fields.displacement + distractor * fields.distractor_displacement
+    if scan.aging:
+        coords -= scan.aging * fields.age_displacement
     volume = ndimage.map_coordinates(fields.template, coords, order=1, mode="constant", cval=0.0)
     inside = volume > 0.05 * fields.template.max()
-    volume *= 1.0 + effect * fields.weight + distractor * fields.distractor_weight
+    volume *= 1.0 + effect * fields.weight + distractor * fields.distractor_weight + scan.aging * fields.age_weight
     volume *= 1.0 + ALLOMETRY * scan.log_tiv * fields.allometry
     volume *= np.exp(_smooth_field(rng, shape, 4, spec.bias))
     typical = float(np.median(fields.template[fields.template > 0]))
@@ -136,10 +156,12 @@ def _subject_volume(
 
 @dataclass(frozen=True)
 class Scan:
-    """What a subject's confounds do to its image: the scanner, and its log intracranial volume about the median."""
+    """What a subject's confounds do to its image: the scanner, its log intracranial volume about the median, and
+    (with an age effect) its age's atrophy."""
 
     scanner_b: bool = False
     log_tiv: float = 0.0
+    aging: float = 0.0  # relative volume and intensity change of the age regions (negative: atrophy)
 
 
 def _confounds(spec: SyntheticCohort, males: np.ndarray) -> list[Scan]:
@@ -220,6 +242,9 @@ def synthesize_cohort(
     """
     rng = np.random.default_rng(spec.seed)
     effects, distractor = place_regions(rng, spec.regions)
+    # Ages and their regions from generators of their own: a cohort without an age effect keeps its images.
+    placed = place_regions(np.random.default_rng([spec.seed, 2]), spec.regions)[0] if spec.age_effect else []
+    aging = [replace(r, direction=-1) for r in placed]  # atrophy: the regions shrink and darken with age
     n = spec.subjects
     sexes = (rng.random(n) < MALE_FRACTION).astype(int)
     sexes[:2] = [0, 1]  # both classes, whatever the size
@@ -230,16 +255,20 @@ def synthesize_cohort(
     ids = [f"{i + 1:04d}" for i in range(n)]
     out.mkdir(parents=True, exist_ok=True)
 
-    fields = {v: _fields(v, effects, distractor) for v in sorted(set(voxel_sizes))}
+    fields = {v: _fields(v, effects, distractor, aging) for v in sorted(set(voxel_sizes))}
     paths = [out / f"sub-{sid}/anat/sub-{sid}_T1w.nii.gz" for sid in ids]
     seeds = [(int(subject_seeds[i]), family_seeds[families[i]]) for i in range(n)]
+    ages = np.random.default_rng([spec.seed, 3]).uniform(20, 80, size=n).round(1)
     scans = _confounds(spec, sexes)
+    if spec.age_effect:  # +effect at 20, 0 at 50, -effect at 80 (the regions' direction makes it atrophy)
+        scans = [replace(scan, aging=float(spec.age_effect * (age - 50) / 30)) for scan, age in zip(scans, ages)]
     args = [(voxel_sizes[i], spec, paths[i], bool(sexes[i]), *seeds[i], scans[i]) for i in range(n)]
     for _, _, error in tasks(_write_subject, args, desc="synthesizing", shared=(fields,)):
         if error is not None:
             raise error
 
-    ages = rng.integers(22, 37, size=n)
+    if not spec.age_effect:
+        ages = rng.integers(22, 37, size=n)
     columns = {"participant_id": [f"sub-{sid}" for sid in ids], "sex": ["M" if m else "F" for m in sexes]}
     columns |= {"family_id": families, "age": [str(a) for a in ages]}
     if spec.site_confound > 0:
@@ -248,7 +277,7 @@ def synthesize_cohort(
         columns["tiv"] = [f"{TIV_ML * np.exp(scan.log_tiv):.0f}" for scan in scans]
     rows = ["\t".join(columns)] + ["\t".join(values) for values in zip(*columns.values())]
     write_bids_metadata(out, spec.subjects, spec.seed, [c for c in ("site", "tiv") if c in columns])
-    _write_ground_truth(out, spec, effects, distractor)
+    _write_ground_truth(out, spec, effects, distractor, aging)
     # The table is what says the cohort is complete (prepare_cohort generates a cohort without one): last, whole.
     replace_atomically(out / "participants.tsv", lambda tmp: tmp.write_text("\n".join(rows) + "\n"))
     return out / "participants.tsv"
@@ -277,10 +306,17 @@ def with_skull(image: nib.Nifti1Image) -> nib.Nifti1Image:
 
 
 def _write_ground_truth(
-    out: Path, spec: SyntheticCohort, effects: list[PlantedRegion], distractor: PlantedRegion
+    out: Path,
+    spec: SyntheticCohort,
+    effects: list[PlantedRegion],
+    distractor: PlantedRegion,
+    aging: list[PlantedRegion],
 ) -> None:
-    """The planted answer, on the MNI grid of the finest voxel size, as the cohort's ground-truth derivative."""
+    """The planted answer, on the MNI grid of the finest voxel size, as the cohort's ground-truth derivative (the
+    age regions, when planted, in planted.json's ``age_regions``)."""
     grid = Grid.mni(min(spec.voxel_sizes))
     effect, labels, planted = ground_truth(grid, effects, distractor, spec.effect_size, spec.model_dump(mode="json"))
+    if aging:
+        planted["age_regions"] = [vars(r) for r in aging]
     images = [_in_mm(nib.Nifti1Image(values, grid.affine)) for values in (effect, labels)]
     write_ground_truth(out / GROUND_TRUTH, *images, planted)

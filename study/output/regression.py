@@ -21,6 +21,7 @@ from study.training.metrics import REGRESSION_SUMMARY, cross_fold_summary, fit_c
 from study.training.regression import bias_corrected_gap
 
 SCORES = {"rmse": "RMSE", "r": "Pearson r", "r2": "R^2"}
+NAMES = {"mae": "MAE", **SCORES}
 
 
 def publish_regression(
@@ -199,7 +200,7 @@ def _fold_table(report: Report, results: list[FoldResult], baselines: list[Basel
             "training mean, sd": f"{r.calibration.bias:.4g}, {r.calibration.temperature:.3g}",
             "CNN training R^2": r.fit_score("fit_r2"),
             "bias line (slope, intercept)": f"{r.fit_score('fit_slope'):.2f}, {r.fit_score('fit_intercept'):+.3g}",
-            **{f"CNN {m}": r.test_metrics[m] for m in REGRESSION_SUMMARY},
+            **{f"CNN {NAMES[m]}": r.test_metrics[m] for m in REGRESSION_SUMMARY},
             "ridge MAE": b.test_metrics["mae"],
             "ridge r": b.test_metrics["r"],
             "ridge penalty": 1 / b.C,
