@@ -101,10 +101,9 @@ def test_folds_balance_the_targets_quartiles_and_standardize_by_training_subject
 
 def test_a_regression_cohort_reads_numbers_and_names_what_is_not_one(tmp_path):
     from study.data.cohort import CohortConfig, load_cohort
-    from tests.test_cohort import edit_table
-
     from study.data.synth import SyntheticCohort, synthesize_cohort
     from study.tasks import map_in_process
+    from tests.test_cohort import edit_table
 
     synthesize_cohort(tmp_path, SyntheticCohort(subjects=6, voxel_sizes=(8.0,), age_effect=0.2), tasks=map_in_process)
     edit_table(tmp_path, lambda lines: [lines[0], lines[1].replace(lines[1].split("\t")[-1], "unknown"), *lines[2:]])
