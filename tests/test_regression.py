@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.stats
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
@@ -129,3 +130,71 @@ def test_what_a_regression_study_cannot_do_yet_is_refused_when_the_config_loads(
     cohort = {"label": "age", "task": "regression"} | sections.pop("cohort", {})
     with pytest.raises(ConfigError, match=expected):
         study_config(tmp_path, tmp_path, cohort=cohort, **sections)
+
+
+@pytest.mark.slow
+def test_a_brain_age_study_standardizes_tests_and_corrects_the_gap_on_training_subjects_only(tmp_path):
+    """``run_study`` on a cohort with an age effect: each fold's model learns ages standardized by its training
+    subjects and predicts held-out ones in years; the gap's correction is the line of its own predictions on its
+    training subjects (no held-out subject in it); MLflow and the report carry the MAE, its tests and the gap."""
+    import pyarrow.fs
+    import torch
+
+    from study.cli import main
+    from study.data.cache import CachedVolumes
+    from study.data.prepare import prepare_cohort
+    from study.data.splits import load_splits
+    from study.pipeline import run_study, study_dir
+    from study.runtime import Precision
+    from study.tasks import map_in_process
+    from study.training.checkpoint import load_model
+    from study.training.folds import FoldResult
+    from study.training.loop import predict_log_odds
+    from tests.test_predict import held_out
+    from tests.test_study import study_config
+
+    root = tmp_path / "ageing"
+    argv = ["synth", str(root), "--subjects", "30", "--voxel-size", "4", "--age-effect", "0.3", "--seed", "2"]
+    assert main(argv, tasks=map_in_process) == 0
+    config = study_config(tmp_path, root, cohort={"label": "age", "task": "regression"}, train={"loss": "huber"})
+    run_id = run_study(config)
+    execution = study_dir(config) / "latest"
+
+    cohort = prepare_cohort(config.cohort, config.preprocess).cache
+    participants = pd.read_csv(root / "participants.tsv", sep="\t")
+    ages = dict(zip(participants.participant_id.str.removeprefix("sub-"), participants.age))
+    splits = {f.fold: f for f in load_splits(execution / "splits.json")[1]}
+    precision = Precision.choose(torch.device("cpu"), "fp32", False)
+    table = held_out(config, run_id, tmp_path)
+    for path in sorted((execution / "folds").glob("fold*.json")):
+        result = FoldResult.from_json(path.read_text(), pyarrow.fs.LocalFileSystem())
+        train = splits[result.fold].train
+        train_ages = np.array([ages[s] for s in train])
+        # standardized by the fold's training subjects, never a held-out one
+        assert result.calibration.bias == pytest.approx(train_ages.mean())
+        assert result.calibration.temperature == pytest.approx(train_ages.std())
+        model = load_model(result.checkpoint, calibrated=True)
+        on_train = predict_log_odds(model, CachedVolumes(cohort, train, train_ages), 4, precision)
+        slope, intercept = np.polyfit(train_ages, on_train, 1)  # the model's own training subjects, in years
+        assert result.fit_score("fit_slope") == pytest.approx(slope, rel=1e-4)
+        assert result.fit_score("fit_intercept") == pytest.approx(intercept, rel=1e-4, abs=1e-3)
+        test = table[table.fold == result.fold]
+        on_test = predict_log_odds(model, CachedVolumes(cohort, test.subject_id.tolist(), test.age), 4, precision)
+        np.testing.assert_allclose(test.predicted_age, on_test, rtol=1e-5)
+        np.testing.assert_allclose(test.corrected_gap, (on_test - intercept) / slope - test.age, rtol=1e-4, atol=1e-4)
+
+    run = mlflow_run(config, run_id)
+    assert (
+        run.data.metrics["pooled_mae_ci_low"] < run.data.metrics["pooled_mae"] < run.data.metrics["pooled_mae_ci_high"]
+    )
+    for name in ("baseline_pooled_mae", "pooled_r", "pooled_r2", "cnn_minus_baseline_p", "corrected_gap_sd"):
+        assert np.isfinite(run.data.metrics[name]), name
+    assert run.data.tags["study.finding"] in ("yes", "below_baseline", "baseline_only", "none")
+    report = (execution / "report.html").read_text()
+    assert "age regression from T1w MRI" in report and "held-out MAE" in report and "Predicted against true" in report
+
+
+def mlflow_run(config, run_id: str):
+    import mlflow
+
+    return mlflow.MlflowClient(config.tracking.uri).get_run(run_id)
