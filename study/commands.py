@@ -87,7 +87,13 @@ def predict(args: argparse.Namespace) -> int:
     model_uri = resolve_model(args.model, mlflow.MlflowClient(uri))
     with tempfile.TemporaryDirectory() as tmp:
         ensemble = download_ensemble(model_uri, uri, Path(tmp), args.trust_code)
-    images, problems = find_images(args.images, ensemble.confounds)
+    regression = ensemble.outcome.kind == "regression"
+    if args.maps is not None and regression:
+        raise StudyError(
+            f"--maps: maps of a regression study ({ensemble.outcome.column}) are not built yet; predict without --maps"
+        )
+    known = [ensemble.outcome.column] if regression else []  # the true value, when a table has it: the gap
+    images, problems = find_images(args.images, ensemble.confounds, known)
     if images.empty:
         raise CohortError("no images to predict: " + "; ".join(p.message + f" ({p.file})" for p in problems))
     table = ensemble.predict(images)

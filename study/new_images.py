@@ -35,9 +35,11 @@ def maps_name(image: Path, subject_id: str) -> str:
     return f"sub-{subject_id}" + (f"_ses-{session.group(1)}" if session else "")
 
 
-def find_images(sources: list[Path], confounds: list[str] | None = None) -> tuple[pd.DataFrame, list[Problem]]:
-    """The images to predict, as a table (subject_id, image, brain_mask, and each of ``confounds``), and sources
-    that give none.
+def find_images(
+    sources: list[Path], confounds: list[str] | None = None, known: list[str] | None = None
+) -> tuple[pd.DataFrame, list[Problem]]:
+    """The images to predict, as a table (subject_id, image, brain_mask, each of ``confounds`` and of ``known``),
+    and sources that give none.
 
     Each source is a NIfTI file, a folder (its ``*.nii[.gz]`` files at any depth,
     leaving out a synthetic cohort's ``ground_truth/``), or a participants table
@@ -45,12 +47,13 @@ def find_images(sources: list[Path], confounds: list[str] | None = None) -> tupl
     image's brain mask as that layout has it (fMRIPrep's, CAPS's); new subjects
     need no label column. ``confounds``: the columns of a study that removed them
     from its images (:attr:`Ensemble.confounds`), read from the tables (files and
-    folders have none: their images cannot be predicted by such a study).
+    folders have none: their images cannot be predicted by such a study). ``known``: columns read from the
+    tables that have them, empty elsewhere (a regression study's true value, which gives the gap).
     """
     from study.data.cohort import CohortConfig, load_cohort
     from study.data.participants import read_table
 
-    confounds = confounds or []
+    confounds, known = confounds or [], known or []
     rows, problems = [], []
     for source in sources:
         source = source.resolve()
@@ -69,12 +72,16 @@ def find_images(sources: list[Path], confounds: list[str] | None = None) -> tupl
                 continue
             config = CohortConfig(root=source.parent, participants=source, confounds=confounds)
             cohort = load_cohort(config, labelled=False)
+            table = read_table(source)
+            ids = table[config.subject_column].str.strip().str.removeprefix("sub-")
+            values = {c: dict(zip(ids, table[c])) for c in known if c in table.columns}
             rows += [
                 {
                     "subject_id": s.subject_id,
                     "image": str(s.image),
                     "brain_mask": str(s.brain_mask or ""),
                     **dict(zip(confounds, s.confounds)),
+                    **{c: v.get(s.subject_id, "") for c, v in values.items()},
                 }
                 for s in cohort.subjects
             ]
@@ -88,7 +95,7 @@ def find_images(sources: list[Path], confounds: list[str] | None = None) -> tupl
             rows.append({"subject_id": subject_id_of(source), "image": str(source), "brain_mask": ""})
         else:
             problems.append(Problem("-", str(source), "not a NIfTI file, a folder or a participants table (.tsv/.csv)"))
-    return pd.DataFrame(rows, columns=["subject_id", "image", "brain_mask", *confounds]), problems
+    return pd.DataFrame(rows, columns=["subject_id", "image", "brain_mask", *confounds, *known]), problems
 
 
 def save_maps(maps: dict[str, np.ndarray], grid: Grid, out: Path, name: str) -> list[Path]:

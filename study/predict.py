@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from study.data.adjustment import Adjustment
 from study.data.participants import SEX_CLASSES
-from study.data.targets import Classes
+from study.data.targets import Classes, Regression, Target
 from study.data.volumes import Grid, preprocess_volume
 from study.errors import StudyError, UntrustedCodeError, VolumeError
 from study.new_images import subject_id_of
@@ -59,8 +59,9 @@ class Ensemble:
         The score its maps explain (``contrast``, ``true_class``, ``predicted_class``).
     perturbation : dict
         Meaningful Perturbations' settings, as the study's config gives them.
-    classes : Classes
-        What the study told apart (the label column and its two classes), which names the output columns.
+    outcome : Classes or Regression
+        What the study learned (the label column and its two classes, or a regression target), which names the
+        output columns.
     cohort_mean : numpy.ndarray, optional
         The mean of the study cohort's two class means on the grid (all its subjects, held-out ones included):
         Meaningful Perturbations' reference when its settings say ``reference: cohort_mean``.
@@ -70,6 +71,9 @@ class Ensemble:
     adjustments : dict of int to Adjustment, optional
         Each fold's removal of the confounds from its images (``cv.adjust``, :mod:`study.data.adjustment`): a new
         image gets its fold's, from its own confound values, before that fold's model sees it.
+    bias_lines : dict of int to (float, float), optional
+        A regression study's line (slope, intercept) of each fold's predictions on its training subjects' true
+        values: the brain-age gap's correction (:mod:`study.training.regression`).
     """
 
     models: dict[int, torch.nn.Module]
@@ -78,10 +82,11 @@ class Ensemble:
     methods: tuple[str, ...]
     target: str
     perturbation: dict
-    classes: Classes = Classes()
+    outcome: Target = Classes()
     cohort_mean: np.ndarray | None = None
     calibrations: dict[int, Calibration] = field(default_factory=dict)
     adjustments: dict[int, Adjustment] = field(default_factory=dict)
+    bias_lines: dict[int, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def confounds(self) -> list[str]:
@@ -89,8 +94,7 @@ class Ensemble:
         return list(dict.fromkeys(c for a in self.adjustments.values() for c in a.columns))
 
     def save(self, directory: Path) -> Path:
-        """Write ``fold<k>.pt`` (weights and architecture), ``ensemble.json`` and, when there is one, the
-        cohort's mean volume ``cohort_mean.npy`` into ``directory``."""
+        """Write ``fold<k>.pt`` (weights, architecture), ``ensemble.json`` and any ``cohort_mean.npy`` there."""
         directory.mkdir(parents=True, exist_ok=True)
         if self.cohort_mean is not None:
             np.save(directory / MEAN_FILE, self.cohort_mean.astype(np.float32))
@@ -106,8 +110,10 @@ class Ensemble:
             "methods": list(self.methods),
             "target": self.target,
             "perturbation": self.perturbation,
-            "label": self.classes.column,
-            "classes": list(self.classes.names),
+            "label": self.outcome.column,
+            "task": self.outcome.kind,
+            **({"classes": list(self.outcome.names)} if self.outcome.kind == "classification" else {}),
+            "bias_lines": {str(fold): list(line) for fold, line in self.bias_lines.items()},
             "calibration": {str(fold): c.to_dict() for fold, c in self.calibrations.items()},
         }
         (directory / SPEC_FILE).write_text(json.dumps(spec, indent=1))
@@ -131,7 +137,9 @@ class Ensemble:
                     "loading it imports that module, which runs its code. Pass --trust-code if you trust them"
                 )
             models[fold] = model_from_record(record)
-        classes = Classes(spec.get("label", "sex"), tuple(spec.get("classes", SEX_CLASSES)))  # sex before labels
+        label = spec.get("label", "sex")  # sex before labels
+        regression = spec.get("task") == "regression"
+        outcome = Regression(label) if regression else Classes(label, tuple(spec.get("classes", SEX_CLASSES)))
         spec["perturbation"].setdefault("reference", "blur")  # saved before MP had a choice of reference
         mean = Path(directory) / MEAN_FILE
         return cls(
@@ -141,7 +149,7 @@ class Ensemble:
             tuple(spec["methods"]),
             spec["target"],
             spec["perturbation"],
-            classes,
+            outcome,
             np.load(mean) if mean.exists() else None,
             {int(fold): Calibration.from_dict(c) for fold, c in spec.get("calibration", {}).items()},
             {
@@ -149,6 +157,7 @@ class Ensemble:
                 for fold in spec["folds"]
                 if (path := Path(directory) / ADJUSTMENT_FILE.format(fold=fold)).exists()
             },
+            {int(fold): tuple(line) for fold, line in spec.get("bias_lines", {}).items()},
         )
 
     def preprocess(self, image: Path, mask: Path | str | None = None) -> np.ndarray:
@@ -158,7 +167,8 @@ class Ensemble:
 
     @property
     def calibrated_models(self) -> dict[int, torch.nn.Module]:
-        """Each fold's model with its calibration on its logits: softmax says the calibrated P(class 1)."""
+        """Each fold's model with its calibration on its logits: softmax says the calibrated P(class 1) (a
+        regression model's output is its value, in the target's unit)."""
         return {fold: self.calibrations.get(fold, Calibration()).applied_to(m) for fold, m in self.models.items()}
 
     def inputs(self, volumes: np.ndarray, confounds: pd.DataFrame | None = None) -> dict[int, torch.Tensor]:
@@ -175,19 +185,24 @@ class Ensemble:
         }
 
     @torch.no_grad()
-    def probabilities(self, volumes: np.ndarray, confounds: pd.DataFrame | None = None) -> np.ndarray:
-        """Calibrated P(class 1) (e.g. P(male)) of each fold's model for volumes [subjects, D, H, W] (and their
-        subjects' confounds, a row each, when the study adjusted its images for them): [subjects, folds]."""
+    def fold_predictions(self, volumes: np.ndarray, confounds: pd.DataFrame | None = None) -> np.ndarray:
+        """Calibrated P(class 1) (e.g. P(male)), or a regression target's value (e.g. age), of each fold's model
+        for volumes [subjects, D, H, W] (and their subjects' confounds, a row each, when the study adjusted its
+        images for them): [subjects, folds]."""
         inputs = self.inputs(volumes, confounds)
-        return np.stack(
-            [torch.softmax(m(inputs[fold]), 1)[:, 1].numpy() for fold, m in self.calibrated_models.items()], axis=1
-        )
+        regression = self.outcome.kind == "regression"
+        outputs = [m(inputs[fold]) for fold, m in self.calibrated_models.items()]
+        return np.stack([(o[:, 0] if regression else torch.softmax(o, 1)[:, 1]).numpy() for o in outputs], axis=1)
 
     @property
     def columns(self) -> list[str]:
-        """The columns of :meth:`predict`'s table, e.g. p_male, predicted_sex, p_male_fold0 for a sex study."""
-        p, column = self.classes.p, self.classes.column
-        return ["subject_id", "image", p, f"predicted_{column}", *[f"{p}_fold{f}" for f in self.models], "problem"]
+        """The columns of :meth:`predict`'s table, e.g. p_male, predicted_sex, p_male_fold0 for a sex study;
+        predicted_age, corrected_gap, gap, predicted_age_fold0 for brain age."""
+        score = self.outcome.prediction
+        folds = [f"{score}_fold{f}" for f in self.models]
+        if self.outcome.kind == "regression":
+            return ["subject_id", "image", score, "corrected_gap", "gap", *folds, "problem"]
+        return ["subject_id", "image", score, f"predicted_{self.outcome.column}", *folds, "problem"]
 
     def signature(self) -> ModelSignature:
         """The pyfunc's input and output columns."""
@@ -197,9 +212,11 @@ class Ensemble:
                 ColSpec("string", "subject_id", required=False),
                 ColSpec("string", "brain_mask", required=False),
                 *[ColSpec("string", column) for column in self.confounds],
+                *([ColSpec("string", self.outcome.column, required=False)] if self.bias_lines else []),
             ]
         )
-        kinds = {c: "double" if c.startswith(self.classes.p) else "string" for c in self.columns}
+        numbers = (self.outcome.prediction, "corrected_gap", "gap")
+        kinds = {c: "double" if c.startswith(numbers) else "string" for c in self.columns}
         return ModelSignature(inputs, Schema([ColSpec(kind, column) for column, kind in kinds.items()]))
 
     def predict(self, images: pd.DataFrame, batch_size: int = 8) -> pd.DataFrame:
@@ -207,10 +224,11 @@ class Ensemble:
         ``brain_mask`` (a mask file, or ``mni152``, for images with the skull on); a study that removed
         confounds from its images (:attr:`confounds`) needs a column of each, such as ``site`` and ``tiv``.
 
-        Returns one row per image (:attr:`columns`): ``subject_id``, ``image``,
-        ``p_<class 1>`` (the ensemble's mean, e.g. ``p_male``), ``predicted_<label>``,
-        ``p_<class 1>_fold<k>`` for each fold, and ``problem``: empty, or why the
-        image was not predicted (then the probabilities are NaN).
+        Returns one row per image (:attr:`columns`): ``subject_id``, ``image``, ``p_<class 1>`` (the ensemble's
+        mean, e.g. ``p_male``), ``predicted_<label>``, ``p_<class 1>_fold<k>`` for each fold, and ``problem``: empty,
+        or why the image was not predicted (then the probabilities are NaN). A regression study gives
+        ``predicted_<label>`` (the folds' mean, e.g. ``predicted_age``) and, where the table has the true value (a
+        column ``age``), the brain-age gap and the gap each fold's bias line corrects (their mean).
         """
         ids = (
             images["subject_id"].astype(str).tolist()
@@ -218,11 +236,13 @@ class Ensemble:
             else [subject_id_of(Path(p)) for p in images["image"]]
         )
         columns = self.columns
-        p, predicted, folds = columns[2], columns[3], columns[4:-1]
+        score, folds = columns[2], [c for c in columns if c.startswith(f"{columns[2]}_fold")]
         paths = [str(p) for p in images["image"]]
         masks = images["brain_mask"].fillna("").astype(str).tolist() if "brain_mask" in images else [""] * len(paths)
         rows = [{"subject_id": sid, "image": path, "problem": ""} for sid, path in zip(ids, paths)]
         confounds = self._confounds(images, rows)
+        column = self.outcome.column
+        truth = pd.to_numeric(images[column], errors="coerce").to_numpy() if column in images else None
         for start in tqdm(
             range(0, len(rows), batch_size), desc="predicting", unit="batch", disable=len(rows) <= batch_size
         ):
@@ -237,13 +257,19 @@ class Ensemble:
                     rows[i]["problem"] = str(err)
             if volumes:
                 adjusting = confounds.iloc[ready] if confounds is not None else None
-                for row, p_folds in zip([rows[i] for i in ready], self.probabilities(np.stack(volumes), adjusting)):
-                    row |= {
-                        p: float(p_folds.mean()),
-                        predicted: self.classes.names[int(p_folds.mean() >= 0.5)],
-                        **dict(zip(folds, map(float, p_folds))),
-                    }
+                for i, by_fold in zip(ready, self.fold_predictions(np.stack(volumes), adjusting)):
+                    rows[i] |= {score: float(by_fold.mean()), **dict(zip(folds, map(float, by_fold)))}
+                    if self.outcome.kind == "regression":
+                        rows[i] |= self._gaps(by_fold, truth[i] if truth is not None else np.nan)
+                    else:
+                        rows[i][f"predicted_{column}"] = self.outcome.names[int(by_fold.mean() >= 0.5)]
         return pd.DataFrame(rows, columns=columns)
+
+    def _gaps(self, by_fold: np.ndarray, true: float) -> dict[str, float]:
+        """A regression's gap (the folds' mean prediction - the true value) and its correction: the mean over
+        folds of each fold's prediction corrected by its bias line, minus the true value (NaN without one)."""
+        corrected = [(value - self.bias_lines[f][1]) / self.bias_lines[f][0] for f, value in zip(self.models, by_fold)]
+        return {"gap": float(by_fold.mean() - true), "corrected_gap": float(np.mean(corrected) - true)}
 
     def read_confounds(self, given: pd.DataFrame) -> pd.DataFrame:
         """Confound values as given (strings, a row per subject) as the adjustments read them: a numeric
@@ -301,8 +327,9 @@ class Ensemble:
         inputs = self.inputs(volume[None], confounds)
         sums = {m: np.zeros(self.grid.shape, np.float32) for m in self.methods}
         for fold, model in self.calibrated_models.items():
-            x = inputs[fold]
-            maps = explain_batch(model, x, torch.zeros(1, dtype=torch.long), explanation, self.grid.voxel_mm, precision)
+            maps = explain_batch(
+                model, inputs[fold], torch.zeros(1, dtype=torch.long), explanation, self.grid.voxel_mm, precision
+            )
             for method, values in maps.items():
                 sums[method] += normalize(values.astype(np.float32).reshape(1, -1))[0].reshape(self.grid.shape)
         return {m: s / len(self.models) for m, s in sums.items()}
@@ -311,9 +338,8 @@ class Ensemble:
 class StudyEnsemble(mlflow.pyfunc.PythonModel):
     """The MLflow pyfunc of a study: NIfTI paths in, the ensemble's predictions out (see :meth:`Ensemble.predict`).
 
-    Load it with ``mlflow.pyfunc.load_model("models:/<study name>/<version>")``; its
-    input is a table with a column ``image`` (paths to NIfTI files readable where
-    it runs) and optionally ``subject_id``.
+    Load it with ``mlflow.pyfunc.load_model("models:/<study name>/<version>")``; its input is a table with a
+    column ``image`` (paths to NIfTI files readable where it runs) and optionally ``subject_id``.
     """
 
     def load_context(self, context) -> None:

@@ -261,7 +261,7 @@ def test_an_ensemble_keeps_each_folds_adjustment_and_names_images_it_cannot_adju
         np.testing.assert_allclose(inputs[fold].numpy()[:, 0][:, brain], expected, rtol=1e-6)
         assert (inputs[fold].numpy()[:, 0][:, ~brain] == 0).all()
     with torch.no_grad():
-        assert loaded.probabilities(volumes, table.iloc[:2]).shape == (2, 2)
+        assert loaded.fold_predictions(volumes, table.iloc[:2]).shape == (2, 2)
 
     rows = [{"subject_id": s, "problem": ""} for s in ("a", "b", "c", "d")]
     given = pd.DataFrame({"site": ["A", "D", "B", ""], "tiv": ["1400", "1400", "big", ""]})

@@ -300,7 +300,7 @@ def test_an_ensemble_gives_each_folds_calibrated_probabilities_and_keeps_its_cal
     volumes = np.random.default_rng(0).normal(size=(3, *shape)).astype(np.float32)
     with torch.no_grad():
         logits = {fold: m(torch.from_numpy(volumes)[:, None]) for fold, m in models.items()}
-    p = loaded.probabilities(volumes)
+    p = loaded.fold_predictions(volumes)
     z0 = (logits[0][:, 1] - logits[0][:, 0]).numpy()
     np.testing.assert_allclose(p[:, 0], expit(0.5 * z0 + 2.0), rtol=1e-5)
     np.testing.assert_allclose(p[:, 1], torch.softmax(logits[1], 1)[:, 1].numpy(), rtol=1e-5)

@@ -133,7 +133,7 @@ def test_what_a_regression_study_cannot_do_yet_is_refused_when_the_config_loads(
 
 
 @pytest.mark.slow
-def test_a_brain_age_study_standardizes_tests_and_corrects_the_gap_on_training_subjects_only(tmp_path):
+def test_a_brain_age_study_standardizes_tests_and_corrects_the_gap_on_training_subjects_only(tmp_path, capsys):
     """``run_study`` on a cohort with an age effect: each fold's model learns ages standardized by its training
     subjects and predicts held-out ones in years; the gap's correction is the line of its own predictions on its
     training subjects (no held-out subject in it); MLflow and the report carry the MAE, its tests and the gap."""
@@ -166,18 +166,30 @@ def test_a_brain_age_study_standardizes_tests_and_corrects_the_gap_on_training_s
     splits = {f.fold: f for f in load_splits(execution / "splits.json")[1]}
     precision = Precision.choose(torch.device("cpu"), "fp32", False)
     table = held_out(config, run_id, tmp_path)
+    folds = {}
     for path in sorted((execution / "folds").glob("fold*.json")):
         result = FoldResult.from_json(path.read_text(), pyarrow.fs.LocalFileSystem())
+        folds[result.fold] = result
         train = splits[result.fold].train
         train_ages = np.array([ages[s] for s in train])
-        # standardized by the fold's training subjects, never a held-out one
-        assert result.calibration.bias == pytest.approx(train_ages.mean())
-        assert result.calibration.temperature == pytest.approx(train_ages.std())
+        # standardized by the fold's training subjects (never a held-out one), then, with the default
+        # train.calibration recenter, corrected by the line of the model's outputs on those training subjects
+        training = CachedVolumes(cohort, train, train_ages)
+        outputs = predict_log_odds(load_model(result.checkpoint), training, 4, precision)
+        raw = outputs * train_ages.std() + train_ages.mean()  # in years, before the correction
+        raw_slope, raw_intercept = np.polyfit(train_ages, raw, 1)
+        assert result.fit_score("fit_raw_slope") == pytest.approx(raw_slope, rel=1e-4)
+        assert result.fit_score("fit_raw_intercept") == pytest.approx(raw_intercept, rel=1e-4, abs=1e-3)
+        expected = Calibration.standardizing(train_ages).corrected_by(raw_slope, raw_intercept)
+        assert result.calibration.temperature == pytest.approx(expected.temperature, rel=1e-4)
+        assert result.calibration.bias == pytest.approx(expected.bias, rel=1e-4)
         model = load_model(result.checkpoint, calibrated=True)
-        on_train = predict_log_odds(model, CachedVolumes(cohort, train, train_ages), 4, precision)
-        slope, intercept = np.polyfit(train_ages, on_train, 1)  # the model's own training subjects, in years
+        on_train = predict_log_odds(model, training, 4, precision)
+        np.testing.assert_allclose(on_train, (raw - raw_intercept) / raw_slope, rtol=1e-5)
+        slope, intercept = np.polyfit(train_ages, on_train, 1)  # as it predicts: the line is undone
+        assert slope == pytest.approx(1, rel=1e-5) and intercept == pytest.approx(0, abs=1e-4)
         assert result.fit_score("fit_slope") == pytest.approx(slope, rel=1e-4)
-        assert result.fit_score("fit_intercept") == pytest.approx(intercept, rel=1e-4, abs=1e-3)
+        assert result.fit_score("fit_intercept") == pytest.approx(intercept, abs=1e-3)
         test = table[table.fold == result.fold]
         on_test = predict_log_odds(model, CachedVolumes(cohort, test.subject_id.tolist(), test.age), 4, precision)
         np.testing.assert_allclose(test.predicted_age, on_test, rtol=1e-5)
@@ -192,6 +204,26 @@ def test_a_brain_age_study_standardizes_tests_and_corrects_the_gap_on_training_s
     assert run.data.tags["study.finding"] in ("yes", "below_baseline", "baseline_only", "none")
     report = (execution / "report.html").read_text()
     assert "age regression from T1w MRI" in report and "held-out MAE" in report and "Predicted against true" in report
+
+    # study predict: each fold's model gives a held-out subject the age the study gave it, and the table's true
+    # age gives the gap, corrected by each fold's line
+    participants.head(4).to_csv(root / "new.tsv", sep="\t", index=False)
+    out, uri = tmp_path / "predicted.tsv", config.tracking.uri
+    assert main(["predict", "tiny", str(root / "new.tsv"), "--out", str(out), "--tracking-uri", uri]) == 0
+    predicted = pd.read_csv(out, sep="\t", dtype={"subject_id": str}).set_index("subject_id")
+    lines = {f: (r.fit_score("fit_slope"), r.fit_score("fit_intercept")) for f, r in folds.items()}
+    for subject, row in table.set_index("subject_id").loc[predicted.index].iterrows():
+        assert predicted.loc[subject, f"predicted_age_fold{int(row.fold)}"] == pytest.approx(
+            row.predicted_age, rel=1e-5
+        )
+        by_fold = [predicted.loc[subject, f"predicted_age_fold{f}"] for f in sorted(lines)]
+        corrected = np.mean([(v - lines[f][1]) / lines[f][0] for f, v in zip(sorted(lines), by_fold)]) - row.age
+        assert predicted.loc[subject, "corrected_gap"] == pytest.approx(corrected, rel=1e-4, abs=1e-4)
+        assert predicted.loc[subject, "gap"] == pytest.approx(np.mean(by_fold) - row.age, abs=1e-4)
+    capsys.readouterr()
+    maps = ["--maps", str(tmp_path / "maps")]
+    assert main(["predict", "tiny", str(root / "new.tsv"), "--out", str(out), "--tracking-uri", uri, *maps]) == 2
+    assert "maps of a regression study (age) are not built yet" in capsys.readouterr().err
 
 
 def mlflow_run(config, run_id: str):

@@ -80,7 +80,12 @@ class TrainConfig(Section):
     again. That model is another training, whose confidence and lean need not
     be the final model's (docs/results.md, "Calibration"): right for
     ``final_fit: inner_split``, where it is the final model. ``none``:
-    softmax's probabilities. Held-out subjects never calibrate.
+    softmax's probabilities. Held-out subjects never calibrate. For a regression
+    target (brain age), ``recenter`` undoes the line of the final model's
+    predictions on its own training subjects' true values (its lean, and the
+    regression to the mean it shows there: the field's bias correction, de Lange
+    & Cole 2020, fitted without held-out subjects); ``none`` keeps the network's
+    outputs in the target's unit.
     """
 
     final_fit: Literal["all_subjects", "early_stopped", "inner_split"] = "all_subjects"

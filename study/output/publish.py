@@ -220,9 +220,7 @@ class Publisher:
 
     def ensemble(self, study: Study, results: list[FoldResult]) -> None:
         """The folds' models as one pyfunc (see :mod:`study.predict`), logged to the study run and registered."""
-        state = study.state
-        if study.cohort.target.kind == "regression":  # study predict does not read regression models yet
-            return
+        state, target = study.state, study.cohort.target
         if state.ensemble is None:
             attribution = self.config.attribution or AttributionConfig()  # maps on request, even if none here
             ensemble = Ensemble(
@@ -236,6 +234,9 @@ class Publisher:
                 explanation_of(attribution, study).cohort_mean,
                 {r.fold: r.calibration for r in results},
                 {r.fold: a for r in results if (a := study.fold_cache(r.fold).adjustment) is not None},
+                {r.fold: (r.fit_score("fit_slope"), r.fit_score("fit_intercept")) for r in results}
+                if study.cohort.target.kind == "regression"
+                else {},
             )
             with self.times.stage("MLflow model logging"):
                 _, version = log_ensemble(
@@ -244,7 +245,7 @@ class Publisher:
                     ensemble.save(study.directory / "ensemble"),
                     ensemble.signature(),
                     self.config.name,
-                    f"{study.cohort.target.column} ({study.cohort.target.contrast})",
+                    f"{target.column} ({target.contrast if target.kind == 'classification' else 'regression'})",
                 )
             state.ensemble = f"models:/{self.config.name}/{version}"
             study.save_state()

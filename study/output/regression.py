@@ -63,7 +63,8 @@ def publish_regression(
     ]
     _fold_table(report, results, baselines)
     _finding_table(report, evaluation)
-    report.add_images("Predicted against true", [(SCATTER.format(column=target.column), scatter)])
+    how = CORRECTED[study.config.train.calibration]
+    report.add_images("Predicted against true", [(SCATTER.format(column=target.column, how=how), scatter)])
     if study.config.search:
         search_table(tracker, report, parent, results)
     tracker.set_tags(
@@ -125,10 +126,14 @@ SCATTER = (
     "Left: each held-out subject's {column} as predicted by the model of the fold that held it out, against the "
     "true one; on the grey identity line the prediction is exact. A slope below it is the regression to the mean "
     "every brain-age model shows (young predicted older, old younger). Right: the brain-age gap (predicted - "
-    "true), before and after each fold's bias correction: predicted {column} regressed on true {column} on the "
-    "fold's own training subjects (de Lange & Cole 2020), never on a held-out one. A model that fits its training "
-    "subjects closely leaves that line near the identity, so its correction removes less of the held-out slope."
+    "true), before and after the field's bias correction (de Lange & Cole 2020): predicted {column} regressed on "
+    "true {column} on each fold's own training subjects, never on a held-out one, and undone. {how}"
 )
+CORRECTED = {  # train.calibration
+    "recenter": "Here each fold's predictions are corrected by that line already (train.calibration: recenter; "
+    "the fold table shows it), so the two gaps coincide.",
+    "none": "Here the predictions are the network's outputs as they are (train.calibration: none).",
+}
 
 
 def predicted_figure(held_out: pd.DataFrame, column: str, prediction: str, baseline: pd.Series) -> Figure:
@@ -183,9 +188,10 @@ def _console(
 
 FOLDS = (
     "Each fold's final model was tested once on its fold's held-out subjects; its output is the target "
-    "standardized by the mean and sd of the fold's training subjects (shown), mapped back to its unit. CNN "
-    "training R^2: the final model on its own training subjects (no augmentation); near 0 means it never fitted "
-    "them. Bias line: predicted on true values on those training subjects (the gap's correction). The linear "
+    "standardized by the mean and sd of the fold's training subjects (shown), mapped back to its unit and, with "
+    "train.calibration: recenter, corrected by the line of its predictions on those training subjects (shown: "
+    "slope, intercept; predicted = (output - intercept) / slope). CNN training R^2: the final model, as it "
+    "predicts, on its own training subjects (no augmentation); near 0 means it never fitted them. The linear "
     "baseline is a ridge regression on the same voxels, its penalty chosen on the same inner splits."
 )
 
@@ -199,7 +205,7 @@ def _fold_table(report: Report, results: list[FoldResult], baselines: list[Basel
             "epochs": r.final_epochs,
             "training mean, sd": f"{r.calibration.bias:.4g}, {r.calibration.temperature:.3g}",
             "CNN training R^2": r.fit_score("fit_r2"),
-            "bias line (slope, intercept)": f"{r.fit_score('fit_slope'):.2f}, {r.fit_score('fit_intercept'):+.3g}",
+            "line on training subjects": f"{r.fit_score('fit_raw_slope'):.2f}, {r.fit_score('fit_raw_intercept'):+.3g}",
             **{f"CNN {NAMES[m]}": r.test_metrics[m] for m in REGRESSION_SUMMARY},
             "ridge MAE": b.test_metrics["mae"],
             "ridge r": b.test_metrics["r"],

@@ -31,7 +31,7 @@ from study.state import Study
 from study.training.metrics import classification_metrics, regression_metrics
 
 C_GRID = tuple(np.logspace(-5, 1, 7))  # inverse regularization strengths tried on the inner splits
-ALPHA_GRID = tuple(np.logspace(-3, 5, 9))  # ridge penalties tried on the inner splits (a regression target)
+ALPHA_GRID = tuple(np.logspace(-1, 5, 7))  # ridge penalties tried on the inner splits (a regression target)
 
 
 @dataclass

@@ -84,6 +84,12 @@ class Calibration:
         values = np.asarray(values, dtype=np.float64)
         return cls(float(values.std()) or 1.0, float(values.mean()), len(values))
 
+    def corrected_by(self, slope: float, intercept: float) -> Calibration:
+        """This map followed by undoing the line ``value = slope x true + intercept`` of its values: a regression
+        fold's predictions corrected as brain-age studies correct them (de Lange & Cole 2020), by the line of the
+        final model's predictions on its own training subjects (``slope`` > 0)."""
+        return Calibration(self.temperature / slope, (self.bias - intercept) / slope, self.subjects)
+
     def standardized(self, values: np.ndarray) -> np.ndarray:
         """``values`` in this map's standard units: what a regression network learns."""
         return (np.asarray(values, dtype=np.float64) - self.bias) / self.temperature

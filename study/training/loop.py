@@ -100,19 +100,27 @@ def _fit_scores(
     phase: Phase, worker: _Worker, progress: Progress, standardization: Calibration | None
 ) -> dict[str, float]:
     """The final model's scores on its own training subjects (eval mode): did it fit them at all? With
-    ``train.calibration: recenter``, they also set the fold's calibration (:meth:`Calibration.recentered`); a
-    regression fold's is its ``standardization``.
+    ``train.calibration: recenter``, they also set the fold's calibration (:meth:`Calibration.recentered`).
 
     Scored before that calibration: a threshold set on these very subjects would make a model that learned
-    nothing look as if it had fitted them.
+    nothing look as if it had fitted them. A regression fold (``standardization``) is scored as it predicts,
+    after its calibration: the line of its predictions on these subjects' true values (``fit_raw_slope``,
+    ``fit_raw_intercept``) undone with ``recenter`` (:meth:`Calibration.corrected_by`).
     """
     z = predict_log_odds(phase.model, phase.dataset, phase.train.batch_size, worker.precision)
-    labels = phase.dataset.labels.numpy()
-    if standardization is not None:
-        progress.calibration = standardization.to_dict()
-    elif phase.train.calibration == "recenter":
-        progress.calibration = Calibration.recentered(z, labels).to_dict()
-    return epoch_scores(z, labels, "fit", standardization, phase.train.loss)
+    labels, loss = phase.dataset.labels.numpy(), phase.train.loss
+    if standardization is None:
+        if phase.train.calibration == "recenter":
+            progress.calibration = Calibration.recentered(z, labels).to_dict()
+        return epoch_scores(z, labels, "fit", None, loss)
+    raw = epoch_scores(z, labels, "fit", standardization, loss)
+    calibration = standardization
+    if phase.train.calibration == "recenter" and raw["fit_slope"] > 0:  # else the line is not one to undo
+        calibration = standardization.corrected_by(raw["fit_slope"], raw["fit_intercept"])
+    progress.calibration = calibration.to_dict()
+    predicted = standardization.standardized(calibration.values(z))
+    line = {"fit_raw_slope": raw["fit_slope"], "fit_raw_intercept": raw["fit_intercept"]}
+    return epoch_scores(predicted, labels, "fit", standardization, loss) | line
 
 
 def _audit(directory: str | None, record: dict[str, Any]) -> None:
