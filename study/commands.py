@@ -88,10 +88,6 @@ def predict(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         ensemble = download_ensemble(model_uri, uri, Path(tmp), args.trust_code)
     regression = ensemble.outcome.kind == "regression"
-    if args.maps is not None and regression:
-        raise StudyError(
-            f"--maps: maps of a regression study ({ensemble.outcome.column}) are not built yet; predict without --maps"
-        )
     known = [ensemble.outcome.column] if regression else []  # the true value, when a table has it: the gap
     images, problems = find_images(args.images, ensemble.confounds, known)
     if images.empty:

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 import ray
 
-from study.attribution.stage import explain_study, start_label_randomization
+from study.attribution.shuffled import start_label_randomization
+from study.attribution.stage import explain_study
 from study.config import StudyConfig
 from study.data.adjustment import check_folds
 from study.data.prepare import PreparedCohort, make_or_load_splits, prepare_cohort

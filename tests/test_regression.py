@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.stats
+import torch
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
 from study.data.targets import Regression
@@ -114,10 +115,45 @@ def test_a_regression_cohort_reads_numbers_and_names_what_is_not_one(tmp_path):
     assert "'unknown' in column 'age' is not a number; task regression needs one" in cohort.problems[0].message
 
 
+def test_the_maps_association_with_the_target_is_the_ols_t_of_scipys_linregress():
+    from study.attribution.stats import permutation_test
+
+    rng = np.random.default_rng(0)
+    ages = rng.uniform(20, 80, 40)
+    maps = rng.normal(size=(40, 30))
+    maps[:, :5] += 0.05 * ages[:, None]  # five voxels go with age
+    test = permutation_test(maps, ages, 200, confounds=np.zeros((40, 0)), seed=1)
+    for voxel in range(30):
+        fit = scipy.stats.linregress(ages, maps[:, voxel])
+        assert test.t[voxel] == pytest.approx(fit.slope / fit.stderr, rel=1e-8)
+    assert (test.p[:5] < 0.05).all() and (test.p[5:] > 0.05).mean() > 0.9
+
+
+def test_the_ridge_baselines_weight_test_fits_scikit_learns_ridge():
+    from sklearn.linear_model import Ridge
+
+    from study.attribution.linear import LinearVoxelModel, standardize, weight_test
+    from study.training.baseline import BaselineResult
+
+    rng = np.random.default_rng(2)
+    voxels = rng.normal(size=(30, 200))
+    ages = 40 + 10 * voxels[:, 0] + rng.normal(0, 2, 30)
+    test = weight_test(voxels, ages, C=1 / 5.0, permutations=50, regression=True)
+    reference = Ridge(alpha=5.0).fit(standardize(voxels), ages)
+    np.testing.assert_allclose(test.t, reference.coef_, rtol=1e-6, atol=1e-9)
+    assert np.argmax(np.abs(test.t)) == 0 and test.p[0] < 0.05
+    # the same model as a network: one output, the ridge's prediction
+    baseline = BaselineResult(0, 0.2, {}, None, reference.coef_, 0.0, reference.intercept_, np.zeros(200), np.ones(200))
+    model = LinearVoxelModel(baseline, np.ones((5, 5, 8), bool), outputs=1)
+    x = torch.tensor(standardize(voxels)[:3], dtype=torch.float32).reshape(3, 1, 5, 5, 8)
+    np.testing.assert_allclose(model(x)[:, 0].numpy(), reference.predict(standardize(voxels)[:3]), rtol=1e-4)
+
+
 @pytest.mark.parametrize(
     ("sections", "expected"),
     [
-        ({"attribution": {"methods": ["gradcam"]}}, "attribution: set attribution: null"),
+        ({"attribution": {"methods": ["gradcam", "perturbation"]}}, "attribution.methods: leave out perturbation"),
+        ({"attribution": {"methods": ["gradcam"], "target": "true_class"}}, "attribution.target: use contrast"),
         ({"cohort": {"confounds": ["site"]}}, "cohort.confounds: remove them"),
         ({"train": {"calibration": "platt"}}, "train.calibration: remove it"),
         ({"cohort": {"classes": ["young", "old"]}}, "remove cohort.classes and cohort.label_mapping"),
@@ -133,7 +169,7 @@ def test_what_a_regression_study_cannot_do_yet_is_refused_when_the_config_loads(
 
 
 @pytest.mark.slow
-def test_a_brain_age_study_standardizes_tests_and_corrects_the_gap_on_training_subjects_only(tmp_path, capsys):
+def test_a_brain_age_study_standardizes_tests_and_corrects_the_gap_on_training_subjects_only(tmp_path):
     """``run_study`` on a cohort with an age effect: each fold's model learns ages standardized by its training
     subjects and predicts held-out ones in years; the gap's correction is the line of its own predictions on its
     training subjects (no held-out subject in it); MLflow and the report carry the MAE, its tests and the gap."""
@@ -156,7 +192,13 @@ def test_a_brain_age_study_standardizes_tests_and_corrects_the_gap_on_training_s
     root = tmp_path / "ageing"
     argv = ["synth", str(root), "--subjects", "30", "--voxel-size", "4", "--age-effect", "0.3", "--seed", "2"]
     assert main(argv, tasks=map_in_process) == 0
-    config = study_config(tmp_path, root, cohort={"label": "age", "task": "regression"}, train={"loss": "huber"})
+    config = study_config(
+        tmp_path,
+        root,
+        cohort={"label": "age", "task": "regression"},
+        train={"loss": "huber"},
+        attribution={"methods": ["gradcam", "integrated_gradients"], "permutations": 20, "sanity": {"subjects": 2}},
+    )
     run_id = run_study(config)
     execution = study_dir(config) / "latest"
 
@@ -196,20 +238,29 @@ def test_a_brain_age_study_standardizes_tests_and_corrects_the_gap_on_training_s
         np.testing.assert_allclose(test.corrected_gap, (on_test - intercept) / slope - test.age, rtol=1e-4, atol=1e-4)
 
     run = mlflow_run(config, run_id)
-    assert (
-        run.data.metrics["pooled_mae_ci_low"] < run.data.metrics["pooled_mae"] < run.data.metrics["pooled_mae_ci_high"]
-    )
+    metrics = run.data.metrics
+    assert metrics["pooled_mae_ci_low"] < metrics["pooled_mae"] < metrics["pooled_mae_ci_high"]
     for name in ("baseline_pooled_mae", "pooled_r", "pooled_r2", "cnn_minus_baseline_p", "corrected_gap_sd"):
-        assert np.isfinite(run.data.metrics[name]), name
+        assert np.isfinite(metrics[name]), name
     assert run.data.tags["study.finding"] in ("yes", "below_baseline", "baseline_only", "none")
     report = (execution / "report.html").read_text()
     assert "age regression from T1w MRI" in report and "held-out MAE" in report and "Predicted against true" in report
+    # maps of the predicted age, tested for their association with age, scored against the planted age regions
+    assert "whose maps go with age" in report and "its R^2 on its own shuffled labels" in report
+    artifacts = {f.path for f in mlflow_client(config).list_artifacts(run_id, "maps/gradcam")}
+    assert {"maps/gradcam/gradcam_t_age.nii.gz", "maps/gradcam/gradcam_mean_all.nii.gz"} <= artifacts
+    assert "maps/linear_baseline/linear_baseline_weights_age.nii.gz" in {
+        f.path for f in mlflow_client(config).list_artifacts(run_id, "maps/linear_baseline")
+    }
+    assert 0 <= metrics["localization_roc_auc_gradcam"] <= 1
 
     # study predict: each fold's model gives a held-out subject the age the study gave it, and the table's true
     # age gives the gap, corrected by each fold's line
     participants.head(4).to_csv(root / "new.tsv", sep="\t", index=False)
     out, uri = tmp_path / "predicted.tsv", config.tracking.uri
-    assert main(["predict", "tiny", str(root / "new.tsv"), "--out", str(out), "--tracking-uri", uri]) == 0
+    maps = ["--maps", str(tmp_path / "maps")]
+    assert main(["predict", "tiny", str(root / "new.tsv"), "--out", str(out), "--tracking-uri", uri, *maps]) == 0
+    assert len(list((tmp_path / "maps" / "integrated_gradients").glob("sub-*_integrated_gradients.nii.gz"))) == 4
     predicted = pd.read_csv(out, sep="\t", dtype={"subject_id": str}).set_index("subject_id")
     lines = {f: (r.fit_score("fit_slope"), r.fit_score("fit_intercept")) for f, r in folds.items()}
     for subject, row in table.set_index("subject_id").loc[predicted.index].iterrows():
@@ -220,13 +271,13 @@ def test_a_brain_age_study_standardizes_tests_and_corrects_the_gap_on_training_s
         corrected = np.mean([(v - lines[f][1]) / lines[f][0] for f, v in zip(sorted(lines), by_fold)]) - row.age
         assert predicted.loc[subject, "corrected_gap"] == pytest.approx(corrected, rel=1e-4, abs=1e-4)
         assert predicted.loc[subject, "gap"] == pytest.approx(np.mean(by_fold) - row.age, abs=1e-4)
-    capsys.readouterr()
-    maps = ["--maps", str(tmp_path / "maps")]
-    assert main(["predict", "tiny", str(root / "new.tsv"), "--out", str(out), "--tracking-uri", uri, *maps]) == 2
-    assert "maps of a regression study (age) are not built yet" in capsys.readouterr().err
+
+
+def mlflow_client(config):
+    import mlflow
+
+    return mlflow.MlflowClient(config.tracking.uri)
 
 
 def mlflow_run(config, run_id: str):
-    import mlflow
-
-    return mlflow.MlflowClient(config.tracking.uri).get_run(run_id)
+    return mlflow_client(config).get_run(run_id)

@@ -67,15 +67,19 @@ class Atlas:
     names: dict[int, str]  # label -> region name (a label without one is called by its number)
 
 
-def ground_truth(root: Path, grid: Grid) -> GroundTruth | None:
-    """The planted effect, distractor and region labels on the study grid, for a synthetic cohort (else None)."""
+def ground_truth(root: Path, grid: Grid, regression: bool = False) -> GroundTruth | None:
+    """The planted effect, distractor and region labels on the study grid, for a synthetic cohort (else None);
+    ``regression``: the age effect's (``study synth --age-effect``), None for a cohort without one."""
     truth_dir = ground_truth_dir(root)
     if not (truth_dir / "planted.json").exists():
         return None
     planted = json.loads((truth_dir / "planted.json").read_text())
-    effect = resample_to_grid(nib.load(truth_dir / "effect_map.nii.gz"), grid)
-    regions = resample_to_grid(nib.load(truth_dir / "regions.nii.gz"), grid, order=0).astype(int)
-    names = {r["label"]: r["name"] for r in [*planted["regions"], planted["distractor"]]}
+    if regression and "age_regions" not in planted:
+        return None
+    prefix, planted_regions = ("age_", planted["age_regions"]) if regression else ("", planted["regions"])
+    effect = resample_to_grid(nib.load(truth_dir / f"{prefix}effect_map.nii.gz"), grid)
+    regions = resample_to_grid(nib.load(truth_dir / f"{prefix}regions.nii.gz"), grid, order=0).astype(int)
+    names = {r["label"]: r["name"] for r in [*planted_regions, planted["distractor"]]}
     return GroundTruth(effect > 0.5 * effect.max(), regions == planted["distractor"]["label"], regions, names)
 
 
@@ -113,7 +117,7 @@ def analyse_method(
     method: str,
     maps: np.ndarray,
     held_out: HeldOut,
-    classes: tuple[str, str],
+    classes: tuple[str, ...],
     brain: np.ndarray,
     test: PermutationTest | None = None,
     truth: GroundTruth | None = None,

@@ -31,14 +31,15 @@ def normalize(maps: np.ndarray) -> np.ndarray:
     return np.clip(maps / np.maximum(scale, 1e-12), 0, 1).astype(np.float32)
 
 
-def group_means(maps: np.ndarray, labels: np.ndarray, classes: tuple[str, str]) -> dict[str, np.ndarray]:
+def group_means(maps: np.ndarray, labels: np.ndarray, classes: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Mean and median normalized map per class and over everyone; ``{name: [voxels]}``.
 
     Keys: ``mean_all``, and ``mean_<class>``, ``median_<class>`` for each class
-    present in ``labels`` (class indices into ``classes``), e.g. ``mean_male``.
+    present in ``labels`` (class indices into ``classes``), e.g. ``mean_male``; ``mean_all`` only without
+    classes (a regression target).
     """
     out = {"mean_all": maps.mean(0)}
-    for code in (1, 0):
+    for code in reversed(range(len(classes))):
         if (labels == code).any():
             out[f"mean_{classes[code]}"] = maps[labels == code].mean(0)
             out[f"median_{classes[code]}"] = np.median(maps[labels == code], axis=0)

@@ -9,7 +9,8 @@ siblings within their family); a voxel's p is the share of permutations whose
 largest |weight| anywhere reaches its |weight| (FWER by the maximum statistic,
 Nichols & Holmes 2002). The fits are exact: with far fewer subjects than voxels,
 l2 logistic regression is solved in the subjects' space (the weights are
-``X.T @ alpha``), by Newton's method on many labellings at once.
+``X.T @ alpha``), by Newton's method on many labellings at once; a regression
+target's ridge regression in closed form, ``alpha = (K + penalty I)^-1 (y - mean)``.
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ from study.training.baseline import BaselineResult
 
 
 class LinearVoxelModel(nn.Module):
-    """A fold's linear baseline as a network: logits [batch, 2] = (0, w . standardized brain voxels + b).
+    """A fold's linear baseline as a network: logits [batch, 2] = (0, w . standardized brain voxels + b), or, for a
+    regression target (``outputs`` 1), its predicted value [batch, 1].
 
     Its softmax is the logistic regression's (1 - p, p), so checks written for the CNN (the deletion check)
     run on it unchanged.
     """
 
-    def __init__(self, baseline: BaselineResult, brain: np.ndarray):
+    def __init__(self, baseline: BaselineResult, brain: np.ndarray, outputs: int = 2):
         super().__init__()
+        self.outputs = outputs
         # copies: a Ray task's arrays are read-only, which torch warns about on the console
         self.register_buffer("voxels", torch.tensor(np.flatnonzero(brain)))
         self.register_buffer("mean", torch.tensor(baseline.voxel_mean, dtype=torch.float32))
@@ -42,7 +45,7 @@ class LinearVoxelModel(nn.Module):
         """Logits [batch, 2] for volumes [batch, 1, D, H, W]."""
         v = x.reshape(len(x), -1)[:, self.voxels].float()
         logit = ((v - self.mean) / self.scale) @ self.weights + self.intercept
-        return torch.stack([torch.zeros_like(logit), logit], dim=1)
+        return logit[:, None] if self.outputs == 1 else torch.stack([torch.zeros_like(logit), logit], dim=1)
 
 
 def standardize(x: np.ndarray) -> np.ndarray:
@@ -105,17 +108,19 @@ def weight_test(
     seed: int = 0,
     device: str = "cpu",
     chunk: int = 64,
+    regression: bool = False,
 ) -> PermutationTest:
-    """The weights of an l2 logistic regression on all subjects, and their FWER-corrected p (max statistic).
+    """The weights of an l2 logistic regression (``regression``: a ridge regression) on all subjects, and their
+    FWER-corrected p (max statistic).
 
     Parameters
     ----------
     voxels : ndarray [subjects, voxels]
         Each subject's brain voxels (standardized here).
     labels : ndarray [subjects]
-        Class index: 1 (e.g. male), 0 (e.g. female).
+        Class index: 1 (e.g. male), 0 (e.g. female); a regression target's values.
     C : float
-        Inverse regularization strength (the baseline's, chosen on the inner splits).
+        Inverse regularization strength (the baseline's, chosen on the inner splits; a ridge penalty's inverse).
     permutations : int
         Label permutations within the exchangeability blocks (0: weights only).
     families : ndarray [subjects], optional
@@ -146,7 +151,12 @@ def weight_test(
     rows = torch.as_tensor(labellings, dtype=torch.float64, device=device)
     maxima = []
     for start in range(0, len(rows), chunk):
-        alpha, _ = logistic_dual(kernel, rows[start : start + chunk], C)
+        labelling = rows[start : start + chunk]
+        if regression:  # ridge with an unpenalized intercept on centred voxels: the centred labels' dual
+            ridge = kernel + torch.eye(n, dtype=kernel.dtype, device=kernel.device) / C
+            alpha = torch.linalg.solve(ridge, (labelling - labelling.mean(1, keepdim=True)).T).T
+        else:
+            alpha, _ = logistic_dual(kernel, labelling, C)
         weights = alpha @ xt
         if start == 0:
             observed = weights[0].cpu().numpy()

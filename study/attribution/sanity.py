@@ -233,15 +233,18 @@ def deletion_changes(
     Returns
     -------
     decided : np.ndarray
-        The probability of the class the model decides on the intact volumes, [subjects].
+        The probability of the class the model decides on the intact volumes, [subjects] (a regression
+        model's predicted value).
     changes : dict of str to np.ndarray
-        Per method, the absolute change of that class's probability after the deletion, [subjects]: a map
-        of the magnitude (evidence for either class) may mark voxels whose deletion strengthens the decision.
+        Per method, the absolute change of that class's probability (of the predicted value) after the
+        deletion, [subjects]: a map of the magnitude (evidence for either class) may mark voxels whose deletion
+        strengthens the decision.
     """
 
     def probabilities(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return torch.softmax(model(x).float(), dim=1)
+            outputs = model(x).float()
+            return outputs if outputs.shape[1] == 1 else torch.softmax(outputs, dim=1)
 
     before = probabilities(volumes)
     decision = before.argmax(1, keepdim=True)

@@ -13,7 +13,6 @@ functions of :mod:`.analysis` and :mod:`.sanity`. Everything comes back in an
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -51,15 +50,12 @@ from study.attribution.stats import PermutationTest, permutation_test_on_device
 from study.attribution.store import MapStore
 from study.config import AttributionConfig, ResourcesConfig
 from study.state import StageTimes, Study
-from study.storage import join
 from study.training.baseline import BaselineResult
 from study.training.checkpoint import load_history
 from study.training.confounds import confound_design
-from study.training.crossval import driving_task
 from study.training.folds import FoldResult
-from study.training.loop import TrainingData
+from study.training.metrics import FIT_SCORE
 from study.training.models import build_model
-from study.training.trainer import TrainingSetup, fit
 
 # Raised when a method computes different maps for the same settings, so that a rerun does not reuse old maps
 # (2: under the contrast, Grad-CAM's magnitude and Meaningful Perturbations signed by each subject's decision;
@@ -118,7 +114,7 @@ def explain_study(
         The linear baseline of every fold: its weights are analysed as one more
         map (a subject's map is the weights of the model that held it out).
     shuffled_fit : ray.ObjectRef, optional
-        The label-randomization check's training, from :func:`start_label_randomization`
+        The label-randomization check's training, from :func:`~.shuffled.start_label_randomization`
         (without it, no label randomization).
     on_progress : callable, optional
         ``on_progress(done, total)`` after each batch of subjects explained.
@@ -203,7 +199,8 @@ def _group_analysis(
     if baselines:
         normalized[LINEAR_BASELINE] = baseline_maps({b.fold: b.weights for b in baselines}, held_out.folds)
     tests = _group_tests(study, normalized, held_out, baselines, jobs)
-    truth, grid = ground_truth(study.config.cohort.root, study.cache.grid), study.cache.grid
+    regression = study.cohort.target.kind == "regression"
+    truth, grid = ground_truth(study.config.cohort.root, study.cache.grid, regression), study.cache.grid
     atlas = read_atlas(attribution.atlas, attribution.atlas_names, grid)
     classes = study.cohort.target.names
     maps = {
@@ -220,7 +217,9 @@ def _group_tests(
     baselines: list[BaselineResult],
     jobs: list[FoldModel],
 ) -> dict[str, PermutationTest]:
-    """The class 1 minus class 0 test of each method that gets one, and the linear baseline's weight test.
+    """The class 1 minus class 0 test of each method that gets one (a regression target's: the association of
+    the maps with it, an OLS t in a model with an intercept, under Freedman-Lane permutations), and the linear
+    baseline's weight test.
 
     One question for every subject: with GPUs, the tests run side by side, each on a GPU share; on CPUs in this
     process, whose threads all work on each test's sums.
@@ -228,6 +227,9 @@ def _group_tests(
     attribution, resources, seed = study.config.attribution, study.config.resources, study.config.cv.seed
     names = study.cohort.confounds  # the test adjusts for them (Freedman-Lane)
     confounds = confound_design(study.cohort.confound_table(held_out.subject_ids)) if names else None
+    regression = study.cohort.target.kind == "regression"
+    if regression:  # no confounds: the design is the intercept alone
+        confounds = np.zeros((len(held_out.subject_ids), 0))
     arguments = {
         method: (normalized[method], held_out.labels, attribution.permutations, held_out.folds, held_out.families, seed)
         + (confounds,)
@@ -244,37 +246,9 @@ def _group_tests(
         voxels = np.concatenate([job.cache.brain_voxels(job.subject_ids, study.brain) for job in jobs])
         C = float(np.median([b.C for b in baselines]))
         tests[LINEAR_BASELINE] = weight_test(
-            voxels, held_out.labels, C, attribution.permutations, held_out.families, seed
+            voxels, held_out.labels, C, attribution.permutations, held_out.families, seed, regression=regression
         )
     return tests
-
-
-def _shuffled_label_fit(
-    setup: TrainingSetup, data: TrainingData, storage: str, resources: ResourcesConfig, epochs: int
-) -> tuple[ray.train.Checkpoint, float]:
-    """Train the label-randomized model (a Ray task); its checkpoint and wall seconds (waiting included)."""
-    started = time.perf_counter()
-    checkpoint = fit(setup, data, "label_randomized", join(storage, "train"), resources, refit_epochs=epochs).checkpoint
-    return checkpoint, time.perf_counter() - started
-
-
-def start_label_randomization(study: Study, first: FoldResult) -> ray.ObjectRef | None:
-    """Start training the label-randomization check's model, so that it trains while later folds do.
-
-    The shuffled model trains like the first fold's final model (same setup, same
-    subjects, same number of epochs) on labels shuffled across all of them, so it
-    can learn nothing about the label. None when the study does not ask for it.
-    """
-    attribution = study.config.attribution
-    if attribution is None or not attribution.sanity.label_randomization:
-        return None
-    train_ids = study.folds[first.fold].train
-    shuffled_labels = np.random.default_rng(study.config.train.seed).permutation(study.labels(train_ids))
-    cache = study.fold_cache(first.fold)  # its volumes as the first fold's model read them
-    data = TrainingData(cache, [], shuffled_labels[:0], [], shuffled_labels[:0], train_ids, shuffled_labels)
-    return driving_task(_shuffled_label_fit).remote(
-        first.setup, data, study.storage, study.config.resources, first.final_epochs
-    )
 
 
 def _sanity_checks(
@@ -308,7 +282,7 @@ def _sanity_checks(
         history = pd.DataFrame(load_history(checkpoint))
         training = float(history.filter(like="epoch_seconds").sum().sum())
         seconds = {"label-randomized training": training, "Ray Train set-up": max(wall - training, 0.0)}
-        fit_accuracy = float(history["fit_accuracy"].dropna().iloc[-1])
+        fit_accuracy = float(history[FIT_SCORE[study.cohort.target.kind]].dropna().iloc[-1])
         shuffled = ray.get(task(label_randomization).remote(checkpoint, *on_subjects))
     cnn = dict(zip((job.fold for job in jobs), ray.get(deleting)))
     linear = dict(zip(deleting_linear, ray.get(list(deleting_linear.values()))))
@@ -339,7 +313,7 @@ def _deletion(
         if (baseline := baseline_of.get(job.fold)) is not None:
             weights = np.broadcast_to(np.abs(baseline.weights), (len(job.subject_ids), len(baseline.weights)))
             linear[job.fold] = task.remote(
-                LinearVoxelModel(baseline, brain).eval(),
+                LinearVoxelModel(baseline, brain, study.cohort.target.outputs).eval(),
                 job.cache,
                 job.subject_ids,
                 {LINEAR_BASELINE: top_voxels(weights, brain, seed=seed), RANDOM: blobs},

@@ -1,5 +1,6 @@
 """What every method shares: which class score a map explains (the true class, the predicted class, or class 1
-minus class 0), and a model whose parameters need no gradient while it is explained."""
+minus class 0; a regression model's predicted value), and a model whose parameters need no gradient while it is
+explained."""
 
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ def select_targets(mode: str, labels: torch.Tensor, logits: torch.Tensor) -> tor
 
 
 def class_score(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
-    """The logit of each subject's target class, or the class 1 minus class 0 logit; [batch]."""
+    """The logit of each subject's target class, or the class 1 minus class 0 logit (a regression model's one
+    output: the predicted value); [batch]."""
     if targets is None:
-        return logits[:, 1] - logits[:, 0]
+        return logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]
     return logits.gather(1, targets[:, None])[:, 0]
 
 

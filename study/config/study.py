@@ -155,9 +155,14 @@ class StudyConfig(Section):
         """What a regression target (cohort.task: regression) does not have yet, refused before any work."""
         if self.cohort.task != "regression":
             return self
+        attribution = self.attribution
         unsupported = {
-            "attribution": "set attribution: null (maps of a regression model are not built yet)"
-            if self.attribution is not None
+            "attribution.methods": "leave out perturbation (Meaningful Perturbations of a regression model are not "
+            "built yet; gradcam, guided_backprop, guided_gradcam and integrated_gradients explain the predicted value)"
+            if attribution is not None and "perturbation" in attribution.methods
+            else None,
+            "attribution.target": "use contrast, which for a regression target is the predicted value"
+            if attribution is not None and attribution.target != "contrast"
             else None,
             "cohort.confounds": "remove them (the confound tests are built for two classes)"
             if self.cohort.confounds

@@ -66,12 +66,15 @@ def write_bids_metadata(out: Path, subjects: int, seed: int, confounds: list[str
     )
 
 
-def write_ground_truth(directory: Path, effect: nib.Nifti1Image, regions: nib.Nifti1Image, planted: dict) -> None:
+def write_ground_truth(
+    directory: Path, effect: nib.Nifti1Image, regions: nib.Nifti1Image, planted: dict, prefix: str = ""
+) -> None:
     """A synthetic cohort's planted answer as a derivative dataset: ``effect_map.nii.gz`` (the effect's size per
-    voxel), ``regions.nii.gz`` (effect regions 1..n, the distractor n+1) and ``planted.json``."""
+    voxel), ``regions.nii.gz`` (effect regions 1..n, the distractor n+1) and ``planted.json``; ``prefix``
+    ``age_``: the age effect's maps beside them."""
     directory.mkdir(parents=True, exist_ok=True)
-    description = dataset_description("planted sex effects of the synthetic cohort", "derivative")
+    description = dataset_description("planted sex (and age) effects of the synthetic cohort", "derivative")
     (directory / "dataset_description.json").write_text(description)
-    nib.save(effect, str(directory / "effect_map.nii.gz"))
-    nib.save(regions, str(directory / "regions.nii.gz"))
+    nib.save(effect, str(directory / f"{prefix}effect_map.nii.gz"))
+    nib.save(regions, str(directory / f"{prefix}regions.nii.gz"))
     (directory / "planted.json").write_text(json.dumps(planted, indent=1))

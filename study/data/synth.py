@@ -244,7 +244,8 @@ def synthesize_cohort(
     effects, distractor = place_regions(rng, spec.regions)
     # Ages and their regions from generators of their own: a cohort without an age effect keeps its images.
     placed = place_regions(np.random.default_rng([spec.seed, 2]), spec.regions)[0] if spec.age_effect else []
-    aging = [replace(r, direction=-1) for r in placed]  # atrophy: the regions shrink and darken with age
+    # atrophy: the regions shrink and darken with age
+    aging = [replace(r, direction=-1, name=r.name.replace("effect", "age", 1)) for r in placed]
     n = spec.subjects
     sexes = (rng.random(n) < MALE_FRACTION).astype(int)
     sexes[:2] = [0, 1]  # both classes, whatever the size
@@ -316,7 +317,10 @@ def _write_ground_truth(
     age regions, when planted, in planted.json's ``age_regions``)."""
     grid = Grid.mni(min(spec.voxel_sizes))
     effect, labels, planted = ground_truth(grid, effects, distractor, spec.effect_size, spec.model_dump(mode="json"))
-    if aging:
+    if aging:  # the age effect's maps too (age_effect_map, age_regions: age regions 1..n, the same distractor n+1)
         planted["age_regions"] = [vars(r) for r in aging]
+        age_effect, age_labels, _ = ground_truth(grid, aging, distractor, spec.age_effect, {})
+        images = [_in_mm(nib.Nifti1Image(values, grid.affine)) for values in (age_effect, age_labels)]
+        write_ground_truth(out / GROUND_TRUTH, *images, planted, prefix="age_")
     images = [_in_mm(nib.Nifti1Image(values, grid.affine)) for values in (effect, labels)]
     write_ground_truth(out / GROUND_TRUTH, *images, planted)

@@ -51,6 +51,11 @@ class Classes:
         """``male - female``."""
         return f"{self.names[1]} - {self.names[0]}"
 
+    @property
+    def slug(self) -> str:
+        """The contrast in file names: ``male_minus_female``."""
+        return f"{self.names[1]}_minus_{self.names[0]}"
+
     def predictions(
         self, subject_ids: list[str], labels: np.ndarray, p: np.ndarray, log_odds: np.ndarray | None = None
     ) -> pd.DataFrame:
@@ -79,12 +84,28 @@ class Regression:
     column: str = "age"
     kind: ClassVar[str] = "regression"
     outputs: ClassVar[int] = 1
+    names: ClassVar[tuple[str, ...]] = ()  # no classes: group maps of everyone, tests of association
     bins: ClassVar[int] = 4  # folds balance the target's quartiles
 
     @property
     def prediction(self) -> str:
         """The prediction tables' column of the predicted value, e.g. ``predicted_age``."""
         return f"predicted_{self.column}"
+
+    @property
+    def contrast(self) -> str:
+        """What the maps' tests ask, in captions: their association with ``age``."""
+        return self.column
+
+    @property
+    def slug(self) -> str:
+        """The tests' maps in file names: ``age``."""
+        return self.column
+
+    @property
+    def positive(self) -> str:
+        """Where a positive t or weight points: ``higher age``."""
+        return f"higher {self.column}"
 
     def strata(self, values: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
         """What folds balance: the target's quartiles (fewer where values repeat), with their names."""

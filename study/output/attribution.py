@@ -34,11 +34,15 @@ def publish_attribution(
 ) -> None:
     """Maps as NIfTI (study and fold runs), tables, figures, report sections and a console summary."""
     attribution, classes = study.config.attribution, study.cohort.target
-    target = TARGETS[result.target].format(contrast=classes.contrast, column=classes.column)
+    regression = classes.kind == "regression"
+    target = f"the predicted {classes.column}" if regression else TARGETS[result.target]
+    target = target.format(contrast=classes.contrast, column=classes.column)
     deletes = DELETES[attribution.perturbation.reference]
 
     def explains(method: str) -> str:
         """What one method's maps show of the score they explain (its table's caption, under the contrast)."""
+        if regression:
+            return f"{target}: its magnitude, evidence for a higher or a lower {classes.column}"
         return METHODS[method].shows.format(target=target, deletion=deletes) if result.target == "contrast" else target
 
     if attribution.subject_nifti:
@@ -56,7 +60,7 @@ def publish_attribution(
     titled = {column: [title(m) for m in result.agreement[column]] for column in ("method_a", "method_b")}
     report.add_table("Method agreement (table)", result.agreement.assign(**titled))
     mp_deletes_to_mean = "perturbation" in result.maps and attribution.perturbation.reference == "cohort_mean"
-    _sanity_sections(report, result.sanity, mp_deletes_to_mean)
+    _sanity_sections(report, result.sanity, mp_deletes_to_mean, classes.column if regression else None)
     _console(result)
 
 
@@ -108,6 +112,12 @@ TESTED = (
     "maximum statistic over {permutations} label permutations within outer folds, exchanging whole families "
     "(PALM-style exchangeability blocks); voxels with the same value in every subject are left out of the test."
 )
+ASSOCIATED = (
+    "The t maps show voxels whose maps go with {column}: the t of {column} in a linear model of each voxel's map "
+    "with an intercept, FWER-corrected by the maximum statistic over {permutations} Freedman-Lane permutations "
+    "within outer folds, exchanging whole families (PALM-style exchangeability blocks); voxels with the same value "
+    "in every subject are left out of the test."
+)
 ADJUSTED = (
     " Adjusted for the confounds ({confounds}): the t is that of the class in a linear model with them, and the "
     "permutations follow Freedman and Lane (the maps' residuals on the confounds are permuted), so a difference "
@@ -138,7 +148,9 @@ def _maps_sections(
     """The maps beside the linear baseline's (or the baseline's alone, when only it learned), then every map."""
     classes = study.cohort.target
     tests = [m.test for name, m in result.maps.items() if m.test is not None and name != LINEAR_BASELINE]
-    if tests:
+    if tests and classes.kind == "regression":
+        how = ASSOCIATED.format(column=classes.column, permutations=tests[0].permutations)
+    elif tests:
         how = TESTED.format(positive=classes.names[1], negative=classes.names[0], permutations=tests[0].permutations)
         if tests[0].adjusted_for:
             how += ADJUSTED.format(confounds=", ".join(tests[0].adjusted_for))
@@ -222,14 +234,18 @@ DELETION_COLUMNS = {
 SHUFFLED = (
     "Similarity of maps from a model trained on shuffled labels to the real maps; high values mean the method "
     "does not depend on what the model learned. The model had the first fold's architecture, subjects and "
-    "number of epochs, with every label shuffled; its accuracy on its own shuffled labels was {accuracy:.2f}: "
+    "number of epochs, with every label shuffled; its {score} on its own shuffled labels was {accuracy:.2f}: "
     "{memorized}."
+)
+DELETION_OF_VALUE = (
+    " Here the change is that of the predicted {column}, in its unit (no class is decided), and the column names "
+    "p(decision) hold it."
 )
 MEMORIZED = "it memorized them"
 NOT_MEMORIZED = "it did not memorize them, so this check is weak: train longer or wider to make it strong"
 
 
-def _sanity_sections(report: Report, sanity: SanityChecks, mp_deletes_to_mean: bool) -> None:
+def _sanity_sections(report: Report, sanity: SanityChecks, mp_deletes_to_mean: bool, predicted: str | None) -> None:
     """Cascading randomization, the deletion check and the shuffled-label model, each with what it says."""
     flagged = ", ".join(title(m) for m in sanity.flagged)
     note = FLAGGED.format(threshold=FLAG_SPEARMAN, methods=flagged) if sanity.flagged else NOT_FLAGGED
@@ -245,14 +261,18 @@ def _sanity_sections(report: Report, sanity: SanityChecks, mp_deletes_to_mean: b
     report.add_table(
         "Sanity check: deleting what each map marks",
         shown,
-        note + (MP_OPTIMIZES_DELETION if mp_deletes_to_mean else ""),
+        note
+        + (MP_OPTIMIZES_DELETION if mp_deletes_to_mean else "")
+        + (DELETION_OF_VALUE.format(column=predicted) if predicted else ""),
     )
     if len(sanity.shuffled):
         memorized = MEMORIZED if sanity.shuffled_fit_accuracy >= 0.9 else NOT_MEMORIZED
         report.add_table(
             "Sanity check: model trained on shuffled labels",
             sanity.shuffled.assign(method=[title(m) for m in sanity.shuffled.method]),
-            SHUFFLED.format(accuracy=sanity.shuffled_fit_accuracy, memorized=memorized),
+            SHUFFLED.format(
+                score="R^2" if predicted else "accuracy", accuracy=sanity.shuffled_fit_accuracy, memorized=memorized
+            ),
         )
 
 

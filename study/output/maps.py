@@ -21,7 +21,7 @@ from study.attribution.analysis import MethodMaps
 from study.attribution.methods import LINEAR_BASELINE, title
 from study.attribution.stage import AttributionResult
 from study.attribution.stats import PermutationTest
-from study.data.targets import Classes
+from study.data.targets import Target
 from study.output.figures import brain_figure
 from study.output.tracking import Tracker
 from study.state import Study
@@ -32,7 +32,7 @@ CLASS_MAP = "{title}: mean map, {name}; explains {explains}"
 T_MAP = "{title}: {contrast} t, FWER p < 0.05 ({constant} constant voxels left out)"
 WEIGHTS_MAP = "{title}: |weights| on standardized voxels, mean over folds (top 10% of voxels)"
 WEIGHT_TEST = (
-    "{title}: {contrast}, the weights of one l2 logistic regression on all subjects (positive: a higher "
+    "{title}: {contrast}, the weights of one {model} on all subjects (positive: a higher "
     "standardized intensity points to {positive}), tested by refitting on {permutations} label permutations "
     "within families (FWER by the maximum statistic): {found} voxels at p < 0.05"
 )
@@ -103,11 +103,11 @@ def _method(log: _Logged, study: Study, result: AttributionResult, maps: MethodM
 
 
 def _t_map(
-    log: _Logged, parent: str, method: str, test: PermutationTest, result: AttributionResult, classes: Classes
+    log: _Logged, parent: str, method: str, test: PermutationTest, result: AttributionResult, classes: Target
 ) -> Captioned:
     """The class 1 minus class 0 t map and its FWER p map logged (with their voxel counts); the t map's
     figure, thresholded at p < 0.05."""
-    log(parent, np.nan_to_num(test.t), f"{method}_t_{'_minus_'.join(reversed(classes.names))}", method)
+    log(parent, np.nan_to_num(test.t), f"{method}_t_{classes.slug}", method)
     if test.permutations:
         log(parent, np.nan_to_num(test.p, nan=1.0), f"{method}_p_fwer", method)
         tested = ~np.isnan(test.p)
@@ -143,18 +143,23 @@ def _baseline(log: _Logged, study: Study, result: AttributionResult, maps: Metho
 
 
 def _weight_test(
-    log: _Logged, parent: str, test: PermutationTest, result: AttributionResult, classes: Classes
+    log: _Logged, parent: str, test: PermutationTest, result: AttributionResult, classes: Target
 ) -> Captioned:
     """The linear baseline's weight test: its maps and metrics logged, its figure."""
     method, name = LINEAR_BASELINE, title(LINEAR_BASELINE)
     weights = np.nan_to_num(test.t)
-    log(parent, weights, f"{method}_weights_{'_minus_'.join(reversed(classes.names))}", method)
+    log(parent, weights, f"{method}_weights_{classes.slug}", method)
     found = int((test.p < 0.05).sum()) if test.permutations else 0
     if test.permutations:
         log(parent, np.nan_to_num(test.p, nan=1.0), f"{method}_weights_p_fwer", method)
         log.tracker.log_metrics(parent, {f"test_voxels_fwer05_{method}": float(found)})
     caption = WEIGHT_TEST.format(
-        title=name, contrast=classes.contrast, positive=classes.positive, permutations=test.permutations, found=found
+        title=name,
+        contrast=classes.contrast,
+        model="ridge regression" if classes.kind == "regression" else "l2 logistic regression",
+        positive=classes.positive,
+        permutations=test.permutations,
+        found=found,
     ) + ("" if found else NONE_SURVIVE)
     strongest = np.abs(weights) >= np.percentile(np.abs(weights), 90)
     shown = np.where(test.p < 0.05 if found else strongest, weights, 0)

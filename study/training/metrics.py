@@ -84,6 +84,7 @@ def epoch_scores(
 
 # a final model below this accuracy (a regression's R^2) on its own training subjects never fitted them
 UNDERFIT = {"accuracy": 0.6, "R^2": 0.5}
+FIT_SCORE = {"classification": "fit_accuracy", "regression": "fit_r2"}  # how a final model fits its subjects
 SUMMARY_METRICS = ("roc_auc", "balanced_accuracy", "accuracy", "sensitivity", "specificity", "brier")
 REGRESSION_SUMMARY = ("mae", "rmse", "r", "r2")
 
