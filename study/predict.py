@@ -35,10 +35,10 @@ from study.errors import StudyError, UntrustedCodeError, VolumeError
 from study.new_images import subject_id_of
 from study.training.calibration import Calibration
 from study.training.models import model_from_record, model_record
+from study.training.regression import bias_corrected_gap
 
-SPEC_FILE = "ensemble.json"
+SPEC_FILE, MEAN_FILE = "ensemble.json", "cohort_mean.npy"  # the spec; MP's reference, when it is the cohort's mean
 ADJUSTMENT_FILE = "fold{fold}_adjustment.npz"  # a fold's confound adjustment, when the study made one
-MEAN_FILE = "cohort_mean.npy"  # Meaningful Perturbations' reference, when the study used the cohort's mean
 
 
 @dataclass
@@ -72,8 +72,7 @@ class Ensemble:
         Each fold's removal of the confounds from its images (``cv.adjust``, :mod:`study.data.adjustment`): a new
         image gets its fold's, from its own confound values, before that fold's model sees it.
     bias_lines : dict of int to (float, float), optional
-        A regression study's line (slope, intercept) of each fold's predictions on its training subjects' true
-        values: the brain-age gap's correction (:mod:`study.training.regression`).
+        A regression study's line (slope, intercept) of each fold's predictions on its training subjects.
     """
 
     models: dict[int, torch.nn.Module]
@@ -221,8 +220,8 @@ class Ensemble:
 
     def predict(self, images: pd.DataFrame, batch_size: int = 8) -> pd.DataFrame:
         """Predict every image of a table with columns ``image`` (a NIfTI path), and optionally ``subject_id`` and
-        ``brain_mask`` (a mask file, or ``mni152``, for images with the skull on); a study that removed
-        confounds from its images (:attr:`confounds`) needs a column of each, such as ``site`` and ``tiv``.
+        ``brain_mask`` (a mask file, or ``mni152``, for images with the skull on); a study that removed confounds
+        from its images (:attr:`confounds`) needs a column of each, such as ``site`` and ``tiv``.
 
         Returns one row per image (:attr:`columns`): ``subject_id``, ``image``, ``p_<class 1>`` (the ensemble's
         mean, e.g. ``p_male``), ``predicted_<label>``, ``p_<class 1>_fold<k>`` for each fold, and ``problem``: empty,
@@ -268,8 +267,9 @@ class Ensemble:
     def _gaps(self, by_fold: np.ndarray, true: float) -> dict[str, float]:
         """A regression's gap (the folds' mean prediction - the true value) and its correction: the mean over
         folds of each fold's prediction corrected by its bias line, minus the true value (NaN without one)."""
-        corrected = [(value - self.bias_lines[f][1]) / self.bias_lines[f][0] for f, value in zip(self.models, by_fold)]
-        return {"gap": float(by_fold.mean() - true), "corrected_gap": float(np.mean(corrected) - true)}
+        folds = np.array(list(self.models))
+        corrected = bias_corrected_gap(np.full(len(folds), true), by_fold, folds, self.bias_lines)
+        return {"gap": float(by_fold.mean() - true), "corrected_gap": float(np.mean(corrected))}
 
     def read_confounds(self, given: pd.DataFrame) -> pd.DataFrame:
         """Confound values as given (strings, a row per subject) as the adjustments read them: a numeric

@@ -39,7 +39,10 @@ LOCK_FILE = "running.lock"  # held by the driver that runs an execution, for as 
 
 def config_hash(config: StudyConfig) -> str:
     """Hash of everything that changes results (not resources nor where they are stored or tracked)."""
-    dumped = config.model_dump_json(exclude={"resources", "tracking", "storage_path"})
+    exclude: dict = {"resources": True, "tracking": True, "storage_path": True}
+    if config.cohort.task == "classification":  # keys that came with regression: unfinished executions resume
+        exclude |= {"cohort": {"task"}, "train": {"loss"}}
+    dumped = config.model_dump_json(exclude=exclude)
     return hashlib.sha1(dumped.encode()).hexdigest()[:12]
 
 

@@ -13,7 +13,7 @@ import torch
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
 from study.data.targets import Regression
-from study.training.calibration import Calibration
+from study.training.calibration import MIN_SLOPE, Calibration
 from study.training.metrics import regression_metrics
 from study.training.regression import (
     bias_corrected_gap,
@@ -63,13 +63,18 @@ def test_the_permutation_test_matches_a_brute_force_count_of_every_permutation_w
     assert 0.005 < exact < 0.9  # neither end, so the comparison means something
 
 
-def test_the_paired_test_is_wilcoxons_on_the_differences_of_absolute_errors():
+def test_the_paired_test_is_scipys_sign_flip_permutation_test_of_the_mean_difference():
+    rng = np.random.default_rng(5)
+    ages = rng.uniform(20, 80, 12)
+    a, b = ages + rng.normal(0, 3, 12), ages + rng.normal(0, 5, 12)
+    difference, p = paired_absolute_errors(ages, a, b, resamples=500, permutations=40000)
+    expected = np.abs(a - ages) - np.abs(b - ages)
+    assert difference.value == pytest.approx(mean_absolute_error(ages, a) - mean_absolute_error(ages, b))
+    exact = scipy.stats.permutation_test((expected,), np.mean, permutation_type="samples", n_resamples=np.inf)
+    assert p == pytest.approx(exact.pvalue, abs=0.01) and 0.01 < exact.pvalue < 0.9
     ages, good, _ = _ages(noise=4)
     bad = ages + np.random.default_rng(5).normal(0, 9, len(ages))
     difference, p = paired_absolute_errors(ages, good, bad, resamples=500)
-    expected = np.abs(good - ages) - np.abs(bad - ages)
-    assert difference.value == pytest.approx(mean_absolute_error(ages, good) - mean_absolute_error(ages, bad))
-    assert p == pytest.approx(scipy.stats.wilcoxon(expected).pvalue)
     assert difference.high < 0 and p < 0.05
     assert paired_absolute_errors(ages, good, good)[1] == 1.0
 
@@ -78,9 +83,10 @@ def test_the_verdict_reads_in_mae_and_a_cnn_worse_than_ridge_is_below_baseline()
     ages, predicted, folds = _ages(noise=3)
     noisy = ages + np.random.default_rng(3).normal(0, 12, len(ages))
     better = evaluate_regression(ages, predicted, folds, noisy, permutations=500)
-    assert better.finding == "yes" and "held-out MAE" in better.verdict and "Wilcoxon" in better.verdict
+    assert better.finding == "yes" and "held-out MAE" in better.verdict and "sign-flip permutation" in better.verdict
     worse = evaluate_regression(ages, noisy, folds, predicted, permutations=500)
-    assert worse.finding == "below_baseline"
+    assert worse.finding == "below_baseline" and "better than chance" in worse.verdict
+    assert "significantly worse than the linear baseline's" in worse.verdict and "above chance" not in worse.verdict
     chance = evaluate_regression(ages, np.random.default_rng(4).permutation(ages), folds, permutations=500)
     assert chance.finding == "none" and chance.cnn_p > 0.05
 
@@ -90,12 +96,21 @@ def test_the_gap_correction_undoes_each_folds_line():
     lines = {0: (0.6, 20.0), 1: (0.8, 10.0), 2: (0.5, 25.0)}
     predicted = np.array([lines[f][0] * a + lines[f][1] for a, f in zip(ages, folds)])
     np.testing.assert_allclose(bias_corrected_gap(ages, predicted, folds, lines), 0, atol=1e-9)
+    # a fold whose model learned too little (its line nearly flat) gets no correction, not one that blows up noise
+    flat = lines | {1: (0.1, 45.0)}
+    gaps = bias_corrected_gap(ages, predicted, folds, flat)
+    assert np.isnan(gaps[folds == 1]).all() and np.isfinite(gaps[folds != 1]).all()
 
 
 def test_folds_balance_the_targets_quartiles_and_standardize_by_training_subjects():
     ages = np.arange(20.0, 100.0)
     strata, names = Regression("age").strata(ages)
-    assert names == tuple(f"age quartile {i}" for i in (1, 2, 3, 4)) and np.bincount(strata).tolist() == [20] * 4
+    assert names == ("age 20 to 39", "age 40 to 59", "age 60 to 79", "age 80 to 99")
+    assert np.bincount(strata).tolist() == [20] * 4
+    # a floor effect (half the cohort at one value) leaves no stratum empty, which the splits would refuse
+    floored = np.concatenate([np.full(50, 20.0), np.linspace(30, 80, 50)])
+    strata, names = Regression("age").strata(floored)
+    assert np.bincount(strata).tolist() == [50, 25, 25] and names[0] == "age 20 to 20"
     standardization = Calibration.standardizing(ages[:40])
     assert standardization.bias == pytest.approx(ages[:40].mean()) and standardization.subjects == 40
     np.testing.assert_allclose(standardization.values(standardization.standardized(ages)), ages)
@@ -168,11 +183,25 @@ def test_what_a_regression_study_cannot_do_yet_is_refused_when_the_config_loads(
         study_config(tmp_path, tmp_path, cohort=cohort, **sections)
 
 
+def test_a_regression_studys_default_maps_leave_out_meaningful_perturbations_and_classes_refuse_val_mae(tmp_path):
+    from study.config.sections import AttributionConfig
+    from study.errors import ConfigError
+    from tests.test_study import study_config
+
+    config = study_config(tmp_path, tmp_path, cohort={"label": "age", "task": "regression"}, attribution={})
+    assert config.attribution.methods == [m for m in AttributionConfig().methods if m != "perturbation"]
+    search = {"space": {"lr": {"choice": [0.001]}}, "metric": "val_mae"}
+    with pytest.raises(ConfigError, match="search.metric val_mae is a regression target's"):
+        study_config(tmp_path, tmp_path, search=search)
+
+
 @pytest.mark.slow
-def test_a_brain_age_study_standardizes_tests_and_corrects_the_gap_on_training_subjects_only(tmp_path):
+@pytest.mark.parametrize("calibration", ["recenter", "none"])
+def test_a_brain_age_study_standardizes_tests_and_corrects_the_gap_on_training_subjects_only(tmp_path, calibration):
     """``run_study`` on a cohort with an age effect: each fold's model learns ages standardized by its training
-    subjects and predicts held-out ones in years; the gap's correction is the line of its own predictions on its
-    training subjects (no held-out subject in it); MLflow and the report carry the MAE, its tests and the gap."""
+    subjects and predicts held-out ones in years, corrected (``recenter``) by the line of its own predictions on
+    its training subjects, which also corrects the gap (no held-out subject in it); MLflow and the report carry the
+    MAE, its tests and the gap, and the maps (with ``recenter``) their association with age."""
     import pyarrow.fs
     import torch
 
@@ -196,8 +225,10 @@ def test_a_brain_age_study_standardizes_tests_and_corrects_the_gap_on_training_s
         tmp_path,
         root,
         cohort={"label": "age", "task": "regression"},
-        train={"loss": "huber"},
-        attribution={"methods": ["gradcam", "integrated_gradients"], "permutations": 20, "sanity": {"subjects": 2}},
+        train={"loss": "huber", "calibration": calibration, "epochs": 12, "lr": 0.003},
+        attribution={"methods": ["gradcam", "integrated_gradients"], "permutations": 20, "sanity": {"subjects": 2}}
+        if calibration == "recenter"
+        else None,
     )
     run_id = run_study(config)
     execution = study_dir(config) / "latest"
@@ -214,22 +245,29 @@ def test_a_brain_age_study_standardizes_tests_and_corrects_the_gap_on_training_s
         folds[result.fold] = result
         train = splits[result.fold].train
         train_ages = np.array([ages[s] for s in train])
-        # standardized by the fold's training subjects (never a held-out one), then, with the default
-        # train.calibration recenter, corrected by the line of the model's outputs on those training subjects
+        # standardized by the fold's training subjects (never a held-out one), then, with recenter, corrected by
+        # the line of the model's outputs on those training subjects
         training = CachedVolumes(cohort, train, train_ages)
         outputs = predict_log_odds(load_model(result.checkpoint), training, 4, precision)
         raw = outputs * train_ages.std() + train_ages.mean()  # in years, before the correction
         raw_slope, raw_intercept = np.polyfit(train_ages, raw, 1)
+        assert raw_slope >= MIN_SLOPE, "the test's model must learn enough for its line to be undone"
         assert result.fit_score("fit_raw_slope") == pytest.approx(raw_slope, rel=1e-4)
         assert result.fit_score("fit_raw_intercept") == pytest.approx(raw_intercept, rel=1e-4, abs=1e-3)
-        expected = Calibration.standardizing(train_ages).corrected_by(raw_slope, raw_intercept)
+        expected = Calibration.standardizing(train_ages)
+        if calibration == "recenter":
+            expected = expected.corrected_by(raw_slope, raw_intercept)
         assert result.calibration.temperature == pytest.approx(expected.temperature, rel=1e-4)
         assert result.calibration.bias == pytest.approx(expected.bias, rel=1e-4)
         model = load_model(result.checkpoint, calibrated=True)
         on_train = predict_log_odds(model, training, 4, precision)
-        np.testing.assert_allclose(on_train, (raw - raw_intercept) / raw_slope, rtol=1e-5)
-        slope, intercept = np.polyfit(train_ages, on_train, 1)  # as it predicts: the line is undone
-        assert slope == pytest.approx(1, rel=1e-5) and intercept == pytest.approx(0, abs=1e-4)
+        if calibration == "recenter":
+            np.testing.assert_allclose(on_train, (raw - raw_intercept) / raw_slope, rtol=1e-5)
+        slope, intercept = np.polyfit(train_ages, on_train, 1)  # as it predicts: recenter undid the line
+        if calibration == "recenter":
+            assert slope == pytest.approx(1, rel=1e-5) and intercept == pytest.approx(0, abs=1e-4)
+        else:  # the gap's correction is the line itself: no identity that a wrong wiring would also pass
+            assert slope == pytest.approx(raw_slope, rel=1e-4) and abs(slope - 1) > 1e-3
         assert result.fit_score("fit_slope") == pytest.approx(slope, rel=1e-4)
         assert result.fit_score("fit_intercept") == pytest.approx(intercept, abs=1e-3)
         test = table[table.fold == result.fold]
@@ -245,8 +283,11 @@ def test_a_brain_age_study_standardizes_tests_and_corrects_the_gap_on_training_s
     assert run.data.tags["study.finding"] in ("yes", "below_baseline", "baseline_only", "none")
     report = (execution / "report.html").read_text()
     assert "age regression from T1w MRI" in report and "held-out MAE" in report and "Predicted against true" in report
+    if calibration == "none":
+        assert not np.allclose(table.gap, table.corrected_gap)
+        return
     # maps of the predicted age, tested for their association with age, scored against the planted age regions
-    assert "whose maps go with age" in report and "its R^2 on its own shuffled labels" in report
+    assert "whose maps go with age" in report and "its r on its own shuffled labels" in report
     artifacts = {f.path for f in mlflow_client(config).list_artifacts(run_id, "maps/gradcam")}
     assert {"maps/gradcam/gradcam_t_age.nii.gz", "maps/gradcam/gradcam_mean_all.nii.gz"} <= artifacts
     assert "maps/linear_baseline/linear_baseline_weights_age.nii.gz" in {

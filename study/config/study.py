@@ -152,10 +152,16 @@ class StudyConfig(Section):
 
     @model_validator(mode="after")
     def _regression_is_supported(self) -> StudyConfig:
-        """What a regression target (cohort.task: regression) does not have yet, refused before any work."""
+        """What a regression target (cohort.task: regression) does not have yet, refused before any work; and the
+        regression-only search metric refused for classes. Attribution's default methods leave out Meaningful
+        Perturbations for a regression target."""
         if self.cohort.task != "regression":
+            if self.search is not None and self.search.metric == "val_mae":
+                raise ValueError("search.metric val_mae is a regression target's (cohort.task: regression)")
             return self
         attribution = self.attribution
+        if attribution is not None and "methods" not in attribution.model_fields_set:
+            attribution.methods = [m for m in attribution.methods if m != "perturbation"]
         unsupported = {
             "attribution.methods": "leave out perturbation (Meaningful Perturbations of a regression model are not "
             "built yet; gradcam, guided_backprop, guided_gradcam and integrated_gradients explain the predicted value)"

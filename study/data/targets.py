@@ -78,7 +78,7 @@ class Regression:
     """What a study predicts: a numeric participants-table column (``age``: brain age), in the column's unit.
 
     The network has one output: the target standardized on each fold's training subjects
-    (:func:`study.training.regression.standardization`), which each fold maps back to the unit.
+    (:meth:`study.training.calibration.Calibration.standardizing`), which each fold maps back to the unit.
     """
 
     column: str = "age"
@@ -108,11 +108,13 @@ class Regression:
         return f"higher {self.column}"
 
     def strata(self, values: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
-        """What folds balance: the target's quartiles (fewer where values repeat), with their names."""
+        """What folds balance: the target's quartiles (fewer where values repeat: each stratum holds subjects), with
+        their ranges as names (``age 20 to 34.5``)."""
         values = np.asarray(values, dtype=np.float64)
         edges = np.unique(np.quantile(values, np.linspace(0, 1, self.bins + 1)[1:-1]))
-        names = tuple(f"{self.column} quartile {i + 1}" for i in range(len(edges) + 1))
-        return np.searchsorted(edges, values, side="right"), names
+        strata = np.unique(np.searchsorted(edges, values, side="right"), return_inverse=True)[1]
+        ranges = [values[strata == k] for k in range(strata.max() + 1)]
+        return strata, tuple(f"{self.column} {r.min():g} to {r.max():g}" for r in ranges)
 
     def predictions(
         self, subject_ids: list[str], values: np.ndarray, predicted: np.ndarray, scores: np.ndarray | None = None

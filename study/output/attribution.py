@@ -271,7 +271,7 @@ def _sanity_sections(report: Report, sanity: SanityChecks, mp_deletes_to_mean: b
             "Sanity check: model trained on shuffled labels",
             sanity.shuffled.assign(method=[title(m) for m in sanity.shuffled.method]),
             SHUFFLED.format(
-                score="R^2" if predicted else "accuracy", accuracy=sanity.shuffled_fit_accuracy, memorized=memorized
+                score="r" if predicted else "accuracy", accuracy=sanity.shuffled_fit_accuracy, memorized=memorized
             ),
         )
 

@@ -132,8 +132,10 @@ def log_baseline_runs(tracker: Tracker, study: Study, baselines: list[BaselineRe
             continue
         tags = {"study.level": "baseline", "study.model": "linear", "study.fold": str(baseline.fold)}
         run_id = tracker.start_run(f"baseline fold {baseline.fold}", tags, parent=state.parent_run)
-        model = "ridge regression" if study.cohort.target.kind == "regression" else "l2 logistic regression"
-        tracker.log_params(run_id, {"model": model, "C": baseline.C, "fold": baseline.fold})
+        penalty = {"model": "l2 logistic regression", "C": baseline.C}
+        if study.cohort.target.kind == "regression":
+            penalty = {"model": "ridge regression", "alpha": 1 / baseline.C}
+        tracker.log_params(run_id, {**penalty, "fold": baseline.fold})
         tracker.log_metrics(run_id, baseline.test_metrics, prefix="test_")
         tracker.log_table(run_id, baseline.predictions, "predictions.tsv")
         tracker.end(run_id)

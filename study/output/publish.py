@@ -70,7 +70,7 @@ class Publisher:
         searched = [f"params.{k}" for k in search.space] if search else []
         methods = self.config.attribution.methods if self.config.attribution else []
         score, fold_scores = (  # a regression target's mean absolute error, else ROC AUC
-            ("mae", ["metrics.test_mae", "metrics.test_r", "metrics.fit_r2"])
+            ("mae", ["metrics.test_mae", "metrics.test_r", "metrics.fit_r"])
             if self.config.cohort.task == "regression"
             else ("roc_auc", ["metrics.test_roc_auc", "metrics.test_balanced_accuracy", "metrics.fit_accuracy"])
         )

@@ -56,6 +56,11 @@ def logit_difference(logits: torch.Tensor | np.ndarray) -> np.ndarray:
     return logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]
 
 
+# A regression fold's predictions on its own training subjects must move at least this much per unit of the
+# target for their line to be undone: below it the model learned too little, and undoing it would blow up noise.
+MIN_SLOPE = 0.2
+
+
 @dataclass(frozen=True)
 class Calibration:
     """P(class 1) = sigmoid(``temperature`` x (logit 1 - logit 0) + ``bias``): Platt scaling of a fold's model.
@@ -87,7 +92,7 @@ class Calibration:
     def corrected_by(self, slope: float, intercept: float) -> Calibration:
         """This map followed by undoing the line ``value = slope x true + intercept`` of its values: a regression
         fold's predictions corrected as brain-age studies correct them (de Lange & Cole 2020), by the line of the
-        final model's predictions on its own training subjects (``slope`` > 0)."""
+        final model's predictions on its own training subjects (``slope`` at least :data:`MIN_SLOPE`)."""
         return Calibration(self.temperature / slope, (self.bias - intercept) / slope, self.subjects)
 
     def standardized(self, values: np.ndarray) -> np.ndarray:

@@ -180,9 +180,14 @@ class Evaluation:
         return self.metric == "MAE"
 
     @property
+    def above_chance(self) -> str:
+        """Better than chance, in the metric's direction."""
+        return "better than chance" if self.lower_is_better else "above chance"
+
+    @property
     def paired_test(self) -> str:
         """The test of the CNN-minus-baseline difference."""
-        return "Wilcoxon" if self.lower_is_better else "DeLong"
+        return "sign-flip permutation" if self.lower_is_better else "DeLong"
 
     @property
     def verdict(self) -> str:
@@ -227,7 +232,8 @@ class Evaluation:
         if self.finding == "none":
             return (
                 "No finding: neither the CNN nor the linear baseline learned the task. The CNN's held-out "
-                f"{self.metric} {self.cnn} is not significantly above chance (permutation {format_p(self.cnn_p)})"
+                f"{self.metric} {self.cnn} is not significantly {self.above_chance} "
+                f"(permutation {format_p(self.cnn_p)})"
                 + (f", nor is {linear}" if linear else "")
                 + "; the maps explain models that learned nothing "
                 "about the label."
@@ -235,11 +241,11 @@ class Evaluation:
         if self.finding == "baseline_only":
             return (
                 f"The linear baseline learned the task, the CNN did not. Linear baseline: held-out {self.metric} "
-                f"{self.baseline}, above chance (permutation {format_p(self.baseline_p)}); CNN: {self.cnn}, "
+                f"{self.baseline}, {self.above_chance} (permutation {format_p(self.baseline_p)}); CNN: {self.cnn}, "
                 + (
-                    "not significantly above chance"
+                    f"not significantly {self.above_chance}"
                     if self.cnn_p >= ALPHA
-                    else "above chance but not beyond the confounds"
+                    else f"{self.above_chance} but not beyond the confounds"
                 )
                 + f" (permutation {format_p(self.cnn_p)}). The finding to read is the "
                 "linear baseline's weight map and its test; the CNN's maps explain a model that learned "
@@ -247,14 +253,15 @@ class Evaluation:
             )
         if self.finding == "below_baseline":
             return (
-                f"The CNN learned less than a linear model: its held-out {self.metric} {self.cnn} is above chance "
-                f"(permutation {format_p(self.cnn_p)}) but significantly below {linear} (difference "
+                f"The CNN learned less than a linear model: its held-out {self.metric} {self.cnn} is "
+                f"{self.above_chance} (permutation {format_p(self.cnn_p)}) but significantly "
+                f"{'worse than' if self.lower_is_better else 'below'} {linear} (difference "
                 f"{self.difference}, {self.paired_test} {format_p(self.difference_p)}). Read the linear baseline's "
                 "weight map beside the CNN's maps."
             )
         if self.baseline is None:
             return (
-                f"The CNN learned the task: held-out {self.metric} {self.cnn}, above chance (permutation "
+                f"The CNN learned the task: held-out {self.metric} {self.cnn}, {self.above_chance} (permutation "
                 f"{format_p(self.cnn_p)})."
             )
         if self.difference_p < ALPHA:
@@ -268,7 +275,7 @@ class Evaluation:
                 f"{format_p(self.difference_p)}); compare their maps"
             )
         return (
-            f"The CNN learned the task: held-out {self.metric} {self.cnn}, above chance (permutation "
+            f"The CNN learned the task: held-out {self.metric} {self.cnn}, {self.above_chance} (permutation "
             f"{format_p(self.cnn_p)}), {versus}."
         )
 

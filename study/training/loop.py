@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 from study.config import TrainConfig
 from study.data.cache import CachedVolumes, VolumeCache, collate
 from study.runtime import Precision
-from study.training.calibration import Calibration, logit_difference
+from study.training.calibration import MIN_SLOPE, Calibration, logit_difference
 from study.training.checkpoint import CHECKPOINT_FILE, Progress, save_checkpoint
 from study.training.metrics import epoch_scores
 from study.training.models import Architecture, Network
@@ -115,7 +115,7 @@ def _fit_scores(
         return epoch_scores(z, labels, "fit", None, loss)
     raw = epoch_scores(z, labels, "fit", standardization, loss)
     calibration = standardization
-    if phase.train.calibration == "recenter" and raw["fit_slope"] > 0:  # else the line is not one to undo
+    if phase.train.calibration == "recenter" and raw["fit_slope"] >= MIN_SLOPE:  # else not a line to undo
         calibration = standardization.corrected_by(raw["fit_slope"], raw["fit_intercept"])
     progress.calibration = calibration.to_dict()
     predicted = standardization.standardized(calibration.values(z))

@@ -67,6 +67,7 @@ def epoch_scores(
         return {  # the line of predicted on true values: a brain-age study's bias correction (fit_slope, ...)
             f"{prefix}_loss": regression_loss(outputs, labels, loss),
             f"{prefix}_mae": scores["mae"],
+            f"{prefix}_r": scores["r"],
             f"{prefix}_r2": scores["r2"],
             f"{prefix}_slope": float(slope),
             f"{prefix}_intercept": float(intercept),
@@ -82,9 +83,10 @@ def epoch_scores(
     }
 
 
-# a final model below this accuracy (a regression's R^2) on its own training subjects never fitted them
-UNDERFIT = {"accuracy": 0.6, "R^2": 0.5}
-FIT_SCORE = {"classification": "fit_accuracy", "regression": "fit_r2"}  # how a final model fits its subjects
+# a final model below this accuracy (a regression's Pearson r, which its correction leaves as it is) on its own
+# training subjects never fitted them
+UNDERFIT = {"accuracy": 0.6, "r": 0.7}
+FIT_SCORE = {"classification": "fit_accuracy", "regression": "fit_r"}  # how a final model fits its subjects
 SUMMARY_METRICS = ("roc_auc", "balanced_accuracy", "accuracy", "sensitivity", "specificity", "brier")
 REGRESSION_SUMMARY = ("mae", "rmse", "r", "r2")
 
@@ -103,7 +105,7 @@ def cross_fold_summary(per_fold: list[dict[str, float]], names: tuple[str, ...] 
 def fit_check(fit_scores: dict[int, float], score: str = "accuracy") -> tuple[str, str | None]:
     """Did every fold's final CNN fit its own training subjects? ``(study.fit tag, message or None)``.
 
-    ``fit_scores`` maps each outer fold to its final model's ``score`` (accuracy; a regression's R^2) on its own
+    ``fit_scores`` maps each outer fold to its final model's ``score`` (accuracy; a regression's r) on its own
     training subjects (eval mode, no augmentation). Below :data:`UNDERFIT` of it the training failed to optimize
     (not overfitting), and held-out results say nothing about what a CNN could learn from these images.
     """

@@ -10,7 +10,9 @@ tested exactly once), as for two classes (:mod:`.evaluation`):
   p value the share of permutations whose MAE is at most the observed one;
 - the CNN against the linear (ridge) baseline: the paired difference of
   absolute errors, its mean (the MAE difference) with a bootstrap interval,
-  and Wilcoxon's signed-rank test;
+  and a sign-flip permutation test of that mean (each subject's difference
+  flips its sign under the null; the direction and the p are of the same
+  mean, which a rank test's need not be);
 - the brain-age gap (predicted minus true value) with the bias correction of
   de Lange & Cole (2020): on its own training subjects, each fold's model's
   predictions are regressed on the true values (``fit_slope``,
@@ -21,8 +23,8 @@ tested exactly once), as for two classes (:mod:`.evaluation`):
 from __future__ import annotations
 
 import numpy as np
-import scipy.stats
 
+from study.training.calibration import MIN_SLOPE
 from study.training.evaluation import ALPHA, Estimate, Evaluation
 
 BOOTSTRAP = 2000  # resamples of each interval
@@ -73,25 +75,36 @@ def mae_permutation_p(
 
 
 def paired_absolute_errors(
-    values: np.ndarray, a: np.ndarray, b: np.ndarray, resamples: int = BOOTSTRAP, seed: int = 0
+    values: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    resamples: int = BOOTSTRAP,
+    permutations: int = 10000,
+    seed: int = 0,
 ) -> tuple[Estimate, float]:
-    """MAE(a) - MAE(b) on the same subjects, with its bootstrap interval, and the two-sided p value of
-    Wilcoxon's signed-rank test of the paired differences of absolute errors."""
+    """MAE(a) - MAE(b) on the same subjects, with its bootstrap interval, and the two-sided p value of a
+    sign-flip permutation test of the mean paired difference of absolute errors (as scipy's
+    ``permutation_test(permutation_type="samples")`` on one sample)."""
     values = np.asarray(values, dtype=np.float64)
     differences = np.abs(np.asarray(a) - values) - np.abs(np.asarray(b) - values)
-    rows = np.random.default_rng(seed).integers(0, len(values), size=(resamples, len(values)))
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, len(values), size=(resamples, len(values)))
     low, high = np.quantile(differences[rows].mean(axis=1), [ALPHA / 2, 1 - ALPHA / 2])
-    p = 1.0 if not np.any(differences) else float(scipy.stats.wilcoxon(differences).pvalue)
-    return Estimate(float(differences.mean()), float(low), float(high)), p
+    observed = differences.mean()
+    null = (rng.choice([-1.0, 1.0], size=(permutations, len(values))) * differences).mean(axis=1)
+    p = (1 + np.sum(np.abs(null) >= abs(observed) - 1e-12)) / (permutations + 1)
+    return Estimate(float(observed), float(low), float(high)), float(p)
 
 
 def bias_corrected_gap(
     values: np.ndarray, predicted: np.ndarray, folds: np.ndarray, lines: dict[int, tuple[float, float]]
 ) -> np.ndarray:
     """The brain-age gap, corrected for regression to the mean: ``(predicted - intercept) / slope - values``,
-    with each subject's fold's ``lines[fold] = (slope, intercept)``, fitted on that fold's training subjects."""
-    slope = np.array([lines[int(f)][0] for f in folds])
+    with each subject's fold's ``lines[fold] = (slope, intercept)``, fitted on that fold's training subjects; NaN
+    where a slope is below :data:`~study.training.calibration.MIN_SLOPE` (a model that learned too little)."""
+    slope = np.array([lines[int(f)][0] for f in folds], dtype=np.float64)
     intercept = np.array([lines[int(f)][1] for f in folds])
+    slope[~(slope >= MIN_SLOPE)] = np.nan
     return (np.asarray(predicted) - intercept) / slope - np.asarray(values)
 
 
