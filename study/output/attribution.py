@@ -187,7 +187,7 @@ REGIONS = "Regions ranked by mean normalized attribution over all held-out subje
 LOCALIZATION = (
     "Voxel ROC AUC against the planted effect, the share of the top 1% voxels inside it (chance: the effect's "
     "share of the brain), and the group map's top-1% share in the distractor, a region that varies whatever the "
-    "class (chance: its share of the brain; a method above chance there follows the data, not the model's "
+    "label (chance: its share of the brain; a method above chance there follows the data, not the model's "
     "decision)."
 )
 LOCALIZATION_COLUMNS = {
