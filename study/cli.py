@@ -165,7 +165,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("--subject-column", default=_default(CohortConfig, "subject_column"))
     validate.add_argument(
-        "--label", default=_default(CohortConfig, "label"), help="column to classify (default %(default)s)"
+        "--label", default=_default(CohortConfig, "label"), help="column to learn (default %(default)s)"
+    )
+    validate.add_argument(
+        "--task",
+        choices=["classification", "regression"],
+        default=_default(CohortConfig, "task"),
+        help="regression: the label is a number per subject, e.g. --label age (default %(default)s)",
     )
     validate.add_argument(
         "--classes",

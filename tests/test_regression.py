@@ -116,18 +116,26 @@ def test_folds_balance_the_targets_quartiles_and_standardize_by_training_subject
     np.testing.assert_allclose(standardization.values(standardization.standardized(ages)), ages)
 
 
-def test_a_regression_cohort_reads_numbers_and_names_what_is_not_one(tmp_path):
+def test_a_regression_cohort_reads_numbers_and_names_what_is_not_one(tmp_path, capsys):
+    from study.cli import main
     from study.data.cohort import CohortConfig, load_cohort
     from study.data.synth import SyntheticCohort, synthesize_cohort
     from study.tasks import map_in_process
     from tests.test_cohort import edit_table
 
-    synthesize_cohort(tmp_path, SyntheticCohort(subjects=6, voxel_sizes=(8.0,), age_effect=0.2), tasks=map_in_process)
+    synthesize_cohort(tmp_path, SyntheticCohort(subjects=6, voxel_sizes=(4.0,), age_effect=0.2), tasks=map_in_process)
     edit_table(tmp_path, lambda lines: [lines[0], lines[1].replace(lines[1].split("\t")[-1], "unknown"), *lines[2:]])
     cohort = load_cohort(CohortConfig(root=tmp_path, label="age", task="regression"))
     assert cohort.labels.dtype == np.float64 and 20 <= cohort.labels.min() and cohort.labels.max() <= 80
     assert [p.subject for p in cohort.problems] == ["0001"]
     assert "'unknown' in column 'age' is not a number; task regression needs one" in cohort.problems[0].message
+    # as a new user first types it: the ages as classes name the task that reads them
+    as_classes = load_cohort(CohortConfig(root=tmp_path, label="age"))
+    assert "(a number to predict, such as an age: cohort.task: regression)" in as_classes.problems[-1].message
+    capsys.readouterr()
+    assert main(["validate", str(tmp_path), "--label", "age", "--task", "regression"], tasks=map_in_process) == 1
+    output = capsys.readouterr()
+    assert "5 subjects OK, 1 problems in 1 subjects" in output.err and "0001" in output.out
 
 
 def test_the_maps_association_with_the_target_is_the_ols_t_of_scipys_linregress():

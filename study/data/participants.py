@@ -273,6 +273,8 @@ def _label_of(matching: Matching, sid: str, row: pd.Series) -> int | float | Pro
         if classes == SEX_CLASSES and column.casefold() not in ("sex", "gender")
         else f"declare cohort.label_mapping (e.g. {{'{raw}': {classes[1]}}})"
     )
+    if _float_or_none(raw) is not None and classes == SEX_CLASSES:  # a number where classes were expected
+        fix += " (a number to predict, such as an age: cohort.task: regression)"
     return Problem(sid, matching.table_name, f"unknown label {raw!r} in column {column!r}; use {known}, or {fix}")
 
 
