@@ -60,7 +60,8 @@ def find_images(
         if not source.exists():
             problems.append(Problem("-", str(source), "no such file or folder"))
         elif source.suffix in {".tsv", ".csv"} and source.is_file():
-            if missing := [c for c in confounds if c not in read_table(source).columns]:
+            table = read_table(source)
+            if missing := [c for c in confounds if c not in table.columns]:
                 problems.append(
                     Problem(
                         "-",
@@ -72,7 +73,6 @@ def find_images(
                 continue
             config = CohortConfig(root=source.parent, participants=source, confounds=confounds)
             cohort = load_cohort(config, labelled=False)
-            table = read_table(source)
             ids = table[config.subject_column].str.strip().str.removeprefix("sub-")
             values = {c: dict(zip(ids, table[c])) for c in known if c in table.columns}
             rows += [

@@ -164,6 +164,7 @@ class CalibratedModel(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, calibration: Calibration):
         super().__init__()
         self.model, self.temperature, self.bias = model, calibration.temperature, calibration.bias
+        self.register_buffer("offset", torch.tensor([-calibration.bias / 2, calibration.bias / 2]))
 
     @property
     def gradcam_layer(self) -> torch.nn.Module:
@@ -174,8 +175,7 @@ class CalibratedModel(torch.nn.Module):
         logits = self.model(x)
         if logits.shape[1] == 1:  # a regression target's value, in its unit
             return logits * self.temperature + self.bias
-        offset = torch.tensor([-self.bias / 2, self.bias / 2], dtype=logits.dtype, device=logits.device)
-        return logits * self.temperature + offset
+        return logits * self.temperature + self.offset.to(logits.dtype)
 
 
 def brier_score(labels: np.ndarray, p: np.ndarray) -> float:

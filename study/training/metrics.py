@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.stats
+import torch
+import torch.nn.functional as F
 from scipy.special import expit
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, mean_absolute_error, r2_score, roc_auc_score
 
@@ -47,11 +49,14 @@ def regression_metrics(values: np.ndarray, predicted: np.ndarray) -> dict[str, f
     }
 
 
-def regression_loss(outputs: np.ndarray, targets: np.ndarray, loss: str) -> float:
-    """The training loss (``train.loss``: l1, or huber with delta 1) of standardized outputs and targets, as
-    PyTorch's ``l1_loss`` and ``huber_loss`` compute it."""
-    error = np.abs(np.asarray(outputs, dtype=np.float64) - np.asarray(targets, dtype=np.float64))
-    return float(np.mean(error if loss == "l1" else np.where(error < 1, 0.5 * error**2, error - 0.5)))
+def regression_loss(outputs: torch.Tensor, targets: torch.Tensor, loss: str) -> torch.Tensor:
+    """The training loss (``train.loss``: L1, or Huber with delta 1) of standardized outputs [batch] and targets:
+    what a regression network is trained on and validated by."""
+    return F.l1_loss(outputs, targets) if loss == "l1" else F.huber_loss(outputs, targets, delta=1.0)
+
+
+def _float64(values: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(values, dtype=np.float64))
 
 
 def epoch_scores(
@@ -65,7 +70,7 @@ def epoch_scores(
         scores = regression_metrics(values, predicted)
         slope, intercept = np.polyfit(values, predicted, 1) if len(values) > 1 else (np.nan, np.nan)
         return {  # the line of predicted on true values: a brain-age study's bias correction (fit_slope, ...)
-            f"{prefix}_loss": regression_loss(outputs, labels, loss),
+            f"{prefix}_loss": float(regression_loss(_float64(outputs), _float64(labels), loss)),
             f"{prefix}_mae": scores["mae"],
             f"{prefix}_r": scores["r"],
             f"{prefix}_r2": scores["r2"],

@@ -23,6 +23,7 @@ from study.data.cache import CachedVolumes, VolumeCache, collate
 from study.runtime import Precision
 from study.training.augment import augment
 from study.training.calibration import reestimate_batchnorm
+from study.training.metrics import regression_loss
 from study.training.models import Architecture, Network, build_model
 
 
@@ -61,7 +62,8 @@ class Phase:
             collate_fn=collate,
             pin_memory=precision.pinned,
         )
-        outputs = 1 if self.dataset.labels.is_floating_point() else 2  # a regression target's standardized value
+        self.regression = self.dataset.labels.is_floating_point()  # a regression target's standardized values
+        outputs = 1 if self.regression else 2
         self.model = ray.train.torch.prepare_model(precision.model(build_model(architecture, cache.shape, outputs)))
         self.bare: torch.nn.Module = getattr(self.model, "module", self.model)
         self.step = torch.compile(self.model) if train.compile else self.model
@@ -106,7 +108,10 @@ class Phase:
                 x = augment(x, self.train.augment, self.voxel_mm, self.generator)
                 with self.precision.autocast():
                     logits = self.step(x)
-                loss = self.loss(logits.float(), y)
+                logits = logits.float()
+                loss = (
+                    regression_loss(logits[:, 0], y, self.train.loss) if self.regression else F.cross_entropy(logits, y)
+                )
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
             if self.train.clip_grad_norm:
@@ -114,21 +119,12 @@ class Phase:
             self.optimizer.step()
             self.scheduler.step()
             total_loss += loss.detach() * len(y)
-            if not y.is_floating_point():
+            if not self.regression:
                 correct += (logits.argmax(1) == y).sum()
         seen = [self.ids[i] for i in self.sampler]
         n = max(len(seen), 1)
-        accuracy = {} if self.dataset.labels.is_floating_point() else {"train_accuracy": correct.item() / n}
+        accuracy = {} if self.regression else {"train_accuracy": correct.item() / n}
         return {"train_loss": total_loss.item() / n, **accuracy, "lr": lr}, seen
-
-    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of class indices; of a regression target's standardized values (float labels), the
-        ``train.loss``: L1 or Huber (delta 1)."""
-        if not y.is_floating_point():
-            return F.cross_entropy(logits, y)
-        if self.train.loss == "l1":
-            return F.l1_loss(logits[:, 0], y)
-        return F.huber_loss(logits[:, 0], y, delta=1.0)
 
 
 def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
