@@ -58,6 +58,25 @@ def study_config(effect: float, seed: int, args: argparse.Namespace, work: Path)
     )
 
 
+def best_map(metrics: dict[str, float]) -> str:
+    """The CNN map whose group mean finds the planted regions best, and its voxel ROC AUC."""
+    located = [
+        (v, k.removeprefix("localization_roc_auc_"))
+        for k, v in metrics.items()
+        if k.startswith("localization_roc_auc_") and not k.endswith("linear_baseline")
+    ]
+    return f"{max(located)[1]} {max(located)[0]:.3f}"
+
+
+def print_ladder(rows: list[tuple], header: tuple, setting: str) -> None:
+    """The ladder's table in markdown, under a line that says its setting."""
+    print(f"\n{setting}")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def study_row(effect: float, seed: int, args: argparse.Namespace, work: Path) -> tuple:
     """One study of one cohort; its table row."""
     config = study_config(effect, seed, args, work)
@@ -66,11 +85,7 @@ def study_row(effect: float, seed: int, args: argparse.Namespace, work: Path) ->
     mlflow.set_tracking_uri(config.tracking.uri)
     run = mlflow.get_run(run_id)
     m = run.data.metrics
-    located = [
-        (v, k.removeprefix("localization_roc_auc_"))
-        for k, v in m.items()
-        if k.startswith("localization_roc_auc_") and not k.endswith("linear_baseline")
-    ]
+    located = best_map(m)
 
     def interval(name: str) -> str:
         return f"{m[name]:.2f} [{m[name + '_ci_low']:.2f}, {m[name + '_ci_high']:.2f}]"
@@ -86,7 +101,7 @@ def study_row(effect: float, seed: int, args: argparse.Namespace, work: Path) ->
         f"{m['cnn_minus_baseline_p']:.3f}",
         run.data.tags["study.finding"],
         f"{m['gap_sd']:.2f} -> {m['corrected_gap_sd']:.2f}",
-        f"{max(located)[1]} {max(located)[0]:.3f}",
+        located,
         f"{m.get('localization_roc_auc_linear_baseline', float('nan')):.3f}",
         f"{time.perf_counter() - started:.0f}",
     )
@@ -123,11 +138,8 @@ def main() -> None:
             for seed in args.seeds:
                 rows.append(study_row(effect, seed, args, Path(work)))
                 print(" | ".join(rows[-1]), flush=True)
-    print(f"\n{args.subjects} subjects, {args.voxel_size:g} mm, {args.epochs} epochs, train.loss {args.loss}")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    setting = f"{args.subjects} subjects, {args.voxel_size:g} mm, {args.epochs} epochs, train.loss {args.loss}"
+    print_ladder(rows, header, setting)
 
 
 if __name__ == "__main__":

@@ -175,10 +175,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     validate.add_argument(
         "--classes",
-        nargs=2,
-        metavar=("CLASS0", "CLASS1"),
+        nargs="+",
+        metavar="CLASS",
         default=_default(CohortConfig, "classes"),
-        help="its two classes; values are matched to them in any case (default %(default)s)",
+        help="its classes, two or more (e.g. control mci ad); values are matched to them in any case (default "
+        "%(default)s)",
     )
     validate.add_argument("--family-column", default=_default(CohortConfig, "family_column"))
     validate.add_argument("--path-column", help="column with each subject's image path (layout 'column')")
@@ -256,6 +257,15 @@ def _parser() -> argparse.ArgumentParser:
         help="brain age: ages 20 to 80 in column age, and atrophy growing with age in regions of its own, a "
         "relative loss of F at 80 (as much gain at 20); study it with cohort: {label: age, task: regression} "
         "(default %(default)s: ages 22 to 36, no effect)",
+    )
+    synth.add_argument(
+        "--group-effect",
+        type=float,
+        default=_default(SyntheticCohort, "group_effect"),
+        metavar="F",
+        help="several classes: a column group of control, subtype_a and subtype_b (a third each), each subtype "
+        "losing F of volume and intensity in regions of its own; study it with cohort: {label: group, classes: "
+        "[control, subtype_a, subtype_b]} (default %(default)s: no column)",
     )
     synth.add_argument("--seed", type=int, default=_default(SyntheticCohort, "seed"))
     return parser

@@ -242,6 +242,7 @@ def synth(args: argparse.Namespace, tasks: TaskMap) -> int:
         site_confound=args.site_confound,
         tiv_confound=args.tiv_confound,
         age_effect=args.age_effect,
+        group_effect=args.group_effect,
         seed=args.seed,
     )
     table = synthesize_cohort(args.out, spec, tasks=tasks)

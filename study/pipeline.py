@@ -33,6 +33,7 @@ from study.training.crossval import cross_validate
 from study.training.evaluation import Evaluation, evaluate
 from study.training.folds import FoldResult
 from study.training.models import build_model
+from study.training.multiclass import evaluate_multiclass
 from study.training.regression import evaluate_regression
 
 
@@ -185,9 +186,14 @@ def evaluate_folds(study: Study, results: list[FoldResult], baselines: list[Base
     """The pooled held-out predictions of the CNN and the baseline, tested (see :mod:`study.training.evaluation`)."""
     cnn = pd.concat([r.predictions.assign(fold=r.fold) for r in results], ignore_index=True)
     linear = pd.concat([b.predictions for b in baselines], ignore_index=True).set_index("subject_id")
-    p, ids = study.cohort.target.prediction, cnn.subject_id.tolist()
+    target, ids = study.cohort.target, cnn.subject_id.tolist()
+    p = target.prediction
+    if target.several:  # each class's probability
+        baseline = target.probabilities(linear.loc[cnn.subject_id]) if len(linear) else None
+        folds, seed = cnn.fold.to_numpy(), study.config.cv.seed
+        return evaluate_multiclass(study.labels(ids), target.probabilities(cnn), folds, baseline, seed=seed)
     baseline = linear.loc[cnn.subject_id, p].to_numpy() if len(linear) else None
-    if study.cohort.target.kind == "regression":
+    if target.kind == "regression":
         folds = cnn.fold.to_numpy()
         return evaluate_regression(study.labels(ids), cnn[p].to_numpy(), folds, baseline, seed=study.config.cv.seed)
     volumes = study.cache.brain_volumes_ml()

@@ -60,7 +60,7 @@ class Ensemble:
     perturbation : dict
         Meaningful Perturbations' settings, as the study's config gives them.
     outcome : Classes or Regression
-        What the study learned (the label column and its two classes, or a regression target), which names the
+        What the study learned (the label column and its classes, or a regression target), which names the
         output columns.
     cohort_mean : numpy.ndarray, optional
         The mean of the study cohort's two class means on the grid (all its subjects, held-out ones included):
@@ -187,21 +187,20 @@ class Ensemble:
     def fold_predictions(self, volumes: np.ndarray, confounds: pd.DataFrame | None = None) -> np.ndarray:
         """Calibrated P(class 1) (e.g. P(male)), or a regression target's value (e.g. age), of each fold's model
         for volumes [subjects, D, H, W] (and their subjects' confounds, a row each, when the study adjusted its
-        images for them): [subjects, folds]."""
+        images for them): [subjects, folds]; of several classes P(each class), [subjects, folds, classes]."""
         inputs = self.inputs(volumes, confounds)
-        regression = self.outcome.kind == "regression"
         outputs = [m(inputs[fold]) for fold, m in self.calibrated_models.items()]
-        return np.stack([(o[:, 0] if regression else torch.softmax(o, 1)[:, 1]).numpy() for o in outputs], axis=1)
+        scores = [o[:, 0] if self.outcome.kind == "regression" else torch.softmax(o, 1) for o in outputs]
+        p = np.stack([s.numpy() for s in scores], axis=1)  # [subjects, folds] of a regression
+        return p[:, :, 1] if self.outcome.kind == "classification" and not self.outcome.several else p
 
     @property
     def columns(self) -> list[str]:
         """The columns of :meth:`predict`'s table, e.g. p_male, predicted_sex, p_male_fold0 for a sex study;
         predicted_age, corrected_gap, gap, predicted_age_fold0 for brain age."""
-        score = self.outcome.prediction
-        folds = [f"{score}_fold{f}" for f in self.models]
-        if self.outcome.kind == "regression":
-            return ["subject_id", "image", score, "corrected_gap", "gap", *folds, "problem"]
-        return ["subject_id", "image", score, f"predicted_{self.outcome.column}", *folds, "problem"]
+        scores, folds = self.outcome.columns, [f"_fold{f}" for f in self.models]
+        end = ["corrected_gap", "gap"] if self.outcome.kind == "regression" else [f"predicted_{self.outcome.column}"]
+        return ["subject_id", "image", *scores, *end, *[s + f for s in scores for f in folds], "problem"]
 
     def signature(self) -> ModelSignature:
         """The pyfunc's input and output columns."""
@@ -214,7 +213,7 @@ class Ensemble:
                 *([ColSpec("string", self.outcome.column, required=False)] if self.bias_lines else []),
             ]
         )
-        numbers = (self.outcome.prediction, "corrected_gap", "gap")
+        numbers = ("p_", self.outcome.prediction, "corrected_gap", "gap")
         kinds = {c: "double" if c.startswith(numbers) else "string" for c in self.columns}
         return ModelSignature(inputs, Schema([ColSpec(kind, column) for column, kind in kinds.items()]))
 
@@ -225,18 +224,14 @@ class Ensemble:
 
         Returns one row per image (:attr:`columns`): ``subject_id``, ``image``, ``p_<class 1>`` (the ensemble's
         mean, e.g. ``p_male``), ``predicted_<label>``, ``p_<class 1>_fold<k>`` for each fold, and ``problem``: empty,
-        or why the image was not predicted (then the probabilities are NaN). A regression study gives
-        ``predicted_<label>`` (the folds' mean, e.g. ``predicted_age``) and, where the table has the true value (a
-        column ``age``), the brain-age gap and the gap each fold's bias line corrects (their mean).
+        or why the image was not predicted (then the probabilities are NaN); of several classes, a ``p_<class>``
+        and ``p_<class>_fold<k>`` of each. A regression study gives ``predicted_<label>`` (the folds' mean, e.g.
+        ``predicted_age``) and, where the table has the true value (a column ``age``), the brain-age gap and the gap
+        each fold's bias line corrects (their mean).
         """
-        ids = (
-            images["subject_id"].astype(str).tolist()
-            if "subject_id" in images
-            else [subject_id_of(Path(p)) for p in images["image"]]
-        )
-        columns = self.columns
-        score, folds = columns[2], [c for c in columns if c.startswith(f"{columns[2]}_fold")]
         paths = [str(p) for p in images["image"]]
+        ids = [subject_id_of(Path(p)) for p in paths]
+        ids = images["subject_id"].astype(str).tolist() if "subject_id" in images else ids
         masks = images["brain_mask"].fillna("").astype(str).tolist() if "brain_mask" in images else [""] * len(paths)
         rows = [{"subject_id": sid, "image": path, "problem": ""} for sid, path in zip(ids, paths)]
         confounds = self._confounds(images, rows)
@@ -257,19 +252,24 @@ class Ensemble:
             if volumes:
                 adjusting = confounds.iloc[ready] if confounds is not None else None
                 for i, by_fold in zip(ready, self.fold_predictions(np.stack(volumes), adjusting)):
-                    rows[i] |= {score: float(by_fold.mean()), **dict(zip(folds, map(float, by_fold)))}
-                    if self.outcome.kind == "regression":
-                        rows[i] |= self._gaps(by_fold, truth[i] if truth is not None else np.nan)
-                    else:
-                        rows[i][f"predicted_{column}"] = self.outcome.names[int(by_fold.mean() >= 0.5)]
-        return pd.DataFrame(rows, columns=columns)
+                    rows[i] |= self._row(
+                        by_fold.reshape(len(self.models), -1), truth[i] if truth is not None else np.nan
+                    )
+        return pd.DataFrame(rows, columns=self.columns)
 
-    def _gaps(self, by_fold: np.ndarray, true: float) -> dict[str, float]:
-        """A regression's gap (the folds' mean prediction - the true value) and its correction: the mean over
-        folds of each fold's prediction corrected by its bias line, minus the true value (NaN without one)."""
-        folds = np.array(list(self.models))
-        corrected = bias_corrected_gap(np.full(len(folds), true), by_fold, folds, self.bias_lines)
-        return {"gap": float(by_fold.mean() - true), "corrected_gap": float(np.mean(corrected))}
+    def _row(self, by_fold: np.ndarray, true: float) -> dict[str, float | str]:
+        """An image's columns from its folds' scores [folds, scores]: their means, each fold's, and the predicted
+        class; or a regression's gap (the folds' mean - the ``true`` value) and its correction, the mean over folds
+        of each fold's prediction corrected by its bias line, minus the true value (NaN without one)."""
+        mean, columns, folds = by_fold.mean(0), self.outcome.columns, np.array(list(self.models))
+        row = dict(zip(columns, map(float, mean))) | {
+            f"{c}_fold{f}": float(v) for k, c in enumerate(columns) for f, v in zip(folds, by_fold[:, k])
+        }
+        if self.outcome.kind == "regression":
+            corrected = bias_corrected_gap(np.full(len(folds), true), by_fold[:, 0], folds, self.bias_lines)
+            return row | {"gap": float(mean[0] - true), "corrected_gap": float(np.mean(corrected))}
+        decided = int(mean.argmax()) if self.outcome.several else int(mean[0] >= 0.5)
+        return row | {f"predicted_{self.outcome.column}": self.outcome.names[decided]}
 
     def read_confounds(self, given: pd.DataFrame) -> pd.DataFrame:
         """Confound values as given (strings, a row per subject) as the adjustments read them: a numeric

@@ -67,20 +67,22 @@ class Atlas:
     names: dict[int, str]  # label -> region name (a label without one is called by its number)
 
 
-def ground_truth(root: Path, grid: Grid, regression: bool = False) -> GroundTruth | None:
-    """The planted effect, distractor and region labels on the study grid, for a synthetic cohort (else None);
-    ``regression``: the age effect's (``study synth --age-effect``), None for a cohort without one."""
+def ground_truth(root: Path, grid: Grid, effect: str = "") -> GroundTruth | None:
+    """The planted effect, distractor and region labels on the study grid, for a synthetic cohort (else None):
+    the sex effect's, or (``effect``) the age effect's (``age``: ``study synth --age-effect``) or the subtypes'
+    (``group``: ``--group-effect``), None for a cohort without it."""
     truth_dir = ground_truth_dir(root)
     if not (truth_dir / "planted.json").exists():
         return None
     planted = json.loads((truth_dir / "planted.json").read_text())
-    if regression and "age_regions" not in planted:
+    prefix = f"{effect}_" if effect else ""
+    if f"{prefix}regions" not in planted:
         return None
-    prefix, planted_regions = ("age_", planted["age_regions"]) if regression else ("", planted["regions"])
-    effect = resample_to_grid(nib.load(truth_dir / f"{prefix}effect_map.nii.gz"), grid)
+    planted_regions, distractor = planted[f"{prefix}regions"], len(planted[f"{prefix}regions"]) + 1
+    size = resample_to_grid(nib.load(truth_dir / f"{prefix}effect_map.nii.gz"), grid)
     regions = resample_to_grid(nib.load(truth_dir / f"{prefix}regions.nii.gz"), grid, order=0).astype(int)
-    names = {r["label"]: r["name"] for r in [*planted_regions, planted["distractor"]]}
-    return GroundTruth(effect > 0.5 * effect.max(), regions == planted["distractor"]["label"], regions, names)
+    names = {r["label"]: r["name"] for r in planted_regions} | {distractor: planted["distractor"]["name"]}
+    return GroundTruth(size > 0.5 * size.max(), regions == distractor, regions, names)
 
 
 def read_atlas(atlas: Path | None, names: Path | None, grid: Grid) -> Atlas | None:

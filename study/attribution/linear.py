@@ -25,7 +25,8 @@ from study.training.baseline import BaselineResult
 
 class LinearVoxelModel(nn.Module):
     """A fold's linear baseline as a network: logits [batch, 2] = (0, w . standardized brain voxels + b), or, for a
-    regression target (``outputs`` 1), its predicted value [batch, 1].
+    regression target (``outputs`` 1), its predicted value [batch, 1]; of several classes the multinomial model's
+    logits [batch, classes].
 
     Its softmax is the logistic regression's (1 - p, p), so checks written for the CNN (the deletion check)
     run on it unchanged.
@@ -38,13 +39,18 @@ class LinearVoxelModel(nn.Module):
         self.register_buffer("voxels", torch.tensor(np.flatnonzero(brain)))
         self.register_buffer("mean", torch.tensor(baseline.voxel_mean, dtype=torch.float32))
         self.register_buffer("scale", torch.tensor(baseline.voxel_scale, dtype=torch.float32))
-        self.register_buffer("weights", torch.tensor(baseline.weights, dtype=torch.float32))
-        self.intercept = float(baseline.intercept)
+        several = baseline.class_weights is not None
+        weights = baseline.class_weights.T if several else baseline.weights
+        self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32))
+        intercept = baseline.class_intercepts if several else baseline.intercept
+        self.register_buffer("intercept", torch.tensor(intercept, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits [batch, 2] for volumes [batch, 1, D, H, W]."""
+        """Logits [batch, 2] (several classes: [batch, classes]) for volumes [batch, 1, D, H, W]."""
         v = x.reshape(len(x), -1)[:, self.voxels].float()
         logit = ((v - self.mean) / self.scale) @ self.weights + self.intercept
+        if logit.ndim == 2:
+            return logit
         return logit[:, None] if self.outputs == 1 else torch.stack([torch.zeros_like(logit), logit], dim=1)
 
 

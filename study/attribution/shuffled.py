@@ -47,7 +47,9 @@ def start_label_randomization(study: Study, first: FoldResult) -> ray.ObjectRef 
         shuffled_labels = standardization.standardized(shuffled_labels)
     cache = study.fold_cache(first.fold)  # its volumes as the first fold's model read them
     none = shuffled_labels[:0]
-    data = TrainingData(cache, [], none, [], none, train_ids, shuffled_labels, standardization)
+    data = TrainingData(
+        cache, [], none, [], none, train_ids, shuffled_labels, standardization, study.cohort.target.outputs
+    )
     return driving_task(_shuffled_label_fit).remote(
         first.setup, data, study.storage, study.config.resources, first.final_epochs
     )

@@ -199,8 +199,9 @@ def _group_analysis(
     if baselines:
         normalized[LINEAR_BASELINE] = baseline_maps({b.fold: b.weights for b in baselines}, held_out.folds)
     tests = _group_tests(study, normalized, held_out, baselines, jobs)
-    regression = study.cohort.target.kind == "regression"
-    truth, grid = ground_truth(study.config.cohort.root, study.cache.grid, regression), study.cache.grid
+    target, grid = study.cohort.target, study.cache.grid
+    effect = "age" if target.kind == "regression" else "group" if target.several else ""
+    truth = ground_truth(study.config.cohort.root, grid, effect)
     atlas = read_atlas(attribution.atlas, attribution.atlas_names, grid)
     classes = study.cohort.target.names
     maps = {
@@ -241,7 +242,7 @@ def _group_tests(
     else:
         tests = {method: permutation_test_on_device(*a) for method, a in arguments.items()}
     tests = {method: replace(test, adjusted_for=names) for method, test in tests.items()}
-    if baselines:  # the linear model's weights, refitted on all subjects and on permuted labels
+    if baselines and not study.cohort.target.several:  # the linear model's weights, refitted on permuted labels
         # each subject as its fold's models read it: with cv.adjust, adjusted by its fold's adjustment
         voxels = np.concatenate([job.cache.brain_voxels(job.subject_ids, study.brain) for job in jobs])
         C = float(np.median([b.C for b in baselines]))

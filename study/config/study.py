@@ -151,14 +151,14 @@ class StudyConfig(Section):
         return attribution
 
     @model_validator(mode="after")
-    def _regression_is_supported(self) -> StudyConfig:
-        """What a regression target (cohort.task: regression) does not have yet, refused before any work; and the
-        regression-only search metric refused for classes. Attribution's default methods leave out Meaningful
-        Perturbations for a regression target."""
+    def _target_is_supported(self) -> StudyConfig:
+        """What a regression target (cohort.task: regression) or several classes do not have yet, refused before
+        any work; and the regression-only search metric refused for classes. Attribution's default methods leave out
+        Meaningful Perturbations for a regression target."""
         if self.cohort.task != "regression":
             if self.search is not None and self.search.metric == "val_mae":
                 raise ValueError("search.metric val_mae is a regression target's (cohort.task: regression)")
-            return self
+            return self._several_classes_are_supported()
         attribution = self.attribution
         if attribution is not None and "methods" not in attribution.model_fields_set:
             attribution.methods = [m for m in attribution.methods if m != "perturbation"]
@@ -183,4 +183,27 @@ class StudyConfig(Section):
         problems = [f"{key}: {fix}" for key, fix in unsupported.items() if fix]
         if problems:
             raise ValueError(f"cohort.task regression ({self.cohort.label}): " + "; ".join(problems))
+        return self
+
+    def _several_classes_are_supported(self) -> StudyConfig:
+        """What more than two classes do not have: one contrast for every subject (maps explain each subject's true
+        class by default instead), and the confound tests."""
+        if len(self.cohort.classes) < 3:
+            return self
+        attribution = self.attribution
+        if attribution is not None and "target" not in attribution.model_fields_set:
+            attribution.target = "true_class"
+        unsupported = {
+            "attribution.target": "use true_class (the logit of each subject's own class, the default here) or "
+            "predicted_class: contrast compares two classes"
+            if attribution is not None and attribution.target == "contrast"
+            else None,
+            "cohort.confounds": "remove them (the confound tests are built for two classes)"
+            if self.cohort.confounds
+            else None,
+        }
+        problems = [f"{key}: {fix}" for key, fix in unsupported.items() if fix]
+        if problems:
+            classes = ", ".join(self.cohort.classes)
+            raise ValueError(f"{len(self.cohort.classes)} classes ({classes}): " + "; ".join(problems))
         return self

@@ -40,6 +40,10 @@ def dataset_description(name: str, dataset_type: str) -> str:
 CONFOUND_COLUMNS = {
     "site": {"Description": "scanner; B has another contrast and more noise", "Levels": {"A": "A", "B": "B"}},
     "tiv": {"Description": "total intracranial volume (as FreeSurfer's eTIV)", "Units": "ml"},
+    "group": {
+        "Description": "diagnostic group; each subtype loses volume in regions of its own",
+        "Levels": {"control": "no planted change", "subtype_a": "subtype A", "subtype_b": "subtype B"},
+    },
 }
 
 

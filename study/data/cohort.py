@@ -63,12 +63,13 @@ class CohortConfig(BaseModel):
     # relative to root, with {subject} and {session}, e.g. masks/sub-{subject}_mask.nii.gz
     brain_mask: str = "auto"
     subject_column: str = "participant_id"
-    # The column to learn: any column with two classes (sex, diagnosis, site), sex by default; with task
+    # The column to learn: any column with two or more classes (sex, diagnosis, site), sex by default; with task
     # regression a numeric column (age: brain age).
     label: str = "sex"
     task: Literal["classification", "regression"] = "classification"
-    # Its classes in model order [0, 1]; class 1 is the positive class (sensitivity, ROC) and maps contrast 1 - 0.
-    classes: tuple[str, str] = SEX_CLASSES
+    # Its classes in model order [0, 1, ...]; of two, class 1 is the positive class (sensitivity, ROC) and maps
+    # contrast 1 - 0; of more, each class is scored against the rest.
+    classes: tuple[str, ...] = Field(SEX_CLASSES, min_length=2)
     # Values of the column -> class names; the class names (any case) and, for sex, M/F need no mapping.
     label_mapping: dict[str, str] = Field(default_factory=dict)
     # Columns that could explain the label instead of the brain (site, tiv, age): numeric when every value is a
@@ -81,16 +82,16 @@ class CohortConfig(BaseModel):
 
     @field_validator("classes")
     @classmethod
-    def _classes_are_names(cls, classes: tuple[str, str]) -> tuple[str, str]:
+    def _classes_are_names(cls, classes: tuple[str, ...]) -> tuple[str, ...]:
         # Values match class names in any case; "all" names the group map of everyone (mean_all).
         if (
-            classes[0].casefold() == classes[1].casefold()
+            len({c.casefold() for c in classes}) < len(classes)
             or not all(CLASS_NAME.match(name) for name in classes)
             or "all" in (c.casefold() for c in classes)
         ):
             raise ValueError(
-                "two class names that differ in more than case, of letters, digits, _ or -, starting "
-                "with a letter, not 'all'; e.g. [control, patient]"
+                "two or more class names that differ in more than case, of letters, digits, _ or -, starting "
+                "with a letter, not 'all'; e.g. [control, patient] or [control, mci, ad]"
             )
         return classes
 

@@ -131,7 +131,7 @@ class Matching:
     table_name: str  # the table(s), as problems name them
     subject_column: str
     label_column: str | None  # None: new subjects to predict, with no label
-    classes: tuple[str, str] | None  # None: a regression target, a number per subject
+    classes: tuple[str, ...] | None  # None: a regression target, a number per subject
     label_mapping: dict[str, str]  # table values -> class names
     family_column: str | None
     confound_columns: tuple[str, ...]  # cohort.confounds: each subject needs a value in each
@@ -269,7 +269,7 @@ def _label_of(matching: Matching, sid: str, row: pd.Series) -> int | float | Pro
         return label
     known = " or ".join(["/".join(classes), *(["M/F"] if classes == SEX_CLASSES else [])])
     fix = (
-        f"set cohort.classes to the two classes of column {column!r} (e.g. [control, patient])"
+        f"set cohort.classes to the classes of column {column!r} (e.g. [control, patient])"
         if classes == SEX_CLASSES and column.casefold() not in ("sex", "gender")
         else f"declare cohort.label_mapping (e.g. {{'{raw}': {classes[1]}}})"
     )
@@ -278,7 +278,7 @@ def _label_of(matching: Matching, sid: str, row: pd.Series) -> int | float | Pro
     return Problem(sid, matching.table_name, f"unknown label {raw!r} in column {column!r}; use {known}, or {fix}")
 
 
-def parse_label(value: str, classes: tuple[str, str], mapping: dict[str, str]) -> int | None:
+def parse_label(value: str, classes: tuple[str, ...], mapping: dict[str, str]) -> int | None:
     """The class index of a table value: declared in ``mapping``, a class name (any case), or M/F for sex."""
     known = {name.lower(): name for name in classes}
     if classes == SEX_CLASSES:

@@ -14,8 +14,11 @@ which leaves after registration to MNI152 not a size but a diffuse pattern: a
 larger head has relatively less cortex, an allometry). Images are written as
 real ones arrive: at mixed voxel sizes, in RAS, LAS or axis-permuted voxel
 order and with shifted origins, all still registered to MNI152 in world space,
-so that preprocessing is exercised rather than the identity. The planted effect
-is saved as a ground truth, which is what lets the project score attribution methods.
+so that preprocessing is exercised rather than the identity. Other targets get
+effects of their own: atrophy growing with age (brain age), and subtypes of a
+three-class ``group`` column that each lose volume in regions of their own. The
+planted effects are saved as a ground truth, which is what lets the project score
+attribution methods.
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ class SyntheticCohort(Params):
     # Brain age: ages 20 to 80, and atrophy in regions of their own that grows with age: a relative volume and
     # intensity loss of this much at 80, as much gain at 20 (0 at 50); 0: ages 22 to 36, no effect
     age_effect: float = Field(0.0, ge=0)
+    # Several classes: a column group of control, subtype_a and subtype_b (a third each); each subtype loses this
+    # much volume and intensity in regions of its own (``regions`` each); 0: no column
+    group_effect: float = Field(0.0, ge=0)
     deformation_mm: float = Field(2.0, ge=0)  # sd of the smooth deformation (half shared within a family)
     scale_sd: float = Field(0.04, ge=0)  # sd of the global size (drawn within 2 sd)
     bias: float = Field(0.1, ge=0)  # sd of the log bias field
@@ -82,32 +88,19 @@ class _Fields:
     displacement: np.ndarray  # (3, D, H, W) signed sum of profile x offset from each effect centre
     distractor_weight: np.ndarray
     distractor_displacement: np.ndarray
-    age_weight: np.ndarray  # the same of the age regions (zeros: no age effect)
-    age_displacement: np.ndarray
+    others: tuple[tuple[np.ndarray, np.ndarray], ...]  # the same of each other effect's regions (Scan.changes)
     allometry: np.ndarray  # -1 in the outer 10 mm of the brain (cortex), +1 deeper, smoothed
 
 
 def _fields(
-    voxel_mm: float, effects: list[PlantedRegion], distractor: PlantedRegion, aging: list[PlantedRegion]
+    voxel_mm: float, effects: list[PlantedRegion], distractor: PlantedRegion, others: list[list[PlantedRegion]]
 ) -> _Fields:
     grid = Grid.mni(voxel_mm)
-    weight, displacement = profiles(grid, effects)
-    distractor_weight, distractor_displacement = profiles(grid, [distractor])
-    age_weight, age_displacement = profiles(grid, aging)
     template = brain_template(grid)
     depth_mm = ndimage.distance_transform_edt(template > 0) * voxel_mm
     allometry = ndimage.gaussian_filter(np.where(depth_mm < 10, -1.0, 1.0), 4 / voxel_mm).astype(np.float32)
-    return _Fields(
-        grid,
-        template,
-        weight,
-        displacement,
-        distractor_weight,
-        distractor_displacement,
-        age_weight,
-        age_displacement,
-        allometry,
-    )
+    planted = (profiles(grid, effects), profiles(grid, [distractor]))  # (weight, displacement) each
+    return _Fields(grid, template, *planted[0], *planted[1], tuple(profiles(grid, r) for r in others), allometry)
 
 
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], control: int, scale: float) -> np.ndarray:
@@ -139,11 +132,14 @@ def _subject_volume(
     distractor = rng.normal(0.0, spec.distractor)
     # Sampling closer to a region's centre enlarges it (direction +1), farther shrinks it.
     coords -= effect * fields.displacement + distractor * fields.distractor_displacement
-    if scan.aging:
-        coords -= scan.aging * fields.age_displacement
+    changed = [(change, *field) for change, field in zip(scan.changes, fields.others) if change]
+    for change, _, other_displacement in changed:
+        coords -= change * other_displacement
     volume = ndimage.map_coordinates(fields.template, coords, order=1, mode="constant", cval=0.0)
     inside = volume > 0.05 * fields.template.max()
-    volume *= 1.0 + effect * fields.weight + distractor * fields.distractor_weight + scan.aging * fields.age_weight
+    volume *= 1.0 + effect * fields.weight + distractor * fields.distractor_weight
+    for change, other_weight, _ in changed:
+        volume += volume * change * other_weight
     volume *= 1.0 + ALLOMETRY * scan.log_tiv * fields.allometry
     volume *= np.exp(_smooth_field(rng, shape, 4, spec.bias))
     typical = float(np.median(fields.template[fields.template > 0]))
@@ -156,12 +152,12 @@ def _subject_volume(
 
 @dataclass(frozen=True)
 class Scan:
-    """What a subject's confounds do to its image: the scanner, its log intracranial volume about the median, and
-    (with an age effect) its age's atrophy."""
+    """What a subject's confounds and other effects do to its image: the scanner, its log intracranial volume about
+    the median, and the change of each other effect's regions (its age's atrophy, its subtype's)."""
 
     scanner_b: bool = False
     log_tiv: float = 0.0
-    aging: float = 0.0  # relative volume and intensity change of the age regions (negative: atrophy)
+    changes: tuple[float, ...] = ()  # relative volume and intensity change of each _Fields.others' regions
 
 
 def _confounds(spec: SyntheticCohort, males: np.ndarray) -> list[Scan]:
@@ -242,10 +238,12 @@ def synthesize_cohort(
     """
     rng = np.random.default_rng(spec.seed)
     effects, distractor = place_regions(rng, spec.regions)
-    # Ages and their regions from generators of their own: a cohort without an age effect keeps its images.
-    placed = place_regions(np.random.default_rng([spec.seed, 2]), spec.regions)[0] if spec.age_effect else []
-    # atrophy: the regions shrink and darken with age
-    aging = [replace(r, direction=-1, name=r.name.replace("effect", "age", 1)) for r in placed]
+    # Other effects' regions from generators of their own: a cohort without them keeps its images. Atrophy: the
+    # regions shrink and darken with age, or in a subtype.
+    others = {
+        name: [replace(r, direction=-1, name=r.name.replace("effect", name, 1)) for r in regions]
+        for name, regions in _other_regions(spec).items()
+    }
     n = spec.subjects
     sexes = (rng.random(n) < MALE_FRACTION).astype(int)
     sexes[:2] = [0, 1]  # both classes, whatever the size
@@ -256,13 +254,17 @@ def synthesize_cohort(
     ids = [f"{i + 1:04d}" for i in range(n)]
     out.mkdir(parents=True, exist_ok=True)
 
-    fields = {v: _fields(v, effects, distractor, aging) for v in sorted(set(voxel_sizes))}
+    fields = {v: _fields(v, effects, distractor, list(others.values())) for v in sorted(set(voxel_sizes))}
     paths = [out / f"sub-{sid}/anat/sub-{sid}_T1w.nii.gz" for sid in ids]
     seeds = [(int(subject_seeds[i]), family_seeds[families[i]]) for i in range(n)]
     ages = np.random.default_rng([spec.seed, 3]).uniform(20, 80, size=n).round(1)
-    scans = _confounds(spec, sexes)
+    groups = np.random.default_rng([spec.seed, 5]).permutation(np.arange(n) % len(GROUPS))
+    changes = np.zeros((n, 0))
     if spec.age_effect:  # +effect at 20, 0 at 50, -effect at 80 (the regions' direction makes it atrophy)
-        scans = [replace(scan, aging=float(spec.age_effect * (age - 50) / 30)) for scan, age in zip(scans, ages)]
+        changes = np.column_stack([changes, spec.age_effect * (ages - 50) / 30])
+    if spec.group_effect:  # each subtype its own regions' atrophy
+        changes = np.column_stack([changes, spec.group_effect * (groups[:, None] == np.arange(1, len(GROUPS)))])
+    scans = [replace(scan, changes=tuple(map(float, c))) for scan, c in zip(_confounds(spec, sexes), changes)]
     args = [(voxel_sizes[i], spec, paths[i], bool(sexes[i]), *seeds[i], scans[i]) for i in range(n)]
     for _, _, error in tasks(_write_subject, args, desc="synthesizing", shared=(fields,)):
         if error is not None:
@@ -272,16 +274,33 @@ def synthesize_cohort(
         ages = rng.integers(22, 37, size=n)
     columns = {"participant_id": [f"sub-{sid}" for sid in ids], "sex": ["M" if m else "F" for m in sexes]}
     columns |= {"family_id": families, "age": [str(a) for a in ages]}
+    if spec.group_effect:
+        columns["group"] = [GROUPS[g] for g in groups]
     if spec.site_confound > 0:
         columns["site"] = ["B" if scan.scanner_b else "A" for scan in scans]
     if spec.tiv_confound > 0:
         columns["tiv"] = [f"{TIV_ML * np.exp(scan.log_tiv):.0f}" for scan in scans]
     rows = ["\t".join(columns)] + ["\t".join(values) for values in zip(*columns.values())]
-    write_bids_metadata(out, spec.subjects, spec.seed, [c for c in ("site", "tiv") if c in columns])
-    _write_ground_truth(out, spec, effects, distractor, aging)
+    write_bids_metadata(out, spec.subjects, spec.seed, [c for c in ("site", "tiv", "group") if c in columns])
+    _write_ground_truth(out, spec, effects, distractor, others)
     # The table is what says the cohort is complete (prepare_cohort generates a cohort without one): last, whole.
     replace_atomically(out / "participants.tsv", lambda tmp: tmp.write_text("\n".join(rows) + "\n"))
     return out / "participants.tsv"
+
+
+GROUPS = ("control", "subtype_a", "subtype_b")  # the classes of study synth --group-effect's column group
+
+
+def _other_regions(spec: SyntheticCohort) -> dict[str, list[PlantedRegion]]:
+    """The regions of the age effect (``age``) and of each subtype's (``subtype_a``, ...), where planted."""
+    regions = {}
+    if spec.age_effect:
+        regions["age"] = place_regions(np.random.default_rng([spec.seed, 2]), spec.regions)[0]
+    if spec.group_effect:
+        placed = place_regions(np.random.default_rng([spec.seed, 4]), spec.regions * (len(GROUPS) - 1))[0]
+        for index, name in enumerate(GROUPS[1:]):
+            regions[name] = placed[index * spec.regions : (index + 1) * spec.regions]
+    return regions
 
 
 def _families(rng: np.random.Generator, subjects: int, sibling_fraction: float) -> list[str]:
@@ -311,16 +330,19 @@ def _write_ground_truth(
     spec: SyntheticCohort,
     effects: list[PlantedRegion],
     distractor: PlantedRegion,
-    aging: list[PlantedRegion],
+    others: dict[str, list[PlantedRegion]],
 ) -> None:
-    """The planted answer, on the MNI grid of the finest voxel size, as the cohort's ground-truth derivative (the
-    age regions, when planted, in planted.json's ``age_regions``)."""
+    """The planted answer, on the MNI grid of the finest voxel size, as the cohort's ground-truth derivative; the
+    age and subtype effects, when planted, beside it: ``age_effect_map``, ``age_regions`` (regions 1..n, the same
+    distractor n+1) and planted.json's ``age_regions``; ``group_...`` for all subtypes' regions."""
     grid = Grid.mni(min(spec.voxel_sizes))
     effect, labels, planted = ground_truth(grid, effects, distractor, spec.effect_size, spec.model_dump(mode="json"))
-    if aging:  # the age effect's maps too (age_effect_map, age_regions: age regions 1..n, the same distractor n+1)
-        planted["age_regions"] = [vars(r) for r in aging]
-        age_effect, age_labels, _ = ground_truth(grid, aging, distractor, spec.age_effect, {})
-        images = [_in_mm(nib.Nifti1Image(values, grid.affine)) for values in (age_effect, age_labels)]
-        write_ground_truth(out / GROUND_TRUTH, *images, planted, prefix="age_")
+    ages, subtypes = others.get("age", []), [r for name in GROUPS[1:] for r in others.get(name, [])]
+    for prefix, regions, size in (("age", ages, spec.age_effect), ("group", subtypes, spec.group_effect)):
+        if regions:  # labelled 1..n as placed, the distractor n + 1
+            planted[f"{prefix}_regions"] = [vars(r) for r in regions]
+            values = ground_truth(grid, regions, replace(distractor, label=len(regions) + 1), size, {})[:2]
+            images = [_in_mm(nib.Nifti1Image(v, grid.affine)) for v in values]
+            write_ground_truth(out / GROUND_TRUTH, *images, planted, prefix=f"{prefix}_")
     images = [_in_mm(nib.Nifti1Image(values, grid.affine)) for values in (effect, labels)]
     write_ground_truth(out / GROUND_TRUTH, *images, planted)

@@ -1,4 +1,5 @@
-"""What a study learns: two classes of a participants-table column, or a numeric column (a regression target).
+"""What a study learns: two or more classes of a participants-table column, or a numeric column (a regression
+target).
 
 :class:`Classes` and :class:`Regression` name the column, the network's outputs, the prediction tables'
 columns, and what the folds balance; every stage reads the study's one :data:`Target`.
@@ -17,21 +18,41 @@ from study.data.participants import SEX_CLASSES
 
 @dataclass(frozen=True)
 class Classes:
-    """What a study tells apart: a participants-table column and its two classes, in model order [0, 1].
+    """What a study tells apart: a participants-table column and its classes, in model order [0, 1, ...].
 
-    Class 1 is the positive class of every metric (sensitivity, ROC AUC) and the
-    first term of every difference of maps (class 1 - class 0).
+    Of two classes, class 1 is the positive class of every metric (sensitivity, ROC AUC) and the first term of
+    every difference of maps (class 1 - class 0). Of more (:attr:`several`), each class is scored against the
+    rest (macro one-vs-rest ROC AUC) and every subject gets a probability of each.
     """
 
     column: str = "sex"
-    names: tuple[str, str] = SEX_CLASSES
+    names: tuple[str, ...] = SEX_CLASSES
     kind: ClassVar[str] = "classification"
-    outputs: ClassVar[int] = 2  # the network's logits, one per class
+
+    @property
+    def outputs(self) -> int:
+        """The network's logits, one per class."""
+        return len(self.names)
+
+    @property
+    def several(self) -> bool:
+        """More than two classes: probabilities of each, one-vs-rest scores, no single contrast."""
+        return len(self.names) > 2
 
     @property
     def prediction(self) -> str:
-        """The prediction tables' column of what the model says of each subject: P(class 1)."""
-        return self.p
+        """The prediction tables' column of what the model says of each subject: P(class 1) (of several classes,
+        the predicted class)."""
+        return "predicted" if self.several else self.p
+
+    @property
+    def columns(self) -> list[str]:
+        """The prediction tables' probability columns: ``p_male``; of several classes, one per class."""
+        return [f"p_{name}" for name in self.names] if self.several else [self.p]
+
+    def probabilities(self, table: pd.DataFrame) -> np.ndarray:
+        """A prediction table's P(class 1) [subjects], or of several classes P(each class) [subjects, classes]."""
+        return table[self.columns].to_numpy(np.float64) if self.several else table[self.p].to_numpy(np.float64)
 
     def strata(self, labels: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
         """What folds balance: the classes, with their names."""
@@ -48,29 +69,25 @@ class Classes:
 
     @property
     def contrast(self) -> str:
-        """``male - female``."""
-        return f"{self.names[1]} - {self.names[0]}"
+        """``male - female``; of several classes, each against the rest."""
+        return "each class - the rest" if self.several else f"{self.names[1]} - {self.names[0]}"
 
     @property
     def slug(self) -> str:
         """The contrast in file names: ``male_minus_female``."""
-        return f"{self.names[1]}_minus_{self.names[0]}"
+        return "each_class_minus_rest" if self.several else f"{self.names[1]}_minus_{self.names[0]}"
 
     def predictions(
         self, subject_ids: list[str], labels: np.ndarray, p: np.ndarray, log_odds: np.ndarray | None = None
     ) -> pd.DataFrame:
         """A held-out prediction table: subject_id, the true class, P(class 1), the predicted class and, when given,
-        the model's log-odds of class 1 before calibration."""
-        names = np.array(self.names)
-        table = pd.DataFrame(
-            {
-                "subject_id": subject_ids,
-                self.column: names[np.asarray(labels, int)],
-                self.p: p,
-                "predicted": names[(np.asarray(p) >= 0.5).astype(int)],
-            }
-        )
-        return table if log_odds is None else table.assign(log_odds=log_odds)
+        the model's log-odds of class 1 before calibration. Of several classes ``p`` is [subjects, classes]: a
+        column of each class's probability, and the most probable class."""
+        names, p = np.array(self.names), np.asarray(p)
+        predicted = p.argmax(1) if self.several else (p >= 0.5).astype(int)
+        table = pd.DataFrame({"subject_id": subject_ids, self.column: names[np.asarray(labels, int)]})
+        table = table.assign(**dict(zip(self.columns, p.T if self.several else [p])), predicted=names[predicted])
+        return table if log_odds is None or self.several else table.assign(log_odds=log_odds)
 
 
 @dataclass(frozen=True)
@@ -84,6 +101,7 @@ class Regression:
     column: str = "age"
     kind: ClassVar[str] = "regression"
     outputs: ClassVar[int] = 1
+    several: ClassVar[bool] = False  # not several classes
     names: ClassVar[tuple[str, ...]] = ()  # no classes: group maps of everyone, tests of association
     bins: ClassVar[int] = 4  # folds balance the target's quartiles
 
@@ -91,6 +109,11 @@ class Regression:
     def prediction(self) -> str:
         """The prediction tables' column of the predicted value, e.g. ``predicted_age``."""
         return f"predicted_{self.column}"
+
+    @property
+    def columns(self) -> list[str]:
+        """The prediction tables' score columns: the predicted value's."""
+        return [self.prediction]
 
     @property
     def contrast(self) -> str:

@@ -127,6 +127,12 @@ UNTESTED = (
     "No {contrast} test: with target {target} the maps of each class explain different scores, so their "
     "difference would be there by construction; set attribution.target: contrast."
 )
+UNTESTED_SEVERAL = (
+    "No test between classes: with target {target} each subject's map explains its own class's score, so the "
+    "classes' maps answer different questions and their difference would be there by construction. Each class's "
+    "mean map shows where the network finds that class. The linear baseline's map is the root mean square of its "
+    "classes' weights, not tested."
+)
 GRADCAM_DETAIL = (
     " Grad-CAM shows no detail finer than {network}'s last feature map: {d}x{h}x{w} voxels, one every {spacing:.0f} "
     "mm on this grid."
@@ -154,6 +160,8 @@ def _maps_sections(
         how = TESTED.format(positive=classes.names[1], negative=classes.names[0], permutations=tests[0].permutations)
         if tests[0].adjusted_for:
             how += ADJUSTED.format(confounds=", ".join(tests[0].adjusted_for))
+    elif classes.several:
+        how = UNTESTED_SEVERAL.format(target=result.target)
     else:
         how = UNTESTED.format(contrast=classes.contrast, target=result.target)
     if "gradcam" in result.maps:

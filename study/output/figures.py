@@ -17,9 +17,10 @@ from study.training.calibration import reliability_bins
 
 
 def roc_figure(
-    curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str, classes: tuple[str, str] = ("female", "male")
+    curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str, classes: tuple[str, ...] = ("female", "male")
 ) -> Figure:
-    """ROC curves, one per name: ``{name: (labels, P(class 1))}``; class 1 of ``classes`` is positive."""
+    """ROC curves, one per name: ``{name: (labels, P(class 1))}``; class 1 of ``classes`` is positive (of several
+    classes, each curve's class against the rest: :func:`one_vs_rest`)."""
     fig = Figure(figsize=(4.2, 4.2), dpi=110)
     ax = fig.subplots()
     for name, (labels, scores) in curves.items():
@@ -27,7 +28,7 @@ def roc_figure(
             fpr, tpr, _ = roc_curve(labels, scores)
             ax.plot(fpr, tpr, lw=1.5, label=name)
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
-    negative, positive = classes
+    negative, positive = classes if len(classes) == 2 else ("the rest", "the class")
     ax.set(
         xlabel=f"1 - specificity ({negative} called {positive})",
         ylabel=f"sensitivity ({positive} called {positive})",
@@ -39,6 +40,21 @@ def roc_figure(
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def one_vs_rest(
+    classes: tuple[str, ...], labels: np.ndarray, p: np.ndarray, name: str = ""
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """:func:`roc_figure`'s curves of P(class 1) [subjects], or of several classes' P [subjects, classes] one curve
+    per class against the rest (``name``, then the class)."""
+    if np.ndim(p) == 1:
+        return {name: (labels, p)}
+    return {f"{name} {c}".strip(): (np.asarray(labels) == k, p[:, k]) for k, c in enumerate(classes)}
+
+
+def decided(p: np.ndarray) -> np.ndarray:
+    """The class each subject is called: P(class 1) >= 0.5, or of several classes the most probable."""
+    return np.argmax(p, axis=1) if np.ndim(p) == 2 else (np.asarray(p) >= 0.5).astype(int)
 
 
 def reliability_figure(
@@ -67,36 +83,25 @@ def reliability_figure(
     return fig
 
 
-def confusion_figure(metrics: dict[str, float], title: str, classes: tuple[str, str] = ("female", "male")) -> Figure:
-    """The 2x2 confusion matrix of a fold (rows: true class, columns: predicted class)."""
-    matrix = np.array(
-        [
-            [metrics["true_negatives"], metrics["false_positives"]],
-            [metrics["false_negatives"], metrics["true_positives"]],
-        ]
-    )
-    fig = Figure(figsize=(3.4, 3.0), dpi=110)
-    ax = fig.subplots()
-    ax.imshow(matrix, cmap="Blues")
-    for (i, j), count in np.ndenumerate(matrix):
-        ax.text(
-            j,
-            i,
-            int(count),
-            ha="center",
-            va="center",
-            color="white" if count > matrix.max() / 2 else "black",
-            fontsize=12,
-        )
-    ax.set(
-        xticks=[0, 1],
-        yticks=[0, 1],
-        xticklabels=list(classes),
-        yticklabels=list(classes),
-        xlabel="predicted",
-        ylabel="true",
-        title=title,
-    )
+def confusion_figure(
+    matrices: dict[str, np.ndarray], classes: tuple[str, ...] = ("female", "male"), title: str = ""
+) -> Figure:
+    """Confusion matrices side by side, one per name (rows: true class, columns: predicted class), each cell's
+    count with its share of the true class."""
+    fig = Figure(figsize=(0.4 + (1.1 + 0.75 * len(classes)) * len(matrices), 0.9 + 0.75 * len(classes)), dpi=110)
+    axes = np.atleast_1d(fig.subplots(1, len(matrices)))
+    for ax, (name, matrix) in zip(axes, matrices.items()):
+        shares = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+        ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+        for (i, j), count in np.ndenumerate(matrix):
+            color = "white" if shares[i, j] > 0.5 else "black"
+            ax.text(j, i, f"{int(count)}\n{shares[i, j]:.0%}", ha="center", va="center", color=color, fontsize=9)
+        ticks = list(range(len(classes)))
+        ax.set(xticks=ticks, yticks=ticks, xticklabels=list(classes), yticklabels=list(classes))
+        ax.set(xlabel="predicted", ylabel="true", title=name)
+        ax.tick_params(axis="x", labelrotation=30 if len(classes) > 2 else 0)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -9,10 +9,11 @@ ROC curve, confusion matrix and model (:func:`publish_fold`).
 from __future__ import annotations
 
 import pandas as pd
+from sklearn.metrics import confusion_matrix
 
 from study.output import regression
 from study.output.console import say
-from study.output.figures import confusion_figure, roc_figure
+from study.output.figures import confusion_figure, decided, one_vs_rest, roc_figure
 from study.output.models import log_model
 from study.output.tracking import Tracker, is_tracking_failure
 from study.output.trials import publish_search
@@ -76,16 +77,19 @@ def publish_fold(tracker: Tracker, study: Study, result: FoldResult, times: Stag
         if len(rows):
             tracker.log_history(run_id, rows, step, only_new=True)
     tracker.log_metrics(run_id, result.test_metrics, prefix="test_")
+    target, name = study.cohort.target, f"fold {result.fold}"
     if result.calibration.subjects:
         calibration = result.calibration.to_dict()
-        tracker.log_metrics(run_id, {f"calibration_{k}": v for k, v in calibration.items()})
+        biases = dict(zip((f"calibration_bias_{c}" for c in target.names), calibration.pop("class_bias", [])))
+        tracker.log_metrics(run_id, {f"calibration_{k}": v for k, v in calibration.items()} | biases)
     tracker.log_table(run_id, result.predictions, "predictions.tsv")
-    target, name = study.cohort.target, f"fold {result.fold}"
     if target.kind == "classification":
         labels = study.labels(result.predictions.subject_id.tolist())
-        roc = roc_figure({name: (labels, result.predictions[target.p])}, f"ROC, {name}", target.names)
+        p = target.probabilities(result.predictions)
+        roc = roc_figure(one_vs_rest(target.names, labels, p, name), f"ROC, {name}", target.names)
         tracker.log_figure(run_id, roc, "roc.png")
-        tracker.log_figure(run_id, confusion_figure(result.test_metrics, name, target.names), "confusion.png")
+        matrix = confusion_matrix(labels, decided(p), labels=range(len(target.names)))
+        tracker.log_figure(run_id, confusion_figure({name: matrix}, target.names), "confusion.png")
     with times.stage("MLflow model logging"):
         log_model(tracker, run_id, load_model(result.checkpoint), study.cache.shape)
     tracker.end(run_id)
@@ -106,6 +110,11 @@ def _fold_line(study: Study, result: FoldResult) -> str:
     if refit := result.epochs("refit"):
         phases.append(f"{refit} epochs on all {len(study.folds[result.fold].train)} training subjects")
     m = result.test_metrics
+    if study.cohort.target.several:
+        return (
+            f"{' + '.join(phases)}; training accuracy {result.fit_accuracy:.2f}; test macro ROC AUC "
+            f"{m['roc_auc']:.3f}, balanced accuracy {m['balanced_accuracy']:.3f} [{sum(result.seconds.values()):.0f} s]"
+        )
     if study.cohort.target.kind == "regression":
         return f"{' + '.join(phases)}; {regression.fold_line(result)} [{sum(result.seconds.values()):.0f} s]"
     return (

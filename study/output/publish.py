@@ -26,6 +26,7 @@ from study.output.classification import publish_classification
 from study.output.console import say
 from study.output.folds import live_curves, open_fold_runs, publish_fold
 from study.output.models import log_ensemble
+from study.output.multiclass import publish_multiclass
 from study.output.provenance import config_yaml, git_commit, shareable, source_tags, versions
 from study.output.regression import publish_regression
 from study.output.report import Report
@@ -167,8 +168,10 @@ class Publisher:
             {
                 "n_subjects": len(study.cohort.subjects),
                 **(
-                    {f"n_{target.positive}": int(study.cohort.labels.sum())}
-                    if (target := study.cohort.target).kind == "classification"
+                    {f"n_{c}": int((study.cohort.labels == k).sum()) for k, c in enumerate(target.names)}
+                    if (target := study.cohort.target).several
+                    else {f"n_{target.positive}": int(study.cohort.labels.sum())}
+                    if target.kind == "classification"
                     else {}
                 ),
                 "n_excluded": len(prepared.excluded),
@@ -211,7 +214,14 @@ class Publisher:
         self, study: Study, results: list[FoldResult], baselines: list[BaselineResult], evaluation: Evaluation
     ) -> None:
         """The held-out results of the CNN and the linear baseline, and whether they are a finding."""
-        publish = publish_regression if study.cohort.target.kind == "regression" else publish_classification
+        target = study.cohort.target
+        publish = (
+            publish_regression
+            if target.kind == "regression"
+            else publish_multiclass
+            if target.several
+            else publish_classification
+        )
         self.underfit = publish(self.tracker, self.report, study, results, baselines, evaluation)
 
     def attribution(self, study: Study, result: AttributionResult, evaluation: Evaluation) -> None:

@@ -19,7 +19,9 @@ Two steps, in the order a fold's final model takes them:
    can instead be fitted on predictions for the first inner split's
    validation subjects by a model that did not train on them (see
    :mod:`.loop`); that model is another training, whose confidence and lean
-   need not be the final model's. Never on held-out subjects.
+   need not be the final model's. Never on held-out subjects. Of several
+   classes the same, on each class's logit about the mean of the logits, with
+   a bias per class (vector scaling's biases; Guo et al. 2017).
 
 The scores the field reports for calibration are :func:`brier_score` and
 :func:`reliability_bins` (a reliability diagram's points).
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy.optimize import minimize
-from scipy.special import expit, log_expit
+from scipy.special import expit, log_expit, log_softmax, softmax
 from torch.optim.swa_utils import update_bn
 
 
@@ -51,8 +53,11 @@ def reestimate_batchnorm(model: torch.nn.Module, batches: Iterable[torch.Tensor]
 
 def logit_difference(logits: torch.Tensor | np.ndarray) -> np.ndarray:
     """The class-1 minus class-0 logit of [subjects, 2] logits: the log-odds of class 1 that softmax implies (of
-    [subjects, 1] outputs, a regression network's, the output itself)."""
+    [subjects, 1] outputs, a regression network's, the output itself; of [subjects, classes] logits of several
+    classes, each logit minus their mean, [subjects, classes]: softmax's log-probabilities up to a constant)."""
     logits = np.asarray(logits, dtype=np.float64)
+    if logits.shape[1] > 2:
+        return logits - logits.mean(1, keepdims=True)
     return logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]
 
 
@@ -67,16 +72,22 @@ class Calibration:
 
     The identity (1, 0) leaves softmax's probability as it is. ``subjects`` is how many predictions it was
     fitted on (0: not fitted). For a regression target the same affine map takes the network's standardized
-    output back to the target's unit (:meth:`values`; :meth:`standardizing`).
+    output back to the target's unit (:meth:`values`; :meth:`standardizing`). Of several classes, P(each class)
+    = softmax(``temperature`` x logits + ``class_bias``), the biases summing to 0 (``bias`` unused).
     """
 
     temperature: float = 1.0
     bias: float = 0.0
     subjects: int = 0
+    class_bias: tuple[float, ...] = ()  # several classes: one bias per class (none: 0 each)
 
     def probabilities(self, log_odds: np.ndarray) -> np.ndarray:
-        """Calibrated P(class 1) for the model's log-odds (:func:`logit_difference`)."""
-        return expit(self.temperature * np.asarray(log_odds, dtype=np.float64) + self.bias)
+        """Calibrated P(class 1) for the model's log-odds (:func:`logit_difference`); of several classes'
+        [subjects, classes] logits, P(each class)."""
+        z = np.asarray(log_odds, dtype=np.float64)
+        if z.ndim == 2:
+            return softmax(self.temperature * z + (np.asarray(self.class_bias) if self.class_bias else 0.0), axis=1)
+        return expit(self.temperature * z + self.bias)
 
     def values(self, outputs: np.ndarray) -> np.ndarray:
         """A regression target's predicted values (e.g. ages) for the network's standardized ``outputs``."""
@@ -111,6 +122,8 @@ class Calibration:
         z, y = np.asarray(log_odds, dtype=np.float64), np.asarray(labels, dtype=np.float64)
         if len(z) < 4 or y.min() == y.max():
             return cls(subjects=0)
+        if z.ndim == 2:
+            return cls._fit_several(z, y.astype(int), bias)
 
         def loss(params: np.ndarray) -> float:
             log_t, b = params if bias else (params[0], 0.0)
@@ -122,32 +135,62 @@ class Calibration:
         return cls(float(np.exp(result.x[0])), float(result.x[1]) if bias else 0.0, len(z))
 
     @classmethod
+    def _fit_several(cls, z: np.ndarray, y: np.ndarray, bias: bool) -> Calibration:
+        """:meth:`fit` of several classes' centred logits [subjects, classes]: a temperature and (``bias``) a bias
+        per class, summing to 0, of least multinomial log loss, with the same prior."""
+        classes = z.shape[1]
+
+        def unpack(params: np.ndarray) -> tuple[float, np.ndarray]:
+            b = params[1:] - params[1:].mean() if bias else np.zeros(classes)
+            return params[0], b
+
+        def loss(params: np.ndarray) -> float:
+            log_t, b = unpack(params)
+            log_p = log_softmax(np.exp(log_t) * z + b, axis=1)
+            return -log_p[np.arange(len(y)), y].sum() + (log_t**2 + np.sum(b**2)) / (2 * 2.0**2)
+
+        start = np.zeros(1 + (classes if bias else 0))
+        result = minimize(loss, start, method="L-BFGS-B")
+        log_t, b = unpack(result.x)
+        return cls(float(np.exp(log_t)), 0.0, len(z), tuple(float(v) for v in b) if bias else ())
+
+    @classmethod
     def recentered(cls, log_odds: np.ndarray, labels: np.ndarray) -> Calibration:
         """The bias that moves the 0.5 threshold to midway between the two classes' median log-odds.
 
         Fitted on the final model's own training subjects, this corrects which way that training leans, the
         part of a fold's shift that another training's predictions cannot tell (docs/results.md,
         "Calibration"); medians, unlike a likelihood fit, are not fooled by how sure a model is of subjects it
-        trained on. Fewer than 4 subjects, or one class only: the identity.
+        trained on. Of several classes, one bias per class does the same for that class against the rest, on its
+        centred logit (of two classes it is the same correction). Fewer than 4 subjects, or a class missing: the
+        identity.
         """
         z, y = np.asarray(log_odds, dtype=np.float64), np.asarray(labels)
+        if z.ndim == 2:
+            if len(z) < 4 or len(np.unique(y)) < z.shape[1]:
+                return cls(subjects=0)
+            b = np.array([-(np.median(z[y == k, k]) + np.median(z[y != k, k])) / 2 for k in range(z.shape[1])])
+            return cls(1.0, 0.0, len(z), tuple(float(v) for v in b - b.mean()))
         if len(z) < 4 or y.min() == y.max():
             return cls(subjects=0)
         return cls(1.0, float(-(np.median(z[y == 1]) + np.median(z[y == 0])) / 2), len(z))
 
     def applied_to(self, model: torch.nn.Module) -> torch.nn.Module:
         """``model`` with this calibration on its logits (:class:`CalibratedModel`), or itself for the identity."""
-        return model if (self.temperature, self.bias) == (1.0, 0.0) else CalibratedModel(model, self)
+        identity = (self.temperature, self.bias) == (1.0, 0.0) and not any(self.class_bias)
+        return model if identity else CalibratedModel(model, self)
 
-    def to_dict(self) -> dict[str, float]:
-        return {"temperature": self.temperature, "bias": self.bias, "subjects": self.subjects}
+    def to_dict(self) -> dict:
+        record = {"temperature": self.temperature, "bias": self.bias, "subjects": self.subjects}
+        return record | ({"class_bias": list(self.class_bias)} if self.class_bias else {})
 
     @classmethod
     def from_dict(cls, record: dict | None) -> Calibration:
         """The calibration of :meth:`to_dict`; None (a checkpoint from before calibration) is the identity."""
-        return (
-            cls() if not record else cls(float(record["temperature"]), float(record["bias"]), int(record["subjects"]))
-        )
+        if not record:
+            return cls()
+        biases = tuple(float(b) for b in record.get("class_bias", ()))
+        return cls(float(record["temperature"]), float(record["bias"]), int(record["subjects"]), biases)
 
 
 class CalibratedModel(torch.nn.Module):
@@ -158,13 +201,15 @@ class CalibratedModel(torch.nn.Module):
     0's: softmax then gives the calibrated probability, argmax the calibrated decision, and the gradient of
     either logit, or of their difference, is the network's times the (positive) temperature. So maps have their
     shapes and signs, while the decisions a method starts from (``predicted_class``, Meaningful Perturbations'
-    and the deletion check's decided class) are those the study reports.
+    and the deletion check's decided class) are those the study reports. Of several classes, each class's bias
+    is added to its logit.
     """
 
     def __init__(self, model: torch.nn.Module, calibration: Calibration):
         super().__init__()
         self.model, self.temperature, self.bias = model, calibration.temperature, calibration.bias
-        self.register_buffer("offset", torch.tensor([-calibration.bias / 2, calibration.bias / 2]))
+        offset = calibration.class_bias or (-calibration.bias / 2, calibration.bias / 2)
+        self.register_buffer("offset", torch.tensor(offset, dtype=torch.float32))
 
     @property
     def gradcam_layer(self) -> torch.nn.Module:

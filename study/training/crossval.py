@@ -190,6 +190,7 @@ def training_data(
         refit_ids,
         labels(refit_ids),
         standardization,
+        study.cohort.target.outputs,
     )
 
 

@@ -131,6 +131,9 @@ class ConfoundCheck:
         return f"full confound test {format_p(full.p)}; partial confound test {format_p(partial.p)}: {drive}"
 
 
+PAIRED_TESTS = {"MAE": "sign-flip permutation", "macro ROC AUC": "paired bootstrap"}  # else DeLong's
+
+
 @dataclass
 class Evaluation:
     """The study's classification result and whether it is a finding."""
@@ -144,8 +147,11 @@ class Evaluation:
     permutations: int
     brain_volume: Estimate | None = None  # how well brain volume alone separates the classes (a confound)
     confounds: ConfoundCheck | None = None  # with cohort.confounds: what they explain
-    metric: str = "ROC AUC"  # what cnn, baseline and difference measure; a regression's "MAE" (lower is better)
-    # a regression's other scores, each with its interval: cnn_rmse, cnn_r, cnn_r2, baseline_rmse, ...
+    # what cnn, baseline and difference measure: a regression's "MAE" (lower is better), several classes'
+    # "macro ROC AUC"
+    metric: str = "ROC AUC"
+    # other scores, each with its interval: a regression's cnn_rmse, cnn_r, cnn_r2, baseline_rmse, ...; several
+    # classes' cnn_balanced_accuracy, baseline_balanced_accuracy
     scores: dict[str, Estimate] = field(default_factory=dict)
 
     @property
@@ -187,7 +193,7 @@ class Evaluation:
     @property
     def paired_test(self) -> str:
         """The test of the CNN-minus-baseline difference."""
-        return "sign-flip permutation" if self.lower_is_better else "DeLong"
+        return PAIRED_TESTS.get(self.metric, "DeLong")
 
     @property
     def verdict(self) -> str:

@@ -66,6 +66,7 @@ class TrainingData:
     # A regression target: the labels are standardized by this map of the fold's training subjects, which takes
     # the network's outputs back to the target's unit; None for classes.
     standardization: Calibration | None = None
+    outputs: int = 2  # the network's: one per class, or 1 for a regression target (Target.outputs)
 
     def selection_only(self) -> TrainingData:
         """The same subjects without the final fit (what a search trial trains)."""
@@ -80,7 +81,8 @@ class TrainingData:
 def predict_log_odds(
     model: torch.nn.Module, dataset: CachedVolumes, batch_size: int, precision: Precision
 ) -> np.ndarray:
-    """The log-odds of class 1 (logit 1 - logit 0; e.g. of male) for every subject of ``dataset``, in order.
+    """The log-odds of class 1 (logit 1 - logit 0; e.g. of male) for every subject of ``dataset``, in order (of
+    several classes, [subjects, classes] logits about their mean; of a regression network, its output).
 
     Softmax's P(class 1) is their sigmoid; a fold's :class:`~study.training.calibration.Calibration` maps them to
     calibrated probabilities. In float32 whatever the training's precision (``Precision.exact``): bf16 logits would
@@ -237,7 +239,9 @@ def _select(
     """
     fixed = progress.refit_epochs  # the epochs are chosen already: the inner split only calibrates
     epochs = fixed or train.epochs
-    current = Phase(architecture, train, data.cache, data.train_ids, data.train_labels, epochs, worker.precision)
+    current = Phase(
+        architecture, train, data.cache, data.train_ids, data.train_labels, epochs, worker.precision, data.outputs
+    )
     val_set = CachedVolumes(data.cache, data.val_ids, data.val_labels)
     if resumed is not None:
         current.restore(resumed)
@@ -313,7 +317,9 @@ def _refit(
     with a checkpoint every ``checkpoint_every_s`` and at its end; returns its phase, holding the final model,
     whose BatchNorm statistics are those of its un-augmented training subjects."""
     epochs = progress.refit_epochs
-    current = Phase(architecture, train, data.cache, data.refit_ids, data.refit_labels, epochs, worker.precision)
+    current = Phase(
+        architecture, train, data.cache, data.refit_ids, data.refit_labels, epochs, worker.precision, data.outputs
+    )
     if resumed is not None and progress.epoch is not None:
         current.restore(resumed)
     last_report = time.monotonic()

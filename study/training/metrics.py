@@ -1,5 +1,5 @@
-"""Metrics of a held-out fold: of two classes (class 1, e.g. male, is the positive class), or of a regression
-target (e.g. age) in its unit."""
+"""Metrics of a held-out fold: of two classes (class 1, e.g. male, is the positive class), of several classes
+(each against the rest), or of a regression target (e.g. age) in its unit."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import scipy.stats
 import torch
 import torch.nn.functional as F
-from scipy.special import expit
+from scipy.special import expit, log_softmax, softmax
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, mean_absolute_error, r2_score, roc_auc_score
 
 from study.training.calibration import Calibration, brier_score
@@ -15,8 +15,11 @@ from study.training.calibration import Calibration, brier_score
 
 def classification_metrics(labels: np.ndarray, p: np.ndarray) -> dict[str, float]:
     """Accuracy, balanced accuracy, ROC AUC, sensitivity (class 1), specificity (class 0), the Brier score and the
-    share of subjects predicted class 1; ``p`` is P(class 1), a subject is predicted class 1 at p >= 0.5."""
+    share of subjects predicted class 1; ``p`` is P(class 1), a subject is predicted class 1 at p >= 0.5. Of
+    several classes (``p`` [subjects, classes]): :func:`several_class_metrics`."""
     labels = np.asarray(labels)
+    if np.ndim(p) == 2:
+        return several_class_metrics(labels, p)
     predicted = (np.asarray(p) >= 0.5).astype(int)
     (tn, fp), (fn, tp) = confusion_matrix(labels, predicted, labels=[0, 1])
     both = len(np.unique(labels)) == 2
@@ -32,6 +35,20 @@ def classification_metrics(labels: np.ndarray, p: np.ndarray) -> dict[str, float
         "false_positives": float(fp),
         "false_negatives": float(fn),
         "true_positives": float(tp),
+    }
+
+
+def several_class_metrics(labels: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    """Of several classes' probabilities [subjects, classes]: accuracy and balanced accuracy of the most probable
+    class, the macro one-vs-rest ROC AUC (NaN unless every class is present) and the multi-class Brier score
+    (the mean over subjects of the summed squared errors; 0 is perfect)."""
+    labels, p = np.asarray(labels, dtype=np.int64), np.asarray(p, dtype=np.float64)
+    predicted, every = p.argmax(1), len(np.unique(labels)) == p.shape[1]
+    return {
+        "accuracy": float((predicted == labels).mean()),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)) if len(labels) else float("nan"),
+        "roc_auc": float(roc_auc_score(labels, p, multi_class="ovr", average="macro")) if every else float("nan"),
+        "brier": float(np.mean(np.sum((p - np.eye(p.shape[1])[labels]) ** 2, axis=1))),
     }
 
 
@@ -77,6 +94,14 @@ def epoch_scores(
             f"{prefix}_slope": float(slope),
             f"{prefix}_intercept": float(intercept),
         }
+    if np.ndim(outputs) == 2:  # several classes' logits about their mean
+        log_p = log_softmax(outputs, axis=1)
+        scores = several_class_metrics(labels, softmax(outputs, axis=1))
+        return {
+            f"{prefix}_loss": float(-np.mean(log_p[np.arange(len(labels)), np.asarray(labels, int)])),
+            f"{prefix}_accuracy": scores["accuracy"],
+            f"{prefix}_roc_auc": scores["roc_auc"],
+        }
     p = expit(outputs)
     eps = 1e-7
     loss_value = -np.mean(labels * np.log(p + eps) + (1 - labels) * np.log(1 - p + eps))
@@ -93,6 +118,7 @@ def epoch_scores(
 UNDERFIT = {"accuracy": 0.6, "r": 0.7}
 FIT_SCORE = {"classification": "fit_accuracy", "regression": "fit_r"}  # how a final model fits its subjects
 SUMMARY_METRICS = ("roc_auc", "balanced_accuracy", "accuracy", "sensitivity", "specificity", "brier")
+SEVERAL_CLASS_SUMMARY = ("roc_auc", "balanced_accuracy", "accuracy", "brier")
 REGRESSION_SUMMARY = ("mae", "rmse", "r", "r2")
 
 

@@ -278,7 +278,11 @@ def check_network(architecture: Network, input_shape: tuple[int, int, int], outp
         ) from None
     if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (1, outputs):
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        needs = "logits [batch, 2] (class 0, class 1)" if outputs == 2 else "[batch, 1] (the predicted value)"
+        needs = (
+            f"logits [batch, {outputs}] (class 0, class 1{', ...' if outputs > 2 else ''})"
+            if outputs > 1
+            else "[batch, 1] (the predicted value)"
+        )
         raise ValueError(f"{architecture.factory} returns {got} for one volume; this study needs {needs}")
     return model
 

@@ -47,6 +47,7 @@ class Phase:
         labels: np.ndarray,
         epochs: int,
         precision: Precision,
+        outputs: int = 2,
     ):
         context = ray.train.get_context()
         rank, world = context.get_world_rank(), context.get_world_size()
@@ -63,7 +64,6 @@ class Phase:
             pin_memory=precision.pinned,
         )
         self.regression = self.dataset.labels.is_floating_point()  # a regression target's standardized values
-        outputs = 1 if self.regression else 2
         self.model = ray.train.torch.prepare_model(precision.model(build_model(architecture, cache.shape, outputs)))
         self.bare: torch.nn.Module = getattr(self.model, "module", self.model)
         self.step = torch.compile(self.model) if train.compile else self.model
