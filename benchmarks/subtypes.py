@@ -91,7 +91,9 @@ def study_row(effect: float, seed: int, args: argparse.Namespace, work: Path) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--effects", type=float, nargs="+", default=[0.3, 0.15], help="group effects (default 0.3 0.15)")
+    parser.add_argument(
+        "--effects", type=float, nargs="+", default=[0.3, 0.15], help="group effects (default 0.3 0.15)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="the cohorts' seeds (default 1)")
     parser.add_argument("--subjects", type=int, default=400, help="subjects per cohort (default 400)")
     parser.add_argument("--epochs", type=int, default=30, help="the example's budget (default 30)")

@@ -14,7 +14,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from study.data.targets import Classes
-from study.training.calibration import Calibration, CalibratedModel, logit_difference
+from study.training.calibration import CalibratedModel, Calibration, logit_difference
 from study.training.metrics import classification_metrics, epoch_scores
 from study.training.multiclass import (
     _stratified_rows,
@@ -252,7 +252,9 @@ def test_a_three_class_study_scores_each_class_against_the_rest_and_predicts_eve
     participants = pd.read_csv(root / "participants.tsv", sep="\t")
     participants.head(4).to_csv(root / "new.tsv", sep="\t", index=False)
     out = tmp_path / "predicted.tsv"
-    assert main(["predict", "tiny", str(root / "new.tsv"), "--out", str(out), "--tracking-uri", config.tracking.uri]) == 0
+    assert (
+        main(["predict", "tiny", str(root / "new.tsv"), "--out", str(out), "--tracking-uri", config.tracking.uri]) == 0
+    )
     predicted = pd.read_csv(out, sep="\t", dtype={"subject_id": str}).set_index("subject_id")
     for subject, row in table.set_index("subject_id").loc[predicted.index].iterrows():
         for c in CLASSES:
