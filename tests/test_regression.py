@@ -175,7 +175,6 @@ def test_the_ridge_baselines_weight_test_fits_scikit_learns_ridge():
 @pytest.mark.parametrize(
     ("sections", "expected"),
     [
-        ({"attribution": {"methods": ["gradcam", "perturbation"]}}, "attribution.methods: leave out perturbation"),
         ({"attribution": {"methods": ["gradcam"], "target": "true_class"}}, "attribution.target: use contrast"),
         ({"cohort": {"confounds": ["site"]}}, "cohort.confounds: remove them"),
         ({"train": {"calibration": "platt"}}, "train.calibration: remove it"),
@@ -191,16 +190,49 @@ def test_what_a_regression_study_cannot_do_yet_is_refused_when_the_config_loads(
         study_config(tmp_path, tmp_path, cohort=cohort, **sections)
 
 
-def test_a_regression_studys_default_maps_leave_out_meaningful_perturbations_and_classes_refuse_val_mae(tmp_path):
-    from study.config.sections import AttributionConfig
+def test_classes_refuse_val_mae(tmp_path):
     from study.errors import ConfigError
     from tests.test_study import study_config
 
-    config = study_config(tmp_path, tmp_path, cohort={"label": "age", "task": "regression"}, attribution={})
-    assert config.attribution.methods == [m for m in AttributionConfig().methods if m != "perturbation"]
     search = {"space": {"lr": {"choice": [0.001]}}, "metric": "val_mae"}
     with pytest.raises(ConfigError, match="search.metric val_mae is a regression target's"):
         study_config(tmp_path, tmp_path, search=search)
+
+
+def test_meaningful_perturbations_of_a_regression_model_delete_what_moves_each_prediction_to_the_mean():
+    """A model of age from one region's intensity, carrying its fold's map to years: deleting towards the cohort's
+    mean volume moves an old prediction and a young one towards the mean, and the maps are the region."""
+    from sklearn.metrics import roc_auc_score
+
+    from study.attribution.perturbation import Perturbation, meaningful_perturbation
+    from tests.test_attribution import REGION, SHAPE, box
+
+    class AgeNet(torch.nn.Module):
+        """Standardized age from the region's mean intensity (0 at mid-grey), nothing else."""
+
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("region", box(REGION).float()[None, None])
+
+        def forward(self, x):
+            return ((x * self.region).flatten(1).sum(1, keepdim=True) / self.region.sum() - 0.5) * 4
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, *SHAPE) * 0.1
+    x[(0, 0, *REGION)] += 1.0  # an old-looking subject; the other's region is dark, young-looking
+    mean = x.mean(0)[0]
+    model = Calibration(10.0, 50.0).applied_to(AgeNet()).eval()  # years: 50 + 10 x the standardized output
+    config = Perturbation(iterations=150, mask_scale=2, reference="cohort_mean")
+    maps = meaningful_perturbation(model, x, None, config, voxel_mm=2.0, cohort_mean=mean)
+    with torch.no_grad():
+        before = model(x)[:, 0]
+        after = model(x * (1 - maps[:, None]) + mean * maps[:, None])[:, 0]
+    assert before[0] > 65 and before[1] < 35  # one predicted old, one young
+    middle = model(mean[None, None])[0, 0]
+    assert ((after - middle).abs() < 0.3 * (before - middle).abs()).all()  # both moved most of the way
+    region = box(REGION).flatten().numpy()
+    for subject in maps:
+        assert roc_auc_score(region, subject.flatten().numpy()) > 0.9
 
 
 @pytest.mark.slow
@@ -234,7 +266,12 @@ def test_a_brain_age_study_standardizes_tests_and_corrects_the_gap_on_training_s
         root,
         cohort={"label": "age", "task": "regression"},
         train={"loss": "huber", "calibration": calibration, "epochs": 12, "lr": 0.003},
-        attribution={"methods": ["gradcam", "integrated_gradients"], "permutations": 20, "sanity": {"subjects": 2}}
+        attribution={
+            "methods": ["gradcam", "integrated_gradients", "perturbation"],
+            "perturbation": {"iterations": 20},
+            "permutations": 20,
+            "sanity": {"subjects": 2},
+        }
         if calibration == "recenter"
         else None,
     )
@@ -302,6 +339,7 @@ def test_a_brain_age_study_standardizes_tests_and_corrects_the_gap_on_training_s
         f.path for f in mlflow_client(config).list_artifacts(run_id, "maps/linear_baseline")
     }
     assert 0 <= metrics["localization_roc_auc_gradcam"] <= 1
+    assert "to move it to its fold's mean age" in report  # Meaningful Perturbations of the predicted age
 
     # study predict: each fold's model gives a held-out subject the age the study gave it, and the table's true
     # age gives the gap, corrected by each fold's line
@@ -309,7 +347,8 @@ def test_a_brain_age_study_standardizes_tests_and_corrects_the_gap_on_training_s
     out, uri = tmp_path / "predicted.tsv", config.tracking.uri
     maps = ["--maps", str(tmp_path / "maps")]
     assert main(["predict", "tiny", str(root / "new.tsv"), "--out", str(out), "--tracking-uri", uri, *maps]) == 0
-    assert len(list((tmp_path / "maps" / "integrated_gradients").glob("sub-*_integrated_gradients.nii.gz"))) == 4
+    for method in ("integrated_gradients", "perturbation"):
+        assert len(list((tmp_path / "maps" / method).glob(f"sub-*_{method}.nii.gz"))) == 4
     predicted = pd.read_csv(out, sep="\t", dtype={"subject_id": str}).set_index("subject_id")
     lines = {f: (r.fit_score("fit_slope"), r.fit_score("fit_intercept")) for f, r in folds.items()}
     for subject, row in table.set_index("subject_id").loc[predicted.index].iterrows():

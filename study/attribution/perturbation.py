@@ -20,8 +20,13 @@ is class 1 minus class 0 probability signed by the model's own decision for the
 subject (p1 - p0 where the model favours class 1, p0 - p1 where it favours
 class 0), so every mask deletes (or preserves) the evidence for what the model
 decided: unsigned, the score of a subject called class 0 is already near its
-minimum and its mask stays empty. The map is what the mask says matters: 1 - m
-for deletion, m for preservation.
+minimum and its mask stays empty. A regression model's score is the same for
+its prediction: tanh of the network's standardized output (0: the mean of its
+fold's training subjects, 1: their sd), signed by the side of that mean the
+subject is predicted on, so deletion moves each prediction towards the mean
+target (a young brain predicted older, an old one younger), on a bounded scale
+like a probability's. The map is what the mask says matters: 1 - m for
+deletion, m for preservation.
 """
 
 from __future__ import annotations
@@ -89,9 +94,22 @@ def _total_variation(mask: torch.Tensor, beta: float) -> torch.Tensor:
     return tv
 
 
-def _probability(logits: torch.Tensor, targets: torch.Tensor | None, decision: torch.Tensor | None) -> torch.Tensor:
+def _score(
+    logits: torch.Tensor, targets: torch.Tensor | None, decision: torch.Tensor | None, model: torch.nn.Module
+) -> torch.Tensor:
+    """The probability of each subject's target class, or the decision-signed contrast; of a regression model
+    (one output), tanh of its standardized output signed by the decision (the module docstring)."""
+    if logits.shape[1] == 1:
+        return decision * torch.tanh(_standardized(model, logits[:, 0].float()))
     p = torch.softmax(logits.float(), dim=1)
     return decision * (p[:, 1] - p[:, 0]) if targets is None else p.gather(1, targets[:, None])[:, 0]
+
+
+def _standardized(model: torch.nn.Module, values: torch.Tensor) -> torch.Tensor:
+    """A regression model's outputs in the units its network learned (the fold's training targets standardized):
+    a model that carries its fold's map to the target's unit (``CalibratedModel``) has it undone."""
+    temperature, bias = getattr(model, "temperature", 1.0), getattr(model, "bias", 0.0)
+    return (values - bias) / temperature
 
 
 def meaningful_perturbation(
@@ -108,8 +126,9 @@ def meaningful_perturbation(
     Parameters
     ----------
     model : torch.nn.Module
-        A classifier in eval mode, [batch, 1, D, H, W] -> logits [batch, 2]; its
-        parameters' ``requires_grad`` flags are restored afterwards.
+        A classifier in eval mode, [batch, 1, D, H, W] -> logits [batch, 2] (a
+        regression model's [batch, 1]); its parameters' ``requires_grad`` flags are
+        restored afterwards.
     x : torch.Tensor
         Volumes [batch, 1, D, H, W] on the model's device.
     targets : torch.Tensor or None
@@ -159,11 +178,13 @@ def _optimize(
     optimizer = torch.optim.Adam([mask], lr=config.lr)
     generator = torch.Generator().manual_seed(seed)
     j = config.jitter_voxels
-    decision = None  # for the contrast: +1 where the model favours class 1, -1 where class 0
+    decision = None  # for the contrast: +1 where the model favours class 1, -1 where class 0 (a regression
+    # model's: above or below its fold's mean)
     if targets is None:
         with torch.no_grad():
             logits = model(x)
-        decision = torch.where(logits[:, 1] >= logits[:, 0], 1.0, -1.0)
+        favoured = _standardized(model, logits[:, 0].float()) if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]
+        decision = torch.where(favoured >= 0, 1.0, -1.0)
     with torch.enable_grad():
         for _ in range(config.iterations):
             m = F.interpolate(mask, size=size, mode="trilinear", align_corners=False)
@@ -171,7 +192,7 @@ def _optimize(
             if j:
                 shifts = torch.randint(-j, j + 1, (3,), generator=generator).tolist()  # CPU, no device sync
                 perturbed = torch.roll(perturbed, shifts=shifts, dims=(2, 3, 4))
-            score = _probability(model(perturbed), targets, decision)
+            score = _score(model(perturbed), targets, decision, model)
             area = (1 - mask if deletion else mask).abs().flatten(1).mean(1)
             loss = (
                 (score if deletion else -score) + config.l1 * area + config.tv * _total_variation(mask, config.tv_beta)

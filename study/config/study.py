@@ -153,20 +153,13 @@ class StudyConfig(Section):
     @model_validator(mode="after")
     def _target_is_supported(self) -> StudyConfig:
         """What a regression target (cohort.task: regression) or several classes do not have yet, refused before
-        any work; and the regression-only search metric refused for classes. Attribution's default methods leave out
-        Meaningful Perturbations for a regression target."""
+        any work; and the regression-only search metric refused for classes."""
         if self.cohort.task != "regression":
             if self.search is not None and self.search.metric == "val_mae":
                 raise ValueError("search.metric val_mae is a regression target's (cohort.task: regression)")
             return self._several_classes_are_supported()
         attribution = self.attribution
-        if attribution is not None and "methods" not in attribution.model_fields_set:
-            attribution.methods = [m for m in attribution.methods if m != "perturbation"]
         unsupported = {
-            "attribution.methods": "leave out perturbation (Meaningful Perturbations of a regression model are not "
-            "built yet; gradcam, guided_backprop, guided_gradcam and integrated_gradients explain the predicted value)"
-            if attribution is not None and "perturbation" in attribution.methods
-            else None,
             "attribution.target": "use contrast, which for a regression target is the predicted value"
             if attribution is not None and attribution.target != "contrast"
             else None,

@@ -41,6 +41,8 @@ def publish_attribution(
 
     def explains(method: str) -> str:
         """What one method's maps show of the score they explain (its table's caption, under the contrast)."""
+        if regression and method == "perturbation":
+            return f"{target}: what must be deleted, {deletes}, to move it to its fold's mean {classes.column}"
         if regression:
             return f"{target}: its magnitude, evidence for a higher or a lower {classes.column}"
         return METHODS[method].shows.format(target=target, deletion=deletes) if result.target == "contrast" else target

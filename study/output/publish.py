@@ -237,8 +237,7 @@ class Publisher:
                 {r.fold: load_model(r.checkpoint) for r in results},
                 study.cache.grid,
                 self.config.preprocess.normalize,
-                # Meaningful Perturbations of a regression model are not built yet
-                tuple(m for m in attribution.methods if target.kind == "classification" or m != "perturbation"),
+                tuple(attribution.methods),
                 attribution.target,
                 attribution.perturbation.model_dump(),
                 study.cohort.target,
