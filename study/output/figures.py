@@ -113,15 +113,25 @@ def brain_figure(
 
     Only the top ``top_percent`` of non-zero voxels are coloured (all of them
     for a symmetric, already thresholded statistic map), so the anatomy and
-    the strongest regions stay readable.
+    the strongest regions stay readable. A map with no voxel left (a t map
+    where none survives) is drawn as the empty brain, its title saying so,
+    instead of nilearn's warnings on the console.
     """
-    from nilearn import plotting
+    from nilearn import datasets, plotting
 
     figure = Figure(figsize=(6.2, 2.3))
     data = np.abs(np.asarray(image.dataobj))
     values = data[data != 0]
-    vmax = float(np.percentile(values, 99.5)) if values.size else 1.0
-    threshold = 1e-6 if symmetric or not values.size else float(np.percentile(values, 100 - top_percent))
+    if not values.size:
+        title = f"{title}: no voxel survives"
+        if kind == "glass":
+            plotting.plot_glass_brain(None, figure=figure, title=title)
+        else:
+            template = datasets.load_mni152_template()
+            plotting.plot_anat(template, figure=figure, title=title, display_mode="ortho", colorbar=False)
+        return figure
+    vmax = float(np.percentile(values, 99.5))
+    threshold = 1e-6 if symmetric else float(np.percentile(values, 100 - top_percent))
     common = {"figure": figure, "title": title, "colorbar": True, "vmax": vmax, "threshold": threshold}
     if kind == "glass":
         plotting.plot_glass_brain(
