@@ -63,7 +63,7 @@ class Ensemble:
         What the study learned (the label column and its classes, or a regression target), which names the
         output columns.
     cohort_mean : numpy.ndarray, optional
-        The mean of the study cohort's two class means on the grid (all its subjects, held-out ones included):
+        The mean of the study cohort's class means on the grid (all its subjects, held-out ones included):
         Meaningful Perturbations' reference when its settings say ``reference: cohort_mean``.
     calibrations : dict of int to Calibration, optional
         Each fold's temperature and bias (:mod:`study.training.calibration`); a fold without one gives softmax's
@@ -213,8 +213,8 @@ class Ensemble:
                 *([ColSpec("string", self.outcome.column, required=False)] if self.bias_lines else []),
             ]
         )
-        numbers = ("p_", self.outcome.prediction, "corrected_gap", "gap")
-        kinds = {c: "double" if c.startswith(numbers) else "string" for c in self.columns}
+        strings = ("subject_id", "image", f"predicted_{self.outcome.column}", "problem")
+        kinds = {c: "string" if c in strings else "double" for c in self.columns}
         return ModelSignature(inputs, Schema([ColSpec(kind, column) for column, kind in kinds.items()]))
 
     def predict(self, images: pd.DataFrame, batch_size: int = 8) -> pd.DataFrame:

@@ -235,15 +235,15 @@ class Study:
 
     @functools.cached_property
     def cohort_mean(self) -> np.ndarray:
-        """The mean of the two classes' mean volumes, float32 [D, H, W]: what Meaningful Perturbations deletes
-        towards, as far from one class as from the other whatever the classes' sizes (a regression study's: the
+        """The mean of the classes' mean volumes, float32 [D, H, W]: what Meaningful Perturbations deletes
+        towards, as far from one class as from another whatever the classes' sizes (a regression study's: the
         mean volume)."""
         ids = np.array(self.cohort.ids)
         if self.cohort.target.kind == "regression":
             return self.cache.mean_volume(self.cohort.ids).astype(np.float32)
         labels = self.labels(self.cohort.ids)
-        means = [self.cache.mean_volume(ids[labels == code].tolist()) for code in (0, 1)]
-        return ((means[0] + means[1]) / 2).astype(np.float32)
+        means = [self.cache.mean_volume(ids[labels == code].tolist()) for code in range(len(self.cohort.target.names))]
+        return np.mean(means, axis=0).astype(np.float32)
 
     def labels(self, subject_ids: list[str]) -> np.ndarray:
         """Class indices (e.g. 1 male, 0 female), or a regression target's values, of the given subjects, in that

@@ -108,6 +108,11 @@ def test_calibration_of_several_classes_is_the_two_class_one_and_the_network_car
     rng = np.random.default_rng(1)
     z = rng.normal(size=300)
     y = (z + rng.normal(size=300) > 0.8).astype(int)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
     two = np.stack([-z / 2, z / 2], axis=1)  # two classes' logits about their mean
     assert np.diff(Calibration.recentered(two, y).class_bias)[0] == pytest.approx(Calibration.recentered(z, y).bias)
     # temperature scaling recovers a temperature that was planted
@@ -115,15 +120,17 @@ def test_calibration_of_several_classes_is_the_two_class_one_and_the_network_car
     true_p = softmax(logits, axis=1)
     drawn = np.array([rng.choice(3, p=row) for row in true_p])
     fitted = Calibration.fit(logit_difference(logits / 2.5), drawn, bias=False)
-    assert fitted.temperature == pytest.approx(2.5, rel=0.1) and fitted.class_bias == ()
+    assert fitted.temperature == pytest.approx(2.5, rel=0.1) and fitted.class_bias == (0.0, 0.0, 0.0)
+    scaled = fitted.applied_to(Fixed())  # a temperature alone still carries its classes to the network
+    np.testing.assert_allclose(
+        torch.softmax(scaled(torch.tensor(logits[:5], dtype=torch.float32)), 1).numpy(),
+        fitted.probabilities(logit_difference(logits[:5])),
+        rtol=1e-5,
+    )
     # recentering a shifted model moves each class's bias against the shift
     shifted = Calibration.recentered(logit_difference(logits + np.array([1.0, 0.0, -1.0])), labels)
     assert shifted.class_bias[0] < 0 < shifted.class_bias[2] and sum(shifted.class_bias) == pytest.approx(0)
     assert Calibration.from_dict(shifted.to_dict()) == shifted
-
-    class Fixed(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x
 
     calibration = Calibration(1.7, 0.0, 10, (0.3, -0.5, 0.2))
     model = calibration.applied_to(Fixed())

@@ -101,6 +101,8 @@ def _score(
     (one output), tanh of its standardized output signed by the decision (the module docstring)."""
     if logits.shape[1] == 1:
         return decision * torch.tanh(_standardized(model, logits[:, 0].float()))
+    if targets is None and logits.shape[1] > 2:
+        raise ValueError("the class 1 minus class 0 contrast is two classes'; explain a class of several instead")
     p = torch.softmax(logits.float(), dim=1)
     return decision * (p[:, 1] - p[:, 0]) if targets is None else p.gather(1, targets[:, None])[:, 0]
 

@@ -27,6 +27,8 @@ def class_score(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Ten
     """The logit of each subject's target class, or the class 1 minus class 0 logit (a regression model's one
     output: the predicted value); [batch]."""
     if targets is None:
+        if logits.shape[1] > 2:
+            raise ValueError("the class 1 minus class 0 contrast is two classes'; explain a class of several instead")
         return logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]
     return logits.gather(1, targets[:, None])[:, 0]
 

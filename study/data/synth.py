@@ -137,9 +137,10 @@ def _subject_volume(
         coords -= change * other_displacement
     volume = ndimage.map_coordinates(fields.template, coords, order=1, mode="constant", cval=0.0)
     inside = volume > 0.05 * fields.template.max()
-    volume *= 1.0 + effect * fields.weight + distractor * fields.distractor_weight
+    factor = 1.0 + effect * fields.weight + distractor * fields.distractor_weight
     for change, other_weight, _ in changed:
-        volume += volume * change * other_weight
+        factor = factor + change * other_weight
+    volume *= factor
     volume *= 1.0 + ALLOMETRY * scan.log_tiv * fields.allometry
     volume *= np.exp(_smooth_field(rng, shape, 4, spec.bias))
     typical = float(np.median(fields.template[fields.template > 0]))

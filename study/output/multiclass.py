@@ -19,6 +19,8 @@ from study.training.evaluation import Evaluation, format_p
 from study.training.folds import FoldResult
 from study.training.metrics import SEVERAL_CLASS_SUMMARY, cross_fold_summary, fit_check
 
+NAMES = {"roc_auc": "macro ROC AUC", "balanced_accuracy": "balanced accuracy", "accuracy": "accuracy", "brier": "Brier"}
+
 
 def publish_multiclass(
     tracker: Tracker,
@@ -108,7 +110,8 @@ def _metrics(results: list[FoldResult], baselines: list[BaselineResult], evaluat
 
 ROC = (
     "Each class against the rest ({classes}), for every held-out subject pooled over folds: the CNN's curves and "
-    "the multinomial baseline's. The macro ROC AUC is the mean of these curves' areas, each class counting the same."
+    "the multinomial baseline's. A model's macro ROC AUC is the mean of the areas under its curves, each class "
+    "counting the same."
 )
 CONFUSION = (
     "Confusion matrices of the held-out subjects (rows: true class; columns: the class each model called most "
@@ -136,7 +139,9 @@ FOLDS = (
     "model on its own training subjects (no augmentation); near chance means it never fitted them. The linear "
     "baseline is a multinomial l2 logistic regression on the same voxels, its C chosen on the same inner splits by "
     "macro ROC AUC. CNN calibration: the temperature and each class's bias added to its logit before softmax "
-    "(1 and 0 leave softmax's probabilities as they are; none: too few subjects, or train.calibration: none)."
+    "(1 and 0 leave softmax's probabilities as they are; none: too few subjects, or train.calibration: none). "
+    "Brier score of several classes: the squared distance of the probabilities from the true class, summed over "
+    "classes (0 is perfect, 2 the worst; a model that says 1/{classes} to each scores {uniform:.2f})."
 )
 
 
@@ -148,18 +153,19 @@ def _fold_table(report: Report, study: Study, results: list[FoldResult], baselin
             "test subjects": len(r.predictions),
             "epochs": r.final_epochs,
             "CNN training accuracy": r.fit_accuracy,
-            **{f"CNN {m}": r.test_metrics.get(m, float("nan")) for m in SEVERAL_CLASS_SUMMARY},
+            **{f"CNN {NAMES[m]}": r.test_metrics.get(m, float("nan")) for m in SEVERAL_CLASS_SUMMARY},
             "CNN calibration (temperature; biases)": f"{r.calibration.temperature:.2f}; "
             + ", ".join(f"{b:+.2f}" for b in r.calibration.class_bias)
             if r.calibration.subjects
             else "none",
             "linear macro ROC AUC": b.test_metrics["roc_auc"],
-            "linear balanced_accuracy": b.test_metrics["balanced_accuracy"],
+            "linear balanced accuracy": b.test_metrics["balanced_accuracy"],
             "linear C": b.C,
         }
         for r, b in zip(results, baselines)
     ]
-    note = FOLDS.format(final_fit=FINAL_FITS[study.config.train.final_fit])
+    classes = len(study.cohort.target.names)
+    note = FOLDS.format(final_fit=FINAL_FITS[study.config.train.final_fit], classes=classes, uniform=1 - 1 / classes)
     report.add_table("Held-out test metrics per outer fold: the CNN and a linear baseline", pd.DataFrame(rows), note)
 
 

@@ -232,7 +232,10 @@ class Publisher:
         """The folds' models as one pyfunc (see :mod:`study.predict`), logged to the study run and registered."""
         state, target = study.state, study.cohort.target
         if state.ensemble is None:
-            attribution = self.config.attribution or AttributionConfig()  # maps on request, even if none here
+            # maps on request, even if none here (of several classes: each subject's class, as a study's would)
+            attribution = self.config.attribution or AttributionConfig(
+                target="true_class" if target.several else "contrast"
+            )
             ensemble = Ensemble(
                 {r.fold: load_model(r.checkpoint) for r in results},
                 study.cache.grid,

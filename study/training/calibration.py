@@ -79,7 +79,7 @@ class Calibration:
     temperature: float = 1.0
     bias: float = 0.0
     subjects: int = 0
-    class_bias: tuple[float, ...] = ()  # several classes: one bias per class (none: 0 each)
+    class_bias: tuple[float, ...] = ()  # several classes: one bias per class (empty: the identity's)
 
     def probabilities(self, log_odds: np.ndarray) -> np.ndarray:
         """Calibrated P(class 1) for the model's log-odds (:func:`logit_difference`); of several classes'
@@ -151,8 +151,8 @@ class Calibration:
 
         start = np.zeros(1 + (classes if bias else 0))
         result = minimize(loss, start, method="L-BFGS-B")
-        log_t, b = unpack(result.x)
-        return cls(float(np.exp(log_t)), 0.0, len(z), tuple(float(v) for v in b) if bias else ())
+        log_t, b = unpack(result.x)  # b: zeros without a bias, which keep the classes' count for CalibratedModel
+        return cls(float(np.exp(log_t)), 0.0, len(z), tuple(float(v) for v in b))
 
     @classmethod
     def recentered(cls, log_odds: np.ndarray, labels: np.ndarray) -> Calibration:
