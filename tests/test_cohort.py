@@ -140,13 +140,13 @@ def test_any_two_class_column_is_a_label(cohort_dir):
     with pytest.raises(ValueError, match="label_mapping maps to ad, which are not among the classes"):
         CohortConfig(**config, label_mapping={"AD": "ad"})
     for classes in [("a b", "c"), ("Control", "control"), ("all", "patient")]:
-        with pytest.raises(ValueError, match="two class names that differ in more than case"):
+        with pytest.raises(ValueError, match="two or more class names that differ in more than case"):
             CohortConfig(root=cohort_dir, classes=classes)
     with pytest.raises(ValueError, match="'predicted' names a column of the study's own tables"):
         CohortConfig(root=cohort_dir, label="predicted")
     # A diagnosis column with the default classes (female, male): the fix is the classes, not a mapping to sexes.
     default = load_cohort(CohortConfig(root=cohort_dir, label="diagnosis"))
-    assert "or set cohort.classes to the two classes of column 'diagnosis'" in default.problems[0].message
+    assert "or set cohort.classes to the classes of column 'diagnosis'" in default.problems[0].message
 
 
 def test_hcp_layout_and_path_column(cohort_dir, tmp_path):

@@ -132,8 +132,7 @@ def log_baseline_runs(tracker: Tracker, study: Study, baselines: list[BaselineRe
             continue
         tags = {"study.level": "baseline", "study.model": "linear", "study.fold": str(baseline.fold)}
         run_id = tracker.start_run(f"baseline fold {baseline.fold}", tags, parent=state.parent_run)
-        several = "multinomial " if study.cohort.target.several else ""
-        penalty = {"model": f"{several}l2 logistic regression", "C": baseline.C}
+        penalty = {"model": f"{'multinomial ' * study.cohort.target.several}l2 logistic regression", "C": baseline.C}
         if study.cohort.target.kind == "regression":
             penalty = {"model": "ridge regression", "alpha": 1 / baseline.C}
         tracker.log_params(run_id, {**penalty, "fold": baseline.fold})
