@@ -28,24 +28,25 @@ from study.pipeline import run_study
 
 def study_config(effect: float, seed: int, args: argparse.Namespace, work: Path):
     """The brain-age example's recipe on one cohort of the ladder."""
+    cohort = {"label": "age", "task": "regression", "synthetic": {"age_effect": effect}}
+    return ladder_config(
+        f"brain-age-{effect:g}-{seed}", f"age{effect:g}", cohort, seed, args, work, {"loss": args.loss}
+    )
+
+
+def ladder_config(name: str, folder: str, cohort: dict, seed: int, args: argparse.Namespace, work: Path, train: dict):
+    """A ladder's recipe (the examples' in tune_configs/) on one of its synthetic cohorts: ``cohort`` adds the label
+    and the planted effect to what every rung shares."""
+    synthetic = {"subjects": args.subjects, "voxel_sizes": [2.0, 2.5, 3.0], "seed": seed} | cohort.pop("synthetic")
+    root = str(args.cohorts / f"{folder}-n{args.subjects}-seed{seed}")
     return parse_config(
         {
-            "name": f"brain-age-{effect:g}-{seed}",
-            "cohort": {
-                "root": str(args.cohorts / f"age{effect:g}-n{args.subjects}-seed{seed}"),
-                "label": "age",
-                "task": "regression",
-                "synthetic": {
-                    "subjects": args.subjects,
-                    "voxel_sizes": [2.0, 2.5, 3.0],
-                    "age_effect": effect,
-                    "seed": seed,
-                },
-            },
+            "name": name,
+            "cohort": {"root": root, **cohort, "synthetic": synthetic},
             "preprocess": {"voxel_size": args.voxel_size, "cache_dir": str(args.cohorts / "cache")},
             "cv": {"outer_folds": 3, "inner_folds": 3},
             "model": {"preset": "mrinet", "width": 8},
-            "train": {"epochs": args.epochs, "loss": args.loss},
+            "train": {"epochs": args.epochs, **train},
             "resources": {"concurrent_folds": 2},
             "tracking": {"uri": f"sqlite:///{work}/mlflow.db"},
             "output_dir": str(work / "runs"),

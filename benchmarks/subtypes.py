@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 
 import mlflow
-from brain_age import best_map, print_ladder
+from brain_age import best_map, ladder_config, print_ladder
 
-from study.config import parse_config
 from study.pipeline import run_study
 
 CLASSES = ["control", "subtype_a", "subtype_b"]
@@ -31,34 +30,8 @@ CLASSES = ["control", "subtype_a", "subtype_b"]
 
 def study_config(effect: float, seed: int, args: argparse.Namespace, work: Path):
     """The subtypes example's recipe on one cohort of the ladder."""
-    return parse_config(
-        {
-            "name": f"subtypes-{effect:g}-{seed}",
-            "cohort": {
-                "root": str(args.cohorts / f"group{effect:g}-n{args.subjects}-seed{seed}"),
-                "label": "group",
-                "classes": CLASSES,
-                "synthetic": {
-                    "subjects": args.subjects,
-                    "voxel_sizes": [2.0, 2.5, 3.0],
-                    "group_effect": effect,
-                    "seed": seed,
-                },
-            },
-            "preprocess": {"voxel_size": args.voxel_size, "cache_dir": str(args.cohorts / "cache")},
-            "cv": {"outer_folds": 3, "inner_folds": 3},
-            "model": {"preset": "mrinet", "width": 8},
-            "train": {"epochs": args.epochs},
-            "resources": {"concurrent_folds": 2},
-            "tracking": {"uri": f"sqlite:///{work}/mlflow.db"},
-            "output_dir": str(work / "runs"),
-            "attribution": {
-                "methods": ["gradcam", "guided_backprop", "integrated_gradients"],
-                "permutations": 200,
-                "sanity": {"subjects": 2, "label_randomization": False},
-            },
-        }
-    )
+    cohort = {"label": "group", "classes": CLASSES, "synthetic": {"group_effect": effect}}
+    return ladder_config(f"subtypes-{effect:g}-{seed}", f"group{effect:g}", cohort, seed, args, work, {})
 
 
 def study_row(effect: float, seed: int, args: argparse.Namespace, work: Path) -> tuple:

@@ -11,6 +11,7 @@ from sklearn.metrics import confusion_matrix
 from study.output.classification import DESCRIPTION, FINAL_FITS, log_baseline_runs, search_table
 from study.output.console import say
 from study.output.figures import confusion_figure, one_vs_rest, roc_figure
+from study.output.regression import finding_rows, pooled_estimates
 from study.output.report import Report
 from study.output.tracking import Tracker
 from study.state import Study
@@ -91,21 +92,7 @@ def _metrics(results: list[FoldResult], baselines: list[BaselineResult], evaluat
     metrics = cross_fold_summary([r.test_metrics for r in results], SEVERAL_CLASS_SUMMARY)
     linear = cross_fold_summary([b.test_metrics for b in baselines], SEVERAL_CLASS_SUMMARY)
     metrics |= {k.replace("test_", "baseline_test_", 1): v for k, v in linear.items()}
-    estimates = {"pooled_roc_auc": evaluation.cnn} | {
-        f"{'baseline_' if name.startswith('baseline') else ''}pooled_{name.split('_', 1)[1]}": estimate
-        for name, estimate in evaluation.scores.items()
-    }
-    metrics["pooled_roc_auc_p_vs_chance"] = evaluation.cnn_p
-    if evaluation.baseline is not None:
-        estimates["baseline_pooled_roc_auc"] = evaluation.baseline
-        metrics |= {
-            "baseline_pooled_roc_auc_p_vs_chance": evaluation.baseline_p,
-            "cnn_minus_baseline_roc_auc": evaluation.difference.value,
-            "cnn_minus_baseline_p": evaluation.difference_p,
-        }
-    for name, estimate in estimates.items():
-        metrics |= {name: estimate.value, f"{name}_ci_low": estimate.low, f"{name}_ci_high": estimate.high}
-    return metrics
+    return metrics | pooled_estimates(evaluation, "roc_auc")
 
 
 ROC = (
@@ -180,20 +167,6 @@ FINDING = (
 
 def _finding_table(report: Report, evaluation: Evaluation) -> None:
     """The pooled held-out macro ROC AUC of each model with its interval and p, then the balanced accuracies."""
-    rows = [("CNN", "macro ROC AUC", evaluation.cnn, format_p(evaluation.cnn_p))]
-    if evaluation.baseline:
-        rows += [
-            ("linear baseline", "macro ROC AUC", evaluation.baseline, format_p(evaluation.baseline_p)),
-            ("CNN - linear", "macro ROC AUC", evaluation.difference, format_p(evaluation.difference_p)),
-        ]
-    for name, estimate in evaluation.scores.items():
-        model = "CNN" if name.startswith("cnn") else "linear baseline"
-        rows.append((model, "balanced accuracy", estimate, ""))
-    table = pd.DataFrame(
-        [
-            {"model": m, "score": s, "pooled": e.value, "95% CI low": e.low, "95% CI high": e.high, "p": p}
-            for m, s, e, p in rows
-        ]
-    )
+    table = finding_rows(evaluation, "linear", {"balanced_accuracy": "balanced accuracy"})
     note = FINDING.format(permutations=evaluation.permutations)
     report.add_table("Is it a finding? Pooled held-out macro ROC AUC with confidence intervals", table, note)

@@ -90,6 +90,48 @@ def held_out_gaps(study: Study, results: list[FoldResult]) -> pd.DataFrame:
     )
 
 
+def pooled_estimates(evaluation: Evaluation, name: str) -> dict[str, float]:
+    """The MLflow metrics of an evaluation with bootstrap intervals: ``pooled_<name>`` (e.g. pooled_mae) and every
+    other score of each model (``pooled_r``, ``baseline_pooled_r``), each with ``_ci_low`` and ``_ci_high``; the
+    p values against chance; the CNN-minus-baseline difference and its p."""
+    estimates = {f"pooled_{name}": evaluation.cnn} | {
+        f"{'baseline_' if score.startswith('baseline') else ''}pooled_{score.split('_', 1)[1]}": estimate
+        for score, estimate in evaluation.scores.items()
+    }
+    metrics = {f"pooled_{name}_p_vs_chance": evaluation.cnn_p}
+    if evaluation.baseline is not None:
+        estimates[f"baseline_pooled_{name}"] = evaluation.baseline
+        metrics |= {
+            f"baseline_pooled_{name}_p_vs_chance": evaluation.baseline_p,
+            f"cnn_minus_baseline_{name}": evaluation.difference.value,
+            "cnn_minus_baseline_p": evaluation.difference_p,
+        }
+    for key, estimate in estimates.items():
+        metrics |= {key: estimate.value, f"{key}_ci_low": estimate.low, f"{key}_ci_high": estimate.high}
+    return metrics
+
+
+def finding_rows(evaluation: Evaluation, baseline: str, names: dict[str, str]) -> pd.DataFrame:
+    """The finding table of an evaluation with bootstrap intervals: each model's score (``evaluation.metric``) with
+    its interval and p, their difference, then every other score (``names``: score -> its name here); ``baseline``
+    names the baseline model (ridge, linear)."""
+    rows = [("CNN", evaluation.metric, evaluation.cnn, format_p(evaluation.cnn_p))]
+    if evaluation.baseline:
+        rows += [
+            (f"{baseline} baseline", evaluation.metric, evaluation.baseline, format_p(evaluation.baseline_p)),
+            (f"CNN - {baseline}", evaluation.metric, evaluation.difference, format_p(evaluation.difference_p)),
+        ]
+    for key, estimate in evaluation.scores.items():
+        model, score = key.split("_", 1)
+        rows.append(("CNN" if model == "cnn" else f"{baseline} baseline", names[score], estimate, ""))
+    return pd.DataFrame(
+        [
+            {"model": m, "score": s, "pooled": e.value, "95% CI low": e.low, "95% CI high": e.high, "p": p}
+            for m, s, e, p in rows
+        ]
+    )
+
+
 def _range(values: np.ndarray) -> str:
     return f"{values.min():.4g} to {values.max():.4g}, mean {values.mean():.4g}"
 
@@ -102,21 +144,8 @@ def _metrics(
     metrics = cross_fold_summary([r.test_metrics for r in results], REGRESSION_SUMMARY)
     linear = cross_fold_summary([b.test_metrics for b in baselines], REGRESSION_SUMMARY)
     metrics |= {k.replace("test_", "baseline_test_", 1): v for k, v in linear.items()}
-    estimates = {"pooled_mae": evaluation.cnn} | {
-        f"{'baseline_' if name.startswith('baseline') else ''}pooled_{name.split('_', 1)[1]}": estimate
-        for name, estimate in evaluation.scores.items()
-    }
-    if evaluation.baseline is not None:
-        estimates["baseline_pooled_mae"] = evaluation.baseline
-        metrics |= {
-            "baseline_pooled_mae_p_vs_chance": evaluation.baseline_p,
-            "cnn_minus_baseline_mae": evaluation.difference.value,
-            "cnn_minus_baseline_p": evaluation.difference_p,
-        }
-    for name, estimate in estimates.items():
-        metrics |= {name: estimate.value, f"{name}_ci_low": estimate.low, f"{name}_ci_high": estimate.high}
+    metrics |= pooled_estimates(evaluation, "mae")
     return metrics | {
-        "pooled_mae_p_vs_chance": evaluation.cnn_p,
         "gap_sd": float(held_out.gap.std()),
         "corrected_gap_sd": float(held_out.corrected_gap.std()),
         "corrected_gap_mean": float(held_out.corrected_gap.mean()),
@@ -230,21 +259,7 @@ FINDING = (
 
 def _finding_table(report: Report, evaluation: Evaluation) -> None:
     """The pooled held-out MAE of each model with its interval and p, then the other scores."""
-    rows = [("CNN", "MAE", evaluation.cnn, format_p(evaluation.cnn_p))]
-    if evaluation.baseline:
-        rows += [
-            ("ridge baseline", "MAE", evaluation.baseline, format_p(evaluation.baseline_p)),
-            ("CNN - ridge", "MAE", evaluation.difference, format_p(evaluation.difference_p)),
-        ]
-    for name, estimate in evaluation.scores.items():
-        model, score = name.split("_", 1)
-        rows.append(("CNN" if model == "cnn" else "ridge baseline", SCORES[score], estimate, ""))
-    table = pd.DataFrame(
-        [
-            {"model": m, "score": s, "pooled": e.value, "95% CI low": e.low, "95% CI high": e.high, "p": p}
-            for m, s, e, p in rows
-        ]
-    )
+    table = finding_rows(evaluation, "ridge", SCORES)
     report.add_table(
         "Is it a finding? Pooled held-out errors with confidence intervals",
         table,

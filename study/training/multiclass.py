@@ -27,6 +27,7 @@ import numpy as np
 import scipy.stats
 
 from study.training.evaluation import ALPHA, Estimate, Evaluation
+from study.training.regression import bootstrapped_evaluation
 
 BOOTSTRAP = 2000  # resamples of each interval and of the paired test
 
@@ -150,25 +151,13 @@ def evaluate_multiclass(
     Evaluation
         With ``metric`` "macro ROC AUC"; ``scores`` holds each model's balanced accuracy.
     """
-    models = {"cnn": cnn} | ({} if baseline is None else {"baseline": baseline})
-    scores = {
-        f"{model}_{name}": estimate
-        for model, p in models.items()
-        for name, estimate in bootstrap_scores(labels, p, seed=seed).items()
-    }
-    result = Evaluation(
-        scores.pop("cnn_roc_auc"),
-        macro_auc_permutation_p(labels, cnn, folds, permutations, seed),
-        None,
-        None,
-        None,
-        None,
+    return bootstrapped_evaluation(
+        "macro ROC AUC",
+        "roc_auc",
+        lambda p: bootstrap_scores(labels, p, seed=seed),
+        lambda p, shift: macro_auc_permutation_p(labels, p, folds, permutations, seed + shift),
+        lambda: paired_bootstrap(labels, cnn, baseline, seed=seed),
+        cnn,
+        baseline,
         permutations,
-        metric="macro ROC AUC",
-        scores=scores,
     )
-    if baseline is not None:
-        result.baseline = scores.pop("baseline_roc_auc")
-        result.baseline_p = macro_auc_permutation_p(labels, baseline, folds, permutations, seed + 1)
-        result.difference, result.difference_p = paired_bootstrap(labels, cnn, baseline, seed=seed)
-    return result

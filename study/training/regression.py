@@ -22,6 +22,8 @@ tested exactly once), as for two classes (:mod:`.evaluation`):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from study.training.calibration import MIN_SLOPE
@@ -136,25 +138,38 @@ def evaluate_regression(
     Evaluation
         With ``metric`` "MAE" (lower is better); ``scores`` holds RMSE, r and R^2 of each model.
     """
-    models = {"cnn": cnn} | ({} if baseline is None else {"baseline": baseline})
-    scores = {
-        f"{model}_{name}": estimate
-        for model, predicted in models.items()
-        for name, estimate in bootstrap_scores(values, predicted, seed=seed).items()
-    }
-    result = Evaluation(
-        scores.pop("cnn_mae"),
-        mae_permutation_p(values, cnn, folds, permutations, seed),
-        None,
-        None,
-        None,
-        None,
+    return bootstrapped_evaluation(
+        "MAE",
+        "mae",
+        lambda predicted: bootstrap_scores(values, predicted, seed=seed),
+        lambda predicted, shift: mae_permutation_p(values, predicted, folds, permutations, seed + shift),
+        lambda: paired_absolute_errors(values, cnn, baseline, seed=seed),
+        cnn,
+        baseline,
         permutations,
-        metric="MAE",
-        scores=scores,
+    )
+
+
+def bootstrapped_evaluation(
+    metric: str,
+    name: str,
+    scores_of: Callable[[np.ndarray], dict[str, Estimate]],
+    p_of: Callable[[np.ndarray, int], float],
+    paired: Callable[[], tuple[Estimate, float]],
+    cnn: np.ndarray,
+    baseline: np.ndarray | None,
+    permutations: int,
+) -> Evaluation:
+    """The :class:`Evaluation` of a score with bootstrap intervals (a regression's MAE, several classes' macro AUC):
+    each model's scores (``scores_of(predictions)``, ``name`` the one the verdict reads, in ``metric``'s words),
+    its p against chance (``p_of(predictions, seed shift)``: 0 for the CNN, 1 for the baseline) and, with a
+    baseline, the paired test of their difference (``paired()``)."""
+    models = {"cnn": cnn} | ({} if baseline is None else {"baseline": baseline})
+    scores = {f"{model}_{score}": e for model, predicted in models.items() for score, e in scores_of(predicted).items()}
+    result = Evaluation(
+        scores.pop(f"cnn_{name}"), p_of(cnn, 0), None, None, None, None, permutations, metric=metric, scores=scores
     )
     if baseline is not None:
-        result.baseline = scores.pop("baseline_mae")
-        result.baseline_p = mae_permutation_p(values, baseline, folds, permutations, seed + 1)
-        result.difference, result.difference_p = paired_absolute_errors(values, cnn, baseline, seed=seed)
+        result.baseline, result.baseline_p = scores.pop(f"baseline_{name}"), p_of(baseline, 1)
+        result.difference, result.difference_p = paired()
     return result
