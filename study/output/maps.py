@@ -30,7 +30,7 @@ from study.state import Study
 MEAN_MAP = "{title}: mean map, all held-out subjects (top 10% of voxels); explains {explains}"
 CLASS_MAP = "{title}: mean map, {name}; explains {explains}"
 T_MAP = "{title}: {contrast} t, FWER p < 0.05 ({constant} constant voxels left out)"
-WEIGHTS_MAP = "{title}: |weights| on standardized voxels, mean over folds (top 10% of voxels)"
+WEIGHTS_MAP = "{title}: |weights| on standardized voxels{classes}, mean over folds (top 10% of voxels)"
 WEIGHT_TEST = (
     "{title}: {contrast}, the weights of one {model} on all subjects (positive: a higher "
     "standardized intensity points to {positive}), tested by refitting on {permutations} label permutations "
@@ -133,7 +133,9 @@ def _baseline(log: _Logged, study: Study, result: AttributionResult, maps: Metho
     method, name = maps.method, title(maps.method)
     log(study.state.parent_run, maps.group["mean_all"], f"{method}_mean_all", method)
     mean = (
-        WEIGHTS_MAP.format(title=name),
+        WEIGHTS_MAP.format(
+            title=name, classes=" (the root mean square of each class's)" if study.cohort.target.several else ""
+        ),
         brain_figure(image(result, maps.group["mean_all"]), name, "glass"),
     )
     if maps.test is None:
