@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -69,8 +70,15 @@ def best_map(metrics: dict[str, float]) -> str:
     return f"{max(located)[1]} {max(located)[0]:.3f}"
 
 
-def print_ladder(rows: list[tuple], header: tuple, setting: str) -> None:
-    """The ladder's table in markdown, under a line that says its setting."""
+def run_ladder(args: argparse.Namespace, study_row: Callable, header: tuple, setting: str) -> None:
+    """One study per effect and seed of ``args``, a line each as it ends; then the ladder's table in markdown,
+    under a line that says its setting."""
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        for effect in args.effects:
+            for seed in args.seeds:
+                rows.append(study_row(effect, seed, args, Path(work)))
+                print(" | ".join(rows[-1]), flush=True)
     print(f"\n{setting}")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -133,14 +141,8 @@ def main() -> None:
         "ridge weights (voxel ROC AUC)",
         "seconds",
     )
-    rows = []
-    with tempfile.TemporaryDirectory() as work:
-        for effect in args.effects:
-            for seed in args.seeds:
-                rows.append(study_row(effect, seed, args, Path(work)))
-                print(" | ".join(rows[-1]), flush=True)
     setting = f"{args.subjects} subjects, {args.voxel_size:g} mm, {args.epochs} epochs, train.loss {args.loss}"
-    print_ladder(rows, header, setting)
+    run_ladder(args, study_row, header, setting)
 
 
 if __name__ == "__main__":

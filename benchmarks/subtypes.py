@@ -16,12 +16,11 @@ weights beside them), and the wall time.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
 import mlflow
-from brain_age import best_map, ladder_config, print_ladder
+from brain_age import best_map, ladder_config, run_ladder
 
 from study.pipeline import run_study
 
@@ -87,13 +86,7 @@ def main() -> None:
         "baseline weights (voxel ROC AUC)",
         "seconds",
     )
-    rows = []
-    with tempfile.TemporaryDirectory() as work:
-        for effect in args.effects:
-            for seed in args.seeds:
-                rows.append(study_row(effect, seed, args, Path(work)))
-                print(" | ".join(rows[-1]), flush=True)
-    print_ladder(rows, header, f"{args.subjects} subjects, {args.voxel_size:g} mm, {args.epochs} epochs")
+    run_ladder(args, study_row, header, f"{args.subjects} subjects, {args.voxel_size:g} mm, {args.epochs} epochs")
 
 
 if __name__ == "__main__":

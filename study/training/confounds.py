@@ -127,12 +127,19 @@ def partial_confound_test(
     y, yhat = np.asarray(labels, int), np.asarray(predictions, float)
     design = confound_design(table)
     basis = orthonormal_basis(design - design.mean(0))
-    rng = np.random.default_rng(seed)
-    permuted = np.tile(yhat, (permutations, 1))
-    for label in np.unique(y):
-        rows = np.flatnonzero(y == label)
-        permuted[:, rows] = rng.permuted(permuted[:, rows], axis=1)
+    permuted = permuted_within(yhat, y, permutations, seed)
     return _test(_r2_on(basis, yhat[None])[0], _r2_on(basis, permuted), permutations)
+
+
+def permuted_within(values: np.ndarray, blocks: np.ndarray, permutations: int, seed: int) -> np.ndarray:
+    """``permutations`` copies of ``values`` [permutations, n], each permuted within every block (an outer fold, a
+    class): the null of every test here that keeps the blocks' members together."""
+    rng = np.random.default_rng(seed)
+    permuted = np.tile(values, (permutations, 1))
+    for block in np.unique(blocks):
+        rows = np.flatnonzero(blocks == block)
+        permuted[:, rows] = rng.permuted(permuted[:, rows], axis=1)
+    return permuted
 
 
 def conditional_permutations(log_likelihood: np.ndarray, permutations: int, seed: int = 0) -> np.ndarray:

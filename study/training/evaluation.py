@@ -21,7 +21,7 @@ import pandas as pd
 import scipy.stats
 from sklearn.metrics import roc_auc_score
 
-from study.training.confounds import ConfoundTest, full_confound_test, partial_confound_test
+from study.training.confounds import ConfoundTest, full_confound_test, partial_confound_test, permuted_within
 
 ALPHA = 0.05
 CONFOUND_PERMUTATIONS = 1000  # conditional permutations of each confound test (mlconfound's default)
@@ -97,11 +97,7 @@ def auc_permutation_p(
     """One-sided p value of AUC > 0.5: the share of labellings, permuted within folds, whose AUC reaches it."""
     labels, folds = np.asarray(labels), np.asarray(folds)
     observed = roc_auc_score(labels, scores)
-    rng = np.random.default_rng(seed)
-    permuted = np.tile(labels, (permutations, 1))
-    for fold in np.unique(folds):
-        rows = np.flatnonzero(folds == fold)
-        permuted[:, rows] = rng.permuted(permuted[:, rows], axis=1)
+    permuted = permuted_within(labels, folds, permutations, seed)
     # AUC of each labelling from the ranks of the scores: the Mann-Whitney U over the positives.
     ranks = _midranks(scores)
     m = labels.sum()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.stats
 
+from study.training.confounds import permuted_within
 from study.training.evaluation import ALPHA, Estimate, Evaluation
 from study.training.regression import bootstrapped_evaluation
 
@@ -93,11 +94,7 @@ def macro_auc_permutation_p(
     AUC reaches the observed one."""
     labels, folds, p = np.asarray(labels, dtype=np.int64), np.asarray(folds), np.asarray(p, dtype=np.float64)
     observed = macro_auc(labels, p)
-    rng = np.random.default_rng(seed)
-    permuted = np.tile(labels, (permutations, 1))
-    for fold in np.unique(folds):
-        rows = np.flatnonzero(folds == fold)
-        permuted[:, rows] = rng.permuted(permuted[:, rows], axis=1)
+    permuted = permuted_within(labels, folds, permutations, seed)
     aucs = np.zeros(permutations)
     for k in range(p.shape[1]):  # class sizes stay as they are: only which subjects hold them changes
         ranks = scipy.stats.rankdata(p[:, k])

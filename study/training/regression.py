@@ -27,6 +27,7 @@ from collections.abc import Callable
 import numpy as np
 
 from study.training.calibration import MIN_SLOPE
+from study.training.confounds import permuted_within
 from study.training.evaluation import ALPHA, Estimate, Evaluation
 
 BOOTSTRAP = 2000  # resamples of each interval
@@ -67,11 +68,7 @@ def mae_permutation_p(
     most the observed one."""
     values, predicted, folds = np.asarray(values, dtype=np.float64), np.asarray(predicted), np.asarray(folds)
     observed = np.mean(np.abs(predicted - values))
-    rng = np.random.default_rng(seed)
-    permuted = np.tile(values, (permutations, 1))
-    for fold in np.unique(folds):
-        rows = np.flatnonzero(folds == fold)
-        permuted[:, rows] = rng.permuted(permuted[:, rows], axis=1)
+    permuted = permuted_within(values, folds, permutations, seed)
     maes = np.abs(permuted - predicted).mean(axis=1)
     return float((1 + np.sum(maes <= observed + 1e-12)) / (permutations + 1))
 
