@@ -218,6 +218,8 @@ def test_a_three_class_study_scores_each_class_against_the_rest_and_predicts_eve
     """``run_study`` on a cohort whose subtypes each lose volume in regions of their own: three logits, the macro
     AUC tested against chance and the multinomial baseline, per-class maps, and study predict's probabilities of
     each class equal to the held-out ones of the fold that held a subject out."""
+    import mlflow
+
     from study.cli import main
     from study.pipeline import run_study, study_dir
     from study.tasks import map_in_process
@@ -263,6 +265,8 @@ def test_a_three_class_study_scores_each_class_against_the_rest_and_predicts_eve
         main(["predict", "tiny", str(root / "new.tsv"), "--out", str(out), "--tracking-uri", config.tracking.uri]) == 0
     )
     predicted = pd.read_csv(out, sep="\t", dtype={"subject_id": str}).set_index("subject_id")
+    outputs = {c.name: c.type.name for c in mlflow.models.get_model_info("models:/tiny/1").signature.outputs}
+    assert outputs["predicted_group"] == "string" and outputs["p_subtype_a"] == outputs["p_control_fold0"] == "double"
     for subject, row in table.set_index("subject_id").loc[predicted.index].iterrows():
         for c in CLASSES:
             assert predicted.loc[subject, f"p_{c}_fold{int(row.fold)}"] == pytest.approx(row[f"p_{c}"], rel=1e-4)
