@@ -385,3 +385,38 @@ def test_the_deletion_checks_voxels_are_blobs_and_an_empty_map_deletes_no_slab()
     empty = top_voxels(np.zeros((1, brain.sum())), brain)[0]  # ties broken at random, not by position
     slices = np.unravel_index(empty, brain.shape)[0]
     assert len(np.unique(slices)) == 24  # every slice of the brain, not its first few
+
+
+class ThreeClassNet(ContrastNet):
+    """Three logits: class 2's carries the REGION's evidence, all three the DISTRACTOR's context alike, so only
+    class 2 against the rest (its logit minus the others' mean) is free of the distractor."""
+
+    def forward(self, x):
+        two = super().forward(x)  # context - evidence, context + evidence
+        context = two.mean(1, keepdim=True)
+        return torch.cat([context, context, two[:, 1:]], dim=1)
+
+
+def test_each_class_against_the_rest_is_one_score_for_every_subject():
+    from study.attribution.actors import Explanation, explain_batch
+    from study.attribution.targets import VersusRest
+    from study.runtime import Precision
+
+    x = volumes()
+    two = ContrastNet().eval()
+    torch.testing.assert_close(VersusRest(two, 1)(x).diff(dim=1), two(x).diff(dim=1))  # the contrast itself
+    for method in (gradcam, guided_backprop):
+        torch.testing.assert_close(method(VersusRest(two, 1), x, None), method(two, x, None))
+
+    three = ThreeClassNet().eval()
+    logits = three(x)
+    for k in range(3):
+        rest = torch.cat([logits[:, :k], logits[:, k + 1 :]], dim=1).mean(1)
+        torch.testing.assert_close(VersusRest(three, k)(x).diff(dim=1)[:, 0], logits[:, k] - rest)
+    explanation = Explanation(("guided_backprop",), "contrast", Perturbation(), versus_rest=2)
+    labels = torch.zeros(len(x), dtype=torch.long)
+    versus = explain_batch(three, x, labels, explanation, 2.0, Precision.choose(torch.device("cpu")))
+    own = guided_backprop(three, x, torch.full((len(x),), 2))  # class 2's own logit: the distractor too
+    versus_maps = torch.tensor(versus["guided_backprop"], dtype=torch.float32)
+    assert (share(versus_maps, REGION) > 0.9).all() and (share(versus_maps, DISTRACTOR) < 0.05).all()
+    assert (share(own, DISTRACTOR) > 0.3).all()

@@ -219,6 +219,7 @@ def test_a_three_class_study_scores_each_class_against_the_rest_and_predicts_eve
     AUC tested against chance and the multinomial baseline, per-class maps, and study predict's probabilities of
     each class equal to the held-out ones of the fold that held a subject out."""
     import mlflow
+    import nibabel as nib
 
     from study.cli import main
     from study.pipeline import run_study, study_dir
@@ -253,9 +254,21 @@ def test_a_three_class_study_scores_each_class_against_the_rest_and_predicts_eve
     execution = study_dir(config) / "latest"
     report = (execution / "report.html").read_text()
     assert "group classification from T1w MRI" in report and "held-out macro ROC AUC" in report
-    assert "Confusion matrices" in report and "No test between classes" in report
-    artifacts = {f.path for f in mlflow_client(config).list_artifacts(run_id, "maps/gradcam")}
+    assert "Confusion matrices" in report
+    assert "The test between classes asks every subject one question per class" in report
+    client = mlflow_client(config)
+    artifacts = {f.path for f in client.list_artifacts(run_id, "maps/gradcam")}
     assert {f"maps/gradcam/gradcam_mean_{c}.nii.gz" for c in CLASSES} <= artifacts
+    assert {f"maps/gradcam/gradcam_t_{c}_minus_rest.nii.gz" for c in CLASSES} <= artifacts
+    t = {
+        c: nib.load(client.download_artifacts(run_id, f"maps/gradcam/gradcam_t_{c}_minus_rest.nii.gz", str(tmp_path)))
+        for c in CLASSES
+    }
+    for c in CLASSES:  # each class's own test: its own t map, its voxel count logged
+        assert f"Grad-CAM: {c} - the rest t, FWER p" in report
+        assert metrics[f"test_voxels_fwer05_integrated_gradients_{c}"] >= 0, c
+        assert np.abs(t[c].get_fdata()).max() > 0, c
+    assert not np.allclose(t["subtype_a"].get_fdata(), t["subtype_b"].get_fdata())
     assert 0 <= metrics["localization_roc_auc_integrated_gradients"] <= 1
 
     participants = pd.read_csv(root / "participants.tsv", sep="\t")

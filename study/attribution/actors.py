@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from study.attribution.methods import Batch
 from study.attribution.perturbation import Perturbation
 from study.attribution.store import MapStore
-from study.attribution.targets import select_targets
+from study.attribution.targets import VersusRest, select_targets
 from study.data.cache import CachedVolumes, VolumeCache
 from study.runtime import Precision, worker_device
 from study.training.checkpoint import load_model
@@ -36,6 +36,7 @@ class Explanation:
     target: str  # true_class | predicted_class | contrast
     perturbation: Perturbation
     cohort_mean: np.ndarray | None = field(default=None, compare=False)  # [D, H, W]: MP's cohort_mean reference
+    versus_rest: int | None = None  # of several classes: the class whose score against the rest every map explains
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ def explain_batch(
     masks differed from the CPU's by up to half their maximum, and the explained class of a subject near the
     decision boundary could differ from the one its reported probability gives.
     """
+    if explanation.versus_rest is not None:  # the contrast of this two-logit view: class k against the rest
+        model = VersusRest(model, explanation.versus_rest)
     with torch.no_grad(), precision.exact():
         targets = select_targets(explanation.target, labels, model(x))
     mean = None if explanation.cohort_mean is None else torch.tensor(explanation.cohort_mean, device=x.device)
@@ -113,6 +116,15 @@ class Explainer:
         )
 
 
+def pool_size(actors: int | None, gpus_per_actor: float) -> int:
+    """Actors in the pool: as many as asked, else as many as fit on the cluster's GPUs, else 2 on CPUs."""
+    if actors:
+        return actors
+    if gpus_per_actor:
+        return max(1, int(ray.cluster_resources().get("GPU", 0) / gpus_per_actor))
+    return 2
+
+
 def _start_actor(explanation: Explanation, gpus_per_actor: float, name: str):
     options = {"num_cpus": 1, "num_gpus": gpus_per_actor, "name": name}
     return ray.remote(Explainer).options(**options).remote(explanation)
@@ -126,6 +138,7 @@ def explain_cohort(
     actors: int,
     gpus_per_actor: float = 0,
     on_batch: Callable[[int], None] | None = None,
+    desc: str = "explaining",
 ) -> int:
     """Explain every subject of ``jobs`` not yet in ``store``; returns how many were explained.
 
@@ -145,6 +158,8 @@ def explain_cohort(
         GPU share of each actor (0: CPU only; 0.5: two actors per GPU).
     on_batch : callable, optional
         ``on_batch(n_done)`` after each stored batch (progress reporting).
+    desc : str
+        What the progress bar says.
     """
     queue = []
     for job in jobs:
@@ -160,7 +175,7 @@ def explain_cohort(
     generation = [0] * min(actors, len(queue))
     pool = [_start_actor(explanation, gpus_per_actor, f"explainer-{i}.0") for i in range(len(generation))]
     try:
-        _run_pool(pool, generation, queue, total, store, explanation, gpus_per_actor, on_batch)
+        _run_pool(pool, generation, queue, total, store, explanation, gpus_per_actor, on_batch, desc)
     finally:  # also when a batch or the progress callback fails: no actor keeps its GPU share
         for actor in pool:
             ray.kill(actor)
@@ -176,11 +191,12 @@ def _run_pool(
     explanation: Explanation,
     gpus_per_actor: float,
     on_batch: Callable[[int], None] | None,
+    desc: str,
 ) -> None:
     """Feed the queue of batches to the pool, replacing an actor that dies, until every batch is stored."""
     in_flight: dict[ray.ObjectRef, tuple[int, tuple]] = {}
     explained = 0
-    with tqdm(total=total, desc="explaining", unit="subject") as bar:
+    with tqdm(total=total, desc=desc, unit="subject") as bar:
         idle = list(range(len(pool)))
         while queue or in_flight:
             while queue and idle:

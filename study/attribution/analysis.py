@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -47,6 +47,7 @@ class MethodMaps:
     test: PermutationTest | None  # class 1 vs class 0; None when the maps explain different scores for each class
     localization: dict[str, float] | None  # scores against a synthetic cohort's planted effect
     regions: dict[str, pd.DataFrame]  # "planted" / "atlas" -> regions ranked by mean attribution
+    versus_rest: dict[str, PermutationTest] = field(default_factory=dict)  # of several classes: class -> its test
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,7 @@ def analyse_method(
     test: PermutationTest | None = None,
     truth: GroundTruth | None = None,
     atlas: Atlas | None = None,
+    versus_rest: dict[str, PermutationTest] | None = None,
 ) -> MethodMaps:
     """One method's group maps (pooled and per fold), region tables and localization; ``test`` as given.
 
@@ -141,6 +143,8 @@ def analyse_method(
         The brain mask [D, H, W] the maps' voxels come from.
     test, truth, atlas : optional
         The method's class 1 minus class 0 test, a synthetic cohort's planted effect, a labelled atlas.
+    versus_rest : dict, optional
+        Of several classes, each class's test against the rest (class name -> test), as given.
     """
     group = group_means(maps, held_out.labels, classes)
     per_fold = {
@@ -154,4 +158,4 @@ def analyse_method(
     if atlas is not None:
         regions["atlas"] = region_table(mean, atlas.labels, atlas.names)
     scores = localization(maps, truth.effect[brain], truth.distractor[brain]) if truth is not None else None
-    return MethodMaps(method, group, per_fold, test, scores, regions)
+    return MethodMaps(method, group, per_fold, test, scores, regions, versus_rest or {})

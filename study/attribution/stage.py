@@ -15,12 +15,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import ray
 
-from study.attribution.actors import Explanation, FoldModel, explain_cohort
+from study.attribution.actors import Explanation, FoldModel, explain_cohort, pool_size
 from study.attribution.analysis import (
     HeldOut,
     MethodMaps,
@@ -48,7 +49,7 @@ from study.attribution.sanity import (
 )
 from study.attribution.stats import PermutationTest, permutation_test_on_device
 from study.attribution.store import MapStore
-from study.config import AttributionConfig, ResourcesConfig
+from study.config import AttributionConfig
 from study.state import StageTimes, Study
 from study.training.baseline import BaselineResult
 from study.training.checkpoint import load_history
@@ -133,14 +134,19 @@ def explain_study(
     ]
     folder = study.directory / "maps" / _store_key(attribution, results)
     store = MapStore(folder, study.cohort.ids, study.cache.shape, list(attribution.methods))
-    actors, gpus_per_actor = _pool(attribution, study.config.resources)
-    total = len(store.missing([s for job in jobs for s in job.subject_ids]))
+    gpus_per_actor = attribution.gpus_per_actor if study.config.resources.use_gpu else 0.0
+    actors = pool_size(attribution.actors, gpus_per_actor)
+    explanations = [(store, explanation_of(attribution, study), "explaining"), *_versus_rest(study, folder)]
+    ids = [s for job in jobs for s in job.subject_ids]
+    total, done = sum(len(where.missing(ids)) for where, _, _ in explanations), 0
     with times.stage("attribution"):
-        on_batch = (lambda done: on_progress(done, total)) if on_progress else None
-        explanation = explanation_of(attribution, study)
-        explain_cohort(jobs, store, explanation, attribution.batch_size, actors, gpus_per_actor, on_batch)
+        for where, explanation, desc in explanations:  # each subject's own maps, then each class against the rest
+            on_batch = (lambda n, before=done: on_progress(before + n, total)) if on_progress else None
+            batch = attribution.batch_size
+            done += explain_cohort(jobs, where, explanation, batch, actors, gpus_per_actor, on_batch, desc)
     with times.stage("group statistics"):
-        maps, agreement = _group_analysis(study, jobs, baselines, store)
+        versus_rest = {explanation.versus_rest: where for where, explanation, _ in explanations[1:]}
+        maps, agreement = _group_analysis(study, jobs, baselines, store, versus_rest)
     with times.stage("sanity checks"):
         sanity, training = _sanity_checks(study, jobs, results[0], baselines, store, shuffled_fit)
     times.merge(training)
@@ -158,6 +164,24 @@ def explain_study(
     )
 
 
+def _versus_rest(study: Study, folder: Path) -> list[tuple[MapStore, Explanation, str]]:
+    """Of several classes, each class's score against the rest explained for every subject, by the methods the
+    table tests (:class:`~study.attribution.targets.VersusRest`), for its test between its subjects and the rest:
+    where its maps go, what to compute, what the progress bar says. None of one target class or a regression's."""
+    tested = methods_with_group_test(study.config.attribution.methods, "contrast")
+    if not (study.cohort.target.several and tested):
+        return []
+    perturbation, ids, shape = study.config.attribution.perturbation, study.cohort.ids, study.cache.shape
+    return [
+        (
+            MapStore(folder / f"versus_rest_{name}", ids, shape, tested),
+            Explanation(tuple(tested), "contrast", perturbation, versus_rest=k),
+            f"{name} vs rest",
+        )
+        for k, name in enumerate(study.cohort.target.names)
+    ]
+
+
 def _gradcam_grid(first: FoldResult, study: Study) -> tuple[tuple[int, int, int], float]:
     """Grad-CAM's resolution: the first fold's network's last feature map, voxels per axis and their spacing in mm."""
     features, spacing = feature_grid(build_model(first.setup.architecture, study.cache.shape).eval(), study.cache.shape)
@@ -171,41 +195,32 @@ def _store_key(attribution: AttributionConfig, results: list[FoldResult]) -> str
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
 
 
-def _pool(attribution: AttributionConfig, resources: ResourcesConfig) -> tuple[int, float]:
-    """The actor pool: how many actors, and each one's GPU share (0 on CPUs). Default size: as many as fit on the
-    cluster's GPUs, else 2."""
-    gpus_per_actor = attribution.gpus_per_actor if resources.use_gpu else 0.0
-    if attribution.actors:
-        return attribution.actors, gpus_per_actor
-    if gpus_per_actor:
-        return max(1, int(ray.cluster_resources().get("GPU", 0) / gpus_per_actor)), gpus_per_actor
-    return 2, gpus_per_actor
-
-
 def _group_analysis(
-    study: Study, jobs: list[FoldModel], baselines: list[BaselineResult], store: MapStore
+    study: Study,
+    jobs: list[FoldModel],
+    baselines: list[BaselineResult],
+    store: MapStore,
+    versus_rest: dict[int, MapStore],
 ) -> tuple[dict[str, MethodMaps], pd.DataFrame]:
     """Every method's group analysis (and the linear baseline's weights as one more map), and their agreement."""
     attribution, brain = study.config.attribution, study.brain
     ids = [s for job in jobs for s in job.subject_ids]
     family = {s.subject_id: s.family_id for s in study.cohort.subjects}
-    held_out = HeldOut(
-        ids,
-        study.labels(ids),
-        np.array([job.fold for job in jobs for _ in job.subject_ids]),
-        np.array([family[s] for s in ids]),
-    )
+    folds = np.array([job.fold for job in jobs for _ in job.subject_ids])
+    held_out = HeldOut(ids, study.labels(ids), folds, np.array([family[s] for s in ids]))
     normalized = normalized_maps(store, attribution.methods, ids, brain)
     if baselines:
         normalized[LINEAR_BASELINE] = baseline_maps({b.fold: b.weights for b in baselines}, held_out.folds)
-    tests = _group_tests(study, normalized, held_out, baselines, jobs)
+    tests, per_class = _group_tests(study, normalized, held_out, baselines, jobs, versus_rest)
     target, grid = study.cohort.target, study.cache.grid
     effect = "age" if target.kind == "regression" else "group" if target.several else ""
     truth = ground_truth(study.config.cohort.root, grid, effect)
     atlas = read_atlas(attribution.atlas, attribution.atlas_names, grid)
     classes = study.cohort.target.names
     maps = {
-        method: analyse_method(method, values, held_out, classes, brain, tests.get(method), truth, atlas)
+        method: analyse_method(
+            method, values, held_out, classes, brain, tests.get(method), truth, atlas, per_class.get(method, {})
+        )
         for method, values in normalized.items()
     }
     return maps, method_agreement(normalized)
@@ -217,10 +232,11 @@ def _group_tests(
     held_out: HeldOut,
     baselines: list[BaselineResult],
     jobs: list[FoldModel],
-) -> dict[str, PermutationTest]:
+    versus_rest: dict[int, MapStore],
+) -> tuple[dict[str, PermutationTest], dict[str, dict[str, PermutationTest]]]:
     """The class 1 minus class 0 test of each method that gets one (a regression target's: the association of
     the maps with it, an OLS t in a model with an intercept, under Freedman-Lane permutations), and the linear
-    baseline's weight test.
+    baseline's weight test; of several classes, each class's test against the rest instead, by method and class.
 
     One question for every subject: with GPUs, the tests run side by side, each on a GPU share; on CPUs in this
     process, whose threads all work on each test's sums.
@@ -231,17 +247,24 @@ def _group_tests(
     regression = study.cohort.target.kind == "regression"
     if regression:  # no confounds: the design is the intercept alone
         confounds = np.zeros((len(held_out.subject_ids), 0))
+    design = (attribution.permutations, held_out.folds, held_out.families, seed, confounds)
     arguments = {
-        method: (normalized[method], held_out.labels, attribution.permutations, held_out.folds, held_out.families, seed)
-        + (confounds,)
+        method: (normalized[method], held_out.labels, *design)
         for method in methods_with_group_test(attribution.methods, attribution.target)
     }
+    classes = study.cohort.target.names
+    for k, store in versus_rest.items():  # the class's subjects against the rest, maps of its score against the rest
+        maps = normalized_maps(store, store.methods, held_out.subject_ids, study.brain)
+        arguments |= {(m, classes[k]): (maps[m], (held_out.labels == k).astype(int), *design) for m in maps}
     if resources.use_gpu:
         task = ray.remote(num_cpus=1, num_gpus=attribution.gpus_per_actor)(permutation_test_on_device)
         tests = dict(zip(arguments, ray.get([task.remote(*a) for a in arguments.values()])))
     else:
-        tests = {method: permutation_test_on_device(*a) for method, a in arguments.items()}
-    tests = {method: replace(test, adjusted_for=names) for method, test in tests.items()}
+        tests = {key: permutation_test_on_device(*a) for key, a in arguments.items()}
+    tests = {key: replace(test, adjusted_for=names) for key, test in tests.items()}
+    per_class: dict[str, dict[str, PermutationTest]] = {}
+    for key in [key for key in tests if isinstance(key, tuple)]:
+        per_class.setdefault(key[0], {})[key[1]] = tests.pop(key)
     if baselines and not study.cohort.target.several:  # the linear model's weights, refitted on permuted labels
         # each subject as its fold's models read it: with cv.adjust, adjusted by its fold's adjustment
         voxels = np.concatenate([job.cache.brain_voxels(job.subject_ids, study.brain) for job in jobs])
@@ -249,7 +272,7 @@ def _group_tests(
         tests[LINEAR_BASELINE] = weight_test(
             voxels, held_out.labels, C, attribution.permutations, held_out.families, seed, regression=regression
         )
-    return tests
+    return tests, per_class
 
 
 def _sanity_checks(

@@ -1,6 +1,6 @@
 """What every method shares: which class score a map explains (the true class, the predicted class, or class 1
-minus class 0; a regression model's predicted value), and a model whose parameters need no gradient while it is
-explained."""
+minus class 0; a regression model's predicted value; of several classes, one class against the rest), and a model
+whose parameters need no gradient while it is explained."""
 
 from __future__ import annotations
 
@@ -48,3 +48,27 @@ def frozen(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
+
+
+class VersusRest(torch.nn.Module):
+    """A model of several classes asked one question of every subject: class ``k`` against the rest.
+
+    Its two logits are the mean of the other classes' logits and class ``k``'s, so the class 1 minus class 0
+    contrast that the methods explain without a target class is class ``k``'s logit minus the others' mean (with
+    two classes and ``k`` = 1, the contrast itself). Each class's test between its subjects' maps and the rest's
+    compares maps of this one score, as the two-class test compares maps of the contrast.
+    """
+
+    def __init__(self, model: torch.nn.Module, k: int):
+        super().__init__()
+        self.model, self.k = model, k
+
+    @property
+    def gradcam_layer(self) -> torch.nn.Module:
+        """The network's Grad-CAM layer (:mod:`study.attribution.gradcam` hooks it)."""
+        return self.model.gradcam_layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x)
+        others = torch.cat([logits[:, : self.k], logits[:, self.k + 1 :]], dim=1).mean(1)
+        return torch.stack([others, logits[:, self.k]], dim=1)

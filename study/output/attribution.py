@@ -129,11 +129,18 @@ UNTESTED = (
     "No {contrast} test: with target {target} the maps of each class explain different scores, so their "
     "difference would be there by construction; set attribution.target: contrast."
 )
+TESTED_SEVERAL = (
+    "Each class's mean map shows where the network finds that class (target {target}: each subject's map explains "
+    "its own class's score). The test between classes asks every subject one question per class: each class's t "
+    "map compares the maps of that class's score against the rest (its logit minus the mean of the others') between "
+    "its subjects and everyone else (Welch t), FWER-corrected by the maximum statistic over {permutations} label "
+    "permutations within outer folds, exchanging whole families (PALM-style exchangeability blocks). The linear "
+    "baseline's map is the root mean square of its classes' weights, not tested."
+)
 UNTESTED_SEVERAL = (
-    "No test between classes: with target {target} each subject's map explains its own class's score, so the "
-    "classes' maps answer different questions and their difference would be there by construction. Each class's "
-    "mean map shows where the network finds that class. The linear baseline's map is the root mean square of its "
-    "classes' weights, not tested."
+    "Each class's mean map shows where the network finds that class (target {target}: each subject's map explains "
+    "its own class's score). No test between classes: Meaningful Perturbations deletes the evidence for each "
+    "subject's own decision, so its classes' maps answer different questions; add a gradient method to test them."
 )
 GRADCAM_DETAIL = (
     " Grad-CAM shows no detail finer than {network}'s last feature map: {d}x{h}x{w} voxels, one every {spacing:.0f} "
@@ -163,7 +170,10 @@ def _maps_sections(
         if tests[0].adjusted_for:
             how += ADJUSTED.format(confounds=", ".join(tests[0].adjusted_for))
     elif classes.several:
-        how = UNTESTED_SEVERAL.format(target=result.target)
+        tested = any(m.versus_rest for m in result.maps.values())
+        how = (TESTED_SEVERAL if tested else UNTESTED_SEVERAL).format(
+            target=result.target, permutations=study.config.attribution.permutations
+        )
     else:
         how = UNTESTED.format(contrast=classes.contrast, target=result.target)
     if "gradcam" in result.maps:

@@ -98,33 +98,42 @@ def _method(log: _Logged, study: Study, result: AttributionResult, maps: MethodM
         if f"mean_{label}" in maps.group
     ]
     if maps.test is not None:
-        figures.append(_t_map(log, study.state.parent_run, method, maps.test, result, classes))
+        figures.append(_t_map(log, study.state.parent_run, method, maps.test, result, classes.contrast, classes.slug))
+    for label, test in maps.versus_rest.items():  # of several classes: each class against the rest
+        contrast, slug = f"{label} - the rest", f"{label}_minus_rest"
+        figures.append(_t_map(log, study.state.parent_run, method, test, result, contrast, slug, f"_{label}"))
     return MapFigures(figures, main=mean)
 
 
 def _t_map(
-    log: _Logged, parent: str, method: str, test: PermutationTest, result: AttributionResult, classes: Target
+    log: _Logged,
+    parent: str,
+    method: str,
+    test: PermutationTest,
+    result: AttributionResult,
+    contrast: str,
+    slug: str,
+    suffix: str = "",
 ) -> Captioned:
-    """The class 1 minus class 0 t map and its FWER p map logged (with their voxel counts); the t map's
+    """A test's t map (``contrast``: ``male - female``, in file names ``slug``) and its FWER p map logged, with
+    their voxel counts (metric names end in ``suffix``: ``_<class>`` of one class against the rest); the t map's
     figure, thresholded at p < 0.05."""
-    log(parent, np.nan_to_num(test.t), f"{method}_t_{classes.slug}", method)
+    log(parent, np.nan_to_num(test.t), f"{method}_t_{slug}", method)
     if test.permutations:
-        log(parent, np.nan_to_num(test.p, nan=1.0), f"{method}_p_fwer", method)
+        log(parent, np.nan_to_num(test.p, nan=1.0), f"{method}_p_fwer{suffix}", method)
         tested = ~np.isnan(test.p)
         log.tracker.log_metrics(
             parent,
             {
-                f"test_voxels_fwer05_{method}": float((test.p[tested] < 0.05).sum()),
-                f"test_constant_voxels_{method}": test.constant,
+                f"test_voxels_fwer05_{method}{suffix}": float((test.p[tested] < 0.05).sum()),
+                f"test_constant_voxels_{method}{suffix}": test.constant,
             },
         )
     significant = np.where(test.p < 0.05, np.nan_to_num(test.t), 0) if test.permutations else np.nan_to_num(test.t)
     name = title(method)
     return (
-        T_MAP.format(title=name, contrast=classes.contrast, constant=test.constant),
-        brain_figure(
-            image(result, significant), f"{name}: {classes.contrast} (t, p_FWER<0.05)", "glass", symmetric=True
-        ),
+        T_MAP.format(title=name, contrast=contrast, constant=test.constant),
+        brain_figure(image(result, significant), f"{name}: {contrast} (t, p_FWER<0.05)", "glass", symmetric=True),
     )
 
 
