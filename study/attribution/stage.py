@@ -23,6 +23,7 @@ import ray
 
 from study.attribution.actors import Explanation, FoldModel, explain_cohort, pool_size
 from study.attribution.analysis import (
+    Atlas,
     HeldOut,
     MethodMaps,
     analyse_method,
@@ -77,6 +78,7 @@ class AttributionResult:
     target: str  # the score every map explains (config attribution.target)
     store: MapStore  # every subject's maps
     gradcam_grid: tuple[tuple[int, int, int], float]  # fold 0's Grad-CAM layer: voxels per axis, spacing in mm
+    regions: Atlas | None  # what the report's viewer names: the study's atlas, else a cohort's planted regions
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds (attribution, ...)
 
     def volume(self, values: np.ndarray) -> np.ndarray:
@@ -112,19 +114,17 @@ def explain_study(
     results : list of FoldResult
         Every outer fold's model and held-out subjects, sorted by fold.
     baselines : list of BaselineResult
-        The linear baseline of every fold: its weights are analysed as one more
-        map (a subject's map is the weights of the model that held it out).
+        Every fold's linear baseline: its weights are one more map (a subject's: its fold model's weights).
     shuffled_fit : ray.ObjectRef, optional
-        The label-randomization check's training, from :func:`~.shuffled.start_label_randomization`
-        (without it, no label randomization).
+        The label-randomization check's training (:func:`~.shuffled.start_label_randomization`), if any.
     on_progress : callable, optional
         ``on_progress(done, total)`` after each batch of subjects explained.
 
     Returns
     -------
     AttributionResult
-        Group maps, statistics, agreement, localization and sanity checks. Maps
-        are kept under the study directory, so a rerun computes only missing subjects.
+        Group maps, tests, agreement, localization and sanity checks. Maps are kept under the study directory: a
+        rerun computes only missing subjects.
     """
     attribution, times = study.config.attribution, StageTimes()
     jobs = [
@@ -146,7 +146,7 @@ def explain_study(
             done += explain_cohort(jobs, where, explanation, batch, actors, gpus_per_actor, on_batch, desc)
     with times.stage("group statistics"):
         versus_rest = {explanation.versus_rest: where for where, explanation, _ in explanations[1:]}
-        maps, agreement = _group_analysis(study, jobs, baselines, store, versus_rest)
+        maps, agreement, regions = _group_analysis(study, jobs, baselines, store, versus_rest)
     with times.stage("sanity checks"):
         sanity, training = _sanity_checks(study, jobs, results[0], baselines, store, shuffled_fit)
     times.merge(training)
@@ -160,6 +160,7 @@ def explain_study(
         target=attribution.target,
         store=store,
         gradcam_grid=_gradcam_grid(results[0], study),
+        regions=regions,
         seconds=times.seconds,
     )
 
@@ -201,8 +202,9 @@ def _group_analysis(
     baselines: list[BaselineResult],
     store: MapStore,
     versus_rest: dict[int, MapStore],
-) -> tuple[dict[str, MethodMaps], pd.DataFrame]:
-    """Every method's group analysis (and the linear baseline's weights as one more map), and their agreement."""
+) -> tuple[dict[str, MethodMaps], pd.DataFrame, Atlas | None]:
+    """Every method's group analysis (and the linear baseline's weights as one more map), their agreement, and the
+    regions that name a voxel (the atlas, else a synthetic cohort's planted ones)."""
     attribution, brain = study.config.attribution, study.brain
     ids = [s for job in jobs for s in job.subject_ids]
     family = {s.subject_id: s.family_id for s in study.cohort.subjects}
@@ -223,7 +225,8 @@ def _group_analysis(
         )
         for method, values in normalized.items()
     }
-    return maps, method_agreement(normalized)
+    planted = Atlas(truth.regions, truth.names) if truth is not None else None
+    return maps, method_agreement(normalized), atlas or planted
 
 
 def _group_tests(

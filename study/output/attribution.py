@@ -14,9 +14,10 @@ from study.attribution.sanity import DELETED_SHARE, FLAG_DELETION_P, FLAG_SPEARM
 from study.attribution.stage import AttributionResult
 from study.output.console import say
 from study.output.figures import agreement_figure, sanity_figure
-from study.output.maps import MapFigures, publish_maps, subject_maps
+from study.output.maps import MapFigures, publish_maps, subject_maps, viewed_maps
 from study.output.report import Report
 from study.output.tracking import Tracker
+from study.output.viewer import viewer_html
 from study.state import Study
 from study.training.evaluation import Evaluation, format_p
 
@@ -52,6 +53,10 @@ def publish_attribution(
     figures = publish_maps(tracker, study, result, explains)
     _log_tables(tracker, study.state.parent_run, result)
     _maps_sections(report, study, result, evaluation, figures, target)
+    regions = (result.regions.labels, result.regions.names) if result.regions is not None else None
+    names = "the study's atlas" if attribution.atlas else "the planted regions" if regions else ""
+    viewer = viewer_html(viewed_maps(result, classes), result.affine, regions)
+    report.add_html("Explore the maps", viewer, VIEWER.format(regions=f", the region of {names}" if names else ""))
     for method, maps in result.maps.items():
         for kind, table in maps.regions.items():
             report.add_table(f"{title(method)}: regions ({kind})", table.head(15), REGIONS)
@@ -203,6 +208,11 @@ def _maps_sections(
     report.add_images(heading, every, MAPS.format(target=target) + how)
 
 
+VIEWER = (
+    "Every group map above, over the MNI152 template: pick a map, click a slice to move the crosshair (it reads out "
+    "the MNI coordinate, the map's value{regions}), move the threshold. It starts on the map's peak, coloured as "
+    "its static figure is (top 10% of voxels; a t map from p_FWER < 0.05)."
+)
 REGIONS = "Regions ranked by mean normalized attribution over all held-out subjects."
 LOCALIZATION = (
     "Voxel ROC AUC against the planted effect, the share of the top 1% voxels inside it (chance: the effect's "

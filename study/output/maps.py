@@ -24,6 +24,7 @@ from study.attribution.stats import PermutationTest
 from study.data.targets import Target
 from study.output.figures import brain_figure
 from study.output.tracking import Tracker
+from study.output.viewer import ViewedMap, top_threshold
 from study.state import Study
 
 # Captions; {explains}: what the method's maps show of the score they explain
@@ -176,6 +177,32 @@ def _weight_test(
     shown = np.where(test.p < 0.05 if found else strongest, weights, 0)
     heading = f"{name}: {classes.contrast} (weights{', p_FWER<0.05' if found else ''})"
     return caption, brain_figure(image(result, shown), heading, "glass", symmetric=True)
+
+
+def viewed_maps(result: AttributionResult, classes: Target) -> list[ViewedMap]:
+    """Every group map the report's static figures show, for its viewer: per method its mean map, each class's,
+    and its tests' t maps (coloured at first from the smallest |t| with FWER p < 0.05); the linear baseline's."""
+    viewed = []
+    for method, maps in result.maps.items():
+        name = title(method)
+        means = ["mean_all"] if method == LINEAR_BASELINE else [g for g in maps.group if g.startswith("mean_")]
+        for group in means:
+            shown = "all held-out subjects" if group == "mean_all" else group.removeprefix("mean_")
+            shown = "|weights|, mean over folds" if method == LINEAR_BASELINE else f"mean, {shown}"
+            volume = result.volume(maps.group[group])
+            viewed.append(ViewedMap(f"{name}: {shown}", volume, top_threshold(volume), signed=False))
+        tests = {classes.contrast: maps.test} if maps.test is not None else {}
+        tests |= {f"{label} - the rest": test for label, test in maps.versus_rest.items()}
+        for contrast, test in tests.items():
+            kind = "weights" if method == LINEAR_BASELINE else "t"
+            viewed.append(ViewedMap(f"{name}: {contrast} ({kind})", result.volume(np.nan_to_num(test.t)), *_cut(test)))
+    return viewed
+
+
+def _cut(test: PermutationTest) -> tuple[float, bool]:
+    """A test's map coloured at first from its smallest |t| with FWER p < 0.05, else its top 10%; signed."""
+    survive = np.abs(test.t[test.p < 0.05]) if test.permutations else np.array([])
+    return (float(survive.min()) if survive.size else top_threshold(np.nan_to_num(test.t)), True)
 
 
 def image(result: AttributionResult, values: np.ndarray) -> nib.Nifti1Image:

@@ -48,6 +48,10 @@ class Report:
             (heading, (f"<p>{html.escape(note)}</p>" if note else "") + f'<div class="figs">{figures}</div>')
         )
 
+    def add_html(self, heading: str, body: str, note: str = "") -> None:
+        """A section of ready HTML (the maps' viewer), under a note."""
+        self.sections.append((heading, (f"<p>{html.escape(note)}</p>" if note else "") + body))
+
     def html(self) -> str:
         summary = "".join(f"<div><span>{html.escape(k)}</span><b>{html.escape(v)}</b></div>" for k, v in self.summary)
         banner = f'<div class="banner {self.banner[0]}">{html.escape(self.banner[1])}</div>' if self.banner else ""
@@ -77,6 +81,11 @@ h2{{font-size:17px;margin:4px 0 10px}} p{{font-size:13px;color:#3a4356;max-width
 .figs{{display:flex;flex-wrap:wrap;gap:12px}} figure{{margin:0;width:620px;max-width:100%}}
 figure img{{width:100%;border:1px solid #e3e6ec}}
 figcaption{{font-size:12px;color:#5a6478}}
+.viewer-controls{{display:flex;flex-wrap:wrap;gap:18px;align-items:center;font-size:13px}}
+.viewer-controls select{{max-width:36em}} .viewer-scale{{color:#5a6478}}
+.viewer-slices{{display:flex;flex-wrap:wrap;gap:6px;margin-top:10px}}
+.viewer-slices canvas{{background:#000;cursor:crosshair}}
+.viewer-readout{{font-family:ui-monospace,monospace;font-size:13px;color:#1d2330}}
 </style></head><body>
 <header><h1>{html.escape(self.title)}</h1><p>made {made} by study</p></header>
 <nav>{toc}</nav>{banner}<div class="summary">{summary}</div>{body}</body></html>"""
