@@ -95,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="DIR",
         help="also write each subject's maps (the study's methods, mean over fold models) as "
-        "DIR/<method>/sub-<id>_<method>.nii.gz in MNI152 space",
+        "DIR/<method>/sub-<id>_<method>.nii.gz in MNI152 space, and DIR/sub-<id>_maps.html: the maps over the "
+        "subject's own image, to explore in a browser",
     )
     predict.add_argument("--tracking-uri", help="MLflow of the study (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     predict.add_argument(

@@ -78,10 +78,13 @@ def predict(args: argparse.Namespace) -> int:
     import tempfile
 
     import mlflow
+    import nibabel as nib
     from tqdm.auto import tqdm
 
+    from study.attribution.methods import title
     from study.new_images import find_images, maps_name, save_maps
     from study.output.models import download_ensemble, resolve_model
+    from study.output.viewer import subject_page
 
     uri = tracking_uri(args.tracking_uri)
     model_uri = resolve_model(args.model, mlflow.MlflowClient(uri))
@@ -120,8 +123,15 @@ def predict(args: argparse.Namespace) -> int:
         for name, image in tqdm(named.items(), desc="explaining", unit="subject"):
             volume = ensemble.preprocess(Path(image), masks.get(image))
             adjusting = ensemble.read_confounds(confounds.loc[[image]]) if ensemble.confounds else None
-            save_maps(ensemble.explain(volume, adjusting), ensemble.grid, args.maps, name)
-        print(f"maps of {len(named)} images ({', '.join(ensemble.methods)}) in {args.maps}")
+            maps = ensemble.explain(volume, adjusting)
+            save_maps(maps, ensemble.grid, args.maps, name)
+            titled = {method: (title(method), values) for method, values in maps.items()}
+            page = subject_page(titled, ensemble.grid.affine, nib.load(image), name)
+            (args.maps / f"{name}_maps.html").write_text(page)
+        print(
+            f"maps of {len(named)} images ({', '.join(ensemble.methods)}) in {args.maps}; "
+            f"each image's maps over it, to explore in a browser: {args.maps}/<sub-id>_maps.html"
+        )
     for problem in problems:
         print(problem, file=sys.stderr)
     print(

@@ -197,6 +197,11 @@ def test_study_predict_writes_the_table_and_maps_and_names_bad_images(finished, 
         image = nib.load(maps[0])
         assert image.shape == (23, 27, 23) and abs(image.affine[0, 0]) == 8.0
         assert np.isfinite(image.get_fdata()).all() and image.get_fdata().max() > 0
+    pages = sorted((tmp_path / "maps").glob("*_maps.html"))  # each image's maps over it, to explore
+    assert (
+        len(pages) == 11
+        and "Guided Backprop: sub-0002_ses-2" in (tmp_path / "maps" / "sub-0002_ses-2_maps.html").read_text()
+    )
 
     # By the study's run id, one file; then a model that does not exist.
     image = scans / "sub-0002" / "anat" / "sub-0002_T1w.nii.gz"

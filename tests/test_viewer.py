@@ -8,7 +8,7 @@ import pytest
 
 from study.data.volumes import Grid
 from study.output.report import Report
-from study.output.viewer import ViewedMap, top_threshold, viewer_html
+from study.output.viewer import ViewedMap, subject_page, top_threshold, viewer_html
 from tests.chromium import CHROMIUM, Chromium
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (Debian: apt install chromium)")
@@ -100,3 +100,29 @@ def test_the_viewer_draws_each_map_and_a_click_reads_out_the_voxel_under_it(repo
         assert f"MNI x, y, z = {mni(grid, (19, 11, 15))} mm" in signed and "method: t: -6.00" in signed, signed
         assert "region: right blob" in signed
         assert browser.evaluate(count(2, COLD)) > 0 and browser.evaluate(count(2, HOT)) == 0
+
+
+def test_a_subjects_page_draws_its_maps_over_its_own_image(tmp_path):
+    """``study predict --maps``'s page: the subject's image under the maps, not the template (here a bright box
+    in an empty volume: grey inside the box, black around it)."""
+    import nibabel as nib
+
+    grid = Grid.mni(6.0)
+    own = np.zeros((60, 72, 60), dtype=np.float32)  # the subject's image at 3 mm, over the same field of view
+    own[20:40, 20:50, 20:40] = 100.0
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    affine[:3, 3] = grid.affine[:3, 3] - 1.5
+    values = np.zeros(grid.shape, dtype=np.float32)
+    values[14:16, 18:20, 14:16] = 1.0
+    path = tmp_path / "sub-01_maps.html"
+    path.write_text(
+        subject_page({"gradcam": ("Grad-CAM", values)}, grid.affine, nib.Nifti1Image(own, affine), "sub-01")
+    )
+    with Chromium() as browser:
+        browser.open(path.as_uri())
+        text = browser.wait_for(f"{readout()}.startsWith('MNI') && {readout()}")
+        assert "Grad-CAM: sub-01: 1.00" in text, text
+        grey = "(d, i) => d[i] === d[i + 1] && d[i] === d[i + 2] && d[i] > 200"
+        black = "(d, i) => d[i] === 0 && d[i + 1] === 0 && d[i + 2] === 0"
+        assert browser.evaluate(count(2, grey)) > 1000 and browser.evaluate(count(2, black)) > 1000
+        assert browser.evaluate(count(2, HOT)) > 0

@@ -211,7 +211,8 @@ def _maps_sections(
 VIEWER = (
     "Every group map above, over the MNI152 template: pick a map, click a slice to move the crosshair (it reads out "
     "the MNI coordinate, the map's value{regions}), move the threshold. It starts on the map's peak, coloured as "
-    "its static figure is (top 10% of voxels; a t map from p_FWER < 0.05)."
+    "its static figure is: a mean map in its top 10% of voxels, a t map from its smallest |t| at p_FWER < 0.05 "
+    "(where none survives, its top 10%, as its name says)."
 )
 REGIONS = "Regions ranked by mean normalized attribution over all held-out subjects."
 LOCALIZATION = (

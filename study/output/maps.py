@@ -195,14 +195,12 @@ def viewed_maps(result: AttributionResult, classes: Target) -> list[ViewedMap]:
         tests |= {f"{label} - the rest": test for label, test in maps.versus_rest.items()}
         for contrast, test in tests.items():
             kind = "weights" if method == LINEAR_BASELINE else "t"
-            viewed.append(ViewedMap(f"{name}: {contrast} ({kind})", result.volume(np.nan_to_num(test.t)), *_cut(test)))
+            survive = np.abs(test.t[test.p < 0.05]) if test.permutations else np.array([])
+            shown = "p_FWER < 0.05" if survive.size else "none at p_FWER < 0.05; top 10% shown"
+            volume = result.volume(np.nan_to_num(test.t))
+            threshold = float(survive.min()) if survive.size else top_threshold(volume)
+            viewed.append(ViewedMap(f"{name}: {contrast} ({kind}, {shown})", volume, threshold, signed=True))
     return viewed
-
-
-def _cut(test: PermutationTest) -> tuple[float, bool]:
-    """A test's map coloured at first from its smallest |t| with FWER p < 0.05, else its top 10%; signed."""
-    survive = np.abs(test.t[test.p < 0.05]) if test.permutations else np.array([])
-    return (float(survive.min()) if survive.size else top_threshold(np.nan_to_num(test.t)), True)
 
 
 def image(result: AttributionResult, values: np.ndarray) -> nib.Nifti1Image:

@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass
 from functools import cache
 
+import nibabel as nib
 import numpy as np
 from nilearn import datasets
 from nilearn.image import resample_img
@@ -47,13 +48,13 @@ def _packed(values: np.ndarray, dtype: str) -> str:
     return base64.b64encode(gzip.compress(np.ascontiguousarray(values, dtype=dtype).tobytes(), mtime=0)).decode()
 
 
-@cache
-def _template(shape: tuple[int, int, int], affine: bytes) -> np.ndarray:
-    """nilearn's MNI152 template on the display grid, as 0-255 grey levels (the 99.5th percentile white)."""
-    target = np.frombuffer(affine).reshape(4, 4)
+def _greys(image: nib.Nifti1Image, shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:
+    """``image`` on the display grid, as 0-255 grey levels (its 99.5th percentile white)."""
+    if image.ndim > 3:  # a 4D file's first volume
+        image = image.slicer[..., 0]
     image = resample_img(
-        datasets.load_mni152_template(resolution=2),
-        target_affine=target,
+        image,
+        target_affine=affine,
         target_shape=shape,
         interpolation="continuous",
         force_resample=True,
@@ -63,8 +64,17 @@ def _template(shape: tuple[int, int, int], affine: bytes) -> np.ndarray:
     return np.clip(data / max(np.percentile(data, 99.5), 1e-6) * 255, 0, 255).astype(np.uint8)
 
 
+@cache
+def _template(shape: tuple[int, int, int], affine: bytes) -> np.ndarray:
+    """nilearn's MNI152 template on the display grid (once per grid)."""
+    return _greys(datasets.load_mni152_template(resolution=2), shape, np.frombuffer(affine).reshape(4, 4))
+
+
 def viewer_html(
-    maps: list[ViewedMap], affine: np.ndarray, regions: tuple[np.ndarray, dict[int, str]] | None = None
+    maps: list[ViewedMap],
+    affine: np.ndarray,
+    regions: tuple[np.ndarray, dict[int, str]] | None = None,
+    background: nib.Nifti1Image | None = None,
 ) -> str:
     """The viewer of ``maps`` (all on the study grid of ``affine``: RAS, isotropic) as a block of HTML.
 
@@ -76,6 +86,8 @@ def viewer_html(
         The study grid's affine (diagonal, positive: :meth:`~study.data.volumes.Grid.mni`).
     regions : (labels, names), optional
         Integer labels on the study grid and their names, read out under the crosshair.
+    background : nibabel image, optional
+        What the maps are drawn over, in MNI152 space (a subject's own T1w); default the MNI152 template.
     """
     shape = maps[0].values.shape
     voxel_mm = float(affine[0, 0])
@@ -89,7 +101,12 @@ def viewer_html(
         "origin": display[:3, 3].round(3).tolist(),
         "mm": voxel_mm / split,
         "zoom": SLICE_PX / max(display_shape),
-        "template": _packed(_template(display_shape, display.astype(np.float64).tobytes()), "<u1"),
+        "template": _packed(
+            _template(display_shape, display.astype(np.float64).tobytes())
+            if background is None
+            else _greys(background, display_shape, display),
+            "<u1",
+        ),
         "maps": [_map_data(m) for m in maps],
         "regions": None,
     }
@@ -166,7 +183,6 @@ SCRIPT = r"""
     const zoom = data.zoom;
     canvas.width = Math.round(w * zoom);
     canvas.height = Math.round(h * zoom);
-    canvas.style.width = canvas.width + "px";
     const image = new ImageData(w, h);
     const p = state.position.slice();
     for (let row = 0; row < h; row++) {
@@ -244,3 +260,18 @@ SCRIPT = r"""
   })().catch((error) => { readout.textContent = "The viewer could not start: " + error; });
 })(document.currentScript.parentElement);
 """
+
+
+def subject_page(maps: dict[str, tuple[str, np.ndarray]], affine: np.ndarray, image: nib.Nifti1Image, name: str) -> str:
+    """One subject's maps over its own image, as a page of their own (``study predict --maps``): ``maps`` is
+    method -> (its title, its map on the study grid); each coloured at first in its top 10% of voxels."""
+    from study.output.report import Report
+
+    viewed = [ViewedMap(f"{title}: {name}", values, top_threshold(values), False) for title, values in maps.values()]
+    page = Report(f"{name}: attribution maps over its own image")
+    note = (
+        "Each method's map of this image (the mean over the study's fold models, each scaled to its 99.5th "
+        "percentile), over the image itself: pick a map, click a slice to move the crosshair, move the threshold."
+    )
+    page.add_html("Explore the maps", viewer_html(viewed, affine, background=image), note)
+    return page.html()
