@@ -17,7 +17,7 @@ from tests.test_viewer import HOT, count, readout
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium")]
 
 CANVAS_BOX = (
-    "(() => { const c = document.querySelectorAll('.viewer canvas')[2]; c.scrollIntoView({block: 'center'});"
+    "(() => { const c = document.querySelectorAll('.viewer-slices canvas')[2]; c.scrollIntoView({block: 'center'});"
     " const b = c.getBoundingClientRect(); return [b.left, b.top, b.width, b.height]; })()"
 )
 

@@ -21,7 +21,7 @@ COLD = "(d, i) => d[i] === 0 && d[i + 2] === 255"
 def count(canvas: int, test: str) -> str:
     """JavaScript: how many pixels of the viewer's ``canvas`` (0 sagittal, 1 coronal, 2 axial) pass ``test``."""
     return (
-        f"(() => {{ const c = document.querySelectorAll('.viewer canvas')[{canvas}];"
+        f"(() => {{ const c = document.querySelectorAll('.viewer-slices canvas')[{canvas}];"
         f" const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;"
         f" for (let i = 0; i < d.length; i += 4) if (({test})(d, i)) n++; return n; }})()"
     )
@@ -68,7 +68,7 @@ def test_the_viewer_draws_each_map_and_a_click_reads_out_the_voxel_under_it(repo
 
         # A click on the axial slice moves the crosshair to the voxel under it: x, y from the click, z kept
         box = browser.evaluate(
-            "(() => { const b = document.querySelectorAll('.viewer canvas')[2].getBoundingClientRect();"
+            "(() => { const b = document.querySelectorAll('.viewer-slices canvas')[2].getBoundingClientRect();"
             " return [b.left, b.top, b.width, b.height]; })()"
         )
         split = 3  # 6 mm voxels, 2 mm under them

@@ -82,7 +82,7 @@ h2{{font-size:17px;margin:4px 0 10px}} p{{font-size:13px;color:#3a4356;max-width
 figure img{{width:100%;border:1px solid #e3e6ec}}
 figcaption{{font-size:12px;color:#5a6478}}
 .viewer-controls{{display:flex;flex-wrap:wrap;gap:18px;align-items:center;font-size:13px}}
-.viewer-controls select{{max-width:36em}} .viewer-scale{{color:#5a6478}}
+.viewer-controls select{{max-width:36em}} .viewer-scale{{color:#5a6478;display:flex;gap:6px;align-items:center}}
 .viewer-slices{{display:flex;gap:6px;margin-top:10px}}
 .viewer-slices canvas{{background:#000;cursor:crosshair;max-width:calc((100% - 12px) / 3);height:auto}}
 .viewer-readout{{font-family:ui-monospace,monospace;font-size:13px;color:#1d2330}}

@@ -137,7 +137,8 @@ VIEWER = """<div class="viewer">
 <div class="viewer-controls"><label>Map <select class="viewer-map">{options}</select></label>
 <label>Threshold |value| &ge; <input class="viewer-threshold" type="range" min="0" max="1000" value="0">
 <output class="viewer-threshold-value"></output></label>
-<span class="viewer-scale"></span></div>
+<span class="viewer-scale"><span class="viewer-low"></span> <canvas class="viewer-colorbar" width="200" height="12">
+</canvas> <span class="viewer-high"></span></span></div>
 <div class="viewer-slices"><canvas data-axis="0" title="sagittal"></canvas><canvas data-axis="1" title="coronal">
 </canvas><canvas data-axis="2" title="axial"></canvas></div>
 <p class="viewer-readout">loading&hellip;</p>
@@ -158,7 +159,7 @@ SCRIPT = r"""
   const [X, Y, Z] = data.shape.map((n) => n * data.split);
   const axes = [[1, 2], [0, 2], [0, 1]];  // per view: the display axes along its width and its height
   const sizes = [X, Y, Z];
-  const canvases = [...root.querySelectorAll("canvas")];
+  const canvases = [...root.querySelectorAll(".viewer-slices canvas")];
   const select = root.querySelector(".viewer-map");
   const slider = root.querySelector(".viewer-threshold");
   const shown = root.querySelector(".viewer-threshold-value");
@@ -215,8 +216,21 @@ SCRIPT = r"""
     context.fillText(left, 5, 16);
     context.fillText(right, canvas.width - 14, 16);
   }
+  function drawScale() {  // the colour scale from the lowest value to the highest, grey under the threshold
+    const m = data.maps[state.map], bar = root.querySelector(".viewer-colorbar"), context = bar.getContext("2d");
+    const low = m.signed ? -m.max : 0;
+    for (let i = 0; i < bar.width; i++) {
+      const v = low + (m.max - low) * (i + 0.5) / bar.width;
+      const rgb = v !== 0 && Math.abs(v) >= state.threshold ? colour(v, state.map) : [90, 90, 90];
+      context.fillStyle = `rgb(${rgb.join(",")})`;
+      context.fillRect(i, 0, 1, bar.height);
+    }
+    root.querySelector(".viewer-low").textContent = low.toPrecision(3);
+    root.querySelector(".viewer-high").textContent = m.max.toPrecision(3);
+  }
   function update() {
     canvases.forEach((_, view) => draw(view));
+    drawScale();
     const p = state.position;
     const mm = p.map((q, axis) => (data.origin[axis] + q * data.mm).toFixed(0));
     const m = data.maps[state.map];
@@ -234,7 +248,6 @@ SCRIPT = r"""
     state.map = m;
     state.threshold = data.maps[m].threshold;
     slider.value = Math.round(1000 * state.threshold / (data.maps[m].max || 1));
-    root.querySelector(".viewer-scale").textContent = `max |value| ${data.maps[m].max.toPrecision(3)}`;
     if (jump) state.position = data.maps[m].peak.map((q) => q * data.split + Math.floor(data.split / 2));
     update();
   }
