@@ -28,7 +28,8 @@ def count(canvas: int, test: str) -> str:
 
 
 def readout() -> str:
-    return "document.querySelector('.viewer-readout').textContent"
+    """JavaScript: the viewer's read-out line ('' while the document has not parsed it yet)."""
+    return "(document.querySelector('.viewer-readout')?.textContent ?? '')"
 
 
 def mni(grid: Grid, voxel: tuple[int, int, int]) -> str:
