@@ -126,7 +126,7 @@ def predict(args: argparse.Namespace) -> int:
             maps = ensemble.explain(volume, adjusting)
             save_maps(maps, ensemble.grid, args.maps, name)
             titled = {method: (title(method), values) for method, values in maps.items()}
-            page = subject_page(titled, ensemble.grid.affine, nib.load(image), name)
+            page = subject_page(titled, ensemble.grid.affine, nib.load(image), name, brain=volume != 0)
             (args.maps / f"{name}_maps.html").write_text(page)
         print(
             f"maps of {len(named)} images ({', '.join(ensemble.methods)}) in {args.maps}; "

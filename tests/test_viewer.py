@@ -116,9 +116,11 @@ def test_a_subjects_page_draws_its_maps_over_its_own_image(tmp_path):
     values = np.zeros(grid.shape, dtype=np.float32)
     values[14:16, 18:20, 14:16] = 1.0
     path = tmp_path / "sub-01_maps.html"
-    path.write_text(
-        subject_page({"gradcam": ("Grad-CAM", values)}, grid.affine, nib.Nifti1Image(own, affine), "sub-01")
-    )
+    values[0, 0, 0] = 5.0  # outside the brain (Grad-CAM's upsampled maps reach there): not shown, not its peak
+    brain = np.zeros(grid.shape, dtype=bool)
+    brain[10:20, 10:25, 10:20] = True
+    page = subject_page({"gradcam": ("Grad-CAM", values)}, grid.affine, nib.Nifti1Image(own, affine), "sub-01", brain)
+    path.write_text(page)
     with Chromium() as browser:
         browser.open(path.as_uri())
         text = browser.wait_for(f"{readout()}.startsWith('MNI') && {readout()}")

@@ -50,8 +50,8 @@ def _packed(values: np.ndarray, dtype: str) -> str:
 
 def _greys(image: nib.Nifti1Image, shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:
     """``image`` on the display grid, as 0-255 grey levels (its 99.5th percentile white)."""
-    if image.ndim > 3:  # a 4D file's first volume
-        image = image.slicer[..., 0]
+    data = np.asarray(image.dataobj, dtype=np.float32)  # as floats: nilearn warns when it casts an integer image
+    image = nib.Nifti1Image(data[..., 0] if data.ndim > 3 else data, image.affine)  # a 4D file: its first volume
     image = resample_img(
         image,
         target_affine=affine,
@@ -275,12 +275,18 @@ SCRIPT = r"""
 """
 
 
-def subject_page(maps: dict[str, tuple[str, np.ndarray]], affine: np.ndarray, image: nib.Nifti1Image, name: str) -> str:
+def subject_page(
+    maps: dict[str, tuple[str, np.ndarray]], affine: np.ndarray, image: nib.Nifti1Image, name: str, brain: np.ndarray
+) -> str:
     """One subject's maps over its own image, as a page of their own (``study predict --maps``): ``maps`` is
-    method -> (its title, its map on the study grid); each coloured at first in its top 10% of voxels."""
+    method -> (its title, its map on the study grid), shown inside ``brain`` (the study grid's voxels of the
+    subject's brain: Grad-CAM's upsampled maps reach beyond it), each coloured at first in its top 10% of voxels."""
     from study.output.report import Report
 
-    viewed = [ViewedMap(f"{title}: {name}", values, top_threshold(values), False) for title, values in maps.values()]
+    viewed = []
+    for title, values in maps.values():
+        inside = np.where(brain, values, 0)
+        viewed.append(ViewedMap(f"{title}: {name}", inside, top_threshold(inside), False))
     page = Report(f"{name}: attribution maps over its own image")
     note = (
         "Each method's map of this image (the mean over the study's fold models, each scaled to its 99.5th "
