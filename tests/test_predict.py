@@ -29,8 +29,9 @@ from tests.test_study import study_config
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, synthetic_root):
-    """A tiny finished study of a diagnosis (2 outer folds) and its MLflow run id."""
+def finished(tmp_path_factory, synthetic_root, ray_head):
+    """A tiny finished study of a diagnosis (2 outer folds) and its MLflow run id; on the session's Ray head (set up
+    before each test asks for it: else, run alone, this module's study started a Ray of its own first)."""
     tmp_path = tmp_path_factory.mktemp("predict")
     table = pd.read_csv(synthetic_root / "participants.tsv", sep="\t", dtype=str)
     table["diagnosis"] = np.where(table.sex == "M", "Patient", "CN")  # the planted effect, as a diagnosis
