@@ -21,7 +21,8 @@ from nilearn import plotting
 from scipy import ndimage
 
 from study.data.volumes import Grid
-from study.output.viewer import ViewedMap, top_threshold, viewer_html
+from study.output.figures import top_threshold
+from study.output.viewer import ViewedMap, viewer_html
 
 
 def main() -> None:

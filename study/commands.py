@@ -125,7 +125,7 @@ def predict(args: argparse.Namespace) -> int:
             adjusting = ensemble.read_confounds(confounds.loc[[image]]) if ensemble.confounds else None
             maps = ensemble.explain(volume, adjusting)
             save_maps(maps, ensemble.grid, args.maps, name)
-            titled = {method: (title(method), values) for method, values in maps.items()}
+            titled = {title(method): values for method, values in maps.items()}
             page = subject_page(titled, ensemble.grid.affine, nib.load(image), name, brain=volume != 0)
             (args.maps / f"{name}_maps.html").write_text(page)
         print(

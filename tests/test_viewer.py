@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from study.data.volumes import Grid
+from study.output.figures import top_threshold
 from study.output.report import Report
-from study.output.viewer import ViewedMap, subject_page, top_threshold, viewer_html
+from study.output.viewer import ViewedMap, subject_page, viewer_html
 from tests.chromium import CHROMIUM, Chromium
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (Debian: apt install chromium)")
@@ -119,7 +120,7 @@ def test_a_subjects_page_draws_its_maps_over_its_own_image(tmp_path):
     values[0, 0, 0] = 5.0  # outside the brain (Grad-CAM's upsampled maps reach there): not shown, not its peak
     brain = np.zeros(grid.shape, dtype=bool)
     brain[10:20, 10:25, 10:20] = True
-    page = subject_page({"gradcam": ("Grad-CAM", values)}, grid.affine, nib.Nifti1Image(own, affine), "sub-01", brain)
+    page = subject_page({"Grad-CAM": values}, grid.affine, nib.Nifti1Image(own, affine), "sub-01", brain)
     path.write_text(page)
     with Chromium() as browser:
         browser.open(path.as_uri())

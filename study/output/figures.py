@@ -106,6 +106,13 @@ def confusion_figure(
     return fig
 
 
+def top_threshold(values: np.ndarray, percent: float = 10.0) -> float:
+    """The |value| above which the top ``percent`` of the non-zero voxels lie: where a map's figure (and the
+    report's viewer, at first) starts to colour it."""
+    nonzero = np.abs(values[values != 0])
+    return float(np.percentile(nonzero, 100 - percent)) if nonzero.size else 0.0
+
+
 def brain_figure(
     image: nib.Nifti1Image, title: str, kind: str = "ortho", symmetric: bool = False, top_percent: float = 10.0
 ) -> Figure:
@@ -131,7 +138,7 @@ def brain_figure(
             plotting.plot_anat(template, figure=figure, title=title, display_mode="ortho", colorbar=False)
         return figure
     vmax = float(np.percentile(values, 99.5))
-    threshold = 1e-6 if symmetric else float(np.percentile(values, 100 - top_percent))
+    threshold = 1e-6 if symmetric else top_threshold(data, top_percent)
     common = {"figure": figure, "title": title, "colorbar": True, "vmax": vmax, "threshold": threshold}
     if kind == "glass":
         plotting.plot_glass_brain(

@@ -22,9 +22,9 @@ from study.attribution.methods import LINEAR_BASELINE, title
 from study.attribution.stage import AttributionResult
 from study.attribution.stats import PermutationTest
 from study.data.targets import Target
-from study.output.figures import brain_figure
+from study.output.figures import brain_figure, top_threshold
 from study.output.tracking import Tracker
-from study.output.viewer import ViewedMap, top_threshold
+from study.output.viewer import ViewedMap
 from study.state import Study
 
 # Captions; {explains}: what the method's maps show of the score they explain

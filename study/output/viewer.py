@@ -23,6 +23,8 @@ import numpy as np
 from nilearn import datasets
 from nilearn.image import resample_img
 
+from study.output.figures import top_threshold
+
 DISPLAY_MM = 2.0  # the template's voxels under the maps: the study grid's voxels split into whole 2 mm ones
 SLICE_PX = 300  # the longest side of a slice on screen, in CSS pixels
 
@@ -35,12 +37,6 @@ class ViewedMap:
     values: np.ndarray  # [D, H, W] on the study grid
     threshold: float  # the |value| from which voxels are coloured at first (the static figure's)
     signed: bool  # both signs (a t map, weights): a cold-hot colour scale; else non-negative, hot
-
-
-def top_threshold(values: np.ndarray, percent: float = 10.0) -> float:
-    """The value above which the top ``percent`` of the non-zero voxels lie (the static figures' threshold)."""
-    nonzero = np.abs(values[values != 0])
-    return float(np.percentile(nonzero, 100 - percent)) if nonzero.size else 0.0
 
 
 def _packed(values: np.ndarray, dtype: str) -> str:
@@ -167,10 +163,13 @@ SCRIPT = r"""
   const state = { position: [0, 0, 0], map: 0, threshold: 0 };
   let template, labels, maps;
 
-  function value(m, p) {
+  function voxel(p) {  // the study grid's voxel under display voxel p, as an index into its arrays
     const [a, b, c] = p.map((q) => Math.floor(q / data.split));
     const [, H, W] = data.shape;
-    return maps[m][(a * H + b) * W + c] * data.maps[m].scale;
+    return (a * H + b) * W + c;
+  }
+  function value(m, p) {
+    return maps[m][voxel(p)] * data.maps[m].scale;
   }
   function colour(v, m) {
     const t = Math.min(1, Math.abs(v) / (data.maps[m].max || 1));
@@ -236,9 +235,7 @@ SCRIPT = r"""
     const m = data.maps[state.map];
     let text = `MNI x, y, z = ${mm.join(", ")} mm  \u00b7  ${m.name}: ${value(state.map, p).toPrecision(3)}`;
     if (labels) {
-      const [a, b, c] = p.map((q) => Math.floor(q / data.split));
-      const [, H, W] = data.shape;
-      const label = labels[(a * H + b) * W + c];
+      const label = labels[voxel(p)];
       text += `  \u00b7  region: ${label ? data.regions.names[label] || "label " + label : "none"}`;
     }
     readout.textContent = text;
@@ -276,15 +273,15 @@ SCRIPT = r"""
 
 
 def subject_page(
-    maps: dict[str, tuple[str, np.ndarray]], affine: np.ndarray, image: nib.Nifti1Image, name: str, brain: np.ndarray
+    maps: dict[str, np.ndarray], affine: np.ndarray, image: nib.Nifti1Image, name: str, brain: np.ndarray
 ) -> str:
     """One subject's maps over its own image, as a page of their own (``study predict --maps``): ``maps`` is
-    method -> (its title, its map on the study grid), shown inside ``brain`` (the study grid's voxels of the
-    subject's brain: Grad-CAM's upsampled maps reach beyond it), each coloured at first in its top 10% of voxels."""
+    method's title -> its map on the study grid, shown inside ``brain`` (the study grid's voxels of the subject's
+    brain: Grad-CAM's upsampled maps reach beyond it), each coloured at first in its top 10% of voxels."""
     from study.output.report import Report
 
     viewed = []
-    for title, values in maps.values():
+    for title, values in maps.items():
         inside = np.where(brain, values, 0)
         viewed.append(ViewedMap(f"{title}: {name}", inside, top_threshold(inside), False))
     page = Report(f"{name}: attribution maps over its own image")
