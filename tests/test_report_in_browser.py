@@ -48,8 +48,16 @@ def test_the_report_viewer_works_from_disk_and_in_the_mlflow_ui(tmp_path, cohort
         with Chromium(height=1200) as browser:
             browser.open(report.as_uri())
             click_moves_the_crosshair(browser)
+            # the t map's name says whether any voxel survives, as the metric counts them
+            run = mlflow.MlflowClient(server.uri).get_run(run_id)
+            found = run.data.metrics["test_voxels_fwer05_gradcam"]
+            options = browser.evaluate("[...document.querySelectorAll('.viewer-map option')].map(o => o.text)")
+            t_maps = [o for o in options if o.startswith("Grad-CAM: male - female (t, ")]
+            shown = "p_FWER < 0.05)" if found else "none at p_FWER < 0.05; top 10% shown)"
+            assert len(t_maps) == 1 and t_maps[0].endswith(shown), (options, found)
+            assert "Grad-CAM: mean, all held-out subjects" in options
 
-            experiment = mlflow.MlflowClient(server.uri).get_run(run_id).info.experiment_id
+            experiment = run.info.experiment_id
             browser.open(f"{server.uri}/#/experiments/{experiment}/runs/{run_id}/artifacts/report.html")
             browser.wait_for("!!document.querySelector('iframe.mlflow-html-iframe')", timeout=60)
             offset = browser.evaluate(
